@@ -1,0 +1,18 @@
+"""msbp: sparse backpropagation with memory (MSBP) and meProp for PyTorch."""
+
+from msbp import functional, ops
+from msbp.config import SparseBackpropConfig
+from msbp.convert import densify, sparsify
+from msbp.nn import SparseLinear
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "SparseBackpropConfig",
+    "SparseLinear",
+    "densify",
+    "functional",
+    "ops",
+    "sparsify",
+    "__version__",
+]

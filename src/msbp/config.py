@@ -1,0 +1,117 @@
+"""The one configuration object of msbp: how a layer sparsifies its backward pass."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any
+
+SELECTIONS = ("unified", "per_example", "random")
+MEMORY_LAYOUTS = ("unit", "slot")
+ON_NONFINITE = ("raise", "skip")
+
+
+@dataclass(frozen=True)
+class SparseBackpropConfig:
+    """How a sparse layer selects and remembers its output gradient.
+
+    Attributes:
+        ratio: k = round(ratio * out_features); in (0, 1]. Ignored when ``k`` is set.
+        k: absolute number of kept output units; wins over ``ratio``. ``0`` (meProp's convention)
+            means no sparsification. ``k >= out_features`` is dense backprop.
+        selection: ``"unified"`` (one set of k columns for the whole batch, ranked by the column
+            sum of ``|U|``), ``"per_example"`` (k largest ``|U|`` of every row) or ``"random"``
+            (k random columns, meProp's ablation).
+        memory: the memory ratio alpha in [0, 1]. ``0.0`` is plain sparse backprop (meProp);
+            ``1.0`` is error feedback (nothing lost, only delayed).
+        memory_layout: ``"unit"`` keeps one number per output unit (the batch-summed residual,
+            added back as ``M / rows``); ``"slot"`` keeps the residual with the shape of the
+            gradient (rows x out). See docs in README ("Memory layout") for why ``"unit"`` is the
+            default.
+        align: k is rounded up to a multiple of ``align`` (fast GEMMs need multiples of 8 for
+            16-bit types on GPUs), then clamped to ``out_features``.
+        on_nonfinite: ``"raise"`` (default) raises ``FloatingPointError`` when a non-finite
+            gradient reaches a sparse layer; ``"skip"`` leaves the memory unchanged and propagates
+            the incoming gradient densely, so the non-finite values reach the parameter gradients
+            exactly as in dense training (``GradScaler`` then skips the step).
+        grad_inplace: write the k rows of ``dW`` straight into an existing ``weight.grad`` instead
+            of handing autograd a dense ``out x in`` gradient. Falls back to the dense hand-over
+            whenever autograd needs it (``torch.autograd.grad``, hooks on the weight). Set it to
+            ``False`` under ``DistributedDataParallel``, whose reducer needs autograd's
+            accumulation hook.
+    """
+
+    ratio: float | None = 0.04
+    k: int | None = None
+    selection: str = "unified"
+    memory: float = 0.8
+    memory_layout: str = "unit"
+    align: int = 1
+    on_nonfinite: str = "raise"
+    grad_inplace: bool = True
+
+    def __post_init__(self) -> None:
+        if self.k is not None:
+            if isinstance(self.k, bool) or not isinstance(self.k, int):
+                raise ValueError(f"k must be an int or None, got {self.k!r}")
+            if self.k < 0:
+                raise ValueError(f"k must be >= 0, got k={self.k}")
+        if self.ratio is not None:
+            if isinstance(self.ratio, bool) or not isinstance(self.ratio, int | float):
+                raise ValueError(f"ratio must be a float in (0, 1] or None, got {self.ratio!r}")
+            if not (0.0 < float(self.ratio) <= 1.0) or math.isnan(self.ratio):
+                raise ValueError(f"ratio must be in (0, 1], got ratio={self.ratio}")
+        if self.k is None and self.ratio is None:
+            raise ValueError("one of ratio or k must be set, got ratio=None and k=None")
+        if self.selection not in SELECTIONS:
+            raise ValueError(f"selection must be one of {SELECTIONS}, got {self.selection!r}")
+        if isinstance(self.memory, bool) or not isinstance(self.memory, int | float):
+            raise ValueError(f"memory must be a float in [0, 1], got {self.memory!r}")
+        if not (0.0 <= float(self.memory) <= 1.0):
+            raise ValueError(f"memory must be in [0, 1], got memory={self.memory}")
+        if self.memory_layout not in MEMORY_LAYOUTS:
+            raise ValueError(
+                f"memory_layout must be one of {MEMORY_LAYOUTS}, got {self.memory_layout!r}"
+            )
+        if isinstance(self.align, bool) or not isinstance(self.align, int) or self.align < 1:
+            raise ValueError(f"align must be an int >= 1, got align={self.align!r}")
+        if self.on_nonfinite not in ON_NONFINITE:
+            raise ValueError(
+                f"on_nonfinite must be one of {ON_NONFINITE}, got {self.on_nonfinite!r}"
+            )
+        if not isinstance(self.grad_inplace, bool):
+            raise ValueError(f"grad_inplace must be a bool, got {self.grad_inplace!r}")
+
+    def k_for(self, out_features: int) -> int:
+        """Number of kept output units for a layer with ``out_features`` outputs.
+
+        Returns ``out_features`` when the layer is not sparsified (k = 0 or k >= out).
+        """
+        if out_features < 1:
+            raise ValueError(f"out_features must be >= 1, got {out_features}")
+        if self.k is not None:
+            k = self.k
+            if k == 0:
+                return out_features
+        else:
+            k = max(1, round(float(self.ratio) * out_features))
+        k = -(-k // self.align) * self.align
+        return min(k, out_features)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable dict; ``from_dict(to_dict())`` gives an equal config."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SparseBackpropConfig:
+        """Build a config from ``to_dict()`` output; unknown keys raise ``ValueError``."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ValueError(f"unknown SparseBackpropConfig fields: {unknown}")
+        return cls(**data)
+
+    def replace(self, **changes: Any) -> SparseBackpropConfig:
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)

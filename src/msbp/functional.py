@@ -1,0 +1,94 @@
+"""Functional form of the sparse linear layer."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from msbp.config import SparseBackpropConfig
+from msbp.ops.autograd import BackwardPlan, SparseLinearFunction
+
+
+def memory_dtype(param_dtype: torch.dtype) -> torch.dtype:
+    """The memory's dtype for parameters of ``param_dtype``: float32, or float64 for float64."""
+    return torch.promote_types(param_dtype, torch.float32)
+
+
+def check_memory(memory: Tensor, out_features: int, layout: str, weight: Tensor) -> None:
+    """Raise ``ValueError`` unless ``memory`` fits a layer with ``weight`` and ``layout``."""
+    if layout == "unit":
+        ok_shape = tuple(memory.shape) == (out_features,)
+        want = f"({out_features},)"
+    else:
+        ok_shape = memory.dim() == 2 and memory.shape[1] == out_features
+        want = f"(rows, {out_features})"
+    if not ok_shape:
+        raise ValueError(
+            f"memory of shape {tuple(memory.shape)} does not fit memory_layout={layout!r} "
+            f"with out_features={out_features}: expected {want}"
+        )
+    if memory.dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"memory must be float32 or float64, got {memory.dtype}")
+    if memory.device != weight.device:
+        raise ValueError(f"memory is on {memory.device} but weight is on {weight.device}")
+    if memory.requires_grad:
+        raise ValueError("memory must not require grad")
+
+
+def sparse_linear(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    memory: Tensor | None = None,
+    *,
+    config: SparseBackpropConfig,
+    generator: torch.Generator | None = None,
+    name: str = "",
+) -> Tensor:
+    """``y = x W^T + b`` whose backward is sparse backprop with memory (MSBP).
+
+    x: (*, in); weight: (out, in); bias: (out,) or None; memory: (out,) float32 for
+    ``memory_layout="unit"``, (rows, out) for ``"slot"``, updated in place by each backward pass;
+    ``None`` means no memory (plain sparse backprop, whatever ``config.memory`` says).
+    Returns y: (*, out). The forward pass is exact; only the backward is sparsified.
+
+    Example:
+        >>> cfg = SparseBackpropConfig(k=2, memory=0.8)
+        >>> w = torch.randn(8, 4, requires_grad=True)
+        >>> mem = torch.zeros(8)
+        >>> sparse_linear(torch.randn(3, 4), w, memory=mem, config=cfg).sum().backward()
+        >>> int((w.grad.abs().sum(1) > 0).sum())
+        2
+    """
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D (out, in), got shape {tuple(weight.shape)}")
+    out_features, in_features = weight.shape
+    if x.dim() < 1 or x.shape[-1] != in_features:
+        raise ValueError(
+            f"input of shape {tuple(x.shape)} does not match weight of shape "
+            f"{tuple(weight.shape)}: the last input dimension must be {in_features}"
+        )
+    if bias is not None and tuple(bias.shape) != (out_features,):
+        raise ValueError(
+            f"bias of shape {tuple(bias.shape)} does not match weight of shape "
+            f"{tuple(weight.shape)}: expected ({out_features},)"
+        )
+    if memory is not None:
+        check_memory(memory, out_features, config.memory_layout, weight)
+    needs_grad = x.requires_grad or weight.requires_grad or (
+        bias is not None and bias.requires_grad
+    )
+    if not (torch.is_grad_enabled() and needs_grad):
+        return F.linear(x, weight, bias)
+    plan = BackwardPlan(
+        k=config.k_for(out_features),
+        selection=config.selection,
+        alpha=float(config.memory),
+        layout=config.memory_layout,
+        on_nonfinite=config.on_nonfinite,
+        grad_inplace=config.grad_inplace,
+        generator=generator,
+        name=name,
+    )
+    return SparseLinearFunction.apply(x, weight, bias, memory, plan)

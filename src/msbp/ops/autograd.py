@@ -1,0 +1,215 @@
+"""The autograd function of a sparse linear layer: exact forward, compacted MSBP backward.
+
+Backward, per call (n rows, out units, k kept; see ``msbp.ops.reference`` for the oracle):
+
+    U  = G + M              # the memory is added back (in float32 or wider)
+    S  = select_k(U)        # unified / random: k columns; per-example: k entries per row
+    dx = U_S W_S            # only the k selected rows of W are read
+    dW = U_S^T x            # only k rows of dW are written
+    M  = alpha * (U - U_S)  # what was not propagated, decayed
+    db = colsum(G)          # dense, from the raw gradient (meProp)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from msbp.ops.selection import UNIFIED_SELECTIONS, column_scores, select
+
+
+@dataclass(frozen=True)
+class BackwardPlan:
+    """What one call's backward does; resolved from a config and the layer's shape."""
+
+    k: int
+    selection: str
+    alpha: float
+    layout: str
+    on_nonfinite: str
+    grad_inplace: bool
+    generator: torch.Generator | None = None
+    name: str = ""
+
+
+def _autocast_dtype(device_type: str) -> torch.dtype | None:
+    if device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return None
+
+
+def _add_memory_(u: Tensor, memory: Tensor, layout: str) -> Tensor:
+    """``u`` (n, out) += the memory spread over its rows; see ``reference.memory_to_rows_ref``."""
+    n = u.shape[0]
+    if layout == "slot" and memory.shape[0] == n:
+        return u.add_(memory)
+    total = memory if layout == "unit" else memory.sum(0)  # (out,)
+    return u.add_(total, alpha=1.0 / n)
+
+
+def _store_memory_(memory: Tensor, residual: Tensor, layout: str, alpha: float) -> None:
+    """memory <- alpha * residual (n, out), batch-summed for ``unit``; in place, resized for slot."""
+    if layout == "unit":
+        torch.mul(residual.sum(0), alpha, out=memory)
+    else:
+        memory.resize_(residual.shape)
+        torch.mul(residual, alpha, out=memory)
+
+
+def _inplace_grad_target(ctx, weight: Tensor) -> Tensor | None:
+    """``weight.grad`` if the k rows of dW may be added into it directly, else None.
+
+    Only when autograd itself would accumulate into that very buffer in this backward pass (a
+    ``.backward()`` that reaches the weight's AccumulateGrad node, no hooks to run), so that
+    ``torch.autograd.grad`` and hooks still see an ordinary dense gradient.
+    """
+    grad = weight.grad
+    if grad is None or not weight.is_leaf or grad.layout != torch.strided:
+        return None
+    if grad.dtype != weight.dtype or grad.shape != weight.shape:
+        return None
+    if weight._backward_hooks or getattr(weight, "_post_accumulate_grad_hooks", None):
+        return None
+    node = ctx.next_functions[1][0]
+    if node is None:
+        return None
+    try:
+        will_accumulate = torch._C._will_engine_execute_node(node)
+    except RuntimeError:  # torch.autograd.grad(): the gradient is captured, not accumulated
+        return None
+    return grad if will_accumulate else None
+
+
+class SparseLinearFunction(torch.autograd.Function):
+    """``y = x W^T + b`` with the MSBP backward; the memory tensor is updated in place."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, memory, plan: BackwardPlan):
+        cast = _autocast_dtype(x.device.type)
+        xc, wc, bc = x, weight, bias
+        if cast is not None:
+            xc, wc = x.to(cast), weight.to(cast)
+            bc = bias.to(cast) if bias is not None else None
+        with torch.autocast(x.device.type, enabled=False):
+            y = F.linear(xc, wc, bc)
+        ctx.save_for_backward(xc, wc)
+        # The memory is state, not an input of the graph: it is mutated in backward, so it must
+        # not go through save_for_backward (whose version check would trip on that).
+        ctx.memory = memory
+        ctx.plan = plan
+        ctx.weight = weight
+        ctx.x_dtype = x.dtype
+        ctx.bias_dtype = bias.dtype if bias is not None else None
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        x, w = ctx.saved_tensors
+        plan: BackwardPlan = ctx.plan
+        memory: Tensor | None = ctx.memory
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        out, d_in = w.shape
+        g = grad_out.reshape(-1, out)  # (n, out)
+        x2 = x.reshape(-1, d_in)  # (n, in)
+        x_shape = (*grad_out.shape[:-1], d_in)
+        k = plan.k
+        use_memory = memory is not None and plan.alpha > 0
+
+        db = None
+        if need_b:
+            db = g.sum(0, dtype=torch.promote_types(g.dtype, torch.float32)).to(ctx.bias_dtype)
+
+        if use_memory:
+            u = _add_memory_(g.to(memory.dtype, copy=True), memory, plan.layout)  # (n, out)
+        else:
+            u = g
+
+        unified = plan.selection in UNIFIED_SELECTIONS
+        if unified and k < out:
+            scores = column_scores(u)  # (out,)
+            finite = bool(torch.isfinite(scores).all())
+        else:
+            scores = None
+            finite = bool(torch.isfinite(u).all())
+        if not finite:
+            if plan.on_nonfinite == "raise":
+                where = f" in layer {plan.name!r}" if plan.name else ""
+                raise FloatingPointError(
+                    f"non-finite output gradient{where} (shape {tuple(grad_out.shape)}); the "
+                    "memory was left unchanged. Use on_nonfinite='skip' to propagate it densely "
+                    "(e.g. with a GradScaler)."
+                )
+            # skip: memory untouched, the raw gradient goes through the dense chain rule
+            gc = g.to(x.dtype)
+            dx = (gc @ w).reshape(x_shape) if need_x else None
+            dW = (gc.t() @ x2).to(ctx.weight.dtype) if need_w else None
+            return _cast_dx(ctx, dx), dW, db, None, None
+
+        dx = dW = None
+        if k >= out:
+            uc = u.to(x.dtype)
+            if need_x:
+                dx = uc @ w
+            if need_w:
+                dW = (uc.t() @ x2).to(ctx.weight.dtype)
+            if use_memory:
+                memory.zero_()
+        elif unified:
+            if plan.selection == "unified":
+                idx = torch.topk(scores, k, sorted=False).indices  # (k,)
+            else:
+                idx = select(u, k, plan.selection, plan.generator)  # (k,)
+            u_k = u.index_select(1, idx).to(x.dtype)  # (n, k)
+            if need_x:
+                dx = u_k @ w.index_select(0, idx)  # (n, in)
+            if need_w:
+                dW_k = u_k.t() @ x2  # (k, in)
+                dW = _scatter_rows(ctx, idx, dW_k, out, d_in)
+            if use_memory:
+                if plan.layout == "unit":
+                    m = u.sum(0)  # (out,): every column is kept or dropped whole
+                    m.index_fill_(0, idx, 0)
+                    torch.mul(m, plan.alpha, out=memory)
+                else:
+                    _store_memory_(memory, u.index_fill_(1, idx, 0), "slot", plan.alpha)
+        else:  # per example: k entries per row
+            idx = select(u, k, plan.selection, plan.generator)  # (n, k)
+            vals = u.gather(1, idx).to(x.dtype)  # (n, k)
+            if need_x:
+                dx = torch.bmm(vals.unsqueeze(1), w[idx]).squeeze(1)  # (n, 1, k) @ (n, k, in)
+            if need_w:
+                src = vals.reshape(-1, 1) * x2.repeat_interleave(k, dim=0)  # (n k, in)
+                dW = _scatter_rows(ctx, idx.reshape(-1), src, out, d_in, add=True)
+            if use_memory:
+                _store_memory_(memory, u.scatter_(1, idx, 0), plan.layout, plan.alpha)
+
+        if dx is not None:
+            dx = dx.reshape(x_shape)
+        return _cast_dx(ctx, dx), dW, db, None, None
+
+
+def _cast_dx(ctx, dx: Tensor | None) -> Tensor | None:
+    return dx.to(ctx.x_dtype) if dx is not None and dx.dtype != ctx.x_dtype else dx
+
+
+def _scatter_rows(
+    ctx, rows: Tensor, src: Tensor, out: int, d_in: int, add: bool = False
+) -> Tensor | None:
+    """Put ``src`` (r, in) into rows ``rows`` (r,) of dW (out, in).
+
+    Adds into ``weight.grad`` directly where allowed (then returns None, so autograd adds
+    nothing); else returns a fresh dense dW for autograd to accumulate.
+    """
+    weight = ctx.weight
+    target = _inplace_grad_target(ctx, weight) if ctx.plan.grad_inplace else None
+    if target is not None:
+        target.index_add_(0, rows, src.to(target.dtype))
+        return None
+    dW = torch.zeros(out, d_in, dtype=weight.dtype, device=weight.device)
+    src = src.to(weight.dtype)
+    return dW.index_add_(0, rows, src) if add else dW.index_copy_(0, rows, src)

@@ -1,0 +1,87 @@
+"""The oracle: selection and the MSBP backward of a linear layer, in short plain PyTorch.
+
+Everything here works on masks and dense GEMMs, so it is slow but easy to read; the fast path in
+``msbp.ops.autograd`` must give the same results. Shapes: ``n`` rows (all leading dimensions of the
+input flattened), ``in`` input features, ``out`` output features, ``k`` kept units.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def select_mask_ref(
+    u: Tensor, k: int, selection: str, generator: torch.Generator | None = None
+) -> Tensor:
+    """Boolean mask (n, out) of the entries of ``u`` (n, out) that are propagated."""
+    n, out = u.shape
+    mask = torch.zeros(n, out, dtype=torch.bool, device=u.device)
+    if k >= out:
+        return mask.fill_(True)
+    if selection == "unified":
+        cols = torch.topk(u.abs().sum(0), k).indices  # (k,) by column sum of |u|
+        mask[:, cols] = True
+    elif selection == "per_example":
+        idx = torch.topk(u.abs(), k, dim=1).indices  # (n, k) per row
+        mask.scatter_(1, idx, True)
+    elif selection == "random":
+        cols = torch.randperm(out, generator=generator, device=u.device)[:k]  # (k,)
+        mask[:, cols] = True
+    else:
+        raise ValueError(f"unknown selection {selection!r}")
+    return mask
+
+
+def memory_to_rows_ref(memory: Tensor, n: int, layout: str) -> Tensor:
+    """The memory as an (n, out) addend to the output gradient.
+
+    ``unit`` memory (out,) holds a batch sum and is spread evenly over the n rows; ``slot`` memory
+    (r, out) is used row for row when r == n, else (new batch shape) spread evenly as well, which
+    keeps the column sums, i.e. nothing is lost.
+    """
+    if layout == "unit":
+        return memory.unsqueeze(0).expand(n, -1) / n
+    if memory.shape[0] == n:
+        return memory
+    return (memory.sum(0) / n).unsqueeze(0).expand(n, -1)
+
+
+def sparse_linear_backward_ref(
+    x: Tensor,
+    weight: Tensor,
+    grad_out: Tensor,
+    memory: Tensor | None,
+    *,
+    k: int,
+    selection: str = "unified",
+    alpha: float = 0.0,
+    layout: str = "unit",
+    generator: torch.Generator | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """MSBP backward of ``y = x W^T + b``: returns ``(dx, dW, db, new_memory)``.
+
+    x: (*, in); weight: (out, in); grad_out: (*, out); memory: (out,) for ``unit``, (r, out) for
+    ``slot``, or None (no memory). dx: (*, in); dW: (out, in); db: (out,); new_memory like memory
+    (slot: (n, out)).
+    """
+    out, d_in = weight.shape
+    x2 = x.reshape(-1, d_in)  # (n, in)
+    g = grad_out.reshape(-1, out)  # (n, out)
+    n = g.shape[0]
+    acc = torch.promote_types(g.dtype, torch.float32)
+    u = g.to(acc)  # (n, out) U = G + M
+    if memory is not None and alpha > 0:
+        u = u + memory_to_rows_ref(memory, n, layout).to(acc)
+    mask = select_mask_ref(u, k, selection, generator)  # (n, out)
+    g_hat = torch.where(mask, u, torch.zeros_like(u))  # (n, out) what is propagated
+    g_hat_c = g_hat.to(x.dtype)
+    dx = (g_hat_c @ weight).reshape(x.shape)  # (*, in)
+    dW = g_hat_c.t() @ x2  # (out, in)
+    db = g.sum(0)  # (out,) dense, from the raw gradient
+    new_memory = memory  # alpha = 0: the memory is neither read nor written
+    if memory is not None and alpha > 0:
+        residual = alpha * (u - g_hat)  # (n, out) not propagated, decayed
+        new_memory = residual.sum(0) if layout == "unit" else residual
+        new_memory = new_memory.to(memory.dtype)
+    return dx, dW, db, new_memory

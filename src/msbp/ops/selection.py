@@ -1,0 +1,45 @@
+"""Selection operators: which output units of the gradient are propagated.
+
+Each takes ``u`` (n, out), the output gradient plus memory, and returns indices: ``(k,)`` column
+indices for the operators that keep the same units for the whole batch, ``(n, k)`` for per-example
+selection. Indices come back unsorted.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def column_scores(u: Tensor) -> Tensor:
+    """Column sums of ``|u|`` (n, out) -> (out,), in float32 or wider, without a temporary."""
+    return torch.linalg.vector_norm(u, 1, dim=0, dtype=torch.promote_types(u.dtype, torch.float32))
+
+
+def select_topk_unified(u: Tensor, k: int) -> Tensor:
+    """The k columns of ``u`` (n, out) with the largest column sum of ``|u|``: (k,)."""
+    return torch.topk(column_scores(u), k, sorted=False).indices
+
+
+def select_topk_per_example(u: Tensor, k: int) -> Tensor:
+    """For every row of ``u`` (n, out) the k entries of largest ``|u|``: (n, k)."""
+    return torch.topk(u.abs(), k, dim=1, sorted=False).indices
+
+
+def select_random(u: Tensor, k: int, generator: torch.Generator | None = None) -> Tensor:
+    """k random columns of ``u`` (n, out), the same for all rows: (k,)."""
+    return torch.randperm(u.shape[1], generator=generator, device=u.device)[:k]
+
+
+UNIFIED_SELECTIONS = frozenset({"unified", "random"})
+
+
+def select(u: Tensor, k: int, selection: str, generator: torch.Generator | None = None) -> Tensor:
+    """Dispatch on the selection name: (k,) column indices, or (n, k) for ``per_example``."""
+    if selection == "unified":
+        return select_topk_unified(u, k)
+    if selection == "per_example":
+        return select_topk_per_example(u, k)
+    if selection == "random":
+        return select_random(u, k, generator)
+    raise ValueError(f"unknown selection {selection!r}")
