@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -45,6 +47,7 @@ def sparse_linear(
     config: SparseBackpropConfig,
     generator: torch.Generator | None = None,
     name: str = "",
+    probe: Callable[[Tensor, Tensor, Tensor], None] | None = None,
 ) -> Tensor:
     """``y = x W^T + b`` whose backward is sparse backprop with memory (MSBP).
 
@@ -52,6 +55,8 @@ def sparse_linear(
     ``memory_layout="unit"``, (rows, out) for ``"slot"``, updated in place by each backward pass;
     ``None`` means no memory (plain sparse backprop, whatever ``config.memory`` says).
     Returns y: (*, out). The forward pass is exact; only the backward is sparsified.
+    ``probe(g, x, propagated)``, if given, is called in the backward with the raw output gradient
+    g (n, out), the input x (n, in) and the propagated part (n, out), to measure information loss.
 
     Example:
         >>> cfg = SparseBackpropConfig(k=2, memory=0.8)
@@ -90,5 +95,6 @@ def sparse_linear(
         grad_inplace=config.grad_inplace,
         generator=generator,
         name=name,
+        probe=probe,
     )
     return SparseLinearFunction.apply(x, weight, bias, memory, plan)

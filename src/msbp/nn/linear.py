@@ -40,6 +40,8 @@ class SparseLinear(nn.Linear):
         self.config = config if config is not None else SparseBackpropConfig()
         self.name = ""  # set by sparsify(); names the layer in error messages
         self.generator: torch.Generator | None = None  # for selection="random"
+        # probe(g, x, propagated) for information-loss measurements; see functional.sparse_linear
+        self.probe = None
         self.register_buffer("memory", self._empty_memory(), persistent=True)
 
     def _empty_memory(self) -> Tensor:
@@ -55,7 +57,7 @@ class SparseLinear(nn.Linear):
         memory = self.memory if self.config.memory > 0 else None
         return sparse_linear(
             x, self.weight, self.bias, memory, config=self.config,
-            generator=self.generator, name=self.name,
+            generator=self.generator, name=self.name, probe=self.probe,
         )
 
     def reset_memory(self) -> None:

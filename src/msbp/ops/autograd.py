@@ -12,6 +12,7 @@ Backward, per call (n rows, out units, k kept; see ``msbp.ops.reference`` for th
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -34,6 +35,9 @@ class BackwardPlan:
     grad_inplace: bool
     generator: torch.Generator | None = None
     name: str = ""
+    # probe(g (n, out), x (n, in), propagated (n, out)): called once per backward when set, for
+    # measuring information loss; never set in normal training.
+    probe: Callable[[Tensor, Tensor, Tensor], None] | None = None
 
 
 def _autocast_dtype(device_type: str) -> torch.dtype | None:
@@ -153,6 +157,8 @@ class SparseLinearFunction(torch.autograd.Function):
         dx = dW = None
         if k >= out:
             uc = u.to(x.dtype)
+            if plan.probe is not None:
+                plan.probe(g, x2, u)
             if need_x:
                 dx = uc @ w
             if need_w:
@@ -165,6 +171,9 @@ class SparseLinearFunction(torch.autograd.Function):
             else:
                 idx = select(u, k, plan.selection, plan.generator)  # (k,)
             u_k = u.index_select(1, idx).to(x.dtype)  # (n, k)
+            if plan.probe is not None:
+                propagated = torch.zeros_like(u).index_copy_(1, idx, u.index_select(1, idx))
+                plan.probe(g, x2, propagated)
             if need_x:
                 dx = u_k @ w.index_select(0, idx)  # (n, in)
             if need_w:
@@ -180,6 +189,8 @@ class SparseLinearFunction(torch.autograd.Function):
         else:  # per example: k entries per row
             idx = select(u, k, plan.selection, plan.generator)  # (n, k)
             vals = u.gather(1, idx).to(x.dtype)  # (n, k)
+            if plan.probe is not None:
+                plan.probe(g, x2, torch.zeros_like(u).scatter_(1, idx, u.gather(1, idx)))
             if need_x:
                 dx = torch.bmm(vals.unsqueeze(1), w[idx]).squeeze(1)  # (n, 1, k) @ (n, k, in)
             if need_w:
