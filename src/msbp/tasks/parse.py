@@ -1,0 +1,466 @@
+"""Dependency parsing: a Chen & Manning (2014) transition-based parser (arc-standard, labelled).
+
+Model: 48 features (18 words, 18 tags, 12 labels) -> 50-dim embeddings -> 2,400 inputs -> hidden
+layer of 500 (cube activation, or ReLU) -> softmax over the 2L+1 transitions. The hidden layer is
+the one sparsified; the output layer stays dense (as meProp's output layers).
+
+Training uses the static arc-standard oracle on projective trees; trees the oracle cannot derive
+(non-projective ones) are left out of training, counted in the log, and kept for evaluation.
+Decoding is greedy over legal transitions, batched across sentences.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from msbp.data.conll import Sentence, is_projective, read_conll
+from msbp.tasks.base import Task
+
+log = logging.getLogger(__name__)
+
+NULL, UNK, ROOT = 0, 1, 2  # reserved ids of the word and tag vocabularies; labels: NULL only
+N_WORD_FEATS, N_TAG_FEATS, N_LABEL_FEATS = 18, 18, 12
+N_FEATS = N_WORD_FEATS + N_TAG_FEATS + N_LABEL_FEATS  # 48
+
+SHIFT = 0  # transition ids: 0 shift, 1..L left-arc(label), L+1..2L right-arc(label)
+
+
+# ----------------------------------------------------------------------------- transition system
+
+
+class State:
+    """A parser configuration: stack, buffer (tokens ``i..n``) and the arcs built so far.
+
+    Token 0 is the artificial root. ``left[t]`` / ``right[t]`` list t's children in attachment
+    order; in arc-standard every new left child lies left of the earlier ones and every new right
+    child right of them, so ``left[t][-1]`` is the leftmost and ``right[t][-1]`` the rightmost.
+    """
+
+    __slots__ = ("n", "stack", "i", "head", "label", "left", "right")
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.stack = [0]
+        self.i = 1
+        self.head = [-1] * (n + 1)
+        self.label = [-1] * (n + 1)
+        self.left: list[list[int]] = [[] for _ in range(n + 1)]
+        self.right: list[list[int]] = [[] for _ in range(n + 1)]
+
+    def terminal(self) -> bool:
+        return self.i > self.n and len(self.stack) == 1
+
+    def legal(self) -> tuple[bool, bool, bool]:
+        """Whether shift, left-arc and right-arc are allowed (the root attaches last, once)."""
+        depth = len(self.stack)
+        buffer_empty = self.i > self.n
+        return (
+            not buffer_empty,
+            depth > 2,
+            depth > 2 or (depth == 2 and buffer_empty),
+        )
+
+    def apply(self, transition: int, num_labels: int) -> None:
+        if transition == SHIFT:
+            self.stack.append(self.i)
+            self.i += 1
+        elif transition <= num_labels:  # left-arc: s2 <- s1
+            s1 = self.stack.pop()
+            s2 = self.stack.pop()
+            self.head[s2], self.label[s2] = s1, transition - 1
+            self.left[s1].append(s2)
+            self.stack.append(s1)
+        else:  # right-arc: s2 -> s1
+            s1 = self.stack.pop()
+            s2 = self.stack[-1]
+            self.head[s1], self.label[s1] = s2, transition - 1 - num_labels
+            self.right[s2].append(s1)
+
+
+def static_oracle(
+    state: State, gold_head: Sequence[int], gold_label: Sequence[int], num_children: Sequence[int],
+    num_labels: int,
+) -> int | None:
+    """The arc-standard oracle's transition for ``state``; None when the tree is not derivable.
+
+    ``gold_head`` / ``gold_label`` / ``num_children`` are indexed by token (index 0 = root).
+    A right-arc waits until s1 has all its gold children.
+    """
+    stack = state.stack
+    if len(stack) >= 2:
+        s1, s2 = stack[-1], stack[-2]
+        if s2 > 0 and gold_head[s2] == s1:
+            return 1 + gold_label[s2]
+        if (
+            gold_head[s1] == s2
+            and len(state.left[s1]) + len(state.right[s1]) == num_children[s1]
+            and (s2 > 0 or state.i > state.n)
+        ):
+            return 1 + num_labels + gold_label[s1]
+    if state.i <= state.n:
+        return SHIFT
+    return None
+
+
+def oracle_transitions(
+    heads: Sequence[int], labels: Sequence[int], num_labels: int
+) -> list[int] | None:
+    """The oracle's transition sequence for a tree (``heads[j]`` = head of token j+1, 0 = root).
+
+    Returns None unless the sequence rebuilds exactly this tree (non-projective or multi-rooted).
+    """
+    n = len(heads)
+    gold_head = [-1, *heads]
+    gold_label = [-1, *labels]
+    num_children = [0] * (n + 1)
+    for h in heads:
+        num_children[h] += 1
+    state = State(n)
+    out: list[int] = []
+    while not state.terminal():
+        t = static_oracle(state, gold_head, gold_label, num_children, num_labels)
+        if t is None:
+            return None
+        ok = state.legal()
+        if not ok[0 if t == SHIFT else (1 if t <= num_labels else 2)]:
+            return None
+        state.apply(t, num_labels)
+        out.append(t)
+    if state.head[1:] != list(heads) or state.label[1:] != list(labels):
+        return None
+    return out
+
+
+def features(state: State, words: Sequence[int], tags: Sequence[int]) -> list[int]:
+    """The 48 feature ids of ``state``: 18 words, 18 tags, 12 labels (Chen & Manning 2014).
+
+    Positions: s1..s3, b1..b3; then for s1 and s2: lc1, rc1, lc2, rc2, lc1(lc1), rc1(rc1).
+    ``words`` / ``tags`` are indexed by token (index 0 = root). Label ids are shifted by one so
+    that 0 is NULL.
+    """
+    stack, i, n, left, right, label = (
+        state.stack, state.i, state.n, state.left, state.right, state.label
+    )
+    depth = len(stack)
+    pos = [
+        stack[-1] if depth >= 1 else -1,
+        stack[-2] if depth >= 2 else -1,
+        stack[-3] if depth >= 3 else -1,
+        i if i <= n else -1,
+        i + 1 if i + 1 <= n else -1,
+        i + 2 if i + 2 <= n else -1,
+    ]
+    for s in pos[:2]:
+        if s < 0:
+            pos.extend((-1, -1, -1, -1, -1, -1))
+            continue
+        lefts, rights = left[s], right[s]
+        lc1 = lefts[-1] if lefts else -1
+        rc1 = rights[-1] if rights else -1
+        pos.append(lc1)
+        pos.append(rc1)
+        pos.append(lefts[-2] if len(lefts) >= 2 else -1)
+        pos.append(rights[-2] if len(rights) >= 2 else -1)
+        pos.append(left[lc1][-1] if lc1 >= 0 and left[lc1] else -1)
+        pos.append(right[rc1][-1] if rc1 >= 0 and right[rc1] else -1)
+    feats = [words[p] if p >= 0 else NULL for p in pos]
+    feats += [tags[p] if p >= 0 else NULL for p in pos]
+    feats += [label[p] + 1 if p >= 0 else NULL for p in pos[6:]]
+    return feats
+
+
+# ----------------------------------------------------------------------------- vocabularies
+
+
+class Vocab:
+    """Word, tag and label ids built from training sentences."""
+
+    def __init__(self, sentences: Sequence[Sentence], tag_column: str = "xpos",
+                 lowercase: bool = True) -> None:
+        self.tag_column = tag_column
+        self.lowercase = lowercase
+        words = Counter(self._form(t) for s in sentences for t in s)
+        tags = sorted({getattr(t, tag_column) for s in sentences for t in s})
+        labels = sorted({t.deprel for s in sentences for t in s})
+        self.words = {w: j + 3 for j, w in enumerate(sorted(words))}
+        self.tags = {t: j + 3 for j, t in enumerate(tags)}
+        self.labels = {lab: j for j, lab in enumerate(labels)}
+        self.label_names = labels
+
+    def _form(self, tok: Any) -> str:
+        return tok.form.lower() if self.lowercase else tok.form
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.labels)
+
+    def encode(self, sent: Sentence) -> tuple[list[int], list[int]]:
+        """Word and tag ids of a sentence, index 0 = root."""
+        words = [ROOT] + [self.words.get(self._form(t), UNK) for t in sent]
+        tags = [ROOT] + [self.tags.get(getattr(t, self.tag_column), UNK) for t in sent]
+        return words, tags
+
+    def label_ids(self, sent: Sentence) -> list[int] | None:
+        """Gold label ids, or None if a label never occurs in training."""
+        ids = [self.labels.get(t.deprel) for t in sent]
+        return None if any(i is None for i in ids) else ids  # type: ignore[return-value]
+
+
+def training_examples(
+    sentences: Sequence[Sentence], vocab: Vocab
+) -> tuple[Tensor, Tensor, dict[str, int]]:
+    """Features (N, 48) int64 and oracle transitions (N,) of all derivable training trees.
+
+    Also returns counts: sentences used, non-projective and otherwise underivable ones skipped.
+    """
+    feats: list[list[int]] = []
+    gold: list[int] = []
+    counts = {"used": 0, "non_projective": 0, "underivable": 0}
+    L = vocab.num_labels
+    for sent in sentences:
+        heads = [t.head for t in sent]
+        if not is_projective(heads):
+            counts["non_projective"] += 1
+            continue
+        labels = vocab.label_ids(sent)
+        seq = oracle_transitions(heads, labels, L) if labels is not None else None
+        if seq is None:
+            counts["underivable"] += 1
+            continue
+        counts["used"] += 1
+        words, tags = vocab.encode(sent)
+        state = State(len(sent))
+        for t in seq:
+            feats.append(features(state, words, tags))
+            gold.append(t)
+            state.apply(t, L)
+    x = torch.tensor(feats, dtype=torch.long).reshape(-1, N_FEATS)
+    return x, torch.tensor(gold, dtype=torch.long), counts
+
+
+# ----------------------------------------------------------------------------- model
+
+
+class ParserMLP(nn.Module):
+    """Chen & Manning's network: embeddings (48 x dim) -> ``hidden`` -> act -> ``output``.
+
+    Input: feature ids (B, 48) int64; output: transition scores (B, 2L+1).
+    """
+
+    def __init__(
+        self, num_words: int, num_tags: int, num_labels: int, *, embedding_dim: int = 50,
+        hidden_size: int = 500, activation: str = "cube", dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if activation not in ("cube", "relu", "tanh"):
+            raise ValueError(f"activation must be 'cube', 'relu' or 'tanh', got {activation!r}")
+        self.activation = activation
+        self.word_embedding = nn.Embedding(num_words, embedding_dim)
+        self.tag_embedding = nn.Embedding(num_tags, embedding_dim)
+        self.label_embedding = nn.Embedding(num_labels + 1, embedding_dim)
+        for emb in (self.word_embedding, self.tag_embedding, self.label_embedding):
+            # small embeddings keep the cube's inputs near its well-behaved range at the start
+            nn.init.uniform_(emb.weight, -0.1, 0.1)
+        self.hidden = nn.Linear(N_FEATS * embedding_dim, hidden_size)
+        self.dropout = nn.Dropout(dropout)
+        self.output = nn.Linear(hidden_size, 2 * num_labels + 1)
+
+    def forward(self, feats: Tensor) -> Tensor:
+        w = self.word_embedding(feats[:, :N_WORD_FEATS])  # (B, 18, d)
+        t = self.tag_embedding(feats[:, N_WORD_FEATS : N_WORD_FEATS + N_TAG_FEATS])  # (B, 18, d)
+        lab = self.label_embedding(feats[:, N_WORD_FEATS + N_TAG_FEATS :])  # (B, 12, d)
+        x = torch.cat((w, t, lab), dim=1).flatten(1)  # (B, 48 d)
+        h = self.hidden(x)  # (B, hidden)
+        if self.activation == "cube":
+            h = h * h * h
+        elif self.activation == "relu":
+            h = torch.relu(h)
+        else:
+            h = torch.tanh(h)
+        return self.output(self.dropout(h))  # (B, 2L+1)
+
+
+@torch.no_grad()
+def parse(
+    model: nn.Module, sentences: Sequence[Sentence], vocab: Vocab, chunk: int = 2048
+) -> list[tuple[list[int], list[int]]]:
+    """Greedy decoding, batched across sentences: (heads, label ids) per sentence (1-based)."""
+    was_training = model.training
+    model.eval()
+    L = vocab.num_labels
+    kinds = torch.tensor([0] + [1] * L + [2] * L)  # (2L+1,): shift / left / right
+    results: list[tuple[list[int], list[int]]] = []
+    for lo in range(0, len(sentences), chunk):
+        part = sentences[lo : lo + chunk]
+        encoded = [vocab.encode(s) for s in part]
+        states = [State(len(s)) for s in part]
+        active = [j for j, st in enumerate(states) if not st.terminal()]
+        while active:
+            feats = torch.tensor(
+                [features(states[j], *encoded[j]) for j in active], dtype=torch.long
+            )  # (A, 48)
+            scores = model(feats)  # (A, 2L+1)
+            legal = torch.tensor([states[j].legal() for j in active])  # (A, 3)
+            scores = scores.masked_fill(~legal[:, kinds], float("-inf"))
+            best = scores.argmax(1).tolist()
+            for j, t in zip(active, best, strict=True):
+                states[j].apply(t, L)
+            active = [j for j in active if not states[j].terminal()]
+        results.extend((st.head[1:], st.label[1:]) for st in states)
+    model.train(was_training)
+    return results
+
+
+def attachment_scores(
+    sentences: Sequence[Sentence], predicted: Sequence[tuple[list[int], list[int]]], vocab: Vocab
+) -> dict[str, float]:
+    """UAS / LAS in percent, without punctuation (``uas``, ``las``, as Chen & Manning) and with
+    it (``uas_all``, ``las_all``)."""
+    total = total_np = ua = la = ua_np = la_np = 0
+    for sent, (heads, labels) in zip(sentences, predicted, strict=True):
+        for tok, h, lab in zip(sent, heads, labels, strict=True):
+            head_ok = h == tok.head
+            label_ok = head_ok and vocab.label_names[lab] == tok.deprel
+            total += 1
+            ua += head_ok
+            la += label_ok
+            if not tok.is_punct:
+                total_np += 1
+                ua_np += head_ok
+                la_np += label_ok
+    pct = lambda a, b: 100.0 * a / max(b, 1)  # noqa: E731
+    return {
+        "uas": pct(ua_np, total_np), "las": pct(la_np, total_np),
+        "uas_all": pct(ua, total), "las_all": pct(la, total),
+    }
+
+
+# ----------------------------------------------------------------------------- task
+
+
+def find_data_dir(name: str) -> Path:
+    """``../shared/data/<name>`` beside the repository root or the current directory."""
+    here = Path(__file__).resolve()
+    cwd = Path.cwd().resolve()
+    bases = (cwd, *here.parents, *cwd.parents)  # the repo sits beside shared/: /work/{main,shared}
+    candidates = [p / "shared" / "data" / name for p in bases]
+    for c in candidates:
+        if c.is_dir():
+            return c
+    raise FileNotFoundError(
+        f"no data folder {name!r} found under ../shared/data near {here} or {Path.cwd()}; "
+        "pass the paths explicitly"
+    )
+
+
+def _add(parser: argparse.ArgumentParser, *flags: str, **kwargs: Any) -> None:
+    """Add an option unless the common CLI already defines it (e.g. --batch-size)."""
+    if any(f in parser._option_string_actions for f in flags):
+        if "default" in kwargs and "dest" in kwargs:
+            parser.set_defaults(**{kwargs["dest"]: kwargs["default"]})
+        return
+    parser.add_argument(*flags, **kwargs)
+
+
+class ParseTask(Task):
+    """Chen & Manning parser on CoNLL-U / CoNLL-X treebanks (default: UD English EWT)."""
+
+    name = "parse"
+    metric = "uas"
+
+    @staticmethod
+    def add_arguments(parser: argparse.ArgumentParser) -> None:
+        g = parser.add_argument_group("parse")
+        _add(g, "--data-dir", dest="data_dir", default=None,
+             help="folder with {train,dev,test}.conllu(.gz) (default: ../shared/data/ud_en_ewt)")
+        _add(g, "--train", dest="train_path", default=None, help="training treebank")
+        _add(g, "--dev", dest="dev_path", default=None, help="development treebank")
+        _add(g, "--test", dest="test_path", default=None, help="test treebank")
+        _add(g, "--limit-train", "--max-train-sentences", dest="limit_train", type=int,
+             default=None, help="use only the first N training sentences")
+        _add(g, "--limit-eval", dest="limit_eval", type=int, default=None,
+             help="use only the first N dev/test sentences")
+        _add(g, "--tag-column", dest="tag_column", choices=("xpos", "upos"), default="xpos")
+        _add(g, "--hidden-size", dest="hidden_size", type=int, default=500)
+        _add(g, "--embedding-dim", dest="embedding_dim", type=int, default=50)
+        _add(g, "--activation", dest="activation", choices=("cube", "relu", "tanh"),
+             default="cube")
+        _add(g, "--dropout", dest="dropout", type=float, default=0.0)
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        super().__init__(args)
+        opt = lambda name, default=None: getattr(args, name, default)  # noqa: E731
+        paths = {}
+        for split in ("train", "dev", "test"):
+            given = opt(f"{split}_path")
+            if given is None:
+                folder = Path(opt("data_dir")) if opt("data_dir") else find_data_dir("ud_en_ewt")
+                found = sorted(folder.glob(f"*{split}.conll*"))
+                if not found:
+                    raise FileNotFoundError(f"no {split} treebank (*{split}.conll*) in {folder}")
+                given = found[0]
+            paths[split] = Path(given)
+        t0 = time.perf_counter()
+        train = read_conll(paths["train"])
+        if opt("limit_train"):
+            train = train[: opt("limit_train")]
+        self.splits: dict[str, list[Sentence]] = {"train": train}
+        for split in ("dev", "test"):
+            sents = read_conll(paths[split])
+            if opt("limit_eval"):
+                sents = sents[: opt("limit_eval")]
+            self.splits[split] = sents
+        self.vocab = Vocab(train, tag_column=opt("tag_column", "xpos"))
+        self.features, self.targets, counts = training_examples(train, self.vocab)
+        self.batch_size = int(opt("batch_size") or 10_000)
+        log.info(
+            "parse: %d training sentences (%d used; %d non-projective and %d underivable left "
+            "out), %d transitions, %d words, %d tags, %d labels; features in %.1fs",
+            len(train), counts["used"], counts["non_projective"], counts["underivable"],
+            len(self.targets), len(self.vocab.words), len(self.vocab.tags),
+            self.vocab.num_labels, time.perf_counter() - t0,
+        )
+        self.counts = counts
+        self.paths = paths
+
+    def build_model(self) -> nn.Module:
+        a = self.args
+        return ParserMLP(
+            len(self.vocab.words) + 3, len(self.vocab.tags) + 3, self.vocab.num_labels,
+            embedding_dim=getattr(a, "embedding_dim", 50),
+            hidden_size=getattr(a, "hidden_size", 500),
+            activation=getattr(a, "activation", "cube"),
+            dropout=getattr(a, "dropout", 0.0),
+        )
+
+    def sparse_exclude(self) -> list[str]:
+        return ["output"]
+
+    def num_train_batches(self) -> int:
+        return -(-len(self.targets) // self.batch_size)
+
+    def train_batches(
+        self, epoch: int, generator: torch.Generator
+    ) -> Iterator[tuple[Tensor, Tensor]]:
+        order = torch.randperm(len(self.targets), generator=generator)
+        for lo in range(0, len(order), self.batch_size):
+            idx = order[lo : lo + self.batch_size]
+            yield self.features[idx], self.targets[idx]  # (B, 48), (B,)
+
+    def loss(self, model: nn.Module, batch: tuple[Tensor, Tensor]) -> Tensor:
+        feats, gold = batch
+        return F.cross_entropy(model(feats), gold)
+
+    def evaluate(self, model: nn.Module, split: str) -> dict[str, float]:
+        sents = self.splits[split]
+        return attachment_scores(sents, parse(model, sents, self.vocab), self.vocab)
