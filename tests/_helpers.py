@@ -1,0 +1,109 @@
+"""Helpers shared by the tests: building layers, one training step, the reference oracle."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from msbp import SparseBackpropConfig, SparseLinear
+from msbp.ops.reference import sparse_linear_backward_ref
+
+SELECTIONS = ("unified", "per_example", "random")
+LAYOUTS = ("unit", "slot")
+DTYPES = (torch.float32, torch.float64)
+
+
+def tol(dtype: torch.dtype) -> dict[str, float]:
+    """assert_close tolerances for comparing the fast path with the reference."""
+    if dtype == torch.float64:
+        return {"rtol": 1e-10, "atol": 1e-12}
+    return {"rtol": 1e-4, "atol": 1e-5}
+
+
+def dtype_id(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def make_layer(
+    d_in: int,
+    d_out: int,
+    config: SparseBackpropConfig,
+    *,
+    dtype: torch.dtype = torch.float64,
+    seed: int = 0,
+    bias: bool = True,
+) -> SparseLinear:
+    """A SparseLinear with weights drawn from a seeded generator (no global RNG)."""
+    layer = SparseLinear(d_in, d_out, bias=bias, config=config, dtype=dtype)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn(layer.weight.shape, generator=gen, dtype=dtype))
+        if bias:
+            layer.bias.copy_(torch.randn(d_out, generator=gen, dtype=dtype))
+    return layer
+
+
+def randn(*shape: int, gen: torch.Generator, dtype: torch.dtype = torch.float64) -> Tensor:
+    return torch.randn(shape, generator=gen, dtype=dtype)
+
+
+def fast_step(layer: SparseLinear, x: Tensor, grad_out: Tensor, *, fresh: bool = True):
+    """Forward + backward of ``layer`` on a leaf copy of ``x``: returns (dx, dW, db)."""
+    if fresh:
+        layer.zero_grad(set_to_none=True)
+    x = x.detach().clone().requires_grad_(True)
+    layer(x).backward(grad_out)
+    db = layer.bias.grad.clone() if layer.bias is not None else None
+    return x.grad, layer.weight.grad.clone(), db
+
+
+def ref_step(
+    config: SparseBackpropConfig,
+    x: Tensor,
+    weight: Tensor,
+    grad_out: Tensor,
+    memory: Tensor | None,
+    generator: torch.Generator | None = None,
+):
+    """The oracle for ``config``: returns (dx, dW, db, new_memory)."""
+    out = weight.shape[0]
+    return sparse_linear_backward_ref(
+        x.detach(),
+        weight.detach(),
+        grad_out,
+        memory,
+        k=config.k_for(out),
+        selection=config.selection,
+        alpha=float(config.memory),
+        layout=config.memory_layout,
+        generator=generator,
+    )
+
+
+def empty_memory_like(layer: SparseLinear) -> Tensor:
+    """A fresh zero memory of the layer's layout and dtype (what the layer starts with)."""
+    return torch.zeros_like(layer.memory) if layer.config.memory_layout == "unit" else (
+        torch.zeros(0, layer.out_features, dtype=layer.memory.dtype)
+    )
+
+
+def memory_colsum(memory: Tensor) -> Tensor:
+    """The memory's column sums (out,): what either layout carries over to the next batch."""
+    return memory if memory.dim() == 1 else memory.sum(0)
+
+
+def assert_memory_matches(fast: Tensor, ref: Tensor, config: SparseBackpropConfig, out: int,
+                          **tolerance: float) -> None:
+    """The layer's memory equals the reference's (slot with k >= out: both all zero)."""
+    assert fast.dtype == ref.dtype
+    if config.memory_layout == "slot" and config.k_for(out) >= out:
+        assert not fast.any() and not ref.any()
+        return
+    assert fast.shape == ref.shape
+    torch.testing.assert_close(fast, ref, **tolerance)
+
+
+def rel_err(a: Tensor, b: Tensor) -> float:
+    """||a - b|| / ||b|| in float64."""
+    a, b = a.double(), b.double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))

@@ -1,0 +1,170 @@
+"""The oracle (msbp.ops.reference) and the selection operators, against exact identities."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from _helpers import LAYOUTS, SELECTIONS, randn
+
+from msbp.ops import selection as sel_ops
+from msbp.ops.reference import memory_to_rows_ref, select_mask_ref, sparse_linear_backward_ref
+
+
+def _dense_grads(x, w, b, g):
+    x = x.clone().requires_grad_(True)
+    w = w.clone().requires_grad_(True)
+    b = b.clone().requires_grad_(True)
+    torch.nn.functional.linear(x, w, b).backward(g)
+    return x.grad, w.grad, b.grad
+
+
+@pytest.mark.parametrize("k", [1, 3, 7])
+@pytest.mark.parametrize("selection", SELECTIONS)
+def test_select_mask_ref_shape_and_count(selection, k):
+    gen = torch.Generator().manual_seed(k)
+    u = randn(5, 7, gen=gen)
+    mask = select_mask_ref(u, k, selection, torch.Generator().manual_seed(0))
+    assert mask.shape == u.shape and mask.dtype == torch.bool
+    assert (mask.sum(1) == k).all()
+    if selection != "per_example":  # the same columns for every row
+        assert (mask == mask[0:1]).all()
+
+
+def test_select_mask_ref_unified_keeps_largest_column_sums():
+    gen = torch.Generator().manual_seed(1)
+    u = randn(6, 9, gen=gen)
+    mask = select_mask_ref(u, 4, "unified")
+    score = u.abs().sum(0)
+    kept, dropped = score[mask[0]], score[~mask[0]]
+    assert kept.min() > dropped.max()
+
+
+def test_select_mask_ref_per_example_keeps_largest_entries_per_row():
+    gen = torch.Generator().manual_seed(2)
+    u = randn(6, 9, gen=gen)
+    mask = select_mask_ref(u, 3, "per_example")
+    for row, m in zip(u.abs(), mask, strict=True):
+        assert row[m].min() > row[~m].max()
+
+
+def test_select_mask_ref_random_reproducible_with_seed():
+    u = torch.zeros(3, 10)
+    a = select_mask_ref(u, 4, "random", torch.Generator().manual_seed(5))
+    b = select_mask_ref(u, 4, "random", torch.Generator().manual_seed(5))
+    assert torch.equal(a, b)
+
+
+def test_select_mask_ref_unknown_selection():
+    with pytest.raises(ValueError, match="foo"):
+        select_mask_ref(torch.zeros(2, 3), 1, "foo")
+
+
+@pytest.mark.parametrize("k", [1, 2, 5])
+@pytest.mark.parametrize("selection", SELECTIONS)
+def test_selection_operators_match_reference_mask(selection, k):
+    gen = torch.Generator().manual_seed(10 + k)
+    u = randn(4, 8, gen=gen)
+    idx = sel_ops.select(u, k, selection, torch.Generator().manual_seed(3))
+    mask = torch.zeros_like(u, dtype=torch.bool)
+    if selection == "per_example":
+        assert idx.shape == (4, k)
+        mask.scatter_(1, idx, True)
+    else:
+        assert idx.shape == (k,)
+        mask[:, idx] = True
+    assert torch.equal(mask, select_mask_ref(u, k, selection, torch.Generator().manual_seed(3)))
+
+
+def test_select_dispatch_unknown():
+    with pytest.raises(ValueError, match="foo"):
+        sel_ops.select(torch.zeros(2, 3), 1, "foo")
+
+
+def test_column_scores_is_column_abs_sum():
+    gen = torch.Generator().manual_seed(4)
+    u = randn(5, 6, gen=gen, dtype=torch.float32).bfloat16()
+    s = sel_ops.column_scores(u)
+    assert s.dtype == torch.float32
+    torch.testing.assert_close(s, u.float().abs().sum(0))
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("selection", SELECTIONS)
+@pytest.mark.parametrize("alpha", [0.0, 0.8])
+def test_ref_k_out_is_dense(alpha, selection, layout):
+    gen = torch.Generator().manual_seed(0)
+    x, w, b, g = randn(4, 3, gen=gen), randn(5, 3, gen=gen), randn(5, gen=gen), randn(4, 5, gen=gen)
+    memory = torch.zeros(5, dtype=torch.float64) if layout == "unit" else torch.zeros(
+        4, 5, dtype=torch.float64)
+    dx, dW, db, new_mem = sparse_linear_backward_ref(
+        x, w, g, memory, k=5, selection=selection, alpha=alpha, layout=layout)
+    ex, ew, eb = _dense_grads(x, w, b, g)
+    torch.testing.assert_close(dx, ex, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(dW, ew, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(db, eb, rtol=1e-12, atol=1e-12)
+    assert not new_mem.any()
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("selection", SELECTIONS)
+def test_ref_gradients_are_the_masked_chain_rule(selection, layout):
+    """dx = Ĝ W, dW = Ĝ^T x, db = colsum(G), M' = alpha (U - Ĝ), with Ĝ = U on the mask."""
+    gen = torch.Generator().manual_seed(1)
+    n, d_in, out, k, alpha = 4, 3, 6, 2, 0.7
+    x, w, g = randn(n, d_in, gen=gen), randn(out, d_in, gen=gen), randn(n, out, gen=gen)
+    memory = randn(out, gen=gen) if layout == "unit" else randn(n, out, gen=gen)
+    dx, dW, db, new_mem = sparse_linear_backward_ref(
+        x, w, g, memory, k=k, selection=selection, alpha=alpha, layout=layout,
+        generator=torch.Generator().manual_seed(9))
+    u = g + (memory / n if layout == "unit" else memory)
+    mask = select_mask_ref(u, k, selection, torch.Generator().manual_seed(9))
+    g_hat = u * mask
+    assert int((dW.abs().sum(1) > 0).sum()) <= (k if selection != "per_example" else out)
+    torch.testing.assert_close(dx, g_hat @ w)
+    torch.testing.assert_close(dW, g_hat.t() @ x)
+    torch.testing.assert_close(db, g.sum(0))
+    resid = alpha * (u - g_hat)
+    torch.testing.assert_close(new_mem, resid.sum(0) if layout == "unit" else resid)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_ref_alpha_zero_does_not_touch_memory(layout):
+    gen = torch.Generator().manual_seed(2)
+    x, w, g = randn(3, 4, gen=gen), randn(5, 4, gen=gen), randn(3, 5, gen=gen)
+    memory = randn(5, gen=gen) if layout == "unit" else randn(3, 5, gen=gen)
+    before = memory.clone()
+    with_mem = sparse_linear_backward_ref(x, w, g, memory, k=2, alpha=0.0, layout=layout)
+    without = sparse_linear_backward_ref(x, w, g, None, k=2, alpha=0.0, layout=layout)
+    assert with_mem[3] is memory and torch.equal(memory, before)
+    assert without[3] is None
+    for a, b in zip(with_mem[:3], without[:3], strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("n", [1, 3, 4, 7])
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_memory_to_rows_keeps_column_sums(layout, n):
+    gen = torch.Generator().manual_seed(n)
+    memory = randn(6, gen=gen) if layout == "unit" else randn(4, 6, gen=gen)
+    rows = memory_to_rows_ref(memory, n, layout)
+    assert rows.shape == (n, 6)
+    total = memory if layout == "unit" else memory.sum(0)
+    torch.testing.assert_close(rows.sum(0), total)
+    if layout == "slot" and n == 4:
+        assert torch.equal(rows, memory)  # same batch shape: row for row
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("selection", SELECTIONS)
+def test_ref_alpha_one_conserves_mass(selection, layout):
+    gen = torch.Generator().manual_seed(3)
+    g = randn(4, 6, gen=gen)
+    memory = randn(6, gen=gen) if layout == "unit" else randn(4, 6, gen=gen)
+    # with a column of ones as input, dW's single column is the column sum of the propagated part
+    ones = torch.ones(4, 1, dtype=torch.float64)
+    _, dW1, _, new_mem1 = sparse_linear_backward_ref(
+        ones, torch.zeros(6, 1, dtype=torch.float64), g, memory.clone(), k=2, selection=selection,
+        alpha=1.0, layout=layout, generator=torch.Generator().manual_seed(0))
+    mem_sum = new_mem1 if layout == "unit" else new_mem1.sum(0)
+    old_sum = memory if layout == "unit" else memory.sum(0)
+    torch.testing.assert_close(dW1[:, 0] + mem_sum, g.sum(0) + old_sum)

@@ -1,0 +1,419 @@
+"""SparseLinear / functional.sparse_linear: the compacted fast path against the oracle."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from _helpers import (
+    DTYPES,
+    LAYOUTS,
+    SELECTIONS,
+    assert_memory_matches,
+    dtype_id,
+    empty_memory_like,
+    fast_step,
+    make_layer,
+    randn,
+    ref_step,
+    rel_err,
+    tol,
+)
+from torch import nn
+
+from msbp import SparseBackpropConfig, SparseLinear
+from msbp.functional import sparse_linear
+
+D_IN, D_OUT = 5, 9
+
+
+def _cfg(selection="unified", layout="unit", memory=0.8, k=3, **kw):
+    return SparseBackpropConfig(ratio=None, k=k, selection=selection, memory=memory,
+                                memory_layout=layout, **kw)
+
+
+def _dense_twin(layer: SparseLinear) -> nn.Linear:
+    dense = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None,
+                      dtype=layer.weight.dtype)
+    dense.load_state_dict({k: v for k, v in layer.state_dict().items() if k != "memory"})
+    return dense
+
+
+# --- k = out: exactly dense -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("memory", [0.0, 0.8], ids=["mem0", "mem0.8"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("selection", SELECTIONS)
+@pytest.mark.parametrize("k", [D_OUT, 0, 100], ids=["k=out", "k=0", "k>out"])
+def test_k_out_gives_dense_gradients(k, selection, layout, memory):
+    cfg = _cfg(selection, layout, memory, k=k)
+    layer = make_layer(D_IN, D_OUT, cfg)
+    layer.generator = torch.Generator().manual_seed(0)
+    dense = _dense_twin(layer)
+    gen = torch.Generator().manual_seed(1)
+    for n in (4, 4, 3):
+        x, g = randn(n, D_IN, gen=gen), randn(n, D_OUT, gen=gen)
+        dx, dW, db = fast_step(layer, x, g)
+        dense.zero_grad(set_to_none=True)
+        xd = x.clone().requires_grad_(True)
+        dense(xd).backward(g)
+        torch.testing.assert_close(dx, xd.grad, rtol=1e-13, atol=1e-13)
+        torch.testing.assert_close(dW, dense.weight.grad, rtol=1e-13, atol=1e-13)
+        torch.testing.assert_close(db, dense.bias.grad, rtol=1e-13, atol=1e-13)
+        assert not layer.memory.any()
+
+
+def test_forward_is_exactly_linear():
+    layer = make_layer(D_IN, D_OUT, _cfg(), dtype=torch.float32)
+    x = randn(6, D_IN, gen=torch.Generator().manual_seed(0), dtype=torch.float32)
+    assert torch.equal(layer(x), nn.functional.linear(x, layer.weight, layer.bias))
+
+
+# --- compacted fast path == masked reference --------------------------------------------------
+
+
+def _run_against_reference(cfg, dtype, batch_sizes, *, bias=True, seed=0, x_shape=None):
+    layer = make_layer(D_IN, D_OUT, cfg, dtype=dtype, seed=seed, bias=bias)
+    layer.generator = torch.Generator().manual_seed(seed + 100)
+    ref_gen = torch.Generator().manual_seed(seed + 100)
+    ref_mem = empty_memory_like(layer) if cfg.memory > 0 else None
+    gen = torch.Generator().manual_seed(seed + 1)
+    t = tol(dtype)
+    for n in batch_sizes:
+        lead = (n,) if x_shape is None else (n, *x_shape)
+        x, g = randn(*lead, D_IN, gen=gen, dtype=dtype), randn(*lead, D_OUT, gen=gen, dtype=dtype)
+        dx, dW, db = fast_step(layer, x, g)
+        rdx, rdW, rdb, ref_mem = ref_step(cfg, x, layer.weight, g, ref_mem, ref_gen)
+        assert dx.shape == x.shape and dx.dtype == dtype
+        torch.testing.assert_close(dx, rdx, **t)
+        torch.testing.assert_close(dW, rdW, **t)
+        if bias:
+            torch.testing.assert_close(db, rdb, **t)
+        if ref_mem is not None:
+            assert_memory_matches(layer.memory, ref_mem, cfg, D_OUT, **t)
+        else:
+            assert not layer.memory.any()
+    return layer
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("memory", [0.0, 0.8, 1.0], ids=["mem0", "mem0.8", "mem1"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("selection", SELECTIONS)
+def test_fast_path_matches_reference(selection, layout, memory, dtype):
+    _run_against_reference(_cfg(selection, layout, memory), dtype, (4, 4, 4, 4, 4))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("selection", SELECTIONS)
+def test_fast_path_matches_reference_changing_batch(selection, layout, dtype):
+    """Slot memory from a batch of another size is spread evenly (column sums kept)."""
+    _run_against_reference(_cfg(selection, layout, 0.8), dtype, (4, 4, 3, 5, 5, 1, 2, 2))
+
+
+@pytest.mark.parametrize("k", [1, 2, 8])
+@pytest.mark.parametrize("selection", SELECTIONS)
+def test_fast_path_matches_reference_k(selection, k):
+    _run_against_reference(_cfg(selection, "unit", 0.8, k=k), torch.float64, (3, 3, 3))
+
+
+@pytest.mark.parametrize("selection", SELECTIONS)
+def test_fast_path_matches_reference_no_bias(selection):
+    layer = _run_against_reference(_cfg(selection), torch.float64, (4, 4), bias=False)
+    assert layer.bias is None
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("selection", SELECTIONS)
+def test_nd_input_equals_flattened_reference(selection, layout):
+    cfg = _cfg(selection, layout, 0.8)
+    layer = make_layer(D_IN, D_OUT, cfg)
+    layer.generator = torch.Generator().manual_seed(7)
+    ref_gen = torch.Generator().manual_seed(7)
+    ref_mem = empty_memory_like(layer)
+    gen = torch.Generator().manual_seed(8)
+    for batch, time in ((2, 3), (2, 3), (3, 2), (1, 4)):
+        x, g = randn(batch, time, D_IN, gen=gen), randn(batch, time, D_OUT, gen=gen)
+        dx, dW, db = fast_step(layer, x, g)
+        rdx, rdW, rdb, ref_mem = ref_step(
+            cfg, x.reshape(-1, D_IN), layer.weight, g.reshape(-1, D_OUT), ref_mem, ref_gen)
+        assert dx.shape == (batch, time, D_IN)
+        torch.testing.assert_close(dx.reshape(-1, D_IN), rdx, **tol(torch.float64))
+        torch.testing.assert_close(dW, rdW, **tol(torch.float64))
+        torch.testing.assert_close(db, rdb, **tol(torch.float64))
+        assert_memory_matches(layer.memory, ref_mem, cfg, D_OUT, **tol(torch.float64))
+
+
+@pytest.mark.parametrize("selection", ["unified", "random"])
+def test_unified_weight_grad_has_k_nonzero_rows(selection):
+    cfg = _cfg(selection, k=3)
+    layer = make_layer(D_IN, D_OUT, cfg)
+    gen = torch.Generator().manual_seed(0)
+    _, dW, db = fast_step(layer, randn(4, D_IN, gen=gen), randn(4, D_OUT, gen=gen))
+    assert int((dW.abs().sum(1) > 0).sum()) == 3
+    assert bool((db != 0).all())  # the bias gradient stays dense
+
+
+def test_functional_needs_no_memory():
+    cfg = _cfg("per_example", memory=0.8)
+    gen = torch.Generator().manual_seed(0)
+    x, g = randn(4, D_IN, gen=gen), randn(4, D_OUT, gen=gen)
+    w = randn(D_OUT, D_IN, gen=gen).requires_grad_(True)
+    sparse_linear(x, w, None, None, config=cfg).backward(g)
+    _, rdW, _, _ = ref_step(cfg, x, w, g, None)
+    torch.testing.assert_close(w.grad, rdW, **tol(torch.float64))
+
+
+def test_probe_receives_raw_grad_input_and_propagated():
+    cfg = _cfg("per_example", memory=0.8)
+    layer = make_layer(D_IN, D_OUT, cfg)
+    seen = []
+    layer.probe = lambda g, x, p: seen.append((g.clone(), x.clone(), p.clone()))
+    gen = torch.Generator().manual_seed(0)
+    ref_mem = empty_memory_like(layer)
+    for _ in range(2):
+        x, g = randn(2, 3, D_IN, gen=gen), randn(2, 3, D_OUT, gen=gen)
+        _, rdW, _, new_mem = ref_step(cfg, x, layer.weight, g, ref_mem)
+        fast_step(layer, x, g)
+        pg, px, pp = seen[-1]
+        torch.testing.assert_close(pg, g.reshape(-1, D_OUT), rtol=0, atol=0)
+        torch.testing.assert_close(px, x.reshape(-1, D_IN), rtol=0, atol=0)
+        # the propagated part, pushed through the chain rule, is the reference's dW
+        torch.testing.assert_close(pp.t() @ px, rdW, **tol(torch.float64))
+        assert int((pp != 0).sum(1).max()) <= cfg.k
+        ref_mem = new_mem
+    assert len(seen) == 2
+
+
+# --- autocast ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("selection", ["unified", "per_example"])
+def test_autocast_bf16_cpu(selection, layout):
+    cfg = _cfg(selection, layout, 0.8, k=3)
+    layer = make_layer(6, 8, cfg, dtype=torch.float32)
+    ref_mem = empty_memory_like(layer)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        x = randn(5, 6, gen=gen, dtype=torch.float32).requires_grad_(True)
+        g = randn(5, 8, gen=gen, dtype=torch.float32).bfloat16()
+        layer.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = layer(x)
+        assert y.dtype == torch.bfloat16
+        y.backward(g)
+        rdx, rdW, rdb, ref_mem = ref_step(
+            cfg, x.detach().bfloat16(), layer.weight.detach().bfloat16(), g, ref_mem)
+        assert layer.memory.dtype == torch.float32
+        assert x.grad.dtype == torch.float32 and layer.weight.grad.dtype == torch.float32
+        for got in (x.grad, layer.weight.grad, layer.bias.grad, layer.memory):
+            assert torch.isfinite(got).all()
+        assert rel_err(x.grad, rdx) < 2e-2
+        assert rel_err(layer.weight.grad, rdW) < 2e-2
+        assert rel_err(layer.bias.grad, rdb) < 2e-2
+        assert rel_err(layer.memory, ref_mem) < 2e-2
+
+
+# --- weight.grad in place ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("selection", SELECTIONS)
+def test_inplace_weight_grad_same_buffer(selection):
+    cfg = _cfg(selection, memory=0.8)
+    layer = make_layer(D_IN, D_OUT, cfg)
+    layer.generator = torch.Generator().manual_seed(3)
+    ref_gen = torch.Generator().manual_seed(3)
+    gen = torch.Generator().manual_seed(0)
+    ref_mem = empty_memory_like(layer)
+    expected = torch.zeros_like(layer.weight)
+    ptr = None
+    for _ in range(3):
+        x, g = randn(4, D_IN, gen=gen), randn(4, D_OUT, gen=gen)
+        layer(x).backward(g)
+        _, rdW, _, ref_mem = ref_step(cfg, x, layer.weight, g, ref_mem, ref_gen)
+        expected += rdW
+        if ptr is None:
+            ptr = layer.weight.grad.data_ptr()
+        assert layer.weight.grad.data_ptr() == ptr
+        torch.testing.assert_close(layer.weight.grad, expected, **tol(torch.float64))
+
+
+def test_inplace_preexisting_zero_grad():
+    cfg = _cfg("per_example", memory=0.0)
+    layer = make_layer(D_IN, D_OUT, cfg)
+    layer.weight.grad = torch.zeros_like(layer.weight)
+    ptr = layer.weight.grad.data_ptr()
+    gen = torch.Generator().manual_seed(0)
+    x, g = randn(4, D_IN, gen=gen), randn(4, D_OUT, gen=gen)
+    layer(x).backward(g)
+    assert layer.weight.grad.data_ptr() == ptr
+    torch.testing.assert_close(layer.weight.grad, ref_step(cfg, x, layer.weight, g, None)[1])
+
+
+@pytest.mark.parametrize("selection", ["unified", "per_example"])
+def test_autograd_grad_returns_dense_gradient(selection):
+    cfg = _cfg(selection, memory=0.0)
+    layer = make_layer(D_IN, D_OUT, cfg)
+    gen = torch.Generator().manual_seed(0)
+    layer(randn(4, D_IN, gen=gen)).sum().backward()  # weight.grad now exists
+    before = layer.weight.grad.clone()
+    x, g = randn(4, D_IN, gen=gen), randn(4, D_OUT, gen=gen)
+    (dW,) = torch.autograd.grad(layer(x), [layer.weight], g)
+    torch.testing.assert_close(dW, ref_step(cfg, x, layer.weight, g, None)[1])
+    assert torch.equal(layer.weight.grad, before)
+
+
+def test_backward_inputs_x_leaves_weight_grad():
+    cfg = _cfg("unified", memory=0.0)
+    layer = make_layer(D_IN, D_OUT, cfg)
+    gen = torch.Generator().manual_seed(0)
+    layer(randn(4, D_IN, gen=gen)).sum().backward()
+    before = layer.weight.grad.clone()
+    x, g = randn(4, D_IN, gen=gen).requires_grad_(True), randn(4, D_OUT, gen=gen)
+    layer(x).backward(g, inputs=[x])
+    assert torch.equal(layer.weight.grad, before)
+    torch.testing.assert_close(x.grad, ref_step(cfg, x, layer.weight, g, None)[0])
+
+
+def test_weight_hook_sees_dense_gradient():
+    cfg = _cfg("unified", memory=0.0)
+    layer = make_layer(D_IN, D_OUT, cfg)
+    gen = torch.Generator().manual_seed(0)
+    layer(randn(4, D_IN, gen=gen)).sum().backward()
+    first = layer.weight.grad.clone()
+    seen = []
+    layer.weight.register_hook(lambda grad: seen.append(grad.clone()))
+    x, g = randn(4, D_IN, gen=gen), randn(4, D_OUT, gen=gen)
+    layer(x).backward(g)
+    rdW = ref_step(cfg, x, layer.weight, g, None)[1]
+    assert len(seen) == 1
+    torch.testing.assert_close(seen[0], rdW)
+    torch.testing.assert_close(layer.weight.grad, first + rdW)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("selection", SELECTIONS)
+def test_grad_inplace_false_same_numbers(selection, layout):
+    layers = []
+    for inplace in (True, False):
+        layer = make_layer(D_IN, D_OUT, _cfg(selection, layout, 0.8, grad_inplace=inplace))
+        layer.generator = torch.Generator().manual_seed(5)
+        layers.append(layer)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(3):  # accumulate: from the second step on, weight.grad exists
+        x, g = randn(4, D_IN, gen=gen), randn(4, D_OUT, gen=gen)
+        for layer in layers:
+            layer(x).backward(g)
+        a, b = layers
+        torch.testing.assert_close(a.weight.grad, b.weight.grad, **tol(torch.float64))
+        torch.testing.assert_close(a.bias.grad, b.bias.grad, **tol(torch.float64))
+        torch.testing.assert_close(a.memory, b.memory, **tol(torch.float64))
+
+
+# --- bad input --------------------------------------------------------------------------------
+
+
+def test_mismatched_input_raises_with_shapes():
+    layer = SparseLinear(4, 7)
+    with pytest.raises(ValueError) as info:
+        layer(torch.randn(3, 5))
+    assert "(3, 5)" in str(info.value) and "(7, 4)" in str(info.value)
+
+
+def test_functional_mismatched_input_raises_with_shapes():
+    with pytest.raises(ValueError) as info:
+        sparse_linear(torch.randn(2, 3, 6), torch.randn(7, 4), config=_cfg())
+    assert "(2, 3, 6)" in str(info.value) and "(7, 4)" in str(info.value)
+
+
+def test_scalar_input_raises():
+    with pytest.raises(ValueError):
+        sparse_linear(torch.tensor(1.0), torch.randn(7, 1), config=_cfg())
+
+
+def test_weight_not_2d_raises():
+    with pytest.raises(ValueError, match=r"\(7, 4, 1\)"):
+        sparse_linear(torch.randn(3, 4), torch.randn(7, 4, 1), config=_cfg())
+
+
+def test_bad_bias_shape_raises():
+    with pytest.raises(ValueError) as info:
+        sparse_linear(torch.randn(3, 4), torch.randn(7, 4), torch.randn(6), config=_cfg())
+    assert "(6,)" in str(info.value) and "(7,)" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("layout", "memory"),
+    [
+        pytest.param("unit", torch.zeros(6), id="unit-wrong-out"),
+        pytest.param("unit", torch.zeros(3, 7), id="unit-given-2d"),
+        pytest.param("slot", torch.zeros(7), id="slot-given-1d"),
+        pytest.param("slot", torch.zeros(3, 6), id="slot-wrong-out"),
+        pytest.param("unit", torch.zeros(7, dtype=torch.int64), id="int-dtype"),
+        pytest.param("unit", torch.zeros(7, dtype=torch.float16), id="half-dtype"),
+        pytest.param("unit", torch.zeros(7, requires_grad=True), id="requires-grad"),
+    ],
+)
+def test_bad_memory_raises(layout, memory):
+    w = torch.randn(7, 4, requires_grad=True)
+    with pytest.raises(ValueError):
+        sparse_linear(torch.randn(3, 4), w, None, memory, config=_cfg(layout=layout))
+
+
+def test_bad_memory_shape_message_names_shape():
+    with pytest.raises(ValueError, match=r"\(6,\)"):
+        sparse_linear(torch.randn(3, 4), torch.randn(7, 4), None, torch.zeros(6), config=_cfg())
+
+
+def test_layer_check_memory_detects_corruption():
+    layer = SparseLinear(4, 7, config=_cfg())
+    layer.check_memory()
+    layer.memory = torch.zeros(5)
+    with pytest.raises(ValueError, match=r"\(5,\)"):
+        layer.check_memory()
+
+
+# --- non-finite gradients ---------------------------------------------------------------------
+
+
+def _warm_layer(cfg):
+    layer = make_layer(D_IN, D_OUT, cfg)
+    layer.generator = torch.Generator().manual_seed(0)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(2):
+        fast_step(layer, randn(4, D_IN, gen=gen), randn(4, D_OUT, gen=gen))
+    assert layer.memory.any()
+    return layer
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")], ids=["nan", "inf"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("selection", SELECTIONS)
+def test_nonfinite_raises_and_keeps_memory(selection, layout, bad):
+    layer = _warm_layer(_cfg(selection, layout, 0.8))
+    before = layer.memory.clone()
+    gen = torch.Generator().manual_seed(2)
+    x, g = randn(4, D_IN, gen=gen), randn(4, D_OUT, gen=gen)
+    g[1, 2] = bad
+    with pytest.raises(FloatingPointError):
+        layer(x).backward(g)
+    assert torch.equal(layer.memory, before)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("selection", SELECTIONS)
+def test_nonfinite_skip_is_dense_and_keeps_memory(selection, layout):
+    layer = _warm_layer(_cfg(selection, layout, 0.8, on_nonfinite="skip"))
+    before = layer.memory.clone()
+    gen = torch.Generator().manual_seed(2)
+    x, g = randn(4, D_IN, gen=gen), randn(4, D_OUT, gen=gen)
+    g[1, 2] = float("nan")
+    g[3, 0] = float("inf")
+    dx, dW, db = fast_step(layer, x, g)
+    assert torch.equal(layer.memory, before)
+    assert not torch.isfinite(dW).all()
+    torch.testing.assert_close(dW, g.t() @ x, equal_nan=True)
+    torch.testing.assert_close(dx, g @ layer.weight.detach(), equal_nan=True)
+    torch.testing.assert_close(db, g.sum(0), equal_nan=True)
