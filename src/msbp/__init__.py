@@ -3,12 +3,13 @@
 from msbp import functional, ops
 from msbp.config import SparseBackpropConfig
 from msbp.convert import densify, sparsify
-from msbp.nn import SparseLinear
+from msbp.nn import SparseLinear, SparseLSTM
 
 __version__ = "0.1.0"
 
 __all__ = [
     "SparseBackpropConfig",
+    "SparseLSTM",
     "SparseLinear",
     "densify",
     "functional",

@@ -10,6 +10,7 @@ from torch import nn
 
 from msbp.config import SparseBackpropConfig
 from msbp.nn.linear import SparseLinear
+from msbp.nn.lstm import SparseLSTM
 
 Filter = str | Iterable[str] | Callable[[str, nn.Module], bool] | None
 
@@ -61,6 +62,9 @@ def sparsify(
     the call keeps training them. Returns the model (a new module when the root itself is a
     Linear). Raises ``ValueError`` when no layer matched.
 
+    ``nn.LSTM`` modules are converted too (to ``SparseLSTM``, sparsifying their input and
+    recurrent transforms), filtered by name in the same way; see ``_sparsify_lstms``.
+
     Example:
         >>> model = nn.Sequential(nn.Linear(784, 500), nn.ReLU(), nn.Linear(500, 10))
         >>> model = sparsify(model, SparseBackpropConfig(ratio=0.04), exclude="2")
@@ -77,12 +81,19 @@ def sparsify(
         and (keep is None or keep(name, module))
         and not (drop is not None and drop(name, module))
     ]
-    if not chosen:
+    lstms = _chosen_lstms(model, keep, drop)
+    if not chosen and not lstms:
         linears = [n or "<root>" for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+        rnns = [n or "<root>" for n, m in model.named_modules() if isinstance(m, nn.LSTM)]
         raise ValueError(
             f"sparsify matched no nn.Linear (include={include!r}, exclude={exclude!r}); "
             f"the model's linear layers are: {linears}"
+            + (f"; its LSTM layers are: {rnns}" if rnns else "")
         )
+    if lstms:
+        root = _sparsify_lstms(model, lstms, config)
+        if root is not None:
+            return root
     converted: dict[int, SparseLinear] = {}  # a layer shared under two names stays shared
     for name, module in chosen:
         new = converted.get(id(module))
@@ -99,9 +110,11 @@ def densify(model: nn.Module) -> nn.Module:
     """Replace every ``SparseLinear`` by a plain ``nn.Linear`` sharing its parameters.
 
     The memory is dropped. Returns the model (a new module when the root is a SparseLinear).
+    ``SparseLSTM`` modules become plain ``nn.LSTM`` the same way.
     """
-    if isinstance(model, SparseLinear):
+    if isinstance(model, SparseLinear | SparseLSTM):
         return model.to_dense()
+    _densify_lstms(model)
     converted: dict[int, nn.Linear] = {}
     for name, module in list(model.named_modules(remove_duplicate=False)):
         if isinstance(module, SparseLinear):
@@ -110,3 +123,50 @@ def densify(model: nn.Module) -> nn.Module:
                 new = converted[id(module)] = module.to_dense()
             _swap(model, name, new)
     return model
+
+
+# -- LSTM support (sparsify converts nn.LSTM into SparseLSTM) --------------------------------
+
+
+def _chosen_lstms(model: nn.Module, keep, drop) -> list[tuple[str, nn.LSTM]]:
+    """The ``nn.LSTM`` modules (exact type) that pass the include / exclude filters."""
+    chosen = [
+        (name, module)
+        for name, module in model.named_modules(remove_duplicate=False)
+        if type(module) is nn.LSTM
+        and (keep is None or keep(name, module))
+        and not (drop is not None and drop(name, module))
+    ]
+    for name, module in chosen:
+        if module.proj_size:
+            raise ValueError(
+                f"sparsify cannot convert LSTM {name or '<root>'!r} with proj_size="
+                f"{module.proj_size}; exclude it"
+            )
+    return chosen
+
+
+def _sparsify_lstms(
+    model: nn.Module, chosen: list[tuple[str, nn.LSTM]], config: SparseBackpropConfig
+) -> nn.Module | None:
+    """Swap the chosen LSTMs for ``SparseLSTM``s in place; returns the new root if it was one."""
+    converted: dict[int, SparseLSTM] = {}
+    for name, module in chosen:
+        new = converted.get(id(module))
+        if new is None:
+            new = converted[id(module)] = SparseLSTM.from_dense(module, config)
+            new.name = name
+        if name == "":
+            return new
+        _swap(model, name, new)
+    return None
+
+
+def _densify_lstms(model: nn.Module) -> None:
+    converted: dict[int, nn.LSTM] = {}
+    for name, module in list(model.named_modules(remove_duplicate=False)):
+        if isinstance(module, SparseLSTM):
+            new = converted.get(id(module))
+            if new is None:
+                new = converted[id(module)] = module.to_dense()
+            _swap(model, name, new)

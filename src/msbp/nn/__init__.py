@@ -1,5 +1,6 @@
 """Layers whose backward pass is sparse backprop with memory."""
 
 from msbp.nn.linear import SparseLinear
+from msbp.nn.lstm import SparseLSTM
 
-__all__ = ["SparseLinear"]
+__all__ = ["SparseLSTM", "SparseLinear"]

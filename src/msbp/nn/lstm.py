@@ -1,0 +1,271 @@
+"""``SparseLSTM``: an ``nn.LSTM`` whose linear transforms backpropagate sparsely (meProp / MSBP).
+
+An LSTM layer has two linear transforms producing the 4 x hidden gate pre-activations: the input
+transform ``x_t W_ih^T + b_ih`` and the recurrent transform ``h_{t-1} W_hh^T + b_hh``. As in
+meProp's LSTM, both are sparsified: in the backward pass only k of the 4 x hidden gate gradients
+reach ``dW`` and ``dx`` / ``dh``.
+
+Memory (one float32 buffer per transform, ``memory_ih_l0``, ``memory_hh_l0``, ...):
+
+- the input transform runs once on all time steps at once, (T * B, in) rows, so its memory
+  changes once per backward pass, exactly as a ``SparseLinear``'s;
+- the recurrent transform runs once per time step, so its backward runs T times per backward
+  pass, from the last step to the first, and the memory is updated at each of them: what step t
+  did not propagate is added to step t-1's gradient (and, after step 1, to the next batch's last
+  step). This keeps one residual per gate unit whatever the sequence length, and it is the
+  reading under which "nothing is lost, only delayed" (memory 1.0) still holds across steps.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from msbp.config import SparseBackpropConfig
+from msbp.functional import check_memory, memory_dtype, sparse_linear
+
+
+class SparseLSTM(nn.LSTM):
+    """Drop-in ``nn.LSTM`` (same parameters and state-dict keys, plus memory buffers) with an
+    MSBP backward on its input and recurrent transforms.
+
+    Supports ``num_layers``, ``bias``, ``batch_first``, ``dropout``, ``bidirectional`` and
+    unbatched input; not ``proj_size`` nor ``PackedSequence`` (pad instead: the outputs at valid
+    positions of a forward-direction LSTM do not depend on the padding after them).
+    Input: (T, B, in), or (B, T, in) with ``batch_first``, or (T, in); output as ``nn.LSTM``:
+    (output, (h_n, c_n)) with output (T, B, D * hidden) and h_n, c_n (D * layers, B, hidden).
+    The forward pass is exact; it runs as a Python loop over time steps, so it is slower than
+    ``nn.LSTM``'s fused kernel.
+
+    Example:
+        >>> lstm = SparseLSTM(16, 32, batch_first=True, config=SparseBackpropConfig(k=5))
+        >>> out, (h, c) = lstm(torch.randn(4, 7, 16))
+        >>> out.shape, h.shape
+        (torch.Size([4, 7, 32]), torch.Size([1, 4, 32]))
+    """
+
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int,
+        num_layers: int = 1,
+        bias: bool = True,
+        batch_first: bool = False,
+        dropout: float = 0.0,
+        bidirectional: bool = False,
+        *,
+        config: SparseBackpropConfig | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__(
+            input_size, hidden_size, num_layers, bias=bias, batch_first=batch_first,
+            dropout=dropout, bidirectional=bidirectional, device=device, dtype=dtype,
+        )
+        self.config = config if config is not None else SparseBackpropConfig()
+        self.name = ""  # set by sparsify(); names the layer in error messages
+        self.generator: torch.Generator | None = None  # for selection="random"
+        self._init_memory()
+
+    # -- memory -------------------------------------------------------------------------------
+
+    def _memory_names(self) -> list[tuple[str, str]]:
+        """(memory buffer name, weight name) for every transform."""
+        names = []
+        for layer in range(self.num_layers):
+            for suffix in ("", "_reverse")[: 1 + self.bidirectional]:
+                for kind in ("ih", "hh"):
+                    tag = f"{kind}_l{layer}{suffix}"
+                    names.append((f"memory_{tag}", f"weight_{tag}"))
+        return names
+
+    def _empty_memory(self, weight: Tensor) -> Tensor:
+        rows = 4 * self.hidden_size
+        shape = (rows,) if self.config.memory_layout == "unit" else (0, rows)
+        return torch.zeros(shape, dtype=memory_dtype(weight.dtype), device=weight.device)
+
+    def _init_memory(self) -> None:
+        for mem, weight in self._memory_names():
+            self.register_buffer(mem, self._empty_memory(getattr(self, weight)), persistent=True)
+
+    def reset_memory(self) -> None:
+        """Forget everything remembered, in place."""
+        with torch.no_grad():
+            for mem, _ in self._memory_names():
+                buf = getattr(self, mem)
+                if self.config.memory_layout == "slot":
+                    buf.resize_(0, 4 * self.hidden_size)
+                buf.zero_()
+
+    def check_memory(self) -> None:
+        """Raise ``ValueError`` if a memory buffer does not fit its transform."""
+        for mem, weight in self._memory_names():
+            check_memory(
+                getattr(self, mem), 4 * self.hidden_size, self.config.memory_layout,
+                getattr(self, weight),
+            )
+
+    @property
+    def k(self) -> int:
+        """Number of gate units (of 4 x hidden) propagated per transform and backward call."""
+        return self.config.k_for(4 * self.hidden_size)
+
+    # -- forward ------------------------------------------------------------------------------
+
+    def _linear(self, x: Tensor, tag: str) -> Tensor:
+        weight = getattr(self, f"weight_{tag}")
+        bias = getattr(self, f"bias_{tag}") if self.bias else None
+        memory = getattr(self, f"memory_{tag}") if self.config.memory > 0 else None
+        return sparse_linear(
+            x, weight, bias, memory, config=self.config, generator=self.generator,
+            name=f"{self.name}.{tag}" if self.name else tag,
+        )
+
+    def _direction(
+        self, x: Tensor, h: Tensor, c: Tensor, tag: str, reverse: bool
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """One layer, one direction. x: (T, B, in); h, c: (B, H) -> out (T, B, H), h, c."""
+        steps, batch = x.shape[0], x.shape[1]
+        gates_x = self._linear(x.reshape(steps * batch, -1), f"ih_{tag}")  # (T B, 4H)
+        gates_x = gates_x.reshape(steps, batch, -1)  # (T, B, 4H)
+        outputs: list[Tensor] = [h] * steps
+        order = range(steps - 1, -1, -1) if reverse else range(steps)
+        for t in order:
+            gates = gates_x[t] + self._linear(h, f"hh_{tag}")  # (B, 4H)
+            i, f, g, o = gates.chunk(4, dim=1)  # PyTorch's gate order
+            c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+            h = torch.sigmoid(o) * torch.tanh(c)
+            outputs[t] = h
+        return torch.stack(outputs), h, c
+
+    def forward(  # type: ignore[override]
+        self, input: Tensor, hx: tuple[Tensor, Tensor] | None = None
+    ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        if not isinstance(input, Tensor):
+            raise ValueError(
+                f"SparseLSTM takes a padded tensor, got {type(input).__name__}; "
+                "PackedSequence is not supported"
+            )
+        if self.proj_size:
+            raise ValueError(f"SparseLSTM does not support proj_size={self.proj_size}")
+        unbatched = input.dim() == 2
+        if input.dim() not in (2, 3) or input.shape[-1] != self.input_size:
+            raise ValueError(
+                f"input of shape {tuple(input.shape)} does not fit SparseLSTM(input_size="
+                f"{self.input_size}): expected (T, B, {self.input_size}), (B, T, "
+                f"{self.input_size}) with batch_first, or (T, {self.input_size})"
+            )
+        x = input.unsqueeze(1) if unbatched else input
+        if self.batch_first and not unbatched:
+            x = x.transpose(0, 1)  # (T, B, in)
+        dirs = 2 if self.bidirectional else 1
+        batch = x.shape[1]
+        if hx is None:
+            zeros = x.new_zeros(self.num_layers * dirs, batch, self.hidden_size)
+            h0, c0 = zeros, zeros
+        else:
+            h0, c0 = hx
+            if unbatched:
+                h0, c0 = h0.unsqueeze(1), c0.unsqueeze(1)
+            want = (self.num_layers * dirs, batch, self.hidden_size)
+            if tuple(h0.shape) != want or tuple(c0.shape) != want:
+                raise ValueError(
+                    f"hx of shapes {tuple(h0.shape)}, {tuple(c0.shape)}: expected {want} each"
+                )
+        h_n: list[Tensor] = []
+        c_n: list[Tensor] = []
+        for layer in range(self.num_layers):
+            outs = []
+            for d in range(dirs):
+                j = layer * dirs + d
+                tag = f"l{layer}" + ("_reverse" if d else "")
+                out, h, c = self._direction(x, h0[j], c0[j], tag, reverse=bool(d))
+                outs.append(out)
+                h_n.append(h)
+                c_n.append(c)
+            x = outs[0] if dirs == 1 else torch.cat(outs, dim=2)  # (T, B, D H)
+            if self.dropout and self.training and layer < self.num_layers - 1:
+                x = F.dropout(x, self.dropout, training=True)
+        output = x
+        hn, cn = torch.stack(h_n), torch.stack(c_n)  # (D layers, B, H)
+        if unbatched:
+            return output.squeeze(1), (hn.squeeze(1), cn.squeeze(1))
+        if self.batch_first:
+            output = output.transpose(0, 1)
+        return output, (hn, cn)
+
+    # -- conversion ---------------------------------------------------------------------------
+
+    @classmethod
+    def from_dense(cls, lstm: nn.LSTM, config: SparseBackpropConfig | None = None) -> SparseLSTM:
+        """A ``SparseLSTM`` that shares ``lstm``'s Parameter objects (not copies)."""
+        if not isinstance(lstm, nn.LSTM):
+            raise ValueError(f"from_dense needs an nn.LSTM, got {type(lstm).__name__}")
+        if lstm.proj_size:
+            raise ValueError(f"SparseLSTM does not support proj_size={lstm.proj_size}")
+        new = cls(
+            lstm.input_size, lstm.hidden_size, lstm.num_layers, bias=lstm.bias,
+            batch_first=lstm.batch_first, dropout=lstm.dropout,
+            bidirectional=lstm.bidirectional, config=config, device="meta",
+            dtype=lstm.weight_ih_l0.dtype,
+        )
+        for name in lstm._flat_weights_names:
+            setattr(new, name, getattr(lstm, name))
+        new._init_memory()  # now on the weights' device
+        new.train(lstm.training)
+        return new
+
+    def to_dense(self) -> nn.LSTM:
+        """A plain ``nn.LSTM`` sharing this module's Parameter objects; the memory is dropped."""
+        lstm = nn.LSTM(
+            self.input_size, self.hidden_size, self.num_layers, bias=self.bias,
+            batch_first=self.batch_first, dropout=self.dropout,
+            bidirectional=self.bidirectional, device="meta", dtype=self.weight_ih_l0.dtype,
+        )
+        for name in self._flat_weights_names:
+            setattr(lstm, name, getattr(self, name))
+        lstm.train(self.training)
+        return lstm
+
+    def extra_repr(self) -> str:
+        c = self.config
+        return (
+            f"{super().extra_repr()}, k={self.k}, selection={c.selection}, memory={c.memory}, "
+            f"memory_layout={c.memory_layout}"
+        )
+
+    def _apply(self, fn, recurse=True):
+        # .to(dtype) / .half() would cast the memories; keep them float32 (float64 for float64
+        # weights), only moved.
+        old = {mem: getattr(self, mem) for mem, _ in self._memory_names()}
+        super()._apply(fn, recurse)
+        for mem, weight in self._memory_names():
+            want = memory_dtype(getattr(self, weight).dtype)
+            if getattr(self, mem).dtype != want:
+                setattr(self, mem, old[mem].to(device=getattr(self, mem).device, dtype=want))
+        return self
+
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
+        for mem, _ in self._memory_names():
+            key = prefix + mem
+            if key in state_dict:
+                saved = state_dict[key]
+                if self.config.memory_layout == "unit" and saved.dim() == 2:
+                    saved = state_dict[key] = saved.sum(0)
+                elif self.config.memory_layout == "slot" and saved.dim() == 1:
+                    saved = state_dict[key] = saved.unsqueeze(0)
+                with torch.no_grad():
+                    getattr(self, mem).resize_(saved.shape)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+        for mem, _ in self._memory_names():
+            # a checkpoint of a dense nn.LSTM: start with empty memories rather than fail
+            key = prefix + mem
+            if key not in state_dict and key in missing_keys:
+                missing_keys.remove(key)
+                with torch.no_grad():
+                    getattr(self, mem).zero_()
