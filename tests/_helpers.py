@@ -82,8 +82,10 @@ def ref_step(
 
 def empty_memory_like(layer: SparseLinear) -> Tensor:
     """A fresh zero memory of the layer's layout and dtype (what the layer starts with)."""
-    return torch.zeros_like(layer.memory) if layer.config.memory_layout == "unit" else (
-        torch.zeros(0, layer.out_features, dtype=layer.memory.dtype)
+    return (
+        torch.zeros_like(layer.memory)
+        if layer.config.memory_layout == "unit"
+        else (torch.zeros(0, layer.out_features, dtype=layer.memory.dtype))
     )
 
 
@@ -92,8 +94,9 @@ def memory_colsum(memory: Tensor) -> Tensor:
     return memory if memory.dim() == 1 else memory.sum(0)
 
 
-def assert_memory_matches(fast: Tensor, ref: Tensor, config: SparseBackpropConfig, out: int,
-                          **tolerance: float) -> None:
+def assert_memory_matches(
+    fast: Tensor, ref: Tensor, config: SparseBackpropConfig, out: int, **tolerance: float
+) -> None:
     """The layer's memory equals the reference's (slot with k >= out: both all zero)."""
     assert fast.dtype == ref.dtype
     if config.memory_layout == "slot" and config.k_for(out) >= out:

@@ -67,8 +67,14 @@ def test_config_is_frozen():
         pytest.param(SparseBackpropConfig(), id="default"),
         pytest.param(SparseBackpropConfig(ratio=None, k=7, align=8), id="k-align"),
         pytest.param(
-            SparseBackpropConfig(ratio=0.25, selection="per_example", memory=1.0,
-                                 memory_layout="slot", on_nonfinite="skip", grad_inplace=False),
+            SparseBackpropConfig(
+                ratio=0.25,
+                selection="per_example",
+                memory=1.0,
+                memory_layout="slot",
+                on_nonfinite="skip",
+                grad_inplace=False,
+            ),
             id="all-fields",
         ),
         pytest.param(SparseBackpropConfig(selection="random", memory=0), id="random-int-memory"),

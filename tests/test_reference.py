@@ -94,10 +94,14 @@ def test_column_scores_is_column_abs_sum():
 def test_ref_k_out_is_dense(alpha, selection, layout):
     gen = torch.Generator().manual_seed(0)
     x, w, b, g = randn(4, 3, gen=gen), randn(5, 3, gen=gen), randn(5, gen=gen), randn(4, 5, gen=gen)
-    memory = torch.zeros(5, dtype=torch.float64) if layout == "unit" else torch.zeros(
-        4, 5, dtype=torch.float64)
+    memory = (
+        torch.zeros(5, dtype=torch.float64)
+        if layout == "unit"
+        else torch.zeros(4, 5, dtype=torch.float64)
+    )
     dx, dW, db, new_mem = sparse_linear_backward_ref(
-        x, w, g, memory, k=5, selection=selection, alpha=alpha, layout=layout)
+        x, w, g, memory, k=5, selection=selection, alpha=alpha, layout=layout
+    )
     ex, ew, eb = _dense_grads(x, w, b, g)
     torch.testing.assert_close(dx, ex, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(dW, ew, rtol=1e-12, atol=1e-12)
@@ -114,8 +118,16 @@ def test_ref_gradients_are_the_masked_chain_rule(selection, layout):
     x, w, g = randn(n, d_in, gen=gen), randn(out, d_in, gen=gen), randn(n, out, gen=gen)
     memory = randn(out, gen=gen) if layout == "unit" else randn(n, out, gen=gen)
     dx, dW, db, new_mem = sparse_linear_backward_ref(
-        x, w, g, memory, k=k, selection=selection, alpha=alpha, layout=layout,
-        generator=torch.Generator().manual_seed(9))
+        x,
+        w,
+        g,
+        memory,
+        k=k,
+        selection=selection,
+        alpha=alpha,
+        layout=layout,
+        generator=torch.Generator().manual_seed(9),
+    )
     u = g + (memory / n if layout == "unit" else memory)
     mask = select_mask_ref(u, k, selection, torch.Generator().manual_seed(9))
     g_hat = u * mask
@@ -163,8 +175,16 @@ def test_ref_alpha_one_conserves_mass(selection, layout):
     # with a column of ones as input, dW's single column is the column sum of the propagated part
     ones = torch.ones(4, 1, dtype=torch.float64)
     _, dW1, _, new_mem1 = sparse_linear_backward_ref(
-        ones, torch.zeros(6, 1, dtype=torch.float64), g, memory.clone(), k=2, selection=selection,
-        alpha=1.0, layout=layout, generator=torch.Generator().manual_seed(0))
+        ones,
+        torch.zeros(6, 1, dtype=torch.float64),
+        g,
+        memory.clone(),
+        k=2,
+        selection=selection,
+        alpha=1.0,
+        layout=layout,
+        generator=torch.Generator().manual_seed(0),
+    )
     mem_sum = new_mem1 if layout == "unit" else new_mem1.sum(0)
     old_sum = memory if layout == "unit" else memory.sum(0)
     torch.testing.assert_close(dW1[:, 0] + mem_sum, g.sum(0) + old_sum)

@@ -27,13 +27,15 @@ D_IN, D_OUT = 5, 9
 
 
 def _cfg(selection="unified", layout="unit", memory=0.8, k=3, **kw):
-    return SparseBackpropConfig(ratio=None, k=k, selection=selection, memory=memory,
-                                memory_layout=layout, **kw)
+    return SparseBackpropConfig(
+        ratio=None, k=k, selection=selection, memory=memory, memory_layout=layout, **kw
+    )
 
 
 def _dense_twin(layer: SparseLinear) -> nn.Linear:
-    dense = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None,
-                      dtype=layer.weight.dtype)
+    dense = nn.Linear(
+        layer.in_features, layer.out_features, bias=layer.bias is not None, dtype=layer.weight.dtype
+    )
     dense.load_state_dict({k: v for k, v in layer.state_dict().items() if k != "memory"})
     return dense
 
@@ -137,7 +139,8 @@ def test_nd_input_equals_flattened_reference(selection, layout):
         x, g = randn(batch, time, D_IN, gen=gen), randn(batch, time, D_OUT, gen=gen)
         dx, dW, db = fast_step(layer, x, g)
         rdx, rdW, rdb, ref_mem = ref_step(
-            cfg, x.reshape(-1, D_IN), layer.weight, g.reshape(-1, D_OUT), ref_mem, ref_gen)
+            cfg, x.reshape(-1, D_IN), layer.weight, g.reshape(-1, D_OUT), ref_mem, ref_gen
+        )
         assert dx.shape == (batch, time, D_IN)
         torch.testing.assert_close(dx.reshape(-1, D_IN), rdx, **tol(torch.float64))
         torch.testing.assert_close(dW, rdW, **tol(torch.float64))
@@ -205,7 +208,8 @@ def test_autocast_bf16_cpu(selection, layout):
         assert y.dtype == torch.bfloat16
         y.backward(g)
         rdx, rdW, rdb, ref_mem = ref_step(
-            cfg, x.detach().bfloat16(), layer.weight.detach().bfloat16(), g, ref_mem)
+            cfg, x.detach().bfloat16(), layer.weight.detach().bfloat16(), g, ref_mem
+        )
         assert layer.memory.dtype == torch.float32
         assert x.grad.dtype == torch.float32 and layer.weight.grad.dtype == torch.float32
         for got in (x.grad, layer.weight.grad, layer.bias.grad, layer.memory):
