@@ -1,0 +1,181 @@
+"""Memory as layer state: state_dict round trips, dense checkpoints, layout conversion."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+from _helpers import LAYOUTS, fast_step, make_layer, memory_colsum, randn, ref_step, tol
+from torch import nn
+
+from msbp import SparseBackpropConfig, SparseLinear, sparsify
+
+
+def _mlp(seed: int) -> nn.Sequential:
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 12), nn.Tanh(), nn.Linear(12, 3)
+    ).double()
+
+
+def _batches(n_steps: int):
+    gen = torch.Generator().manual_seed(123)
+    sizes = [5, 5, 4, 5, 6, 5, 3, 5, 5, 5]
+    return [
+        (
+            randn(sizes[i % len(sizes)], 6, gen=gen),
+            torch.randint(0, 3, (sizes[i % 10],), generator=gen),
+        )
+        for i in range(n_steps)
+    ]
+
+
+def _train(model, opt, batches):
+    for x, y in batches:
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+
+
+def _save(obj) -> io.BytesIO:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    buf.seek(0)
+    return buf
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("selection", ["unified", "per_example"])
+def test_round_trip_resumes_exactly(selection, layout):
+    cfg = SparseBackpropConfig(
+        ratio=None, k=3, selection=selection, memory=0.8, memory_layout=layout
+    )
+    batches = _batches(10)
+
+    straight = sparsify(_mlp(0), cfg, exclude="4")
+    opt = torch.optim.Adam(straight.parameters(), lr=1e-2)
+    _train(straight, opt, batches)
+
+    first = sparsify(_mlp(0), cfg, exclude="4")
+    opt1 = torch.optim.Adam(first.parameters(), lr=1e-2)
+    _train(first, opt1, batches[:5])
+    assert first[0].memory.any() and first[2].memory.any()
+    buf = _save({"model": first.state_dict(), "opt": opt1.state_dict()})
+
+    resumed = sparsify(_mlp(7), cfg, exclude="4")  # other initial weights, zero memory
+    opt2 = torch.optim.Adam(resumed.parameters(), lr=1e-2)
+    ckpt = torch.load(buf, weights_only=True)
+    resumed.load_state_dict(ckpt["model"])
+    opt2.load_state_dict(ckpt["opt"])
+    for a, b in zip(resumed.state_dict().values(), first.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    _train(resumed, opt2, batches[5:])
+
+    sd_a, sd_b = straight.state_dict(), resumed.state_dict()
+    assert set(sd_a) == set(sd_b)
+    assert {"0.memory", "2.memory"} <= set(sd_a)
+    for key in sd_a:
+        assert sd_a[key].shape == sd_b[key].shape, key
+        assert torch.equal(sd_a[key], sd_b[key]), key
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_memory_in_state_dict_and_loaded(layout):
+    cfg = SparseBackpropConfig(ratio=None, k=2, memory=0.8, memory_layout=layout)
+    src = make_layer(4, 6, cfg)
+    gen = torch.Generator().manual_seed(0)
+    fast_step(src, randn(3, 4, gen=gen), randn(3, 6, gen=gen))
+    sd = src.state_dict()
+    assert set(sd) == {"weight", "bias", "memory"}
+    dst = make_layer(4, 6, cfg, seed=5)
+    dst.load_state_dict(sd)
+    assert dst.memory.shape == src.memory.shape
+    assert torch.equal(dst.memory, src.memory)
+    assert dst.memory.data_ptr() != src.memory.data_ptr()
+
+
+def test_dense_checkpoint_loads_into_sparse_model():
+    dense = _mlp(0)
+    gen = torch.Generator().manual_seed(1)
+    opt = torch.optim.SGD(dense.parameters(), lr=0.1)
+    _train(dense, opt, _batches(2))
+    sd = dense.state_dict()
+    for layout in LAYOUTS:
+        model = sparsify(_mlp(3), SparseBackpropConfig(k=2, memory_layout=layout))
+        # give the memory something to forget first
+        fast_step(model[0], randn(4, 6, gen=gen), randn(4, 16, gen=gen))
+        assert model[0].memory.any()
+        result = model.load_state_dict(sd)  # strict: no missing-key error for the memory
+        assert not result.missing_keys and not result.unexpected_keys
+        for name, p in dense.named_parameters():
+            assert torch.equal(model.get_parameter(name), p)
+        for i in (0, 2, 4):
+            assert not model[i].memory.any()
+            model[i].check_memory()
+
+
+def test_sparse_checkpoint_into_dense_model_needs_non_strict():
+    model = sparsify(_mlp(0), SparseBackpropConfig(k=2))
+    dense = _mlp(1)
+    with pytest.raises(RuntimeError, match="memory"):
+        dense.load_state_dict(model.state_dict())
+    result = dense.load_state_dict(model.state_dict(), strict=False)
+    assert sorted(result.unexpected_keys) == ["0.memory", "2.memory", "4.memory"]
+
+
+@pytest.mark.parametrize(
+    ("saved", "loaded"), [("slot", "unit"), ("unit", "slot")], ids=["slot->unit", "unit->slot"]
+)
+def test_layout_conversion_on_load_keeps_column_sums(saved, loaded):
+    base = dict(ratio=None, k=2, memory=0.8)
+    src = make_layer(4, 6, SparseBackpropConfig(**base, memory_layout=saved))
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(2):
+        fast_step(src, randn(3, 4, gen=gen), randn(3, 6, gen=gen))
+    assert src.memory.any()
+    cfg = SparseBackpropConfig(**base, memory_layout=loaded)
+    dst = make_layer(4, 6, cfg, seed=9)
+    dst.load_state_dict(src.state_dict())
+    dst.check_memory()
+    assert dst.memory.dim() == (1 if loaded == "unit" else 2)
+    torch.testing.assert_close(memory_colsum(dst.memory), memory_colsum(src.memory))
+    # and the next step uses it as the reference would
+    x, g = randn(5, 4, gen=gen), randn(5, 6, gen=gen)
+    mem = dst.memory.clone()
+    dx, dW, db = fast_step(dst, x, g)
+    rdx, rdW, _, rmem = ref_step(cfg, x, dst.weight, g, mem)
+    torch.testing.assert_close(dx, rdx, **tol(torch.float64))
+    torch.testing.assert_close(dW, rdW, **tol(torch.float64))
+    torch.testing.assert_close(dst.memory, rmem, **tol(torch.float64))
+
+
+def test_slot_memory_of_other_batch_size_loads():
+    cfg = SparseBackpropConfig(ratio=None, k=2, memory=0.8, memory_layout="slot")
+    src = make_layer(4, 6, cfg)
+    gen = torch.Generator().manual_seed(0)
+    fast_step(src, randn(7, 4, gen=gen), randn(7, 6, gen=gen))
+    dst = make_layer(4, 6, cfg)
+    fast_step(dst, randn(2, 4, gen=gen), randn(2, 6, gen=gen))
+    dst.load_state_dict(src.state_dict())
+    assert dst.memory.shape == (7, 6)
+    assert torch.equal(dst.memory, src.memory)
+
+
+def test_load_float32_checkpoint_into_float64_layer():
+    cfg = SparseBackpropConfig(ratio=None, k=2, memory=0.8)
+    src = make_layer(4, 6, cfg, dtype=torch.float32)
+    gen = torch.Generator().manual_seed(0)
+    fast_step(
+        src, randn(3, 4, gen=gen, dtype=torch.float32), randn(3, 6, gen=gen, dtype=torch.float32)
+    )
+    dst = make_layer(4, 6, cfg, dtype=torch.float64)
+    dst.load_state_dict(src.state_dict())
+    assert dst.memory.dtype == torch.float64
+    torch.testing.assert_close(dst.memory, src.memory.double(), rtol=0, atol=0)
+
+
+def test_from_dense_layer_keeps_state_dict_keys():
+    lin = nn.Linear(4, 6)
+    layer = SparseLinear.from_dense(lin)
+    assert set(layer.state_dict()) == set(lin.state_dict()) | {"memory"}
