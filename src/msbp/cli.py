@@ -1,0 +1,125 @@
+"""``msbp``: the command line. Thin: every subcommand calls one library function.
+
+    msbp train   --task mnist --method msbp [options]   -> msbp.train.train
+    msbp compare --task mnist [options] [--plots DIR]   -> msbp.train.compare
+    msbp info                                           -> msbp.environment.info
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from typing import NoReturn
+
+from msbp.tasks import TASKS
+
+DEFAULT_TASK = "mnist"
+
+
+class _Parser(argparse.ArgumentParser):
+    """Bad arguments give one line on stderr and exit status 2 (no usage dump)."""
+
+    def error(self, message: str) -> NoReturn:
+        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def _task_from_argv(argv: Sequence[str]) -> str:
+    """The value of ``--task`` in ``argv`` (before parsing: it decides which options exist)."""
+    for i, arg in enumerate(argv):
+        if arg == "--task" and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith("--task="):
+            return arg.split("=", 1)[1]
+    return DEFAULT_TASK
+
+
+def build_parser(task: str = DEFAULT_TASK) -> argparse.ArgumentParser:
+    """The ``msbp`` parser; ``train``/``compare`` carry the options of ``task``."""
+    from msbp.train import METHODS, add_common_arguments
+
+    parser = _Parser(prog="msbp", description="Sparse backpropagation with memory (MSBP).")
+    sub = parser.add_subparsers(dest="command", parser_class=_Parser)
+
+    def with_task(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--task", choices=sorted(TASKS), default=DEFAULT_TASK,
+                       help=f"default {DEFAULT_TASK}")
+        add_common_arguments(p)
+        if task in TASKS:
+            TASKS[task].add_arguments(p)
+
+    p_train = sub.add_parser("train", help="train one model with one method")
+    p_train.add_argument("--method", choices=METHODS, default="msbp", help="default msbp")
+    with_task(p_train)
+
+    p_cmp = sub.add_parser("compare", help="train dense, sbp and msbp on the same seed and data")
+    p_cmp.add_argument(
+        "--methods", nargs="+", choices=METHODS, default=list(METHODS),
+        help="which methods, in order (default: all three)",
+    )
+    p_cmp.add_argument("--plots", default=None, metavar="DIR", help="write PNG plots into DIR")
+    with_task(p_cmp)
+
+    p_info = sub.add_parser("info", help="versions, threads, devices, fast paths")
+    p_info.add_argument("--json", action="store_true", help="print JSON")
+    return parser
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    """Parse ``argv`` (without the program name) as ``msbp`` would."""
+    return build_parser(_task_from_argv(argv)).parse_args(list(argv))
+
+
+def _print_info(as_json: bool) -> None:
+    from msbp.environment import info
+
+    data = info()
+    if as_json:
+        print(json.dumps(data, indent=1))
+        return
+    env = data.pop("environment")
+    for key, value in {**env, **data}.items():
+        if isinstance(value, dict):
+            value = ", ".join(f"{k}={'yes' if v is True else 'no' if v is False else v}"
+                              for k, v in value.items())
+        elif isinstance(value, list):
+            value = ", ".join(map(str, value))
+        print(f"{key:16} {value}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``msbp`` console script; returns the exit status."""
+    from msbp.data.errors import DataError
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    if args.command is None:
+        build_parser().print_help(sys.stderr)
+        return 2
+    if args.command == "info":
+        _print_info(args.json)
+        return 0
+
+    from msbp.train import UsageError, compare, format_table, train
+
+    try:
+        if args.command == "train":
+            results = train(TASKS[args.task], args)
+        else:
+            results = compare(TASKS[args.task], args)
+    except (UsageError, DataError) as err:
+        print(f"msbp: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("msbp: interrupted", file=sys.stderr)
+        return 130
+    print(format_table(results))
+    if args.out:
+        print(f"results: {args.out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

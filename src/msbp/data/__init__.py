@@ -1,0 +1,1 @@
+"""Data loaders for the training tasks."""

@@ -1,0 +1,83 @@
+"""What a result was measured on, and which fast paths this installation has."""
+
+from __future__ import annotations
+
+import datetime
+import importlib.util
+import os
+import platform
+import sys
+from typing import Any
+
+import torch
+
+
+def cpu_name() -> str:
+    """The CPU model from /proc/cpuinfo, else ``platform.processor()``."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def environment(device: torch.device | str = "cpu") -> dict[str, Any]:
+    """Versions, threads, CPU and device of this process, for the results JSON."""
+    import numpy
+
+    from msbp import __version__
+
+    device = torch.device(device)
+    env: dict[str, Any] = {
+        "msbp": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "numpy": numpy.__version__,
+        "platform": platform.platform(),
+        "cpu": cpu_name(),
+        "cpu_count": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "device": str(device),
+        "device_name": cpu_name(),
+        "cuda": torch.version.cuda,
+        "time_utc": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+    }
+    if device.type == "cuda":
+        env["device_name"] = torch.cuda.get_device_name(device)
+    return env
+
+
+def _importable(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def info() -> dict[str, Any]:
+    """``msbp info``: versions, threads, devices, and which fast paths are available."""
+    from msbp.data.mnist import pureml_zarr_path
+    from msbp.tasks import TASKS
+
+    cuda = torch.cuda.is_available()
+    mnist = pureml_zarr_path()
+    return {
+        "environment": environment("cuda" if cuda else "cpu"),
+        "executable": sys.executable,
+        "interop_threads": torch.get_num_interop_threads(),
+        "devices": ["cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())] if cuda
+        else ["cpu"],
+        "fast_paths": {
+            "cuda": cuda,
+            "triton": _importable("triton"),
+            "msbp.kernels": _importable("msbp.kernels"),
+            "mkl": torch.backends.mkl.is_available(),
+            "openmp": torch.backends.openmp.is_available(),
+        },
+        "tasks": sorted(TASKS),
+        "mnist_data": str(mnist) if mnist else None,
+        "matplotlib": _importable("matplotlib"),
+    }

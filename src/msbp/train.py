@@ -1,0 +1,458 @@
+"""The training loop shared by every task: dense, sparse backprop (sbp) and MSBP, timed alike.
+
+``train_run(task, method, args)`` trains one model and returns its run record;
+``train(task_cls, args)`` and ``compare(task_cls, args)`` wrap it for ``msbp train`` and
+``msbp compare`` and return the results document (schema in ``make_results``).
+
+Every method starts from the same initial weights (the torch RNG is seeded with ``--seed`` just
+before ``build_model``) and sees the same data order (a ``torch.Generator`` seeded with ``--seed``
+shuffles the batches), so the methods differ only in their backward pass.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from msbp.config import MEMORY_LAYOUTS, SELECTIONS, SparseBackpropConfig
+from msbp.convert import sparsify
+from msbp.info import InfoLossMeter
+from msbp.nn import SparseLinear
+from msbp.tasks.base import Task
+
+METHODS = ("dense", "sbp", "msbp")
+METHOD_LABELS = {"dense": "dense", "sbp": "+ sparse backprop", "msbp": "+ MSBP"}
+#: options that may change between a checkpoint and its resumption
+RESUMABLE_CHANGES = frozenset(
+    {"epochs", "resume", "checkpoint", "out", "quiet", "threads", "plots", "command", "methods"}
+)
+
+
+class UsageError(Exception):
+    """A bad option or combination of options; the CLI prints the message and exits with 2."""
+
+
+def add_common_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options every task shares: method configuration, optimisation, run control."""
+    sp = parser.add_argument_group("sparse backprop")
+    sp.add_argument("--ratio", type=float, default=0.04, help="k = ratio * out (default 0.04)")
+    sp.add_argument("--k", type=int, default=None, help="kept units per layer; wins over --ratio")
+    sp.add_argument(
+        "--memory", type=float, default=0.8,
+        help="memory ratio alpha of msbp (default 0.8, the paper's); sbp always uses 0",
+    )
+    sp.add_argument(
+        "--selection", choices=SELECTIONS, default="per_example",
+        help="top-k per example (meProp's original, default), unified top-k of columns, "
+        "or random-k columns",
+    )
+    sp.add_argument(
+        "--memory-layout", choices=MEMORY_LAYOUTS, default="unit",
+        help="memory per output unit (default) or per gradient slot",
+    )
+    sp.add_argument("--align", type=int, default=1, help="round k up to a multiple (default 1)")
+
+    opt = parser.add_argument_group("optimisation")
+    opt.add_argument("--epochs", type=int, default=20, help="default 20 (meProp)")
+    opt.add_argument(
+        "--batch-size", type=int, default=10, help="default 10 (meProp's MNIST mini-batch)"
+    )
+    opt.add_argument("--optimizer", choices=("adam", "sgd"), default="adam")
+    opt.add_argument("--lr", type=float, default=1e-3, help="default 1e-3 (meProp's Adam)")
+    opt.add_argument("--momentum", type=float, default=0.0, help="SGD momentum (default 0)")
+    opt.add_argument("--seed", type=int, default=1)
+
+    run = parser.add_argument_group("run")
+    run.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    run.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    run.add_argument("--out", default=None, metavar="PATH", help="write the results JSON here")
+    run.add_argument(
+        "--eval-test", choices=("every", "best"), default="every",
+        help="evaluate test every epoch (default) or once, on a copy of the best-dev epoch",
+    )
+    run.add_argument(
+        "--checkpoint", default=None, metavar="PATH",
+        help="save model, optimizer, RNG and results at every epoch end",
+    )
+    run.add_argument("--resume", action="store_true", help="continue from --checkpoint")
+    run.add_argument("--quiet", action="store_true", help="no progress bars or epoch lines")
+    info = parser.add_argument_group("information loss")
+    info.add_argument(
+        "--measure-info-loss", action="store_true",
+        help="record information-loss measures per sparse layer (slows training; timings then "
+        "include the measurement)",
+    )
+    info.add_argument("--info-every", type=int, default=1000, help="a window starts every N steps")
+    info.add_argument("--info-window", type=int, default=100, help="steps per window")
+
+
+def sparse_config(method: str, args: argparse.Namespace) -> SparseBackpropConfig | None:
+    """The layer config of ``method``: None for dense, memory 0 for sbp, ``--memory`` for msbp."""
+    if method not in METHODS:
+        raise UsageError(f"unknown method {method!r}; choose from {METHODS}")
+    if method == "dense":
+        return None
+    try:
+        return SparseBackpropConfig(
+            ratio=args.ratio,
+            k=args.k,
+            selection=args.selection,
+            memory=0.0 if method == "sbp" else args.memory,
+            memory_layout=args.memory_layout,
+            align=args.align,
+        )
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+
+
+def make_optimizer(
+    model: nn.Module, method: str, args: argparse.Namespace
+) -> torch.optim.Optimizer:
+    """The optimizer of every run: Adam (lr 1e-3, betas 0.9/0.999, eps 1e-8, as meProp) or SGD."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if args.optimizer == "adam":
+        return torch.optim.Adam(params, lr=args.lr, betas=(0.9, 0.999), eps=1e-8)
+    if args.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=args.lr, momentum=args.momentum)
+    raise UsageError(f"unknown optimizer {args.optimizer!r}")
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Raise ``UsageError`` for option values no run can use."""
+    for name in ("epochs", "batch_size", "threads", "info_every", "info_window"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.lr <= 0:
+        raise UsageError(f"--lr must be > 0, got {args.lr}")
+    if args.info_window > args.info_every:
+        raise UsageError(
+            f"--info-window ({args.info_window}) must not exceed --info-every ({args.info_every})"
+        )
+    if args.resume and not args.checkpoint:
+        raise UsageError("--resume needs --checkpoint PATH")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda, but CUDA is not available (see `msbp info`)")
+    for method in METHODS:
+        sparse_config(method, args)
+
+
+def setup_runtime(args: argparse.Namespace) -> None:
+    """Validate ``args`` and set the torch thread count."""
+    check_args(args)
+    torch.set_num_threads(args.threads)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _args_fingerprint(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        k: v for k, v in sorted(vars(args).items())
+        if k not in RESUMABLE_CHANGES and not callable(v)
+    }
+
+
+def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)  # never leave a half-written checkpoint behind
+
+
+def _progress(iterable, total: int | None, desc: str, quiet: bool):
+    if quiet or not sys.stderr.isatty():
+        return iterable
+    from tqdm import tqdm
+
+    return tqdm(iterable, total=total, desc=desc, file=sys.stderr, leave=False, mininterval=0.5)
+
+
+def _log(args: argparse.Namespace, message: str) -> None:
+    if not args.quiet:
+        print(message, file=sys.stderr, flush=True)
+
+
+def train_run(task: Task, method: str, args: argparse.Namespace) -> dict[str, Any]:
+    """Train one model of ``task`` with ``method`` ("dense", "sbp", "msbp"); returns its record.
+
+    The record: ``{"method", "backprop_seconds", "total_seconds", "dev_accuracy",
+    "test_accuracy", "best_epoch", "epochs": [per-epoch dicts], "info_loss": dict | None}``.
+    ``backprop_seconds`` is the wall time inside ``loss.backward()``; ``total_seconds`` the whole
+    training loop (forward, backward, optimizer, batching) without evaluation and checkpoints.
+    Accuracies are ``task.metric`` in percent; test is taken at the best-dev epoch.
+    """
+    device = torch.device(args.device)
+    config = sparse_config(method, args)
+    torch.manual_seed(args.seed)  # same initial weights for every method
+    model = task.build_model().to(device)
+    if config is not None:
+        model = sparsify(model, config, exclude=task.sparse_exclude() or None)
+    sparse_layers = [m for m in model.modules() if isinstance(m, SparseLinear)]
+    for i, layer in enumerate(sparse_layers):
+        if config is not None and config.selection == "random":
+            layer.generator = torch.Generator(device=device).manual_seed(args.seed + 1 + i)
+    model.train()
+    optimizer = make_optimizer(model, method, args)
+    data_order = torch.Generator().manual_seed(args.seed)  # same batches for every method
+    meter = None
+    if args.measure_info_loss and sparse_layers:
+        meter = InfoLossMeter(model, every=args.info_every, window=args.info_window)
+
+    run: dict[str, Any] = {
+        "method": method,
+        "backprop_seconds": 0.0,
+        "total_seconds": 0.0,
+        "dev_accuracy": None,
+        "test_accuracy": None,
+        "best_epoch": None,
+        "epochs": [],
+        "info_loss": None,
+    }
+    start_epoch, step = 0, 0
+    best_state: dict[str, Any] | None = None
+    ckpt_path = Path(args.checkpoint) if args.checkpoint else None
+    if ckpt_path is not None and args.resume and ckpt_path.exists():
+        ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
+        if ckpt["method"] != method or ckpt["args"] != _args_fingerprint(args):
+            theirs, ours = ckpt["args"], _args_fingerprint(args)
+            diff = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
+            raise UsageError(
+                f"checkpoint {ckpt_path} was made with other options ({ckpt['method']}; differs "
+                f"in {diff or 'method'}); start afresh without --resume"
+            )
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        data_order.set_state(ckpt["rng"]["data_order"])
+        for layer, state in zip(sparse_layers, ckpt["rng"]["selection"], strict=True):
+            if layer.generator is not None and state is not None:
+                layer.generator.set_state(state)
+        if device.type == "cuda" and ckpt["rng"].get("cuda") is not None:
+            torch.cuda.set_rng_state(ckpt["rng"]["cuda"], device)
+        run = ckpt["run"]
+        best_state = ckpt.get("best_state")
+        start_epoch, step = ckpt["epoch"], ckpt["step"]
+        if meter is not None and run.get("info_loss"):
+            meter.load_records(run["info_loss"]["layers"])
+        _log(args, f"{method}: resumed from {ckpt_path} after epoch {start_epoch}")
+
+    best = -float("inf")
+    for row in run["epochs"]:
+        if row[f"dev_{task.metric}"] > best:
+            best = row[f"dev_{task.metric}"]
+    n_batches = task.num_train_batches()
+    for epoch in range(start_epoch, args.epochs):
+        model.train()
+        backprop = 0.0
+        loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+        steps = 0
+        batches = _progress(
+            task.train_batches(epoch, data_order), n_batches,
+            f"{method} epoch {epoch + 1}/{args.epochs}", args.quiet,
+        )
+        _sync(device)
+        t_start = time.perf_counter()
+        for batch in batches:
+            if meter is not None:
+                meter.start_step(step)
+            optimizer.zero_grad(set_to_none=False)  # keep .grad so sparse layers write into it
+            loss = task.loss(model, batch)
+            _sync(device)
+            t_bwd = time.perf_counter()
+            loss.backward()
+            _sync(device)
+            backprop += time.perf_counter() - t_bwd
+            optimizer.step()
+            loss_sum += loss.detach()
+            if meter is not None:
+                meter.end_step(step)
+            step += 1
+            steps += 1
+        _sync(device)
+        seconds = time.perf_counter() - t_start
+
+        dev = task.evaluate(model, "dev")
+        test = task.evaluate(model, "test") if args.eval_test == "every" else None
+        row: dict[str, Any] = {
+            "epoch": epoch + 1,
+            "steps": steps,
+            "train_loss": float(loss_sum) / max(steps, 1),
+            "backprop_seconds": backprop,
+            "total_seconds": seconds,
+        }
+        row.update({f"dev_{k}": v for k, v in dev.items()})
+        if test is not None:
+            row.update({f"test_{k}": v for k, v in test.items()})
+        run["epochs"].append(row)
+        run["backprop_seconds"] += backprop
+        run["total_seconds"] += seconds
+        if dev[task.metric] > best:
+            best = dev[task.metric]
+            run["best_epoch"] = epoch + 1
+            run["dev_accuracy"] = dev[task.metric]
+            if test is not None:
+                run["test_accuracy"] = test[task.metric]
+            else:
+                best_state = copy.deepcopy(model.state_dict())
+        if meter is not None:
+            run["info_loss"] = meter.result()
+        test_text = f" test {test[task.metric]:.2f}" if test is not None else ""
+        _log(
+            args,
+            f"{method} epoch {epoch + 1}/{args.epochs}: loss {row['train_loss']:.4f} "
+            f"dev {dev[task.metric]:.2f}{test_text} ({seconds:.1f} s, backprop {backprop:.1f} s)",
+        )
+        if ckpt_path is not None:
+            _save_checkpoint(ckpt_path, {
+                "method": method,
+                "args": _args_fingerprint(args),
+                "epoch": epoch + 1,
+                "step": step,
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "rng": {
+                    "torch": torch.get_rng_state(),
+                    "data_order": data_order.get_state(),
+                    "selection": [
+                        layer.generator.get_state() if layer.generator is not None else None
+                        for layer in sparse_layers
+                    ],
+                    "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+                },
+                "run": run,
+                "best_state": best_state,
+            })
+
+    if meter is not None:
+        meter.close()
+        run["info_loss"] = meter.result()
+    if args.eval_test == "best" and best_state is not None:
+        final_state = copy.deepcopy(model.state_dict())
+        model.load_state_dict(best_state)
+        run["test_accuracy"] = task.evaluate(model, "test")[task.metric]
+        model.load_state_dict(final_state)
+    return run
+
+
+def make_results(
+    task: Task, args: argparse.Namespace, runs: list[dict[str, Any]]
+) -> dict[str, Any]:
+    """The results document: ``{"task", "config", "runs", "environment"}``.
+
+    ``config`` holds the options (JSON-safe), the task's metric and the layer config of each
+    method present; accuracies are in percent.
+    """
+    from msbp.environment import environment
+
+    options = {
+        k: v for k, v in sorted(vars(args).items())
+        if isinstance(v, str | int | float | bool | type(None)) and k != "command"
+    }
+    options["metric"] = task.metric
+    options["sparse_config"] = {
+        run["method"]: (c.to_dict() if (c := sparse_config(run["method"], args)) else None)
+        for run in runs
+    }
+    return {
+        "task": task.name,
+        "config": options,
+        "runs": runs,
+        "environment": environment(torch.device(args.device)),
+    }
+
+
+def write_json(path: str | os.PathLike[str], document: dict[str, Any]) -> None:
+    """Write ``document`` as indented JSON, creating the parent folder."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(document, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+def _method_checkpoint(path: str | None, method: str) -> str | None:
+    if path is None:
+        return None
+    p = Path(path)
+    return str(p.with_name(f"{p.stem}.{method}{p.suffix or '.pt'}"))
+
+
+def train(task_cls: type[Task], args: argparse.Namespace) -> dict[str, Any]:
+    """``msbp train``: one method (``args.method``); returns (and writes to ``--out``) results."""
+    setup_runtime(args)
+    task = task_cls(args)
+    run = train_run(task, args.method, args)
+    results = make_results(task, args, [run])
+    if args.out:
+        write_json(args.out, results)
+    return results
+
+
+def compare(task_cls: type[Task], args: argparse.Namespace) -> dict[str, Any]:
+    """``msbp compare``: dense, sbp and msbp one after the other on one data order and seed.
+
+    One checkpoint per method (``ckpt.pt`` -> ``ckpt.dense.pt``, ...); the results JSON is
+    rewritten after each method, so an interrupted comparison keeps what it finished.
+    """
+    setup_runtime(args)
+    task = task_cls(args)
+    methods = getattr(args, "methods", None) or list(METHODS)
+    runs = []
+    results: dict[str, Any] = {}
+    for method in methods:
+        run_args = copy.copy(args)
+        run_args.checkpoint = _method_checkpoint(args.checkpoint, method)
+        runs.append(train_run(task, method, run_args))
+        results = make_results(task, args, runs)
+        if args.out:
+            write_json(args.out, results)
+    if getattr(args, "plots", None):
+        from msbp.plots import write_plots
+
+        write_plots(results, args.plots)
+    return results
+
+
+def _fmt_seconds(value: float, dense: float | None) -> str:
+    if dense is None or value <= 0:
+        return f"{value:.1f}"
+    return f"{value:.1f} ({dense / value:.2f}x)"
+
+
+def format_table(results: dict[str, Any]) -> str:
+    """The paper's table as markdown: backprop s, total s, test metric at the best-dev epoch.
+
+    Speedups and metric differences are relative to the dense run when there is one:
+    ``6.6 (10.18x)``, ``98.23 (+0.37)``.
+    """
+    metric = results["config"].get("metric", "accuracy")
+    dense = next((r for r in results["runs"] if r["method"] == "dense"), None)
+    lines = [
+        f"| {results['task']} | backprop time (s) | total time (s) | test {metric} (%) | "
+        "best epoch |",
+        "|---|---|---|---|---|",
+    ]
+    for run in results["runs"]:
+        base = dense if dense is not None and run is not dense else None
+        bp = _fmt_seconds(run["backprop_seconds"], dense and dense["backprop_seconds"])
+        tot = _fmt_seconds(run["total_seconds"], dense and dense["total_seconds"])
+        acc = run["test_accuracy"]
+        acc_text = "n/a" if acc is None else f"{acc:.2f}"
+        if acc is not None and base is not None and base["test_accuracy"] is not None:
+            acc_text += f" ({acc - base['test_accuracy']:+.2f})"
+        lines.append(
+            f"| {METHOD_LABELS.get(run['method'], run['method'])} | {bp} | {tot} | {acc_text} | "
+            f"{run['best_epoch']} |"
+        )
+    return "\n".join(lines)
