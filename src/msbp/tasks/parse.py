@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from msbp.data.conll import Sentence, is_projective, read_conll
+from msbp.data.errors import DataError
 from msbp.tasks.base import Task
 
 log = logging.getLogger(__name__)
@@ -357,10 +358,17 @@ def find_data_dir(name: str) -> Path:
     for c in candidates:
         if c.is_dir():
             return c
-    raise FileNotFoundError(
+    raise DataError(
         f"no data folder {name!r} found under ../shared/data near {here} or {Path.cwd()}; "
         "pass the paths explicitly"
     )
+
+
+def _read(path: Path) -> list[Sentence]:
+    try:
+        return read_conll(path)
+    except (ValueError, OSError) as err:  # the CLI reports DataError in one line
+        raise DataError(f"{path}: {err}") from None
 
 
 def _add(parser: argparse.ArgumentParser, *flags: str, **kwargs: Any) -> None:
@@ -396,6 +404,8 @@ class ParseTask(Task):
         _add(g, "--activation", dest="activation", choices=("cube", "relu", "tanh"),
              default="cube")
         _add(g, "--dropout", dest="dropout", type=float, default=0.0)
+        # --batch-size counts transitions here; meProp (after Chen & Manning) used 10,000
+        parser.set_defaults(batch_size=10_000)
 
     def __init__(self, args: argparse.Namespace) -> None:
         super().__init__(args)
@@ -407,16 +417,16 @@ class ParseTask(Task):
                 folder = Path(opt("data_dir")) if opt("data_dir") else find_data_dir("ud_en_ewt")
                 found = sorted(folder.glob(f"*{split}.conll*"))
                 if not found:
-                    raise FileNotFoundError(f"no {split} treebank (*{split}.conll*) in {folder}")
+                    raise DataError(f"no {split} treebank (*{split}.conll*) in {folder}")
                 given = found[0]
             paths[split] = Path(given)
         t0 = time.perf_counter()
-        train = read_conll(paths["train"])
+        train = _read(paths["train"])
         if opt("limit_train"):
             train = train[: opt("limit_train")]
         self.splits: dict[str, list[Sentence]] = {"train": train}
         for split in ("dev", "test"):
-            sents = read_conll(paths[split])
+            sents = _read(paths[split])
             if opt("limit_eval"):
                 sents = sents[: opt("limit_eval")]
             self.splits[split] = sents

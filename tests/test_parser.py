@@ -1,0 +1,168 @@
+"""Arc-standard parser: oracle round trip, the 48 features, legal decoding, a tiny training run."""
+
+from __future__ import annotations
+
+import argparse
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from msbp import SparseBackpropConfig, SparseLinear, sparsify
+from msbp.data.conll import Token, is_projective
+from msbp.tasks.parse import (
+    N_FEATS,
+    NULL,
+    ParseTask,
+    State,
+    Vocab,
+    attachment_scores,
+    features,
+    oracle_transitions,
+    parse,
+)
+
+CONLLU = """\
+1	The	the	DET	DT	_	2	det	_	_
+2	dog	dog	NOUN	NN	_	3	nsubj	_	_
+3	chased	chase	VERB	VBD	_	0	root	_	_
+4	a	a	DET	DT	_	5	det	_	_
+5	cat	cat	NOUN	NN	_	3	obj	_	_
+6	in	in	ADP	IN	_	8	case	_	_
+7	the	the	DET	DT	_	8	det	_	_
+8	garden	garden	NOUN	NN	_	3	obl	_	_
+9	.	.	PUNCT	.	_	3	punct	_	_
+
+1	Dogs	dog	NOUN	NNS	_	2	nsubj	_	_
+2	bark	bark	VERB	VBP	_	0	root	_	_
+3	!	!	PUNCT	.	_	2	punct	_	_
+
+"""
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors: on a busy shared CPU, a second thread only adds synchronisation waits."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _random_projective_heads(n: int, rng: random.Random) -> list[int]:
+    """A random projective tree over 1..n with one root: recursive splitting of spans."""
+    heads = [0] * n
+
+    def build(lo: int, hi: int, head: int) -> None:  # attach tokens lo..hi to a subtree of head
+        if lo > hi:
+            return
+        r = rng.randint(lo, hi)
+        heads[r - 1] = head
+        build(lo, r - 1, r)
+        build(r + 1, hi, r)
+
+    build(1, n, 0)
+    return heads
+
+
+def test_oracle_reproduces_random_projective_trees() -> None:
+    rng = random.Random(0)
+    for _ in range(300):
+        n = rng.randint(1, 25)
+        heads = _random_projective_heads(n, rng)
+        assert is_projective(heads)
+        labels = [rng.randrange(3) for _ in range(n)]
+        seq = oracle_transitions(heads, labels, num_labels=3)
+        assert seq is not None and len(seq) == 2 * n
+        state = State(n)
+        for t in seq:
+            state.apply(t, 3)
+        assert state.terminal()
+        assert state.head[1:] == heads and state.label[1:] == labels
+
+
+def test_oracle_rejects_non_projective_and_multi_root() -> None:
+    assert oracle_transitions([3, 4, 0, 3], [0, 0, 0, 0], 1) is None
+    assert oracle_transitions([0, 0], [0, 0], 1) is None
+
+
+def test_children_order_and_features() -> None:
+    heads = [2, 0, 2, 5, 3]  # 1 <- 2 -> 3 -> 5 -> 4
+    state = State(5)
+    for t in oracle_transitions(heads, [0] * 5, 1)[:5]:
+        state.apply(t, 1)
+    words = list(range(10, 16))
+    tags = list(range(20, 26))
+    feats = features(state, words, tags)
+    assert len(feats) == N_FEATS == 48
+    # after shift, shift, left, shift, shift: stack [0, 2, 3, 4], buffer [5]
+    assert state.stack == [0, 2, 3, 4] and state.i == 5
+    assert feats[:6] == [14, 13, 12, 15, NULL, NULL]
+    assert feats[18:24] == [24, 23, 22, 25, NULL, NULL]
+    assert feats[6 + 6 : 6 + 12] == [NULL] * 6  # s2 = token 3 has no children yet
+    state2 = State(3)
+    for t in oracle_transitions([3, 3, 0], [0, 1, 0], 2)[:4]:  # shift shift shift left(1)
+        state2.apply(t, 2)
+    f2 = features(state2, [9, 10, 11, 12], [9, 20, 21, 22])
+    assert state2.stack == [0, 1, 3]
+    assert f2[6] == 11  # lc1(s1) is token 2, the word id of token 2 is 11
+    assert f2[36] == 1 + 1  # its label (1), shifted past NULL
+
+
+def _task(tmp_path: Path, **extra) -> ParseTask:
+    path = tmp_path / "toy.conllu"
+    path.write_text(CONLLU * 3, encoding="utf-8")
+    args = argparse.Namespace(
+        train_path=str(path), dev_path=str(path), test_path=str(path),
+        hidden_size=32, embedding_dim=8, activation="cube", dropout=0.0,
+        **{"batch_size": 8, **extra},
+    )
+    return ParseTask(args)
+
+
+def test_tiny_training_run_learns_and_decodes_legally(tmp_path: Path) -> None:
+    task = _task(tmp_path, batch_size=24)
+    assert task.features.shape == (3 * 24, 48)
+    torch.manual_seed(0)
+    model = sparsify(task.build_model(), SparseBackpropConfig(ratio=0.25),
+                     exclude=task.sparse_exclude())
+    assert isinstance(model.hidden, SparseLinear) and not isinstance(model.output, SparseLinear)
+    opt = torch.optim.Adam(model.parameters(), lr=2e-2)
+    for epoch in range(25):
+        for batch in task.train_batches(epoch, torch.Generator().manual_seed(epoch)):
+            opt.zero_grad()
+            task.loss(model, batch).backward()
+            opt.step()
+    scores = task.evaluate(model, "dev")
+    assert set(scores) == {"uas", "las", "uas_all", "las_all"}
+    assert scores["uas_all"] > 90.0
+    for heads, _ in parse(model, task.splits["dev"], task.vocab):
+        assert sorted(heads).count(0) == 1  # a single root: decoding used legal moves only
+
+
+def test_untrained_decoding_gives_trees(tmp_path: Path) -> None:
+    task = _task(tmp_path)
+    torch.manual_seed(1)
+    model = task.build_model()
+    for sent, (heads, _) in zip(task.splits["dev"], parse(model, task.splits["dev"], task.vocab),
+                                strict=True):
+        assert len(heads) == len(sent) and heads.count(0) == 1 and min(heads) >= 0
+
+
+def test_attachment_scores_punctuation() -> None:
+    sent = [Token(1, "Hi", "hi", "INTJ", "UH", 0, "root"), Token(2, "!", "!", "PUNCT", ".", 1,
+                                                                  "punct")]
+    vocab = Vocab([sent])
+    wrong_punct = [([0, 0], [vocab.labels["root"], vocab.labels["punct"]])]
+    s = attachment_scores([sent], wrong_punct, vocab)
+    assert s["uas"] == 100.0 and s["uas_all"] == 50.0 and s["las_all"] == 50.0
+
+
+@pytest.mark.parametrize("activation", ["relu"])
+def test_activation_option(tmp_path: Path, activation: str) -> None:
+    task = _task(tmp_path)
+    task.args.activation = activation
+    model = task.build_model()
+    assert model.activation == activation
+    assert model(task.features[:4]).shape == (4, 2 * task.vocab.num_labels + 1)
