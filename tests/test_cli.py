@@ -1,0 +1,227 @@
+"""The training loop through the CLI: JSON schema, shared initial state, info loss, resume."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from mnist_fixtures import synthetic_mnist, write_mnist_dir
+
+from msbp import cli
+from msbp.info import InfoLossMeter
+from msbp.nn import SparseLinear
+from msbp.train import format_table
+
+HIDDEN = 16
+RUN_KEYS = {"method", "backprop_seconds", "total_seconds", "dev_accuracy", "test_accuracy",
+            "best_epoch", "epochs", "info_loss"}
+TIMING_KEYS = {"backprop_seconds", "total_seconds"}
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    return write_mnist_dir(tmp_path_factory.mktemp("mnist"), synthetic_mnist(250, 60), gz=True)
+
+
+def base_args(data_dir: Path, *extra: str) -> list[str]:
+    return ["--data-dir", str(data_dir), "--dev-size", "50", "--hidden", str(HIDDEN),
+            "--epochs", "2", "--threads", "1", "--quiet", *extra]
+
+
+def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:
+    rc = cli.main(argv)
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def without_timings(run: dict) -> dict:
+    """A run record with its wall-clock fields removed (they never repeat exactly)."""
+    run = {k: v for k, v in run.items() if k not in TIMING_KEYS}
+    run["epochs"] = [{k: v for k, v in e.items() if k not in TIMING_KEYS} for e in run["epochs"]]
+    return run
+
+
+def test_train_writes_results_json(data_dir, tmp_path, capsys):
+    out = tmp_path / "r.json"
+    rc, stdout, _ = run_cli(["train", "--method", "msbp", *base_args(data_dir, "--k", "4"),
+                             "--out", str(out)], capsys)
+    assert rc == 0 and "+ MSBP" in stdout
+    results = json.loads(out.read_text())
+    assert set(results) == {"task", "config", "runs", "environment"}
+    assert results["task"] == "mnist"
+    assert results["config"]["k"] == 4 and results["config"]["selection"] == "per_example"
+    assert results["config"]["sparse_config"]["msbp"]["memory"] == 0.8
+    (run,) = results["runs"]
+    assert set(run) == RUN_KEYS and run["method"] == "msbp" and run["info_loss"] is None
+    assert len(run["epochs"]) == 2 and run["best_epoch"] in (1, 2)
+    best = run["epochs"][run["best_epoch"] - 1]
+    assert run["test_accuracy"] == best["test_accuracy"]
+    assert run["dev_accuracy"] == max(e["dev_accuracy"] for e in run["epochs"])
+    assert 0.0 <= run["test_accuracy"] <= 100.0
+    assert 0.0 < run["backprop_seconds"] < run["total_seconds"]
+    assert {"torch", "threads", "cpu", "device"} <= set(results["environment"])
+
+
+def test_compare_k_out_is_dense(data_dir, tmp_path, capsys):
+    """k = out: sbp and msbp must reproduce dense exactly (same init, same data order)."""
+    out, plots = tmp_path / "c.json", tmp_path / "plots"
+    rc, stdout, _ = run_cli(["compare", *base_args(data_dir, "--k", str(HIDDEN)),
+                             "--measure-info-loss", "--info-every", "10", "--info-window", "5",
+                             "--out", str(out), "--plots", str(plots)], capsys)
+    assert rc == 0
+    assert "(1.00x)" in stdout and "(+0.00)" in stdout
+    runs = json.loads(out.read_text())["runs"]
+    assert [r["method"] for r in runs] == ["dense", "sbp", "msbp"]
+    dense = without_timings(runs[0])
+    for run in runs[1:]:
+        same = without_timings(run)
+        assert same["epochs"] == dense["epochs"] and same["test_accuracy"] == dense["test_accuracy"]
+        info = run["info_loss"]
+        assert set(info["layers"]) == {"hidden.0", "hidden.1"}  # the output layer stays dense
+        for rows in info["layers"].values():
+            assert len(rows) == 4  # 2 epochs of 20 steps: windows at steps 0, 10, 20, 30
+            for r in rows:
+                assert r["cosine"] == pytest.approx(1.0, abs=1e-6)
+                assert r["cumulative_error"] == 0.0 and r["step_error"] == 0.0
+                assert r["mass_fraction"] == pytest.approx(1.0)
+    assert runs[0]["info_loss"] is None
+    if (plots / "accuracy.png").exists() or pytest.importorskip("matplotlib"):
+        assert (plots / "accuracy.png").stat().st_size > 0
+        assert (plots / "info_loss.png").stat().st_size > 0
+
+
+def test_sparse_info_loss_in_range(data_dir, tmp_path, capsys):
+    out = tmp_path / "c.json"
+    rc, _, _ = run_cli(["compare", "--methods", "sbp", "msbp", *base_args(data_dir, "--k", "2"),
+                        "--selection", "unified", "--measure-info-loss", "--info-every", "10",
+                        "--info-window", "4", "--out", str(out)], capsys)
+    assert rc == 0
+    sbp, msbp = json.loads(out.read_text())["runs"]
+    assert sbp["epochs"] != msbp["epochs"]  # the memory changed the training
+    for run in (sbp, msbp):
+        for name, rows in run["info_loss"]["layers"].items():
+            assert rows, name
+            for r in rows:
+                assert -1.0 <= r["cosine_min"] <= r["cosine"] <= 1.0
+                assert r["cumulative_error"] >= 0.0 and r["step_error"] > 0.0
+                assert r["mass_fraction"] > 0.0
+            if run is sbp:  # without memory, at most the gradient's own mass goes through
+                assert all(r["mass_fraction"] <= 1.0 + 1e-9 for r in rows)
+                # unified top-k: <dW_sparse, dW_true> >= 0 at every step
+                assert all(r["cosine_min"] >= -1e-9 for r in rows)
+        assert set(run["info_loss"]["summary"]) == set(run["info_loss"]["layers"])
+
+
+def test_resume_equals_uninterrupted(data_dir, tmp_path, capsys):
+    whole, part = tmp_path / "whole.pt", tmp_path / "part.pt"
+    args = ["train", "--method", "msbp", *base_args(data_dir, "--k", "3"), "--memory-layout",
+            "slot", "--selection", "random"]
+    assert cli.main([*args, "--checkpoint", str(whole), "--out", str(tmp_path / "w.json")]) == 0
+    assert cli.main([*args, "--epochs", "1", "--checkpoint", str(part)]) == 0
+    assert cli.main([*args, "--checkpoint", str(part), "--resume",
+                     "--out", str(tmp_path / "p.json")]) == 0
+    capsys.readouterr()
+    a, b = torch.load(whole, weights_only=False), torch.load(part, weights_only=False)
+    assert a["epoch"] == b["epoch"] == 2 and a["step"] == b["step"]
+    for key, value in a["model"].items():
+        torch.testing.assert_close(b["model"][key], value, rtol=0, atol=0, msg=key)
+    assert a["model"]["hidden.0.memory"].abs().sum() > 0  # the memory was saved and restored
+    run_a = json.loads((tmp_path / "w.json").read_text())["runs"][0]
+    run_b = json.loads((tmp_path / "p.json").read_text())["runs"][0]
+    assert without_timings(run_a) == without_timings(run_b)
+    # a checkpoint made with other options is refused
+    rc, _, err = run_cli([*args, "--k", "5", "--checkpoint", str(part), "--resume"], capsys)
+    assert rc == 2 and "differs in ['k']" in err
+
+
+def test_eval_test_best_matches_every(data_dir, tmp_path, capsys):
+    outs = {}
+    for mode in ("every", "best"):
+        outs[mode] = tmp_path / f"{mode}.json"
+        assert cli.main(["train", "--method", "sbp", *base_args(data_dir, "--k", "4"),
+                         "--eval-test", mode, "--out", str(outs[mode])]) == 0
+    every, best = (json.loads(outs[m].read_text())["runs"][0] for m in ("every", "best"))
+    assert best["test_accuracy"] == every["test_accuracy"]
+    assert "test_accuracy" not in best["epochs"][0]
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["train", "--ratio", "2"], "ratio must be in (0, 1]"),
+        (["train", "--epochs", "0"], "--epochs must be >= 1"),
+        (["train", "--resume"], "--resume needs --checkpoint"),
+        (["train", "--device", "cuda"], "CUDA is not available"),
+    ],
+    ids=["ratio", "epochs", "resume", "cuda"],
+)
+def test_bad_arguments_one_line(data_dir, capsys, argv, message):
+    if "cuda" in argv and torch.cuda.is_available():
+        pytest.skip("CUDA is available")
+    rc, _, err = run_cli([*argv, "--data-dir", str(data_dir), "--dev-size", "50"], capsys)
+    assert rc == 2 and message in err
+    assert err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_missing_data_one_line(tmp_path, capsys):
+    rc, _, err = run_cli(["train", "--data-dir", str(tmp_path), "--quiet"], capsys)
+    assert rc == 2 and err.startswith("msbp: error: ") and err.count("\n") == 1
+    assert "train-images-idx3-ubyte" in err and "pip install" in err
+
+
+def test_argparse_errors_one_line(capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["train", "--method", "nope"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "invalid choice: 'nope'" in err
+
+
+def test_info(capsys):
+    rc, out, _ = run_cli(["info"], capsys)
+    assert rc == 0 and "torch" in out and "fast_paths" in out and "mnist" in out
+    rc, out, _ = run_cli(["info", "--json"], capsys)
+    assert rc == 0 and json.loads(out)["fast_paths"]["cuda"] == torch.cuda.is_available()
+
+
+def test_python_m_msbp():
+    proc = subprocess.run([sys.executable, "-m", "msbp", "info"], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0 and "threads" in proc.stdout
+
+
+def test_format_table():
+    def run(method, bp, total, acc):
+        return {"method": method, "backprop_seconds": bp, "total_seconds": total,
+                "test_accuracy": acc, "best_epoch": 3}
+
+    results = {"task": "mnist", "config": {"metric": "accuracy"},
+               "runs": [run("dense", 67.2, 116.6, 97.86), run("sbp", 6.6, 54.5, 97.84),
+                        run("msbp", 6.9, 55.4, 98.23)]}
+    table = format_table(results)
+    assert "| dense | 67.2 (1.00x) | 116.6 (1.00x) | 97.86 | 3 |" in table
+    assert "6.6 (10.18x)" in table and "98.23 (+0.37)" in table and "97.84 (-0.02)" in table
+
+
+def test_meter_windows():
+    """Windows of 2 steps every 5 steps: steps 0-1, 5-6, 10-11 are measured, nothing else."""
+    torch.manual_seed(0)
+    from msbp import SparseBackpropConfig
+
+    layer = SparseLinear(6, 8, config=SparseBackpropConfig(k=2, memory=0.5))
+    model = torch.nn.Sequential(layer)
+    meter = InfoLossMeter(model, every=5, window=2)
+    calls = []
+    for step in range(13):
+        meter.start_step(step)
+        calls.append(layer.probe is not None)
+        model(torch.randn(4, 6)).square().sum().backward()
+        meter.end_step(step)
+    meter.close()
+    assert [i for i, c in enumerate(calls) if c] == [0, 1, 5, 6, 10, 11]
+    rows = meter.result()["layers"]["0"]
+    assert [r["step"] for r in rows] == [0, 5, 10] and layer.probe is None
