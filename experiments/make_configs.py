@@ -80,7 +80,8 @@ def all_configs():
 
 def main() -> None:
     CONFIGS.mkdir(exist_ok=True)
-    for row in all_configs():
+    for order, row in enumerate(all_configs()):
+        row["order"] = order  # the renderer's row order
         (CONFIGS / f"{row['name']}.json").write_text(json.dumps(row, indent=1) + "\n")
 
 

@@ -30,7 +30,7 @@ def load_configs(paths: list[str], groups: list[str] | None) -> list[tuple[Path,
     files = [Path(p) for p in paths] if paths else sorted(CONFIGS.glob("*.json"))
     configs = [(f, json.loads(f.read_text())) for f in files]
     if groups:
-        configs = [(f, c) for f, c in configs if c["group"] in groups]
+        configs = [(f, c) for f, c in configs if c.get("group") in groups]
     return configs
 
 
