@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
@@ -371,6 +372,14 @@ def _read(path: Path) -> list[Sentence]:
         raise DataError(f"{path}: {err}") from None
 
 
+def set_batch_default(parser: argparse.ArgumentParser, default: int, help_text: str) -> None:
+    """Give the common ``--batch-size`` a task-specific default and meaning."""
+    parser.set_defaults(batch_size=default)
+    action = parser._option_string_actions.get("--batch-size")
+    if action is not None:
+        action.help = help_text
+
+
 def _add(parser: argparse.ArgumentParser, *flags: str, **kwargs: Any) -> None:
     """Add an option unless the common CLI already defines it (e.g. --batch-size)."""
     if any(f in parser._option_string_actions for f in flags):
@@ -404,8 +413,8 @@ class ParseTask(Task):
         _add(g, "--activation", dest="activation", choices=("cube", "relu", "tanh"),
              default="cube")
         _add(g, "--dropout", dest="dropout", type=float, default=0.0)
-        # --batch-size counts transitions here; meProp (after Chen & Manning) used 10,000
-        parser.set_defaults(batch_size=10_000)
+        # meProp (after Chen & Manning) used mini-batches of 10,000 transitions
+        set_batch_default(parser, 10_000, "transitions per batch (default 10000, meProp)")
 
     def __init__(self, args: argparse.Namespace) -> None:
         super().__init__(args)
@@ -433,13 +442,17 @@ class ParseTask(Task):
         self.vocab = Vocab(train, tag_column=opt("tag_column", "xpos"))
         self.features, self.targets, counts = training_examples(train, self.vocab)
         self.batch_size = int(opt("batch_size") or 10_000)
-        log.info(
-            "parse: %d training sentences (%d used; %d non-projective and %d underivable left "
-            "out), %d transitions, %d words, %d tags, %d labels; features in %.1fs",
-            len(train), counts["used"], counts["non_projective"], counts["underivable"],
-            len(self.targets), len(self.vocab.words), len(self.vocab.tags),
-            self.vocab.num_labels, time.perf_counter() - t0,
+        summary = (
+            f"parse: {len(train)} training sentences ({counts['used']} used; "
+            f"{counts['non_projective']} non-projective and {counts['underivable']} underivable "
+            f"left out of training), {len(self.targets)} transitions, {len(self.vocab.words)} "
+            f"words, {len(self.vocab.tags)} tags, {self.vocab.num_labels} labels; dev/test "
+            f"{len(self.splits['dev'])}/{len(self.splits['test'])} sentences (all kept); "
+            f"features in {time.perf_counter() - t0:.1f} s"
         )
+        log.info(summary)
+        if not opt("quiet", False):
+            print(summary, file=sys.stderr, flush=True)
         self.counts = counts
         self.paths = paths
 

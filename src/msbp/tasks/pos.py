@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -25,7 +26,7 @@ from torch import Tensor, nn
 from msbp.data.conll import read_conll, read_conll2000
 from msbp.data.errors import DataError
 from msbp.tasks.base import Task
-from msbp.tasks.parse import find_data_dir
+from msbp.tasks.parse import find_data_dir, set_batch_default
 
 log = logging.getLogger(__name__)
 
@@ -153,8 +154,8 @@ class PosTask(Task):
         g.add_argument("--dropout", type=float, default=0.0)
         g.add_argument("--bucket", type=int, default=20,
                        help="batches per length-sorted bucket (less padding; default 20)")
-        # --batch-size counts sentences here; 32 keeps the per-time-step LSTM loop busy
-        parser.set_defaults(batch_size=32)
+        # 32 sentences keep the per-time-step loop of SparseLSTM busy enough
+        set_batch_default(parser, 32, "sentences per batch (default 32)")
 
     def __init__(self, args: argparse.Namespace) -> None:
         super().__init__(args)
@@ -168,11 +169,15 @@ class PosTask(Task):
         self.vocab = TaggerVocab(splits["train"])
         self.data = {name: [self.vocab.encode(s) for s in sents] for name, sents in splits.items()}
         self.batch_size = int(opt("batch_size") or 32)
-        log.info(
-            "pos: %s sentences train/dev/test, %d words, %d tags",
-            "/".join(str(len(v)) for v in self.data.values()), len(self.vocab.words),
-            len(self.vocab.tags),
+        summary = (
+            f"pos ({opt('pos_data', 'ud')}): "
+            + "/".join(str(len(v)) for v in self.data.values())
+            + f" sentences train/dev/test, {len(self.vocab.words)} words, "
+            f"{len(self.vocab.tags)} tags"
         )
+        log.info(summary)
+        if not opt("quiet", False):
+            print(summary, file=sys.stderr, flush=True)
 
     @staticmethod
     def _load(source: str, data_dir: str | None) -> dict[str, list[list[tuple[str, str]]]]:
