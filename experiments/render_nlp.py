@@ -1,0 +1,108 @@
+"""Render the parsing and POS results (groups ``parse`` and ``pos``) as markdown tables.
+
+    python experiments/render_nlp.py [--out experiments/results/nlp_tables.md]
+
+Columns: backprop and total training seconds (mean over seeds; speed-up vs dense), the test
+metric at the best-dev epoch (mean ± std over seeds; for parsing UAS and LAS without punctuation,
+as Chen & Manning, and UAS with it), the dev metric, best epochs and seeds. Timings from a shared,
+loaded 2-core machine are indicative only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+NOTE = (
+    "Data: UD English EWT (commit 15d613d8) with PTB tags (XPOS) -- the Penn Treebank is not available to "
+    "the project, so the numbers are not comparable with the paper's PTB/WSJ ones. Timings come "
+    "from a shared 2-core CPU machine (1 thread per run, other jobs running): indicative only."
+)
+
+
+def _ms(values: list[float | None]) -> str:
+    vals = [v for v in values if v is not None]
+    if not vals:
+        return "n/a"
+    if len(vals) == 1:
+        return f"{vals[0]:.2f}"
+    return f"{statistics.fmean(vals):.2f} ± {statistics.stdev(vals):.2f}"
+
+
+def _best_row(run: dict[str, Any]) -> dict[str, Any]:
+    return run["epochs"][run["best_epoch"] - 1] if run.get("best_epoch") else {}
+
+
+def render(group: str, configs: list[dict], results: dict[str, list[dict]]) -> str:
+    parse = group == "parse"
+    head = ["row", "backprop (s)", "total (s)"]
+    head += (["test UAS (%)", "test LAS (%)", "test UAS w/ punct (%)", "dev UAS (%)"] if parse
+             else ["test accuracy (%)", "dev accuracy (%)"])
+    head += ["best epoch", "seeds", "paper"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    dense = [r["runs"][0] for r in results.get(f"{group}-dense", [])]
+    dense_bp = statistics.fmean(r["backprop_seconds"] for r in dense) if dense else None
+    dense_tot = statistics.fmean(r["total_seconds"] for r in dense) if dense else None
+    for c in configs:
+        docs = results.get(c["name"], [])
+        if not docs:
+            lines.append(f"| {c['label']} | not run |" + " |" * (len(head) - 2))
+            continue
+        runs = [d["runs"][0] for d in docs]
+        bp = statistics.fmean(r["backprop_seconds"] for r in runs)
+        tot = statistics.fmean(r["total_seconds"] for r in runs)
+        bp_s = f"{bp:.1f}" + (f" ({dense_bp / bp:.2f}x)" if dense_bp else "")
+        tot_s = f"{tot:.1f}" + (f" ({dense_tot / tot:.2f}x)" if dense_tot else "")
+        cells = [c["label"], bp_s, tot_s]
+        if parse:
+            best = [_best_row(r) for r in runs]
+            cells += [_ms([r["test_accuracy"] for r in runs]),
+                      _ms([b.get("test_las") for b in best]),
+                      _ms([b.get("test_uas_all") for b in best]),
+                      _ms([r["dev_accuracy"] for r in runs])]
+        else:
+            cells += [_ms([r["test_accuracy"] for r in runs]),
+                      _ms([r["dev_accuracy"] for r in runs])]
+        paper = c.get("paper") or {}
+        paper_s = ", ".join(f"{k} {v}" for k, v in paper.items() if v is not None)
+        cells += ["/".join(str(r["best_epoch"]) for r in runs),
+                  ",".join(str(d["experiment"]["seed"]) for d in docs), paper_s]
+        lines.append("| " + " | ".join(cells) + " |")
+    args = configs[0]["args"]
+    settings = ", ".join(f"{k}={v}" for k, v in sorted(args.items()) if k != "method")
+    return "\n".join([f"### {group}", "", f"Settings: {settings}.", "", *lines, "", NOTE])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--configs", default=str(HERE / "configs"))
+    parser.add_argument("--results", default=str(HERE / "results"))
+    parser.add_argument("--out", default=None)
+    opts = parser.parse_args(argv)
+    configs = [json.loads(f.read_text()) for f in sorted(Path(opts.configs).glob("*.json"))]
+    results: dict[str, list[dict]] = {}
+    for f in sorted(Path(opts.results).glob("*.json")):
+        doc = json.loads(f.read_text())
+        name = doc.get("experiment", {}).get("name", "")
+        if name.startswith(("parse-", "pos-")):
+            results.setdefault(name, []).append(doc)
+    order = {"dense": 0, "sbp": 1, "msbp": 2}
+    text = []
+    for group in ("parse", "pos"):
+        rows = sorted((c for c in configs if c.get("group") == group),
+                      key=lambda c: (c["name"].count("r04"), order[c["args"]["method"]]))
+        if rows:
+            text.append(render(group, rows, results))
+    out = "\n\n".join(text) + "\n"
+    print(out)
+    if opts.out:
+        Path(opts.out).write_text(out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
