@@ -266,6 +266,8 @@ def test_patterns_must_match_whole_name():
     """ "fc1" is neither a glob nor a regex full match of any qualified name."""
     with pytest.raises(ValueError, match="matched no"):
         sparsify(_net(), CFG, include="fc1")
+    with pytest.raises(ValueError, match="matched no"):  # a regex prefix of "blocks.0.fc1"
+        sparsify(_net(), CFG, include=r"blocks\.0")
     model = _net()
     sparsify(model, CFG, include="*fc1")
     assert _sparse_names(model) == {"blocks.0.fc1", "blocks.1.fc1"}

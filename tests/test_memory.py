@@ -228,6 +228,28 @@ def test_memory_unchanged_without_backward(layout, context):
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("selection", SELECTIONS)
+def test_switching_to_dense_flushes_memory(selection, layout):
+    """k = out after sparse steps: U = G + M goes through whole, and the memory empties."""
+    cfg = _cfg(selection, layout, 0.8)
+    layer = make_layer(D_IN, D_OUT, cfg)
+    layer.generator = torch.Generator().manual_seed(0)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(2):
+        fast_step(layer, randn(4, D_IN, gen=gen), randn(4, D_OUT, gen=gen))
+    assert layer.memory.any()
+    layer.config = cfg.replace(k=D_OUT)
+    x, g = randn(4, D_IN, gen=gen), randn(4, D_OUT, gen=gen)
+    rdx, rdW, rdb, rmem = ref_step(layer.config, x, layer.weight, g, layer.memory.clone())
+    dx, dW, db = fast_step(layer, x, g)
+    torch.testing.assert_close(dx, rdx, **tol(torch.float64))
+    torch.testing.assert_close(dW, rdW, **tol(torch.float64))
+    torch.testing.assert_close(db, rdb, **tol(torch.float64))
+    assert not rmem.any()
+    assert not layer.memory.any()
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
 def test_reset_memory(layout):
     layer = make_layer(D_IN, D_OUT, _cfg("unified", layout, 0.8))
     gen = torch.Generator().manual_seed(0)
