@@ -18,8 +18,9 @@ from _helpers import (
     ref_step,
     tol,
 )
+from torch import nn
 
-from msbp import SparseBackpropConfig
+from msbp import SparseBackpropConfig, sparsify
 from msbp.functional import sparse_linear
 
 D_IN, D_OUT = 5, 8
@@ -225,6 +226,48 @@ def test_memory_unchanged_without_backward(layout, context):
         y = layer(x)
     assert torch.equal(layer.memory, before)
     torch.testing.assert_close(y, torch.nn.functional.linear(x, layer.weight, layer.bias))
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("selection", ["unified", "per_example"])
+def test_layer_used_twice_in_one_graph(selection, layout):
+    """Two calls of one layer in one graph: one memory update per call (in backward order),
+    and both sparse weight gradients land in the existing weight.grad."""
+    cfg = _cfg(selection, layout, 0.8)
+    layer = make_layer(D_IN, D_OUT, cfg)
+    gen = torch.Generator().manual_seed(0)
+    fast_step(layer, randn(3, D_IN, gen=gen), randn(3, D_OUT, gen=gen))  # weight.grad exists
+    grad0, mem0 = layer.weight.grad.clone(), layer.memory.clone()
+    x1, x2 = randn(3, D_IN, gen=gen), randn(5, D_IN, gen=gen)
+    g1, g2 = randn(3, D_OUT, gen=gen), randn(5, D_OUT, gen=gen)
+    ((layer(x1) * g1).sum() + (layer(x2) * g2).sum()).backward()
+    matches = 0
+    for order in (((x2, g2), (x1, g1)), ((x1, g1), (x2, g2))):  # the engine picks the order
+        mem, total = mem0.clone(), grad0.clone()
+        for x, g in order:
+            _, dW, _, mem = ref_step(cfg, x, layer.weight, g, mem)
+            total += dW
+        matches += bool(
+            mem.shape == layer.memory.shape
+            and torch.allclose(mem, layer.memory, rtol=1e-10, atol=1e-12)
+            and torch.allclose(total, layer.weight.grad, rtol=1e-10, atol=1e-12)
+        )
+    assert matches == 1
+
+
+def test_nested_model_conversion_keeps_memory_float32():
+    model = sparsify(
+        nn.Sequential(nn.Linear(3, 4), nn.Sequential(nn.Tanh(), nn.Linear(4, 5))),
+        _cfg("unified", "unit", 0.8),
+    )
+    model(torch.randn(6, 3)).square().sum().backward()
+    before = [model[0].memory.clone(), model[1][1].memory.clone()]
+    assert before[0].any() and before[1].any()
+    model.half()
+    for layer, mem in zip((model[0], model[1][1]), before, strict=True):
+        assert layer.weight.dtype == torch.float16
+        assert layer.memory.dtype == torch.float32
+        assert torch.equal(layer.memory, mem)
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
