@@ -189,6 +189,30 @@ def test_probe_receives_raw_grad_input_and_propagated():
     assert len(seen) == 2
 
 
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non-reentrant", "reentrant"])
+@pytest.mark.parametrize("selection", ["unified", "per_example"])
+def test_activation_checkpointing_same_as_plain(selection, reentrant):
+    """Recomputing the forward in backward must not update the memory a second time."""
+    from torch.utils.checkpoint import checkpoint
+
+    cfg = _cfg(selection, "unit", 0.8)
+    plain, ckpt = make_layer(D_IN, D_OUT, cfg), make_layer(D_IN, D_OUT, cfg)
+    ref_mem = empty_memory_like(plain)
+    total = torch.zeros_like(plain.weight)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        x, g = randn(4, D_IN, gen=gen), randn(4, D_OUT, gen=gen)
+        plain(x).backward(g)
+        xc = x.clone().requires_grad_(True)
+        checkpoint(ckpt, xc, use_reentrant=reentrant).backward(g)
+        rdx, rdW, _, ref_mem = ref_step(cfg, x, plain.weight, g, ref_mem)
+        total += rdW
+        torch.testing.assert_close(xc.grad, rdx, **tol(torch.float64))
+        for layer in (plain, ckpt):
+            torch.testing.assert_close(layer.weight.grad, total, **tol(torch.float64))
+            torch.testing.assert_close(layer.memory, ref_mem, **tol(torch.float64))
+
+
 # --- autocast ---------------------------------------------------------------------------------
 
 
