@@ -303,12 +303,6 @@ def test_reset_memory(layout):
     assert tuple(layer.memory.shape) == tuple(empty_memory_like(layer).shape)
 
 
-@pytest.mark.xfail(
-    reason="BUG: an empty batch (n=0) with memory > 0 raises ZeroDivisionError in "
-    "ops.autograd._add_memory_ (alpha=1.0 / n); nn.Linear handles empty batches",
-    raises=ZeroDivisionError,
-    strict=True,
-)
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("selection", ["unified", "per_example"])
 def test_empty_batch_keeps_memory(selection, layout):

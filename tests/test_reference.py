@@ -64,7 +64,8 @@ def test_select_mask_ref_unknown_selection():
 def test_selection_operators_match_reference_mask(selection, k):
     gen = torch.Generator().manual_seed(10 + k)
     u = randn(4, 8, gen=gen)
-    idx = sel_ops.select(u, k, selection, torch.Generator().manual_seed(3))
+    idx, witness = sel_ops.select(u, k, selection, torch.Generator().manual_seed(3))
+    assert torch.isfinite(witness).all()
     mask = torch.zeros_like(u, dtype=torch.bool)
     if selection == "per_example":
         assert idx.shape == (4, k)

@@ -45,7 +45,8 @@ class SparseLinear(nn.Linear):
         self.register_buffer("memory", self._empty_memory(), persistent=True)
 
     def _empty_memory(self) -> Tensor:
-        shape = (self.out_features,) if self.config.memory_layout == "unit" else (0, self.out_features)
+        out = self.out_features
+        shape = (out,) if self.config.memory_layout == "unit" else (0, out)
         return torch.zeros(shape, dtype=memory_dtype(self.weight.dtype), device=self.weight.device)
 
     @property

