@@ -32,6 +32,14 @@ def log_touched_rows(weight: Tensor, rows: Tensor | None) -> None:
         log.append(rows)
 
 
+def _fused_ok(params: list[Tensor]) -> bool:
+    # PyTorch's fused Adam needs floating tensors on one CPU or CUDA device
+    device = params[0].device
+    return device.type in ("cpu", "cuda") and all(
+        p.device == device and p.is_floating_point() for p in params
+    )
+
+
 def _touched_rows(p: Tensor) -> Tensor | None:
     """Distinct rows touched since the last step, or None when the update must be dense."""
     log = p.__dict__.get(ROWS_LOG)
@@ -93,10 +101,10 @@ class LazyRowAdam(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            lr, (beta1, beta2), eps, wd = (
-                group["lr"], group["betas"], group["eps"], group["weight_decay"]
-            )
-            dense: list[tuple[Tensor, dict]] = []
+            # Dense parameters and the gathered rows of sparse ones go through one call of
+            # PyTorch's (fused where it can) Adam; the rows are then written back.
+            params, grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], []
+            scattered: list[tuple[Tensor, Tensor, dict, Tensor, Tensor, Tensor]] = []
             for p in group["params"]:
                 if p.grad is None:
                     continue
@@ -105,38 +113,33 @@ class LazyRowAdam(Optimizer):
                 state = self._state(p)
                 rows = _touched_rows(p)
                 if rows is None:
-                    dense.append((p, state))
-                    continue
-                state["step"] += 1
-                t = state["step"].item()
-                g = p.grad.index_select(0, rows)  # (r, in)
-                if wd:
-                    g = g.add(p.index_select(0, rows), alpha=wd)
-                m = state["exp_avg"].index_select(0, rows).lerp_(g, 1 - beta1)
-                v = state["exp_avg_sq"].index_select(0, rows).mul_(beta2)
-                v.addcmul_(g, g, value=1 - beta2)
-                state["exp_avg"].index_copy_(0, rows, m)
-                state["exp_avg_sq"].index_copy_(0, rows, v)
-                denom = v.div_(1 - beta2**t).sqrt_().add_(eps)
-                p.index_add_(0, rows, m.div_(denom), alpha=-lr / (1 - beta1**t))
-            if dense:
-                params = [p for p, _ in dense]
-                adam_functional(
-                    params,
-                    [p.grad for p in params],
-                    [s["exp_avg"] for _, s in dense],
-                    [s["exp_avg_sq"] for _, s in dense],
-                    [],
-                    [s["step"] for _, s in dense],
-                    foreach=False,
-                    amsgrad=False,
-                    beta1=beta1,
-                    beta2=beta2,
-                    lr=lr,
-                    weight_decay=wd,
-                    eps=eps,
-                    maximize=False,
-                )
+                    params.append(p)
+                    grads.append(p.grad)
+                    exp_avgs.append(state["exp_avg"])
+                    exp_avg_sqs.append(state["exp_avg_sq"])
+                else:
+                    p_r = p.index_select(0, rows)  # (r, in)
+                    m_r = state["exp_avg"].index_select(0, rows)
+                    v_r = state["exp_avg_sq"].index_select(0, rows)
+                    params.append(p_r)
+                    grads.append(p.grad.index_select(0, rows))
+                    exp_avgs.append(m_r)
+                    exp_avg_sqs.append(v_r)
+                    scattered.append((p, rows, state, p_r, m_r, v_r))
+                steps.append(state["step"])
+            if not params:
+                continue
+            beta1, beta2 = group["betas"]
+            adam_functional(
+                params, grads, exp_avgs, exp_avg_sqs, [], steps,
+                fused=_fused_ok(params), amsgrad=False, beta1=beta1, beta2=beta2,
+                lr=group["lr"], weight_decay=group["weight_decay"], eps=group["eps"],
+                maximize=False,
+            )
+            for p, rows, state, p_r, m_r, v_r in scattered:
+                p.index_copy_(0, rows, p_r)
+                state["exp_avg"].index_copy_(0, rows, m_r)
+                state["exp_avg_sq"].index_copy_(0, rows, v_r)
         return loss
 
     def zero_grad(self, set_to_none: bool = True) -> None:

@@ -27,6 +27,7 @@ from msbp.optim import log_touched_rows
 
 # torch warns once that CSR tensors are "beta"; the per-example CPU path relies on them on purpose
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+warnings.filterwarnings("ignore", message="Sparse invariant checks are implicitly disabled")
 
 
 @dataclass(frozen=True)
@@ -101,11 +102,13 @@ class SparseLinearFunction(torch.autograd.Function):
     def forward(ctx, x, weight, bias, memory, plan: BackwardPlan):
         cast = _autocast_dtype(x.device.type)
         xc, wc, bc = x, weight, bias
-        if cast is not None:
+        if cast is None:
+            y = F.linear(x, weight, bias)
+        else:  # cast once here, so that backward runs on the very operands of the forward
             xc, wc = x.to(cast), weight.to(cast)
             bc = bias.to(cast) if bias is not None else None
-        with torch.autocast(x.device.type, enabled=False):
-            y = F.linear(xc, wc, bc)
+            with torch.autocast(x.device.type, enabled=False):
+                y = F.linear(xc, wc, bc)
         ctx.save_for_backward(xc, wc)
         # The memory is state, not an input of the graph: it is mutated in backward, so it must
         # not go through save_for_backward (whose version check would trip on that).
