@@ -17,10 +17,18 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
-NOTE = (
-    "Data: UD English EWT (commit 15d613d8) with PTB tags (XPOS) -- the Penn Treebank is not available to "
-    "the project, so the numbers are not comparable with the paper's PTB/WSJ ones. Timings come "
-    "from a shared 2-core CPU machine (1 thread per run, other jobs running): indicative only."
+UD_NOTE = (
+    "Data: UD English EWT (commit 15d613d8) with PTB tags (XPOS); the Penn Treebank is not "
+    "available to the project, so the numbers are not comparable with the paper's PTB/WSJ ones."
+)
+WSJ_NOTE = (
+    "Data: the NLTK CoNLL-2000 WSJ sample (train: first 7,936 sentences of WSJ 15-18, dev: the "
+    "last 1,000, test: WSJ 20), not the full Penn Treebank split of the paper."
+)
+TIME_NOTE = (
+    "Timings come from a shared 2-core CPU machine (1 thread per run, other jobs running): "
+    "indicative only. Dense POS runs use PyTorch's fused nn.LSTM, sparse ones SparseLSTM's "
+    "per-step Python loop, so their timings compare different implementations."
 )
 
 
@@ -38,17 +46,19 @@ def _best_row(run: dict[str, Any]) -> dict[str, Any]:
 
 
 def render(group: str, configs: list[dict], results: dict[str, list[dict]]) -> str:
-    parse = group == "parse"
+    parse = group.startswith("parse")
     head = ["row", "backprop (s)", "total (s)"]
     head += (["test UAS (%)", "test LAS (%)", "test UAS w/ punct (%)", "dev UAS (%)"] if parse
              else ["test accuracy (%)", "dev accuracy (%)"])
     head += ["best epoch", "seeds", "paper"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    dense = [r["runs"][0] for r in results.get(f"{group}-dense", [])]
+    dense_cfg = next((c for c in configs if c["args"]["method"] == "dense"), None)
+    dense_name = (dense_cfg.get("same_as") or dense_cfg["name"]) if dense_cfg else ""
+    dense = [r["runs"][0] for r in results.get(dense_name, [])]
     dense_bp = statistics.fmean(r["backprop_seconds"] for r in dense) if dense else None
     dense_tot = statistics.fmean(r["total_seconds"] for r in dense) if dense else None
     for c in configs:
-        docs = results.get(c["name"], [])
+        docs = results.get(c.get("same_as") or c["name"], [])
         if not docs:
             lines.append(f"| {c['label']} | not run |" + " |" * (len(head) - 2))
             continue
@@ -68,13 +78,20 @@ def render(group: str, configs: list[dict], results: dict[str, list[dict]]) -> s
             cells += [_ms([r["test_accuracy"] for r in runs]),
                       _ms([r["dev_accuracy"] for r in runs])]
         paper = c.get("paper") or {}
-        paper_s = ", ".join(f"{k} {v}" for k, v in paper.items() if v is not None)
+        nums = {k: v for k, v in paper.items() if isinstance(v, int | float)}
+        paper_s = " ".join(f"{v:.2f}" for k, v in nums.items() if k.startswith("test_"))
+        times = [f"{k.split('_')[0]} {v} s" for k, v in nums.items() if k.endswith("seconds")]
+        if times:
+            paper_s += f" ({', '.join(times)})"
         cells += ["/".join(str(r["best_epoch"]) for r in runs),
                   ",".join(str(d["experiment"]["seed"]) for d in docs), paper_s]
         lines.append("| " + " | ".join(cells) + " |")
-    args = configs[0]["args"]
-    settings = ", ".join(f"{k}={v}" for k, v in sorted(args.items()) if k != "method")
-    return "\n".join([f"### {group}", "", f"Settings: {settings}.", "", *lines, "", NOTE])
+    args = configs[-1]["args"]  # a sparse row: its selection is the one used
+    skip = {"method", "memory", "k", "ratio"}
+    settings = ", ".join(f"{k}={v}" for k, v in sorted(args.items()) if k not in skip)
+    note = WSJ_NOTE if args.get("pos_data") == "conll2000" else UD_NOTE
+    return "\n".join([f"### {group}", "", f"Settings: {settings}.", "", *lines, "", note,
+                      TIME_NOTE])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -88,11 +105,14 @@ def main(argv: list[str] | None = None) -> int:
     for f in sorted(Path(opts.results).glob("*.json")):
         doc = json.loads(f.read_text())
         name = doc.get("experiment", {}).get("name", "")
-        if name.startswith(("parse-", "pos-")):
+        if name.startswith(("parse", "pos")):
             results.setdefault(name, []).append(doc)
     order = {"dense": 0, "sbp": 1, "msbp": 2}
     text = []
-    for group in ("parse", "pos"):
+    groups = sorted(
+        {c["group"] for c in configs if c.get("group", "").startswith(("parse", "pos"))}
+    )
+    for group in groups:
         rows = sorted((c for c in configs if c.get("group") == group),
                       key=lambda c: (c["name"].count("r04"), order[c["args"]["method"]]))
         if rows:
