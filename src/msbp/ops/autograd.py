@@ -142,7 +142,8 @@ class SparseLinearFunction(torch.autograd.Function):
 
         db = None
         if need_b:
-            db = g.sum(0, dtype=torch.promote_types(g.dtype, torch.float32)).to(ctx.bias_dtype)
+            db = g.sum(0) if g.dtype in _WIDE else g.sum(0, dtype=torch.float32)
+            db = _as(db, ctx.bias_dtype)
 
         if use_memory:
             u = _add_memory_(g.to(memory.dtype, copy=True), memory, plan.layout)  # (n, out)
@@ -182,7 +183,7 @@ class SparseLinearFunction(torch.autograd.Function):
                     memory.resize_(n, out)
                 memory.zero_()
         elif plan.selection in UNIFIED_SELECTIONS:  # idx: (k,) columns for the whole batch
-            u_k = u.index_select(1, idx).to(x.dtype)  # (n, k)
+            u_k = _as(u.index_select(1, idx), x.dtype)  # (n, k)
             if plan.probe is not None:
                 propagated = torch.zeros_like(u).index_copy_(1, idx, u.index_select(1, idx))
                 plan.probe(g, x2, propagated)
@@ -199,7 +200,7 @@ class SparseLinearFunction(torch.autograd.Function):
                 else:
                     _store_memory_(memory, u.index_fill_(1, idx, 0), "slot", plan.alpha)
         else:  # per example: idx (n, k) entries per row, c distinct columns in the batch
-            vals = u.gather(1, idx).to(x.dtype)  # (n, k)
+            vals = _as(u.gather(1, idx), x.dtype)  # (n, k)
             if plan.probe is not None:
                 plan.probe(g, x2, torch.zeros_like(u).scatter_(1, idx, u.gather(1, idx)))
             cols, pos = torch.unique(idx, sorted=True, return_inverse=True)  # (c,), (n, k)
@@ -233,7 +234,15 @@ def _all_finite(t: Tensor) -> bool:
 
 
 def _cast_dx(ctx, dx: Tensor | None) -> Tensor | None:
-    return dx.to(ctx.x_dtype) if dx is not None and dx.dtype != ctx.x_dtype else dx
+    return _as(dx, ctx.x_dtype) if dx is not None else None
+
+
+_WIDE = (torch.float32, torch.float64)
+
+
+def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
+    # Tensor.to costs a dispatch even when it has nothing to do: on small layers that adds up
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 def _csr_pays(x: Tensor, k: int, c: int) -> bool:
@@ -252,7 +261,7 @@ def _scatter_rows(ctx, rows: Tensor, src: Tensor, out: int, d_in: int) -> Tensor
     log_touched_rows(weight, rows)
     target = _inplace_grad_target(ctx, weight) if ctx.plan.grad_inplace else None
     if target is not None:
-        target.index_add_(0, rows, src.to(target.dtype))
+        target.index_add_(0, rows, _as(src, target.dtype))
         return None
     dW = torch.zeros(out, d_in, dtype=weight.dtype, device=weight.device)
-    return dW.index_copy_(0, rows, src.to(weight.dtype))
+    return dW.index_copy_(0, rows, _as(src, weight.dtype))
