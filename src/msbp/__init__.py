@@ -1,6 +1,6 @@
 """msbp: sparse backpropagation with memory (MSBP) and meProp for PyTorch."""
 
-from msbp import functional, ops
+from msbp import functional, ops, optim
 from msbp.config import SparseBackpropConfig
 from msbp.convert import densify, sparsify
 from msbp.nn import SparseLinear, SparseLSTM
@@ -14,6 +14,7 @@ __all__ = [
     "densify",
     "functional",
     "ops",
+    "optim",
     "sparsify",
     "__version__",
 ]
