@@ -36,6 +36,13 @@ def all_configs():
             rows.append(config(f"table-{method}-{sel}", "table", f"{label} ({sel})",
                                {**PAPER, "method": method, "selection": sel}, (1, 2, 3),
                                {"test_accuracy": PAPER_ACC[method]}))
+    # longer training of the per-example rows (one seed): does sbp catch up with more epochs?
+    for method, label in (("dense", "MLP (dense)"), ("sbp", "+ sparse backprop"),
+                          ("msbp", "+ MSBP")):
+        rows.append(config(f"long-{method}", "long", f"{label}, 6 epochs",
+                           {**PAPER, "epochs": 6, "method": method,
+                            "selection": "per_example"}, (1,),
+                           {"test_accuracy": PAPER_ACC[method]}))
     rows.append(config("sweep-dense", "baseline", "dense 784-500-500-10",
                        {**SWEEP, "method": "dense", "k": None}))
     for k in (5, 10, 20, 40, 80):

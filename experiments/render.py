@@ -21,9 +21,10 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
-GROUP_ORDER = ["table", "baseline", "k", "memory", "layout", "selection", "hidden", "info"]
+GROUP_ORDER = ["table", "long", "baseline", "k", "memory", "layout", "selection", "hidden", "info"]
 GROUP_TITLES = {
     "table": "The paper's MNIST table (784-500-500-10, k = 20 of 500, memory 0.8)",
+    "long": "The per-example rows of the paper's table trained longer (6 epochs, 1 seed)",
     "baseline": "Dense baseline of the sweeps",
     "k": "k sweep (kept units per hidden layer of 500)",
     "memory": "Memory ratio sweep (msbp, per-example top-k, k = 20)",
@@ -33,7 +34,8 @@ GROUP_TITLES = {
     "info": "Information loss (per hidden layer; means over sampled windows)",
 }
 #: the run each group's rows are compared with (test metric difference, paired by seed)
-GROUP_BASELINE = {"table": "table-dense", "k": "sweep-dense", "memory": "sweep-dense",
+GROUP_BASELINE = {"table": "table-dense", "long": "long-dense", "k": "sweep-dense",
+                  "memory": "sweep-dense",
                   "layout": "sweep-dense", "selection": "sweep-dense", "hidden": "sweep-dense",
                   "info": "sweep-dense"}
 INFO_KEYS = (("cosine", "cos"), ("step_error", "step err"), ("cumulative_error", "cum err"),
@@ -151,6 +153,7 @@ def combined(names: list[str], results: dict[str, list[dict]], seed: int) -> dic
 PLOTS = {
     "table-per_example": ["table-dense", "table-sbp-per_example", "table-msbp-per_example"],
     "table-unified": ["table-dense", "table-sbp-unified", "table-msbp-unified"],
+    "long-per_example": ["long-dense", "long-sbp", "long-msbp"],
     "info-per_example": ["info-per_example-sbp", "info-per_example-msbp"],
     "info-unified": ["info-unified-sbp", "info-unified-msbp"],
     "info-memory": ["info-per_example-sbp", "info-per_example-msbp",
