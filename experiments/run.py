@@ -8,7 +8,9 @@ The options go through the CLI's parser and the same library function as ``msbp 
     python experiments/run.py experiments/configs/table-*.json --epochs 3 --threads 1
     python experiments/run.py --group k --seeds 1
 
-Existing result files are skipped (``--force`` reruns them), so an interrupted run resumes.
+Existing result files are skipped (``--force`` reruns them), so an interrupted run resumes;
+a ``NAME.seedS.json.running`` marker lets several runners share one results folder (delete
+stale markers after a crash).
 """
 
 from __future__ import annotations
@@ -103,8 +105,18 @@ def main(argv: list[str] | None = None) -> int:
             if opts.dry_run:
                 print(f"would run {config['name']} seed {seed} {overrides}", flush=True)
                 continue
+            lock = out.with_name(out.name + ".running")
+            try:  # another runner on the same results folder may have taken this one
+                lock.parent.mkdir(parents=True, exist_ok=True)
+                lock.touch(exist_ok=False)
+            except FileExistsError:
+                print(f"skip {out.name} (running elsewhere: {lock.name})", flush=True)
+                continue
             start = time.time()
-            res = run_one(config, seed, overrides, out, opts.threads)
+            try:
+                res = run_one(config, seed, overrides, out, opts.threads)
+            finally:
+                lock.unlink(missing_ok=True)
             run = res["runs"][0]
             print(
                 f"{config['name']} seed {seed}: test {run['test_accuracy']:.2f} dev "
