@@ -93,7 +93,7 @@ def sparsify(
     if lstms:
         root = _sparsify_lstms(model, lstms, config)
         if root is not None:
-            return root
+            return keep_memory_local(root)
     converted: dict[int, SparseLinear] = {}  # a layer shared under two names stays shared
     for name, module in chosen:
         new = converted.get(id(module))
@@ -101,8 +101,31 @@ def sparsify(
             new = converted[id(module)] = SparseLinear.from_dense(module, config)
             new.name = name
         if name == "":
-            return new
+            return keep_memory_local(new)
         _swap(model, name, new)
+    return keep_memory_local(model)
+
+
+def keep_memory_local(model: nn.Module) -> nn.Module:
+    """Tell ``DistributedDataParallel`` to leave every sparse layer's memory alone.
+
+    Each process remembers what its own backward did not propagate; DDP's default
+    ``broadcast_buffers=True`` would overwrite that with rank 0's memory at every forward.
+    ``sparsify`` calls this; call it again after adding sparse layers by hand. Returns ``model``.
+    """
+    from torch.nn.parallel import DistributedDataParallel
+
+    names = [
+        f"{prefix}.{buf}" if prefix else buf
+        for prefix, module in model.named_modules()
+        if isinstance(module, SparseLinear | SparseLSTM)
+        for buf, _ in module.named_buffers(recurse=False)
+        if buf.startswith("memory")
+    ]
+    already = list(getattr(model, "_ddp_params_and_buffers_to_ignore", []))
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+        model, already + [n for n in names if n not in already]
+    )
     return model
 
 

@@ -81,6 +81,8 @@ def _inplace_grad_target(ctx, weight: Tensor) -> Tensor | None:
     grad = weight.grad
     if grad is None or not weight.is_leaf or grad.layout != torch.strided:
         return None
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return None  # DDP's reducer hooks the accumulation, which must therefore happen
     if grad.dtype != weight.dtype or grad.shape != weight.shape:
         return None
     if weight._backward_hooks or getattr(weight, "_post_accumulate_grad_hooks", None):
