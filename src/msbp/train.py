@@ -27,6 +27,7 @@ from msbp.config import MEMORY_LAYOUTS, SELECTIONS, SparseBackpropConfig
 from msbp.convert import sparsify
 from msbp.info import InfoLossMeter
 from msbp.nn import SparseLinear
+from msbp.optim import LazyRowAdam
 from msbp.tasks.base import Task
 
 METHODS = ("dense", "sbp", "msbp")
@@ -66,7 +67,12 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     opt.add_argument(
         "--batch-size", type=int, default=10, help="default 10 (meProp's MNIST mini-batch)"
     )
-    opt.add_argument("--optimizer", choices=("adam", "sgd"), default="adam")
+    opt.add_argument(
+        "--optimizer", choices=("adam", "lazy_adam", "sgd"), default="adam",
+        help="adam: torch's Adam (fused) on every weight; lazy_adam: msbp.optim.LazyRowAdam, "
+        "Adam on only the rows sparse backprop touched (meProp's sparse update; equals adam for "
+        "dense runs); sgd",
+    )
     opt.add_argument("--lr", type=float, default=1e-3, help="default 1e-3 (meProp's Adam)")
     opt.add_argument("--momentum", type=float, default=0.0, help="SGD momentum (default 0)")
     opt.add_argument("--seed", type=int, default=1)
@@ -117,10 +123,14 @@ def sparse_config(method: str, args: argparse.Namespace) -> SparseBackpropConfig
 def make_optimizer(
     model: nn.Module, method: str, args: argparse.Namespace
 ) -> torch.optim.Optimizer:
-    """The optimizer of every run: Adam (lr 1e-3, betas 0.9/0.999, eps 1e-8, as meProp) or SGD."""
+    """The optimizer of every run: Adam (lr 1e-3, betas 0.9/0.999, eps 1e-8, as meProp), its
+    row-sparse form ``LazyRowAdam``, or SGD."""
     params = [p for p in model.parameters() if p.requires_grad]
     if args.optimizer == "adam":
-        return torch.optim.Adam(params, lr=args.lr, betas=(0.9, 0.999), eps=1e-8)
+        fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
+        return torch.optim.Adam(params, lr=args.lr, betas=(0.9, 0.999), eps=1e-8, fused=fused)
+    if args.optimizer == "lazy_adam":
+        return LazyRowAdam(params, lr=args.lr, betas=(0.9, 0.999), eps=1e-8)
     if args.optimizer == "sgd":
         return torch.optim.SGD(params, lr=args.lr, momentum=args.momentum)
     raise UsageError(f"unknown optimizer {args.optimizer!r}")
