@@ -6,10 +6,11 @@ import torch
 from torch import Tensor, nn
 
 from msbp.config import SparseBackpropConfig
-from msbp.functional import check_memory, memory_dtype, sparse_linear
+from msbp.functional import sparse_linear
+from msbp.nn.memory import MemoryMixin
 
 
-class SparseLinear(nn.Linear):
+class SparseLinear(MemoryMixin, nn.Linear):
     """Drop-in ``nn.Linear`` (same parameters and state-dict keys) with an MSBP backward.
 
     The forward pass is exactly ``nn.Linear``'s. In the backward pass only k output units of the
@@ -42,17 +43,13 @@ class SparseLinear(nn.Linear):
         self.generator: torch.Generator | None = None  # for selection="random"
         # probe(g, x, propagated) for information-loss measurements; see functional.sparse_linear
         self.probe = None
-        self.register_buffer("memory", self._empty_memory(), persistent=True)
+        self._init_memory()
 
-    def _empty_memory(self) -> Tensor:
-        out = self.out_features
-        shape = (out,) if self.config.memory_layout == "unit" else (0, out)
-        return torch.zeros(shape, dtype=memory_dtype(self.weight.dtype), device=self.weight.device)
+    def _memory_names(self) -> list[tuple[str, str]]:
+        return [("memory", "weight")]
 
-    @property
-    def k(self) -> int:
-        """Number of output units propagated per backward pass."""
-        return self.config.k_for(self.out_features)
+    def _memory_units(self) -> int:
+        return self.out_features
 
     def forward(self, x: Tensor) -> Tensor:
         memory = self.memory if self.config.memory > 0 else None
@@ -60,13 +57,6 @@ class SparseLinear(nn.Linear):
             x, self.weight, self.bias, memory, config=self.config,
             generator=self.generator, name=self.name, probe=self.probe,
         )
-
-    def reset_memory(self) -> None:
-        """Forget everything remembered (zeros; for ``slot``, no rows), in place."""
-        with torch.no_grad():
-            if self.config.memory_layout == "slot":
-                self.memory.resize_(0, self.out_features)
-            self.memory.zero_()
 
     @classmethod
     def from_dense(
@@ -81,7 +71,7 @@ class SparseLinear(nn.Linear):
         )
         layer.weight = linear.weight
         layer.bias = linear.bias
-        layer.memory = layer._empty_memory()  # now on the weight's device
+        layer._init_memory()  # now on the weight's device
         layer.train(linear.training)
         return layer
 
@@ -97,46 +87,4 @@ class SparseLinear(nn.Linear):
         return linear
 
     def extra_repr(self) -> str:
-        c = self.config
-        return (
-            f"{super().extra_repr()}, k={self.k}, selection={c.selection}, memory={c.memory}, "
-            f"memory_layout={c.memory_layout}"
-        )
-
-    def _apply(self, fn, recurse=True):
-        # nn.Module.to(dtype) / .half() would cast the memory too; it must stay float32 (float64
-        # for float64 weights), so keep the old values and only move them.
-        old = self.memory
-        super()._apply(fn, recurse)
-        want = memory_dtype(self.weight.dtype)
-        if self.memory.dtype != want:
-            self.memory = old.to(device=self.memory.device, dtype=want)
-        return self
-
-    def _load_from_state_dict(
-        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-    ):
-        key = prefix + "memory"
-        if key in state_dict:
-            state_dict[key] = self._memory_for_layout(state_dict[key])
-            with torch.no_grad():  # a slot memory has the rows of the batch it was saved at
-                self.memory.resize_(state_dict[key].shape)
-        super()._load_from_state_dict(
-            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-        )
-        if key not in state_dict and key in missing_keys:
-            # a checkpoint of a dense model: start with an empty memory rather than fail
-            missing_keys.remove(key)
-            self.reset_memory()
-
-    def _memory_for_layout(self, saved: Tensor) -> Tensor:
-        """Convert a saved memory to this layer's layout, keeping its column sums."""
-        if self.config.memory_layout == "unit" and saved.dim() == 2:
-            return saved.sum(0)
-        if self.config.memory_layout == "slot" and saved.dim() == 1:
-            return saved.unsqueeze(0)
-        return saved
-
-    def check_memory(self) -> None:
-        """Raise ``ValueError`` if the memory buffer does not fit this layer."""
-        check_memory(self.memory, self.out_features, self.config.memory_layout, self.weight)
+        return f"{super().extra_repr()}, {self._config_repr()}"

@@ -23,10 +23,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from msbp.config import SparseBackpropConfig
-from msbp.functional import check_memory, memory_dtype, sparse_linear
+from msbp.functional import sparse_linear
+from msbp.nn.memory import MemoryMixin
 
 
-class SparseLSTM(nn.LSTM):
+class SparseLSTM(MemoryMixin, nn.LSTM):
     """Drop-in ``nn.LSTM`` (same parameters and state-dict keys, plus memory buffers) with an
     MSBP backward on its input and recurrent transforms.
 
@@ -80,36 +81,8 @@ class SparseLSTM(nn.LSTM):
                     names.append((f"memory_{tag}", f"weight_{tag}"))
         return names
 
-    def _empty_memory(self, weight: Tensor) -> Tensor:
-        rows = 4 * self.hidden_size
-        shape = (rows,) if self.config.memory_layout == "unit" else (0, rows)
-        return torch.zeros(shape, dtype=memory_dtype(weight.dtype), device=weight.device)
-
-    def _init_memory(self) -> None:
-        for mem, weight in self._memory_names():
-            self.register_buffer(mem, self._empty_memory(getattr(self, weight)), persistent=True)
-
-    def reset_memory(self) -> None:
-        """Forget everything remembered, in place."""
-        with torch.no_grad():
-            for mem, _ in self._memory_names():
-                buf = getattr(self, mem)
-                if self.config.memory_layout == "slot":
-                    buf.resize_(0, 4 * self.hidden_size)
-                buf.zero_()
-
-    def check_memory(self) -> None:
-        """Raise ``ValueError`` if a memory buffer does not fit its transform."""
-        for mem, weight in self._memory_names():
-            check_memory(
-                getattr(self, mem), 4 * self.hidden_size, self.config.memory_layout,
-                getattr(self, weight),
-            )
-
-    @property
-    def k(self) -> int:
-        """Number of gate units (of 4 x hidden) propagated per transform and backward call."""
-        return self.config.k_for(4 * self.hidden_size)
+    def _memory_units(self) -> int:
+        return 4 * self.hidden_size
 
     # -- forward ------------------------------------------------------------------------------
 
@@ -229,43 +202,4 @@ class SparseLSTM(nn.LSTM):
         return lstm
 
     def extra_repr(self) -> str:
-        c = self.config
-        return (
-            f"{super().extra_repr()}, k={self.k}, selection={c.selection}, memory={c.memory}, "
-            f"memory_layout={c.memory_layout}"
-        )
-
-    def _apply(self, fn, recurse=True):
-        # .to(dtype) / .half() would cast the memories; keep them float32 (float64 for float64
-        # weights), only moved.
-        old = {mem: getattr(self, mem) for mem, _ in self._memory_names()}
-        super()._apply(fn, recurse)
-        for mem, weight in self._memory_names():
-            want = memory_dtype(getattr(self, weight).dtype)
-            if getattr(self, mem).dtype != want:
-                setattr(self, mem, old[mem].to(device=getattr(self, mem).device, dtype=want))
-        return self
-
-    def _load_from_state_dict(
-        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-    ):
-        for mem, _ in self._memory_names():
-            key = prefix + mem
-            if key in state_dict:
-                saved = state_dict[key]
-                if self.config.memory_layout == "unit" and saved.dim() == 2:
-                    saved = state_dict[key] = saved.sum(0)
-                elif self.config.memory_layout == "slot" and saved.dim() == 1:
-                    saved = state_dict[key] = saved.unsqueeze(0)
-                with torch.no_grad():
-                    getattr(self, mem).resize_(saved.shape)
-        super()._load_from_state_dict(
-            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-        )
-        for mem, _ in self._memory_names():
-            # a checkpoint of a dense nn.LSTM: start with empty memories rather than fail
-            key = prefix + mem
-            if key not in state_dict and key in missing_keys:
-                missing_keys.remove(key)
-                with torch.no_grad():
-                    getattr(self, mem).zero_()
+        return f"{super().extra_repr()}, {self._config_repr()}"
