@@ -1,4 +1,4 @@
-"""Turn a model's ``nn.Linear`` layers into ``SparseLinear`` in place, and back."""
+"""Turn a model's ``nn.Linear`` / ``nn.LSTM`` layers into sparse ones in place, and back."""
 
 from __future__ import annotations
 
@@ -63,7 +63,7 @@ def sparsify(
     Linear). Raises ``ValueError`` when no layer matched.
 
     ``nn.LSTM`` modules are converted too (to ``SparseLSTM``, sparsifying their input and
-    recurrent transforms), filtered by name in the same way; see ``_sparsify_lstms``.
+    recurrent transforms), filtered by name in the same way.
 
     Example:
         >>> model = nn.Sequential(nn.Linear(784, 500), nn.ReLU(), nn.Linear(500, 10))
@@ -77,12 +77,11 @@ def sparsify(
     chosen = [
         (name, module)
         for name, module in model.named_modules(remove_duplicate=False)
-        if type(module) is nn.Linear  # not subclasses with other semantics, nor SparseLinear
+        if type(module) in _SPARSE_OF  # exact types: not subclasses with other semantics
         and (keep is None or keep(name, module))
         and not (drop is not None and drop(name, module))
     ]
-    lstms = _chosen_lstms(model, keep, drop)
-    if not chosen and not lstms:
+    if not chosen:
         linears = [n or "<root>" for n, m in model.named_modules() if isinstance(m, nn.Linear)]
         rnns = [n or "<root>" for n, m in model.named_modules() if isinstance(m, nn.LSTM)]
         raise ValueError(
@@ -90,20 +89,42 @@ def sparsify(
             f"the model's linear layers are: {linears}"
             + (f"; its LSTM layers are: {rnns}" if rnns else "")
         )
-    if lstms:
-        root = _sparsify_lstms(model, lstms, config)
-        if root is not None:
-            return keep_memory_local(root)
-    converted: dict[int, SparseLinear] = {}  # a layer shared under two names stays shared
+    for name, module in chosen:
+        if isinstance(module, nn.LSTM) and module.proj_size:
+            raise ValueError(
+                f"sparsify cannot convert LSTM {name or '<root>'!r} with proj_size="
+                f"{module.proj_size}; exclude it"
+            )
+    root = _replace(
+        model, chosen, lambda module: _SPARSE_OF[type(module)].from_dense(module, config),
+        name_them=True,
+    )
+    return keep_memory_local(root)
+
+
+def _replace(
+    model: nn.Module,
+    chosen: list[tuple[str, nn.Module]],
+    convert: Callable[[nn.Module], nn.Module],
+    name_them: bool = False,
+) -> nn.Module:
+    """Swap every chosen module for ``convert(module)`` in place; returns the (new) root.
+
+    A module shared under several names is converted once and stays shared.
+    """
+    converted: dict[int, nn.Module] = {}
+    root = model
     for name, module in chosen:
         new = converted.get(id(module))
         if new is None:
-            new = converted[id(module)] = SparseLinear.from_dense(module, config)
-            new.name = name
+            new = converted[id(module)] = convert(module)
+            if name_them:
+                new.name = name
         if name == "":
-            return keep_memory_local(new)
-        _swap(model, name, new)
-    return keep_memory_local(model)
+            root = new
+        else:
+            _swap(model, name, new)
+    return root
 
 
 def keep_memory_local(model: nn.Module) -> nn.Module:
@@ -130,66 +151,20 @@ def keep_memory_local(model: nn.Module) -> nn.Module:
 
 
 def densify(model: nn.Module) -> nn.Module:
-    """Replace every ``SparseLinear`` by a plain ``nn.Linear`` sharing its parameters.
-
-    The memory is dropped. Returns the model (a new module when the root is a SparseLinear).
-    ``SparseLSTM`` modules become plain ``nn.LSTM`` the same way.
+    """Replace every ``SparseLinear`` / ``SparseLSTM`` by a plain ``nn.Linear`` / ``nn.LSTM``
+    sharing its parameters. The memory is dropped. Returns the model (a new module when the root
+    itself was sparse).
     """
-    if isinstance(model, SparseLinear | SparseLSTM):
-        return model.to_dense()
-    _densify_lstms(model)
-    converted: dict[int, nn.Linear] = {}
-    for name, module in list(model.named_modules(remove_duplicate=False)):
-        if isinstance(module, SparseLinear):
-            new = converted.get(id(module))
-            if new is None:
-                new = converted[id(module)] = module.to_dense()
-            _swap(model, name, new)
-    return model
-
-
-# -- LSTM support (sparsify converts nn.LSTM into SparseLSTM) --------------------------------
-
-
-def _chosen_lstms(model: nn.Module, keep, drop) -> list[tuple[str, nn.LSTM]]:
-    """The ``nn.LSTM`` modules (exact type) that pass the include / exclude filters."""
     chosen = [
         (name, module)
         for name, module in model.named_modules(remove_duplicate=False)
-        if type(module) is nn.LSTM
-        and (keep is None or keep(name, module))
-        and not (drop is not None and drop(name, module))
+        if isinstance(module, SparseLinear | SparseLSTM)
     ]
-    for name, module in chosen:
-        if module.proj_size:
-            raise ValueError(
-                f"sparsify cannot convert LSTM {name or '<root>'!r} with proj_size="
-                f"{module.proj_size}; exclude it"
-            )
-    return chosen
+    return _replace(model, chosen, lambda module: module.to_dense())
 
 
-def _sparsify_lstms(
-    model: nn.Module, chosen: list[tuple[str, nn.LSTM]], config: SparseBackpropConfig
-) -> nn.Module | None:
-    """Swap the chosen LSTMs for ``SparseLSTM``s in place; returns the new root if it was one."""
-    converted: dict[int, SparseLSTM] = {}
-    for name, module in chosen:
-        new = converted.get(id(module))
-        if new is None:
-            new = converted[id(module)] = SparseLSTM.from_dense(module, config)
-            new.name = name
-        if name == "":
-            return new
-        _swap(model, name, new)
-    return None
-
-
-def _densify_lstms(model: nn.Module) -> None:
-    converted: dict[int, nn.LSTM] = {}
-    for name, module in list(model.named_modules(remove_duplicate=False)):
-        if isinstance(module, SparseLSTM):
-            new = converted.get(id(module))
-            if new is None:
-                new = converted[id(module)] = module.to_dense()
-            _swap(model, name, new)
+#: the sparse module that ``sparsify`` puts in place of each dense type
+_SPARSE_OF: dict[type[nn.Module], type[SparseLinear] | type[SparseLSTM]] = {
+    nn.Linear: SparseLinear,
+    nn.LSTM: SparseLSTM,
+}
