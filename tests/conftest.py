@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 
+import pytest
+import torch
 from hypothesis import HealthCheck, settings
 
 # Modest, deterministic property tests: the whole default run must stay fast on a small CPU.
@@ -16,3 +18,13 @@ settings.register_profile(
 )
 settings.register_profile("msbp-thorough", max_examples=500, deadline=None)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "msbp"))
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Tests are small: one thread avoids OpenMP spin-waits that slow them badly on a busy
+    machine (measured 50x on a shared 2-core box). Benchmarks set their own thread count."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

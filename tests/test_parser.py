@@ -41,14 +41,6 @@ CONLLU = """\
 """
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: on a busy shared CPU, a second thread only adds synchronisation waits."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def _random_projective_heads(n: int, rng: random.Random) -> list[int]:
     """A random projective tree over 1..n with one root: recursive splitting of spans."""

@@ -6,20 +6,10 @@ import argparse
 import zipfile
 from pathlib import Path
 
-import pytest
 import torch
 
 from msbp import SparseBackpropConfig, SparseLSTM, sparsify
 from msbp.tasks.pos import CONLL2000_DEV, PosTask, word_shape
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: on a busy shared CPU, a second thread only adds synchronisation waits."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_word_shape_distinguishes_case_digits_hyphens() -> None:
