@@ -25,10 +25,6 @@ from torch.autograd.function import once_differentiable
 from msbp.ops.selection import UNIFIED_SELECTIONS, select
 from msbp.optim import log_touched_rows
 
-# torch warns once that CSR tensors are "beta"; the per-example CPU path relies on them on purpose
-warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
-warnings.filterwarnings("ignore", message="Sparse invariant checks are implicitly disabled")
-
 
 @dataclass(frozen=True)
 class BackwardPlan:
@@ -213,9 +209,12 @@ class SparseLinearFunction(torch.autograd.Function):
             if need_x:
                 if _csr_pays(x, k, cols.numel()):
                     crow = torch.arange(0, n * k + 1, k, device=x.device)
-                    s_csr = torch.sparse_csr_tensor(
-                        crow, idx.reshape(-1), vals.reshape(-1), size=(n, out)
-                    )
+                    with warnings.catch_warnings():  # CSR support is "beta": we rely on it
+                        warnings.simplefilter("ignore", UserWarning)
+                        s_csr = torch.sparse_csr_tensor(
+                            crow, idx.reshape(-1), vals.reshape(-1), size=(n, out),
+                            check_invariants=False,
+                        )
                     dx = torch.sparse.mm(s_csr, w)  # (n, in)
                 else:
                     dx = g_c @ w.index_select(0, cols)  # (n, in)
