@@ -73,6 +73,11 @@ def all_configs():
                            {**SWEEP, "method": "msbp", "k": k}, same_as=f"k-{k:02d}-msbp"))
         rows.append(config(f"hidden-sbp-{k:02d}", "hidden", f"sbp k={k} of 500",
                            {**SWEEP, "method": "sbp", "k": k}, same_as=f"k-{k:02d}-sbp"))
+    # Adam on every weight (stale momentum moves unselected rows) vs Adam on the touched rows only
+    for opt in ("adam", "lazy_adam"):
+        for method in ("sbp", "msbp"):
+            rows.append(config(f"optimizer-{opt}-{method}", "optimizer", f"{method}, {opt}",
+                               {**SWEEP, "method": method, "optimizer": opt}, (1, 2)))
     info = {**SWEEP, "measure_info_loss": True, "info_every": 500, "info_window": 100}
     for sel in ("per_example", "unified"):
         for method in ("sbp", "msbp"):

@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
-GROUP_ORDER = ["table", "long", "baseline", "k", "memory", "layout", "selection", "hidden", "info"]
+GROUP_ORDER = ["table", "long", "baseline", "k", "memory", "layout", "selection", "hidden",
+               "optimizer", "info"]
 GROUP_TITLES = {
     "table": "The paper's MNIST table (784-500-500-10, k = 20 of 500, memory 0.8)",
     "long": "The per-example rows of the paper's table trained longer (6 epochs, 1 seed)",
@@ -31,13 +32,14 @@ GROUP_TITLES = {
     "layout": "Memory layout (msbp, k = 20)",
     "selection": "Selection: top-k (per example, unified) vs random-k (k = 20)",
     "hidden": "Sparse backprop with k vs a dense network of hidden size k",
+    "optimizer": "Optimizer: Adam on all weights vs lazy row-sparse Adam (k = 20)",
     "info": "Information loss (per hidden layer; means over sampled windows)",
 }
 #: the run each group's rows are compared with (test metric difference, paired by seed)
 GROUP_BASELINE = {"table": "table-dense", "long": "long-dense", "k": "sweep-dense",
                   "memory": "sweep-dense",
                   "layout": "sweep-dense", "selection": "sweep-dense", "hidden": "sweep-dense",
-                  "info": "sweep-dense"}
+                  "optimizer": "sweep-dense", "info": "sweep-dense"}
 INFO_KEYS = (("cosine", "cos"), ("step_error", "step err"), ("cumulative_error", "cum err"),
              ("mass_fraction", "mass"))
 
