@@ -21,10 +21,11 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
-GROUP_ORDER = ["table", "long", "baseline", "k", "memory", "layout", "selection", "hidden",
+GROUP_ORDER = ["table", "full", "long", "baseline", "k", "memory", "layout", "selection", "hidden",
                "optimizer", "info"]
 GROUP_TITLES = {
     "table": "The paper's MNIST table (784-500-500-10, k = 20 of 500, memory 0.8)",
+    "full": "The paper's full setting, per-example rows (20 epochs, 1 seed)",
     "long": "The per-example rows of the paper's table trained longer (6 epochs, 1 seed)",
     "baseline": "Dense baseline of the sweeps",
     "k": "k sweep (kept units per hidden layer of 500)",
@@ -36,8 +37,8 @@ GROUP_TITLES = {
     "info": "Information loss (per hidden layer; means over sampled windows)",
 }
 #: the run each group's rows are compared with (test metric difference, paired by seed)
-GROUP_BASELINE = {"table": "table-dense", "long": "long-dense", "k": "sweep-dense",
-                  "memory": "sweep-dense",
+GROUP_BASELINE = {"table": "table-dense", "full": "full-dense", "long": "long-dense",
+                  "k": "sweep-dense", "memory": "sweep-dense",
                   "layout": "sweep-dense", "selection": "sweep-dense", "hidden": "sweep-dense",
                   "optimizer": "sweep-dense", "info": "sweep-dense"}
 INFO_KEYS = (("cosine", "cos"), ("step_error", "step err"), ("cumulative_error", "cum err"),
@@ -156,6 +157,7 @@ PLOTS = {
     "table-per_example": ["table-dense", "table-sbp-per_example", "table-msbp-per_example"],
     "table-unified": ["table-dense", "table-sbp-unified", "table-msbp-unified"],
     "long-per_example": ["long-dense", "long-sbp", "long-msbp"],
+    "full-per_example": ["full-dense", "full-sbp", "full-msbp"],
     "info-per_example": ["info-per_example-sbp", "info-per_example-msbp"],
     "info-unified": ["info-unified-sbp", "info-unified-msbp"],
     "info-memory": ["info-per_example-sbp", "info-per_example-msbp",
