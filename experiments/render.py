@@ -25,7 +25,7 @@ GROUP_ORDER = ["table", "full", "long", "baseline", "k", "memory", "layout", "se
                "optimizer", "info"]
 GROUP_TITLES = {
     "table": "The paper's MNIST table (784-500-500-10, k = 20 of 500, memory 0.8)",
-    "full": "The paper's full setting, per-example rows (20 epochs, 1 seed)",
+    "full": "The paper's full setting (20 epochs)",
     "long": "The per-example rows of the paper's table trained longer (6 epochs, 1 seed)",
     "baseline": "Dense baseline of the sweeps",
     "k": "k sweep (kept units per hidden layer of 500)",
