@@ -39,14 +39,16 @@ def all_configs():
     # longer training of the per-example rows (one seed): does sbp catch up with more epochs?
     for method, label in (("dense", "MLP (dense)"), ("sbp", "+ sparse backprop"),
                           ("msbp", "+ MSBP")):
-        rows.append(config(f"long-{method}", "long", f"{label}, 6 epochs",
+        sel = "" if method == "dense" else " (per_example)"
+        rows.append(config(f"long-{method}", "long", f"{label}{sel}, 6 epochs",
                            {**PAPER, "epochs": 6, "method": method,
                             "selection": "per_example"}, (1,),
                            {"test_accuracy": PAPER_ACC[method]}))
     # the paper's full setting (20 epochs), one seed
     for method, label in (("dense", "MLP (dense)"), ("sbp", "+ sparse backprop"),
                           ("msbp", "+ MSBP")):
-        rows.append(config(f"full-{method}", "full", f"{label}, 20 epochs",
+        sel = "" if method == "dense" else " (per_example)"
+        rows.append(config(f"full-{method}", "full", f"{label}{sel}, 20 epochs",
                            {**PAPER, "method": method, "selection": "per_example"}, (1,),
                            {"test_accuracy": PAPER_ACC[method]}))
     for method, label in (("sbp", "+ sparse backprop"), ("msbp", "+ MSBP")):
