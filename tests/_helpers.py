@@ -110,3 +110,10 @@ def rel_err(a: Tensor, b: Tensor) -> float:
     """||a - b|| / ||b|| in float64."""
     a, b = a.double(), b.double()
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def make_cfg(selection="unified", layout="unit", memory=0.8, k=2, **kw) -> SparseBackpropConfig:
+    """A config with an absolute k (no ratio), the shape most tests want."""
+    return SparseBackpropConfig(
+        ratio=None, k=k, selection=selection, memory=memory, memory_layout=layout, **kw
+    )

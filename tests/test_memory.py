@@ -12,6 +12,7 @@ from _helpers import (
     assert_memory_matches,
     empty_memory_like,
     fast_step,
+    make_cfg,
     make_layer,
     memory_colsum,
     randn,
@@ -20,16 +21,14 @@ from _helpers import (
 )
 from torch import nn
 
-from msbp import SparseBackpropConfig, sparsify
+from msbp import sparsify
 from msbp.functional import sparse_linear
 
 D_IN, D_OUT = 5, 8
 
 
-def _cfg(selection="unified", layout="unit", memory=0.8, k=2, **kw):
-    return SparseBackpropConfig(
-        ratio=None, k=k, selection=selection, memory=memory, memory_layout=layout, **kw
-    )
+def _cfg(*args, k=2, **kw):
+    return make_cfg(*args, k=k, **kw)
 
 
 # --- alpha = 0 is plain sparse backprop -------------------------------------------------------

@@ -12,6 +12,7 @@ from _helpers import (
     dtype_id,
     empty_memory_like,
     fast_step,
+    make_cfg,
     make_layer,
     randn,
     ref_step,
@@ -20,16 +21,14 @@ from _helpers import (
 )
 from torch import nn
 
-from msbp import SparseBackpropConfig, SparseLinear
+from msbp import SparseLinear
 from msbp.functional import sparse_linear
 
 D_IN, D_OUT = 5, 9
 
 
-def _cfg(selection="unified", layout="unit", memory=0.8, k=3, **kw):
-    return SparseBackpropConfig(
-        ratio=None, k=k, selection=selection, memory=memory, memory_layout=layout, **kw
-    )
+def _cfg(*args, k=3, **kw):
+    return make_cfg(*args, k=k, **kw)
 
 
 def _dense_twin(layer: SparseLinear) -> nn.Linear:
