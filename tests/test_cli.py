@@ -225,3 +225,20 @@ def test_meter_windows():
     assert [i for i, c in enumerate(calls) if c] == [0, 1, 5, 6, 10, 11]
     rows = meter.result()["layers"]["0"]
     assert [r["step"] for r in rows] == [0, 5, 10] and layer.probe is None
+
+
+def test_dense_impl_msbp_is_dense(data_dir, tmp_path, capsys):
+    """--dense-impl msbp runs dense through msbp's layers (k = out): the same training."""
+    outs = {}
+    for impl in ("torch", "msbp"):
+        outs[impl] = tmp_path / f"{impl}.json"
+        rc, _, _ = run_cli(["train", "--method", "dense", *base_args(data_dir),
+                            "--dense-impl", impl, "--out", str(outs[impl])], capsys)
+        assert rc == 0
+    torch_run, msbp_run = (json.loads(outs[i].read_text()) for i in ("torch", "msbp"))
+    assert torch_run["config"]["sparse_config"]["dense"] is None
+    assert msbp_run["config"]["sparse_config"]["dense"]["k"] == 0
+    a, b = without_timings(torch_run["runs"][0]), without_timings(msbp_run["runs"][0])
+    for ea, eb in zip(a["epochs"], b["epochs"], strict=True):
+        assert eb["train_loss"] == pytest.approx(ea["train_loss"], rel=1e-5)
+        assert eb["dev_accuracy"] == pytest.approx(ea["dev_accuracy"], abs=2.0)

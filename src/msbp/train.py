@@ -61,6 +61,11 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
         help="memory per output unit (default) or per gradient slot",
     )
     sp.add_argument("--align", type=int, default=1, help="round k up to a multiple (default 1)")
+    sp.add_argument(
+        "--dense-impl", choices=("torch", "msbp"), default="torch",
+        help="dense runs use PyTorch's own layers (default), or msbp's layers with k = out, i.e. "
+        "the same code as the sparse runs with dense GEMMs (isolates what sparsity saves)",
+    )
 
     opt = parser.add_argument_group("optimisation")
     opt.add_argument("--epochs", type=int, default=20, help="default 20 (meProp)")
@@ -102,10 +107,13 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def sparse_config(method: str, args: argparse.Namespace) -> SparseBackpropConfig | None:
-    """The layer config of ``method``: None for dense, memory 0 for sbp, ``--memory`` for msbp."""
+    """The layer config of ``method``: memory 0 for sbp, ``--memory`` for msbp; for dense, None
+    (PyTorch's layers) or, with ``--dense-impl msbp``, k = 0 (msbp's layers, every unit kept)."""
     if method not in METHODS:
         raise UsageError(f"unknown method {method!r}; choose from {METHODS}")
     if method == "dense":
+        if getattr(args, "dense_impl", "torch") == "msbp":
+            return SparseBackpropConfig(k=0, memory=0.0)
         return None
     try:
         return SparseBackpropConfig(
