@@ -105,3 +105,9 @@ def test_pureml_copy():
     # canonical order: the first training labels of MNIST
     assert data.dev_labels[:10].tolist() == [5, 0, 4, 1, 9, 2, 1, 3, 1, 4]
     assert float(data.test_images.max()) == 1.0
+
+
+def test_data_error_is_a_value_error():
+    from msbp.data.errors import DataError
+
+    assert issubclass(DataError, ValueError)
