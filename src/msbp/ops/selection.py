@@ -2,7 +2,8 @@
 
 Each takes ``u`` (n, out), the output gradient plus memory, and returns indices: ``(k,)`` column
 indices for the operators that keep the same units for the whole batch, ``(n, k)`` for per-example
-selection. Indices come back unsorted.
+selection; the top-k operators also return the scores of what they kept. Indices come back
+unsorted.
 """
 
 from __future__ import annotations
@@ -20,14 +21,18 @@ def column_scores(u: Tensor) -> Tensor:
     return u.abs().sum(0, dtype=acc)
 
 
-def select_topk_unified(u: Tensor, k: int) -> Tensor:
-    """The k columns of ``u`` (n, out) with the largest column sum of ``|u|``: (k,)."""
-    return torch.topk(column_scores(u), k, sorted=False).indices
+def select_topk_unified(u: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """The k columns of ``u`` (n, out) with the largest column sum of ``|u|``, and those sums:
+    (k,), (k,)."""
+    top = torch.topk(column_scores(u), k, sorted=False)
+    return top.indices, top.values
 
 
-def select_topk_per_example(u: Tensor, k: int) -> Tensor:
-    """For every row of ``u`` (n, out) the k entries of largest ``|u|``: (n, k)."""
-    return torch.topk(u.abs(), k, dim=1, sorted=False).indices
+def select_topk_per_example(u: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """For every row of ``u`` (n, out) the k entries of largest ``|u|``, and their ``|u|``:
+    (n, k), (n, k)."""
+    top = torch.topk(u.abs(), k, dim=1, sorted=False)
+    return top.indices, top.values
 
 
 def select_random(u: Tensor, k: int, generator: torch.Generator | None = None) -> Tensor:
@@ -48,11 +53,9 @@ def select(
     itself for random selection. Checking it costs k numbers instead of n x out.
     """
     if selection == "unified":
-        top = torch.topk(column_scores(u), k, sorted=False)
-        return top.indices, top.values
+        return select_topk_unified(u, k)
     if selection == "per_example":
-        top = torch.topk(u.abs(), k, dim=1, sorted=False)
-        return top.indices, top.values
+        return select_topk_per_example(u, k)
     if selection == "random":
         return select_random(u, k, generator), u
     raise ValueError(f"unknown selection {selection!r}")
