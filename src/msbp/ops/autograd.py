@@ -181,22 +181,17 @@ class SparseLinearFunction(torch.autograd.Function):
                     memory.resize_(n, out)
                 memory.zero_()
         elif plan.selection in UNIFIED_SELECTIONS:  # idx: (k,) columns for the whole batch
-            u_k = _as(u.index_select(1, idx), x.dtype)  # (n, k)
+            u_sel = u.index_select(1, idx)  # (n, k)
+            u_k = _as(u_sel, x.dtype)
             if plan.probe is not None:
-                propagated = torch.zeros_like(u).index_copy_(1, idx, u.index_select(1, idx))
-                plan.probe(g, x2, propagated)
+                plan.probe(g, x2, torch.zeros_like(u).index_copy_(1, idx, u_sel))
             if need_x:
                 dx = u_k @ w.index_select(0, idx)  # (n, in)
             if need_w:
                 dW_k = u_k.t() @ x2  # (k, in)
                 dW = _scatter_rows(ctx, idx, dW_k, out, d_in)
             if use_memory:
-                if plan.layout == "unit":
-                    m = u.sum(0)  # (out,): every column is kept or dropped whole
-                    m.index_fill_(0, idx, 0)
-                    torch.mul(m, plan.alpha, out=memory)
-                else:
-                    _store_memory_(memory, u.index_fill_(1, idx, 0), "slot", plan.alpha)
+                _store_memory_(memory, u.index_fill_(1, idx, 0), plan.layout, plan.alpha)
         else:  # per example: idx (n, k) entries per row, c distinct columns in the batch
             vals = _as(u.gather(1, idx), x.dtype)  # (n, k)
             if plan.probe is not None:
