@@ -120,8 +120,9 @@ def test_tiny_training_run_learns_and_decodes_legally(tmp_path: Path) -> None:
     model = sparsify(task.build_model(), SparseBackpropConfig(ratio=0.25),
                      exclude=task.sparse_exclude())
     assert isinstance(model.hidden, SparseLinear) and not isinstance(model.output, SparseLinear)
-    opt = torch.optim.Adam(model.parameters(), lr=2e-2)
-    for epoch in range(25):
+    # lr 2e-2 made the cube net oscillate at the end: it passed or failed with the CPU's SIMD width
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for epoch in range(40):
         for batch in task.train_batches(epoch, torch.Generator().manual_seed(epoch)):
             opt.zero_grad()
             task.loss(model, batch).backward()
