@@ -2,13 +2,25 @@
 
 from __future__ import annotations
 
+import argparse
 import gzip
 import zipfile
 from pathlib import Path
 
 import pytest
+from conllx_fixtures import DEV, MULTI_ROOT, TEST, TRAIN, write_treebank
 
-from msbp.data.conll import is_projective, is_tree, read_conll, read_conll2000
+from msbp.data.conll import (
+    Sentence,
+    Token,
+    choose_tag_column,
+    is_projective,
+    is_punct_form,
+    is_tree,
+    read_conll,
+    read_conll2000,
+)
+from msbp.tasks.pos import PosTask
 
 CONLLU = """\
 # sent_id = 1
@@ -132,3 +144,103 @@ def test_conll2000_reader(tmp_path: Path) -> None:
         read_conll2000(path, "test.txt")
     with pytest.raises(ValueError, match="no member"):
         read_conll2000(path, "dev.txt")
+
+
+# ----------------------------------------------------------------------------- robustness
+
+
+@pytest.mark.parametrize("gz", [False, True], ids=["plain", "gzip"])
+def test_bom_and_crlf_are_accepted(tmp_path: Path, gz: bool) -> None:
+    text = "\ufeff" + CONLLX.replace("\n", "\r\n") + "\r\n" + CONLLX.replace("\n", "\r\n")
+    sents = read_conll(_write(tmp_path, "bom.conll", text, gz))
+    assert len(sents) == 2
+    for sent in sents:
+        assert [t.id for t in sent] == [1, 2, 3]
+        assert [(t.form, t.xpos, t.deprel) for t in sent] == [
+            ("The", "DT", "NMOD"), ("dog", "NN", "SBJ"), ("barks", "VBZ", "ROOT"),
+        ]  # no "\r" left in the last column, no BOM in the first
+
+
+@pytest.mark.parametrize("gz", [False, True], ids=["plain", "gzip"])
+def test_invalid_utf8_names_file_and_line(tmp_path: Path, gz: bool) -> None:
+    lines = CONLLX.encode("utf-8").splitlines(keepends=True)
+    lines[2] = lines[2].replace(b"barks", "bark\u0161".encode("iso-8859-2"))  # a Latin-2 byte
+    data = b"".join(lines)
+    path = tmp_path / "latin2.conll"
+    path.write_bytes(gzip.compress(data) if gz else data)
+    with pytest.raises(ValueError, match=r"latin2.conll:3: not valid UTF-8") as info:
+        read_conll(path)
+    assert not isinstance(info.value, UnicodeDecodeError)
+
+
+def test_truncated_gzip_is_a_value_error(tmp_path: Path) -> None:
+    data = gzip.compress(((CONLLX + "\n") * 200).encode("utf-8"))
+    path = tmp_path / "cut.conll.gz"
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match=r"cut.conll.gz:\d+: damaged gzip data"):
+        read_conll(path)
+
+
+@pytest.mark.parametrize(
+    ("form", "punct"),
+    [(".", True), ("«", True), ("»", True), ("¿", True), ("—", True), ("...", True),
+     ("?!", True), ("+", False), ("€", False), ("a.", False), ("1", False), ("Kočka", False)],
+)
+def test_punctuation_by_form(tmp_path: Path, form: str, punct: bool) -> None:
+    # tags of a non-PTB, non-UD tag set: only the form can make the token punctuation
+    row = f"1\t{form}\t{form}\tP\tPunc\t_\t0\tROOT\t_\t_\n"
+    (tok,) = read_conll(_write(tmp_path, "p.conll", row, False))[0]
+    assert tok.is_punct is punct
+    assert is_punct_form(form) is punct
+
+
+def test_punctuation_by_tags_still_counts() -> None:
+    assert Token(1, "-LRB-", "(", "X", "-LRB-", 0, "dep").is_punct
+    assert Token(1, "--", "--", "PUNCT", "HYPH", 0, "punct").is_punct
+    assert Token(1, "$", "$", "SYM", "$", 0, "dep").is_punct  # a symbol, but a PTB punct tag
+    assert not Token(1, "$", "$", "SYM", "Sc", 0, "dep").is_punct
+
+
+def test_multi_rooted_tree_is_read(tmp_path: Path) -> None:
+    path = write_treebank(tmp_path / "mr.conll", [TRAIN[MULTI_ROOT[0]]])
+    (sent,) = read_conll(path)
+    assert [t.head for t in sent].count(0) == 2
+
+
+def _columns_file(tmp_path: Path, name: str, **columns: bool) -> list[Sentence]:
+    return read_conll(write_treebank(tmp_path / name, TRAIN * 40, **columns))
+
+
+def test_choose_tag_column(tmp_path: Path) -> None:
+    both = _columns_file(tmp_path, "both.conll")
+    assert choose_tag_column(both, "xpos") == ("xpos", "")
+    assert choose_tag_column(both, "upos") == ("upos", "")
+    no_xpos = _columns_file(tmp_path, "no_xpos.conll", xpos=False)
+    column, note = choose_tag_column(no_xpos, "xpos")
+    assert column == "upos" and "XPOS/POSTAG is '_' for 100%" in note and "UPOS/CPOSTAG" in note
+    no_upos = _columns_file(tmp_path, "no_upos.conll", upos=False)
+    assert choose_tag_column(no_upos, "upos")[0] == "xpos"
+    assert choose_tag_column(no_upos, "xpos") == ("xpos", "")
+    neither = _columns_file(tmp_path, "neither.conll", xpos=False, upos=False)
+    column, note = choose_tag_column(neither, "xpos")
+    assert column == "xpos" and "both '_'" in note
+    # "nearly every" token: one tagged sentence among 240 blank ones does not make a tag set
+    one_tagged = [_columns_file(tmp_path, "one.conll")[0], *no_xpos]
+    assert choose_tag_column(one_tagged, "xpos")[0] == "upos"
+    with pytest.raises(ValueError, match="tag column"):
+        choose_tag_column(both, "feats")
+
+
+def test_pos_task_falls_back_to_upos(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    for split, sents in (("train", TRAIN), ("dev", DEV), ("test", TEST)):
+        write_treebank(tmp_path / f"xx-{split}.conllu", sents, xpos=False)
+    task = PosTask(argparse.Namespace(pos_data="ud", data_dir=str(tmp_path), batch_size=4))
+    assert "_" not in task.vocab.tags
+    assert set(task.vocab.tags) == {item.split("/")[1][0] for s in TRAIN for item in s.split()}
+    assert "using UPOS/CPOSTAG tags instead" in capsys.readouterr().err
+    # with XPOS present the tagger keeps it
+    for split, sents in (("train", TRAIN), ("dev", DEV), ("test", TEST)):
+        write_treebank(tmp_path / f"xx-{split}.conllu", sents)
+    task = PosTask(argparse.Namespace(pos_data="ud", data_dir=str(tmp_path), batch_size=4))
+    assert "Punc" in task.vocab.tags
+    assert "instead" not in capsys.readouterr().err

@@ -3,15 +3,17 @@
 CoNLL-U and CoNLL-X share the layout the parser needs: 10 tab-separated columns with ID, FORM,
 LEMMA, a coarse tag (UPOS / CPOSTAG), a fine tag (XPOS / POSTAG), FEATS, HEAD and DEPREL in the
 same places, so one reader serves both. Files may be gzip-compressed (detected by their magic
-bytes, not their name).
+bytes, not their name); they must be UTF-8, with or without a byte-order mark, with LF or CRLF
+line endings.
 """
 
 from __future__ import annotations
 
 import gzip
-import io
 import logging
+import unicodedata
 import zipfile
+import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +22,17 @@ log = logging.getLogger(__name__)
 
 #: PTB punctuation tags (Chen & Manning's evaluation excludes tokens with these tags)
 PUNCT_XPOS = frozenset({"``", "''", ",", ".", ":", "-LRB-", "-RRB-", "#", "$"})
+
+#: the tag columns a task may read: Token attribute -> name in CoNLL-U / CoNLL-X
+TAG_COLUMNS = {"xpos": "XPOS/POSTAG", "upos": "UPOS/CPOSTAG"}
+
+#: share of "_" tags above which a tag column counts as absent
+BLANK_TAG_SHARE = 0.99
+
+
+def is_punct_form(form: str) -> bool:
+    """True if ``form`` is non-empty and all its characters are Unicode punctuation (``P*``)."""
+    return bool(form) and all(unicodedata.category(ch).startswith("P") for ch in form)
 
 
 @dataclass(frozen=True)
@@ -36,19 +49,46 @@ class Token:
 
     @property
     def is_punct(self) -> bool:
-        """Punctuation by PTB tag (XPOS) or by the UPOS tag ``PUNCT``."""
-        return self.xpos in PUNCT_XPOS or self.upos == "PUNCT"
+        """Punctuation by PTB tag (XPOS), by the UPOS tag ``PUNCT``, or by its form.
+
+        The form rule is the CoNLL-X shared task's (``eval.pl``): a FORM made only of Unicode
+        punctuation characters (category ``P*``: ``.``, ``«``, ``¿``, ``—``) is punctuation
+        whatever its tags, so that treebanks with their own tag sets are scored fairly. Symbols
+        (``S*``: ``+``, ``€``, ``°``) are not punctuation by this rule; a FORM ``_`` (``Pc``, as
+        in CoNLL-X Turkish's inflectional groups) is, as in ``eval.pl``.
+        """
+        return self.xpos in PUNCT_XPOS or self.upos == "PUNCT" or is_punct_form(self.form)
 
 
 Sentence = list[Token]
 
 
-def _open_text(path: Path) -> io.TextIOBase:
+def _lines(path: Path) -> Iterator[tuple[int, str]]:
+    """(line number, text without line ending) of a plain or gzip file, decoded line by line.
+
+    Decoding each line from bytes lets a bad byte be reported with its line number; a UTF-8
+    byte-order mark is dropped (at the start of any line, so concatenated files work too).
+    """
     with open(path, "rb") as f:
-        magic = f.read(2)
-    if magic == b"\x1f\x8b":
-        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8")
-    return open(path, encoding="utf-8")
+        gz = f.read(2) == b"\x1f\x8b"
+    lineno = 0
+    with gzip.open(path, "rb") if gz else open(path, "rb") as f:
+        try:
+            for lineno, raw in enumerate(f, start=1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as err:
+                    raise ValueError(
+                        f"{path.name}:{lineno}: not valid UTF-8 (byte 0x{raw[err.start]:02x} at "
+                        f"byte {err.start + 1} of the line); convert the file to UTF-8, e.g. "
+                        "iconv -f ISO-8859-1 -t UTF-8"
+                    ) from None
+                yield lineno, line.rstrip("\r\n").removeprefix("\ufeff")
+        except (OSError, EOFError, zlib.error) as err:
+            if not gz:
+                raise
+            # a truncated or corrupt archive: say where, not just zlib's words
+            raise ValueError(f"{path.name}:{lineno + 1}: damaged gzip data ({err})") from None
 
 
 def _parse_token(cols: list[str], where: str) -> Token | None:
@@ -88,39 +128,38 @@ def iter_conll(path: str | Path) -> Iterator[Sentence]:
     """Sentences of a CoNLL-U or CoNLL-X file (plain or gzip), as lists of ``Token``.
 
     Comment lines (``#``), multiword-token lines (ID ``3-4``) and empty-node lines (ID ``5.1``)
-    are skipped. Raises ``ValueError`` naming the file and line for malformed input (wrong column
-    count, non-integer ID or HEAD, IDs out of order, a HEAD outside the sentence, a cycle).
+    are skipped. Several roots (HEAD 0) in one sentence are allowed, as in CoNLL-X. Raises
+    ``ValueError`` naming the file and line for malformed input (not UTF-8, damaged gzip data,
+    wrong column count, non-integer ID or HEAD, IDs out of order, a HEAD outside the sentence, a
+    cycle).
     """
     path = Path(path)
     tokens: Sentence = []
     start = 0
-    with _open_text(path) as f:
-        lineno = 0
-        for lineno, line in enumerate(f, start=1):
-            line = line.rstrip("\r\n")
-            if not line.strip():
-                if tokens:
-                    _check_sentence(tokens, f"{path.name}:{start}")
-                    yield tokens
-                tokens = []
-                continue
-            if line.startswith("#"):  # token lines start with an ID, never with '#'
-                continue
-            cols = line.split("\t")
-            where = f"{path.name}:{lineno}"
-            if len(cols) != 10:
-                raise ValueError(
-                    f"{where}: expected 10 tab-separated columns, got {len(cols)}: {line[:60]!r}"
-                )
-            tok = _parse_token(cols, where)
-            if tok is None:
-                continue
-            if not tokens:
-                start = lineno
-            tokens.append(tok)
-        if tokens:
-            _check_sentence(tokens, f"{path.name}:{start}")
-            yield tokens
+    for lineno, line in _lines(path):
+        if not line.strip():
+            if tokens:
+                _check_sentence(tokens, f"{path.name}:{start}")
+                yield tokens
+            tokens = []
+            continue
+        if line.startswith("#"):  # token lines start with an ID, never with '#'
+            continue
+        cols = line.split("\t")
+        where = f"{path.name}:{lineno}"
+        if len(cols) != 10:
+            raise ValueError(
+                f"{where}: expected 10 tab-separated columns, got {len(cols)}: {line[:60]!r}"
+            )
+        tok = _parse_token(cols, where)
+        if tok is None:
+            continue
+        if not tokens:
+            start = lineno
+        tokens.append(tok)
+    if tokens:
+        _check_sentence(tokens, f"{path.name}:{start}")
+        yield tokens
 
 
 def read_conll(path: str | Path) -> list[Sentence]:
@@ -134,6 +173,35 @@ def read_conll(path: str | Path) -> list[Sentence]:
     nonproj = sum(not is_projective([t.head for t in s]) for s in sentences)
     log.info("%s: %d sentences, %d non-projective", Path(path).name, len(sentences), nonproj)
     return sentences
+
+
+def choose_tag_column(sentences: Sequence[Sentence], preferred: str = "xpos") -> tuple[str, str]:
+    """The tag column to read (``"xpos"`` or ``"upos"``) and a note for the log ("" if none).
+
+    ``preferred`` is used unless it is ``_`` for at least ``BLANK_TAG_SHARE`` of the tokens of
+    ``sentences`` (many UD treebanks have no XPOS) and the other column has tags; if both are
+    blank, ``preferred`` is kept (every token gets the tag ``_``) and the note says so.
+    """
+    if preferred not in TAG_COLUMNS:
+        raise ValueError(f"tag column must be one of {sorted(TAG_COLUMNS)}, got {preferred!r}")
+    other = "upos" if preferred == "xpos" else "xpos"
+    total = sum(len(s) for s in sentences)
+
+    def blank(column: str) -> float:
+        return sum(getattr(t, column) == "_" for s in sentences for t in s) / max(total, 1)
+
+    share = blank(preferred)
+    if share < BLANK_TAG_SHARE:
+        return preferred, ""
+    if blank(other) < BLANK_TAG_SHARE:
+        return other, (
+            f"{TAG_COLUMNS[preferred]} is '_' for {100 * share:.0f}% of training tokens, "
+            f"using {TAG_COLUMNS[other]} tags instead"
+        )
+    return preferred, (
+        f"{TAG_COLUMNS[preferred]} and {TAG_COLUMNS[other]} are both '_': "
+        "no tags (one tag for every token)"
+    )
 
 
 def is_tree(heads: Sequence[int]) -> bool:

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from msbp.data.conll import read_conll, read_conll2000
+from msbp.data.conll import choose_tag_column, read_conll, read_conll2000
 from msbp.data.errors import DataError
 from msbp.tasks.base import Task
 from msbp.tasks.parse import find_data_dir, set_batch_default
@@ -160,7 +160,7 @@ class PosTask(Task):
     def __init__(self, args: argparse.Namespace) -> None:
         super().__init__(args)
         opt = lambda name, default=None: getattr(args, name, default)  # noqa: E731
-        splits = self._load(opt("pos_data", "ud"), opt("data_dir"))
+        splits, tag_note = self._load(opt("pos_data", "ud"), opt("data_dir"))
         if opt("limit_train"):
             splits["train"] = splits["train"][: opt("limit_train")]
         if opt("limit_eval"):
@@ -174,13 +174,21 @@ class PosTask(Task):
             + "/".join(str(len(v)) for v in self.data.values())
             + f" sentences train/dev/test, {len(self.vocab.words)} words, "
             f"{len(self.vocab.tags)} tags"
+            + (f"; {tag_note}" if tag_note else "")
         )
         log.info(summary)
         if not opt("quiet", False):
             print(summary, file=sys.stderr, flush=True)
 
     @staticmethod
-    def _load(source: str, data_dir: str | None) -> dict[str, list[list[tuple[str, str]]]]:
+    def _load(
+        source: str, data_dir: str | None
+    ) -> tuple[dict[str, list[list[tuple[str, str]]]], str]:
+        """(form, tag) sentences per split, and a note when the tag column had to change.
+
+        Treebanks are tagged with XPOS (PTB tags in EWT), or with UPOS when the training XPOS
+        column is empty (``choose_tag_column``).
+        """
         try:
             if source == "conll2000":
                 folder = Path(data_dir) if data_dir else find_data_dir("nltk")
@@ -190,15 +198,20 @@ class PosTask(Task):
                     "train": train[:-CONLL2000_DEV],
                     "dev": train[-CONLL2000_DEV:],
                     "test": read_conll2000(path, "test.txt"),
-                }
+                }, ""
             folder = Path(data_dir) if data_dir else find_data_dir("ud_en_ewt")
-            out = {}
+            treebanks = {}
             for split in ("train", "dev", "test"):
                 found = sorted(folder.glob(f"*{split}.conll*"))
                 if not found:
                     raise DataError(f"no {split} treebank (*{split}.conll*) in {folder}")
-                out[split] = [[(t.form, t.xpos) for t in s] for s in read_conll(found[0])]
-            return out
+                treebanks[split] = read_conll(found[0])
+            column, note = choose_tag_column(treebanks["train"], "xpos")
+            out = {
+                split: [[(t.form, getattr(t, column)) for t in s] for s in sents]
+                for split, sents in treebanks.items()
+            }
+            return out, note
         except (ValueError, FileNotFoundError) as err:
             raise DataError(str(err)) from None
 
