@@ -8,9 +8,20 @@ from pathlib import Path
 
 import pytest
 import torch
+from conllx_fixtures import (
+    DEV,
+    MULTI_ROOT,
+    NON_PROJECTIVE,
+    TEST,
+    TRAIN,
+    punct_counts,
+    treebank_lines,
+    write_treebank,
+)
 
 from msbp import SparseBackpropConfig, SparseLinear, sparsify
 from msbp.data.conll import Token, is_projective
+from msbp.data.errors import DataError
 from msbp.tasks.parse import (
     N_FEATS,
     NULL,
@@ -159,3 +170,116 @@ def test_activation_option(tmp_path: Path, activation: str) -> None:
     model = task.build_model()
     assert model.activation == activation
     assert model(task.features[:4]).shape == (4, 2 * task.vocab.num_labels + 1)
+
+
+# ----------------------------------------------------------------------------- other treebanks
+
+REPEAT = 3  # copies of the fixture's training trees
+
+
+def _conllx_task(tmp_path: Path, train: list[str] | None = None, **columns: bool) -> ParseTask:
+    paths = {
+        "train": write_treebank(tmp_path / "xx_train.conll", (train or TRAIN) * REPEAT, bom=True,
+                                crlf=True, **columns),
+        "dev": write_treebank(tmp_path / "xx_dev.conll", DEV, **columns),
+        "test": write_treebank(tmp_path / "xx_test.conll", TEST, **columns),
+    }
+    args = argparse.Namespace(
+        **{f"{split}_path": str(p) for split, p in paths.items()},
+        hidden_size=16, embedding_dim=8, activation="cube", dropout=0.0, batch_size=16,
+    )
+    return ParseTask(args)
+
+
+def test_conllx_treebank_multi_root_and_unseen_labels(tmp_path: Path, capsys) -> None:
+    task = _conllx_task(tmp_path)
+    err = capsys.readouterr().err
+    assert task.counts == {
+        "used": (len(TRAIN) - len(NON_PROJECTIVE) - len(MULTI_ROOT)) * REPEAT,
+        "non_projective": len(NON_PROJECTIVE) * REPEAT,
+        "underivable": len(MULTI_ROOT) * REPEAT,
+    }
+    assert f"{len(MULTI_ROOT) * REPEAT} training trees have several roots" in err
+    assert "tags (xpos)" in err and "instead" not in err
+    assert "ADV" not in task.vocab.labels and "Adv" not in task.vocab.tags
+    # every dev tree is kept, the two-rooted one included, and parsed into a one-rooted tree
+    dev = task.splits["dev"]
+    assert len(dev) == len(DEV) and sum(t.head == 0 for t in dev[2]) == 2
+    torch.manual_seed(0)
+    model = task.build_model()
+    predicted = parse(model, dev, task.vocab)
+    assert [len(h) for h, _ in predicted] == [len(s) for s in dev]
+    assert all(h.count(0) == 1 for h, _ in predicted)
+    for split in ("dev", "test"):
+        assert all(0.0 <= v <= 100.0 for v in task.evaluate(model, split).values())
+    # gold heads and labels, where the label is known: an unseen label is an error, not a crash
+    root = task.vocab.labels["ROOT"]
+    gold = [([t.head for t in s], [task.vocab.labels.get(t.deprel, root) for t in s]) for s in dev]
+    scores = attachment_scores(dev, gold, task.vocab)
+    n_all, n_words = punct_counts(DEV)
+    assert scores["uas"] == scores["uas_all"] == 100.0
+    assert scores["las"] == pytest.approx(100.0 * (n_words - 1) / n_words)  # rychle/ADV
+    assert scores["las_all"] == pytest.approx(100.0 * (n_all - 1) / n_all)
+
+
+def test_punctuation_by_form_in_scores(tmp_path: Path) -> None:
+    task = _conllx_task(tmp_path)
+    dev = task.splits["dev"]
+    # heads all wrong on punctuation ("Punc" tags: only the form tells) and right elsewhere
+    wrong = [
+        ([(t.head + 1) % (len(s) + 1) if t.form in ".«»?" else t.head for t in s],
+         [0] * len(s))
+        for s in dev
+    ]
+    scores = attachment_scores(dev, wrong, task.vocab)
+    n_all, n_words = punct_counts(DEV)
+    assert scores["uas"] == 100.0
+    assert scores["uas_all"] == pytest.approx(100.0 * n_words / n_all)
+
+
+@pytest.mark.parametrize(
+    ("columns", "used", "tags", "note"),
+    [
+        ({"xpos": False}, "upos", {"N", "V", "A", "P"},
+         "XPOS/POSTAG is '_' for 100% of training tokens, using UPOS/CPOSTAG tags instead"),
+        ({"upos": False}, "xpos", {"N", "V", "A", "Punc"}, None),
+        ({"xpos": False, "upos": False}, "xpos", {"_"}, "both '_'"),
+    ],
+    ids=["no-xpos", "no-upos", "no-tags"],
+)
+def test_tag_column_fallback(
+    tmp_path: Path, capsys, columns: dict, used: str, tags: set[str], note: str | None
+) -> None:
+    task = _conllx_task(tmp_path, **columns)
+    err = capsys.readouterr().err
+    assert task.vocab.tag_column == used and set(task.vocab.tags) == tags
+    assert f"tags ({used})" in err and err.count("\n") == 1  # one summary line
+    if note is None:
+        assert "instead" not in err and "both" not in err
+    else:
+        assert note in err
+    assert len(task.targets) > 0
+
+
+def test_no_derivable_training_tree_is_a_data_error(tmp_path: Path) -> None:
+    only_bad = [TRAIN[i] for i in NON_PROJECTIVE + MULTI_ROOT]
+    with pytest.raises(DataError, match=r"xx_train.conll: none of its 6 training trees"):
+        _conllx_task(tmp_path, train=only_bad)
+
+
+def test_empty_treebank_is_a_data_error(tmp_path: Path) -> None:
+    empty = tmp_path / "empty.conll"
+    empty.write_text("\n\n", encoding="utf-8")
+    args = argparse.Namespace(train_path=str(empty), dev_path=str(empty), test_path=str(empty))
+    with pytest.raises(DataError, match=r"empty.conll: no sentences"):
+        ParseTask(args)
+
+
+def test_reader_error_names_full_path_and_line(tmp_path: Path) -> None:
+    path = write_treebank(tmp_path / "xx_train.conll", TRAIN)
+    path.write_bytes(path.read_bytes().replace("Starý".encode(), "Starý".encode("cp1250")))
+    line = next(i for i, text in enumerate(treebank_lines(TRAIN), 1) if "Starý" in text)
+    args = argparse.Namespace(train_path=str(path), dev_path=str(path), test_path=str(path))
+    with pytest.raises(DataError) as info:
+        ParseTask(args)
+    assert str(info.value).startswith(f"{path}:{line}: not valid UTF-8")

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from msbp.data.conll import Sentence, is_projective, read_conll
+from msbp.data.conll import Sentence, choose_tag_column, is_projective, read_conll
 from msbp.data.errors import DataError
 from msbp.tasks.base import Task
 
@@ -367,9 +367,16 @@ def find_data_dir(name: str) -> Path:
 
 def _read(path: Path) -> list[Sentence]:
     try:
-        return read_conll(path)
+        sentences = read_conll(path)
     except (ValueError, OSError) as err:  # the CLI reports DataError in one line
-        raise DataError(f"{path}: {err}") from None
+        msg = str(err)
+        # the reader names the file only (name:line: ...); give the whole path once
+        if msg.startswith(f"{path.name}:"):
+            raise DataError(f"{path}{msg[len(path.name):]}") from None
+        raise DataError(f"{path}: {msg}") from None
+    if not sentences:
+        raise DataError(f"{path}: no sentences (is it a CoNLL-U / CoNLL-X treebank?)")
+    return sentences
 
 
 def set_batch_default(parser: argparse.ArgumentParser, default: int, help_text: str) -> None:
@@ -439,17 +446,33 @@ class ParseTask(Task):
             if opt("limit_eval"):
                 sents = sents[: opt("limit_eval")]
             self.splits[split] = sents
-        self.vocab = Vocab(train, tag_column=opt("tag_column", "xpos"))
+        tag_column, tag_note = choose_tag_column(train, opt("tag_column", "xpos"))
+        self.vocab = Vocab(train, tag_column=tag_column)
         self.features, self.targets, counts = training_examples(train, self.vocab)
+        multi_root = sum(sum(t.head == 0 for t in s) > 1 for s in train)
+        if not counts["used"]:
+            raise DataError(
+                f"{paths['train']}: none of its {len(train)} training trees can be derived by the "
+                f"arc-standard oracle ({counts['non_projective']} non-projective, {multi_root} "
+                "with several roots)"
+            )
         self.batch_size = int(opt("batch_size") or 10_000)
+        left_out = len(train) - counts["used"]
         summary = (
             f"parse: {len(train)} training sentences ({counts['used']} used; "
             f"{counts['non_projective']} non-projective and {counts['underivable']} underivable "
             f"left out of training), {len(self.targets)} transitions, {len(self.vocab.words)} "
-            f"words, {len(self.vocab.tags)} tags, {self.vocab.num_labels} labels; dev/test "
+            f"words, {len(self.vocab.tags)} tags ({tag_column}), {self.vocab.num_labels} labels; "
+            "dev/test "
             f"{len(self.splits['dev'])}/{len(self.splits['test'])} sentences (all kept); "
             f"features in {time.perf_counter() - t0:.1f} s"
         )
+        if multi_root:
+            summary += f"; {multi_root} training trees have several roots"
+        if tag_note:
+            summary += f"; {tag_note}"
+        if left_out > 0.2 * len(train):  # e.g. a treebank that attaches punctuation to the root
+            summary += f"; warning: {100 * left_out / len(train):.0f}% of training trees unused"
         log.info(summary)
         if not opt("quiet", False):
             print(summary, file=sys.stderr, flush=True)
