@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conllx_fixtures import DEV, TEST, TRAIN, punct_counts, write_treebank
 from mnist_fixtures import synthetic_mnist, write_mnist_dir
 
 from msbp import cli
@@ -242,3 +244,78 @@ def test_dense_impl_msbp_is_dense(data_dir, tmp_path, capsys):
     for ea, eb in zip(a["epochs"], b["epochs"], strict=True):
         assert eb["train_loss"] == pytest.approx(ea["train_loss"], rel=1e-5)
         assert eb["dev_accuracy"] == pytest.approx(ea["dev_accuracy"], abs=2.0)
+
+
+# ----------------------------------------------------------------------------- CoNLL-X treebank
+
+
+def _treebank_dir(tmp_path: Path) -> dict[str, Path]:
+    # training file as a Windows editor leaves it: BOM and CRLF
+    return {
+        "train": write_treebank(tmp_path / "xx_train.conll", TRAIN * 3, bom=True, crlf=True),
+        "dev": write_treebank(tmp_path / "xx_dev.conll", DEV),
+        "test": write_treebank(tmp_path / "xx_test.conll", TEST),
+    }
+
+
+def _parse_argv(paths: dict[str, Path], *extra: str) -> list[str]:
+    return ["compare", "--task", "parse", "--train", str(paths["train"]), "--dev",
+            str(paths["dev"]), "--test", str(paths["test"]), "--epochs", "2", "--batch-size",
+            "16", "--hidden-size", "16", "--embedding-dim", "8", "--threads", "1", "--quiet",
+            "--lr", "0.02", *extra]  # at 1e-3, 14 steps leave the parser where it started
+
+
+def _is_count(score: float, tokens: int) -> bool:
+    """True if ``score`` (percent) is a whole number of ``tokens``."""
+    correct = score * tokens / 100.0
+    return abs(correct - round(correct)) < 1e-6
+
+
+def test_parse_compare_on_conllx_treebank(tmp_path, capsys):
+    out = tmp_path / "parse.json"
+    rc, _, err = run_cli([*_parse_argv(_treebank_dir(tmp_path)), "--out", str(out)], capsys)
+    assert rc == 0, err
+    results = json.loads(out.read_text())
+    assert results["task"] == "parse"
+    runs = results["runs"]
+    assert [r["method"] for r in runs] == ["dense", "sbp", "msbp"]
+    n_all, n_words = punct_counts(DEV)
+    assert math.gcd(n_all, n_words) == 1  # so that equal scores could only be 0 or 100
+    strictly_between = 0
+    for run in runs:
+        assert 0.0 <= run["test_accuracy"] <= 100.0 and len(run["epochs"]) == 2
+        for row in run["epochs"]:
+            for kind in ("uas", "las"):
+                words, every = row[f"dev_{kind}"], row[f"dev_{kind}_all"]
+                assert 0.0 <= words <= 100.0 and 0.0 <= every <= 100.0
+                # the scores without punctuation count the n_words non-"Punc" tokens only
+                assert _is_count(words, n_words) and _is_count(every, n_all)
+                if 0.0 < words < 100.0:
+                    strictly_between += 1
+                    assert words != every
+    assert strictly_between > 0
+
+
+@pytest.mark.parametrize(
+    ("split", "damage", "message"),
+    [
+        ("train", lambda b: b.replace(b"\tmalou\t", b"\tmalou "), "expected 10 tab-separated"),
+        ("train", lambda b: b.replace("kočku".encode(), "kočku".encode("cp1250")),
+         "not valid UTF-8"),
+        ("dev", lambda b: b.replace(b"\t2\tATR\t", b"\tx\tATR\t", 1), "HEAD 'x' is not an integer"),
+    ],
+    ids=["columns", "encoding", "head"],
+)
+def test_malformed_conllx_one_line(tmp_path, capsys, split, damage, message):
+    paths = _treebank_dir(tmp_path)
+    good = paths[split].read_bytes()
+    bad = damage(good)
+    assert bad != good
+    # the first line that differs is the one the error must name
+    line = next(i for i, (a, b) in enumerate(
+        zip(good.splitlines(), bad.splitlines(), strict=True), start=1) if a != b)
+    paths[split].write_bytes(bad)
+    rc, _, err = run_cli(_parse_argv(paths), capsys)
+    assert rc == 2 and err.startswith("msbp: error: ")
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert f"{paths[split].name}:{line}: " in err and message in err
