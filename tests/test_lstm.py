@@ -6,9 +6,13 @@ import copy
 
 import pytest
 import torch
+from _helpers import LAYOUTS, SELECTIONS, make_cfg
 from torch import nn
 
 from msbp import SparseBackpropConfig, SparseLSTM, densify, sparsify
+from msbp.functional import make_plan
+from msbp.ops.recurrent import SparseLSTMRecurrence
+from msbp.ops.reference import lstm_recurrence_ref
 
 F64 = {"rtol": 1e-10, "atol": 1e-12}
 
@@ -129,3 +133,168 @@ def test_memory_stays_float32_under_dtype_casts() -> None:
     assert lstm.weight_ih_l0.dtype == torch.bfloat16
     assert lstm.memory_ih_l0.dtype == torch.float32
     lstm.check_memory()
+
+
+# -- the fused recurrence against the stepwise oracle ------------------------------------------
+
+
+def _recurrence_inputs(gen: torch.Generator, steps: int, batch: int, hidden: int):
+    def r(*shape: int) -> torch.Tensor:
+        return torch.randn(shape, generator=gen, dtype=torch.float64).requires_grad_()
+
+    return (r(steps, batch, 4 * hidden), r(batch, hidden), r(batch, hidden),
+            r(4 * hidden, hidden), r(4 * hidden))
+
+
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
+@pytest.mark.parametrize("memory", [0.0, 0.8, 1.0])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("selection", SELECTIONS)
+def test_recurrence_matches_stepwise_reference(
+    selection: str, layout: str, memory: float, reverse: bool
+) -> None:
+    """Gradients of every input and the memory after each of two batches equal the oracle's."""
+    cfg = make_cfg(selection, layout, memory, k=3)
+    steps, batch, hidden = 5, 3, 4
+    gen = torch.Generator().manual_seed(0)
+    weights = _recurrence_inputs(gen, steps, batch, hidden)[3:]
+    w_fast, b_fast = (p.detach().clone().requires_grad_() for p in weights)
+    w_ref, b_ref = (p.detach().clone().requires_grad_() for p in weights)
+    mem_fast = torch.zeros((4 * hidden,) if layout == "unit" else (0, 4 * hidden),
+                           dtype=torch.float64)
+    box = [mem_fast.clone()]
+    sel_fast, sel_ref = (torch.Generator().manual_seed(7) for _ in range(2))
+    options = dict(k=3, selection=selection, alpha=memory, layout=layout, generator=sel_ref)
+    for _ in range(2):
+        gx, h0, c0 = _recurrence_inputs(gen, steps, batch, hidden)[:3]
+        d_out, d_h, d_c = (torch.randn(s, generator=gen, dtype=torch.float64)
+                           for s in ((steps, batch, hidden), (batch, hidden), (batch, hidden)))
+        plan = make_plan(cfg, 4 * hidden, generator=sel_fast)
+        fast_memory = mem_fast if memory else None
+        results = []
+        for fused, w, b in ((True, w_fast, b_fast), (False, w_ref, b_ref)):
+            inputs = [t.detach().clone().requires_grad_() for t in (gx, h0, c0)]
+            if fused:
+                out, h_n, c_n = SparseLSTMRecurrence.apply(*inputs, w, b, fast_memory, plan,
+                                                           reverse)
+            else:
+                out, h_n, c_n = lstm_recurrence_ref(*inputs, w, b, box, reverse=reverse,
+                                                    **options)
+            ((out * d_out).sum() + (h_n * d_h).sum() + (c_n * d_c).sum()).backward()
+            results.append((out.detach(), *(t.grad for t in inputs)))
+        for fast, ref in zip(*results, strict=True):
+            torch.testing.assert_close(fast, ref, **F64)
+        torch.testing.assert_close(w_fast.grad, w_ref.grad, **F64)
+        torch.testing.assert_close(b_fast.grad, b_ref.grad, **F64)
+        if memory:
+            torch.testing.assert_close(mem_fast, box[0], **F64)
+        else:
+            assert not mem_fast.any()
+
+
+def test_full_k_recurrence_is_dense_and_clears_memory() -> None:
+    gen = torch.Generator().manual_seed(1)
+    gx, h0, c0, w, b = _recurrence_inputs(gen, 4, 2, 3)
+    memory = torch.ones(12, dtype=torch.float64)
+    plan = make_plan(make_cfg(k=12), 12)
+    out, h_n, c_n = SparseLSTMRecurrence.apply(gx, h0, c0, w, b, memory, plan, False)
+    (out.sum() + h_n.sum()).backward()
+    got = [t.grad.clone() for t in (gx, h0, c0, w, b)]
+    for t in (gx, h0, c0, w, b):
+        t.grad = None
+    box = [torch.zeros(12, dtype=torch.float64)]
+    out, h_n, _ = lstm_recurrence_ref(gx, h0, c0, w, b, box, k=12)
+    (out.sum() + h_n.sum()).backward()
+    for a, t in zip(got, (gx, h0, c0, w, b), strict=True):
+        torch.testing.assert_close(a, t.grad, **F64)
+    assert not memory.any()
+
+
+@pytest.mark.parametrize("selection", SELECTIONS)
+def test_nonfinite_gradient_raise_or_skip(selection: str) -> None:
+    torch.manual_seed(0)
+    x = torch.randn(6, 2, 4)
+    lstm = SparseLSTM(4, 5, config=make_cfg(selection, k=2, memory=0.8))
+    lstm(x)[0].square().sum().backward()  # a first batch fills the memory
+    before = {n: b.clone() for n, b in lstm.named_buffers()}
+    poisoned = torch.ones(6, 2, 5)
+    poisoned[2, 1, 3] = float("nan")
+    with pytest.raises(FloatingPointError, match="hh_l0"):
+        (lstm(x)[0] * poisoned).sum().backward()
+    for name, buf in lstm.named_buffers():
+        assert torch.equal(buf, before[name]), name
+    lstm.config = lstm.config.replace(on_nonfinite="skip")
+    lstm.zero_grad()
+    (lstm(x)[0] * poisoned).sum().backward()  # propagated densely: NaN reaches the weights
+    assert lstm.weight_hh_l0.grad.isnan().any() and lstm.weight_ih_l0.grad.isnan().any()
+    for name, buf in lstm.named_buffers():
+        assert torch.equal(buf, before[name]), name
+
+
+def test_empty_batch_and_empty_sequence() -> None:
+    lstm = SparseLSTM(4, 5, config=make_cfg("per_example", k=2, memory=0.8))
+    lstm(torch.randn(3, 2, 4))[0].sum().backward()
+    before = lstm.memory_hh_l0.clone()
+    out, (h, _) = lstm(torch.randn(3, 0, 4, requires_grad=True))
+    assert out.shape == (3, 0, 5) and h.shape == (1, 0, 5)
+    (out.sum() + h.sum()).backward()
+    assert torch.equal(lstm.memory_hh_l0, before)
+    with pytest.raises(ValueError, match="sequence length 0"):
+        lstm(torch.randn(0, 2, 4))
+
+
+def test_autocast_bfloat16_runs_with_float32_memory() -> None:
+    torch.manual_seed(0)
+    lstm = SparseLSTM(4, 8, config=make_cfg("per_example", k=3, memory=0.8))
+    x = torch.randn(5, 2, 4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, _ = lstm(x)
+    assert out.dtype == torch.bfloat16
+    out.float().square().sum().backward()
+    assert lstm.weight_hh_l0.grad.dtype == torch.float32 and lstm.weight_hh_l0.grad.isfinite().all()
+    assert lstm.memory_hh_l0.dtype == torch.float32 and lstm.memory_hh_l0.any()
+
+
+@pytest.mark.parametrize("k", [5, 16])
+@pytest.mark.parametrize("selection", SELECTIONS)
+def test_probes_see_true_and_propagated_gradients(selection: str, k: int) -> None:
+    """A probe's P^T x is the weight gradient applied; at k = 4 H its G^T x is nn.LSTM's (below
+    that, G of earlier steps already carries the sparse propagation of later ones)."""
+    torch.manual_seed(0)
+    dense = nn.LSTM(3, 4, dtype=torch.float64)
+    lstm = SparseLSTM.from_dense(copy.deepcopy(dense), make_cfg(selection, k=k, memory=0.8))
+    lstm.generator = torch.Generator().manual_seed(3)
+    seen = {}
+    for tag in lstm.transform_tags():
+        lstm.probes[tag] = lambda g, x, p, tag=tag: seen.setdefault(tag, (g, x, p))
+    x = torch.randn(6, 2, 3, dtype=torch.float64)
+    lstm(x)[0].sin().sum().backward()
+    dense(x)[0].sin().sum().backward()
+    assert set(seen) == {"ih_l0", "hh_l0"}
+    for tag in seen:
+        g, inputs, propagated = seen[tag]
+        torch.testing.assert_close(propagated.t() @ inputs, getattr(lstm, f"weight_{tag}").grad,
+                                   **F64)
+        assert int((propagated != 0).sum(1).max()) <= k
+        if k == 16:
+            torch.testing.assert_close(g.t() @ inputs, getattr(dense, f"weight_{tag}").grad,
+                                       **F64)
+
+
+def test_info_loss_meter_covers_lstm_transforms() -> None:
+    from msbp.info import InfoLossMeter
+
+    torch.manual_seed(0)
+    model = nn.Sequential()
+    model.add_module("lstm", SparseLSTM(3, 4, config=make_cfg("per_example", k=16)))
+    meter = InfoLossMeter(model, every=2, window=1)
+    for step in range(2):
+        meter.start_step(step)
+        model.lstm(torch.randn(5, 2, 3))[0].sum().backward()
+        meter.end_step(step)
+    meter.close()
+    summary = meter.result()["summary"]
+    assert set(summary) == {"lstm.ih_l0", "lstm.hh_l0"}
+    for row in summary.values():  # k = 4 H: everything propagated
+        assert row["cosine"] == pytest.approx(1.0) and row["mass_fraction"] == pytest.approx(1.0)
+    assert not model.lstm.probes

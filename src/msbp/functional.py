@@ -86,7 +86,20 @@ def sparse_linear(
     )
     if not (torch.is_grad_enabled() and needs_grad):
         return F.linear(x, weight, bias)
-    plan = BackwardPlan(
+    plan = make_plan(config, out_features, generator=generator, name=name, probe=probe)
+    return SparseLinearFunction.apply(x, weight, bias, memory, plan)
+
+
+def make_plan(
+    config: SparseBackpropConfig,
+    out_features: int,
+    *,
+    generator: torch.Generator | None = None,
+    name: str = "",
+    probe: Callable[[Tensor, Tensor, Tensor], None] | None = None,
+) -> BackwardPlan:
+    """What the backward of a transform with ``out_features`` outputs does under ``config``."""
+    return BackwardPlan(
         k=config.k_for(out_features),
         selection=config.selection,
         alpha=float(config.memory),
@@ -97,4 +110,3 @@ def sparse_linear(
         name=name,
         probe=probe,
     )
-    return SparseLinearFunction.apply(x, weight, bias, memory, plan)

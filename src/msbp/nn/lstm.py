@@ -14,17 +14,23 @@ Memory (one float32 buffer per transform, ``memory_ih_l0``, ``memory_hh_l0``, ..
   did not propagate is added to step t-1's gradient (and, after step 1, to the next batch's last
   step). This keeps one residual per gate unit whatever the sequence length, and it is the
   reading under which "nothing is lost, only delayed" (memory 1.0) still holds across steps.
+
+The recurrence of each layer and direction is one autograd node
+(``msbp.ops.recurrent.SparseLSTMRecurrence``), not a graph of a dozen ops per time step.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from msbp.config import SparseBackpropConfig
-from msbp.functional import sparse_linear
+from msbp.functional import check_memory, make_plan, sparse_linear
 from msbp.nn.memory import MemoryMixin
+from msbp.ops.recurrent import SparseLSTMRecurrence
 
 
 class SparseLSTM(MemoryMixin, nn.LSTM):
@@ -67,7 +73,14 @@ class SparseLSTM(MemoryMixin, nn.LSTM):
         self.config = config if config is not None else SparseBackpropConfig()
         self.name = ""  # set by sparsify(); names the layer in error messages
         self.generator: torch.Generator | None = None  # for selection="random"
+        # transform tag ("ih_l0", "hh_l0", ...) -> probe(g, x, propagated), for measuring
+        # information loss (see msbp.info); empty in normal training
+        self.probes: dict[str, Callable[[Tensor, Tensor, Tensor], None]] = {}
         self._init_memory()
+
+    def transform_tags(self) -> list[str]:
+        """The tags of the sparsified transforms: "ih_l0", "hh_l0", ... ("_reverse" suffixed)."""
+        return [mem.removeprefix("memory_") for mem, _ in self._memory_names()]
 
     # -- memory -------------------------------------------------------------------------------
 
@@ -86,31 +99,31 @@ class SparseLSTM(MemoryMixin, nn.LSTM):
 
     # -- forward ------------------------------------------------------------------------------
 
-    def _linear(self, x: Tensor, tag: str) -> Tensor:
+    def _parts(self, tag: str) -> tuple[Tensor, Tensor | None, Tensor | None, str]:
+        """Weight, bias, memory (None without memory) and error-message name of a transform."""
         weight = getattr(self, f"weight_{tag}")
         bias = getattr(self, f"bias_{tag}") if self.bias else None
         memory = getattr(self, f"memory_{tag}") if self.config.memory > 0 else None
-        return sparse_linear(
-            x, weight, bias, memory, config=self.config, generator=self.generator,
-            name=f"{self.name}.{tag}" if self.name else tag,
-        )
+        return weight, bias, memory, f"{self.name}.{tag}" if self.name else tag
 
     def _direction(
         self, x: Tensor, h: Tensor, c: Tensor, tag: str, reverse: bool
     ) -> tuple[Tensor, Tensor, Tensor]:
         """One layer, one direction. x: (T, B, in); h, c: (B, H) -> out (T, B, H), h, c."""
         steps, batch = x.shape[0], x.shape[1]
-        gates_x = self._linear(x.reshape(steps * batch, -1), f"ih_{tag}")  # (T B, 4H)
-        gates_x = gates_x.reshape(steps, batch, -1)  # (T, B, 4H)
-        outputs: list[Tensor] = [h] * steps
-        order = range(steps - 1, -1, -1) if reverse else range(steps)
-        for t in order:
-            gates = gates_x[t] + self._linear(h, f"hh_{tag}")  # (B, 4H)
-            i, f, g, o = gates.chunk(4, dim=1)  # PyTorch's gate order
-            c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-            h = torch.sigmoid(o) * torch.tanh(c)
-            outputs[t] = h
-        return torch.stack(outputs), h, c
+        weight, bias, memory, name = self._parts(f"ih_{tag}")
+        gates_x = sparse_linear(
+            x.reshape(steps * batch, x.shape[2]), weight, bias, memory, config=self.config,
+            generator=self.generator, name=name, probe=self.probes.get(f"ih_{tag}"),
+        ).reshape(steps, batch, weight.shape[0])  # (T, B, 4H)
+        weight, bias, memory, name = self._parts(f"hh_{tag}")
+        if memory is not None:
+            check_memory(memory, 4 * self.hidden_size, self.config.memory_layout, weight)
+        plan = make_plan(
+            self.config, 4 * self.hidden_size, generator=self.generator, name=name,
+            probe=self.probes.get(f"hh_{tag}"),
+        )
+        return SparseLSTMRecurrence.apply(gates_x, h, c, weight, bias, memory, plan, reverse)
 
     def forward(  # type: ignore[override]
         self, input: Tensor, hx: tuple[Tensor, Tensor] | None = None
@@ -132,6 +145,8 @@ class SparseLSTM(MemoryMixin, nn.LSTM):
         x = input.unsqueeze(1) if unbatched else input
         if self.batch_first and not unbatched:
             x = x.transpose(0, 1)  # (T, B, in)
+        if x.shape[0] == 0:
+            raise ValueError(f"input of shape {tuple(input.shape)} has sequence length 0")
         dirs = 2 if self.bidirectional else 1
         batch = x.shape[1]
         if hx is None:

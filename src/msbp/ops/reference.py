@@ -85,3 +85,52 @@ def sparse_linear_backward_ref(
         new_memory = residual.sum(0) if layout == "unit" else residual
         new_memory = new_memory.to(memory.dtype)
     return dx, dW, db, new_memory
+
+
+class _LinearRef(torch.autograd.Function):
+    """``h W^T + b`` whose backward is ``sparse_linear_backward_ref``; ``box[0]`` is the memory,
+    replaced by the new one at every backward call."""
+
+    @staticmethod
+    def forward(ctx, h, weight, bias, box, options):
+        ctx.save_for_backward(h, weight)
+        ctx.box, ctx.options = box, options
+        return torch.nn.functional.linear(h, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        h, weight = ctx.saved_tensors
+        dh, dW, db, ctx.box[0] = sparse_linear_backward_ref(
+            h, weight, grad_out, ctx.box[0], **ctx.options
+        )
+        return dh, dW, db, None, None
+
+
+def lstm_recurrence_ref(
+    gates_x: Tensor,
+    h0: Tensor,
+    c0: Tensor,
+    w_hh: Tensor,
+    b_hh: Tensor | None,
+    box: list,
+    *,
+    reverse: bool = False,
+    **options,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """One LSTM layer and direction as a stepwise autograd graph: out (T, B, H), h_n, c_n.
+
+    gates_x: (T, B, 4H) = x W_ih^T + b_ih; h0, c0: (B, H); w_hh: (4H, H). The recurrent transform
+    of every step backpropagates with ``sparse_linear_backward_ref`` (``options``: its k,
+    selection, alpha, layout, generator), reading and replacing the memory in ``box[0]`` once per
+    step, from the last step to the first. The oracle of ``msbp.ops.recurrent``.
+    """
+    steps = gates_x.shape[0]
+    h, c = h0, c0
+    outputs: list[Tensor] = [h0] * steps
+    for t in range(steps - 1, -1, -1) if reverse else range(steps):
+        gates = gates_x[t] + _LinearRef.apply(h, w_hh, b_hh, box, options)  # (B, 4H)
+        i, f, g, o = gates.chunk(4, dim=1)
+        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+        h = torch.sigmoid(o) * torch.tanh(c)
+        outputs[t] = h
+    return torch.stack(outputs), h, c

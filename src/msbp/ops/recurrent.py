@@ -1,0 +1,297 @@
+"""The autograd function of an LSTM's recurrence with an MSBP backward on its recurrent transform.
+
+One call runs all T time steps of one layer and direction, so the backward is one node of the
+autograd graph instead of a dozen per step: at the tagger's size (hidden 500, 32 sentences) the
+per-step dispatch of a stepwise graph cost more than the sparse products it saved.
+
+Forward, per step (PyTorch's gate order i, f, g, o; ``gates_x`` already holds ``x W_ih^T + b_ih``)::
+
+    a   = gates_x[t] + b_hh + h_{t-1} W_hh^T     # (B, 4H)
+    c_t = sig(f) c_{t-1} + sig(i) tanh(g);  h_t = sig(o) tanh(c_t)
+
+Backward, per step from the last to the first: the cell's chain rule gives the gate gradient
+``G_t`` (B, 4H), which is returned whole as the gradient of ``gates_x`` (the input transform
+selects on its own, in its own ``SparseLinearFunction``). The recurrent transform is the MSBP
+backward of ``h_{t-1} W_hh^T``, applied at every step with the memory updated every step::
+
+    U = G_t + M;  S = select_k(U);  dh_{t-1} += U_S W_hh;  M = alpha * (U - U_S)
+
+which is exactly what a stepwise graph of ``sparse_linear`` calls computes (the reference,
+``msbp.ops.reference.lstm_recurrence_ref``). ``dW_hh`` is summed over the steps once at the end:
+``sum_t U_S,t^T h_{t-1}``, a sparse product over the T B k kept entries; ``db_hh`` is the dense sum
+of the raw ``G_t`` (meProp). Finiteness is checked once per call: on a non-finite gradient the
+memory is restored, then either ``FloatingPointError`` is raised or (``on_nonfinite="skip"``) the
+whole backward is redone densely from the raw gradients.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from msbp.ops.autograd import (
+    _WIDE,
+    BackwardPlan,
+    _add_memory_,
+    _as,
+    _autocast_dtype,
+    _scatter_rows,
+    _store_memory_,
+    column_csr,
+    rows_product,
+)
+from msbp.ops.selection import UNIFIED_SELECTIONS, select
+from msbp.optim import log_touched_rows
+
+_W_HH = 3  # position of w_hh among the inputs of SparseLSTMRecurrence.forward
+# grad * y (1 - y) and grad * (1 - y^2) for y = sigmoid(.), tanh(.): one op each
+_SIGMOID_BWD = torch.ops.aten.sigmoid_backward
+_TANH_BWD = torch.ops.aten.tanh_backward
+_SIGMOID_BWD_OUT = torch.ops.aten.sigmoid_backward.grad_input
+_TANH_BWD_OUT = torch.ops.aten.tanh_backward.grad_input
+
+
+def _lstm_steps(
+    gates_x: Tensor, h0: Tensor, c0: Tensor, w_hh: Tensor, b_hh: Tensor | None, reverse: bool
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The recurrence, no autograd: (act (T, B, 4H) activated gates, cells (T, B, H),
+    tanh of the cells (T, B, H), out (T, B, H))."""
+    steps, batch, four_h = gates_x.shape
+    hidden = four_h // 4
+    gx = gates_x + b_hh if b_hh is not None else gates_x
+    act = torch.empty_like(gx)
+    cells = gates_x.new_empty(steps, batch, hidden)
+    tanh_c = torch.empty_like(cells)
+    out = torch.empty_like(cells)
+    h, c = h0, c0
+    w_t = w_hh.t()
+    for t in range(steps - 1, -1, -1) if reverse else range(steps):
+        a = torch.addmm(gx[t], h, w_t, out=act[t])  # (B, 4H)
+        a[:, : 2 * hidden].sigmoid_()  # i, f
+        a[:, 2 * hidden : 3 * hidden].tanh_()  # g
+        a[:, 3 * hidden :].sigmoid_()  # o
+        i, f, g, o = a.chunk(4, dim=1)
+        c = torch.mul(f, c, out=cells[t]).addcmul_(i, g)
+        h = torch.mul(o, torch.tanh(c, out=tanh_c[t]), out=out[t])
+    return act, cells, tanh_c, out
+
+
+def _shifted(seq: Tensor, first: Tensor, reverse: bool) -> Tensor:
+    """The previous step's value at every step: ``first`` (B, H) then ``seq`` (T, B, H) shifted
+    by one in the direction of the recurrence."""
+    if reverse:
+        return torch.cat((seq[1:], first.unsqueeze(0)))
+    return torch.cat((first.unsqueeze(0), seq[:-1]))
+
+
+class SparseLSTMRecurrence(torch.autograd.Function):
+    """All steps of one LSTM layer and direction; MSBP backward on the recurrent transform.
+
+    Inputs: gates_x (T, B, 4H) = x W_ih^T + b_ih; h0, c0 (B, H); w_hh (4H, H); b_hh (4H,) or
+    None; memory of the recurrent transform ((4H,) unit / (rows, 4H) slot, updated in place by
+    backward) or None; the plan; reverse. Outputs: out (T, B, H), h_n (B, H), c_n (B, H).
+    """
+
+    @staticmethod
+    def forward(ctx, gates_x, h0, c0, w_hh, b_hh, memory, plan: BackwardPlan, reverse: bool):
+        cast = _autocast_dtype(gates_x.device.type)
+        dtype = cast if cast is not None else gates_x.dtype
+        with torch.autocast(gates_x.device.type, enabled=False):
+            gx, h0c, c0c, w = (_as(t, dtype) for t in (gates_x, h0, c0, w_hh))
+            b = _as(b_hh, dtype) if b_hh is not None else None
+            act, cells, tanh_c, out = _lstm_steps(gx, h0c, c0c, w, b, reverse)
+        ctx.save_for_backward(act, cells, tanh_c, out, h0c, c0c, w)
+        ctx.memory = memory  # state, mutated by backward: kept out of save_for_backward
+        ctx.plan = plan
+        ctx.reverse = reverse
+        ctx.weight = w_hh
+        ctx.dtypes = (gates_x.dtype, h0.dtype, c0.dtype, b_hh.dtype if b_hh is not None else None)
+        last = 0 if reverse else out.shape[0] - 1
+        return out, out[last].clone(), cells[last].clone()
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, d_out, d_hn, d_cn):
+        act, cells, tanh_c, out, h0, c0, w = ctx.saved_tensors
+        plan: BackwardPlan = ctx.plan
+        memory: Tensor | None = ctx.memory
+        gx_dtype, h0_dtype, c0_dtype, b_dtype = ctx.dtypes
+        need_gx, need_h0, need_c0, need_w, need_b = ctx.needs_input_grad[:5]
+        steps, batch, four_h = act.shape
+        hidden = four_h // 4
+        use_memory = memory is not None and plan.alpha > 0 and plan.k < four_h
+        zeros = out.new_zeros(batch, hidden)
+        d_out = d_out if d_out is not None else out.new_zeros(out.shape)
+        d_hn = _as(d_hn, out.dtype) if d_hn is not None else zeros
+        d_cn = _as(d_cn, out.dtype) if d_cn is not None else zeros
+        h_prev = _shifted(out, h0, ctx.reverse)  # (T, B, H)
+        c_prev = _shifted(cells, c0, ctx.reverse)
+        # the cell's local derivatives at every step at once: a few large ops instead of T small
+        # ones; aten's sigmoid/tanh backward ops give each factor in one pass
+        i, f, g, o = act.chunk(4, dim=2)
+        dh_to_do = _SIGMOID_BWD(tanh_c, o)  # (T, B, H): d o_pre = dh * this
+        dh_to_dc = _TANH_BWD(o, tanh_c)  # (T, B, H): dc += dh * this
+        dc_to_dgates = act.new_empty(steps, batch, 3, hidden)  # d [i f g]_pre = dc * this
+        _SIGMOID_BWD_OUT(g, i, grad_input=dc_to_dgates[:, :, 0])
+        _SIGMOID_BWD_OUT(c_prev, f, grad_input=dc_to_dgates[:, :, 1])
+        _TANH_BWD_OUT(i, g, grad_input=dc_to_dgates[:, :, 2])
+
+        parts = (ctx, d_out, d_hn, d_cn, dh_to_do, dh_to_dc, dc_to_dgates, f, w)
+        if batch == 0:  # an empty batch propagates nothing and leaves the memory as it is
+            grads = _backward_steps(*parts, dense=True, raw=True)
+        else:
+            saved = memory.clone() if use_memory else None
+            grads = _backward_steps(*parts, dense=plan.k >= four_h)
+            if not math.isfinite(grads.witness().sum().item()):
+                if saved is not None:  # leave the memory as it was before this backward
+                    memory.resize_(saved.shape).copy_(saved)
+                if plan.on_nonfinite == "raise":
+                    where = f" in layer {plan.name!r}" if plan.name else ""
+                    raise FloatingPointError(
+                        f"non-finite gate gradient{where} (shape {tuple(act.shape)}); the memory "
+                        "was left unchanged. Use on_nonfinite='skip' to propagate it densely "
+                        "(e.g. with a GradScaler)."
+                    )
+                grads = _backward_steps(*parts, dense=True, raw=True)
+            elif plan.k >= four_h and memory is not None and plan.alpha > 0:
+                # everything was propagated: nothing to remember (as SparseLinear at k = out)
+                if plan.layout == "slot":
+                    memory.resize_(batch, four_h)
+                memory.zero_()
+        dgates = grads.dgates  # (T, B, 4H)
+        g2 = dgates.view(-1, four_h)  # (T B, 4H)
+        h2 = h_prev.reshape(-1, hidden)  # (T B, H)
+        if plan.probe is not None:
+            plan.probe(g2, h2, grads.propagated_dense(g2))
+        d_w = None
+        if need_w:
+            d_w = grads.weight_grad(ctx, g2, h2)
+        d_b = None
+        if need_b:
+            d_b = _as(g2.sum(0, dtype=torch.promote_types(g2.dtype, torch.float32)), b_dtype)
+        return (
+            _as(dgates, gx_dtype) if need_gx else None,
+            _as(grads.dh, h0_dtype) if need_h0 else None,
+            _as(grads.dc, c0_dtype) if need_c0 else None,
+            d_w, d_b, None, None, None,
+        )
+
+
+class _StepGrads:
+    """What the backward loop produced: gate gradients, dh0, dc0, and the propagated entries of
+    every step (columns and values), from which the recurrent weight gradient is formed."""
+
+    def __init__(self, dgates: Tensor, dense: bool, time_reversed: bool) -> None:
+        self.dgates = dgates  # (T, B, 4H) raw gate gradients, in time order
+        self.dense = dense
+        self.time_reversed = time_reversed  # the loop visits the last time step first
+        self.idx: list[Tensor] = []  # per visited step: (B, k) columns
+        self.vals: list[Tensor] = []  # per visited step: (B, k) propagated values
+        self.witnesses: list[Tensor] = []  # per visited step: see selection.select
+        self.dh = self.dc = dgates[0, :, :0]  # (B, H) each, set at the end of the loop
+
+    def witness(self) -> Tensor:
+        """All finite exactly when every step's selection input was."""
+        if self.dense:
+            return self.dgates
+        return torch.cat([w.reshape(-1) for w in self.witnesses])
+
+    def entries(self) -> tuple[Tensor, Tensor]:
+        """Columns and values of the propagated entries, (T B, k) each, rows as in dgates."""
+        idx, vals = torch.stack(self.idx), torch.stack(self.vals)  # (T, B, k) in visit order
+        if self.time_reversed:
+            idx, vals = idx.flip(0), vals.flip(0)
+        k = idx.shape[2]
+        return idx.reshape(-1, k), vals.reshape(-1, k)
+
+    def propagated_dense(self, g2: Tensor) -> Tensor:
+        """The propagated gradient (T B, 4H), for information-loss probes only."""
+        if self.dense:
+            return g2
+        idx, vals = self.entries()
+        return torch.zeros_like(g2).scatter_(1, idx, _as(vals, g2.dtype))
+
+    def weight_grad(self, ctx, g2: Tensor, h2: Tensor) -> Tensor | None:
+        """dW_hh (4H, H): the propagated entries of all steps times h_{t-1}, ``h2`` (T B, H);
+        written into ``weight.grad`` directly where allowed (then None is returned)."""
+        weight = ctx.weight
+        four_h, hidden = weight.shape
+        if self.dense:
+            log_touched_rows(weight, None)
+            return _as(g2.t() @ h2, weight.dtype)
+        idx, vals = self.entries()  # (T B, k)
+        vals = _as(vals, h2.dtype)
+        if h2.device.type == "cpu" and h2.dtype in _WIDE:
+            cols, csr = column_csr(idx, vals)
+            dw_c = torch.sparse.mm(csr, h2)  # (c, H)
+        else:
+            cols, pos = torch.unique(idx, sorted=True, return_inverse=True)  # (c,), (T B, k)
+            g_c = torch.zeros(h2.shape[0], cols.numel(), dtype=h2.dtype, device=h2.device)
+            dw_c = g_c.scatter_(1, pos, vals).t() @ h2
+        return _scatter_rows(ctx, cols, dw_c, four_h, hidden, weight_index=_W_HH)
+
+
+def _backward_steps(
+    ctx, d_out: Tensor, d_hn: Tensor, d_cn: Tensor, dh_to_do: Tensor, dh_to_dc: Tensor,
+    dc_to_dgates: Tensor, f: Tensor, w: Tensor, *, dense: bool, raw: bool = False,
+) -> _StepGrads:
+    """The loop over time steps, last to first. ``dense``: every gate gradient is propagated;
+    ``raw``: the memory is neither read nor written (empty batches, the non-finite fallback)."""
+    plan: BackwardPlan = ctx.plan
+    memory: Tensor | None = ctx.memory
+    steps, batch, _, hidden = dc_to_dgates.shape
+    four_h = 4 * hidden
+    k = plan.k
+    use_memory = memory is not None and plan.alpha > 0 and not raw
+    dgates = d_out.new_empty(steps, batch, four_h)
+    grads = _StepGrads(dgates, dense, time_reversed=not ctx.reverse)
+    per_example = plan.selection not in UNIFIED_SELECTIONS
+    fast_rows = w.device.type == "cpu" and w.dtype in _WIDE
+    unit_memory = use_memory and plan.layout == "unit"
+    # per-step views made once: indexing inside the loop costs a dispatch each
+    d_outs, to_dc, to_do, forget, gates = (
+        t.unbind(0) for t in (d_out, dh_to_dc, dh_to_do, f, dgates)
+    )
+    dh, dc = d_hn, d_cn
+    for t in range(steps) if ctx.reverse else range(steps - 1, -1, -1):
+        dh = d_outs[t] + dh  # (B, H): from the output and from step t + 1
+        dc = torch.addcmul(dc, dh, to_dc[t])
+        gate = gates[t]  # (B, 4H)
+        ifg = gate[:, : 3 * hidden].view(batch, 3, hidden)
+        torch.mul(dc_to_dgates[t], dc.unsqueeze(1), out=ifg)
+        torch.mul(dh, to_do[t], out=gate[:, 3 * hidden :])
+        dc = dc * forget[t]
+        if dense:
+            dh = gate @ w
+            continue
+        if unit_memory:  # U = G + M / B in one op
+            u = torch.add(gate.to(memory.dtype), memory, alpha=1.0 / batch)
+        elif use_memory:
+            u = _add_memory_(gate.to(memory.dtype, copy=True), memory, plan.layout)
+        else:
+            u = gate
+        idx, witness = select(u, k, plan.selection, plan.generator)
+        grads.witnesses.append(witness)
+        if per_example:
+            vals = u.gather(1, idx)  # (B, k)
+            v = _as(vals, w.dtype)
+            if fast_rows:
+                dh = rows_product(idx, v, w)  # (B, H)
+            else:
+                dh = torch.zeros(batch, four_h, dtype=w.dtype, device=w.device).scatter_(
+                    1, idx, v) @ w
+            if use_memory:
+                _store_memory_(memory, u.scatter_(1, idx, 0), plan.layout, plan.alpha)
+        else:  # idx: (k,) columns for the whole batch
+            vals = u.index_select(1, idx)  # (B, k)
+            dh = _as(vals, w.dtype) @ w.index_select(0, idx)
+            if use_memory:
+                _store_memory_(memory, u.index_fill_(1, idx, 0), plan.layout, plan.alpha)
+            idx = idx.unsqueeze(0).expand(batch, -1)
+        grads.idx.append(idx)
+        grads.vals.append(vals)
+    grads.dh, grads.dc = dh, dc
+    return grads
