@@ -1,8 +1,10 @@
 """Information loss of sparse backprop, measured during training (method.md, section 4).
 
-``InfoLossMeter`` sets ``probe`` on every ``SparseLinear`` of a model during sampled windows of
-steps; the layer's backward then hands it the raw output gradient ``G`` (n, out), the input ``x``
-(n, in) and the propagated part ``P`` (n, out), from which per layer it records:
+``InfoLossMeter`` sets a probe on every sparsified transform of a model (each ``SparseLinear``;
+the input and recurrent transforms of each ``SparseLSTM``, named ``lstm.ih_l0``, ``lstm.hh_l0``,
+...) during sampled windows of steps; the transform's backward then hands it the raw output
+gradient ``G`` (n, out), the input ``x`` (n, in) and the propagated part ``P`` (n, out), from
+which per transform it records:
 
 - ``cosine``: cos(P^T x, G^T x), the sparse against the true weight gradient of one step;
 - ``step_error``: |P^T x - G^T x| / |G^T x| for one step (Frobenius norms);
@@ -17,12 +19,16 @@ The true gradient is formed only inside sampled windows, so the cost outside the
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from msbp.nn import SparseLinear
+from msbp.nn import SparseLinear, SparseLSTM
+
+Probe = Callable[[Tensor, Tensor, Tensor], None]
 
 
 class _LayerWindow:
@@ -87,12 +93,31 @@ class _LayerWindow:
         }
 
 
+def _set_lstm_probe(lstm: SparseLSTM, tag: str, probe: Probe | None) -> None:
+    if probe is None:
+        lstm.probes.pop(tag, None)
+    else:
+        lstm.probes[tag] = probe
+
+
+def probe_setters(model: nn.Module) -> dict[str, Callable[[Probe | None], None]]:
+    """Name -> setter of the probe, for every sparsified transform of ``model``."""
+    setters: dict[str, Callable[[Probe | None], None]] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, SparseLinear):
+            setters[name] = partial(setattr, module, "probe")
+        elif isinstance(module, SparseLSTM):
+            for tag in module.transform_tags():
+                setters[f"{name}.{tag}" if name else tag] = partial(_set_lstm_probe, module, tag)
+    return setters
+
+
 def _mean(values: list[float]) -> float | None:
     return math.fsum(values) / len(values) if values else None
 
 
 class InfoLossMeter:
-    """Measures the information loss of every ``SparseLinear`` of ``model`` during training.
+    """Measures the information loss of every sparsified transform of ``model`` during training.
 
     Windows of ``window`` consecutive steps start every ``every`` steps (step 0, ``every``,
     ``2 * every``, ...); inside a window every step is measured, so the cumulative error sees
@@ -111,13 +136,9 @@ class InfoLossMeter:
             raise ValueError(f"need 1 <= window <= every, got window={window}, every={every}")
         self.every = every
         self.window = window
-        self.layers: dict[str, SparseLinear] = {
-            name: module
-            for name, module in model.named_modules()
-            if isinstance(module, SparseLinear)
-        }
-        self.records: dict[str, list[dict[str, Any]]] = {name: [] for name in self.layers}
-        self._windows = {name: _LayerWindow() for name in self.layers}
+        self._setters = probe_setters(model)
+        self.records: dict[str, list[dict[str, Any]]] = {name: [] for name in self._setters}
+        self._windows = {name: _LayerWindow() for name in self._setters}
         self._window_start: int | None = None
 
     def _in_window(self, step: int) -> bool:
@@ -131,8 +152,8 @@ class InfoLossMeter:
             for acc in self._windows.values():
                 acc.reset_window()
         measuring = measuring and self._window_start is not None
-        for name, layer in self.layers.items():
-            layer.probe = self._windows[name].probe if measuring else None
+        for name, set_probe in self._setters.items():
+            set_probe(self._windows[name].probe if measuring else None)
 
     def end_step(self, step: int) -> None:
         """Close the step's measures; close the window after its last step."""
@@ -149,8 +170,8 @@ class InfoLossMeter:
 
     def close(self) -> None:
         """Remove the probes (a window cut short by the end of training is dropped)."""
-        for layer in self.layers.values():
-            layer.probe = None
+        for set_probe in self._setters.values():
+            set_probe(None)
         self._window_start = None
 
     def load_records(self, records: dict[str, list[dict[str, Any]]]) -> None:

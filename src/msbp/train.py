@@ -26,7 +26,7 @@ from torch import nn
 from msbp.config import MEMORY_LAYOUTS, SELECTIONS, SparseBackpropConfig
 from msbp.convert import sparsify
 from msbp.info import InfoLossMeter
-from msbp.nn import SparseLinear
+from msbp.nn import SparseLinear, SparseLSTM
 from msbp.optim import LazyRowAdam
 from msbp.tasks.base import Task
 
@@ -216,7 +216,7 @@ def train_run(task: Task, method: str, args: argparse.Namespace) -> dict[str, An
     model = task.build_model().to(device)
     if config is not None:
         model = sparsify(model, config, exclude=task.sparse_exclude() or None)
-    sparse_layers = [m for m in model.modules() if isinstance(m, SparseLinear)]
+    sparse_layers = [m for m in model.modules() if isinstance(m, SparseLinear | SparseLSTM)]
     for i, layer in enumerate(sparse_layers):
         if config is not None and config.selection == "random":
             layer.generator = torch.Generator(device=device).manual_seed(args.seed + 1 + i)
