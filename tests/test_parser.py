@@ -25,6 +25,7 @@ from msbp.data.errors import DataError
 from msbp.tasks.parse import (
     N_FEATS,
     NULL,
+    SHIFT,
     ParseTask,
     State,
     Vocab,
@@ -88,6 +89,39 @@ def test_oracle_reproduces_random_projective_trees() -> None:
 def test_oracle_rejects_non_projective_and_multi_root() -> None:
     assert oracle_transitions([3, 4, 0, 3], [0, 0, 0, 0], 1) is None
     assert oracle_transitions([0, 0], [0, 0], 1) is None
+    assert oracle_transitions([3, 4, 0, 3], [0, 0, 0, 0], 1, multi_root=True) is None
+
+
+def test_multi_root_oracle_rebuilds_forests_and_keeps_single_rooted_sequences() -> None:
+    rng = random.Random(1)
+    for _ in range(300):
+        # a forest: several projective trees side by side, each attached to the root
+        heads: list[int] = []
+        for _ in range(rng.randint(1, 4)):
+            part = _random_projective_heads(rng.randint(1, 8), rng)
+            off = len(heads)
+            heads += [h + off if h else 0 for h in part]
+        labels = [rng.randrange(3) for _ in heads]
+        seq = oracle_transitions(heads, labels, 3, multi_root=True)
+        assert seq is not None and len(seq) == 2 * len(heads)
+        state = State(len(heads), multi_root=True)
+        for t in seq:
+            assert state.legal()[0 if t == SHIFT else (1 if t <= 3 else 2)]
+            state.apply(t, 3)
+        assert state.terminal() and state.head[1:] == heads and state.label[1:] == labels
+        if heads.count(0) == 1:
+            assert seq == oracle_transitions(heads, labels, 3)
+        else:
+            assert oracle_transitions(heads, labels, 3) is None
+
+
+def test_decoding_without_multi_root_gives_one_root_and_with_it_may_give_more() -> None:
+    state = State(3)
+    state.apply(SHIFT, 1)
+    assert state.legal() == (True, False, False)  # the root waits for the end
+    multi = State(3, multi_root=True)
+    multi.apply(SHIFT, 1)
+    assert multi.legal() == (True, False, True)
 
 
 def test_children_order_and_features() -> None:
@@ -177,7 +211,9 @@ def test_activation_option(tmp_path: Path, activation: str) -> None:
 REPEAT = 3  # copies of the fixture's training trees
 
 
-def _conllx_task(tmp_path: Path, train: list[str] | None = None, **columns: bool) -> ParseTask:
+def _conllx_task(
+    tmp_path: Path, train: list[str] | None = None, roots: str = "auto", **columns: bool
+) -> ParseTask:
     paths = {
         "train": write_treebank(tmp_path / "xx_train.conll", (train or TRAIN) * REPEAT, bom=True,
                                 crlf=True, **columns),
@@ -187,18 +223,34 @@ def _conllx_task(tmp_path: Path, train: list[str] | None = None, **columns: bool
     args = argparse.Namespace(
         **{f"{split}_path": str(p) for split, p in paths.items()},
         hidden_size=16, embedding_dim=8, activation="cube", dropout=0.0, batch_size=16,
+        roots=roots,
     )
     return ParseTask(args)
 
 
-def test_conllx_treebank_multi_root_and_unseen_labels(tmp_path: Path, capsys) -> None:
-    task = _conllx_task(tmp_path)
+@pytest.mark.parametrize("roots", ["auto", "multiple", "single"])
+def test_multi_rooted_training_trees_used_unless_single(tmp_path: Path, capsys, roots: str) -> None:
+    task = _conllx_task(tmp_path, roots=roots)
     err = capsys.readouterr().err
+    used_multi = roots != "single"
+    assert task.multi_root == used_multi
     assert task.counts == {
-        "used": (len(TRAIN) - len(NON_PROJECTIVE) - len(MULTI_ROOT)) * REPEAT,
+        "used": (len(TRAIN) - len(NON_PROJECTIVE) - (not used_multi) * len(MULTI_ROOT)) * REPEAT,
         "non_projective": len(NON_PROJECTIVE) * REPEAT,
-        "underivable": len(MULTI_ROOT) * REPEAT,
+        "underivable": (not used_multi) * len(MULTI_ROOT) * REPEAT,
     }
+    assert f"{len(MULTI_ROOT) * REPEAT} training trees have several roots" in err
+    assert ("root takes several children" in err) == used_multi
+
+
+def test_auto_roots_stay_single_without_multi_rooted_training_trees(tmp_path: Path) -> None:
+    task = _conllx_task(tmp_path, train=[t for i, t in enumerate(TRAIN) if i not in MULTI_ROOT])
+    assert not task.multi_root
+
+
+def test_conllx_treebank_multi_root_and_unseen_labels(tmp_path: Path, capsys) -> None:
+    task = _conllx_task(tmp_path, roots="single")
+    err = capsys.readouterr().err
     assert f"{len(MULTI_ROOT) * REPEAT} training trees have several roots" in err
     assert "tags (xpos)" in err and "instead" not in err
     assert "ADV" not in task.vocab.labels and "Adv" not in task.vocab.tags
@@ -264,7 +316,7 @@ def test_tag_column_fallback(
 def test_no_derivable_training_tree_is_a_data_error(tmp_path: Path) -> None:
     only_bad = [TRAIN[i] for i in NON_PROJECTIVE + MULTI_ROOT]
     with pytest.raises(DataError, match=r"xx_train.conll: none of its 6 training trees"):
-        _conllx_task(tmp_path, train=only_bad)
+        _conllx_task(tmp_path, train=only_bad, roots="single")
 
 
 def test_empty_treebank_is_a_data_error(tmp_path: Path) -> None:

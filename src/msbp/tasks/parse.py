@@ -46,12 +46,15 @@ class State:
     Token 0 is the artificial root. ``left[t]`` / ``right[t]`` list t's children in attachment
     order; in arc-standard every new left child lies left of the earlier ones and every new right
     child right of them, so ``left[t][-1]`` is the leftmost and ``right[t][-1]`` the rightmost.
+    With ``multi_root`` the root may take several children (CoNLL-X treebanks that attach
+    punctuation or several clauses to it); else it takes one, last.
     """
 
-    __slots__ = ("n", "stack", "i", "head", "label", "left", "right")
+    __slots__ = ("n", "multi_root", "stack", "i", "head", "label", "left", "right")
 
-    def __init__(self, n: int) -> None:
+    def __init__(self, n: int, multi_root: bool = False) -> None:
         self.n = n
+        self.multi_root = multi_root
         self.stack = [0]
         self.i = 1
         self.head = [-1] * (n + 1)
@@ -63,13 +66,14 @@ class State:
         return self.i > self.n and len(self.stack) == 1
 
     def legal(self) -> tuple[bool, bool, bool]:
-        """Whether shift, left-arc and right-arc are allowed (the root attaches last, once)."""
+        """Whether shift, left-arc and right-arc are allowed (without ``multi_root`` the root
+        attaches last, once)."""
         depth = len(self.stack)
         buffer_empty = self.i > self.n
         return (
             not buffer_empty,
             depth > 2,
-            depth > 2 or (depth == 2 and buffer_empty),
+            depth > 2 or (depth == 2 and (buffer_empty or self.multi_root)),
         )
 
     def apply(self, transition: int, num_labels: int) -> None:
@@ -96,7 +100,9 @@ def static_oracle(
     """The arc-standard oracle's transition for ``state``; None when the tree is not derivable.
 
     ``gold_head`` / ``gold_label`` / ``num_children`` are indexed by token (index 0 = root).
-    A right-arc waits until s1 has all its gold children.
+    A right-arc waits until s1 has all its gold children. A root child attaches as soon as it is
+    complete under ``multi_root``, else only once the buffer is empty (for a single-rooted tree
+    both give the same sequence: its root is complete only when every other token is).
     """
     stack = state.stack
     if len(stack) >= 2:
@@ -106,7 +112,7 @@ def static_oracle(
         if (
             gold_head[s1] == s2
             and len(state.left[s1]) + len(state.right[s1]) == num_children[s1]
-            and (s2 > 0 or state.i > state.n)
+            and (s2 > 0 or state.i > state.n or state.multi_root)
         ):
             return 1 + num_labels + gold_label[s1]
     if state.i <= state.n:
@@ -115,11 +121,12 @@ def static_oracle(
 
 
 def oracle_transitions(
-    heads: Sequence[int], labels: Sequence[int], num_labels: int
+    heads: Sequence[int], labels: Sequence[int], num_labels: int, multi_root: bool = False
 ) -> list[int] | None:
     """The oracle's transition sequence for a tree (``heads[j]`` = head of token j+1, 0 = root).
 
-    Returns None unless the sequence rebuilds exactly this tree (non-projective or multi-rooted).
+    Returns None unless the sequence rebuilds exactly this tree: None for non-projective trees,
+    and for multi-rooted ones unless ``multi_root``.
     """
     n = len(heads)
     gold_head = [-1, *heads]
@@ -127,7 +134,7 @@ def oracle_transitions(
     num_children = [0] * (n + 1)
     for h in heads:
         num_children[h] += 1
-    state = State(n)
+    state = State(n, multi_root)
     out: list[int] = []
     while not state.terminal():
         t = static_oracle(state, gold_head, gold_label, num_children, num_labels)
@@ -219,11 +226,12 @@ class Vocab:
 
 
 def training_examples(
-    sentences: Sequence[Sentence], vocab: Vocab
+    sentences: Sequence[Sentence], vocab: Vocab, multi_root: bool = False
 ) -> tuple[Tensor, Tensor, dict[str, int]]:
     """Features (N, 48) int64 and oracle transitions (N,) of all derivable training trees.
 
-    Also returns counts: sentences used, non-projective and otherwise underivable ones skipped.
+    Also returns counts: sentences used, non-projective and otherwise underivable ones skipped
+    (multi-rooted trees are underivable unless ``multi_root``).
     """
     feats: list[list[int]] = []
     gold: list[int] = []
@@ -235,13 +243,13 @@ def training_examples(
             counts["non_projective"] += 1
             continue
         labels = vocab.label_ids(sent)
-        seq = oracle_transitions(heads, labels, L) if labels is not None else None
+        seq = oracle_transitions(heads, labels, L, multi_root) if labels is not None else None
         if seq is None:
             counts["underivable"] += 1
             continue
         counts["used"] += 1
         words, tags = vocab.encode(sent)
-        state = State(len(sent))
+        state = State(len(sent), multi_root)
         for t in seq:
             feats.append(features(state, words, tags))
             gold.append(t)
@@ -294,9 +302,12 @@ class ParserMLP(nn.Module):
 
 @torch.no_grad()
 def parse(
-    model: nn.Module, sentences: Sequence[Sentence], vocab: Vocab, chunk: int = 2048
+    model: nn.Module, sentences: Sequence[Sentence], vocab: Vocab, chunk: int = 2048, *,
+    multi_root: bool = False,
 ) -> list[tuple[list[int], list[int]]]:
-    """Greedy decoding, batched across sentences: (heads, label ids) per sentence (1-based)."""
+    """Greedy decoding, batched across sentences: (heads, label ids) per sentence (1-based).
+
+    ``multi_root`` lets the root take several children (see ``State``)."""
     was_training = model.training
     model.eval()
     L = vocab.num_labels
@@ -305,7 +316,7 @@ def parse(
     for lo in range(0, len(sentences), chunk):
         part = sentences[lo : lo + chunk]
         encoded = [vocab.encode(s) for s in part]
-        states = [State(len(s)) for s in part]
+        states = [State(len(s), multi_root) for s in part]
         active = [j for j, st in enumerate(states) if not st.terminal()]
         while active:
             feats = torch.tensor(
@@ -415,6 +426,10 @@ class ParseTask(Task):
         _add(g, "--limit-eval", dest="limit_eval", type=int, default=None,
              help="use only the first N dev/test sentences")
         _add(g, "--tag-column", dest="tag_column", choices=("xpos", "upos"), default="xpos")
+        _add(g, "--roots", dest="roots", choices=("auto", "single", "multiple"), default="auto",
+             help="children of the root per tree: one (UD), several (CoNLL-X treebanks that "
+             "attach punctuation to it), or auto: several if some training tree has several "
+             "(default)")
         _add(g, "--hidden-size", dest="hidden_size", type=int, default=500)
         _add(g, "--embedding-dim", dest="embedding_dim", type=int, default=50)
         _add(g, "--activation", dest="activation", choices=("cube", "relu", "tanh"),
@@ -448,8 +463,12 @@ class ParseTask(Task):
             self.splits[split] = sents
         tag_column, tag_note = choose_tag_column(train, opt("tag_column", "xpos"))
         self.vocab = Vocab(train, tag_column=tag_column)
-        self.features, self.targets, counts = training_examples(train, self.vocab)
         multi_root = sum(sum(t.head == 0 for t in s) > 1 for s in train)
+        roots = opt("roots", "auto")
+        self.multi_root = roots == "multiple" or (roots == "auto" and multi_root > 0)
+        self.features, self.targets, counts = training_examples(
+            train, self.vocab, self.multi_root
+        )
         if not counts["used"]:
             raise DataError(
                 f"{paths['train']}: none of its {len(train)} training trees can be derived by the "
@@ -469,6 +488,7 @@ class ParseTask(Task):
         )
         if multi_root:
             summary += f"; {multi_root} training trees have several roots"
+        summary += f"; the root takes {'several children' if self.multi_root else 'one child'}"
         if tag_note:
             summary += f"; {tag_note}"
         if left_out > 0.2 * len(train):  # e.g. a treebank that attaches punctuation to the root
@@ -509,4 +529,5 @@ class ParseTask(Task):
 
     def evaluate(self, model: nn.Module, split: str) -> dict[str, float]:
         sents = self.splits[split]
-        return attachment_scores(sents, parse(model, sents, self.vocab), self.vocab)
+        predicted = parse(model, sents, self.vocab, multi_root=self.multi_root)
+        return attachment_scores(sents, predicted, self.vocab)
