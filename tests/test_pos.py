@@ -47,3 +47,26 @@ def test_conll2000_split_and_tiny_sparse_training(tmp_path: Path) -> None:
             task.loss(model, batch).backward()
             opt.step()
     assert task.evaluate(model, "test")["accuracy"] == 100.0
+
+
+def test_cli_compare_on_conllx_files_and_bad_combination(tmp_path: Path, capsys) -> None:
+    import json
+
+    from conllx_fixtures import DEV, TEST, TRAIN, write_treebank
+
+    from msbp.cli import main
+
+    paths = [str(write_treebank(tmp_path / f"xx_{split}.conll", sents))
+             for split, sents in (("train", TRAIN * 4), ("dev", DEV), ("test", TEST))]
+    out = tmp_path / "pos.json"
+    argv = ["compare", "--task", "pos", "--train", paths[0], "--dev", paths[1], "--test",
+            paths[2], "--epochs", "2", "--batch-size", "4", "--hidden-size", "8", "--word-dim",
+            "8", "--suffix-dim", "4", "--k", "3", "--threads", "1", "--quiet", "--out", str(out)]
+    assert main(argv) == 0
+    runs = json.loads(out.read_text())["runs"]
+    assert [r["method"] for r in runs] == ["dense", "sbp", "msbp"]
+    assert all(0.0 <= r["test_accuracy"] <= 100.0 for r in runs)
+    capsys.readouterr()
+    assert main([*argv[:3], "--pos-data", "conll2000", *argv[3:]]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "does not combine with --pos-data conll2000" in err[0]

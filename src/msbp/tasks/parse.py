@@ -381,7 +381,25 @@ def find_data_dir(name: str) -> Path:
     )
 
 
-def _read(path: Path) -> list[Sentence]:
+def treebank_paths(args: argparse.Namespace, default_folder: str = "ud_en_ewt") -> dict[str, Path]:
+    """The train / dev / test treebank files: ``--train/--dev/--test`` where given, else the
+    ``*{split}.conll*`` file of ``--data-dir`` (default ``../shared/data/<default_folder>``)."""
+    paths = {}
+    for split in ("train", "dev", "test"):
+        given = getattr(args, f"{split}_path", None)
+        if given is None:
+            data_dir = getattr(args, "data_dir", None)
+            folder = Path(data_dir) if data_dir else find_data_dir(default_folder)
+            found = sorted(folder.glob(f"*{split}.conll*"))
+            if not found:
+                raise DataError(f"no {split} treebank (*{split}.conll*) in {folder}")
+            given = found[0]
+        paths[split] = Path(given)
+    return paths
+
+
+def read_treebank(path: Path) -> list[Sentence]:
+    """``read_conll`` with every problem (unreadable, malformed, empty) as a ``DataError``."""
     try:
         sentences = read_conll(path)
     except (ValueError, OSError) as err:  # the CLI reports DataError in one line
@@ -446,23 +464,14 @@ class ParseTask(Task):
     def __init__(self, args: argparse.Namespace) -> None:
         super().__init__(args)
         opt = lambda name, default=None: getattr(args, name, default)  # noqa: E731
-        paths = {}
-        for split in ("train", "dev", "test"):
-            given = opt(f"{split}_path")
-            if given is None:
-                folder = Path(opt("data_dir")) if opt("data_dir") else find_data_dir("ud_en_ewt")
-                found = sorted(folder.glob(f"*{split}.conll*"))
-                if not found:
-                    raise DataError(f"no {split} treebank (*{split}.conll*) in {folder}")
-                given = found[0]
-            paths[split] = Path(given)
+        paths = treebank_paths(args)
         t0 = time.perf_counter()
-        train = _read(paths["train"])
+        train = read_treebank(paths["train"])
         if opt("limit_train"):
             train = train[: opt("limit_train")]
         self.splits: dict[str, list[Sentence]] = {"train": train}
         for split in ("dev", "test"):
-            sents = _read(paths[split])
+            sents = read_treebank(paths[split])
             if opt("limit_eval"):
                 sents = sents[: opt("limit_eval")]
             self.splits[split] = sents

@@ -23,10 +23,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from msbp.data.conll import choose_tag_column, read_conll, read_conll2000
+from msbp.data.conll import choose_tag_column, read_conll2000
 from msbp.data.errors import DataError
 from msbp.tasks.base import Task
-from msbp.tasks.parse import find_data_dir, set_batch_default
+from msbp.tasks.parse import find_data_dir, read_treebank, set_batch_default, treebank_paths
 
 log = logging.getLogger(__name__)
 
@@ -143,6 +143,10 @@ class PosTask(Task):
         g.add_argument("--data-dir", default=None,
                        help="folder with {train,dev,test}.conllu(.gz) or conll2000.zip "
                        "(default: ../shared/data/ud_en_ewt or ../shared/data/nltk)")
+        for split in ("train", "dev", "test"):
+            g.add_argument(f"--{split}", dest=f"{split}_path", default=None, metavar="PATH",
+                           help=f"{split} treebank, CoNLL-U or CoNLL-X (plain or gzip); "
+                           "wins over --data-dir")
         g.add_argument("--limit-train", type=int, default=None, metavar="N",
                        help="train on the first N sentences only")
         g.add_argument("--limit-eval", type=int, default=None, metavar="N",
@@ -160,7 +164,7 @@ class PosTask(Task):
     def __init__(self, args: argparse.Namespace) -> None:
         super().__init__(args)
         opt = lambda name, default=None: getattr(args, name, default)  # noqa: E731
-        splits, tag_note = self._load(opt("pos_data", "ud"), opt("data_dir"))
+        splits, tag_note = self._load(args)
         if opt("limit_train"):
             splits["train"] = splits["train"][: opt("limit_train")]
         if opt("limit_eval"):
@@ -181,14 +185,19 @@ class PosTask(Task):
             print(summary, file=sys.stderr, flush=True)
 
     @staticmethod
-    def _load(
-        source: str, data_dir: str | None
-    ) -> tuple[dict[str, list[list[tuple[str, str]]]], str]:
+    def _load(args: argparse.Namespace) -> tuple[dict[str, list[list[tuple[str, str]]]], str]:
         """(form, tag) sentences per split, and a note when the tag column had to change.
 
         Treebanks are tagged with XPOS (PTB tags in EWT), or with UPOS when the training XPOS
         column is empty (``choose_tag_column``).
         """
+        source, data_dir = getattr(args, "pos_data", "ud"), getattr(args, "data_dir", None)
+        given = [s for s in ("train", "dev", "test") if getattr(args, f"{s}_path", None)]
+        if source == "conll2000" and given:
+            raise DataError(
+                f"--{given[0]} reads a CoNLL-U/CoNLL-X treebank; it does not combine with "
+                "--pos-data conll2000"
+            )
         try:
             if source == "conll2000":
                 folder = Path(data_dir) if data_dir else find_data_dir("nltk")
@@ -199,13 +208,9 @@ class PosTask(Task):
                     "dev": train[-CONLL2000_DEV:],
                     "test": read_conll2000(path, "test.txt"),
                 }, ""
-            folder = Path(data_dir) if data_dir else find_data_dir("ud_en_ewt")
-            treebanks = {}
-            for split in ("train", "dev", "test"):
-                found = sorted(folder.glob(f"*{split}.conll*"))
-                if not found:
-                    raise DataError(f"no {split} treebank (*{split}.conll*) in {folder}")
-                treebanks[split] = read_conll(found[0])
+            treebanks = {
+                split: read_treebank(path) for split, path in treebank_paths(args).items()
+            }
             column, note = choose_tag_column(treebanks["train"], "xpos")
             out = {
                 split: [[(t.form, getattr(t, column)) for t in s] for s in sents]
