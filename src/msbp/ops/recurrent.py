@@ -184,11 +184,12 @@ class _StepGrads:
     """What the backward loop produced: gate gradients, dh0, dc0, and the propagated entries of
     every step (columns and values), from which the recurrent weight gradient is formed."""
 
-    def __init__(self, dgates: Tensor, dense: bool, time_reversed: bool) -> None:
+    def __init__(self, dgates: Tensor, dense: bool, per_example: bool, time_reversed: bool):
         self.dgates = dgates  # (T, B, 4H) raw gate gradients, in time order
         self.dense = dense
+        self.per_example = per_example
         self.time_reversed = time_reversed  # the loop visits the last time step first
-        self.idx: list[Tensor] = []  # per visited step: (B, k) columns
+        self.idx: list[Tensor] = []  # per visited step: (B, k) columns, or (k,) for the batch
         self.vals: list[Tensor] = []  # per visited step: (B, k) propagated values
         self.witnesses: list[Tensor] = []  # per visited step: see selection.select
         self.dh = self.dc = dgates[0, :, :0]  # (B, H) each, set at the end of the loop
@@ -199,20 +200,21 @@ class _StepGrads:
             return self.dgates
         return torch.cat([w.reshape(-1) for w in self.witnesses])
 
-    def entries(self) -> tuple[Tensor, Tensor]:
-        """Columns and values of the propagated entries, (T B, k) each, rows as in dgates."""
-        idx, vals = torch.stack(self.idx), torch.stack(self.vals)  # (T, B, k) in visit order
+    def _stacked(self) -> tuple[Tensor, Tensor]:
+        """Columns ((T, B, k) or (T, k)) and values (T, B, k) of all steps, in time order."""
+        idx, vals = torch.stack(self.idx), torch.stack(self.vals)
         if self.time_reversed:
             idx, vals = idx.flip(0), vals.flip(0)
-        k = idx.shape[2]
-        return idx.reshape(-1, k), vals.reshape(-1, k)
+        return idx, vals
 
     def propagated_dense(self, g2: Tensor) -> Tensor:
         """The propagated gradient (T B, 4H), for information-loss probes only."""
         if self.dense:
             return g2
-        idx, vals = self.entries()
-        return torch.zeros_like(g2).scatter_(1, idx, _as(vals, g2.dtype))
+        idx, vals = self._stacked()
+        steps, batch, k = vals.shape
+        idx = idx.expand(steps, batch, k) if idx.dim() == 3 else idx.unsqueeze(1).expand_as(vals)
+        return torch.zeros_like(g2).scatter_(1, idx.reshape(-1, k), _as(vals, g2.dtype).view(-1, k))
 
     def weight_grad(self, ctx, g2: Tensor, h2: Tensor) -> Tensor | None:
         """dW_hh (4H, H): the propagated entries of all steps times h_{t-1}, ``h2`` (T B, H);
@@ -222,15 +224,21 @@ class _StepGrads:
         if self.dense:
             log_touched_rows(weight, None)
             return _as(g2.t() @ h2, weight.dtype)
-        idx, vals = self.entries()  # (T B, k)
+        idx, vals = self._stacked()
+        steps, batch, k = vals.shape
         vals = _as(vals, h2.dtype)
-        if h2.device.type == "cpu" and h2.dtype in _WIDE:
-            cols, csr = column_csr(idx, vals)
-            dw_c = torch.sparse.mm(csr, h2)  # (c, H)
+        if not self.per_example:  # k columns per step: dense (k, B) x (B, H) products
+            rows = torch.bmm(vals.transpose(1, 2), h2.view(steps, batch, hidden))  # (T, k, H)
+            cols, pos = torch.unique(idx, sorted=True, return_inverse=True)  # (c,), (T, k)
+            dw_c = h2.new_zeros(cols.numel(), hidden).index_add_(
+                0, pos.reshape(-1), rows.view(-1, hidden))
+        elif h2.device.type == "cpu" and h2.dtype in _WIDE:
+            cols, csr = column_csr(idx.view(-1, k), vals.view(-1, k))
+            dw_c = torch.sparse.mm(csr, h2)  # (c, H): T B k H multiply-adds
         else:
-            cols, pos = torch.unique(idx, sorted=True, return_inverse=True)  # (c,), (T B, k)
+            cols, pos = torch.unique(idx, sorted=True, return_inverse=True)  # (c,), (T, B, k)
             g_c = torch.zeros(h2.shape[0], cols.numel(), dtype=h2.dtype, device=h2.device)
-            dw_c = g_c.scatter_(1, pos, vals).t() @ h2
+            dw_c = g_c.scatter_(1, pos.view(-1, k), vals.view(-1, k)).t() @ h2
         return _scatter_rows(ctx, cols, dw_c, four_h, hidden, weight_index=_W_HH)
 
 
@@ -247,8 +255,8 @@ def _backward_steps(
     k = plan.k
     use_memory = memory is not None and plan.alpha > 0 and not raw
     dgates = d_out.new_empty(steps, batch, four_h)
-    grads = _StepGrads(dgates, dense, time_reversed=not ctx.reverse)
     per_example = plan.selection not in UNIFIED_SELECTIONS
+    grads = _StepGrads(dgates, dense, per_example, time_reversed=not ctx.reverse)
     fast_rows = w.device.type == "cpu" and w.dtype in _WIDE
     unit_memory = use_memory and plan.layout == "unit"
     # per-step views made once: indexing inside the loop costs a dispatch each
@@ -290,7 +298,6 @@ def _backward_steps(
             dh = _as(vals, w.dtype) @ w.index_select(0, idx)
             if use_memory:
                 _store_memory_(memory, u.index_fill_(1, idx, 0), plan.layout, plan.alpha)
-            idx = idx.unsqueeze(0).expand(batch, -1)
         grads.idx.append(idx)
         grads.vals.append(vals)
     grads.dh, grads.dc = dh, dc
