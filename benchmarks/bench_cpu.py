@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import time
 
@@ -19,6 +18,7 @@ import torch
 from torch import nn
 
 import msbp
+from msbp.environment import cpu_name, environment
 
 SHAPES = [(1024, 4096, 4096), (50, 784, 500)]  # tokens x in x out
 
@@ -80,17 +80,15 @@ def main(argv: list[str] | None = None) -> None:
     for n, d_in, d_out in SHAPES:
         rows += bench_shape(n, d_in, d_out, args.ratio, args.rounds)
     print(f"backward of one linear layer, k/out = {args.ratio}, {args.threads} threads, "
-          f"torch {torch.__version__}, {platform.processor() or platform.machine()}")
+          f"torch {torch.__version__}, {cpu_name()}")
     print("| tokens x in x out | variant | k | median backward (ms) | vs dense |")
     print("|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['shape']} | {r['variant']} | {r['k']} | {r['median_ms']:.3f} | "
               f"{r['speedup']:.2f}x |")
     if args.out:
-        env = dict(torch=torch.__version__, threads=args.threads, machine=platform.machine(),
-                   python=platform.python_version())
         with open(args.out, "w") as f:
-            json.dump(dict(ratio=args.ratio, environment=env, results=rows), f, indent=2)
+            json.dump(dict(ratio=args.ratio, environment=environment(), results=rows), f, indent=2)
 
 
 if __name__ == "__main__":

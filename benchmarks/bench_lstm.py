@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import time
 
@@ -20,6 +19,7 @@ import torch
 from torch import nn
 
 import msbp
+from msbp.environment import cpu_name, environment
 
 # (batch, steps, input, hidden, k): the POS tagger's shape (32 sentences of ~25 words, 170
 # input features, hidden 500, meProp's k = 5) and a larger one at k/out = 0.04
@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> None:
     for shape in SHAPES:
         rows += bench_shape(*shape, args.rounds)
     print(f"one LSTM layer (batch x steps x input x hidden), {args.threads} threads, "
-          f"torch {torch.__version__}, {platform.processor() or platform.machine()}; ratios "
+          f"torch {torch.__version__}, {cpu_name()}; ratios "
           "are backward times against SparseLSTM with every unit kept (same code, dense)")
     print("| shape | variant | k | forward (ms) | backward (ms) | vs same code | vs nn.LSTM |")
     print("|---|---|---|---|---|---|---|")
@@ -93,10 +93,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"| {r['shape']} | {r['variant']} | {r['k']} | {r['forward_ms']:.2f} | "
               f"{r['backward_ms']:.2f} | {r['speedup']:.2f}x | {r['speedup_vs_torch']:.2f}x |")
     if args.out:
-        env = dict(torch=torch.__version__, threads=args.threads, machine=platform.machine(),
-                   python=platform.python_version())
         with open(args.out, "w") as f:
-            json.dump(dict(environment=env, results=rows), f, indent=2)
+            json.dump(dict(environment=environment(), results=rows), f, indent=2)
 
 
 if __name__ == "__main__":

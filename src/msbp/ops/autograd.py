@@ -151,12 +151,7 @@ class SparseLinearFunction(torch.autograd.Function):
         idx, witness = (None, u) if k >= out else select(u, k, plan.selection, plan.generator)
         if not _all_finite(witness):
             if plan.on_nonfinite == "raise":
-                where = f" in layer {plan.name!r}" if plan.name else ""
-                raise FloatingPointError(
-                    f"non-finite output gradient{where} (shape {tuple(grad_out.shape)}); the "
-                    "memory was left unchanged. Use on_nonfinite='skip' to propagate it densely "
-                    "(e.g. with a GradScaler)."
-                )
+                raise nonfinite_error(plan, "output gradient", grad_out.shape)
             # skip: memory untouched, the raw gradient goes through the dense chain rule
             gc = g.to(x.dtype)
             dx = (gc @ w).reshape(x_shape) if need_x else None
@@ -217,6 +212,15 @@ class SparseLinearFunction(torch.autograd.Function):
         if dx is not None:
             dx = dx.reshape(x_shape)
         return _cast_dx(ctx, dx), dW, db, None, None
+
+
+def nonfinite_error(plan: BackwardPlan, what: str, shape: torch.Size) -> FloatingPointError:
+    """The error of ``on_nonfinite="raise"``: which layer, which gradient, what to do."""
+    where = f" in layer {plan.name!r}" if plan.name else ""
+    return FloatingPointError(
+        f"non-finite {what}{where} (shape {tuple(shape)}); the memory was left unchanged. Use "
+        "on_nonfinite='skip' to propagate it densely (e.g. with a GradScaler)."
+    )
 
 
 def _all_finite(t: Tensor) -> bool:

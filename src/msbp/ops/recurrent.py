@@ -26,8 +26,6 @@ whole backward is redone densely from the raw gradients.
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
@@ -36,11 +34,13 @@ from msbp.ops.autograd import (
     _WIDE,
     BackwardPlan,
     _add_memory_,
+    _all_finite,
     _as,
     _autocast_dtype,
     _scatter_rows,
     _store_memory_,
     column_csr,
+    nonfinite_error,
     rows_product,
 )
 from msbp.ops.selection import UNIFIED_SELECTIONS, select
@@ -145,16 +145,11 @@ class SparseLSTMRecurrence(torch.autograd.Function):
         else:
             saved = memory.clone() if use_memory else None
             grads = _backward_steps(*parts, dense=plan.k >= four_h)
-            if not math.isfinite(grads.witness().sum().item()):
+            if not _all_finite(grads.witness()):
                 if saved is not None:  # leave the memory as it was before this backward
                     memory.resize_(saved.shape).copy_(saved)
                 if plan.on_nonfinite == "raise":
-                    where = f" in layer {plan.name!r}" if plan.name else ""
-                    raise FloatingPointError(
-                        f"non-finite gate gradient{where} (shape {tuple(act.shape)}); the memory "
-                        "was left unchanged. Use on_nonfinite='skip' to propagate it densely "
-                        "(e.g. with a GradScaler)."
-                    )
+                    raise nonfinite_error(plan, "gate gradient", act.shape)
                 grads = _backward_steps(*parts, dense=True, raw=True)
             elif plan.k >= four_h and memory is not None and plan.alpha > 0:
                 # everything was propagated: nothing to remember (as SparseLinear at k = out)
