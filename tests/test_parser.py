@@ -26,6 +26,7 @@ from msbp.tasks.parse import (
     N_FEATS,
     NULL,
     SHIFT,
+    ParserMLP,
     ParseTask,
     State,
     Vocab,
@@ -335,3 +336,20 @@ def test_reader_error_names_full_path_and_line(tmp_path: Path) -> None:
     with pytest.raises(DataError) as info:
         ParseTask(args)
     assert str(info.value).startswith(f"{path}:{line}: not valid UTF-8")
+
+
+def test_stacked_lookup_equals_three_tables() -> None:
+    """The one lookup in the stacked tables reads words, tags and labels from their own tables."""
+    torch.manual_seed(0)
+    model = ParserMLP(7, 5, 3, embedding_dim=4, hidden_size=6, activation="cube")
+    # tags 3 and 4 never occur: their rows must get no gradient
+    feats = torch.cat((torch.randint(0, 7, (9, 18)), torch.randint(0, 3, (9, 18)),
+                       torch.randint(0, 4, (9, 12))), dim=1)
+    x = torch.cat((model.word_embedding(feats[:, :18]), model.tag_embedding(feats[:, 18:36]),
+                   model.label_embedding(feats[:, 36:])), dim=1).flatten(1)
+    expected = model.output(model.hidden(x) ** 3)
+    torch.testing.assert_close(model(feats), expected)
+    model(feats).sum().backward()
+    assert model.label_embedding.weight.grad[feats[:, 36:].unique()].abs().sum() > 0
+    assert not model.tag_embedding.weight.grad[3:].any()
+    assert model.tag_embedding.weight.grad[:3].abs().sum(1).gt(0).all()
