@@ -319,3 +319,15 @@ def test_malformed_conllx_one_line(tmp_path, capsys, split, damage, message):
     assert rc == 2 and err.startswith("msbp: error: ")
     assert err.count("\n") == 1 and "Traceback" not in err
     assert f"{paths[split].name}:{line}: " in err and message in err
+
+
+def test_task_specific_defaults():
+    """Parsing defaults to unified top-k and 10,000 transitions; MNIST to per-example, batch 10."""
+    from msbp.cli import parse_args
+
+    parse = parse_args(["compare", "--task", "parse"])
+    mnist = parse_args(["compare", "--task", "mnist"])
+    assert (parse.selection, parse.batch_size) == ("unified", 10_000)
+    assert (mnist.selection, mnist.batch_size) == ("per_example", 10)
+    assert parse_args(["train", "--task", "parse", "--selection", "per_example"]).selection == (
+        "per_example")

@@ -413,11 +413,14 @@ def read_treebank(path: Path) -> list[Sentence]:
     return sentences
 
 
-def set_batch_default(parser: argparse.ArgumentParser, default: int, help_text: str) -> None:
-    """Give the common ``--batch-size`` a task-specific default and meaning."""
-    parser.set_defaults(batch_size=default)
-    action = parser._option_string_actions.get("--batch-size")
+def set_task_default(
+    parser: argparse.ArgumentParser, flag: str, default: Any, help_text: str
+) -> None:
+    """Give a common option (``--batch-size``, ``--selection``) a task-specific default and
+    meaning."""
+    action = parser._option_string_actions.get(flag)
     if action is not None:
+        parser.set_defaults(**{action.dest: default})
         action.help = help_text
 
 
@@ -459,7 +462,12 @@ class ParseTask(Task):
              default="cube")
         _add(g, "--dropout", dest="dropout", type=float, default=0.0)
         # meProp (after Chen & Manning) used mini-batches of 10,000 transitions
-        set_batch_default(parser, 10_000, "transitions per batch (default 10000, meProp)")
+        set_task_default(parser, "--batch-size", 10_000,
+                         "transitions per batch (default 10000, meProp)")
+        # at 10,000 transitions a batch, one set of k units for the batch (meProp's minibatch
+        # operator) is the one that compacts to dense GEMMs; per-example gains far less
+        set_task_default(parser, "--selection", "unified",
+                         "unified top-k (default for parsing), per_example or random")
 
     def __init__(self, args: argparse.Namespace) -> None:
         super().__init__(args)

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from msbp.data.conll import choose_tag_column, read_conll2000
 from msbp.data.errors import DataError
 from msbp.tasks.base import Task
-from msbp.tasks.parse import find_data_dir, read_treebank, set_batch_default, treebank_paths
+from msbp.tasks.parse import find_data_dir, read_treebank, set_task_default, treebank_paths
 
 log = logging.getLogger(__name__)
 
@@ -159,7 +159,7 @@ class PosTask(Task):
         g.add_argument("--bucket", type=int, default=20,
                        help="batches per length-sorted bucket (less padding; default 20)")
         # 32 sentences keep the per-time-step loop of SparseLSTM busy enough
-        set_batch_default(parser, 32, "sentences per batch (default 32)")
+        set_task_default(parser, "--batch-size", 32, "sentences per batch (default 32)")
 
     def __init__(self, args: argparse.Namespace) -> None:
         super().__init__(args)
