@@ -154,8 +154,20 @@ def test_recurrence_matches_stepwise_reference(
     selection: str, layout: str, memory: float, reverse: bool
 ) -> None:
     """Gradients of every input and the memory after each of two batches equal the oracle's."""
-    cfg = make_cfg(selection, layout, memory, k=3)
-    steps, batch, hidden = 5, 3, 4
+    _check_recurrence(selection, layout, memory, reverse, steps=5, batch=3, hidden=4, k=3)
+
+
+@pytest.mark.parametrize("memory", [0.0, 0.8])
+def test_recurrence_sparse_weight_gradient_route(memory: float) -> None:
+    """Per-example rows that keep many distinct columns (c >= 20 k): dW_hh as a CSR product."""
+    _check_recurrence("per_example", "unit", memory, False, steps=10, batch=4, hidden=8, k=1)
+
+
+def _check_recurrence(
+    selection: str, layout: str, memory: float, reverse: bool, *, steps: int, batch: int,
+    hidden: int, k: int,
+) -> None:
+    cfg = make_cfg(selection, layout, memory, k=k)
     gen = torch.Generator().manual_seed(0)
     weights = _recurrence_inputs(gen, steps, batch, hidden)[3:]
     w_fast, b_fast = (p.detach().clone().requires_grad_() for p in weights)
@@ -164,7 +176,7 @@ def test_recurrence_matches_stepwise_reference(
                            dtype=torch.float64)
     box = [mem_fast.clone()]
     sel_fast, sel_ref = (torch.Generator().manual_seed(7) for _ in range(2))
-    options = dict(k=3, selection=selection, alpha=memory, layout=layout, generator=sel_ref)
+    options = dict(k=k, selection=selection, alpha=memory, layout=layout, generator=sel_ref)
     for _ in range(2):
         gx, h0, c0 = _recurrence_inputs(gen, steps, batch, hidden)[:3]
         d_out, d_h, d_c = (torch.randn(s, generator=gen, dtype=torch.float64)

@@ -191,21 +191,24 @@ class SparseLinearFunction(torch.autograd.Function):
             vals = _as(u.gather(1, idx), x.dtype)  # (n, k)
             if plan.probe is not None:
                 plan.probe(g, x2, torch.zeros_like(u).scatter_(1, idx, u.gather(1, idx)))
-            cols, csr = column_csr(idx, vals)  # (c,) distinct columns, (c, n)
-            if _csr_pays(x, k, cols.numel()):
-                # rows share few columns: sparse products cost n k in, dense ones n c in
-                if need_x:
-                    dx = rows_product(idx, vals, w)  # (n, in)
-                if need_w:
-                    dW = _scatter_rows(ctx, cols, torch.sparse.mm(csr, x2), out, d_in)
-            else:  # the propagated gradient compacted to the kept columns: dense GEMMs of width c
-                pos = torch.searchsorted(cols, idx)  # (n, k) in [0, c)
-                g_c = torch.zeros(n, cols.numel(), dtype=x.dtype, device=x.device)
-                g_c.scatter_(1, pos, vals)  # (n, c)
-                if need_x:
-                    dx = g_c @ w.index_select(0, cols)  # (n, in)
-                if need_w:
-                    dW = _scatter_rows(ctx, cols, g_c.t() @ x2, out, d_in)
+            cols = torch.unique(idx)  # (c,) distinct columns, sorted
+            c = cols.numel()
+            g_c = None
+            if not (_csr_pays(x, k, c, _DX_SPARSE_RATIO) and _csr_pays(x, k, c, _DW_SPARSE_RATIO)):
+                # the propagated gradient compacted to the kept columns: GEMMs of width c
+                g_c = torch.zeros(n, c, dtype=x.dtype, device=x.device)
+                g_c.scatter_(1, torch.searchsorted(cols, idx), vals)  # (n, c)
+            if need_x:
+                if _csr_pays(x, k, c, _DX_SPARSE_RATIO):
+                    dx = rows_product(idx, vals, w)  # (n, in): n k in multiply-adds
+                else:
+                    dx = g_c @ w.index_select(0, cols)  # (n, in): n c in
+            if need_w:
+                if _csr_pays(x, k, c, _DW_SPARSE_RATIO):
+                    dW_c = torch.sparse.mm(column_csr(idx, vals)[1], x2)  # (c, in): n k in
+                else:
+                    dW_c = g_c.t() @ x2  # (c, in): n c in
+                dW = _scatter_rows(ctx, cols, dW_c, out, d_in)
             if use_memory:
                 _store_memory_(memory, u.scatter_(1, idx, 0), plan.layout, plan.alpha)
 
@@ -241,10 +244,17 @@ def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
     return t if t.dtype == dtype else t.to(dtype)
 
 
-def _csr_pays(x: Tensor, k: int, c: int) -> bool:
-    # measured on a 2-core CPU: CSR products beat the dense ones over the c kept columns once
-    # rows share few columns (c >= 2k); CUDA and 16-bit CSR products are not reliably fast
-    return x.device.type == "cpu" and x.dtype in _WIDE and c >= 2 * k
+# Per-example products on the CPU: the sparse form costs n k in multiply-adds at a few GFLOP/s,
+# the dense GEMM over the c kept columns n c in at ~75. Measured (benchmarks/bench_cpu.py, and real
+# parser gradients at 10000 x 2400 x 500, k = 20): embedding_bag's dx wins from c = 2k on; the CSR
+# dW only from c ~ 20k (at c = 14k, on skewed real columns, it took 154 ms against 75 ms).
+_DX_SPARSE_RATIO = 2
+_DW_SPARSE_RATIO = 20
+
+
+def _csr_pays(x: Tensor, k: int, c: int, ratio: int) -> bool:
+    # CUDA and 16-bit sparse products are not reliably fast
+    return x.device.type == "cpu" and x.dtype in _WIDE and c >= ratio * k
 
 
 def _sparse_csr(crow: Tensor, col: Tensor, values: Tensor, size: tuple[int, int]) -> Tensor:

@@ -31,12 +31,14 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from msbp.ops.autograd import (
+    _DW_SPARSE_RATIO,
     _WIDE,
     BackwardPlan,
     _add_memory_,
     _all_finite,
     _as,
     _autocast_dtype,
+    _csr_pays,
     _scatter_rows,
     _store_memory_,
     column_csr,
@@ -227,13 +229,14 @@ class _StepGrads:
             cols, pos = torch.unique(idx, sorted=True, return_inverse=True)  # (c,), (T, k)
             dw_c = h2.new_zeros(cols.numel(), hidden).index_add_(
                 0, pos.reshape(-1), rows.view(-1, hidden))
-        elif h2.device.type == "cpu" and h2.dtype in _WIDE:
-            cols, csr = column_csr(idx.view(-1, k), vals.view(-1, k))
-            dw_c = torch.sparse.mm(csr, h2)  # (c, H): T B k H multiply-adds
         else:
             cols, pos = torch.unique(idx, sorted=True, return_inverse=True)  # (c,), (T, B, k)
-            g_c = torch.zeros(h2.shape[0], cols.numel(), dtype=h2.dtype, device=h2.device)
-            dw_c = g_c.scatter_(1, pos.view(-1, k), vals.view(-1, k)).t() @ h2
+            if _csr_pays(h2, k, cols.numel(), _DW_SPARSE_RATIO):
+                csr = column_csr(idx.view(-1, k), vals.view(-1, k))[1]
+                dw_c = torch.sparse.mm(csr, h2)  # (c, H): T B k H multiply-adds
+            else:
+                g_c = torch.zeros(h2.shape[0], cols.numel(), dtype=h2.dtype, device=h2.device)
+                dw_c = g_c.scatter_(1, pos.view(-1, k), vals.view(-1, k)).t() @ h2
         return _scatter_rows(ctx, cols, dw_c, four_h, hidden, weight_index=_W_HH)
 
 
