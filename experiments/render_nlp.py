@@ -33,8 +33,7 @@ TIME_NOTE = (
     "their timings compare different implementations (see the README for same-code timings)."
 )
 QUIET_NOTE = (
-    "Timings: seed(s) {seeds} only, each run alone on a quiet 2-core AMD EPYC with 2 threads, "
-    "the three methods one after the other in one process."
+    "Timings: seed(s) {seeds} only, each run alone on a quiet 2-core AMD EPYC with 2 threads."
 )
 
 
