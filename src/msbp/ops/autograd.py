@@ -191,7 +191,8 @@ class SparseLinearFunction(torch.autograd.Function):
             vals = _as(u.gather(1, idx), x.dtype)  # (n, k)
             if plan.probe is not None:
                 plan.probe(g, x2, torch.zeros_like(u).scatter_(1, idx, u.gather(1, idx)))
-            cols = torch.unique(idx)  # (c,) distinct columns, sorted
+            groups = group_columns(idx)
+            cols = groups[1]  # (c,) distinct columns, sorted
             c = cols.numel()
             g_c = None
             if not (_csr_pays(x, k, c, _DX_SPARSE_RATIO) and _csr_pays(x, k, c, _DW_SPARSE_RATIO)):
@@ -205,7 +206,7 @@ class SparseLinearFunction(torch.autograd.Function):
                     dx = g_c @ w.index_select(0, cols)  # (n, in): n c in
             if need_w:
                 if _csr_pays(x, k, c, _DW_SPARSE_RATIO):
-                    dW_c = torch.sparse.mm(column_csr(idx, vals)[1], x2)  # (c, in): n k in
+                    dW_c = torch.sparse.mm(column_csr(groups, vals), x2)  # (c, in): n k in
                 else:
                     dW_c = g_c.t() @ x2  # (c, in): n c in
                 dW = _scatter_rows(ctx, cols, dW_c, out, d_in)
@@ -272,19 +273,27 @@ def rows_product(idx: Tensor, vals: Tensor, weight: Tensor) -> Tensor:
     return F.embedding_bag(idx, weight, per_sample_weights=vals, mode="sum")
 
 
-def column_csr(idx: Tensor, vals: Tensor) -> tuple[Tensor, Tensor]:
-    """The transpose of the (n, out) matrix holding ``vals`` (n, k) at columns ``idx`` (n, k),
-    compacted to its c distinct columns: ``(cols (c,) sorted, (c, n) CSR matrix)``.
-
-    ``csr @ x`` is the (c, in) weight gradient at n k in multiply-adds. Built directly with one
-    sort, because torch's transpose of a CSR matrix is slow."""
-    n, k = idx.shape
-    flat_cols, order = torch.sort(idx.reshape(-1), stable=True)  # entries grouped by column
+def group_columns(idx: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The kept entries ``idx`` (n, k) grouped by column with one stable sort: ``order`` (n k,)
+    (flat entry positions, column by column, rows ascending), the distinct columns ``cols`` (c,)
+    sorted, and the number of entries of each ``counts`` (c,)."""
+    flat_cols, order = torch.sort(idx.reshape(-1), stable=True)
     cols, counts = torch.unique_consecutive(flat_cols, return_counts=True)
-    crow = torch.zeros(cols.numel() + 1, dtype=torch.long, device=idx.device)
+    return order, cols, counts
+
+
+def column_csr(groups: tuple[Tensor, Tensor, Tensor], vals: Tensor) -> Tensor:
+    """The transpose of the (n, out) matrix holding ``vals`` (n, k) at the columns grouped in
+    ``groups`` (from ``group_columns``), compacted to those c columns: a (c, n) CSR matrix.
+
+    ``csr @ x`` is the (c, in) weight gradient at n k in multiply-adds. Built directly, because
+    torch's transpose of a CSR matrix is slow."""
+    order, cols, counts = groups
+    n, k = vals.shape
+    crow = torch.zeros(cols.numel() + 1, dtype=torch.long, device=vals.device)
     torch.cumsum(counts, 0, out=crow[1:])
     rows = order.div(k, rounding_mode="floor")  # the row of every entry, ascending per column
-    return cols, _sparse_csr(crow, rows, vals.reshape(-1)[order], (cols.numel(), n))
+    return _sparse_csr(crow, rows, vals.reshape(-1)[order], (cols.numel(), n))
 
 
 def _scatter_rows(

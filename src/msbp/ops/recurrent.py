@@ -42,6 +42,7 @@ from msbp.ops.autograd import (
     _scatter_rows,
     _store_memory_,
     column_csr,
+    group_columns,
     nonfinite_error,
     rows_product,
 )
@@ -230,13 +231,14 @@ class _StepGrads:
             dw_c = h2.new_zeros(cols.numel(), hidden).index_add_(
                 0, pos.reshape(-1), rows.view(-1, hidden))
         else:
-            cols, pos = torch.unique(idx, sorted=True, return_inverse=True)  # (c,), (T, B, k)
+            idx, vals = idx.reshape(-1, k), vals.reshape(-1, k)  # (T B, k)
+            groups = group_columns(idx)
+            cols = groups[1]  # (c,) distinct columns, sorted
             if _csr_pays(h2, k, cols.numel(), _DW_SPARSE_RATIO):
-                csr = column_csr(idx.view(-1, k), vals.view(-1, k))[1]
-                dw_c = torch.sparse.mm(csr, h2)  # (c, H): T B k H multiply-adds
+                dw_c = torch.sparse.mm(column_csr(groups, vals), h2)  # (c, H): T B k H
             else:
                 g_c = torch.zeros(h2.shape[0], cols.numel(), dtype=h2.dtype, device=h2.device)
-                dw_c = g_c.scatter_(1, pos.view(-1, k), vals.view(-1, k)).t() @ h2
+                dw_c = g_c.scatter_(1, torch.searchsorted(cols, idx), vals).t() @ h2
         return _scatter_rows(ctx, cols, dw_c, four_h, hidden, weight_index=_W_HH)
 
 
