@@ -485,16 +485,16 @@ class ParseTask(Task):
             self.splits[split] = sents
         tag_column, tag_note = choose_tag_column(train, opt("tag_column", "xpos"))
         self.vocab = Vocab(train, tag_column=tag_column)
-        multi_root = sum(sum(t.head == 0 for t in s) > 1 for s in train)
+        multi_rooted = sum(sum(t.head == 0 for t in s) > 1 for s in train)
         roots = opt("roots", "auto")
-        self.multi_root = roots == "multiple" or (roots == "auto" and multi_root > 0)
+        self.multi_root = roots == "multiple" or (roots == "auto" and multi_rooted > 0)
         self.features, self.targets, counts = training_examples(
             train, self.vocab, self.multi_root
         )
         if not counts["used"]:
             raise DataError(
                 f"{paths['train']}: none of its {len(train)} training trees can be derived by the "
-                f"arc-standard oracle ({counts['non_projective']} non-projective, {multi_root} "
+                f"arc-standard oracle ({counts['non_projective']} non-projective, {multi_rooted} "
                 "with several roots)"
             )
         self.batch_size = int(opt("batch_size") or 10_000)
@@ -508,8 +508,8 @@ class ParseTask(Task):
             f"{len(self.splits['dev'])}/{len(self.splits['test'])} sentences (all kept); "
             f"features in {time.perf_counter() - t0:.1f} s"
         )
-        if multi_root:
-            summary += f"; {multi_root} training trees have several roots"
+        if multi_rooted:
+            summary += f"; {multi_rooted} training trees have several roots"
         summary += f"; the root takes {'several children' if self.multi_root else 'one child'}"
         if tag_note:
             summary += f"; {tag_note}"
