@@ -1,0 +1,177 @@
+"""The native CPU kernels (``msbp/csrc/*.cpp``): built once at first use into a cache, or absent.
+
+Why at first use and not at install time: a compiled wheel or an install-time build must match the
+user's exact torch build, and building at install time needs torch inside pip's isolated build
+environment, where an unpinned ``torch`` pulls a multi-GB CUDA build. Building at first use
+against the torch that is actually imported (``torch.utils.cpp_extension.load`` with ninja, as
+many PyTorch projects do) costs the first process about a minute on two cores; later processes
+load the cached library in milliseconds. Where no compiler exists, or the build fails, msbp warns
+once and runs the pure-PyTorch path, which is also the oracle the native path is tested against.
+
+Backend selection, by the environment variable ``MSBP_BACKEND`` (read at first use, or set with
+``set_backend``):
+
+- ``auto`` (default): native if it builds, else the PyTorch path with one warning;
+- ``native``: native or an error saying why not;
+- ``python``: never build or load; the pure-PyTorch path everywhere.
+
+The ops are registered under ``torch.ops.msbp`` by the C++ sources (``TORCH_LIBRARY_FRAGMENT``);
+each op's Python slice (``msbp.ops.<stem>``) declares its schema's fake implementation and calls
+``use_native()`` to decide.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+import threading
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+BACKEND_ENV = "MSBP_BACKEND"
+CACHE_ENV = "MSBP_CACHE_DIR"
+BACKENDS = ("auto", "native", "python")
+CSRC = Path(__file__).parent / "csrc"
+
+_lock = threading.Lock()
+_state: dict[str, Any] = {"backend": None, "loaded": None, "error": None, "path": None}
+
+
+class NativeUnavailableError(RuntimeError):
+    """``MSBP_BACKEND=native`` was asked for, but the native kernels could not be built."""
+
+
+def _requested() -> str:
+    if _state["backend"] is None:
+        want = os.environ.get(BACKEND_ENV, "auto").strip().lower() or "auto"
+        if want not in BACKENDS:
+            raise ValueError(f"{BACKEND_ENV}={want!r}: expected one of {BACKENDS}")
+        _state["backend"] = want
+    return _state["backend"]
+
+
+def set_backend(name: str) -> None:
+    """Force the backend for this process: ``"auto"``, ``"native"`` or ``"python"``.
+
+    ``"native"`` builds (or loads) the kernels now and raises ``NativeUnavailableError`` if that
+    fails.
+    """
+    if name not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
+    _state["backend"] = name
+    if name == "native":
+        _ensure_loaded(strict=True)
+
+
+def cpu_flags() -> list[str]:
+    """Compiler flags for this CPU: AVX2/FMA where the CPU has them (never ``-march=native``,
+    so a cached build runs on any AVX2 machine), else the baseline of the architecture."""
+    flags = ["-O3", "-fopenmp", "-std=c++17"]
+    capability = torch.backends.cpu.get_cpu_capability()
+    if capability in ("AVX2", "AVX512"):
+        flags += ["-mavx2", "-mfma", "-mf16c"]
+    return flags
+
+
+def sources() -> list[Path]:
+    """The C++ sources of the extension, one file per op stem."""
+    return sorted(CSRC.glob("*.cpp"))
+
+
+def _build_key(srcs: list[Path], flags: list[str]) -> str:
+    h = hashlib.sha256()
+    for part in (torch.__version__, sys.version, " ".join(flags)):
+        h.update(part.encode())
+    for src in sorted(list(srcs) + sorted(CSRC.glob("*.h"))):
+        h.update(src.name.encode())
+        h.update(src.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def cache_dir() -> Path:
+    """Where builds are kept: ``$MSBP_CACHE_DIR`` or ``~/.cache/msbp/native``."""
+    root = os.environ.get(CACHE_ENV) or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "msbp", "native"
+    )
+    return Path(root)
+
+
+def _build() -> str:
+    from torch.utils import cpp_extension
+
+    srcs = sources()
+    if not srcs:
+        raise RuntimeError(f"no C++ sources in {CSRC}")
+    flags = cpu_flags()
+    key = _build_key(srcs, flags)
+    name = f"msbp_native_{key}"
+    build_dir = cache_dir() / name
+    build_dir.mkdir(parents=True, exist_ok=True)
+    cpp_extension.load(
+        name=name,
+        sources=[str(s) for s in srcs],
+        extra_cflags=flags + [f"-I{CSRC}"],
+        extra_ldflags=["-fopenmp"],
+        build_directory=str(build_dir),
+        is_python_module=False,
+        verbose=os.environ.get("MSBP_BUILD_VERBOSE", "") not in ("", "0"),
+    )
+    return str(build_dir)
+
+
+def _ensure_loaded(strict: bool) -> bool:
+    if _state["loaded"] is None:
+        with _lock:
+            if _state["loaded"] is None:
+                try:
+                    _state["path"] = _build()
+                    _state["loaded"] = True
+                except Exception as exc:  # a missing compiler, a failed build: fall back
+                    _state["error"] = f"{type(exc).__name__}: {str(exc).strip()[-2000:]}"
+                    _state["loaded"] = False
+                    if not strict:
+                        warnings.warn(
+                            "msbp: the native kernels could not be built, using the PyTorch "
+                            f"path (set {BACKEND_ENV}=python to silence this): "
+                            f"{_state['error'][:500]}",
+                            RuntimeWarning,
+                            stacklevel=3,
+                        )
+    if strict and not _state["loaded"]:
+        raise NativeUnavailableError(
+            f"{BACKEND_ENV}=native, but the native kernels are unavailable: {_state['error']}"
+        )
+    return bool(_state["loaded"])
+
+
+def use_native(device: torch.device | None = None) -> bool:
+    """Whether ops on ``device`` should run the native kernels (CPU only for now)."""
+    if device is not None and device.type != "cpu":
+        return False
+    want = _requested()
+    if want == "python":
+        return False
+    return _ensure_loaded(strict=want == "native")
+
+
+def status() -> dict[str, Any]:
+    """For ``msbp info``: the backend asked for, the one active, and why not native if not."""
+    want = _requested()
+    active = "python"
+    if want != "python":
+        try:
+            active = "native" if _ensure_loaded(strict=False) else "python"
+        except Exception:  # status must never fail
+            active = "python"
+    return {
+        "requested": want,
+        "active": active,
+        "build_dir": _state["path"],
+        "error": _state["error"],
+        "cflags": cpu_flags(),
+        "sources": [s.name for s in sources()],
+    }
