@@ -23,7 +23,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from msbp.ops.selection import UNIFIED_SELECTIONS, select
-from msbp.optim import log_touched_rows
+from msbp.ops.touched_rows import log_touched_rows
 
 
 @dataclass(frozen=True)

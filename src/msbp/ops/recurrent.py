@@ -47,7 +47,7 @@ from msbp.ops.autograd import (
     rows_product,
 )
 from msbp.ops.selection import UNIFIED_SELECTIONS, select
-from msbp.optim import log_touched_rows
+from msbp.ops.touched_rows import log_touched_rows
 
 _W_HH = 3  # position of w_hh among the inputs of SparseLSTMRecurrence.forward
 # grad * y (1 - y) and grad * (1 - y^2) for y = sigmoid(.), tanh(.): one op each
