@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from msbp.config import SparseBackpropConfig
-from msbp.ops.autograd import BackwardPlan, SparseLinearFunction
+from msbp.ops.sparse_linear import BackwardPlan, SparseLinearFunction
 
 
 def memory_dtype(param_dtype: torch.dtype) -> torch.dtype:

@@ -1,6 +1,6 @@
-"""Operators: selection, the autograd function, and the plain-PyTorch reference."""
+"""Operators: selection, the sparse linear op, the recurrence, and the plain-PyTorch reference."""
 
 from msbp.ops import reference, selection
-from msbp.ops.autograd import BackwardPlan, SparseLinearFunction
+from msbp.ops.sparse_linear import BackwardPlan, SparseLinearFunction
 
 __all__ = ["BackwardPlan", "SparseLinearFunction", "reference", "selection"]

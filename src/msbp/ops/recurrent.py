@@ -30,23 +30,22 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from msbp.ops.autograd import (
+from msbp.ops.memory import add_memory_ as _add_memory_
+from msbp.ops.memory import store_memory_ as _store_memory_
+from msbp.ops.selection import UNIFIED_SELECTIONS, select
+from msbp.ops.sparse_linear import (
     _DW_SPARSE_RATIO,
     _WIDE,
     BackwardPlan,
-    _add_memory_,
-    _all_finite,
     _as,
-    _autocast_dtype,
-    _csr_pays,
-    _scatter_rows,
-    _store_memory_,
     column_csr,
     group_columns,
     nonfinite_error,
+    place_weight_rows,
     rows_product,
 )
-from msbp.ops.selection import UNIFIED_SELECTIONS, select
+from msbp.ops.sparse_linear import autocast_dtype as _autocast_dtype
+from msbp.ops.sparse_linear import csr_pays as _csr_pays
 from msbp.ops.touched_rows import log_touched_rows
 
 _W_HH = 3  # position of w_hh among the inputs of SparseLSTMRecurrence.forward
@@ -148,7 +147,7 @@ class SparseLSTMRecurrence(torch.autograd.Function):
         else:
             saved = memory.clone() if use_memory else None
             grads = _backward_steps(*parts, dense=plan.k >= four_h)
-            if not _all_finite(grads.witness()):
+            if not bool(torch.isfinite(grads.witness()).all()):  # no overflow, unlike a sum
                 if saved is not None:  # leave the memory as it was before this backward
                     memory.resize_(saved.shape).copy_(saved)
                 if plan.on_nonfinite == "raise":
@@ -239,7 +238,7 @@ class _StepGrads:
             else:
                 g_c = torch.zeros(h2.shape[0], cols.numel(), dtype=h2.dtype, device=h2.device)
                 dw_c = g_c.scatter_(1, torch.searchsorted(cols, idx), vals).t() @ h2
-        return _scatter_rows(ctx, cols, dw_c, four_h, hidden, weight_index=_W_HH)
+        return place_weight_rows(ctx, weight, _W_HH, cols, dw_c, ctx.plan.grad_inplace)
 
 
 def _backward_steps(

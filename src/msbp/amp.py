@@ -1,0 +1,72 @@
+"""Mixed precision: a ``torch.amp.GradScaler`` that sparse layers' memories can live with.
+
+Use ``msbp.amp.GradScaler`` exactly like ``torch.amp.GradScaler`` (the standard loop
+``scaler.scale(loss).backward(); scaler.step(opt); scaler.update()`` is all it takes)::
+
+    scaler = msbp.amp.GradScaler("cuda")
+    with torch.autocast("cuda", dtype=torch.float16):
+        loss = loss_fn(model(x), y)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+
+What it adds: (1) while a scaled loss is backpropagated, the sparse layers add their memory back
+times the current scale and store what they did not propagate divided by it, so the memory stays
+in unscaled units and comes back at the right size when the scale changes; (2) a sparse layer that
+meets a non-finite gradient propagates it densely (``on_nonfinite="skip"``) so the scaler can see
+it; (3) when the scaler skips a step (some gradient overflowed), ``update()`` restores every
+memory that changed since ``scale()`` to its value before, so no memory advances on a skipped
+step. With plain ``torch.amp.GradScaler`` the memory would hold scaled gradients.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from msbp.ops import scaling
+
+
+class GradScaler(torch.amp.GradScaler):
+    """``torch.amp.GradScaler`` that keeps sparse layers' memory unscaled and rolls it back on
+    skipped steps; same constructor, same methods."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._msbp_snapshots: dict[int, tuple[Tensor, Tensor]] = {}
+
+    def scale(self, outputs):  # type: ignore[override]
+        scaled = super().scale(outputs)
+        if self._enabled:
+            scaling.activate(self)
+        return scaled
+
+    def get_scale_tensor(self) -> Tensor:
+        """The current scale as a one-element float32 tensor on the scaler's device."""
+        if self._scale is None:
+            self._lazy_init_scale_growth_tracker(torch.device(self._device))
+        return self._scale
+
+    def snapshot(self, memory: Tensor) -> None:
+        """Keep ``memory``'s value from before its first change in this iteration."""
+        key = id(memory)
+        if key not in self._msbp_snapshots:
+            self._msbp_snapshots[key] = (memory, memory.detach().clone())
+
+    def _step_skipped(self) -> bool:
+        found = [
+            f for state in self._per_optimizer_states.values()
+            for f in state["found_inf_per_device"].values()
+        ]
+        return any(float(f.sum()) > 0 for f in found)  # update() synchronises anyway
+
+    def update(self, new_scale: float | Tensor | None = None) -> None:
+        if self._enabled and self._msbp_snapshots and self._step_skipped():
+            with torch.no_grad():
+                for memory, old in self._msbp_snapshots.values():
+                    memory.resize_(old.shape).copy_(old)
+        self._msbp_snapshots.clear()
+        scaling.deactivate(self)
+        super().update(new_scale)

@@ -1,0 +1,437 @@
+// msbp::sparse_linear_backward: the MSBP backward of y = x W^T + b as one op (CPU).
+//
+//   U  = G + M * scale        (M kept unscaled; spread as M / n for the `unit` layout)
+//   S  = select_k(U)          (unified / random: k columns; per-example: k entries per row)
+//   dx = U_S W_S ; dW = U_S^T x   (compacted: only k columns of U, k rows of W and dW)
+//   M  = alpha * (U - U_S) / scale
+//   db = colsum(G)
+//
+// One pass over G builds U, the column scores, the column sums of U and of G, and the finiteness
+// flag; the products are ATen GEMMs of width k (unified) or blocked loops over the kept entries
+// (per-example); the memory write needs no second pass over U for the `unit` layout. Mirrors
+// msbp.ops.sparse_linear.sparse_linear_backward_torch (the fallback) and
+// msbp.ops.reference.sparse_linear_backward_ref (the oracle).
+#include "common.h"
+
+#include <algorithm>
+#include <cmath>
+#include <numeric>
+#include <vector>
+
+namespace msbp {
+namespace {
+
+using at::Tensor;
+using Out5 = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>;
+
+enum Selection : int64_t { kUnified = 0, kPerExample = 1, kRandom = 2 };
+
+// Entry e keeps (score desc, index asc): ties resolve to the lower index, so the result does not
+// depend on the order nth_element leaves equal scores in.
+template <typename A>
+inline bool better(A sa, int64_t ia, A sb, int64_t ib) {
+  return sa > sb || (sa == sb && ia < ib);
+}
+
+// The k best of scores[0..m), written to out (unsorted).
+template <typename A>
+void topk_indices(const A* scores, int64_t m, int64_t k, int64_t* out, std::vector<int64_t>& buf) {
+  buf.resize(m);
+  std::iota(buf.begin(), buf.end(), 0);
+  if (k < m) {
+    std::nth_element(buf.begin(), buf.begin() + k, buf.end(), [&](int64_t a, int64_t b) {
+      return better(scores[a], a, scores[b], b);
+    });
+  }
+  std::copy(buf.begin(), buf.begin() + k, out);
+}
+
+// Pass 1, over columns [o0, o1): U = G + madd, colsum |U|, colsum U, colsum G, finiteness.
+template <typename G, typename A>
+void build_u(const G* g, A* u, int64_t n, int64_t out, int64_t o0, int64_t o1, const A* mem,
+             bool slot, A mem_mul, A* score, A* usum, A* gsum, A* bad) {
+  A nan_acc = 0;
+  for (int64_t o = o0; o < o1; ++o) score[o] = usum[o] = gsum[o] = 0;
+  for (int64_t r = 0; r < n; ++r) {
+    const G* gr = g + r * out;
+    A* ur = u + r * out;
+    const A* mr = mem ? (slot ? mem + r * out : mem) : nullptr;
+    for (int64_t o = o0; o < o1; ++o) {
+      A gv = static_cast<A>(gr[o]);
+      A v = mr ? gv + mr[o] * mem_mul : gv;
+      ur[o] = v;
+      score[o] += std::abs(v);
+      usum[o] += v;
+      gsum[o] += gv;
+      nan_acc += v * A(0);  // NaN iff some v is inf or NaN; never overflows
+    }
+  }
+  *bad = nan_acc;
+}
+
+// GCC/Clang vector types: AVX2 registers under -mavx2, SSE pairs otherwise; no intrinsics.
+typedef float v8f __attribute__((vector_size(32), aligned(4)));
+typedef double v4d __attribute__((vector_size(32), aligned(8)));
+template <typename T> struct Vec;
+template <> struct Vec<float> { using type = v8f; static constexpr int width = 8; };
+template <> struct Vec<double> { using type = v4d; static constexpr int width = 4; };
+
+constexpr int kBlockVecs = 8;  // accumulators per block: 64 floats / 32 doubles in registers
+
+// dst[0..len) (+)= sum_j coef[j] * src_rows[j][0..len); the sparse products' inner kernel.
+template <typename T, bool Add>
+void axpy_rows(T* dst, const T* const* src_rows, const T* coef, int64_t cnt, int64_t len) {
+  using V = typename Vec<T>::type;
+  constexpr int W = Vec<T>::width;
+  constexpr int B = W * kBlockVecs;
+  int64_t b = 0;
+  for (; b + B <= len; b += B) {
+    V acc[kBlockVecs];
+    for (int q = 0; q < kBlockVecs; ++q) acc[q] = V{} ;
+    for (int64_t j = 0; j < cnt; ++j) {
+      const T* s = src_rows[j] + b;
+      V c = V{} + coef[j];
+      for (int q = 0; q < kBlockVecs; ++q) {
+        V sv;
+        __builtin_memcpy(&sv, s + q * W, sizeof(V));
+        acc[q] += c * sv;
+      }
+    }
+    for (int q = 0; q < kBlockVecs; ++q) {
+      V d;
+      if (Add) {
+        __builtin_memcpy(&d, dst + b + q * W, sizeof(V));
+        d += acc[q];
+      } else {
+        d = acc[q];
+      }
+      __builtin_memcpy(dst + b + q * W, &d, sizeof(V));
+    }
+  }
+  for (; b < len; ++b) {
+    T acc = 0;
+    for (int64_t j = 0; j < cnt; ++j) acc += coef[j] * src_rows[j][b];
+    dst[b] = Add ? dst[b] + acc : acc;
+  }
+}
+
+// dx (n, in) = sum over row r's kept entries vals[r, j] * W[idx[r, j]]: n k in multiply-adds.
+template <typename T>
+void rows_product(const int64_t* idx, const T* vals, const T* w, T* dx, int64_t n, int64_t k,
+                  int64_t d_in) {
+  at::parallel_for(0, n, 1, [&](int64_t r0, int64_t r1) {
+    std::vector<const T*> src(k);
+    for (int64_t r = r0; r < r1; ++r) {
+      for (int64_t j = 0; j < k; ++j) src[j] = w + idx[r * k + j] * d_in;
+      axpy_rows<T, false>(dx + r * d_in, src.data(), vals + r * k, k, d_in);
+    }
+  });
+}
+
+// dW rows: for each kept column o (CSC lists), dst[o] (+)= sum over its entries v * x[row].
+template <typename T, bool Add>
+void columns_product(const int64_t* cols, int64_t c, const int64_t* start, const int64_t* rows,
+                     const T* vals, const T* x, T* dst, int64_t d_in) {
+  at::parallel_for(0, c, 1, [&](int64_t c0, int64_t c1) {
+    std::vector<const T*> src;
+    for (int64_t q = c0; q < c1; ++q) {
+      int64_t s = start[q], e = start[q + 1];
+      src.resize(e - s);
+      for (int64_t t = s; t < e; ++t) src[t - s] = x + rows[t] * d_in;
+      axpy_rows<T, Add>(dst + cols[q] * d_in, src.data(), vals + s, e - s, d_in);
+    }
+  });
+}
+
+[[noreturn]] void nonfinite() {
+  TORCH_CHECK(false, "msbp-nonfinite: non-finite output gradient; the memory was left unchanged");
+}
+
+template <typename A>
+Out5 backward_impl(const Tensor& grad_out, const Tensor& x, const Tensor& weight,
+                                  const std::optional<Tensor>& memory,
+                                  const std::optional<Tensor>& grad_weight,
+                                  const std::optional<Tensor>& clear_rows,
+                                  const std::optional<Tensor>& random_cols, double scale_value,
+                                  int64_t k, int64_t selection, double alpha, bool slot,
+                                  bool need_x, bool need_w, bool need_b, bool skip_nonfinite,
+                                  double csr_ratio) {
+  const int64_t n = grad_out.size(0), out = grad_out.size(1), d_in = x.size(1);
+  auto acc_opts = grad_out.options().dtype(c10::CppTypeToScalarType<A>::value);
+  auto x_opts = x.options();
+  auto long_opts = grad_out.options().dtype(at::kLong);
+  const bool use_memory = memory.has_value() && alpha > 0;
+  const bool dense = k >= out;
+  Tensor g = grad_out.contiguous();
+
+  // Pass 1: U, scores, column sums, finiteness.
+  Tensor u = at::empty({n, out}, acc_opts);
+  Tensor score = at::empty({out}, acc_opts), usum = at::empty({out}, acc_opts),
+         gsum = at::empty({out}, acc_opts);
+  Tensor mem_c;
+  const A* mem_ptr = nullptr;
+  A mem_mul = 0;
+  if (use_memory) {
+    mem_c = memory->contiguous();
+    mem_ptr = mem_c.data_ptr<A>();
+    mem_mul = static_cast<A>(slot ? scale_value : scale_value / static_cast<double>(n));
+  }
+  const int64_t nchunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), (n * out) / 32768));
+  std::vector<A> bad(nchunks, 0);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, g.scalar_type(), "msbp_build_u", [&] {
+    const scalar_t* gp = g.data_ptr<scalar_t>();
+    at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
+      for (int64_t c = c0; c < c1; ++c) {
+        int64_t o0 = out * c / nchunks, o1 = out * (c + 1) / nchunks;
+        build_u<scalar_t, A>(gp, u.data_ptr<A>(), n, out, o0, o1, mem_ptr, slot, mem_mul,
+                             score.data_ptr<A>(), usum.data_ptr<A>(), gsum.data_ptr<A>(), &bad[c]);
+      }
+    });
+  });
+  bool finite = true;
+  for (A b : bad) finite = finite && std::isfinite(b);
+
+  Tensor db = need_b ? gsum : at::empty({0}, acc_opts);
+  Tensor empty_x = at::empty({0}, x_opts);
+
+  if (!finite) {
+    if (!skip_nonfinite) nonfinite();
+    // skip: memory untouched, the raw gradient through the dense chain rule
+    Tensor gc = grad_out.to(x.scalar_type());
+    Tensor dx = need_x ? at::mm(gc, weight) : empty_x;
+    Tensor dW = need_w ? at::mm(gc.t(), x) : empty_x;
+    return {dx, dW, db, at::arange(out, long_opts), at::ones({}, long_opts)};
+  }
+
+  A* up = u.data_ptr<A>();
+  const A inv_scale = static_cast<A>(alpha / scale_value);
+  Tensor dx = empty_x, dW = empty_x, rows;
+  Tensor gw = grad_weight.has_value() ? *grad_weight : Tensor();
+  if (gw.defined() && clear_rows.has_value() && clear_rows->numel() > 0) {
+    gw.index_fill_(0, *clear_rows, 0);
+  }
+
+  if (dense || selection != kPerExample) {
+    // Unified / random / dense: one set of columns for the batch.
+    Tensor idx;
+    if (dense) {
+      idx = at::arange(out, long_opts);
+    } else if (selection == kRandom) {
+      idx = random_cols->to(at::kLong).contiguous();
+    } else {
+      idx = at::empty({k}, long_opts);
+      std::vector<int64_t> buf;
+      topk_indices<A>(score.data_ptr<A>(), out, k, idx.data_ptr<int64_t>(), buf);
+    }
+    const int64_t kk = idx.size(0);
+    const int64_t* ip = idx.data_ptr<int64_t>();
+    Tensor u_k;
+    if (dense) {
+      u_k = u.to(x.scalar_type());
+    } else {
+      Tensor u_sel = at::empty({n, kk}, acc_opts);
+      A* sp = u_sel.data_ptr<A>();
+      for (int64_t r = 0; r < n; ++r)
+        for (int64_t j = 0; j < kk; ++j) sp[r * kk + j] = up[r * out + ip[j]];
+      u_k = u_sel.to(x.scalar_type());
+    }
+    if (need_x) dx = at::mm(u_k, dense ? weight : weight.index_select(0, idx));
+    if (need_w) {
+      Tensor dW_k = at::mm(u_k.t(), x);  // (k, in)
+      if (gw.defined()) {
+        gw.index_add_(0, idx, dW_k.to(gw.scalar_type()));
+      } else if (dense) {
+        dW = dW_k;
+      } else {
+        dW = at::zeros({out, d_in}, weight.options());
+        dW.index_copy_(0, idx, dW_k.to(weight.scalar_type()));
+      }
+    }
+    if (use_memory) {
+      if (slot) {
+        if (dense) {
+          memory->zero_();
+        } else {
+          // residual rows: alpha * U / scale with the kept columns zeroed
+          A* mp = memory->data_ptr<A>();
+          at::parallel_for(0, n, 64, [&](int64_t r0, int64_t r1) {
+            for (int64_t r = r0; r < r1; ++r) {
+              for (int64_t o = 0; o < out; ++o) mp[r * out + o] = up[r * out + o] * inv_scale;
+              for (int64_t j = 0; j < kk; ++j) mp[r * out + ip[j]] = 0;
+            }
+          });
+        }
+      } else {
+        A* mp = memory->data_ptr<A>();
+        const A* us = usum.data_ptr<A>();
+        for (int64_t o = 0; o < out; ++o) mp[o] = us[o] * inv_scale;
+        for (int64_t j = 0; j < kk; ++j) mp[ip[j]] = 0;
+      }
+    }
+    rows = idx;
+  } else {
+    // Per example: k entries per row; c distinct columns over the batch.
+    Tensor idx_t = at::empty({n, k}, long_opts);
+    Tensor val_t = at::empty({n, k}, acc_opts);
+    int64_t* ip = idx_t.data_ptr<int64_t>();
+    A* vp = val_t.data_ptr<A>();
+    at::parallel_for(0, n, 16, [&](int64_t r0, int64_t r1) {
+      std::vector<A> mag(out);
+      std::vector<int64_t> buf;
+      for (int64_t r = r0; r < r1; ++r) {
+        const A* ur = up + r * out;
+        for (int64_t o = 0; o < out; ++o) mag[o] = std::abs(ur[o]);
+        topk_indices<A>(mag.data(), out, k, ip + r * k, buf);
+        std::sort(ip + r * k, ip + (r + 1) * k);  // ascending columns: cache-friendlier gathers
+        for (int64_t j = 0; j < k; ++j) vp[r * k + j] = ur[ip[r * k + j]];
+      }
+    });
+    // CSC of the kept entries: counting sort by column, rows ascending within a column.
+    std::vector<int64_t> count(out + 1, 0);
+    for (int64_t e = 0; e < n * k; ++e) ++count[ip[e] + 1];
+    std::vector<int64_t> col_of(out, -1);
+    std::vector<int64_t> cols_v, start_v;
+    start_v.push_back(0);
+    for (int64_t o = 0; o < out; ++o) {
+      if (count[o + 1] > 0) {
+        col_of[o] = static_cast<int64_t>(cols_v.size());
+        cols_v.push_back(o);
+        start_v.push_back(start_v.back() + count[o + 1]);
+      }
+    }
+    const int64_t c = static_cast<int64_t>(cols_v.size());
+    std::vector<int64_t> fill(start_v.begin(), start_v.end() - 1), csc_rows(n * k);
+    std::vector<A> csc_vals(n * k);
+    for (int64_t r = 0; r < n; ++r)
+      for (int64_t j = 0; j < k; ++j) {
+        int64_t q = col_of[ip[r * k + j]];
+        int64_t t = fill[q]++;
+        csc_rows[t] = r;
+        csc_vals[t] = vp[r * k + j];
+      }
+    rows = at::empty({c}, long_opts);
+    std::copy(cols_v.begin(), cols_v.end(), rows.data_ptr<int64_t>());
+
+    const bool loops = x.scalar_type() == c10::CppTypeToScalarType<A>::value &&
+                       weight.scalar_type() == x.scalar_type() &&
+                       static_cast<double>(c) >= csr_ratio * static_cast<double>(k);
+    if (loops) {
+      // Blocked loops over the kept entries: n k in multiply-adds for each product.
+      Tensor xc = x.contiguous(), wc = weight.contiguous();
+      if (need_x) {
+        dx = at::empty({n, d_in}, x_opts);
+        rows_product<A>(ip, vp, wc.data_ptr<A>(), dx.data_ptr<A>(), n, k, d_in);
+      }
+      if (need_w) {
+        Tensor dst = gw.defined() && gw.scalar_type() == x.scalar_type() ? gw : Tensor();
+        if (!dst.defined()) dW = dst = at::zeros({out, d_in}, x_opts);
+        auto run = [&](auto add) {
+          columns_product<A, decltype(add)::value>(cols_v.data(), c, start_v.data(),
+                                                   csc_rows.data(), csc_vals.data(),
+                                                   xc.data_ptr<A>(), dst.data_ptr<A>(), d_in);
+        };
+        if (gw.defined() && dst.is_same(gw)) run(std::true_type{});
+        else run(std::false_type{});
+        if (gw.defined() && !dst.is_same(gw)) {  // a grad buffer of another dtype
+          gw.index_add_(0, rows, dW.index_select(0, rows).to(gw.scalar_type()));
+          dW = empty_x;
+        }
+      }
+    } else {
+      // Few distinct columns (or 16-bit operands): GEMMs of width c over the kept columns.
+      Tensor g_c = at::zeros({n, c}, acc_opts);
+      A* gp = g_c.data_ptr<A>();
+      for (int64_t r = 0; r < n; ++r)
+        for (int64_t j = 0; j < k; ++j) gp[r * c + col_of[ip[r * k + j]]] = vp[r * k + j];
+      Tensor g_cx = g_c.to(x.scalar_type());
+      if (need_x) dx = at::mm(g_cx, weight.index_select(0, rows));
+      if (need_w) {
+        Tensor dW_c = at::mm(g_cx.t(), x);
+        if (gw.defined()) {
+          gw.index_add_(0, rows, dW_c.to(gw.scalar_type()));
+        } else {
+          dW = at::zeros({out, d_in}, weight.options());
+          dW.index_copy_(0, rows, dW_c.to(weight.scalar_type()));
+        }
+      }
+    }
+    if (use_memory) {
+      A* mp = memory->data_ptr<A>();
+      if (slot) {
+        at::parallel_for(0, n, 64, [&](int64_t r0, int64_t r1) {
+          for (int64_t r = r0; r < r1; ++r) {
+            for (int64_t o = 0; o < out; ++o) mp[r * out + o] = up[r * out + o] * inv_scale;
+            for (int64_t j = 0; j < k; ++j) mp[r * out + ip[r * k + j]] = 0;
+          }
+        });
+      } else {
+        // colsum(U) minus what each column propagated
+        const A* us = usum.data_ptr<A>();
+        std::vector<A> kept(out, 0);
+        for (int64_t e = 0; e < n * k; ++e) kept[ip[e]] += vp[e];
+        for (int64_t o = 0; o < out; ++o) mp[o] = (us[o] - kept[o]) * inv_scale;
+      }
+    }
+  }
+  return {dx, dW, db, rows, at::zeros({}, long_opts)};
+}
+
+Out5 sparse_linear_backward(
+    const Tensor& grad_out, const Tensor& x, const Tensor& weight,
+    const std::optional<Tensor>& memory, const std::optional<Tensor>& grad_weight,
+    const std::optional<Tensor>& clear_rows, const std::optional<Tensor>& random_cols,
+    const std::optional<Tensor>& scale, int64_t k, int64_t selection, double alpha, bool slot,
+    bool need_x, bool need_w, bool need_b, bool skip_nonfinite, double csr_ratio) {
+  TORCH_CHECK(grad_out.dim() == 2 && x.dim() == 2 && weight.dim() == 2,
+              "sparse_linear_backward: grad_out, x, weight must be 2-D");
+  TORCH_CHECK(grad_out.size(1) == weight.size(0) && x.size(1) == weight.size(1) &&
+                  grad_out.size(0) == x.size(0),
+              "sparse_linear_backward: shapes ", grad_out.sizes(), x.sizes(), weight.sizes(),
+              " do not fit");
+  TORCH_CHECK(k >= 1, "sparse_linear_backward: k must be >= 1, got ", k);
+  TORCH_CHECK(selection != kRandom || k >= grad_out.size(1) || random_cols.has_value(),
+              "sparse_linear_backward: random selection needs random_cols");
+  const bool use_memory = memory.has_value() && alpha > 0;
+  if (use_memory) {
+    TORCH_CHECK(memory->is_contiguous(), "sparse_linear_backward: memory must be contiguous");
+    if (slot) {
+      TORCH_CHECK(memory->dim() == 2 && memory->size(0) == grad_out.size(0) &&
+                      memory->size(1) == grad_out.size(1),
+                  "sparse_linear_backward: slot memory must be (n, out), got ", memory->sizes());
+    } else {
+      TORCH_CHECK(memory->dim() == 1 && memory->size(0) == grad_out.size(1),
+                  "sparse_linear_backward: unit memory must be (out,), got ", memory->sizes());
+    }
+  }
+  if (grad_weight.has_value()) {
+    TORCH_CHECK(grad_weight->sizes() == weight.sizes() && grad_weight->is_contiguous(),
+                "sparse_linear_backward: grad_weight must be contiguous and shaped like weight");
+  }
+  double scale_value = scale.has_value() ? scale->item<double>() : 1.0;
+  at::ScalarType acc = use_memory ? memory->scalar_type()
+                                  : (grad_out.scalar_type() == at::kDouble ? at::kDouble
+                                                                          : at::kFloat);
+  Tensor xc = x.contiguous(), wc = weight.contiguous();
+  if (acc == at::kDouble) {
+    return backward_impl<double>(grad_out, xc, wc, memory, grad_weight, clear_rows, random_cols,
+                                 scale_value, k, selection, alpha, slot, need_x, need_w, need_b,
+                                 skip_nonfinite, csr_ratio);
+  }
+  return backward_impl<float>(grad_out, xc, wc, memory, grad_weight, clear_rows, random_cols,
+                              scale_value, k, selection, alpha, slot, need_x, need_w, need_b,
+                              skip_nonfinite, csr_ratio);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(msbp, m) {
+  m.def(
+      "sparse_linear_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor(a!)? memory, "
+      "Tensor(b!)? grad_weight, Tensor? clear_rows, Tensor? random_cols, Tensor? scale, int k, "
+      "int selection, float alpha, bool slot, bool need_x, bool need_w, bool need_b, "
+      "bool skip_nonfinite, float csr_ratio) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(msbp, CPU, m) { m.impl("sparse_linear_backward", &sparse_linear_backward); }
+
+}  // namespace msbp

@@ -1,0 +1,463 @@
+"""The sparse linear op: exact forward, compacted MSBP backward as one op.
+
+Backward, per call (n rows, out units, k kept; ``msbp.ops.reference`` is the oracle):
+
+    U  = G + M * s          # the memory is added back (float32 or wider), s: GradScaler's scale
+    S  = select_k(U)        # unified / random: k columns; per-example: k entries per row
+    dx = U_S W_S            # only the k selected rows of W are read
+    dW = U_S^T x            # only k rows of dW are written
+    M  = alpha * (U - U_S) / s   # what was not propagated, decayed, unscaled
+    db = colsum(G)          # dense, from the raw gradient (meProp)
+
+The backward is the op ``torch.ops.msbp.sparse_linear_backward`` (C++, ``csrc/sparse_linear.cpp``)
+when the native kernels are available, else ``sparse_linear_backward_torch`` below, its
+pure-PyTorch twin with the same signature (the fallback, and what the native op is tested
+against besides the reference).
+"""
+
+from __future__ import annotations
+
+import sys
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from msbp import native
+from msbp.ops import scaling
+from msbp.ops.memory import add_memory_, store_memory_
+from msbp.ops.selection import select
+from msbp.ops.touched_rows import log_touched_rows
+
+SELECTION_CODES = {"unified": 0, "per_example": 1, "random": 2}
+NONFINITE_MARK = "msbp-nonfinite"
+
+# Per-example products on the CPU: the sparse form costs n k in multiply-adds, the dense GEMM over
+# the c kept columns n c in. The native blocked loops win from c >= 3k on (benchmarks/
+# bench_sparse_linear.py); torch's sparse products are slower, so the fallback takes them later
+# (embedding_bag for dx from c >= 2k, a CSR product for dW only from c >= 20k: on real parser
+# gradients at c = 14k the CSR product took 154 ms against 75 ms for the GEMM).
+NATIVE_SPARSE_RATIO = 3.0
+_DX_SPARSE_RATIO = 2
+_DW_SPARSE_RATIO = 20
+
+
+@dataclass(frozen=True)
+class BackwardPlan:
+    """What one call's backward does; resolved from a config and the layer's shape."""
+
+    k: int
+    selection: str
+    alpha: float
+    layout: str
+    on_nonfinite: str
+    grad_inplace: bool
+    generator: torch.Generator | None = None
+    name: str = ""
+    # probe(g (n, out), x (n, in), propagated (n, out)): called once per backward when set, for
+    # measuring information loss; never set in normal training.
+    probe: Callable[[Tensor, Tensor, Tensor], None] | None = None
+
+
+def nonfinite_error(plan: BackwardPlan, what: str, shape: torch.Size) -> FloatingPointError:
+    """The error of ``on_nonfinite="raise"``: which layer, which gradient, what to do."""
+    where = f" in layer {plan.name!r}" if plan.name else ""
+    return FloatingPointError(
+        f"non-finite {what}{where} (shape {tuple(shape)}); the memory was left unchanged. Use "
+        "on_nonfinite='skip' to propagate it densely, or msbp.amp.GradScaler under mixed "
+        "precision."
+    )
+
+
+_WIDE = (torch.float32, torch.float64)
+
+
+def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
+    # Tensor.to costs a dispatch even when it has nothing to do: on small layers that adds up
+    return t if t.dtype == dtype else t.to(dtype)
+
+
+def autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The autocast dtype of ``device_type`` if autocast is on there, else None."""
+    if device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return None
+
+
+def autocast_arg(t: Tensor | None, cast: torch.dtype) -> Tensor | None:
+    """``t`` as autocast casts an argument of a lower-precision op: floating tensors other than
+    float64 go to ``cast``; float64 (and non-floating) tensors are left alone, as for nn.Linear."""
+    if t is None or not t.is_floating_point() or t.dtype == torch.float64:
+        return t
+    return _as(t, cast)
+
+
+# --- the pure-PyTorch backward (fallback of the native op) -------------------------------------
+
+
+def rows_product(idx: Tensor, vals: Tensor, weight: Tensor) -> Tensor:
+    """``sum_j vals[r, j] * weight[idx[r, j]]`` for every row r: (n, k), (n, k), (out, in) ->
+    (n, in), i.e. the sparse gradient times W at n k in multiply-adds (one ``embedding_bag``)."""
+    return F.embedding_bag(idx, weight, per_sample_weights=vals, mode="sum")
+
+
+def group_columns(idx: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The kept entries ``idx`` (n, k) grouped by column with one stable sort: ``order`` (n k,)
+    (flat entry positions, column by column, rows ascending), the distinct columns ``cols`` (c,)
+    sorted, and the number of entries of each ``counts`` (c,)."""
+    flat_cols, order = torch.sort(idx.reshape(-1), stable=True)
+    cols, counts = torch.unique_consecutive(flat_cols, return_counts=True)
+    return order, cols, counts
+
+
+def column_csr(groups: tuple[Tensor, Tensor, Tensor], vals: Tensor) -> Tensor:
+    """The transpose of the (n, out) matrix holding ``vals`` (n, k) at the columns grouped in
+    ``groups`` (from ``group_columns``), compacted to those c columns: a (c, n) CSR matrix, so
+    that ``csr @ x`` is the (c, in) weight gradient at n k in multiply-adds."""
+    order, cols, counts = groups
+    n, k = vals.shape
+    crow = torch.zeros(cols.numel() + 1, dtype=torch.long, device=vals.device)
+    torch.cumsum(counts, 0, out=crow[1:])
+    rows = order.div(k, rounding_mode="floor")  # the row of every entry, ascending per column
+    with warnings.catch_warnings():  # CSR support is "beta": we rely on it
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.sparse_csr_tensor(
+            crow, rows, vals.reshape(-1)[order], size=(cols.numel(), n), check_invariants=False
+        )
+
+
+def csr_pays(x: Tensor, k: int, c: int, ratio: float) -> bool:
+    """Whether a sparse product over the n k kept entries beats a GEMM over c columns."""
+    return x.device.type == "cpu" and x.dtype in _WIDE and c >= ratio * k
+
+
+def _place_rows(
+    rows: Tensor, src: Tensor, weight: Tensor, grad_weight: Tensor | None
+) -> Tensor:
+    """``src`` (r, in) into the rows ``rows`` of ``grad_weight`` (added; returns an empty tensor)
+    or of a fresh zero dW (returned)."""
+    if grad_weight is not None:
+        grad_weight.index_add_(0, rows, _as(src, grad_weight.dtype))
+        return src.new_empty(0)
+    dW = torch.zeros_like(weight)
+    return dW.index_copy_(0, rows, _as(src, weight.dtype))
+
+
+def sparse_linear_backward_torch(
+    grad_out: Tensor,
+    x: Tensor,
+    weight: Tensor,
+    memory: Tensor | None,
+    grad_weight: Tensor | None,
+    clear_rows: Tensor | None,
+    random_cols: Tensor | None,
+    scale: Tensor | None,
+    k: int,
+    selection: int,
+    alpha: float,
+    slot: bool,
+    need_x: bool,
+    need_w: bool,
+    need_b: bool,
+    skip_nonfinite: bool,
+    csr_ratio: float = NATIVE_SPARSE_RATIO,
+    probe: Callable[[Tensor, Tensor, Tensor], None] | None = None,
+) -> list[Tensor]:
+    """The PyTorch twin of ``torch.ops.msbp.sparse_linear_backward``: same arguments, results.
+
+    grad_out: (n, out); x: (n, in); weight: (out, in); memory (out,) or, ``slot``, (n, out),
+    updated in place; grad_weight (out, in) or None: the k rows of dW are added into it (its rows
+    ``clear_rows`` zeroed first). Returns ``[dx (n, in), dW (out, in), db (out,), rows (r,),
+    skipped ()]``; dx / dW / db are empty when not needed (dW also when written into
+    ``grad_weight``); rows: the rows of dW written; skipped: 1 when a non-finite gradient went
+    through densely. Raises ``RuntimeError`` marked ``msbp-nonfinite`` (``skip_nonfinite`` off).
+    """
+    n, out = grad_out.shape
+    use_memory = memory is not None and alpha > 0
+    acc = memory.dtype if use_memory else torch.promote_types(grad_out.dtype, torch.float32)
+    s = scale if scale is not None else None
+    u = grad_out.to(acc, copy=True)  # (n, out)
+    if use_memory:
+        add_memory_(u, memory if s is None else memory * s, "slot" if slot else "unit")
+    db = grad_out.sum(0, dtype=acc) if need_b else u.new_empty(0)
+    empty = x.new_empty(0)
+    long = dict(dtype=torch.long, device=grad_out.device)
+    if not bool(torch.isfinite(u).all()):  # no overflow, unlike a sum
+        if not skip_nonfinite:
+            raise RuntimeError(f"{NONFINITE_MARK}: non-finite output gradient")
+        gc = grad_out.to(x.dtype)
+        dx = gc @ weight if need_x else empty
+        dW = gc.t() @ x if need_w else empty
+        return [dx, dW, db, torch.arange(out, **long), torch.ones((), **long)]
+    if grad_weight is not None and clear_rows is not None and clear_rows.numel():
+        grad_weight.index_fill_(0, clear_rows, 0)
+    dx = dW = empty
+    if k >= out or selection != SELECTION_CODES["per_example"]:
+        if k >= out:
+            idx = torch.arange(out, **long)
+        elif selection == SELECTION_CODES["random"]:
+            idx = random_cols
+        else:
+            idx = select(u, k, "unified")[0]
+        u_sel = u if k >= out else u.index_select(1, idx)  # (n, k)
+        if probe is not None:
+            probe(grad_out, x, torch.zeros_like(u).index_copy_(1, idx, u_sel))
+        u_k = _as(u_sel, x.dtype)
+        if need_x:
+            dx = u_k @ (weight if k >= out else weight.index_select(0, idx))  # (n, in)
+        if need_w:
+            dW = _place_rows(idx, u_k.t() @ x, weight, grad_weight)  # k rows
+        if use_memory:
+            store_memory_(memory, u.index_fill_(1, idx, 0), "slot" if slot else "unit", alpha, s)
+        rows = idx
+    else:  # per example: idx (n, k) entries per row, c distinct columns in the batch
+        idx = select(u, k, "per_example")[0]
+        vals = u.gather(1, idx)
+        if probe is not None:
+            probe(grad_out, x, torch.zeros_like(u).scatter_(1, idx, vals))
+        vals = _as(vals, x.dtype)  # (n, k)
+        groups = group_columns(idx)
+        cols = groups[1]  # (c,) distinct columns, sorted
+        c = cols.numel()
+        sparse_dx = csr_pays(x, k, c, _DX_SPARSE_RATIO)
+        sparse_dw = csr_pays(x, k, c, _DW_SPARSE_RATIO)
+        g_c = None
+        if not (sparse_dx and sparse_dw):  # the propagated gradient over the c kept columns
+            g_c = torch.zeros(n, c, dtype=x.dtype, device=x.device)
+            g_c.scatter_(1, torch.searchsorted(cols, idx), vals)  # (n, c)
+        if need_x:
+            if sparse_dx:
+                dx = rows_product(idx, vals, weight)
+            else:
+                dx = g_c @ weight.index_select(0, cols)
+        if need_w:
+            if sparse_dw:
+                dW_c = torch.sparse.mm(column_csr(groups, vals), x)  # (c, in): n k in
+            else:
+                dW_c = g_c.t() @ x  # (c, in): n c in
+            dW = _place_rows(cols, dW_c, weight, grad_weight)
+        if use_memory:
+            store_memory_(memory, u.scatter_(1, idx, 0), "slot" if slot else "unit", alpha, s)
+        rows = cols
+    return [dx, dW, db, rows, torch.zeros((), **long)]
+
+
+# --- the op's fake implementation (torch.compile traces through it) ----------------------------
+
+_fake_registered = False
+
+
+def _register_fake() -> None:
+    global _fake_registered
+    if _fake_registered:
+        return
+
+    @torch.library.register_fake("msbp::sparse_linear_backward")
+    def _fake(grad_out, x, weight, memory, grad_weight, clear_rows, random_cols, scale, k,
+              selection, alpha, slot, need_x, need_w, need_b, skip_nonfinite, csr_ratio):
+        n, out = grad_out.shape
+        use_memory = memory is not None and alpha > 0
+        acc = memory.dtype if use_memory else torch.promote_types(grad_out.dtype, torch.float32)
+        dx = x.new_empty(n, x.shape[1]) if need_x else x.new_empty(0)
+        dW = x.new_empty(0)
+        if need_w and grad_weight is None:
+            dW = weight.new_empty(weight.shape)
+        db = grad_out.new_empty(out, dtype=acc) if need_b else grad_out.new_empty(0, dtype=acc)
+        if k >= out or selection != SELECTION_CODES["per_example"]:
+            r = min(k, out)
+        else:
+            r = torch.library.get_ctx().new_dynamic_size()
+        rows = grad_out.new_empty(r, dtype=torch.long)
+        return dx, dW, db, rows, grad_out.new_empty((), dtype=torch.long)
+
+    _fake_registered = True
+
+
+def run_backward(native_ok: bool, *args, probe=None) -> list[Tensor]:
+    """``sparse_linear_backward`` through the native op when ``native_ok`` (and no probe), else
+    through the PyTorch twin."""
+    if native_ok and probe is None:
+        _register_fake()
+        return torch.ops.msbp.sparse_linear_backward(*args)
+    return sparse_linear_backward_torch(*args, probe=probe)
+
+
+# --- where the k rows of dW go -----------------------------------------------------------------
+
+_BUFFER = "_msbp_grad_buffer"
+
+
+def _engine_will_accumulate(ctx, weight: Tensor, index: int) -> bool:
+    """Whether this backward pass runs the weight's AccumulateGrad node (a ``.backward()`` that
+    reaches it; not ``torch.autograd.grad``), so that writing ``.grad`` is what autograd would
+    do itself."""
+    if not weight.is_leaf or not weight.requires_grad:
+        return False
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return False  # DDP's reducer hooks the accumulation, which must therefore happen
+    if weight._backward_hooks or getattr(weight, "_post_accumulate_grad_hooks", None):
+        return False
+    node = ctx.next_functions[index][0]  # the weight's AccumulateGrad node
+    if node is None:
+        return False
+    try:
+        return bool(torch._C._will_engine_execute_node(node))
+    except RuntimeError:  # torch.autograd.grad(): the gradient is captured, not accumulated
+        return False
+
+
+def grad_destination(ctx, weight: Tensor, index: int) -> tuple[Tensor | None, Tensor | None]:
+    """``(buffer, rows to clear)``: the dense gradient buffer the k rows of dW may be added into,
+    or ``(None, None)`` when autograd must get a dense dW.
+
+    An existing ``weight.grad`` is used as it is. When ``.grad`` is None (``zero_grad(
+    set_to_none=True)``), the buffer this layer handed over last time is reused if nobody else
+    holds it: only the rows it wrote are cleared when nothing modified it in place since (its
+    version counter says so), else all of it; a fresh zero dW each step would cost more than the
+    sparse backward itself at small sizes (page faults).
+    """
+    if not _engine_will_accumulate(ctx, weight, index):
+        return None, None
+    grad = weight.grad
+    if grad is not None:
+        ok = grad.layout == torch.strided and grad.dtype == weight.dtype and (
+            grad.shape == weight.shape and grad.is_contiguous()
+        )
+        return (grad, None) if ok else (None, None)
+    kept = weight.__dict__.get(_BUFFER)
+    if kept is not None:
+        buf, version, rows = kept
+        # references: the tuple, `buf`, getrefcount's argument; storage: buf's own
+        alone = sys.getrefcount(buf) <= 3 and torch._C._storage_Use_Count(
+            buf.untyped_storage()._cdata
+        ) == 1
+        if alone and buf.shape == weight.shape and buf.dtype == weight.dtype:
+            if buf._version != version:
+                buf.zero_()
+                rows = None
+            weight.grad = buf
+            return buf, rows
+    buf = torch.zeros_like(weight, memory_format=torch.contiguous_format)
+    weight.grad = buf
+    return buf, None
+
+
+def remember_buffer(weight: Tensor, buf: Tensor, rows: Tensor) -> None:
+    """Note which rows of ``buf`` this backward wrote, for clearing them next time."""
+    weight.__dict__[_BUFFER] = (buf, buf._version, rows)
+
+
+# --- autograd ----------------------------------------------------------------------------------
+
+
+class SparseLinearFunction(torch.autograd.Function):
+    """``y = x W^T + b`` with the MSBP backward; the memory tensor is updated in place."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, memory, plan: BackwardPlan):
+        cast = autocast_dtype(x.device.type)
+        xc, wc, bc = x, weight, bias
+        if cast is None:
+            y = F.linear(x, weight, bias)
+        else:  # cast once here (autocast's rules), so backward runs on the forward's operands
+            xc, wc, bc = autocast_arg(x, cast), autocast_arg(weight, cast), autocast_arg(bias, cast)
+            with torch.autocast(x.device.type, enabled=False):
+                y = F.linear(xc, wc, bc)
+        ctx.save_for_backward(xc, wc)
+        # The memory is state, not an input of the graph: it is mutated in backward, so it must
+        # not go through save_for_backward (whose version check would trip on that).
+        ctx.memory = memory
+        ctx.plan = plan
+        ctx.weight = weight
+        ctx.x_dtype = x.dtype
+        ctx.bias_dtype = bias.dtype if bias is not None else None
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        x, w = ctx.saved_tensors
+        plan: BackwardPlan = ctx.plan
+        memory: Tensor | None = ctx.memory
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        out, d_in = w.shape
+        g = grad_out.reshape(-1, out)  # (n, out)
+        x2 = x.reshape(-1, d_in)  # (n, in)
+        n = g.shape[0]
+        x_shape = (*grad_out.shape[:-1], d_in)
+        k = min(plan.k, out)
+        weight = ctx.weight
+
+        if n == 0:  # an empty batch propagates nothing and leaves the memory as it is
+            dx = x.new_zeros(x_shape, dtype=ctx.x_dtype) if need_x else None
+            dW = torch.zeros_like(weight) if need_w else None
+            db = torch.zeros(out, dtype=ctx.bias_dtype, device=x.device) if need_b else None
+            return dx, dW, db, None, None
+
+        use_memory = memory is not None and plan.alpha > 0
+        slot = plan.layout == "slot"
+        if use_memory and slot and memory.shape[0] != n:  # a new batch shape: spread the sums
+            with torch.no_grad():
+                total = memory.sum(0) / n
+                memory.resize_(n, out).copy_(total.expand(n, out))
+        compiling = torch.compiler.is_compiling()
+        scale = scaling.current_scale() if not compiling else None
+        if use_memory and scale is not None:
+            scaling.snapshot(memory)
+        skip = plan.on_nonfinite == "skip" or scale is not None
+        random_cols = None
+        if k < out and plan.selection == "random":
+            random_cols = torch.randperm(out, generator=plan.generator, device=g.device)[:k]
+        dest, clear = (None, None)
+        if need_w and plan.grad_inplace and not compiling:
+            dest, clear = grad_destination(ctx, weight, 1)
+        native_ok = native.use_native(g.device)
+        try:
+            dx, dW, db, rows, skipped = run_backward(
+                native_ok, g, x2, w, memory if use_memory else None, dest, clear, random_cols,
+                scale, k, SELECTION_CODES[plan.selection], plan.alpha, slot, need_x, need_w,
+                need_b, skip, NATIVE_SPARSE_RATIO, probe=plan.probe,
+            )
+        except RuntimeError as exc:
+            if NONFINITE_MARK in str(exc):
+                raise nonfinite_error(plan, "output gradient", grad_out.shape) from None
+            raise
+        if need_w and dest is not None and bool(skipped):  # dense dW: not written into dest
+            if clear is not None:
+                dest.index_fill_(0, clear, 0)
+            dest.add_(_as(dW, dest.dtype))
+        if need_w:
+            if not compiling:
+                dense_rows = k >= out or bool(skipped)
+                log_touched_rows(weight, None if dense_rows else rows)
+                if dest is not None:
+                    remember_buffer(weight, dest, rows)
+            dW = None if dest is not None else _as(dW, weight.dtype)
+        else:
+            dW = None
+        dx = _as(dx.reshape(x_shape), ctx.x_dtype) if need_x else None
+        db = _as(db, ctx.bias_dtype) if need_b else None
+        return dx, dW, db, None, None
+
+
+def place_weight_rows(
+    ctx, weight: Tensor, index: int, rows: Tensor, src: Tensor, grad_inplace: bool
+) -> Tensor | None:
+    """Put ``src`` (r, in) into the distinct rows ``rows`` (r,) of dW for a Function whose input
+    ``index`` is ``weight``: added into the gradient buffer where allowed (returns None, so
+    autograd adds nothing), else a fresh dense dW is returned for autograd to accumulate."""
+    log_touched_rows(weight, rows)
+    dest, clear = (None, None)
+    if grad_inplace and not torch.compiler.is_compiling():
+        dest, clear = grad_destination(ctx, weight, index)
+    if dest is None:
+        return _place_rows(rows, src, weight, None)
+    if clear is not None:
+        dest.index_fill_(0, clear, 0)
+    dest.index_add_(0, rows, _as(src, dest.dtype))
+    remember_buffer(weight, dest, rows)
+    return None
