@@ -22,22 +22,35 @@ from msbp.optim import LazyRowAdam
 PHASES = ("zero_grad", "forward", "backward", "step")
 
 
-def make(method: str) -> tuple[nn.Module, torch.optim.Optimizer]:
+# name: (selection or None for dense, optimizer, kernel backend)
+VARIANTS = {
+    "dense": (None, "adam", "python"),
+    "unified, Adam": ("unified", "adam", "native"),
+    "unified, LazyRowAdam": ("unified", "lazy", "native"),
+    "per-example, LazyRowAdam": ("per_example", "lazy", "native"),
+    "unified, LazyRowAdam (PyTorch path)": ("unified", "lazy", "python"),
+    "per-example, LazyRowAdam (PyTorch path)": ("per_example", "lazy", "python"),
+}
+
+
+def make(selection: str | None, optimizer: str) -> tuple[nn.Module, torch.optim.Optimizer]:
     torch.manual_seed(0)
     model = nn.Sequential(
         nn.Linear(784, 500), nn.ReLU(), nn.Linear(500, 500), nn.ReLU(), nn.Linear(500, 10)
     )
-    if method == "dense":
-        return model, torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)
-    msbp.sparsify(model, msbp.SparseBackpropConfig(k=20, memory=0.8), exclude="4")
-    return model, LazyRowAdam(model.parameters(), lr=1e-3)
+    if selection is not None:
+        config = msbp.SparseBackpropConfig(k=20, memory=0.8, selection=selection)
+        msbp.sparsify(model, config, exclude="4")
+    if optimizer == "lazy":
+        return model, LazyRowAdam(model.parameters(), lr=1e-3)
+    return model, torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)
 
 
 def run_round(model, opt, xs, ys) -> list[float]:
     totals = [0.0] * len(PHASES)
     for x, y in zip(xs, ys, strict=True):
         t0 = time.perf_counter()
-        opt.zero_grad()
+        opt.zero_grad(set_to_none=True)
         t1 = time.perf_counter()
         loss = nn.functional.cross_entropy(model(x), y)
         t2 = time.perf_counter()
@@ -61,19 +74,30 @@ def main(argv: list[str] | None = None) -> None:
     gen = torch.Generator().manual_seed(0)
     xs = torch.rand(args.steps, args.batch_size, 784, generator=gen)
     ys = torch.randint(0, 10, (args.steps, args.batch_size), generator=gen)
-    variants = {m: make(m) for m in ("dense", "msbp")}
-    for model, opt in variants.values():
-        run_round(model, opt, xs[:20], ys[:20])  # warm-up
+    variants = {name: (*make(sel, opt), backend) for name, (sel, opt, backend) in VARIANTS.items()}
+    if not msbp.native.use_native():
+        variants = {n: v for n, v in variants.items() if v[2] == "python"}
     samples: dict[str, list[list[float]]] = {m: [] for m in variants}
-    for _ in range(args.rounds):
-        for name, (model, opt) in variants.items():
-            samples[name].append(run_round(model, opt, xs, ys))
-    print(f"batch {args.batch_size}, {args.threads} threads, median us per step")
-    print("| variant | " + " | ".join(PHASES) + " | total |")
-    print("|---|" + "---|" * (len(PHASES) + 1))
+    for r in range(args.rounds + 1):  # round 0 warms up
+        for name, (model, opt, backend) in variants.items():
+            msbp.native.set_backend(backend)
+            times = run_round(model, opt, xs, ys)
+            if r:
+                samples[name].append(times)
+    msbp.native.set_backend("auto")
+    dense = samples["dense"]
+    print(f"batch {args.batch_size}, {args.threads} threads, median us per step over "
+          f"{args.rounds} interleaved rounds of {args.steps} steps; speed-up vs dense "
+          "(min-max over rounds) for backward and whole step")
+    print("| variant | " + " | ".join(PHASES) + " | total | backward x | step x |")
+    print("|---|" + "---|" * (len(PHASES) + 3))
     for name, rounds in samples.items():
         med = [statistics.median(r[i] for r in rounds) for i in range(len(PHASES))]
-        print(f"| {name} | " + " | ".join(f"{v:.0f}" for v in med) + f" | {sum(med):.0f} |")
+        bwd = [d[2] / s[2] for d, s in zip(dense, rounds, strict=True)]
+        tot = [sum(d) / sum(s) for d, s in zip(dense, rounds, strict=True)]
+        print(f"| {name} | " + " | ".join(f"{v:.0f}" for v in med) + f" | {sum(med):.0f} | "
+              f"{statistics.median(bwd):.2f} ({min(bwd):.2f}-{max(bwd):.2f}) | "
+              f"{statistics.median(tot):.2f} ({min(tot):.2f}-{max(tot):.2f}) |")
 
 
 if __name__ == "__main__":

@@ -28,3 +28,16 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(params=["native", "python"])
+def backend(request):
+    """Run a test on the native kernels and on the pure-PyTorch path (the fallback)."""
+    import msbp.native
+
+    if request.param == "native" and not msbp.native.use_native():
+        pytest.skip(f"native kernels unavailable: {msbp.native.status()['error']}")
+    before = msbp.native._requested()
+    msbp.native.set_backend(request.param)
+    yield request.param
+    msbp.native.set_backend(before)

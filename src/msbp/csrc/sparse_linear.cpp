@@ -128,8 +128,8 @@ void rows_product(const int64_t* idx, const T* vals, const T* w, T* dx, int64_t 
   });
 }
 
-// dW rows: for each kept column o (CSC lists), dst[o] (+)= sum over its entries v * x[row].
-template <typename T, bool Add>
+// dW rows: for the q-th kept column (CSC lists), dst[cols[q]] = sum over its entries v * x[row].
+template <typename T>
 void columns_product(const int64_t* cols, int64_t c, const int64_t* start, const int64_t* rows,
                      const T* vals, const T* x, T* dst, int64_t d_in) {
   at::parallel_for(0, c, 1, [&](int64_t c0, int64_t c1) {
@@ -138,7 +138,7 @@ void columns_product(const int64_t* cols, int64_t c, const int64_t* start, const
       int64_t s = start[q], e = start[q + 1];
       src.resize(e - s);
       for (int64_t t = s; t < e; ++t) src[t - s] = x + rows[t] * d_in;
-      axpy_rows<T, Add>(dst + cols[q] * d_in, src.data(), vals + s, e - s, d_in);
+      axpy_rows<T, false>(dst + cols[q] * d_in, src.data(), vals + s, e - s, d_in);
     }
   });
 }
@@ -150,12 +150,10 @@ void columns_product(const int64_t* cols, int64_t c, const int64_t* start, const
 template <typename A>
 Out5 backward_impl(const Tensor& grad_out, const Tensor& x, const Tensor& weight,
                                   const std::optional<Tensor>& memory,
-                                  const std::optional<Tensor>& grad_weight,
-                                  const std::optional<Tensor>& clear_rows,
                                   const std::optional<Tensor>& random_cols, double scale_value,
                                   int64_t k, int64_t selection, double alpha, bool slot,
-                                  bool need_x, bool need_w, bool need_b, bool skip_nonfinite,
-                                  double csr_ratio) {
+                                  bool need_x, bool need_w, bool need_b, bool compact_dw,
+                                  bool skip_nonfinite, double csr_ratio) {
   const int64_t n = grad_out.size(0), out = grad_out.size(1), d_in = x.size(1);
   auto acc_opts = grad_out.options().dtype(c10::CppTypeToScalarType<A>::value);
   auto x_opts = x.options();
@@ -206,10 +204,12 @@ Out5 backward_impl(const Tensor& grad_out, const Tensor& x, const Tensor& weight
   A* up = u.data_ptr<A>();
   const A inv_scale = static_cast<A>(alpha / scale_value);
   Tensor dx = empty_x, dW = empty_x, rows;
-  Tensor gw = grad_weight.has_value() ? *grad_weight : Tensor();
-  if (gw.defined() && clear_rows.has_value() && clear_rows->numel() > 0) {
-    gw.index_fill_(0, *clear_rows, 0);
-  }
+  // dW: the rows' values (r, in) when compact_dw, else a dense (out, in) with zeros elsewhere
+  auto place_rows = [&](const Tensor& rows_idx, const Tensor& src) -> Tensor {
+    Tensor v = src.to(weight.scalar_type());
+    if (compact_dw) return v;
+    return at::zeros({out, d_in}, weight.options()).index_copy_(0, rows_idx, v);
+  };
 
   if (dense || selection != kPerExample) {
     // Unified / random / dense: one set of columns for the batch.
@@ -217,11 +217,12 @@ Out5 backward_impl(const Tensor& grad_out, const Tensor& x, const Tensor& weight
     if (dense) {
       idx = at::arange(out, long_opts);
     } else if (selection == kRandom) {
-      idx = random_cols->to(at::kLong).contiguous();
+      idx = std::get<0>(at::sort(random_cols->to(at::kLong)));
     } else {
       idx = at::empty({k}, long_opts);
       std::vector<int64_t> buf;
       topk_indices<A>(score.data_ptr<A>(), out, k, idx.data_ptr<int64_t>(), buf);
+      std::sort(idx.data_ptr<int64_t>(), idx.data_ptr<int64_t>() + k);  // rows of dW ascending
     }
     const int64_t kk = idx.size(0);
     const int64_t* ip = idx.data_ptr<int64_t>();
@@ -238,14 +239,7 @@ Out5 backward_impl(const Tensor& grad_out, const Tensor& x, const Tensor& weight
     if (need_x) dx = at::mm(u_k, dense ? weight : weight.index_select(0, idx));
     if (need_w) {
       Tensor dW_k = at::mm(u_k.t(), x);  // (k, in)
-      if (gw.defined()) {
-        gw.index_add_(0, idx, dW_k.to(gw.scalar_type()));
-      } else if (dense) {
-        dW = dW_k;
-      } else {
-        dW = at::zeros({out, d_in}, weight.options());
-        dW.index_copy_(0, idx, dW_k.to(weight.scalar_type()));
-      }
+      dW = dense ? dW_k.to(weight.scalar_type()) : place_rows(idx, dW_k);
     }
     if (use_memory) {
       if (slot) {
@@ -323,19 +317,12 @@ Out5 backward_impl(const Tensor& grad_out, const Tensor& x, const Tensor& weight
         rows_product<A>(ip, vp, wc.data_ptr<A>(), dx.data_ptr<A>(), n, k, d_in);
       }
       if (need_w) {
-        Tensor dst = gw.defined() && gw.scalar_type() == x.scalar_type() ? gw : Tensor();
-        if (!dst.defined()) dW = dst = at::zeros({out, d_in}, x_opts);
-        auto run = [&](auto add) {
-          columns_product<A, decltype(add)::value>(cols_v.data(), c, start_v.data(),
-                                                   csc_rows.data(), csc_vals.data(),
-                                                   xc.data_ptr<A>(), dst.data_ptr<A>(), d_in);
-        };
-        if (gw.defined() && dst.is_same(gw)) run(std::true_type{});
-        else run(std::false_type{});
-        if (gw.defined() && !dst.is_same(gw)) {  // a grad buffer of another dtype
-          gw.index_add_(0, rows, dW.index_select(0, rows).to(gw.scalar_type()));
-          dW = empty_x;
-        }
+        // compact: row q of dW is column cols[q]; dense: row cols[q] of a zero (out, in)
+        std::vector<int64_t> dst_rows(c);
+        for (int64_t q = 0; q < c; ++q) dst_rows[q] = compact_dw ? q : cols_v[q];
+        dW = compact_dw ? at::empty({c, d_in}, x_opts) : at::zeros({out, d_in}, x_opts);
+        columns_product<A>(dst_rows.data(), c, start_v.data(), csc_rows.data(), csc_vals.data(),
+                           xc.data_ptr<A>(), dW.data_ptr<A>(), d_in);
       }
     } else {
       // Few distinct columns (or 16-bit operands): GEMMs of width c over the kept columns.
@@ -346,13 +333,7 @@ Out5 backward_impl(const Tensor& grad_out, const Tensor& x, const Tensor& weight
       Tensor g_cx = g_c.to(x.scalar_type());
       if (need_x) dx = at::mm(g_cx, weight.index_select(0, rows));
       if (need_w) {
-        Tensor dW_c = at::mm(g_cx.t(), x);
-        if (gw.defined()) {
-          gw.index_add_(0, rows, dW_c.to(gw.scalar_type()));
-        } else {
-          dW = at::zeros({out, d_in}, weight.options());
-          dW.index_copy_(0, rows, dW_c.to(weight.scalar_type()));
-        }
+        dW = place_rows(rows, at::mm(g_cx.t(), x));
       }
     }
     if (use_memory) {
@@ -378,10 +359,10 @@ Out5 backward_impl(const Tensor& grad_out, const Tensor& x, const Tensor& weight
 
 Out5 sparse_linear_backward(
     const Tensor& grad_out, const Tensor& x, const Tensor& weight,
-    const std::optional<Tensor>& memory, const std::optional<Tensor>& grad_weight,
-    const std::optional<Tensor>& clear_rows, const std::optional<Tensor>& random_cols,
+    const std::optional<Tensor>& memory, const std::optional<Tensor>& random_cols,
     const std::optional<Tensor>& scale, int64_t k, int64_t selection, double alpha, bool slot,
-    bool need_x, bool need_w, bool need_b, bool skip_nonfinite, double csr_ratio) {
+    bool need_x, bool need_w, bool need_b, bool compact_dw, bool skip_nonfinite,
+    double csr_ratio) {
   TORCH_CHECK(grad_out.dim() == 2 && x.dim() == 2 && weight.dim() == 2,
               "sparse_linear_backward: grad_out, x, weight must be 2-D");
   TORCH_CHECK(grad_out.size(1) == weight.size(0) && x.size(1) == weight.size(1) &&
@@ -403,23 +384,19 @@ Out5 sparse_linear_backward(
                   "sparse_linear_backward: unit memory must be (out,), got ", memory->sizes());
     }
   }
-  if (grad_weight.has_value()) {
-    TORCH_CHECK(grad_weight->sizes() == weight.sizes() && grad_weight->is_contiguous(),
-                "sparse_linear_backward: grad_weight must be contiguous and shaped like weight");
-  }
   double scale_value = scale.has_value() ? scale->item<double>() : 1.0;
   at::ScalarType acc = use_memory ? memory->scalar_type()
                                   : (grad_out.scalar_type() == at::kDouble ? at::kDouble
                                                                           : at::kFloat);
   Tensor xc = x.contiguous(), wc = weight.contiguous();
   if (acc == at::kDouble) {
-    return backward_impl<double>(grad_out, xc, wc, memory, grad_weight, clear_rows, random_cols,
+    return backward_impl<double>(grad_out, xc, wc, memory, random_cols,
                                  scale_value, k, selection, alpha, slot, need_x, need_w, need_b,
-                                 skip_nonfinite, csr_ratio);
+                                 compact_dw, skip_nonfinite, csr_ratio);
   }
-  return backward_impl<float>(grad_out, xc, wc, memory, grad_weight, clear_rows, random_cols,
+  return backward_impl<float>(grad_out, xc, wc, memory, random_cols,
                               scale_value, k, selection, alpha, slot, need_x, need_w, need_b,
-                              skip_nonfinite, csr_ratio);
+                              compact_dw, skip_nonfinite, csr_ratio);
 }
 
 }  // namespace
@@ -427,9 +404,9 @@ Out5 sparse_linear_backward(
 TORCH_LIBRARY_FRAGMENT(msbp, m) {
   m.def(
       "sparse_linear_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor(a!)? memory, "
-      "Tensor(b!)? grad_weight, Tensor? clear_rows, Tensor? random_cols, Tensor? scale, int k, "
-      "int selection, float alpha, bool slot, bool need_x, bool need_w, bool need_b, "
-      "bool skip_nonfinite, float csr_ratio) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+      "Tensor? random_cols, Tensor? scale, int k, int selection, float alpha, bool slot, "
+      "bool need_x, bool need_w, bool need_b, bool compact_dw, bool skip_nonfinite, "
+      "float csr_ratio) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(msbp, CPU, m) { m.impl("sparse_linear_backward", &sparse_linear_backward); }

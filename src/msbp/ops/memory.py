@@ -30,4 +30,4 @@ def store_memory_(
     else:
         memory.resize_(residual.shape)
         value = residual
-    torch.mul(value, alpha if scale is None else alpha / scale, out=memory)
+    torch.mul(value, alpha if scale is None else alpha / scale.double(), out=memory)

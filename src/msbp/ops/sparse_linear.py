@@ -135,16 +135,12 @@ def csr_pays(x: Tensor, k: int, c: int, ratio: float) -> bool:
     return x.device.type == "cpu" and x.dtype in _WIDE and c >= ratio * k
 
 
-def _place_rows(
-    rows: Tensor, src: Tensor, weight: Tensor, grad_weight: Tensor | None
-) -> Tensor:
-    """``src`` (r, in) into the rows ``rows`` of ``grad_weight`` (added; returns an empty tensor)
-    or of a fresh zero dW (returned)."""
-    if grad_weight is not None:
-        grad_weight.index_add_(0, rows, _as(src, grad_weight.dtype))
-        return src.new_empty(0)
-    dW = torch.zeros_like(weight)
-    return dW.index_copy_(0, rows, _as(src, weight.dtype))
+def _place_rows(rows: Tensor, src: Tensor, weight: Tensor, compact: bool) -> Tensor:
+    """dW from its rows ``rows`` (r,) with values ``src`` (r, in): ``src`` itself in the
+    weight's dtype when ``compact``, else a dense (out, in) with zeros elsewhere."""
+    if compact:
+        return _as(src, weight.dtype)
+    return torch.zeros_like(weight).index_copy_(0, rows, _as(src, weight.dtype))
 
 
 def sparse_linear_backward_torch(
@@ -152,8 +148,6 @@ def sparse_linear_backward_torch(
     x: Tensor,
     weight: Tensor,
     memory: Tensor | None,
-    grad_weight: Tensor | None,
-    clear_rows: Tensor | None,
     random_cols: Tensor | None,
     scale: Tensor | None,
     k: int,
@@ -163,6 +157,7 @@ def sparse_linear_backward_torch(
     need_x: bool,
     need_w: bool,
     need_b: bool,
+    compact_dw: bool,
     skip_nonfinite: bool,
     csr_ratio: float = NATIVE_SPARSE_RATIO,
     probe: Callable[[Tensor, Tensor, Tensor], None] | None = None,
@@ -170,11 +165,11 @@ def sparse_linear_backward_torch(
     """The PyTorch twin of ``torch.ops.msbp.sparse_linear_backward``: same arguments, results.
 
     grad_out: (n, out); x: (n, in); weight: (out, in); memory (out,) or, ``slot``, (n, out),
-    updated in place; grad_weight (out, in) or None: the k rows of dW are added into it (its rows
-    ``clear_rows`` zeroed first). Returns ``[dx (n, in), dW (out, in), db (out,), rows (r,),
-    skipped ()]``; dx / dW / db are empty when not needed (dW also when written into
-    ``grad_weight``); rows: the rows of dW written; skipped: 1 when a non-finite gradient went
-    through densely. Raises ``RuntimeError`` marked ``msbp-nonfinite`` (``skip_nonfinite`` off).
+    updated in place. Returns ``[dx (n, in), dW, db (out,), rows (r,), skipped ()]``: dW is
+    (out, in), or only its rows ``rows`` (r, in) when ``compact_dw``; dx / dW / db are empty
+    when not needed; rows: the rows of dW that may be non-zero, ascending; skipped: 1 when a
+    non-finite gradient went through densely (dW then dense whatever ``compact_dw``). Raises
+    ``RuntimeError`` marked ``msbp-nonfinite`` (``skip_nonfinite`` off).
     """
     n, out = grad_out.shape
     use_memory = memory is not None and alpha > 0
@@ -193,16 +188,14 @@ def sparse_linear_backward_torch(
         dx = gc @ weight if need_x else empty
         dW = gc.t() @ x if need_w else empty
         return [dx, dW, db, torch.arange(out, **long), torch.ones((), **long)]
-    if grad_weight is not None and clear_rows is not None and clear_rows.numel():
-        grad_weight.index_fill_(0, clear_rows, 0)
     dx = dW = empty
     if k >= out or selection != SELECTION_CODES["per_example"]:
         if k >= out:
             idx = torch.arange(out, **long)
         elif selection == SELECTION_CODES["random"]:
-            idx = random_cols
+            idx = random_cols.sort().values
         else:
-            idx = select(u, k, "unified")[0]
+            idx = select(u, k, "unified")[0].sort().values
         u_sel = u if k >= out else u.index_select(1, idx)  # (n, k)
         if probe is not None:
             probe(grad_out, x, torch.zeros_like(u).index_copy_(1, idx, u_sel))
@@ -210,7 +203,7 @@ def sparse_linear_backward_torch(
         if need_x:
             dx = u_k @ (weight if k >= out else weight.index_select(0, idx))  # (n, in)
         if need_w:
-            dW = _place_rows(idx, u_k.t() @ x, weight, grad_weight)  # k rows
+            dW = _place_rows(idx, u_k.t() @ x, weight, compact_dw)  # k rows
         if use_memory:
             store_memory_(memory, u.index_fill_(1, idx, 0), "slot" if slot else "unit", alpha, s)
         rows = idx
@@ -239,7 +232,7 @@ def sparse_linear_backward_torch(
                 dW_c = torch.sparse.mm(column_csr(groups, vals), x)  # (c, in): n k in
             else:
                 dW_c = g_c.t() @ x  # (c, in): n c in
-            dW = _place_rows(cols, dW_c, weight, grad_weight)
+            dW = _place_rows(cols, dW_c, weight, compact_dw)
         if use_memory:
             store_memory_(memory, u.scatter_(1, idx, 0), "slot" if slot else "unit", alpha, s)
         rows = cols
@@ -257,21 +250,21 @@ def _register_fake() -> None:
         return
 
     @torch.library.register_fake("msbp::sparse_linear_backward")
-    def _fake(grad_out, x, weight, memory, grad_weight, clear_rows, random_cols, scale, k,
-              selection, alpha, slot, need_x, need_w, need_b, skip_nonfinite, csr_ratio):
+    def _fake(grad_out, x, weight, memory, random_cols, scale, k, selection, alpha, slot,
+              need_x, need_w, need_b, compact_dw, skip_nonfinite, csr_ratio):
         n, out = grad_out.shape
         use_memory = memory is not None and alpha > 0
         acc = memory.dtype if use_memory else torch.promote_types(grad_out.dtype, torch.float32)
         dx = x.new_empty(n, x.shape[1]) if need_x else x.new_empty(0)
-        dW = x.new_empty(0)
-        if need_w and grad_weight is None:
-            dW = weight.new_empty(weight.shape)
         db = grad_out.new_empty(out, dtype=acc) if need_b else grad_out.new_empty(0, dtype=acc)
         if k >= out or selection != SELECTION_CODES["per_example"]:
             r = min(k, out)
         else:
             r = torch.library.get_ctx().new_dynamic_size()
         rows = grad_out.new_empty(r, dtype=torch.long)
+        dW = x.new_empty(0)
+        if need_w:
+            dW = weight.new_empty((r, weight.shape[1]) if compact_dw else weight.shape)
         return dx, dW, db, rows, grad_out.new_empty((), dtype=torch.long)
 
     _fake_registered = True
@@ -310,24 +303,24 @@ def _engine_will_accumulate(ctx, weight: Tensor, index: int) -> bool:
         return False
 
 
-def grad_destination(ctx, weight: Tensor, index: int) -> tuple[Tensor | None, Tensor | None]:
-    """``(buffer, rows to clear)``: the dense gradient buffer the k rows of dW may be added into,
-    or ``(None, None)`` when autograd must get a dense dW.
+def prepare_grad_buffer(ctx, weight: Tensor, index: int) -> bool:
+    """Make ``weight.grad`` a dense buffer that the k rows of dW can be added into, and say
+    whether to hand autograd the rows as a row-sparse gradient (True) or a dense dW (False).
 
-    An existing ``weight.grad`` is used as it is. When ``.grad`` is None (``zero_grad(
-    set_to_none=True)``), the buffer this layer handed over last time is reused if nobody else
-    holds it: only the rows it wrote are cleared when nothing modified it in place since (its
-    version counter says so), else all of it; a fresh zero dW each step would cost more than the
-    sparse backward itself at small sizes (page faults).
+    The rows go through the weight's AccumulateGrad node as a sparse COO gradient, which adds
+    them into the dense ``.grad`` at the cost of k rows and lets hooks on that node see them.
+    When ``.grad`` is None (``zero_grad(set_to_none=True)``), the buffer this layer handed over
+    last time is put back if nobody else holds it: only the rows it wrote are cleared when
+    nothing modified it in place since (its version counter says so), else all of it. A fresh
+    zero dW each step would cost more than the sparse backward itself at small sizes.
     """
     if not _engine_will_accumulate(ctx, weight, index):
-        return None, None
+        return False
     grad = weight.grad
     if grad is not None:
-        ok = grad.layout == torch.strided and grad.dtype == weight.dtype and (
-            grad.shape == weight.shape and grad.is_contiguous()
+        return grad.layout == torch.strided and grad.shape == weight.shape and (
+            grad.dtype == weight.dtype
         )
-        return (grad, None) if ok else (None, None)
     kept = weight.__dict__.get(_BUFFER)
     if kept is not None:
         buf, version, rows = kept
@@ -336,19 +329,33 @@ def grad_destination(ctx, weight: Tensor, index: int) -> tuple[Tensor | None, Te
             buf.untyped_storage()._cdata
         ) == 1
         if alone and buf.shape == weight.shape and buf.dtype == weight.dtype:
-            if buf._version != version:
+            if buf._version == version:
+                buf.index_fill_(0, rows, 0)
+            else:
                 buf.zero_()
-                rows = None
             weight.grad = buf
-            return buf, rows
-    buf = torch.zeros_like(weight, memory_format=torch.contiguous_format)
-    weight.grad = buf
-    return buf, None
+            return True
+    weight.grad = torch.zeros_like(weight, memory_format=torch.contiguous_format)
+    return True
 
 
-def remember_buffer(weight: Tensor, buf: Tensor, rows: Tensor) -> None:
-    """Note which rows of ``buf`` this backward wrote, for clearing them next time."""
-    weight.__dict__[_BUFFER] = (buf, buf._version, rows)
+def row_sparse_grad(weight: Tensor, rows: Tensor, values: Tensor) -> Tensor:
+    """dW as a coalesced sparse COO tensor: ``values`` (r, in) at the ascending ``rows`` (r,),
+    remembered so that the next step can reuse ``weight.grad`` by clearing just these rows."""
+    grad = weight.grad
+    if grad is not None:
+        kept = weight.__dict__.get(_BUFFER)
+        if kept is not None and kept[0] is grad and grad._version == kept[1]:
+            rows_all = torch.cat((kept[2], rows))  # called again in this step: both sets
+        else:
+            rows_all = rows
+        # AccumulateGrad's `grad += dW` will bump the version once
+        weight.__dict__[_BUFFER] = (grad, grad._version + 1, rows_all)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # sparse invariant checks: ours hold
+        return torch.sparse_coo_tensor(
+            rows.unsqueeze(0), values, weight.shape, is_coalesced=True, check_invariants=False
+        )
 
 
 # --- autograd ----------------------------------------------------------------------------------
@@ -412,31 +419,28 @@ class SparseLinearFunction(torch.autograd.Function):
         random_cols = None
         if k < out and plan.selection == "random":
             random_cols = torch.randperm(out, generator=plan.generator, device=g.device)[:k]
-        dest, clear = (None, None)
-        if need_w and plan.grad_inplace and not compiling:
-            dest, clear = grad_destination(ctx, weight, 1)
+        compact = bool(need_w and plan.grad_inplace and not compiling) and (
+            prepare_grad_buffer(ctx, weight, 1)
+        )
         native_ok = native.use_native(g.device)
         try:
             dx, dW, db, rows, skipped = run_backward(
-                native_ok, g, x2, w, memory if use_memory else None, dest, clear, random_cols,
-                scale, k, SELECTION_CODES[plan.selection], plan.alpha, slot, need_x, need_w,
-                need_b, skip, NATIVE_SPARSE_RATIO, probe=plan.probe,
+                native_ok, g, x2, w, memory if use_memory else None, random_cols, scale, k,
+                SELECTION_CODES[plan.selection], plan.alpha, slot, need_x, need_w, need_b,
+                compact, skip, NATIVE_SPARSE_RATIO, probe=plan.probe,
             )
         except RuntimeError as exc:
             if NONFINITE_MARK in str(exc):
                 raise nonfinite_error(plan, "output gradient", grad_out.shape) from None
             raise
-        if need_w and dest is not None and bool(skipped):  # dense dW: not written into dest
-            if clear is not None:
-                dest.index_fill_(0, clear, 0)
-            dest.add_(_as(dW, dest.dtype))
         if need_w:
+            dense_dw = dW.shape == weight.shape and (k >= out or bool(skipped) or not compact)
             if not compiling:
-                dense_rows = k >= out or bool(skipped)
-                log_touched_rows(weight, None if dense_rows else rows)
-                if dest is not None:
-                    remember_buffer(weight, dest, rows)
-            dW = None if dest is not None else _as(dW, weight.dtype)
+                log_touched_rows(weight, None if k >= out or bool(skipped) else rows)
+            if compact and not dense_dw:
+                dW = row_sparse_grad(weight, rows, dW)
+            else:
+                dW = _as(dW, weight.dtype)
         else:
             dW = None
         dx = _as(dx.reshape(x_shape), ctx.x_dtype) if need_x else None
@@ -446,18 +450,12 @@ class SparseLinearFunction(torch.autograd.Function):
 
 def place_weight_rows(
     ctx, weight: Tensor, index: int, rows: Tensor, src: Tensor, grad_inplace: bool
-) -> Tensor | None:
-    """Put ``src`` (r, in) into the distinct rows ``rows`` (r,) of dW for a Function whose input
-    ``index`` is ``weight``: added into the gradient buffer where allowed (returns None, so
-    autograd adds nothing), else a fresh dense dW is returned for autograd to accumulate."""
+) -> Tensor:
+    """dW for a Function whose input ``index`` is ``weight``, from its distinct ascending rows
+    ``rows`` (r,) with values ``src`` (r, in): row-sparse into a kept ``.grad`` buffer where
+    allowed (see ``prepare_grad_buffer``), else dense."""
     log_touched_rows(weight, rows)
-    dest, clear = (None, None)
     if grad_inplace and not torch.compiler.is_compiling():
-        dest, clear = grad_destination(ctx, weight, index)
-    if dest is None:
-        return _place_rows(rows, src, weight, None)
-    if clear is not None:
-        dest.index_fill_(0, clear, 0)
-    dest.index_add_(0, rows, _as(src, dest.dtype))
-    remember_buffer(weight, dest, rows)
-    return None
+        if prepare_grad_buffer(ctx, weight, index):
+            return row_sparse_grad(weight, rows, _as(src, weight.dtype))
+    return _place_rows(rows, src, weight, False)

@@ -1,0 +1,157 @@
+"""The sparse linear backward op: native kernel == PyTorch twin == reference, on random cases."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import msbp
+import msbp.native
+from msbp.ops.reference import sparse_linear_backward_ref
+from msbp.ops.sparse_linear import (
+    SELECTION_CODES,
+    _register_fake,
+    sparse_linear_backward_torch,
+)
+
+native_only = pytest.mark.skipif(
+    os.environ.get("MSBP_BACKEND") == "python" or not msbp.native.use_native(),
+    reason="native kernels unavailable or disabled",
+)
+
+
+def test_native_builds_in_ci():
+    """Where a compiler exists (CI), the native kernels must build: no silent fallback."""
+    if os.environ.get("CI") and os.environ.get("MSBP_BACKEND", "auto") != "python":
+        assert msbp.native.use_native(), msbp.native.status()["error"]
+
+
+def _native(*args):
+    _register_fake()
+    return torch.ops.msbp.sparse_linear_backward(*args)
+
+
+def _tol(dtype):
+    if dtype == torch.float64:
+        return dict(rtol=1e-9, atol=1e-11)
+    if dtype == torch.bfloat16:
+        return dict(rtol=2e-2, atol=2e-2)
+    return dict(rtol=1e-4, atol=1e-5)
+
+
+case = st.fixed_dictionaries({
+    "n": st.integers(1, 40),
+    "d_in": st.integers(1, 150),
+    "out": st.integers(1, 60),
+    "k_frac": st.floats(0.01, 1.2),
+    "selection": st.sampled_from(sorted(SELECTION_CODES)),
+    "layout": st.sampled_from(["unit", "slot"]),
+    "alpha": st.sampled_from([0.0, 0.5, 0.8, 1.0]),
+    "dtype": st.sampled_from([torch.float32, torch.float64, torch.bfloat16]),
+    "compact": st.booleans(),
+    "need": st.sampled_from([(True, True, True), (True, False, False), (False, True, True)]),
+    "scale": st.sampled_from([None, 1.0, 1024.0]),
+    "seed": st.integers(0, 2**31 - 1),
+})
+
+
+def _inputs(c):
+    gen = torch.Generator().manual_seed(c["seed"])
+    n, d_in, out = c["n"], c["d_in"], c["out"]
+    wide = torch.float64 if c["dtype"] == torch.float64 else torch.float32
+    x = torch.randn(n, d_in, generator=gen, dtype=wide).to(c["dtype"])
+    w = torch.randn(out, d_in, generator=gen, dtype=wide).to(c["dtype"])
+    g = torch.randn(n, out, generator=gen, dtype=wide)  # wide: no ties in the selection
+    shape = (out,) if c["layout"] == "unit" else (n, out)
+    memory = torch.randn(shape, generator=gen, dtype=wide)
+    k = max(1, min(round(c["k_frac"] * out), out + 3))
+    cols = torch.randperm(out, generator=gen)[: min(k, out)]
+    return x, w, g, memory, k, cols
+
+
+def _run(fn, c, x, w, g, memory, k, cols):
+    need_x, need_w, need_b = c["need"]
+    scale = None if c["scale"] is None else torch.tensor(c["scale"])
+    g_in = g if scale is None else g * c["scale"]
+    return fn(
+        g_in, x, w, memory, cols if c["selection"] == "random" else None, scale,
+        k, SELECTION_CODES[c["selection"]], c["alpha"], c["layout"] == "slot", need_x, need_w,
+        need_b, c["compact"], False, 3.0,
+    )
+
+
+@native_only
+@given(case)
+def test_native_equals_torch_twin_and_reference(c):
+    x, w, g, memory, k, cols = _inputs(c)
+    results = {}
+    for name, fn in (("native", _native), ("torch", sparse_linear_backward_torch)):
+        mem = memory.clone()
+        dx, dW, db, rows, skipped = _run(fn, c, x, w, g, mem, k, cols)
+        if c["compact"] and c["need"][1]:  # only the rows `rows` of dW
+            assert dW.shape == (rows.numel(), w.shape[1])
+            dW = torch.zeros_like(w).index_copy_(0, rows, dW)
+        results[name] = (dx, dW, db, mem, sorted(rows.tolist()), int(skipped))
+    need_x, need_w, need_b = c["need"]
+    s = 1.0 if c["scale"] is None else c["scale"]
+    if c["selection"] == "random" and k < c["out"]:  # the op's columns, not a generator's
+        dx_r, dW_r, db_r, mem_r = _random_ref(x, w, g, memory, cols, c)
+    else:
+        dx_r, dW_r, db_r, mem_r = sparse_linear_backward_ref(
+            x, w, g, memory.clone(), k=k, selection=c["selection"], alpha=c["alpha"],
+            layout=c["layout"],
+        )
+    tol = _tol(c["dtype"])
+    for name, (dx, dW, db, mem, rows, skipped) in results.items():
+        assert skipped == 0
+        if need_w:  # rows: every row of dW that can be non-zero, each once
+            assert len(set(rows)) == len(rows)
+            assert set(dW_r.abs().sum(1).nonzero().flatten().tolist()) <= set(rows)
+        if need_x:
+            torch.testing.assert_close(dx.double() / s, dx_r.double(), **tol, msg=name)
+        if need_w:
+            torch.testing.assert_close(dW.double() / s, dW_r.double(), **tol, msg=name)
+        if need_b:
+            torch.testing.assert_close(db.double() / s, db_r.double(), **tol, msg=name)
+        if c["alpha"] > 0:
+            torch.testing.assert_close(mem.double(), mem_r.double(), **tol, msg=name)
+    assert results["native"][4] == results["torch"][4]
+
+
+def _random_ref(x, w, g, memory, cols, c):
+    """The reference's masked backward for random selection with the op's columns ``cols``."""
+    n, out = g.shape
+    u = g.double()
+    if c["alpha"] > 0:
+        u = u + (memory.double() / n if c["layout"] == "unit" else memory.double())
+    mask = torch.zeros(n, out, dtype=torch.bool)
+    mask[:, cols] = True
+    g_hat = torch.where(mask, u, 0.0)
+    dx = g_hat.to(x.dtype) @ w
+    dW = g_hat.to(x.dtype).t() @ x
+    resid = c["alpha"] * (u - g_hat)
+    mem = resid.sum(0) if c["layout"] == "unit" else resid
+    return dx, dW, g.sum(0), mem.to(memory.dtype)
+
+
+@pytest.mark.parametrize("selection", sorted(SELECTION_CODES))
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_large_finite_gradients_are_finite(backend, selection, dtype):
+    """Finite values are never called non-finite: fp16 values whose sum overflows 65504 and
+    float32 values near 1e37 summed over the batch (both raised before)."""
+    big = 6e4 if dtype == torch.float16 else (3e38 if dtype == torch.bfloat16 else 1e37)
+    layer = msbp.SparseLinear(4, 8, config=msbp.SparseBackpropConfig(
+        k=2, memory=0.0, selection=selection))
+    x = torch.randn(64, 4, requires_grad=True)
+    y = layer(x)
+    g = torch.full_like(y, big, dtype=dtype).to(y.dtype) if dtype == torch.float32 else None
+    if g is None:
+        with torch.autocast("cpu", dtype=dtype):
+            y = layer(x.to(dtype))
+        g = torch.full(y.shape, big, dtype=y.dtype)
+    y.backward(g)  # must not raise FloatingPointError
+    assert x.grad is not None
