@@ -7,10 +7,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
-INFO_MEASURES = (
-    ("cosine", "cosine(sparse dW, true dW)"),
-    ("cumulative_error", "cumulative relative error"),
-    ("mass_fraction", "fraction of |G| propagated"),
+INFO_MEASURES = (  # see msbp.info for the definitions
+    ("cosine", "cosine(sparse dW, dense dW)"),
+    ("cumulative_error", "window-summed error vs dense dW"),
+    ("upstream_cosine", "cosine(arrived dW, dense dW)"),
+    ("local_mass_fraction", "fraction of arrived |G| propagated"),
 )
 
 
@@ -66,7 +67,7 @@ def plot_info_loss(results: dict[str, Any], path: str | os.PathLike[str], plt=No
             ax = axes[row][col]
             for i, run in enumerate(results["runs"]):
                 records = (run.get("info_loss") or {}).get("layers", {}).get(layer, [])
-                points = [(r["step"], r[key]) for r in records if r[key] is not None]
+                points = [(r["step"], r[key]) for r in records if r.get(key) is not None]
                 if points:
                     xs, ys = zip(*points, strict=True)
                     ax.plot(xs, ys, color=f"C{i}", label=run["method"])
