@@ -71,6 +71,8 @@ def plot_info_loss(results: dict[str, Any], path: str | os.PathLike[str], plt=No
                 if points:
                     xs, ys = zip(*points, strict=True)
                     ax.plot(xs, ys, color=f"C{i}", label=run["method"])
+            if key.endswith("cosine"):  # a common scale; a constant 1 would show its rounding
+                ax.set_ylim(min([0.0, *ax.get_ylim()[:1]]) - 0.02, 1.02)
             ax.set_title(f"{layer}: {label}", fontsize=9)
             ax.set_xlabel("step")
             ax.grid(alpha=0.3)
