@@ -7,7 +7,8 @@
 One table per config group, one row per config (``same_as`` rows show the results of the config
 they name). Columns: the test metric at the best-dev epoch, the dev metric, the best epoch, the
 number of seeds, the epochs and training examples actually run, and the paper's number where the
-config carries one. The ``info`` group adds the information-loss summary per layer.
+config carries one. The ``info`` group adds a table of the information-loss summary, one line
+per (row, layer); its measures are defined in ``msbp.info``.
 """
 
 from __future__ import annotations
@@ -41,8 +42,20 @@ GROUP_BASELINE = {"table": "table-dense", "full": "full-dense", "long": "long-de
                   "k": "sweep-dense", "memory": "sweep-dense",
                   "layout": "sweep-dense", "selection": "sweep-dense", "hidden": "sweep-dense",
                   "optimizer": "sweep-dense", "info": "sweep-dense"}
-INFO_KEYS = (("cosine", "cos"), ("step_error", "step err"), ("cumulative_error", "cum err"),
-             ("mass_fraction", "mass"))
+#: (key of msbp.info's summary, column title) of the information-loss table (one row per layer)
+INFO_KEYS = (("cosine", "cos vs dense"), ("step_error", "step err"),
+             ("cumulative_error", "window err"), ("upstream_cosine", "arrived cos"),
+             ("local_cosine", "local cos"), ("local_cumulative_error", "local window err"),
+             ("local_mass_fraction", "local mass"))
+
+INFO_LEGEND = (
+    "cos vs dense, step err, window err (|sum of sparse dW - sum of dense dW| / |sum of dense "
+    "dW| over a window of consecutive steps): the layer's sparse weight gradient against the "
+    "true one of the whole dense model (one extra dense pass per measured step). arrived cos: "
+    "the gradient that reached the layer through the sparse layers above against the dense one. "
+    "local cos, local window err, local mass: the sparse dW against the arrived one, i.e. the "
+    "layer's own selection only. Definitions: `src/msbp/info.py`."
+)
 
 
 def load(configs_dir: Path, results_dir: Path) -> tuple[dict[str, dict], dict[str, list[dict]]]:
@@ -106,14 +119,6 @@ def render_group(group: str, configs: dict[str, dict], results: dict[str, list[d
     head = ["row", "test (%)", "vs dense", "dev (%)", "best epoch", "seeds", "epochs", "train ex."]
     if any(c.get("paper") for c in rows):
         head.append("paper test (%)")
-    layers: list[str] = []
-    if info:
-        for c in rows:
-            for r in results.get(c["name"], []):
-                for name in r["runs"][0]["info_loss"]["summary"]:
-                    if name not in layers:
-                        layers.append(name)
-        head += [f"{layer} {short}" for layer in layers for _, short in INFO_KEYS]
     lines = [f"### {GROUP_TITLES.get(group, group)}", "", "| " + " | ".join(head) + " |",
              "|" + "---|" * len(head)]
     for c in rows:
@@ -130,14 +135,30 @@ def render_group(group: str, configs: dict[str, dict], results: dict[str, list[d
                  str(f["epochs"]), f["train"]]
         if "paper test (%)" in head:
             cells.append(paper_value(c))
-        if info:
-            summaries = [r["runs"][0]["info_loss"]["summary"] for r in runs]
-            for layer in layers:
-                for key, _ in INFO_KEYS:
-                    vals = [s[layer][key] for s in summaries if layer in s and s[layer][key]]
-                    cells.append(_fmt(statistics.fmean(vals)) if vals else "n/a")
         lines.append("| " + " | ".join(cells) + " |")
+    if info:
+        lines += ["", *render_info(rows, results)]
     return "\n".join(lines)
+
+
+def render_info(rows: list[dict], results: dict[str, list[dict]]) -> list[str]:
+    """One line per (config, layer): the information-loss summary, mean over seeds."""
+    head = ["row", "layer", "seeds", *(short for _, short in INFO_KEYS)]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for c in rows:
+        runs = results.get(c.get("same_as") or c["name"], [])
+        summaries = [r["runs"][0]["info_loss"]["summary"] for r in runs]
+        layers = list(dict.fromkeys(name for s in summaries for name in s))
+        seeds = ",".join(str(r["experiment"]["seed"]) for r in runs)
+        for layer in layers:
+            cells = [c["label"], layer, seeds]
+            for key, _ in INFO_KEYS:
+                vals = [s[layer].get(key) for s in summaries if layer in s]
+                vals = [v for v in vals if v is not None]
+                cells.append(_fmt(statistics.fmean(vals)) if vals else "n/a")
+            lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", INFO_LEGEND]
+    return lines
 
 
 def combined(names: list[str], results: dict[str, list[dict]], seed: int) -> dict | None:

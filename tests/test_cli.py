@@ -87,9 +87,12 @@ def test_compare_k_out_is_dense(data_dir, tmp_path, capsys):
         for rows in info["layers"].values():
             assert len(rows) == 4  # 2 epochs of 20 steps: windows at steps 0, 10, 20, 30
             for r in rows:
-                assert r["cosine"] == pytest.approx(1.0, abs=1e-6)
-                assert r["cumulative_error"] == 0.0 and r["step_error"] == 0.0
-                assert r["mass_fraction"] == pytest.approx(1.0)
+                for key in ("cosine", "local_cosine", "upstream_cosine"):
+                    assert r[key] == pytest.approx(1.0, abs=1e-6)
+                assert r["local_cumulative_error"] == 0.0 and r["local_step_error"] == 0.0
+                # against a separate dense pass: equal up to float32 rounding
+                assert r["cumulative_error"] < 1e-5 and r["step_error"] < 1e-5
+                assert r["local_mass_fraction"] == pytest.approx(1.0)
     assert runs[0]["info_loss"] is None
     if (plots / "accuracy.png").exists() or pytest.importorskip("matplotlib"):
         assert (plots / "accuracy.png").stat().st_size > 0
@@ -109,13 +112,38 @@ def test_sparse_info_loss_in_range(data_dir, tmp_path, capsys):
             assert rows, name
             for r in rows:
                 assert -1.0 <= r["cosine_min"] <= r["cosine"] <= 1.0
+                assert -1.0 <= r["upstream_cosine"] <= 1.0
                 assert r["cumulative_error"] >= 0.0 and r["step_error"] > 0.0
-                assert r["mass_fraction"] > 0.0
-            if run is sbp:  # without memory, at most the gradient's own mass goes through
-                assert all(r["mass_fraction"] <= 1.0 + 1e-9 for r in rows)
-                # unified top-k: <dW_sparse, dW_true> >= 0 at every step
-                assert all(r["cosine_min"] >= -1e-9 for r in rows)
+                assert r["local_cumulative_error"] >= 0.0 and r["local_step_error"] > 0.0
+                assert r["local_mass_fraction"] > 0.0
+            if run is sbp:  # without memory, at most the arrived gradient's mass goes through
+                assert all(r["local_mass_fraction"] <= 1.0 + 1e-9 for r in rows)
+                # unified top-k: <dW_sparse, dW_arrived> >= 0 at every step, so the mean too
+                assert all(r["local_cosine"] >= -1e-9 for r in rows)
+        # the output layer is dense: what reaches hidden.1 is its true gradient
+        assert all(r["upstream_cosine"] == pytest.approx(1.0, abs=1e-6)
+                   for r in run["info_loss"]["layers"]["hidden.1"])
         assert set(run["info_loss"]["summary"]) == set(run["info_loss"]["layers"])
+
+
+def test_measuring_info_loss_leaves_training_bit_identical(data_dir, tmp_path, capsys):
+    """The measured steps' dense passes change no weight, memory, optimizer or RNG state."""
+    args = ["train", "--method", "msbp", *base_args(data_dir, "--k", "3"), "--memory-layout",
+            "slot", "--selection", "random", "--optimizer", "lazy_adam"]
+    plain, measured = tmp_path / "plain.pt", tmp_path / "measured.pt"
+    assert cli.main([*args, "--checkpoint", str(plain)]) == 0
+    assert cli.main([*args, "--checkpoint", str(measured), "--measure-info-loss",
+                     "--info-every", "6", "--info-window", "3"]) == 0
+    capsys.readouterr()
+    a, b = torch.load(plain, weights_only=False), torch.load(measured, weights_only=False)
+    assert b["run"]["info_loss"]["summary"]["hidden.0"]["cosine"] is not None
+    assert a["model"].keys() == b["model"].keys()
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    assert str(a["optimizer"]) == str(b["optimizer"])
+    assert torch.equal(a["rng"]["torch"], b["rng"]["torch"])
+    for sa, sb in zip(a["rng"]["selection"], b["rng"]["selection"], strict=True):
+        assert torch.equal(sa, sb)
 
 
 def test_resume_equals_uninterrupted(data_dir, tmp_path, capsys):

@@ -301,12 +301,14 @@ def test_info_loss_meter_covers_lstm_transforms() -> None:
     model.add_module("lstm", SparseLSTM(3, 4, config=make_cfg("per_example", k=16)))
     meter = InfoLossMeter(model, every=2, window=1)
     for step in range(2):
-        meter.start_step(step)
-        model.lstm(torch.randn(5, 2, 3))[0].sum().backward()
+        x = torch.randn(5, 2, 3)
+        meter.start_step(step, lambda x=x: model.lstm(x)[0].sum())
+        model.lstm(x)[0].sum().backward()
         meter.end_step(step)
     meter.close()
     summary = meter.result()["summary"]
     assert set(summary) == {"lstm.ih_l0", "lstm.hh_l0"}
     for row in summary.values():  # k = 4 H: everything propagated
-        assert row["cosine"] == pytest.approx(1.0) and row["mass_fraction"] == pytest.approx(1.0)
+        assert row["cosine"] == pytest.approx(1.0) and row["local_cosine"] == pytest.approx(1.0)
+        assert row["local_mass_fraction"] == pytest.approx(1.0)
     assert not model.lstm.probes

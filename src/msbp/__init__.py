@@ -2,7 +2,7 @@
 
 from msbp import functional, ops, optim
 from msbp.config import SparseBackpropConfig
-from msbp.convert import densify, sparsify
+from msbp.convert import dense_backward, densify, sparsify
 from msbp.nn import SparseLinear, SparseLSTM
 
 __version__ = "0.1.0"
@@ -11,6 +11,7 @@ __all__ = [
     "SparseBackpropConfig",
     "SparseLSTM",
     "SparseLinear",
+    "dense_backward",
     "densify",
     "functional",
     "ops",

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 
 from torch import nn
 
@@ -161,6 +162,41 @@ def densify(model: nn.Module) -> nn.Module:
         if isinstance(module, SparseLinear | SparseLSTM)
     ]
     return _replace(model, chosen, lambda module: module.to_dense())
+
+
+@contextlib.contextmanager
+def dense_backward(model: nn.Module) -> Iterator[nn.Module]:
+    """Inside the block, every ``SparseLinear`` / ``SparseLSTM`` of ``model`` computes with plain
+    PyTorch ops, as its dense counterpart would: a forward here builds a graph whose backward is
+    exact dense backprop, whenever that backward runs.
+
+    Nothing of sparse training is touched by such a pass: not the memory, not the layers'
+    information-loss probes, not the touched-rows log of ``msbp.optim.LazyRowAdam``, not the
+    random-selection generator; with ``torch.autograd.grad`` not ``.grad`` either. The forward
+    values are the same as the sparse layers' (both are exact). Used by ``msbp.info`` to get the
+    true dense gradient of a training step. Not thread-safe: it flags the modules themselves.
+
+    Example:
+        >>> model = sparsify(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)),
+        ...                  SparseBackpropConfig(k=1), exclude="2")
+        >>> x = torch.randn(3, 4)
+        >>> with dense_backward(model):
+        ...     (dw,) = torch.autograd.grad(model(x).sum(), [model[0].weight])
+        >>> int((dw.abs().sum(1) > 0).sum()) > 1  # more than k rows: dense
+        True
+    """
+    layers = [m for m in model.modules() if isinstance(m, SparseLinear | SparseLSTM)]
+    before = [layer.__dict__.get("dense_mode") for layer in layers]
+    for layer in layers:
+        layer.dense_mode = True
+    try:
+        yield model
+    finally:
+        for layer, was in zip(layers, before, strict=True):
+            if was is None:
+                del layer.dense_mode  # back to the class default
+            else:
+                layer.dense_mode = was
 
 
 #: the sparse module that ``sparsify`` puts in place of each dense type

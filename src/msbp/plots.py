@@ -7,10 +7,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
-INFO_MEASURES = (
-    ("cosine", "cosine(sparse dW, true dW)"),
-    ("cumulative_error", "cumulative relative error"),
-    ("mass_fraction", "fraction of |G| propagated"),
+INFO_MEASURES = (  # see msbp.info for the definitions
+    ("cosine", "cosine(sparse dW, dense dW)"),
+    ("cumulative_error", "window-summed error vs dense dW"),
+    ("upstream_cosine", "cosine(arrived dW, dense dW)"),
+    ("local_mass_fraction", "fraction of arrived |G| propagated"),
 )
 
 
@@ -66,10 +67,12 @@ def plot_info_loss(results: dict[str, Any], path: str | os.PathLike[str], plt=No
             ax = axes[row][col]
             for i, run in enumerate(results["runs"]):
                 records = (run.get("info_loss") or {}).get("layers", {}).get(layer, [])
-                points = [(r["step"], r[key]) for r in records if r[key] is not None]
+                points = [(r["step"], r[key]) for r in records if r.get(key) is not None]
                 if points:
                     xs, ys = zip(*points, strict=True)
                     ax.plot(xs, ys, color=f"C{i}", label=run["method"])
+            if key.endswith("cosine"):  # a common scale; a constant 1 would show its rounding
+                ax.set_ylim(min([0.0, *ax.get_ylim()[:1]]) - 0.02, 1.02)
             ax.set_title(f"{layer}: {label}", fontsize=9)
             ax.set_xlabel("step")
             ax.grid(alpha=0.3)

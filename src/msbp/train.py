@@ -282,8 +282,8 @@ def train_run(task: Task, method: str, args: argparse.Namespace) -> dict[str, An
         _sync(device)
         t_start = time.perf_counter()
         for batch in batches:
-            if meter is not None:
-                meter.start_step(step)
+            if meter is not None:  # on measured steps: a dense pass for the true gradients
+                meter.start_step(step, lambda batch=batch: task.loss(model, batch))
             optimizer.zero_grad(set_to_none=False)  # keep .grad so sparse layers write into it
             loss = task.loss(model, batch)
             _sync(device)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from msbp.config import SparseBackpropConfig
@@ -26,6 +27,8 @@ class SparseLinear(MemoryMixin, nn.Linear):
     """
 
     memory: Tensor
+    #: set by ``msbp.dense_backward``: run as a plain ``nn.Linear`` (see there)
+    dense_mode: bool = False
 
     def __init__(
         self,
@@ -52,6 +55,8 @@ class SparseLinear(MemoryMixin, nn.Linear):
         return self.out_features
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.dense_mode:
+            return F.linear(x, self.weight, self.bias)
         memory = self.memory if self.config.memory > 0 else None
         return sparse_linear(
             x, self.weight, self.bias, memory, config=self.config,

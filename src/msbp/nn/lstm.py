@@ -52,6 +52,9 @@ class SparseLSTM(MemoryMixin, nn.LSTM):
         (torch.Size([4, 7, 32]), torch.Size([1, 4, 32]))
     """
 
+    #: set by ``msbp.dense_backward``: every transform runs as plain PyTorch ops (see there)
+    dense_mode: bool = False
+
     def __init__(
         self,
         input_size: int,
@@ -110,6 +113,8 @@ class SparseLSTM(MemoryMixin, nn.LSTM):
         self, x: Tensor, h: Tensor, c: Tensor, tag: str, reverse: bool
     ) -> tuple[Tensor, Tensor, Tensor]:
         """One layer, one direction. x: (T, B, in); h, c: (B, H) -> out (T, B, H), h, c."""
+        if self.dense_mode:
+            return self._direction_dense(x, h, c, tag, reverse)
         steps, batch = x.shape[0], x.shape[1]
         weight, bias, memory, name = self._parts(f"ih_{tag}")
         gates_x = sparse_linear(
@@ -124,6 +129,23 @@ class SparseLSTM(MemoryMixin, nn.LSTM):
             probe=self.probes.get(f"hh_{tag}"),
         )
         return SparseLSTMRecurrence.apply(gates_x, h, c, weight, bias, memory, plan, reverse)
+
+    def _direction_dense(
+        self, x: Tensor, h: Tensor, c: Tensor, tag: str, reverse: bool
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """``_direction`` in plain autograd ops: the dense gradient; no memory, probe or log."""
+        w_ih, b_ih = getattr(self, f"weight_ih_{tag}"), getattr(self, f"bias_ih_{tag}", None)
+        w_hh, b_hh = getattr(self, f"weight_hh_{tag}"), getattr(self, f"bias_hh_{tag}", None)
+        gates_x = F.linear(x, w_ih, b_ih if self.bias else None)  # (T, B, 4H)
+        steps = x.shape[0]
+        outs: list[Tensor] = [x] * steps  # placeholders, each overwritten below
+        for t in range(steps - 1, -1, -1) if reverse else range(steps):
+            gates = gates_x[t] + F.linear(h, w_hh, b_hh if self.bias else None)  # (B, 4H)
+            i, f, g, o = gates.chunk(4, dim=1)  # PyTorch's gate order
+            c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+            h = torch.sigmoid(o) * torch.tanh(c)
+            outs[t] = h
+        return torch.stack(outs), h, c
 
     def forward(  # type: ignore[override]
         self, input: Tensor, hx: tuple[Tensor, Tensor] | None = None
