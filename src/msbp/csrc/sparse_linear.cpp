@@ -6,7 +6,7 @@
 //   M  = alpha * (U - U_S) / scale
 //   db = colsum(G)
 //
-// One pass over G builds U, the column scores, the column sums of U and of G, and the finiteness
+// One pass over G builds U, the column scores, the column sums of U, and the finiteness
 // flag; the products are ATen GEMMs of width k (unified) or blocked loops over the kept entries
 // (per-example); the memory write needs no second pass over U for the `unit` layout. Mirrors
 // msbp.ops.sparse_linear.sparse_linear_backward_torch (the fallback) and
@@ -46,12 +46,12 @@ void topk_indices(const A* scores, int64_t m, int64_t k, int64_t* out, std::vect
   std::copy(buf.begin(), buf.begin() + k, out);
 }
 
-// Pass 1, over columns [o0, o1): U = G + madd, colsum |U|, colsum U, colsum G, finiteness.
+// Pass 1, over columns [o0, o1): U = G + madd, colsum |U|, colsum U, finiteness.
 template <typename G, typename A>
 void build_u(const G* g, A* u, int64_t n, int64_t out, int64_t o0, int64_t o1, const A* mem,
-             bool slot, A mem_mul, A* score, A* usum, A* gsum, A* bad) {
+             bool slot, A mem_mul, A* score, A* usum, A* bad) {
   A nan_acc = 0;
-  for (int64_t o = o0; o < o1; ++o) score[o] = usum[o] = gsum[o] = 0;
+  for (int64_t o = o0; o < o1; ++o) score[o] = usum[o] = 0;
   for (int64_t r = 0; r < n; ++r) {
     const G* gr = g + r * out;
     A* ur = u + r * out;
@@ -62,7 +62,6 @@ void build_u(const G* g, A* u, int64_t n, int64_t out, int64_t o0, int64_t o1, c
       ur[o] = v;
       score[o] += std::abs(v);
       usum[o] += v;
-      gsum[o] += gv;
       nan_acc += v * A(0);  // NaN iff some v is inf or NaN; never overflows
     }
   }
@@ -164,8 +163,7 @@ Out5 backward_impl(const Tensor& grad_out, const Tensor& x, const Tensor& weight
 
   // Pass 1: U, scores, column sums, finiteness.
   Tensor u = at::empty({n, out}, acc_opts);
-  Tensor score = at::empty({out}, acc_opts), usum = at::empty({out}, acc_opts),
-         gsum = at::empty({out}, acc_opts);
+  Tensor score = at::empty({out}, acc_opts), usum = at::empty({out}, acc_opts);
   Tensor mem_c;
   const A* mem_ptr = nullptr;
   A mem_mul = 0;
@@ -182,14 +180,15 @@ Out5 backward_impl(const Tensor& grad_out, const Tensor& x, const Tensor& weight
       for (int64_t c = c0; c < c1; ++c) {
         int64_t o0 = out * c / nchunks, o1 = out * (c + 1) / nchunks;
         build_u<scalar_t, A>(gp, u.data_ptr<A>(), n, out, o0, o1, mem_ptr, slot, mem_mul,
-                             score.data_ptr<A>(), usum.data_ptr<A>(), gsum.data_ptr<A>(), &bad[c]);
+                             score.data_ptr<A>(), usum.data_ptr<A>(), &bad[c]);
       }
     });
   });
   bool finite = true;
   for (A b : bad) finite = finite && std::isfinite(b);
 
-  Tensor db = need_b ? gsum : at::empty({0}, acc_opts);
+  // db as torch sums it, so that k = out is bit-identical to a dense layer
+  Tensor db = need_b ? at::sum(g, {0}, false, acc_opts.dtype().toScalarType()) : at::empty({0}, acc_opts);
   Tensor empty_x = at::empty({0}, x_opts);
 
   if (!finite) {

@@ -271,12 +271,18 @@ def _register_fake() -> None:
 
 
 def run_backward(native_ok: bool, *args, probe=None) -> list[Tensor]:
-    """``sparse_linear_backward`` through the native op when ``native_ok`` (and no probe), else
-    through the PyTorch twin."""
-    if native_ok and probe is None:
-        _register_fake()
-        return torch.ops.msbp.sparse_linear_backward(*args)
-    return sparse_linear_backward_torch(*args, probe=probe)
+    """``sparse_linear_backward`` through the native op when ``native_ok``, else through the
+    PyTorch twin. A ``probe`` is fed by the twin; on the native path the twin then runs on a copy
+    of the memory for the probe alone, so that measuring never changes the numbers."""
+    if not native_ok:
+        return sparse_linear_backward_torch(*args, probe=probe)
+    if probe is not None:
+        memory = args[3]
+        sparse_linear_backward_torch(
+            *args[:3], None if memory is None else memory.clone(), *args[4:], probe=probe
+        )
+    _register_fake()
+    return torch.ops.msbp.sparse_linear_backward(*args)
 
 
 # --- where the k rows of dW go -----------------------------------------------------------------
