@@ -16,6 +16,9 @@ from typing import NoReturn
 from msbp.tasks import TASKS
 
 DEFAULT_TASK = "mnist"
+#: exit statuses: bad options, paths, data or checkpoint (one line on stderr, nothing trained);
+#: a run whose loss or gradients became non-finite; Ctrl-C
+EXIT_USAGE, EXIT_DIVERGED, EXIT_INTERRUPTED = 2, 3, 130
 
 
 class _Parser(argparse.ArgumentParser):
@@ -23,7 +26,7 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         print(f"{self.prog}: error: {message}", file=sys.stderr)
-        raise SystemExit(2)
+        raise SystemExit(EXIT_USAGE)
 
 
 def _task_from_argv(argv: Sequence[str]) -> str:
@@ -102,7 +105,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         _print_info(args.json)
         return 0
 
-    from msbp.train import UsageError, compare, format_table, train
+    from msbp.train import TrainingDiverged, UsageError, compare, format_table, train
 
     try:
         if args.command == "train":
@@ -111,10 +114,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             results = compare(TASKS[args.task], args)
     except (UsageError, DataError) as err:
         print(f"msbp: error: {err}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
+    except TrainingDiverged as err:
+        print(f"msbp: error: {err}", file=sys.stderr)
+        return EXIT_DIVERGED
     except KeyboardInterrupt:
         print("msbp: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
     print(format_table(results))
     if args.out:
         print(f"results: {args.out}", file=sys.stderr)

@@ -14,8 +14,10 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -25,10 +27,11 @@ from torch import nn
 
 from msbp.config import MEMORY_LAYOUTS, SELECTIONS, SparseBackpropConfig
 from msbp.convert import sparsify
+from msbp.data.errors import DataError
 from msbp.info import InfoLossMeter
 from msbp.nn import SparseLinear, SparseLSTM
 from msbp.optim import LazyRowAdam
-from msbp.tasks.base import Task
+from msbp.tasks.base import Task, UsageError, check_option, content_digest
 
 METHODS = ("dense", "sbp", "msbp")
 METHOD_LABELS = {"dense": "dense", "sbp": "+ sparse backprop", "msbp": "+ MSBP"}
@@ -36,10 +39,18 @@ METHOD_LABELS = {"dense": "dense", "sbp": "+ sparse backprop", "msbp": "+ MSBP"}
 RESUMABLE_CHANGES = frozenset(
     {"epochs", "resume", "checkpoint", "out", "quiet", "threads", "plots", "command", "methods"}
 )
+#: what ``torch.manual_seed`` and ``torch.Generator.manual_seed`` take, with room for the
+#: per-layer seeds ``seed + 1 + i`` of random selection
+MAX_SEED = 2**63 - 1
+CHECKPOINT_FORMAT = "msbp-checkpoint"
+CHECKPOINT_VERSION = 2  # 1: before the checksum and the data fingerprint (never resumed)
+#: on a GPU, the loss sum is read (a device sync) every CHECK_EVERY steps to spot divergence
+CHECK_EVERY = 100
 
 
-class UsageError(Exception):
-    """A bad option or combination of options; the CLI prints the message and exits with 2."""
+class TrainingDiverged(RuntimeError):
+    """The training loss or a gradient became non-finite; the CLI prints the message (which run,
+    epoch and step, what to try) and exits with status 3."""
 
 
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:
@@ -147,10 +158,10 @@ def make_optimizer(
 def check_args(args: argparse.Namespace) -> None:
     """Raise ``UsageError`` for option values no run can use."""
     for name in ("epochs", "batch_size", "threads", "info_every", "info_window"):
-        if getattr(args, name) < 1:
-            raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.lr <= 0:
-        raise UsageError(f"--lr must be > 0, got {args.lr}")
+        check_option(args, name, low=1)
+    check_option(args, "lr", low=0, low_open=True)
+    check_option(args, "momentum", low=0)
+    check_option(args, "seed", low=0, high=MAX_SEED)
     if args.info_window > args.info_every:
         raise UsageError(
             f"--info-window ({args.info_window}) must not exceed --info-every ({args.info_every})"
@@ -161,6 +172,58 @@ def check_args(args: argparse.Namespace) -> None:
         raise UsageError("--device cuda, but CUDA is not available (see `msbp info`)")
     for method in METHODS:
         sparse_config(method, args)
+
+
+def _nearest_existing(path: Path) -> Path:
+    while not path.exists() and path.parent != path:
+        path = path.parent
+    return path
+
+
+def _check_can_create_in(option: str, value: str, folder: Path) -> None:
+    """``folder`` or, where it does not exist yet, its nearest existing ancestor must be a
+    directory in which a file can be created (the missing folders are made at write time)."""
+    base = _nearest_existing(folder)
+    if not base.is_dir():
+        raise UsageError(f"{option} {value}: cannot be written, {base} is not a directory")
+    if not os.access(base, os.W_OK | os.X_OK):
+        raise UsageError(f"{option} {value}: cannot be written, no write permission in {base}")
+    try:  # permissions are not the whole story (read-only mounts, quotas, ACLs): try it
+        fd, probe = tempfile.mkstemp(prefix=".msbp-write-test-", dir=base)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise UsageError(
+            f"{option} {value}: cannot be written in {base} ({err.strerror})"
+        ) from None
+
+
+def _check_file_target(option: str, value: str, path: Path | None = None) -> None:
+    """``path`` (default ``value``, the option's value) must be a file that can be written."""
+    path = Path(value) if path is None else path
+    for target in (path, path.with_name(path.name + ".tmp")):  # the temp file of atomic writes
+        if target.is_dir():
+            raise UsageError(f"{option} {value}: {target} is a directory; give a file path")
+    _check_can_create_in(option, value, path.parent)
+
+
+def check_paths(args: argparse.Namespace, checkpoints: list[str]) -> None:
+    """Raise ``UsageError`` before any training when ``--out``, the ``checkpoints`` (the files
+    ``--checkpoint`` names: one per method under ``compare``) or ``--plots`` cannot be written,
+    or ``--resume`` finds none of the checkpoints."""
+    if getattr(args, "out", None):
+        _check_file_target("--out", args.out)
+    plots = getattr(args, "plots", None)
+    if plots:
+        if Path(plots).exists() and not Path(plots).is_dir():
+            raise UsageError(f"--plots {plots}: is not a directory")
+        _check_can_create_in("--plots", plots, Path(plots))
+    for path in checkpoints:
+        _check_file_target("--checkpoint", args.checkpoint, Path(path))
+    if checkpoints and getattr(args, "resume", False):
+        if not any(Path(f).is_file() for f in checkpoints):
+            raise UsageError(f"--resume: no checkpoint at {' or '.join(checkpoints)}; leave out "
+                             "--resume to start afresh")
 
 
 def setup_runtime(args: argparse.Namespace) -> None:
@@ -174,18 +237,94 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _plain(obj: Any) -> Any:
+    """``obj`` as JSON types (numpy floats, paths, tuples become float, str, list): what a
+    checkpoint holds besides tensors, so that ``torch.load(weights_only=True)`` reads it back."""
+    return json.loads(json.dumps(obj, default=str))
+
+
 def _args_fingerprint(args: argparse.Namespace) -> dict[str, Any]:
-    return {
+    return _plain({
         k: v for k, v in sorted(vars(args).items())
         if k not in RESUMABLE_CHANGES and not callable(v)
-    }
+    })
 
 
 def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    """Write ``state`` with its format, version and SHA-256 (``content_digest``), atomically."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
+    torch.save({"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION,
+                "sha256": content_digest(state), **state}, tmp)
     os.replace(tmp, path)  # never leave a half-written checkpoint behind
+
+
+def _first_line(err: BaseException, limit: int = 160) -> str:
+    text = (str(err).strip().splitlines() or [""])[0].split(". ")[0]
+    text = f"{type(err).__name__}: {text}" if text else type(err).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def load_checkpoint(
+    path: str | os.PathLike[str], method: str, args: argparse.Namespace, task: Task,
+    device: torch.device | str = "cpu",
+) -> dict[str, Any]:
+    """The state saved in checkpoint ``path``, verified to continue ``method`` on ``task``.
+
+    Raises ``DataError`` when the file is not an intact msbp checkpoint (unreadable, truncated,
+    foreign, or its SHA-256 does not match its contents) and ``UsageError`` when it was made by
+    another method, with other options, or on other data (``task.fingerprint()``).
+    """
+    afresh = "start afresh without --resume"
+    if os.path.isfile(path) and os.path.getsize(path) == 0:
+        raise DataError(f"{path}: an empty file, not a checkpoint; {afresh}")
+    try:  # weights_only: tensors and plain containers only, no code runs from the file
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except Exception as err:  # zip, pickle, EOF and OS errors all mean: not usable
+        raise DataError(f"{path}: not a readable checkpoint ({_first_line(err)}); {afresh}"
+                        ) from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise DataError(f"{path}: not an msbp checkpoint (or one from an msbp without "
+                        f"checksums); {afresh}")
+    if ckpt.get("version") != CHECKPOINT_VERSION:
+        raise DataError(f"{path}: checkpoint version {ckpt.get('version')!r}, this msbp reads "
+                        f"version {CHECKPOINT_VERSION}; {afresh}")
+    state = {k: v for k, v in ckpt.items() if k not in ("format", "version", "sha256")}
+    if content_digest(state) != ckpt.get("sha256"):
+        raise DataError(f"{path}: damaged checkpoint (its SHA-256 does not match its contents); "
+                        f"{afresh}")
+    theirs, ours = state.get("args", {}), _args_fingerprint(args)
+    if state.get("method") != method or theirs != ours:
+        diff = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
+        raise UsageError(
+            f"checkpoint {path} was made with other options ({state.get('method')}; differs "
+            f"in {diff or 'method'}); {afresh}"
+        )
+    theirs, ours = state.get("data", {}), task.fingerprint()
+    if theirs != ours:
+        diff = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
+        raise UsageError(
+            f"checkpoint {path} was made on other data (its {', '.join(diff)} differ from this "
+            f"run's {task.name} data); {afresh}"
+        )
+    return state
+
+
+def _reads_loss_each_step(device: torch.device) -> bool:
+    """Whether reading the loss at every step is free (no device to wait for)."""
+    return device.type == "cpu"
+
+
+def _diverged(
+    method: str, args: argparse.Namespace, epoch: int, step: int, what: str,
+    since: int | None = None,
+) -> TrainingDiverged:
+    """The error of a diverged run: which run, epoch and step (1-based), what to try."""
+    where = f"step {step}" if since is None or since >= step else f"steps {since}-{step}"
+    return TrainingDiverged(
+        f"{method} diverged at epoch {epoch + 1}, {where}: {what}; try a lower --lr "
+        f"(now {args.lr:g})"
+    )
 
 
 def _progress(iterable, total: int | None, desc: str, quiet: bool):
@@ -241,26 +380,23 @@ def train_run(task: Task, method: str, args: argparse.Namespace) -> dict[str, An
     best_state: dict[str, Any] | None = None
     ckpt_path = Path(args.checkpoint) if args.checkpoint else None
     if ckpt_path is not None and args.resume and ckpt_path.exists():
-        ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
-        if ckpt["method"] != method or ckpt["args"] != _args_fingerprint(args):
-            theirs, ours = ckpt["args"], _args_fingerprint(args)
-            diff = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
-            raise UsageError(
-                f"checkpoint {ckpt_path} was made with other options ({ckpt['method']}; differs "
-                f"in {diff or 'method'}); start afresh without --resume"
-            )
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        torch.set_rng_state(ckpt["rng"]["torch"])
-        data_order.set_state(ckpt["rng"]["data_order"])
-        for layer, state in zip(sparse_layers, ckpt["rng"]["selection"], strict=True):
-            if layer.generator is not None and state is not None:
-                layer.generator.set_state(state)
-        if device.type == "cuda" and ckpt["rng"].get("cuda") is not None:
-            torch.cuda.set_rng_state(ckpt["rng"]["cuda"], device)
-        run = ckpt["run"]
-        best_state = ckpt.get("best_state")
-        start_epoch, step = ckpt["epoch"], ckpt["step"]
+        ckpt = load_checkpoint(ckpt_path, method, args, task, device)
+        try:
+            model.load_state_dict(ckpt["model"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+            torch.set_rng_state(ckpt["rng"]["torch"].cpu())
+            data_order.set_state(ckpt["rng"]["data_order"].cpu())
+            for layer, state in zip(sparse_layers, ckpt["rng"]["selection"], strict=True):
+                if layer.generator is not None and state is not None:
+                    layer.generator.set_state(state.cpu())
+            if device.type == "cuda" and ckpt["rng"].get("cuda") is not None:
+                torch.cuda.set_rng_state(ckpt["rng"]["cuda"].cpu(), device)
+            run = ckpt["run"]
+            best_state = ckpt.get("best_state")
+            start_epoch, step = ckpt["epoch"], ckpt["step"]
+        except (KeyError, TypeError, ValueError, RuntimeError) as err:
+            raise DataError(f"{ckpt_path}: does not fit this {method} model "
+                            f"({_first_line(err)}); start afresh without --resume") from None
         if meter is not None and run.get("info_loss"):
             meter.load_records(run["info_loss"]["layers"])
         _log(args, f"{method}: resumed from {ckpt_path} after epoch {start_epoch}")
@@ -270,6 +406,7 @@ def train_run(task: Task, method: str, args: argparse.Namespace) -> dict[str, An
         if row[f"dev_{task.metric}"] > best:
             best = row[f"dev_{task.metric}"]
     n_batches = task.num_train_batches()
+    check_each_step = _reads_loss_each_step(device)
     for epoch in range(start_epoch, args.epochs):
         model.train()
         backprop = 0.0
@@ -286,9 +423,16 @@ def train_run(task: Task, method: str, args: argparse.Namespace) -> dict[str, An
                 meter.start_step(step, lambda batch=batch: task.loss(model, batch))
             optimizer.zero_grad(set_to_none=False)  # keep .grad so sparse layers write into it
             loss = task.loss(model, batch)
+            # reading the loss costs nothing on the CPU; on a GPU it would wait for the device
+            # at every step, so there the running sum is read every CHECK_EVERY steps instead
+            if check_each_step and not math.isfinite(loss.item()):
+                raise _diverged(method, args, epoch, steps + 1, f"the loss is {loss.item()}")
             _sync(device)
             t_bwd = time.perf_counter()
-            loss.backward()
+            try:
+                loss.backward()
+            except FloatingPointError as err:  # a sparse layer met a non-finite gradient
+                raise _diverged(method, args, epoch, steps + 1, str(err).split(";")[0]) from None
             _sync(device)
             backprop += time.perf_counter() - t_bwd
             optimizer.step()
@@ -297,8 +441,14 @@ def train_run(task: Task, method: str, args: argparse.Namespace) -> dict[str, An
                 meter.end_step(step)
             step += 1
             steps += 1
+            if not check_each_step and steps % CHECK_EVERY == 0 and not math.isfinite(loss_sum):
+                raise _diverged(method, args, epoch, steps, "the loss became non-finite",
+                                since=steps - CHECK_EVERY + 1)
         _sync(device)
         seconds = time.perf_counter() - t_start
+        if not math.isfinite(loss_sum):
+            raise _diverged(method, args, epoch, steps, "the loss became non-finite",
+                            since=steps - steps % CHECK_EVERY + 1)
 
         dev = task.evaluate(model, "dev")
         test = task.evaluate(model, "test") if args.eval_test == "every" else None
@@ -335,6 +485,7 @@ def train_run(task: Task, method: str, args: argparse.Namespace) -> dict[str, An
             _save_checkpoint(ckpt_path, {
                 "method": method,
                 "args": _args_fingerprint(args),
+                "data": task.fingerprint(),
                 "epoch": epoch + 1,
                 "step": step,
                 "model": model.state_dict(),
@@ -348,7 +499,7 @@ def train_run(task: Task, method: str, args: argparse.Namespace) -> dict[str, An
                     ],
                     "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
                 },
-                "run": run,
+                "run": _plain(run),
                 "best_state": best_state,
             })
 
@@ -409,6 +560,8 @@ def _method_checkpoint(path: str | None, method: str) -> str | None:
 def train(task_cls: type[Task], args: argparse.Namespace) -> dict[str, Any]:
     """``msbp train``: one method (``args.method``); returns (and writes to ``--out``) results."""
     setup_runtime(args)
+    task_cls.check_args(args)
+    check_paths(args, [args.checkpoint] if args.checkpoint else [])
     task = task_cls(args)
     run = train_run(task, args.method, args)
     results = make_results(task, args, [run])
@@ -424,13 +577,20 @@ def compare(task_cls: type[Task], args: argparse.Namespace) -> dict[str, Any]:
     rewritten after each method, so an interrupted comparison keeps what it finished.
     """
     setup_runtime(args)
-    task = task_cls(args)
+    task_cls.check_args(args)
     methods = getattr(args, "methods", None) or list(METHODS)
+    checkpoints = [_method_checkpoint(args.checkpoint, m) for m in methods]
+    check_paths(args, [c for c in checkpoints if c is not None])
+    task = task_cls(args)
+    if args.resume:  # a damaged or mismatched checkpoint of a later method: say so now
+        for method, path in zip(methods, checkpoints, strict=True):
+            if path is not None and Path(path).exists():
+                load_checkpoint(path, method, args, task, args.device)
     runs = []
     results: dict[str, Any] = {}
-    for method in methods:
+    for method, checkpoint in zip(methods, checkpoints, strict=True):
         run_args = copy.copy(args)
-        run_args.checkpoint = _method_checkpoint(args.checkpoint, method)
+        run_args.checkpoint = checkpoint
         runs.append(train_run(task, method, run_args))
         results = make_results(task, args, runs)
         if args.out:

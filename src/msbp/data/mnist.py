@@ -144,6 +144,9 @@ def read_idx_dir(data_dir: str | os.PathLike[str]) -> dict[str, np.ndarray]:
                     f"{stem.replace('-idx', '.idx', 1)}); {HOW_TO_GET}"
                 )
             arrays[f"{split}_{kind}"] = read_idx(path, kind)
+            if kind == "images" and arrays[f"{split}_images"].shape[0] == 0:
+                raise DataError(f"{path}: 0 images (its header says so); the {split} split "
+                                "needs at least one")
             paths.append(path.name)
         _check_pair(arrays[f"{split}_images"], arrays[f"{split}_labels"], f"{data_dir}/{paths}")
     return arrays
@@ -187,8 +190,9 @@ def read_pureml(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
     finally:
         store.close()
     for split in ("train", "test"):
-        if arrays[f"{split}_images"].shape[1:] != (ROWS, COLS):
-            raise DataError(f"{path}: {split}_images has shape {arrays[f'{split}_images'].shape}")
+        shape = arrays[f"{split}_images"].shape
+        if shape[1:] != (ROWS, COLS) or shape[0] == 0:
+            raise DataError(f"{path}: {split}_images has shape {shape}")
         _check_pair(arrays[f"{split}_images"], arrays[f"{split}_labels"], f"{path} ({split})")
     return arrays
 

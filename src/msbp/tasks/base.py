@@ -3,12 +3,88 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+
+class UsageError(ValueError):
+    """A bad option or combination of options; the CLI prints the message and exits with 2."""
+
+
+def check_option(
+    args: argparse.Namespace, name: str, *, low: float | None = None, high: float | None = None,
+    low_open: bool = False, high_open: bool = False, hint: str = "",
+) -> None:
+    """Raise ``UsageError`` unless option ``name`` (a dest, e.g. ``"limit_train"``) is None or a
+    finite number within ``[low, high]`` (``low_open`` / ``high_open``: that end excluded).
+
+    The message names the flag and the value: ``--dropout must be in [0, 1), got 1.5``.
+    """
+    value = getattr(args, name, None)
+    if value is None:
+        return
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    if ok and low is not None:
+        ok = value > low if low_open else value >= low
+    if ok and high is not None:
+        ok = value < high if high_open else value <= high
+    if ok:
+        return
+    if low is not None and high is not None:
+        bounds = f"in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+    elif low is not None:
+        bounds = f"{'>' if low_open else '>='} {low}"
+    elif high is not None:
+        bounds = f"{'<' if high_open else '<='} {high}"
+    else:
+        bounds = ""
+    if isinstance(value, float) and not math.isfinite(value):
+        bounds = f"finite and {bounds}" if bounds else "finite"
+    raise UsageError(f"--{name.replace('_', '-')} must be {bounds}, got {value}{hint}")
+
+
+def check_limit(args: argparse.Namespace, name: str) -> None:
+    """``--limit-train`` / ``--limit-eval``: absent (all data) or >= 1; 0 is an error, not 'all'."""
+    check_option(args, name, low=1, hint=f"; leave out --{name.replace('_', '-')} to use all")
+
+
+def content_digest(*objects: Any) -> str:
+    """SHA-256 (hex) of nested dicts, lists, tuples, tensors and scalars, by content.
+
+    Tensors count by dtype, shape and bytes (wherever they live), scalars by ``repr``, so the
+    digest of an object survives a ``torch.save`` / ``torch.load`` round trip unchanged.
+    """
+    h = hashlib.sha256()
+
+    def walk(obj: Any) -> None:
+        if isinstance(obj, Tensor):
+            t = obj.detach().to("cpu").contiguous().reshape(-1)
+            h.update(f"T{t.dtype}{tuple(obj.shape)}:".encode())
+            h.update(t.view(torch.uint8).numpy().data)
+        elif isinstance(obj, dict):
+            h.update(b"{%d:" % len(obj))
+            for key, value in obj.items():
+                walk(key)
+                walk(value)
+        elif isinstance(obj, list | tuple):
+            h.update(b"[%d:" % len(obj) if isinstance(obj, list) else b"(%d:" % len(obj))
+            for item in obj:
+                walk(item)
+        elif isinstance(obj, bytes):
+            h.update(b"b%d:" % len(obj) + obj)
+        else:  # str, int, float, bool, None, dtypes: repr is exact and stable
+            text = repr(obj).encode()
+            h.update(b"%s%d:" % (type(obj).__name__.encode(), len(text)) + text)
+
+    for obj in objects:
+        walk(obj)
+    return h.hexdigest()
 
 
 class Task(ABC):
@@ -30,6 +106,17 @@ class Task(ABC):
     def add_arguments(parser: argparse.ArgumentParser) -> None:
         """Task-specific command-line options (data paths, model sizes, ...)."""
         return None
+
+    @staticmethod
+    def check_args(args: argparse.Namespace) -> None:
+        """Raise ``UsageError`` for task option values no run can use (before any data loads)."""
+        return None
+
+    def fingerprint(self) -> dict[str, str]:
+        """Digests of what a checkpoint depends on besides the options, by part (e.g.
+        ``{"vocabulary": ..., "train": ..., "dev": ..., "test": ...}``); resuming from a
+        checkpoint whose parts differ is refused. Default: ``{}`` (nothing to compare)."""
+        return {}
 
     @abstractmethod
     def build_model(self) -> nn.Module:

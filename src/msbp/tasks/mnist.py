@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from msbp.data.mnist import DEV_SIZE, NUM_CLASSES, MnistData, load_mnist
-from msbp.tasks.base import Task
+from msbp.tasks.base import Task, check_limit, check_option, content_digest
 
 INPUTS = 28 * 28
 EVAL_CHUNK = 5000
@@ -47,6 +47,7 @@ class MnistTask(Task):
 
     def __init__(self, args: argparse.Namespace) -> None:
         super().__init__(args)
+        self.check_args(args)
         data = load_mnist(
             getattr(args, "data_dir", None),
             dev_size=getattr(args, "dev_size", DEV_SIZE),
@@ -72,6 +73,21 @@ class MnistTask(Task):
         )
         group.add_argument("--hidden", type=int, default=500, help="hidden units (default 500)")
         group.add_argument("--layers", type=int, default=2, help="hidden layers (default 2)")
+
+    @staticmethod
+    def check_args(args: argparse.Namespace) -> None:
+        for name in ("hidden", "layers", "dev_size"):
+            check_option(args, name, low=1)
+        check_limit(args, "limit_train")
+
+    def fingerprint(self) -> dict[str, str]:
+        if not hasattr(self, "_fingerprint"):
+            d = self.data
+            self._fingerprint = {
+                split: content_digest(getattr(d, f"{split}_images"), getattr(d, f"{split}_labels"))
+                for split in ("train", "dev", "test")
+            }
+        return self._fingerprint
 
     def build_model(self) -> nn.Module:
         hidden, layers = self.args.hidden, self.args.layers

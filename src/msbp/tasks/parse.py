@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from msbp.data.conll import Sentence, choose_tag_column, is_projective, read_conll
 from msbp.data.errors import DataError
-from msbp.tasks.base import Task
+from msbp.tasks.base import Task, check_limit, check_option, content_digest
 
 log = logging.getLogger(__name__)
 
@@ -469,18 +469,27 @@ class ParseTask(Task):
         set_task_default(parser, "--selection", "unified",
                          "unified top-k (default for parsing), per_example or random")
 
+    @staticmethod
+    def check_args(args: argparse.Namespace) -> None:
+        for name in ("hidden_size", "embedding_dim"):
+            check_option(args, name, low=1)
+        check_option(args, "dropout", low=0, high=1, high_open=True)
+        check_limit(args, "limit_train")
+        check_limit(args, "limit_eval")
+
     def __init__(self, args: argparse.Namespace) -> None:
         super().__init__(args)
+        self.check_args(args)
         opt = lambda name, default=None: getattr(args, name, default)  # noqa: E731
         paths = treebank_paths(args)
         t0 = time.perf_counter()
         train = read_treebank(paths["train"])
-        if opt("limit_train"):
+        if opt("limit_train") is not None:
             train = train[: opt("limit_train")]
         self.splits: dict[str, list[Sentence]] = {"train": train}
         for split in ("dev", "test"):
             sents = read_treebank(paths[split])
-            if opt("limit_eval"):
+            if opt("limit_eval") is not None:
                 sents = sents[: opt("limit_eval")]
             self.splits[split] = sents
         tag_column, tag_note = choose_tag_column(train, opt("tag_column", "xpos"))
@@ -520,6 +529,25 @@ class ParseTask(Task):
             print(summary, file=sys.stderr, flush=True)
         self.counts = counts
         self.paths = paths
+
+    def fingerprint(self) -> dict[str, str]:
+        if not hasattr(self, "_fingerprint"):
+            v, column = self.vocab, self.vocab.tag_column
+
+            def scored(sents: list[Sentence]) -> list[list[tuple]]:
+                # what decoding and scoring read of each token
+                return [[(t.form, getattr(t, column), t.head, t.deprel, t.is_punct) for t in s]
+                        for s in sents]
+
+            self._fingerprint = {
+                "vocabulary": content_digest(
+                    v.words, v.tags, v.labels, column, v.lowercase, self.multi_root
+                ),
+                "train": content_digest(self.features, self.targets),
+                "dev": content_digest(scored(self.splits["dev"])),
+                "test": content_digest(scored(self.splits["test"])),
+            }
+        return self._fingerprint
 
     def build_model(self) -> nn.Module:
         a = self.args

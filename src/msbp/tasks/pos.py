@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from msbp.data.conll import choose_tag_column, read_conll2000
 from msbp.data.errors import DataError
-from msbp.tasks.base import Task
+from msbp.tasks.base import Task, check_limit, check_option, content_digest
 from msbp.tasks.parse import find_data_dir, read_treebank, set_task_default, treebank_paths
 
 log = logging.getLogger(__name__)
@@ -161,13 +161,22 @@ class PosTask(Task):
         # 32 sentences keep the per-time-step loop of SparseLSTM busy enough
         set_task_default(parser, "--batch-size", 32, "sentences per batch (default 32)")
 
+    @staticmethod
+    def check_args(args: argparse.Namespace) -> None:
+        for name in ("hidden_size", "word_dim", "suffix_dim", "bucket"):
+            check_option(args, name, low=1)
+        check_option(args, "dropout", low=0, high=1, high_open=True)
+        check_limit(args, "limit_train")
+        check_limit(args, "limit_eval")
+
     def __init__(self, args: argparse.Namespace) -> None:
         super().__init__(args)
+        self.check_args(args)
         opt = lambda name, default=None: getattr(args, name, default)  # noqa: E731
         splits, tag_note = self._load(args)
-        if opt("limit_train"):
+        if opt("limit_train") is not None:
             splits["train"] = splits["train"][: opt("limit_train")]
-        if opt("limit_eval"):
+        if opt("limit_eval") is not None:
             for s in ("dev", "test"):
                 splits[s] = splits[s][: opt("limit_eval")]
         self.vocab = TaggerVocab(splits["train"])
@@ -219,6 +228,15 @@ class PosTask(Task):
             return out, note
         except (ValueError, FileNotFoundError) as err:
             raise DataError(str(err)) from None
+
+    def fingerprint(self) -> dict[str, str]:
+        if not hasattr(self, "_fingerprint"):
+            v = self.vocab
+            self._fingerprint = {
+                "vocabulary": content_digest(v.words, v.suffix2, v.suffix3, v.tags),
+                **{split: content_digest(data) for split, data in self.data.items()},
+            }
+        return self._fingerprint
 
     def build_model(self) -> nn.Module:
         a = self.args
