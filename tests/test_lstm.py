@@ -49,7 +49,8 @@ def test_full_k_equals_nn_lstm(batch_first: bool, layers: int, bidirectional: bo
     assert g1.keys() == g2.keys()
     for name in g1:
         torch.testing.assert_close(g1[name], g2[name], **F64, msg=name)
-    for name, buf in sparse.named_buffers():
+    assert len(list(sparse.named_memories())) == 2 * layers * dirs
+    for name, buf in sparse.named_memories():
         assert not buf.any(), name  # nothing left out, nothing remembered
 
 
@@ -228,18 +229,19 @@ def test_nonfinite_gradient_raise_or_skip(selection: str) -> None:
     x = torch.randn(6, 2, 4)
     lstm = SparseLSTM(4, 5, config=make_cfg(selection, k=2, memory=0.8))
     lstm(x)[0].square().sum().backward()  # a first batch fills the memory
-    before = {n: b.clone() for n, b in lstm.named_buffers()}
+    before = {n: b.clone() for n, b in lstm.named_memories()}
+    assert len(before) == 2
     poisoned = torch.ones(6, 2, 5)
     poisoned[2, 1, 3] = float("nan")
     with pytest.raises(FloatingPointError, match="hh_l0"):
         (lstm(x)[0] * poisoned).sum().backward()
-    for name, buf in lstm.named_buffers():
+    for name, buf in lstm.named_memories():
         assert torch.equal(buf, before[name]), name
     lstm.config = lstm.config.replace(on_nonfinite="skip")
     lstm.zero_grad()
     (lstm(x)[0] * poisoned).sum().backward()  # propagated densely: NaN reaches the weights
     assert lstm.weight_hh_l0.grad.isnan().any() and lstm.weight_ih_l0.grad.isnan().any()
-    for name, buf in lstm.named_buffers():
+    for name, buf in lstm.named_memories():
         assert torch.equal(buf, before[name]), name
 
 

@@ -95,11 +95,10 @@ def sparsify(
                 f"sparsify cannot convert LSTM {name or '<root>'!r} with proj_size="
                 f"{module.proj_size}; exclude it"
             )
-    root = _replace(
+    return _replace(
         model, chosen, lambda module: _SPARSE_OF[type(module)].from_dense(module, config),
         name_them=True,
     )
-    return keep_memory_local(root)
 
 
 def _replace(
@@ -125,29 +124,6 @@ def _replace(
         else:
             _swap(model, name, new)
     return root
-
-
-def keep_memory_local(model: nn.Module) -> nn.Module:
-    """Tell ``DistributedDataParallel`` to leave every sparse layer's memory alone.
-
-    Each process remembers what its own backward did not propagate; DDP's default
-    ``broadcast_buffers=True`` would overwrite that with rank 0's memory at every forward.
-    ``sparsify`` calls this; call it again after adding sparse layers by hand. Returns ``model``.
-    """
-    from torch.nn.parallel import DistributedDataParallel
-
-    names = [
-        f"{prefix}.{buf}" if prefix else buf
-        for prefix, module in model.named_modules()
-        if isinstance(module, SparseLinear | SparseLSTM)
-        for buf, _ in module.named_buffers(recurse=False)
-        if buf.startswith("memory")
-    ]
-    already = list(getattr(model, "_ddp_params_and_buffers_to_ignore", []))
-    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
-        model, already + [n for n in names if n not in already]
-    )
-    return model
 
 
 def densify(model: nn.Module) -> nn.Module:

@@ -5,7 +5,8 @@ transform ``x_t W_ih^T + b_ih`` and the recurrent transform ``h_{t-1} W_hh^T + b
 meProp's LSTM, both are sparsified: in the backward pass only k of the 4 x hidden gate gradients
 reach ``dW`` and ``dx`` / ``dh``.
 
-Memory (one float32 buffer per transform, ``memory_ih_l0``, ``memory_hh_l0``, ...):
+Memory (one float32 tensor per transform, ``memory_ih_l0``, ``memory_hh_l0``, ...; per-process
+state saved in ``state_dict()``, not a buffer, see ``msbp.nn.memory``):
 
 - the input transform runs once on all time steps at once, (T * B, in) rows, so its memory
   changes once per backward pass, exactly as a ``SparseLinear``'s;
@@ -34,7 +35,7 @@ from msbp.ops.recurrent import SparseLSTMRecurrence
 
 
 class SparseLSTM(MemoryMixin, nn.LSTM):
-    """Drop-in ``nn.LSTM`` (same parameters and state-dict keys, plus memory buffers) with an
+    """Drop-in ``nn.LSTM`` (same parameters and state-dict keys, plus the memories) with an
     MSBP backward on its input and recurrent transforms.
 
     Supports ``num_layers``, ``bias``, ``batch_first``, ``dropout``, ``bidirectional`` and
@@ -85,7 +86,7 @@ class SparseLSTM(MemoryMixin, nn.LSTM):
     # -- memory -------------------------------------------------------------------------------
 
     def _memory_names(self) -> list[tuple[str, str]]:
-        """(memory buffer name, weight name) for every transform."""
+        """(memory name, weight name) for every transform."""
         names = []
         for layer in range(self.num_layers):
             for suffix in ("", "_reverse")[: 1 + self.bidirectional]:
