@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from msbp.config import SparseBackpropConfig
-from msbp.functional import check_memory, make_plan, sparse_linear
+from msbp.functional import check_memory, check_no_functorch, make_plan, sparse_linear
 from msbp.nn.memory import MemoryMixin
 from msbp.ops.recurrent import SparseLSTMRecurrence
 
@@ -136,6 +136,7 @@ class SparseLSTM(MemoryMixin, nn.LSTM):
             )
         if self.proj_size:
             raise ValueError(f"SparseLSTM does not support proj_size={self.proj_size}")
+        check_no_functorch(f"SparseLSTM {self.name!r}" if self.name else "SparseLSTM")
         unbatched = input.dim() == 2
         if input.dim() not in (2, 3) or input.shape[-1] != self.input_size:
             raise ValueError(
