@@ -245,3 +245,16 @@ def test_shared_layer_saves_and_loads_under_both_names():
                      SparseBackpropConfig(k=2))
     fresh.load_state_dict(sd)
     assert fresh[0] is fresh[2] and torch.equal(fresh[0].memory, model[0].memory)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_assign_load_into_meta_model(layout):
+    src = _trained_layer(layout)
+    cfg = src.config
+    with torch.device("meta"):
+        dst = SparseLinear(4, 6, config=cfg, dtype=torch.float64)
+    assert dst.memory.is_meta
+    dst.load_state_dict(src.state_dict(), assign=True)
+    assert dst.weight.device.type == "cpu" and dst.memory.device.type == "cpu"
+    assert dst.memory.dtype == torch.float64 and torch.equal(dst.memory, src.memory)
+    dst.check_memory()

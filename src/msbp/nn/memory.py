@@ -115,9 +115,11 @@ class MemoryMixin:
         super()._load_from_state_dict(
             rest, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
+        # load_state_dict(assign=True), e.g. into a model built on the meta device
+        assign = local_metadata.get("assign_to_params_buffers", False)
         for key, mem in keys.items():
             if key in state_dict:
-                error = self._load_memory(mem, state_dict[key])
+                error = self._load_memory(mem, state_dict[key], assign=assign)
                 if error:
                     error_msgs.append(f"size mismatch for {key}: {error}")
             else:
@@ -125,9 +127,10 @@ class MemoryMixin:
                 self._reset_memory_tensor(mem)
 
     @torch.no_grad()
-    def _load_memory(self, mem: str, saved: Tensor) -> str | None:
-        """Copy ``saved`` into memory ``mem`` in place (its dtype and device stay); returns
-        what is wrong instead if it does not fit."""
+    def _load_memory(self, mem: str, saved: Tensor, assign: bool = False) -> str | None:
+        """Copy ``saved`` into memory ``mem`` in place (its dtype and device stay), or with
+        ``assign`` (or a memory on the meta device) make it the memory, on the weight's device
+        and in the memory dtype; returns what is wrong instead if it does not fit."""
         saved = self._memory_for_layout(saved)
         units = self._memory_units()
         fits = saved.shape == (units,) if self.config.memory_layout == "unit" else (
@@ -139,6 +142,11 @@ class MemoryMixin:
                 f"fit memory_layout={self.config.memory_layout!r} with {units} output units"
             )
         buf = getattr(self, mem)
+        if assign or buf.is_meta:
+            weight = getattr(self, dict(self._memory_names())[mem])
+            device = saved.device if weight.is_meta else weight.device
+            setattr(self, mem, saved.detach().to(device, memory_dtype(weight.dtype)))
+            return None
         buf.resize_(saved.shape)  # a slot memory has the rows of the batch it was saved at
         buf.copy_(saved)
         return None
