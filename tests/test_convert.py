@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from _helpers import randn, ref_step, tol
@@ -80,14 +82,19 @@ def test_sparsify_all_nested():
     [
         pytest.param({"include": "blocks.*.fc1"}, {"blocks.0.fc1", "blocks.1.fc1"}, id="glob"),
         pytest.param(
-            {"include": r"blocks\.\d\.fc[12]"},
+            {"include": re.compile(r"blocks\.\d\.fc[12]")},
             {"blocks.0.fc1", "blocks.0.fc2", "blocks.1.fc1", "blocks.1.fc2"},
             id="regex",
         ),
         pytest.param({"include": ["inp", "head.*"]}, {"inp", "head.1"}, id="glob-list"),
+        pytest.param(
+            {"include": ["inp", re.compile(r"blocks\.0\.fc\d")]},
+            {"inp", "blocks.0.fc1", "blocks.0.fc2"},
+            id="glob-and-regex-list",
+        ),
         pytest.param({"exclude": "head.1"}, LINEAR_NAMES - {"head.1"}, id="exclude-name"),
         pytest.param(
-            {"exclude": r"blocks\.1\..*"},
+            {"exclude": re.compile(r"blocks\.1\..*")},
             LINEAR_NAMES - {"blocks.1.fc1", "blocks.1.fc2"},
             id="exclude-regex",
         ),
@@ -119,7 +126,8 @@ def test_sparsify_include_exclude(kwargs, want):
     "kwargs",
     [
         pytest.param({"include": "nothing*"}, id="include-glob"),
-        pytest.param({"include": r"fc\d{3}"}, id="include-regex"),
+        pytest.param({"include": re.compile(r"fc\d{3}")}, id="include-regex"),
+        pytest.param({"include": r"blocks\.\d\.fc1"}, id="str-is-not-regex"),
         pytest.param({"exclude": "*"}, id="exclude-all"),
         pytest.param({"include": lambda n, m: False}, id="callable"),
     ],
@@ -137,7 +145,7 @@ def test_sparsify_model_without_linear_raises():
 
 
 def test_sparsify_bad_pattern_type_raises():
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="glob strings or compiled re.Pattern"):
         sparsify(_net(), CFG, include=["inp", 3])
 
 
@@ -267,7 +275,39 @@ def test_patterns_must_match_whole_name():
     with pytest.raises(ValueError, match="matched no"):
         sparsify(_net(), CFG, include="fc1")
     with pytest.raises(ValueError, match="matched no"):  # a regex prefix of "blocks.0.fc1"
-        sparsify(_net(), CFG, include=r"blocks\.0")
+        sparsify(_net(), CFG, include=re.compile(r"blocks\.0"))
     model = _net()
     sparsify(model, CFG, include="*fc1")
     assert _sparse_names(model) == {"blocks.0.fc1", "blocks.1.fc1"}
+
+
+class Heads(nn.Module):
+    """Names where a glob and a regex read of one string disagree."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.head = nn.Sequential(nn.Linear(3, 3))
+        self.headless = nn.Linear(3, 3)
+        self.out = nn.Linear(3, 3)
+        self.oXut = nn.Linear(3, 3)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "dense"),
+    [
+        # as a regex, "head.*" would match "headless" too: a str is a glob only
+        pytest.param({"exclude": "head.*"}, {"head.0"}, id="glob-not-regex"),
+        pytest.param({"exclude": "out"}, {"out"}, id="plain-name"),
+        pytest.param({"exclude": re.compile("o.ut")}, {"oXut"}, id="regex-fullmatch"),
+        pytest.param({"exclude": "o.ut"}, set(), id="str-dot-is-literal"),
+        pytest.param({"exclude": re.compile("head")}, set(), id="regex-must-match-whole-name"),
+        pytest.param({"exclude": ["out", re.compile("head.*")]}, {"out", "head.0", "headless"},
+                     id="mixed-list"),
+    ],
+)
+def test_pattern_kind_is_explicit(kwargs, dense):
+    model = Heads()
+    sparsify(model, CFG, **kwargs)
+    linears = {"head.0", "headless", "out", "oXut"}
+    assert _dense_names(model) == dense
+    assert _sparse_names(model) == linears - dense

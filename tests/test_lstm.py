@@ -12,7 +12,7 @@ from torch import nn
 from msbp import SparseBackpropConfig, SparseLSTM, densify, sparsify
 from msbp.functional import make_plan
 from msbp.ops.recurrent import SparseLSTMRecurrence
-from msbp.ops.reference import lstm_recurrence_ref
+from msbp.ops.reference import lstm_recurrence_ref, sparse_linear_ref
 
 F64 = {"rtol": 1e-10, "atol": 1e-12}
 
@@ -49,7 +49,8 @@ def test_full_k_equals_nn_lstm(batch_first: bool, layers: int, bidirectional: bo
     assert g1.keys() == g2.keys()
     for name in g1:
         torch.testing.assert_close(g1[name], g2[name], **F64, msg=name)
-    for name, buf in sparse.named_buffers():
+    assert len(list(sparse.named_memories())) == 2 * layers * dirs
+    for name, buf in sparse.named_memories():
         assert not buf.any(), name  # nothing left out, nothing remembered
 
 
@@ -228,18 +229,19 @@ def test_nonfinite_gradient_raise_or_skip(selection: str) -> None:
     x = torch.randn(6, 2, 4)
     lstm = SparseLSTM(4, 5, config=make_cfg(selection, k=2, memory=0.8))
     lstm(x)[0].square().sum().backward()  # a first batch fills the memory
-    before = {n: b.clone() for n, b in lstm.named_buffers()}
+    before = {n: b.clone() for n, b in lstm.named_memories()}
+    assert len(before) == 2
     poisoned = torch.ones(6, 2, 5)
     poisoned[2, 1, 3] = float("nan")
     with pytest.raises(FloatingPointError, match="hh_l0"):
         (lstm(x)[0] * poisoned).sum().backward()
-    for name, buf in lstm.named_buffers():
+    for name, buf in lstm.named_memories():
         assert torch.equal(buf, before[name]), name
     lstm.config = lstm.config.replace(on_nonfinite="skip")
     lstm.zero_grad()
     (lstm(x)[0] * poisoned).sum().backward()  # propagated densely: NaN reaches the weights
     assert lstm.weight_hh_l0.grad.isnan().any() and lstm.weight_ih_l0.grad.isnan().any()
-    for name, buf in lstm.named_buffers():
+    for name, buf in lstm.named_memories():
         assert torch.equal(buf, before[name]), name
 
 
@@ -312,3 +314,79 @@ def test_info_loss_meter_covers_lstm_transforms() -> None:
         assert row["cosine"] == pytest.approx(1.0) and row["local_cosine"] == pytest.approx(1.0)
         assert row["local_mass_fraction"] == pytest.approx(1.0)
     assert not model.lstm.probes
+
+
+# -- bias=False against the oracle -------------------------------------------------------------
+
+
+def test_recurrence_without_bias_matches_stepwise_reference() -> None:
+    gen = torch.Generator().manual_seed(2)
+    gx, h0, c0, w, _ = _recurrence_inputs(gen, 5, 3, 4)
+    memory = torch.zeros(16, dtype=torch.float64)
+    box = [memory.clone()]
+    cfg = make_cfg("per_example", "unit", 0.8, k=3)
+    d_out = torch.randn(5, 3, 4, generator=gen, dtype=torch.float64)
+    results = []
+    for fused in (True, False):
+        inputs = [t.detach().clone().requires_grad_() for t in (gx, h0, c0, w)]
+        if fused:
+            out, _, _ = SparseLSTMRecurrence.apply(*inputs[:4], None, memory,
+                                                   make_plan(cfg, 16), False)
+        else:
+            out, _, _ = lstm_recurrence_ref(*inputs[:4], None, box, k=3,
+                                            selection="per_example", alpha=0.8)
+        (out * d_out).sum().backward()
+        results.append((out.detach(), *(t.grad for t in inputs)))
+    for fast, ref in zip(*results, strict=True):
+        torch.testing.assert_close(fast, ref, **F64)
+    torch.testing.assert_close(memory, box[0], **F64)
+    assert memory.any()
+
+
+@pytest.mark.parametrize("bidirectional", [False, True], ids=["uni", "bi"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("selection", ["unified", "per_example"])
+def test_sparse_lstm_without_bias_matches_reference(selection: str, layout: str,
+                                                    bidirectional: bool) -> None:
+    """SparseLSTM(bias=False) against the oracle built from the reference transforms: the input
+    transform with ``sparse_linear_ref``, the recurrence with ``lstm_recurrence_ref``; outputs,
+    every gradient and every memory, over two batches."""
+    cfg = make_cfg(selection, layout, 0.8, k=3)
+    torch.manual_seed(0)
+    lstm = SparseLSTM(4, 5, bias=False, bidirectional=bidirectional, config=cfg,
+                      dtype=torch.float64)
+    assert not lstm.bias and not any("bias" in n for n, _ in lstm.named_parameters())
+    ref_w = {n: p.detach().clone().requires_grad_() for n, p in lstm.named_parameters()}
+    boxes = {tag: [m.clone()] for tag, m in zip(lstm.transform_tags(), (
+        m for _, m in lstm.named_memories()), strict=True)}
+    options = dict(k=3, selection=selection, alpha=0.8, layout=layout)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(2):
+        x = torch.randn(6, 2, 4, generator=gen, dtype=torch.float64)
+        d_out = torch.randn(6, 2, 5 * (1 + bidirectional), generator=gen, dtype=torch.float64)
+        lstm.zero_grad()
+        for w in ref_w.values():
+            w.grad = None
+        xs = x.clone().requires_grad_()
+        out, _ = lstm(xs)
+        (out * d_out).sum().backward()
+        xr = x.clone().requires_grad_()
+        zeros = torch.zeros(2, 5, dtype=torch.float64)
+        outs = []
+        for suffix in ("", "_reverse")[: 1 + bidirectional]:
+            gates_x = sparse_linear_ref(xr.reshape(12, 4), ref_w[f"weight_ih_l0{suffix}"], None,
+                                        boxes[f"ih_l0{suffix}"], **options).reshape(6, 2, 20)
+            o, _, _ = lstm_recurrence_ref(gates_x, zeros, zeros, ref_w[f"weight_hh_l0{suffix}"],
+                                          None, boxes[f"hh_l0{suffix}"],
+                                          reverse=bool(suffix), **options)
+            outs.append(o)
+        ref_out = torch.cat(outs, dim=2)
+        (ref_out * d_out).sum().backward()
+        torch.testing.assert_close(out, ref_out, **F64)
+        torch.testing.assert_close(xs.grad, xr.grad, **F64)
+        for name, p in lstm.named_parameters():
+            torch.testing.assert_close(p.grad, ref_w[name].grad, **F64, msg=name)
+        for tag in lstm.transform_tags():
+            torch.testing.assert_close(getattr(lstm, f"memory_{tag}"), boxes[tag][0], **F64,
+                                       msg=tag)
+    assert all(m.any() for _, m in lstm.named_memories())

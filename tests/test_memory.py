@@ -360,7 +360,8 @@ def test_dtype_conversion_keeps_memory(layout, convert, want):
     assert layer.memory.dtype == want
     assert layer.memory.shape == before.shape
     torch.testing.assert_close(layer.memory, before.to(want), rtol=0, atol=0)
-    assert "memory" in dict(layer.named_buffers())
+    assert dict(layer.named_memories())["memory"] is layer.memory
+    assert torch.equal(layer.state_dict()["memory"], layer.memory)
 
 
 def test_conversion_round_trip_keeps_memory():

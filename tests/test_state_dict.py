@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import io
 
 import pytest
@@ -179,3 +180,81 @@ def test_from_dense_layer_keeps_state_dict_keys():
     lin = nn.Linear(4, 6)
     layer = SparseLinear.from_dense(lin)
     assert set(layer.state_dict()) == set(lin.state_dict()) | {"memory"}
+
+
+# -- the memory is layer state, not a buffer (DDP must never broadcast it) ---------------------
+
+
+def _trained_layer(layout="unit") -> SparseLinear:
+    layer = make_layer(4, 6, SparseBackpropConfig(ratio=None, k=2, memory=0.8,
+                                                  memory_layout=layout))
+    gen = torch.Generator().manual_seed(0)
+    fast_step(layer, randn(3, 4, gen=gen), randn(3, 6, gen=gen))
+    assert layer.memory.any()
+    return layer
+
+
+def test_memory_is_state_but_not_a_buffer():
+    layer = _trained_layer()
+    assert "memory" not in dict(layer.named_buffers())
+    assert dict(layer.named_memories()) == {"memory": layer.memory}
+    assert list(layer.state_dict()) == ["weight", "bias", "memory"]
+    assert layer.state_dict(keep_vars=True)["memory"] is layer.memory
+    saved = layer.state_dict()["memory"]
+    assert torch.equal(saved, layer.memory) and not saved.requires_grad
+
+
+def test_wrong_memory_shape_is_a_load_error():
+    layer = _trained_layer()
+    sd = layer.state_dict()
+    sd["memory"] = torch.zeros(5)
+    with pytest.raises(RuntimeError, match=r"size mismatch for memory: saved memory of shape"):
+        layer.load_state_dict(sd)
+    slot = _trained_layer("slot")
+    sd = slot.state_dict()
+    sd["memory"] = torch.zeros(3, 7)
+    with pytest.raises(RuntimeError, match=r"size mismatch for memory"):
+        slot.load_state_dict(sd)
+
+
+def test_share_memory_and_module_pickled_with_a_memory_buffer():
+    layer = _trained_layer()
+    before = layer.memory.clone()
+    layer.share_memory()
+    assert layer.memory.is_shared() and torch.equal(layer.memory, before)
+    # a module pickled whole by an older msbp, whose memory was a registered buffer
+    old = _trained_layer()
+    memory = old.__dict__.pop("memory")
+    old._buffers["memory"] = memory
+    loaded = torch.load(_save(old), weights_only=False)
+    assert "memory" not in loaded._buffers and torch.equal(loaded.memory, memory)
+    assert torch.equal(loaded.state_dict()["memory"], memory)
+
+
+def test_shared_layer_saves_and_loads_under_both_names():
+    torch.manual_seed(0)
+    shared = nn.Linear(4, 4).double()
+    model = sparsify(nn.Sequential(shared, nn.Tanh(), shared), SparseBackpropConfig(k=2))
+    model(randn(3, 4, gen=torch.Generator().manual_seed(0))).sum().backward()
+    sd = model.state_dict()
+    assert torch.equal(sd["0.memory"], sd["2.memory"]) and sd["0.memory"].any()
+    twin = copy.deepcopy(model)
+    assert twin[0] is twin[2] and twin[0].memory is twin[2].memory
+    assert twin[0].memory.data_ptr() != model[0].memory.data_ptr()
+    fresh = sparsify(nn.Sequential(*(lambda s: (s, nn.Tanh(), s))(nn.Linear(4, 4).double())),
+                     SparseBackpropConfig(k=2))
+    fresh.load_state_dict(sd)
+    assert fresh[0] is fresh[2] and torch.equal(fresh[0].memory, model[0].memory)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_assign_load_into_meta_model(layout):
+    src = _trained_layer(layout)
+    cfg = src.config
+    with torch.device("meta"):
+        dst = SparseLinear(4, 6, config=cfg, dtype=torch.float64)
+    assert dst.memory.is_meta
+    dst.load_state_dict(src.state_dict(), assign=True)
+    assert dst.weight.device.type == "cpu" and dst.memory.device.type == "cpu"
+    assert dst.memory.dtype == torch.float64 and torch.equal(dst.memory, src.memory)
+    dst.check_memory()

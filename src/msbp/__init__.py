@@ -4,6 +4,7 @@ from msbp import functional, ops, optim
 from msbp.config import SparseBackpropConfig
 from msbp.convert import dense_backward, densify, sparsify
 from msbp.nn import SparseLinear, SparseLSTM
+from msbp.nn.memory import gather_memory_state, load_memory_state, memory_state_dict
 
 __version__ = "0.1.0"
 
@@ -14,6 +15,9 @@ __all__ = [
     "dense_backward",
     "densify",
     "functional",
+    "gather_memory_state",
+    "load_memory_state",
+    "memory_state_dict",
     "ops",
     "optim",
     "sparsify",

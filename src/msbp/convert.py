@@ -13,30 +13,35 @@ from msbp.config import SparseBackpropConfig
 from msbp.nn.linear import SparseLinear
 from msbp.nn.lstm import SparseLSTM
 
-Filter = str | Iterable[str] | Callable[[str, nn.Module], bool] | None
+Pattern = str | re.Pattern[str]
+Filter = Pattern | Iterable[Pattern] | Callable[[str, nn.Module], bool] | None
 
 
 def _matcher(patterns: Filter, what: str) -> Callable[[str, nn.Module], bool] | None:
+    """A predicate on (qualified name, module): a ``str`` is a glob (``fnmatch``, case-sensitive)
+    on the whole name, a compiled ``re.Pattern`` must ``fullmatch`` it; never both."""
     if patterns is None:
         return None
-    if callable(patterns):
+    if callable(patterns) and not isinstance(patterns, re.Pattern):
         return patterns
-    if isinstance(patterns, str):
+    if isinstance(patterns, str | re.Pattern):
         patterns = [patterns]
-    compiled = []
+    globs: list[str] = []
+    regexes: list[re.Pattern[str]] = []
     for pattern in patterns:
-        if not isinstance(pattern, str):
-            raise ValueError(f"{what} patterns must be strings, got {pattern!r}")
-        try:
-            regex = re.compile(pattern)
-        except re.error:
-            regex = None
-        compiled.append((pattern, regex))
+        if isinstance(pattern, str):
+            globs.append(pattern)
+        elif isinstance(pattern, re.Pattern):
+            regexes.append(pattern)
+        else:
+            raise ValueError(
+                f"{what} patterns must be glob strings or compiled re.Pattern objects, "
+                f"got {pattern!r}"
+            )
 
     def match(name: str, module: nn.Module) -> bool:
-        return any(
-            fnmatch.fnmatchcase(name, glob) or (regex is not None and regex.fullmatch(name))
-            for glob, regex in compiled
+        return any(fnmatch.fnmatchcase(name, glob) for glob in globs) or any(
+            regex.fullmatch(name) for regex in regexes
         )
 
     return match
@@ -57,11 +62,14 @@ def sparsify(
 ) -> nn.Module:
     """Replace every matching ``nn.Linear`` of ``model`` by a ``SparseLinear``, in place.
 
-    ``include`` / ``exclude`` take glob patterns or regular expressions matched against the
-    module's qualified name (``"layers.0.fc1"``; the root is ``""``), or a callable
-    ``(name, module) -> bool``. Parameters are shared, not copied, so an optimizer built before
-    the call keeps training them. Returns the model (a new module when the root itself is a
-    Linear). Raises ``ValueError`` when no layer matched.
+    ``include`` / ``exclude`` are matched against the module's qualified name
+    (``"layers.0.fc1"``; the root is ``""``): a plain string is a glob on the whole name
+    (``fnmatch``: ``"head.*"`` matches ``"head.1"``, not ``"headless"``; ``"output"`` only
+    ``"output"``), a compiled regular expression (``re.compile(r"blocks\\.\\d+\\.fc1")``)
+    must match the whole name (``fullmatch``), a list mixes both, and a callable
+    ``(name, module) -> bool`` decides itself. Parameters are shared, not copied, so an optimizer
+    built before the call keeps training them. Returns the model (a new module when the root
+    itself is a Linear). Raises ``ValueError`` when no layer matched.
 
     ``nn.LSTM`` modules are converted too (to ``SparseLSTM``, sparsifying their input and
     recurrent transforms), filtered by name in the same way.
@@ -96,11 +104,10 @@ def sparsify(
                 f"sparsify cannot convert LSTM {name or '<root>'!r} with proj_size="
                 f"{module.proj_size}; exclude it"
             )
-    root = _replace(
+    return _replace(
         model, chosen, lambda module: _SPARSE_OF[type(module)].from_dense(module, config),
         name_them=True,
     )
-    return keep_memory_local(root)
 
 
 def _replace(
@@ -126,29 +133,6 @@ def _replace(
         else:
             _swap(model, name, new)
     return root
-
-
-def keep_memory_local(model: nn.Module) -> nn.Module:
-    """Tell ``DistributedDataParallel`` to leave every sparse layer's memory alone.
-
-    Each process remembers what its own backward did not propagate; DDP's default
-    ``broadcast_buffers=True`` would overwrite that with rank 0's memory at every forward.
-    ``sparsify`` calls this; call it again after adding sparse layers by hand. Returns ``model``.
-    """
-    from torch.nn.parallel import DistributedDataParallel
-
-    names = [
-        f"{prefix}.{buf}" if prefix else buf
-        for prefix, module in model.named_modules()
-        if isinstance(module, SparseLinear | SparseLSTM)
-        for buf, _ in module.named_buffers(recurse=False)
-        if buf.startswith("memory")
-    ]
-    already = list(getattr(model, "_ddp_params_and_buffers_to_ignore", []))
-    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
-        model, already + [n for n in names if n not in already]
-    )
-    return model
 
 
 def densify(model: nn.Module) -> nn.Module:

@@ -38,6 +38,21 @@ def check_memory(memory: Tensor, out_features: int, layout: str, weight: Tensor)
         raise ValueError("memory must not require grad")
 
 
+def check_no_functorch(what: str) -> None:
+    """Raise ``RuntimeError`` inside a ``torch.func`` transform (grad, vmap, jacrev,
+    functional_call under grad, ...): the memory is state updated in place by the backward
+    pass, which a functional transform can neither see nor replay."""
+    if torch.compiler.is_compiling():  # dynamo traces through; functorch is not in play there
+        return
+    if torch._C._are_functorch_transforms_active():
+        raise RuntimeError(
+            f"msbp: {what} does not support torch.func transforms (grad, vmap, jacrev, "
+            "functional_call under grad, ...): its backward updates the layer memory in place. "
+            "Use ordinary autograd (loss.backward() or torch.autograd.grad), or msbp.densify() "
+            "the model first for torch.func"
+        )
+
+
 def sparse_linear(
     x: Tensor,
     weight: Tensor,
@@ -54,7 +69,9 @@ def sparse_linear(
     x: (*, in); weight: (out, in); bias: (out,) or None; memory: (out,) float32 for
     ``memory_layout="unit"``, (rows, out) for ``"slot"``, updated in place by each backward pass;
     ``None`` means no memory (plain sparse backprop, whatever ``config.memory`` says).
-    Returns y: (*, out). The forward pass is exact; only the backward is sparsified.
+    Returns y: (*, out). The forward pass is exact; only the backward is sparsified. Under a
+    ``torch.func`` transform it raises ``RuntimeError`` when a gradient is wanted (use
+    ``loss.backward()`` or ``torch.autograd.grad``).
     ``probe(g, x, propagated)``, if given, is called in the backward with the raw output gradient
     g (n, out), the input x (n, in) and the propagated part (n, out), to measure information loss.
 
@@ -86,6 +103,7 @@ def sparse_linear(
     )
     if not (torch.is_grad_enabled() and needs_grad):
         return F.linear(x, weight, bias)
+    check_no_functorch(f"sparse layer {name!r}" if name else "sparse_linear")
     plan = make_plan(config, out_features, generator=generator, name=name, probe=probe)
     return SparseLinearFunction.apply(x, weight, bias, memory, plan)
 

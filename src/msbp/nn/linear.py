@@ -16,8 +16,10 @@ class SparseLinear(MemoryMixin, nn.Linear):
 
     The forward pass is exactly ``nn.Linear``'s. In the backward pass only k output units of the
     gradient reach ``dW`` and ``dx``; what is not propagated is kept, times ``config.memory``, in
-    the buffer ``memory`` (float32, or float64 for float64 weights), which is saved in
-    ``state_dict()`` and moves with ``.to()``. Input: (*, in_features); output: (*, out_features).
+    ``memory`` (float32, or float64 for float64 weights), which is saved in ``state_dict()`` and
+    moves with ``.to()``. It is per-process state, not a buffer, so ``DistributedDataParallel``
+    never overwrites it with rank 0's (see ``msbp.gather_memory_state`` for checkpoints).
+    Input: (*, in_features); output: (*, out_features).
 
     Example:
         >>> layer = SparseLinear(784, 500, config=SparseBackpropConfig(ratio=0.04))

@@ -5,7 +5,8 @@ transform ``x_t W_ih^T + b_ih`` and the recurrent transform ``h_{t-1} W_hh^T + b
 meProp's LSTM, both are sparsified: in the backward pass only k of the 4 x hidden gate gradients
 reach ``dW`` and ``dx`` / ``dh``.
 
-Memory (one float32 buffer per transform, ``memory_ih_l0``, ``memory_hh_l0``, ...):
+Memory (one float32 tensor per transform, ``memory_ih_l0``, ``memory_hh_l0``, ...; per-process
+state saved in ``state_dict()``, not a buffer, see ``msbp.nn.memory``):
 
 - the input transform runs once on all time steps at once, (T * B, in) rows, so its memory
   changes once per backward pass, exactly as a ``SparseLinear``'s;
@@ -28,13 +29,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from msbp.config import SparseBackpropConfig
-from msbp.functional import check_memory, make_plan, sparse_linear
+from msbp.functional import check_memory, check_no_functorch, make_plan, sparse_linear
 from msbp.nn.memory import MemoryMixin
 from msbp.ops.recurrent import SparseLSTMRecurrence
 
 
 class SparseLSTM(MemoryMixin, nn.LSTM):
-    """Drop-in ``nn.LSTM`` (same parameters and state-dict keys, plus memory buffers) with an
+    """Drop-in ``nn.LSTM`` (same parameters and state-dict keys, plus the memories) with an
     MSBP backward on its input and recurrent transforms.
 
     Supports ``num_layers``, ``bias``, ``batch_first``, ``dropout``, ``bidirectional`` and
@@ -88,7 +89,7 @@ class SparseLSTM(MemoryMixin, nn.LSTM):
     # -- memory -------------------------------------------------------------------------------
 
     def _memory_names(self) -> list[tuple[str, str]]:
-        """(memory buffer name, weight name) for every transform."""
+        """(memory name, weight name) for every transform."""
         names = []
         for layer in range(self.num_layers):
             for suffix in ("", "_reverse")[: 1 + self.bidirectional]:
@@ -157,6 +158,7 @@ class SparseLSTM(MemoryMixin, nn.LSTM):
             )
         if self.proj_size:
             raise ValueError(f"SparseLSTM does not support proj_size={self.proj_size}")
+        check_no_functorch(f"SparseLSTM {self.name!r}" if self.name else "SparseLSTM")
         unbatched = input.dim() == 2
         if input.dim() not in (2, 3) or input.shape[-1] != self.input_size:
             raise ValueError(

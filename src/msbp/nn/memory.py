@@ -1,21 +1,33 @@
-"""The memory state every sparse layer keeps: one float32 buffer per sparsified transform."""
+"""The memory state every sparse layer keeps: one float32 tensor per sparsified transform.
+
+The memory is per-process layer state, not a registered buffer: ``DistributedDataParallel``
+broadcasts rank 0's buffers into every rank at every forward (``broadcast_buffers=True``) and at
+construction, whichever module ``sparsify`` was called on, and each rank must keep what its own
+backward did not propagate. Everything else a buffer gives is kept by hand: the memory is saved
+in ``state_dict()`` under its name (``memory``, ``memory_hh_l0``, ...), moves with ``.to()``,
+and survives ``copy.deepcopy`` (an ordinary tensor attribute). To checkpoint every rank's
+memory use ``gather_memory_state`` / ``load_memory_state``.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from msbp.config import SparseBackpropConfig
 from msbp.functional import check_memory, memory_dtype
 
 
 class MemoryMixin:
-    """Memory buffers for an ``nn.Module`` with sparsified linear transforms.
+    """Memory tensors for an ``nn.Module`` with sparsified linear transforms.
 
-    A subclass lists its transforms in ``_memory_names()`` as ``(buffer name, weight name)`` and
-    says in ``_memory_units()`` how many output units each has. Each buffer is (units,) for the
+    A subclass lists its transforms in ``_memory_names()`` as ``(memory name, weight name)`` and
+    says in ``_memory_units()`` how many output units each has. Each memory is (units,) for the
     ``unit`` layout and (rows, units) for ``slot``; float32 (float64 for float64 weights) whatever
-    ``.to()`` does to the weights; saved in ``state_dict()``.
+    ``.to()`` does to the weights; saved in ``state_dict()``; never a buffer (see the module
+    docstring), so ``named_buffers()`` does not list it: use ``named_memories()``.
     """
 
     config: SparseBackpropConfig
@@ -31,6 +43,12 @@ class MemoryMixin:
         """Number of output units propagated per transform and backward call."""
         return self.config.k_for(self._memory_units())
 
+    def named_memories(self) -> Iterator[tuple[str, Tensor]]:
+        """(name, memory) of every transform of this module: ``("memory", (out,))`` for a
+        ``SparseLinear``, ``("memory_ih_l0", (4 H,))``, ... for a ``SparseLSTM``."""
+        for mem, _ in self._memory_names():
+            yield mem, getattr(self, mem)
+
     def _empty_memory(self, weight: Tensor) -> Tensor:
         units = self._memory_units()
         shape = (units,) if self.config.memory_layout == "unit" else (0, units)
@@ -38,22 +56,23 @@ class MemoryMixin:
 
     def _init_memory(self) -> None:
         for mem, weight in self._memory_names():
-            self.register_buffer(mem, self._empty_memory(getattr(self, weight)), persistent=True)
+            # a plain attribute (nn.Module.__setattr__ keeps unregistered tensors in __dict__)
+            setattr(self, mem, self._empty_memory(getattr(self, weight)))
 
     def reset_memory(self) -> None:
         """Forget everything remembered (zeros; for ``slot``, no rows), in place."""
         for mem, _ in self._memory_names():
-            self._reset_buffer(mem)
+            self._reset_memory_tensor(mem)
 
     @torch.no_grad()
-    def _reset_buffer(self, mem: str) -> None:
+    def _reset_memory_tensor(self, mem: str) -> None:
         buf = getattr(self, mem)
         if self.config.memory_layout == "slot":
             buf.resize_(0, self._memory_units())
         buf.zero_()
 
     def check_memory(self) -> None:
-        """Raise ``ValueError`` if a memory buffer does not fit its transform."""
+        """Raise ``ValueError`` if a memory tensor does not fit its transform."""
         for mem, weight in self._memory_names():
             check_memory(
                 getattr(self, mem), self._memory_units(), self.config.memory_layout,
@@ -67,35 +86,70 @@ class MemoryMixin:
             f"memory_layout={c.memory_layout}"
         )
 
+    # -- what a buffer would have done ----------------------------------------------------------
+
     def _apply(self, fn, recurse=True):
-        # nn.Module.to(dtype) / .half() would cast the memory too; it must stay float32 (float64
-        # for float64 weights), so keep the old values and only move them.
-        old = {mem: getattr(self, mem) for mem, _ in self._memory_names()}
+        # fn moves / casts / shares tensors (.to(), .cuda(), .half(), share_memory()); the memory
+        # follows it but keeps its own dtype rule: float32, float64 for float64 weights.
         super()._apply(fn, recurse)
         for mem, weight in self._memory_names():
+            old = getattr(self, mem)
+            new = fn(old)
             want = memory_dtype(getattr(self, weight).dtype)
-            if getattr(self, mem).dtype != want:
-                setattr(self, mem, old[mem].to(device=getattr(self, mem).device, dtype=want))
+            if new.dtype != want:
+                new = old.to(device=new.device, dtype=want)
+            setattr(self, mem, new)
         return self
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        for mem, memory in self.named_memories():
+            destination[prefix + mem] = memory if keep_vars else memory.detach()
 
     def _load_from_state_dict(
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
     ):
-        for mem, _ in self._memory_names():
-            key = prefix + mem
-            if key in state_dict:
-                saved = state_dict[key] = self._memory_for_layout(state_dict[key])
-                with torch.no_grad():  # a slot memory has the rows of the batch it was saved at
-                    getattr(self, mem).resize_(saved.shape)
+        keys = {prefix + mem: mem for mem, _ in self._memory_names()}
+        # the rest without the memory keys, which nn.Module would report as unexpected
+        rest = {key: value for key, value in state_dict.items() if key not in keys}
         super()._load_from_state_dict(
-            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+            rest, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
-        for mem, _ in self._memory_names():
-            key = prefix + mem
-            if key not in state_dict and key in missing_keys:
+        # load_state_dict(assign=True), e.g. into a model built on the meta device
+        assign = local_metadata.get("assign_to_params_buffers", False)
+        for key, mem in keys.items():
+            if key in state_dict:
+                error = self._load_memory(mem, state_dict[key], assign=assign)
+                if error:
+                    error_msgs.append(f"size mismatch for {key}: {error}")
+            else:
                 # a checkpoint of the dense model: start with an empty memory rather than fail
-                missing_keys.remove(key)
-                self._reset_buffer(mem)
+                self._reset_memory_tensor(mem)
+
+    @torch.no_grad()
+    def _load_memory(self, mem: str, saved: Tensor, assign: bool = False) -> str | None:
+        """Copy ``saved`` into memory ``mem`` in place (its dtype and device stay), or with
+        ``assign`` (or a memory on the meta device) make it the memory, on the weight's device
+        and in the memory dtype; returns what is wrong instead if it does not fit."""
+        saved = self._memory_for_layout(saved)
+        units = self._memory_units()
+        fits = saved.shape == (units,) if self.config.memory_layout == "unit" else (
+            saved.dim() == 2 and saved.shape[1] == units
+        )
+        if not fits or not saved.is_floating_point():
+            return (
+                f"saved memory of shape {tuple(saved.shape)} and dtype {saved.dtype} does not "
+                f"fit memory_layout={self.config.memory_layout!r} with {units} output units"
+            )
+        buf = getattr(self, mem)
+        if assign or buf.is_meta:
+            weight = getattr(self, dict(self._memory_names())[mem])
+            device = saved.device if weight.is_meta else weight.device
+            setattr(self, mem, saved.detach().to(device, memory_dtype(weight.dtype)))
+            return None
+        buf.resize_(saved.shape)  # a slot memory has the rows of the batch it was saved at
+        buf.copy_(saved)
+        return None
 
     def _memory_for_layout(self, saved: Tensor) -> Tensor:
         """Convert a saved memory to this layer's layout, keeping its column sums."""
@@ -104,3 +158,93 @@ class MemoryMixin:
         if self.config.memory_layout == "slot" and saved.dim() == 1:
             return saved.unsqueeze(0)
         return saved
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        # modules pickled whole by msbp <= 0.1 kept the memory as a buffer
+        for mem, _ in self._memory_names():
+            if mem in self._buffers:
+                setattr(self, mem, self._buffers.pop(mem))
+
+
+# -- every rank's memory in one checkpoint -------------------------------------------------------
+
+
+def memory_state_dict(model: nn.Module) -> dict[str, Tensor]:
+    """This process's memory of every sparse layer in ``model``, keyed as in
+    ``model.state_dict()`` (``"0.memory"``, ``"lstm.memory_hh_l0"``); detached CPU copies.
+
+    Example:
+        >>> model = msbp.sparsify(nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 2)))
+        >>> sorted(msbp.memory_state_dict(model))
+        ['0.memory', '1.memory']
+    """
+    return {
+        f"{prefix}.{mem}" if prefix else mem: memory.detach().to("cpu", copy=True)
+        for prefix, module in model.named_modules()
+        if isinstance(module, MemoryMixin)
+        for mem, memory in module.named_memories()
+    }
+
+
+def gather_memory_state(model: nn.Module, group=None) -> list[dict[str, Tensor]]:
+    """Every rank's ``memory_state_dict(model)``, as a list indexed by rank, on every rank.
+
+    Under ``DistributedDataParallel`` each process keeps its own memory, and ``state_dict()``
+    saved on rank 0 holds only rank 0's; put this list in the checkpoint too and give it to
+    ``load_memory_state`` on resume. A collective: every rank of ``group`` must call it, with
+    the same module (the model, or the DDP wrapper on all ranks). Without an initialised process
+    group, ``[memory_state_dict(model)]``.
+
+    Example (every rank; rank 0 writes)::
+
+        memories = msbp.gather_memory_state(model)
+        if dist.get_rank() == 0:
+            torch.save({"model": model.state_dict(), "memories": memories}, path)
+    """
+    import torch.distributed as dist
+
+    mine = memory_state_dict(model)
+    if not (dist.is_available() and dist.is_initialized()):
+        return [mine]
+    states: list = [None] * dist.get_world_size(group)
+    dist.all_gather_object(states, mine, group=group)
+    return states
+
+
+def load_memory_state(
+    model: nn.Module, states: list[dict[str, Tensor]], rank: int | None = None, group=None
+) -> None:
+    """Load ``states[rank]`` (from ``gather_memory_state``) into the sparse layers of ``model``.
+
+    ``rank`` defaults to this process's rank in ``group`` (0 without a process group). Call it
+    after ``model.load_state_dict(...)``, which loads rank 0's memory into every rank. Memories
+    are copied in place (their dtype and device stay; a saved ``slot`` memory loads into a
+    ``unit`` layer as its column sums and back). Raises ``ValueError`` if ``states`` has no entry
+    for ``rank`` or its keys are not exactly the model's memories.
+    """
+    import torch.distributed as dist
+
+    if rank is None:
+        initialised = dist.is_available() and dist.is_initialized()
+        rank = dist.get_rank(group) if initialised else 0
+    if not 0 <= rank < len(states):
+        raise ValueError(
+            f"the memory state holds {len(states)} ranks' memories, no entry for rank {rank}"
+        )
+    state = states[rank]
+    owners = {
+        f"{prefix}.{mem}" if prefix else mem: (module, mem)
+        for prefix, module in model.named_modules()
+        if isinstance(module, MemoryMixin)
+        for mem, _ in module._memory_names()
+    }
+    if set(state) != set(owners):
+        raise ValueError(
+            f"memory state of rank {rank} does not fit the model: missing "
+            f"{sorted(set(owners) - set(state))}, unexpected {sorted(set(state) - set(owners))}"
+        )
+    for key, (module, mem) in owners.items():
+        error = module._load_memory(mem, state[key])
+        if error:
+            raise ValueError(f"{key}: {error}")

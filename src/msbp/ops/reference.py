@@ -103,7 +103,17 @@ class _LinearRef(torch.autograd.Function):
         dh, dW, db, ctx.box[0] = sparse_linear_backward_ref(
             h, weight, grad_out, ctx.box[0], **ctx.options
         )
-        return dh, dW, db, None, None
+        # autograd rejects a gradient for an input that was None (bias=False)
+        return dh, dW, db if ctx.needs_input_grad[2] else None, None, None
+
+
+def sparse_linear_ref(
+    h: Tensor, weight: Tensor, bias: Tensor | None, box: list, **options
+) -> Tensor:
+    """``h W^T + b`` (h: (n, in), weight: (out, in), bias: (out,) or None) as an autograd node
+    whose backward is ``sparse_linear_backward_ref`` (``options``: its k, selection, alpha,
+    layout, generator), reading and replacing the memory in ``box[0]`` at every backward call."""
+    return _LinearRef.apply(h, weight, bias, box, options)
 
 
 def lstm_recurrence_ref(
@@ -128,7 +138,7 @@ def lstm_recurrence_ref(
     h, c = h0, c0
     outputs: list[Tensor] = [h0] * steps
     for t in range(steps - 1, -1, -1) if reverse else range(steps):
-        gates = gates_x[t] + _LinearRef.apply(h, w_hh, b_hh, box, options)  # (B, 4H)
+        gates = gates_x[t] + sparse_linear_ref(h, w_hh, b_hh, box, **options)  # (B, 4H)
         i, f, g, o = gates.chunk(4, dim=1)
         c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
         h = torch.sigmoid(o) * torch.tanh(c)
