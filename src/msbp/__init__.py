@@ -1,6 +1,6 @@
 """msbp: sparse backpropagation with memory (MSBP) and meProp for PyTorch."""
 
-from msbp import functional, ops, optim
+from msbp import amp, functional, native, ops, optim
 from msbp.config import SparseBackpropConfig
 from msbp.convert import dense_backward, densify, sparsify
 from msbp.nn import SparseLinear, SparseLSTM
@@ -12,12 +12,14 @@ __all__ = [
     "SparseBackpropConfig",
     "SparseLSTM",
     "SparseLinear",
+    "amp",
     "dense_backward",
     "densify",
     "functional",
     "gather_memory_state",
     "load_memory_state",
     "memory_state_dict",
+    "native",
     "ops",
     "optim",
     "sparsify",

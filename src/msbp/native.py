@@ -27,6 +27,7 @@ import os
 import sys
 import threading
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,7 @@ CSRC = Path(__file__).parent / "csrc"
 
 _lock = threading.Lock()
 _state: dict[str, Any] = {"backend": None, "loaded": None, "error": None, "path": None}
+_on_load: list[Callable[[], None]] = []
 
 
 class NativeUnavailableError(RuntimeError):
@@ -130,6 +132,8 @@ def _ensure_loaded(strict: bool) -> bool:
                 try:
                     _state["path"] = _build()
                     _state["loaded"] = True
+                    for fn in _on_load:
+                        fn()
                 except Exception as exc:  # a missing compiler, a failed build: fall back
                     _state["error"] = f"{type(exc).__name__}: {str(exc).strip()[-2000:]}"
                     _state["loaded"] = False
@@ -146,6 +150,22 @@ def _ensure_loaded(strict: bool) -> bool:
             f"{BACKEND_ENV}=native, but the native kernels are unavailable: {_state['error']}"
         )
     return bool(_state["loaded"])
+
+
+def on_load(fn: Callable[[], None]) -> None:
+    """Run ``fn`` once the kernels are loaded (now, if they are): for Python registrations that
+    need the ops to exist, such as their fake implementations."""
+    if _state["loaded"]:
+        fn()
+    else:
+        _on_load.append(fn)
+
+
+def prepare() -> None:
+    """Build or load the kernels now if the backend wants them (layers call this when they are
+    built, so that no build starts inside a traced or compiled region)."""
+    if _requested() != "python":
+        _ensure_loaded(strict=_requested() == "native")
 
 
 def use_native(device: torch.device | None = None) -> bool:

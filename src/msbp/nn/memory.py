@@ -16,6 +16,7 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor, nn
 
+from msbp import native
 from msbp.config import SparseBackpropConfig
 from msbp.functional import check_memory, memory_dtype
 
@@ -55,6 +56,7 @@ class MemoryMixin:
         return torch.zeros(shape, dtype=memory_dtype(weight.dtype), device=weight.device)
 
     def _init_memory(self) -> None:
+        native.prepare()  # build or load the kernels now, never inside a compiled region
         for mem, weight in self._memory_names():
             # a plain attribute (nn.Module.__setattr__ keeps unregistered tensors in __dict__)
             setattr(self, mem, self._empty_memory(getattr(self, weight)))

@@ -270,6 +270,9 @@ def _register_fake() -> None:
     _fake_registered = True
 
 
+native.on_load(_register_fake)
+
+
 def run_backward(native_ok: bool, *args, probe=None) -> list[Tensor]:
     """``sparse_linear_backward`` through the native op when ``native_ok``, else through the
     PyTorch twin. A ``probe`` is fed by the twin; on the native path the twin then runs on a copy
@@ -281,7 +284,6 @@ def run_backward(native_ok: bool, *args, probe=None) -> list[Tensor]:
         sparse_linear_backward_torch(
             *args[:3], None if memory is None else memory.clone(), *args[4:], probe=probe
         )
-    _register_fake()
     return torch.ops.msbp.sparse_linear_backward(*args)
 
 
@@ -330,10 +332,11 @@ def prepare_grad_buffer(ctx, weight: Tensor, index: int) -> bool:
     kept = weight.__dict__.get(_BUFFER)
     if kept is not None:
         buf, version, rows = kept
-        # references: the tuple, `buf`, getrefcount's argument; storage: buf's own
+        # references: the tuple, `buf`, getrefcount's argument; storage: buf and the temporary
+        # storage object asked for the count
         alone = sys.getrefcount(buf) <= 3 and torch._C._storage_Use_Count(
             buf.untyped_storage()._cdata
-        ) == 1
+        ) <= 2
         if alone and buf.shape == weight.shape and buf.dtype == weight.dtype:
             if buf._version == version:
                 buf.index_fill_(0, rows, 0)
@@ -351,8 +354,10 @@ def row_sparse_grad(weight: Tensor, rows: Tensor, values: Tensor) -> Tensor:
     grad = weight.grad
     if grad is not None:
         kept = weight.__dict__.get(_BUFFER)
-        if kept is not None and kept[0] is grad and grad._version == kept[1]:
-            rows_all = torch.cat((kept[2], rows))  # called again in this step: both sets
+        # called again in this step, in a later backward (its add done: version == expected) or
+        # in the same one (autograd sums both before its one add: version == expected - 1)
+        if kept is not None and kept[0] is grad and kept[1] - 1 <= grad._version <= kept[1]:
+            rows_all = torch.cat((kept[2], rows))
         else:
             rows_all = rows
         # AccumulateGrad's `grad += dW` will bump the version once
@@ -439,16 +444,16 @@ class SparseLinearFunction(torch.autograd.Function):
             if NONFINITE_MARK in str(exc):
                 raise nonfinite_error(plan, "output gradient", grad_out.shape) from None
             raise
-        if need_w:
-            dense_dw = dW.shape == weight.shape and (k >= out or bool(skipped) or not compact)
-            if not compiling:
-                log_touched_rows(weight, None if k >= out or bool(skipped) else rows)
-            if compact and not dense_dw:
-                dW = row_sparse_grad(weight, rows, dW)
-            else:
-                dW = _as(dW, weight.dtype)
-        else:
+        if not need_w:
             dW = None
+        elif compiling:  # compact is off: a dense dW, nothing read back from the op
+            dW = _as(dW, weight.dtype)
+        else:
+            dense_dw = k >= out or bool(skipped)
+            log_touched_rows(weight, None if dense_dw else rows)
+            dW = row_sparse_grad(weight, rows, dW) if compact and not dense_dw else (
+                _as(dW, weight.dtype)
+            )
         dx = _as(dx.reshape(x_shape), ctx.x_dtype) if need_x else None
         db = _as(db, ctx.bias_dtype) if need_b else None
         return dx, dW, db, None, None

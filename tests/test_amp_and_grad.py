@@ -1,0 +1,159 @@
+"""Mixed precision (GradScaler, autocast dtypes) and where dW goes (hooks, the kept buffer)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import msbp
+from msbp.ops.reference import sparse_linear_backward_ref
+
+
+def _mlp(selection="unified", memory=0.8, layout="unit"):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 12), nn.ReLU(), nn.Linear(12, 12), nn.ReLU(),
+                          nn.Linear(12, 3))
+    cfg = msbp.SparseBackpropConfig(k=3, memory=memory, selection=selection, memory_layout=layout)
+    return msbp.sparsify(model, cfg, exclude="4")
+
+
+def _memories(model):
+    return [m.memory.clone() for m in model.modules() if isinstance(m, msbp.SparseLinear)]
+
+
+@pytest.mark.parametrize("layout", ["unit", "slot"])
+@pytest.mark.parametrize("selection", ["unified", "per_example"])
+def test_memory_is_unscaled_under_grad_scaler(backend, selection, layout):
+    """Scaled backward with msbp.amp.GradScaler == unscaled backward, scale changing each step."""
+    plain, scaled = _mlp(selection, layout=layout), _mlp(selection, layout=layout)
+    scaler = msbp.amp.GradScaler("cpu", init_scale=2.0**10)
+    gen = torch.Generator().manual_seed(1)
+    for step in range(4):
+        x, y = torch.randn(5, 6, generator=gen), torch.randint(0, 3, (5,), generator=gen)
+        for model in (plain, scaled):
+            model.zero_grad(set_to_none=True)
+        nn.functional.cross_entropy(plain(x), y).backward()
+        scaler.scale(nn.functional.cross_entropy(scaled(x), y)).backward()
+        s = scaler.get_scale()
+        for a, b in zip(_memories(plain), _memories(scaled), strict=True):
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+        for pa, pb in zip(plain.parameters(), scaled.parameters(), strict=True):
+            torch.testing.assert_close(pb.grad / s, pa.grad, rtol=1e-5, atol=1e-6)
+        scaler.update(new_scale=s / 2 if step % 2 else s * 4)  # a changing scale
+
+
+def test_skipped_step_leaves_every_memory_unchanged(backend):
+    """When some layer overflows, the scaler skips the step and no memory advances."""
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = msbp.amp.GradScaler("cpu", init_scale=4.0)
+    x, y = torch.randn(5, 6), torch.randint(0, 3, (5,))
+    scaler.scale(nn.functional.cross_entropy(model(x), y)).backward()
+    scaler.step(opt)
+    scaler.update()
+    before = _memories(model)
+    weights = [p.detach().clone() for p in model.parameters()]
+    opt.zero_grad()
+    # only the dense head's weight gradient overflows (1e38 x scale 4); the rest is finite
+    loss = nn.functional.cross_entropy(model(x), y) + (model[4].weight * 1e38).sum()
+    scaler.scale(loss).backward()
+    assert not torch.isfinite(model[4].weight.grad).all()
+    assert any(not torch.equal(a, b) for a, b in zip(before, _memories(model), strict=True))
+    scaler.step(opt)
+    scaler.update()
+    assert scaler.get_scale() == 2.0  # skipped: backed off
+    for a, b in zip(before, _memories(model), strict=True):
+        assert torch.equal(a, b)
+    for a, b in zip(weights, model.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_autocast_leaves_float64_alone(backend):
+    """Under autocast a float64 layer runs in float64, as nn.Linear does."""
+    layer = msbp.SparseLinear(5, 7, config=msbp.SparseBackpropConfig(k=2), dtype=torch.float64)
+    x = torch.randn(4, 5, dtype=torch.float64, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+        ref = nn.functional.linear(x, layer.weight, layer.bias)
+    assert y.dtype == ref.dtype == torch.float64
+    torch.testing.assert_close(y, ref, rtol=0, atol=0)
+    y.sum().backward()
+    assert x.grad.dtype == torch.float64
+
+
+def test_accumulate_grad_hooks_see_the_gradient(backend):
+    """Hooks on the weight's AccumulateGrad node (DeepSpeed / apex) get dW as their input."""
+    layer = msbp.SparseLinear(6, 8, config=msbp.SparseBackpropConfig(k=2, memory=0.0))
+    twin = copy.deepcopy(layer)
+    layer.weight.grad = torch.zeros_like(layer.weight)
+    acc = layer.weight.view_as(layer.weight).grad_fn.next_functions[0][0]
+    seen = []
+    acc.register_prehook(lambda grads: seen.append(grads[0]))
+    x, g = torch.randn(4, 6), torch.randn(4, 8)
+    layer(x).backward(g)
+    dx, dW, db, _ = sparse_linear_backward_ref(x, twin.weight.detach(), g, None, k=2)
+    assert len(seen) == 1 and seen[0] is not None
+    torch.testing.assert_close(seen[0].to_dense(), dW)
+    torch.testing.assert_close(layer.weight.grad, dW)
+
+
+def test_kept_buffer_is_cleared_correctly(backend):
+    """With zero_grad(set_to_none=True) the layer reuses its buffer: each step's .grad equals a
+    fresh one, also after the buffer was modified in place (gradient noise, clipping)."""
+    layer = msbp.SparseLinear(6, 10, config=msbp.SparseBackpropConfig(k=3, memory=0.0))
+    gen = torch.Generator().manual_seed(0)
+    buffers = set()
+    for step in range(6):
+        layer.zero_grad(set_to_none=True)
+        x, g = torch.randn(4, 6, generator=gen), torch.randn(4, 10, generator=gen)
+        layer(x).backward(g)
+        _, dW, _, _ = sparse_linear_backward_ref(x, layer.weight.detach(), g, None, k=3)
+        torch.testing.assert_close(layer.weight.grad, dW)
+        buffers.add(layer.weight.grad.data_ptr())
+        if step == 2:
+            layer.weight.grad.add_(1.0)  # in place, everywhere: must be cleared in full
+    assert len(buffers) == 1  # the same buffer, no fresh allocation each step
+    held = layer.weight.grad  # someone keeps the old gradient: it must not be overwritten
+    kept = held.clone()
+    layer.zero_grad(set_to_none=True)
+    layer(torch.randn(4, 6)).backward(torch.randn(4, 10))
+    assert torch.equal(held, kept) and layer.weight.grad is not held
+
+
+def test_two_calls_in_one_step_accumulate_then_clear(backend):
+    layer = msbp.SparseLinear(6, 10, config=msbp.SparseBackpropConfig(k=2, memory=0.0))
+    gen = torch.Generator().manual_seed(3)
+    for _ in range(3):
+        layer.zero_grad(set_to_none=True)
+        x1, x2 = torch.randn(4, 6, generator=gen), torch.randn(4, 6, generator=gen)
+        g1, g2 = torch.randn(4, 10, generator=gen), torch.randn(4, 10, generator=gen)
+        layer(x1).backward(g1)
+        layer(x2).backward(g2)
+        w = layer.weight.detach()
+        want = (sparse_linear_backward_ref(x1, w, g1, None, k=2)[1]
+                + sparse_linear_backward_ref(x2, w, g2, None, k=2)[1])
+        torch.testing.assert_close(layer.weight.grad, want)
+
+
+def test_compile_fullgraph_inductor():
+    """torch.compile(fullgraph=True, inductor) of a sparsified MLP: no graph break, eager's
+    gradients and memory."""
+    if not msbp.native.use_native():
+        pytest.skip("fullgraph needs the native op")
+    model = _mlp()
+    eager = copy.deepcopy(model)
+    compiled = torch.compile(model, fullgraph=True, backend="inductor")
+    gen = torch.Generator().manual_seed(2)
+    for _ in range(3):
+        x = torch.randn(5, 6, generator=gen)
+        for m in (model, eager):
+            m.zero_grad(set_to_none=True)
+        compiled(x).square().sum().backward()
+        eager(x).square().sum().backward()
+        for a, b in zip(model.parameters(), eager.parameters(), strict=True):
+            torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-6)
+        for a, b in zip(_memories(model), _memories(eager), strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
