@@ -433,12 +433,12 @@ class LazyRowAdam(Optimizer):
                 if grad is None:
                     track.look(None)
                     continue
-                if written:
+                if not pending and not track.unchanged(grad):
+                    grad.zero_()  # written by something that logs no rows: clear all of it
+                elif written:
                     rows = fold_rows(written)
                     if rows is None:
                         grad.zero_()
                     else:
                         grad.index_fill_(0, rows.to(grad.device), 0)
-                elif not track.unchanged(grad):
-                    grad.zero_()  # written by something that logs no rows: clear all of it
                 track.look(grad)
