@@ -147,7 +147,10 @@ class LazyRowAdam(Optimizer):
     The contract:
 
     - ``step()`` takes the log of touched rows, however the gradients were zeroed
-      (``optimizer.zero_grad``, ``model.zero_grad``, ``set_to_none`` or not).
+      (``optimizer.zero_grad``, ``model.zero_grad``, ``set_to_none`` or not). Rows logged by a
+      backward whose gradient was zeroed by hand before the step still count (they take a step
+      with a zero gradient). Weight decay, like the rest of the update, reaches only the rows
+      updated.
     - A sparse layer's weight with no rows logged since the last step took no part in it: it is
       not updated (its moments do not decay, it does not move, its step count stays), whether
       its ``.grad`` is None, zero, or left from an earlier step. If such a gradient was written
@@ -369,6 +372,8 @@ class LazyRowAdam(Optimizer):
                 d_steps.append(state["step"])
             else:
                 rows = plan if plan.dtype == torch.long else plan.long()
+                if not rows.is_contiguous():
+                    rows = rows.contiguous()
                 if native_cpu and p.is_cpu and _native_rows_ok(p, grad, state):
                     r_params.append(p)
                     r_avgs.append(state["exp_avg"])
