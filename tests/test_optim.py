@@ -1,13 +1,33 @@
-"""LazyRowAdam: equals Adam when nothing is sparse, equals a row-wise lazy Adam otherwise."""
+"""LazyRowAdam: equals Adam when nothing is sparse, equals a row-wise lazy Adam otherwise.
+
+Every test that steps runs on both backends (the C++ row step and the PyTorch path)."""
 
 import copy
+import warnings
 
 import pytest
 import torch
 from torch import nn
 
 import msbp
+from msbp import native
+from msbp.ops.touched_rows import ROWS_LOG, log_touched_rows
 from msbp.optim import LazyRowAdam
+
+
+@pytest.fixture(params=["native", "python"], autouse=True)
+def backend(request):
+    """Run the test with the C++ row step and with the PyTorch path."""
+    old = native._state["backend"]
+    if request.param == "native":
+        try:
+            native.set_backend("native")
+        except native.NativeUnavailableError as err:
+            pytest.skip(f"native kernels unavailable: {err}")
+    else:
+        native.set_backend("python")
+    yield request.param
+    native._state["backend"] = old
 
 
 def _mlp() -> nn.Module:
@@ -125,3 +145,223 @@ def test_state_dict_round_trip():
         _step(model2, opt2, x)
     for p, q in zip(model.parameters(), model2.parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=0, atol=0)
+
+
+# -- the contract: the log, skipped layers, step counts ----------------------------------------
+
+
+class _TwoBranch(nn.Module):
+    """Two sparse layers, of which each step runs one: the other takes no part in the step."""
+
+    def __init__(self, memory: float = 0.0) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b, self.head = nn.Linear(6, 10), nn.Linear(6, 10), nn.Linear(10, 3)
+        self.double()
+        msbp.sparsify(self, msbp.SparseBackpropConfig(k=3, memory=memory), exclude="head")
+
+    def forward(self, x, branch):
+        return self.head(torch.relu((self.a if branch == "a" else self.b)(x)))
+
+
+_SPARSE = ("a.weight", "b.weight")
+
+
+def _lazy_reference_step(model, state: dict, lr: float, weight_decay: float) -> None:
+    """Lazy Adam by definition: a sparse weight updates the rows its gradient has (none: no
+    update at all); any other parameter with a gradient is updated whole; one step count per
+    parameter, counting its updates."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            g = p.grad
+            if g is None:
+                continue
+            rows = g.abs().sum(1) > 0 if name in _SPARSE else torch.ones(len(p), dtype=bool)
+            if not rows.any():
+                continue
+            st = state.setdefault(name, dict(m=torch.zeros_like(p), v=torch.zeros_like(p), t=0))
+            st["t"] += 1
+            t = st["t"]
+            g = g[rows] + weight_decay * p[rows]
+            st["m"][rows] = 0.9 * st["m"][rows] + 0.1 * g
+            st["v"][rows] = 0.999 * st["v"][rows] + 0.001 * g**2
+            denom = (st["v"][rows] / (1 - 0.999**t)).sqrt() + 1e-8
+            p[rows] -= lr * (st["m"][rows] / (1 - 0.9**t)) / denom
+
+
+def _zero(mode: str, model, opt) -> None:
+    if mode == "opt":
+        opt.zero_grad()
+    elif mode == "opt_keep":
+        opt.zero_grad(set_to_none=False)
+    elif mode == "model_none":
+        model.zero_grad()
+    elif mode == "model_zero":
+        model.zero_grad(set_to_none=False)
+
+
+def _zero_reference(mode: str, model) -> None:
+    # the reference keeps torch's own semantics: LazyRowAdam's zero_grad keeps the sparse
+    # buffers zeroed, which the reference sees as "no rows", the same as None
+    model.zero_grad(set_to_none=mode in ("opt", "model_none"))
+
+
+@pytest.mark.parametrize("mode", ["opt", "opt_keep", "model_none", "model_zero"])
+@pytest.mark.parametrize("memory", [0.0, 0.5])
+def test_layer_that_did_not_run_is_not_updated(mode, memory):
+    model = _TwoBranch(memory)
+    ref = copy.deepcopy(model)
+    opt = LazyRowAdam(model.parameters(), lr=1e-2, weight_decay=0.01)
+    state: dict = {}
+    gen = torch.Generator().manual_seed(5)
+    schedule = "aabababba"
+    for branch in schedule:
+        x = torch.randn(4, 6, dtype=torch.float64, generator=gen)
+        b_before = (model.b.weight.clone(), opt.state[model.b.weight].get("exp_avg"))
+        b_before = tuple(t.clone() if t is not None else None for t in b_before)
+        _zero(mode, model, opt)
+        model(x, branch).square().sum().backward()
+        opt.step()
+        _zero_reference(mode, ref)
+        ref(x, branch).square().sum().backward()
+        _lazy_reference_step(ref, state, 1e-2, 0.01)
+        for (name, p), q in zip(model.named_parameters(), ref.parameters(), strict=True):
+            torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12, msg=name)
+        if branch == "a":  # b took no part: value and moments exactly as they were
+            assert torch.equal(model.b.weight, b_before[0])
+            if b_before[1] is not None:
+                assert torch.equal(opt.state[model.b.weight]["exp_avg"], b_before[1])
+    for name in ("a", "b"):
+        step = opt.state[getattr(model, name).weight]["step"]
+        assert step.dtype == torch.float32 and step.shape == () and step.device.type == "cpu"
+        assert int(step) == schedule.count(name) == state[f"{name}.weight"]["t"]
+
+
+def test_gradient_left_from_an_earlier_step_is_not_reused():
+    model = _TwoBranch()
+    opt = LazyRowAdam(model.parameters(), lr=1e-2)
+    gen = torch.Generator().manual_seed(6)
+    model(torch.randn(4, 6, dtype=torch.float64, generator=gen), "b").square().sum().backward()
+    opt.step()
+    b = model.b.weight
+    kept = b.detach().clone(), opt.state[b]["exp_avg"].clone(), opt.state[b]["exp_avg_sq"].clone()
+    assert b.grad.any()  # never zeroed: what b's last backward wrote is still there
+    for _ in range(3):
+        model.a.weight.grad = None
+        model(torch.randn(4, 6, dtype=torch.float64, generator=gen), "a").square().sum().backward()
+        opt.step()
+    assert torch.equal(b, kept[0])
+    assert torch.equal(opt.state[b]["exp_avg"], kept[1])
+    assert torch.equal(opt.state[b]["exp_avg_sq"], kept[2])
+    assert int(opt.state[b]["step"]) == 1
+
+
+@pytest.mark.parametrize("zero", ["model_none", "model_zero"])
+def test_step_consumes_the_log_however_grads_are_zeroed(zero):
+    model = msbp.sparsify(_mlp(), msbp.SparseBackpropConfig(k=3), exclude="2")
+    opt = LazyRowAdam(model.parameters(), lr=1e-2)
+    gen = torch.Generator().manual_seed(7)
+    for _ in range(5):
+        _zero(zero, model, opt)
+        model(torch.randn(4, 6, dtype=torch.float64, generator=gen)).square().sum().backward()
+        assert len(model[0].weight.__dict__[ROWS_LOG]) == 1
+        before = model[0].weight.detach().clone()
+        touched = model[0].weight.grad.abs().sum(1) > 0
+        opt.step()
+        assert ROWS_LOG not in model[0].weight.__dict__
+        assert torch.equal((model[0].weight != before).any(1), touched)
+
+
+def test_log_stays_bounded_without_steps():
+    model = msbp.sparsify(_mlp(), msbp.SparseBackpropConfig(k=3), exclude="2")
+    opt = LazyRowAdam(model.parameters(), lr=1e-2)
+    gen = torch.Generator().manual_seed(8)
+    for _ in range(100):
+        model(torch.randn(4, 6, dtype=torch.float64, generator=gen)).square().sum().backward()
+    log = model[0].weight.__dict__[ROWS_LOG]
+    assert len(log) < 64
+    touched = model[0].weight.grad.abs().sum(1) > 0
+    before = model[0].weight.detach().clone()
+    opt.step()
+    assert torch.equal((model[0].weight != before).any(1), touched)
+
+
+def test_no_log_without_a_live_optimizer():
+    model = msbp.sparsify(_mlp(), msbp.SparseBackpropConfig(k=3), exclude="2")
+    opt = LazyRowAdam(model.parameters(), lr=1e-2)
+    del opt
+    model(torch.randn(4, 6, dtype=torch.float64)).square().sum().backward()
+    assert ROWS_LOG not in model[0].weight.__dict__
+
+
+def test_zero_grad_after_step_and_after_a_later_backward():
+    model = msbp.sparsify(_mlp(), msbp.SparseBackpropConfig(k=3), exclude="2")
+    opt = LazyRowAdam(model.parameters(), lr=1e-2)
+    gen = torch.Generator().manual_seed(9)
+    w = model[0].weight
+    for _ in range(3):
+        opt.zero_grad()
+        model(torch.randn(4, 6, dtype=torch.float64, generator=gen)).square().sum().backward()
+        opt.step()
+        # a backward after the step, before zero_grad: its rows are discarded with the rest
+        model(torch.randn(4, 6, dtype=torch.float64, generator=gen)).square().sum().backward()
+        ptr = w.grad.data_ptr()
+        opt.zero_grad()
+        assert w.grad.data_ptr() == ptr and not w.grad.any()
+    # gradients zeroed by hand in between: zero_grad still leaves nothing behind
+    opt.step()
+    model(torch.randn(4, 6, dtype=torch.float64, generator=gen)).square().sum().backward()
+    opt.step()
+    model.zero_grad(set_to_none=False)
+    w.grad[0] = 1.0  # written by something that logs no rows
+    opt.zero_grad()
+    assert not w.grad.any()
+
+
+def test_unlogged_gradient_of_a_sparse_weight_takes_a_dense_step():
+    model = msbp.sparsify(_mlp(), msbp.SparseBackpropConfig(k=3), exclude="2")
+    opt = LazyRowAdam(model.parameters(), lr=1e-2)
+    _step(model, opt, torch.randn(4, 6, dtype=torch.float64))
+    w = model[0].weight
+    w.grad = torch.ones_like(w)  # e.g. the layer was densified: no rows are logged any more
+    before = w.detach().clone()
+    with pytest.warns(RuntimeWarning, match="without a log of its rows"):
+        opt.step()
+    assert (w != before).all()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # warned once
+        w.grad = torch.ones_like(w)
+        opt.step()
+
+
+def test_add_param_group_tracks_rows():
+    model = msbp.sparsify(_mlp(), msbp.SparseBackpropConfig(k=3), exclude="2")
+    opt = LazyRowAdam([model[2].weight, model[2].bias], lr=1e-2)
+    opt.add_param_group({"params": [model[0].weight, model[0].bias]})
+    x = torch.randn(4, 6, dtype=torch.float64)
+    model(x).square().sum().backward()
+    assert ROWS_LOG in model[0].weight.__dict__
+    before = model[0].weight.detach().clone()
+    opt.step()
+    assert int((model[0].weight != before).any(1).sum()) == 3
+
+
+def test_rows_logged_by_hand_match_reference_with_weight_decay():
+    torch.manual_seed(3)
+    w = nn.Parameter(torch.randn(9, 5, dtype=torch.float64))
+    ref = w.detach().clone()
+    opt = LazyRowAdam([w], lr=1e-2, weight_decay=0.1)
+    m, v = torch.zeros_like(ref), torch.zeros_like(ref)
+    gen = torch.Generator().manual_seed(4)
+    for t, rows in enumerate([[0, 3], [3, 8], [1, 2, 3, 4, 5, 6, 7, 8, 0], [8]], start=1):
+        rows = torch.tensor(rows)
+        w.grad = torch.zeros_like(w)
+        w.grad[rows] = torch.randn(len(rows), 5, dtype=torch.float64, generator=gen)
+        log_touched_rows(w, rows)
+        opt.step()
+        g = w.grad[rows] + 0.1 * ref[rows]
+        m[rows] = 0.9 * m[rows] + 0.1 * g
+        v[rows] = 0.999 * v[rows] + 0.001 * g**2
+        ref[rows] -= 1e-2 * (m[rows] / (1 - 0.9**t)) / ((v[rows] / (1 - 0.999**t)).sqrt() + 1e-8)
+        torch.testing.assert_close(w.detach(), ref, rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(opt.state[w]["exp_avg"], m, rtol=1e-12, atol=1e-14)

@@ -9,14 +9,28 @@ moments, instead of drifting on stale momentum.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import warnings
+import weakref
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 from torch.optim import Optimizer
 from torch.optim.adam import adam as adam_functional
 
-from msbp.ops.touched_rows import ROWS_LOG, TRACK_ROWS
+from msbp import native
+from msbp.ops.touched_rows import TRACK_ROWS, fold_rows, take_touched_rows
+
+# A plan for a parameter in one step: skip it (it took no part: its state and value stay), the
+# ordinary dense Adam step, or a Tensor of the rows to update.
+_SKIP = "skip"
+_DENSE = "dense"
+
+# Steps without a zero_grad after which zero_grad clears a whole gradient rather than a list of
+# row sets (bounds that list when gradients are zeroed by other means, e.g. model.zero_grad()).
+_DIRTY_MAX = 8
 
 
 def _fused_ok(params: list[Tensor]) -> bool:
@@ -27,24 +41,142 @@ def _fused_ok(params: list[Tensor]) -> bool:
     )
 
 
-def _touched_rows(p: Tensor) -> Tensor | None:
-    """Distinct rows touched since the last step, or None when the update must be dense."""
-    log = p.__dict__.get(ROWS_LOG)
-    if not log or any(r is None for r in log):
-        return None
-    return log[0] if len(log) == 1 else torch.unique(torch.cat(log))
+def _new_step(p: Tensor) -> Tensor:
+    """A step counter as ``torch.optim.Adam`` keeps it: a float32 scalar on the parameter's
+    device where the fused kernel runs (CPU, CUDA), else a CPU scalar."""
+    if p.device.type in ("cpu", "cuda") and p.is_floating_point():
+        return torch.zeros((), dtype=torch.float32, device=p.device)
+    return torch.tensor(0.0, dtype=torch.get_default_dtype())
+
+
+_NATIVE_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+def _native_rows_ok(p: Tensor, grad: Tensor, state: dict) -> bool:
+    """Whether the C++ row step can take this CPU parameter (else the PyTorch path does)."""
+    return (
+        p.dtype in _NATIVE_DTYPES
+        and grad.dtype == p.dtype
+        and p.dim() >= 1
+        and p.is_contiguous()
+        and grad.is_contiguous()
+        and state["exp_avg"].is_contiguous()
+        and state["exp_avg_sq"].is_contiguous()
+        and state["step"].is_cpu
+    )
+
+
+def _adam(group: dict, params, grads, exp_avgs, exp_avg_sqs, steps) -> None:
+    """PyTorch's Adam on lists of tensors: its fused kernel called directly when the tensors
+    share one CPU/CUDA device and dtype (what ``torch.optim.adam.adam(fused=True)`` runs after
+    ~10 us of checks), else the functional form, fused where it can be."""
+    beta1, beta2 = group["betas"]
+    lr, eps, weight_decay = group["lr"], group["eps"], group["weight_decay"]
+    first = params[0]
+    if (
+        first.device.type in ("cpu", "cuda")
+        and first.is_floating_point()
+        and not isinstance(lr, Tensor)
+        and all(
+            p.device == first.device and p.dtype == first.dtype and g.dtype == first.dtype
+            and s.device == first.device
+            for p, g, s in zip(params, grads, steps, strict=True)
+        )
+    ):
+        torch._foreach_add_(steps, 1)
+        torch._fused_adam_(
+            params, grads, exp_avgs, exp_avg_sqs, [], steps, amsgrad=False, lr=lr,
+            beta1=beta1, beta2=beta2, weight_decay=weight_decay, eps=eps, maximize=False,
+            grad_scale=None, found_inf=None,
+        )
+        return
+    adam_functional(
+        params, grads, exp_avgs, exp_avg_sqs, [], steps,
+        fused=_fused_ok(params), amsgrad=False, beta1=beta1, beta2=beta2, lr=lr,
+        weight_decay=weight_decay, eps=eps, maximize=False,
+        has_complex=any(torch.is_complex(p) for p in params),
+    )
+
+
+class _Track:
+    """What the optimizer remembers of a sparse layer's weight between calls (not saved)."""
+
+    __slots__ = ("grad_ref", "version", "dirty", "warned")
+
+    def __init__(self) -> None:
+        self.grad_ref: weakref.ref | None = None
+        self.version = -1
+        # the rows stepped since the last zero_grad (None: all), which zero_grad must clear
+        self.dirty: list[Tensor | None] = []
+        self.warned = False
+
+    def look(self, grad: Tensor | None) -> None:
+        """Remember the gradient as it is now, to tell later whether anything wrote it."""
+        if grad is None:
+            self.grad_ref = None
+        else:
+            self.grad_ref = weakref.ref(grad)
+            self.version = grad._version
+
+    def unchanged(self, grad: Tensor) -> bool:
+        return (
+            self.grad_ref is not None and self.grad_ref() is grad
+            and self.version == grad._version
+        )
+
+    def stepped(self, rows: Tensor | None) -> None:
+        if self.dirty and self.dirty[0] is None:
+            return  # the whole gradient is to be cleared already
+        if rows is None or len(self.dirty) >= _DIRTY_MAX:
+            self.dirty = [None]
+        else:
+            self.dirty.append(rows)
 
 
 class LazyRowAdam(Optimizer):
     """Adam that updates only the rows of a weight that sparse backprop touched.
 
-    Weights of ``SparseLinear`` layers get a row-sparse ("lazy") Adam update on the k rows their
-    backward wrote, at the cost of those rows only; every other parameter (biases, dense layers,
-    steps where a layer ran dense) gets the ordinary Adam update. ``zero_grad`` zeroes only the
-    touched rows and keeps the gradient buffers, so the next backward adds its k rows in place.
+    Weights of ``SparseLinear`` / ``SparseLSTM`` layers get a row-sparse ("lazy") Adam update on
+    the rows their backward wrote since the last step, at the cost of those rows only (a C++
+    kernel on the CPU, ``msbp.native``; PyTorch ops elsewhere or with ``MSBP_BACKEND=python``).
+    Every other parameter (biases, dense layers, a step in which a sparse layer ran dense) gets
+    PyTorch's ordinary (fused where possible) Adam step. The math is ``torch.optim.Adam``'s:
+    weight decay is L2 added to the gradient (not AdamW), so with every row touched at every
+    step the two agree to rounding.
 
-    Assumes a tracked weight receives gradient only from sparse layers (no weight tying with a
-    dense layer): rows written by anything else would be ignored.
+    The contract:
+
+    - ``step()`` takes the log of touched rows, however the gradients were zeroed
+      (``optimizer.zero_grad``, ``model.zero_grad``, ``set_to_none`` or not). Rows logged by a
+      backward whose gradient was zeroed by hand before the step still count (they take a step
+      with a zero gradient). Weight decay, like the rest of the update, reaches only the rows
+      updated.
+    - A sparse layer's weight with no rows logged since the last step took no part in it: it is
+      not updated (its moments do not decay, it does not move, its step count stays), whether
+      its ``.grad`` is None, zero, or left from an earlier step. If such a gradient was written
+      by something that logs no rows (e.g. the layer was turned back into ``nn.Linear``) and is
+      non-zero, the weight takes a dense step, with a warning.
+    - Bias corrections use one step count per parameter, counting the steps that updated it, as
+      ``torch.optim.SparseAdam`` does (not one per row): a row first touched at step t gets the
+      bias correction of step t. ``state["step"]`` is kept as ``torch.optim.Adam`` keeps it
+      (float32 on the parameter's device for fused Adam).
+    - Under ``DistributedDataParallel`` (``torch.distributed`` initialised, more than one
+      process) the rows to update are the union over processes, taken with one all-reduce of a
+      row mask per step, so that every replica makes the same update of the averaged gradient.
+      Set ``sync_rows=False`` if gradients are not all-reduced (independent models per process).
+    - ``zero_grad`` zeroes only the rows written since the last ``zero_grad`` and keeps the
+      gradient buffers of sparse layers, so the next backward adds its k rows in place; other
+      gradients are zeroed as by ``Optimizer.zero_grad``.
+
+    Assumes a sparse layer's weight receives gradient only from sparse layers (no weight tying
+    with a dense layer): rows written by anything else in the same step are ignored.
+
+    Args:
+        params: parameters or parameter groups, as for ``torch.optim.Adam``.
+        lr, betas, eps, weight_decay: as ``torch.optim.Adam``.
+        sync_rows: take the union of touched rows over processes when ``torch.distributed`` is
+            initialised with more than one process.
+        process_group: the group gradients are averaged over (default: the world).
 
     Example:
         >>> model = msbp.sparsify(nn.Sequential(nn.Linear(784, 500), nn.ReLU(),
@@ -59,6 +191,9 @@ class LazyRowAdam(Optimizer):
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
         weight_decay: float = 0.0,
+        *,
+        sync_rows: bool = True,
+        process_group: Any = None,
     ) -> None:
         if lr < 0:
             raise ValueError(f"lr must be >= 0, got lr={lr}")
@@ -69,82 +204,246 @@ class LazyRowAdam(Optimizer):
         if weight_decay < 0:
             raise ValueError(f"weight_decay must be >= 0, got weight_decay={weight_decay}")
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
-        for group in self.param_groups:
-            for p in group["params"]:
-                setattr(p, TRACK_ROWS, True)
+        self.sync_rows = sync_rows
+        self.process_group = process_group
+        self._tracks: dict[int, _Track] = {}  # by id() of a sparse layer's weight
+        self._tag(p for group in self.param_groups for p in group["params"])
+
+    def _tag(self, params: Iterable[Tensor]) -> None:
+        """Ask the sparse layers to log the rows they write into these parameters' gradients."""
+        me = weakref.ref(self)
+        for p in params:
+            setattr(p, TRACK_ROWS, me)
+
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        if hasattr(self, "_tracks"):  # called after __init__: tag the new parameters too
+            self._tag(self.param_groups[-1]["params"])
 
     def _state(self, p: Tensor) -> dict:
         state = self.state[p]
-        if not state:
-            state["step"] = torch.tensor(0.0)
+        if "step" not in state:
+            state["step"] = _new_step(p)
             state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         return state
 
+    def _track(self, p: Tensor) -> _Track:
+        track = self._tracks.get(id(p))
+        if track is None:
+            track = self._tracks[id(p)] = _Track()
+        return track
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self._tracks.clear()
+        # Optimizer.load_state_dict leaves step counts on the CPU; fused Adam wants them where
+        # _new_step puts them
+        for group in self.param_groups:
+            for p in group["params"]:
+                state = self.state.get(p)
+                if state and isinstance(state.get("step"), Tensor):
+                    like = _new_step(p)
+                    state["step"] = state["step"].to(device=like.device, dtype=like.dtype)
+
+    # -- which rows --------------------------------------------------------------------------
+
+    def _untouched(self, p: Tensor, grad: Tensor, track: _Track, trust_seen: bool) -> bool:
+        """Whether a sparse layer's weight with no rows logged took no part in this step."""
+        if trust_seen and track.unchanged(grad):
+            return True  # not written since this optimizer last looked: left from before
+        if not bool(grad.any()):  # zeroed (e.g. model.zero_grad(set_to_none=False)), not run
+            return True
+        if not track.warned:
+            track.warned = True
+            warnings.warn(
+                f"LazyRowAdam: the gradient of a sparse layer's weight (shape {tuple(p.shape)}) "
+                "was written without a log of its rows (e.g. the layer was converted back to a "
+                "dense one); it takes a dense Adam step",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+        return False
+
+    def _plan_local(self, p: Tensor, grad: Tensor, state: dict, log: list) -> str | Tensor:
+        """What ``p`` does in this step, from this process's log alone."""
+        if log:
+            state["row_sparse"] = True
+            rows = fold_rows(log)
+            if rows is None:
+                return _DENSE
+            return rows if rows.numel() else _SKIP
+        if state.get("row_sparse"):
+            return _SKIP if self._untouched(p, grad, self._track(p), trust_seen=True) else _DENSE
+        return _DENSE
+
+    def _sync_group(self) -> Any:
+        """The process group to take the union of rows over, or None."""
+        if not self.sync_rows or not (dist.is_available() and dist.is_initialized()):
+            return None
+        group = self.process_group if self.process_group is not None else dist.group.WORLD
+        return group if dist.get_world_size(group) > 1 else None
+
+    def _plan_synced(self, params: list[Tensor], logs: list[list], group: Any) -> list:
+        """What each parameter does in this step, with rows united over the processes of
+        ``group``: one all-reduce (MAX) of a uint8 mask over the rows of every parameter."""
+        device = torch.device("cpu")
+        if "nccl" in str(dist.get_backend(group)).lower():
+            device = torch.device("cuda", torch.cuda.current_device())
+        sizes = [p.shape[0] if p.dim() >= 1 else 0 for p in params]
+        mask = torch.zeros(sum(sizes), dtype=torch.uint8, device=device)
+        parts = mask.split(sizes)
+        for log, part in zip(logs, parts, strict=True):
+            if log and part.numel():
+                rows = fold_rows(log)
+                if rows is None:
+                    part.fill_(1)
+                else:
+                    part.index_fill_(0, rows.to(device), 1)
+        dist.all_reduce(mask, op=dist.ReduceOp.MAX, group=group)
+        counts = torch.stack([part.sum() for part in parts]).tolist()
+        plans: list[str | Tensor] = []
+        for p, part, count in zip(params, parts, counts, strict=True):
+            grad = p.grad
+            if grad is None:
+                plans.append(_SKIP)
+                continue
+            state = self._state(p)
+            if count:
+                state["row_sparse"] = True
+                plans.append(_DENSE if count == part.numel() else part.nonzero().view(-1))
+            elif state.get("row_sparse"):
+                # the all-reduced gradient is the same everywhere, the local history may not be
+                skip = self._untouched(p, grad, self._track(p), trust_seen=False)
+                plans.append(_SKIP if skip else _DENSE)
+            else:
+                plans.append(_DENSE)
+        return plans
+
+    # -- the step ----------------------------------------------------------------------------
+
     @torch.no_grad()
-    def step(self, closure=None):
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """One Adam step: row-sparse for the rows sparse layers logged, dense for the rest."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        sync = self._sync_group()
+        plans = None
+        if sync is not None:
+            params = [p for group in self.param_groups for p in group["params"]]
+            plans = iter(self._plan_synced(params, [take_touched_rows(p) for p in params], sync))
+        native_cpu = native.use_native(torch.device("cpu"))
         for group in self.param_groups:
-            # Dense parameters and the gathered rows of sparse ones go through one call of
-            # PyTorch's (fused where it can) Adam; the rows are then written back.
-            params, grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], []
-            scattered: list[tuple[Tensor, Tensor, dict, Tensor, Tensor, Tensor]] = []
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise ValueError("LazyRowAdam does not take torch.sparse gradients")
-                state = self._state(p)
-                rows = _touched_rows(p)
-                if rows is None:
-                    params.append(p)
-                    grads.append(p.grad)
-                    exp_avgs.append(state["exp_avg"])
-                    exp_avg_sqs.append(state["exp_avg_sq"])
-                else:
-                    p_r = p.index_select(0, rows)  # (r, in)
-                    m_r = state["exp_avg"].index_select(0, rows)
-                    v_r = state["exp_avg_sq"].index_select(0, rows)
-                    params.append(p_r)
-                    grads.append(p.grad.index_select(0, rows))
-                    exp_avgs.append(m_r)
-                    exp_avg_sqs.append(v_r)
-                    scattered.append((p, rows, state, p_r, m_r, v_r))
-                steps.append(state["step"])
-            if not params:
-                continue
-            beta1, beta2 = group["betas"]
-            adam_functional(
-                params, grads, exp_avgs, exp_avg_sqs, [], steps,
-                fused=_fused_ok(params), amsgrad=False, beta1=beta1, beta2=beta2,
-                lr=group["lr"], weight_decay=group["weight_decay"], eps=group["eps"],
-                maximize=False,
-            )
-            for p, rows, state, p_r, m_r, v_r in scattered:
-                p.index_copy_(0, rows, p_r)
-                state["exp_avg"].index_copy_(0, rows, m_r)
-                state["exp_avg_sq"].index_copy_(0, rows, v_r)
+            self._step_group(group, plans, native_cpu)
         return loss
 
+    def _step_group(self, group: dict, plans: Iterator | None, native_cpu: bool) -> None:
+        # dense: PyTorch's Adam; rows: the C++ row step; gathered: rows copied out, stepped with
+        # the dense ones by PyTorch's Adam and copied back (the PyTorch path)
+        d_params, d_grads, d_avgs, d_sqs, d_steps = [], [], [], [], []
+        r_params, r_avgs, r_sqs, r_grads, r_rows, r_steps = [], [], [], [], [], []
+        gathered = []
+        for p in group["params"]:
+            log = take_touched_rows(p)  # consumed whatever happens next
+            plan = next(plans) if plans is not None else None
+            grad = p.grad
+            if grad is None:
+                continue
+            if grad.is_sparse:
+                raise ValueError(
+                    f"LazyRowAdam does not take torch.sparse gradients (parameter of shape "
+                    f"{tuple(p.shape)})"
+                )
+            state = self._state(p)
+            if plan is None:
+                plan = self._plan_local(p, grad, state, log)
+            if plan is _SKIP:
+                if state.get("row_sparse"):
+                    self._track(p).look(grad)
+                continue
+            if plan is _DENSE:
+                rows = None
+                d_params.append(p)
+                d_grads.append(grad)
+                d_avgs.append(state["exp_avg"])
+                d_sqs.append(state["exp_avg_sq"])
+                d_steps.append(state["step"])
+            else:
+                rows = plan if plan.dtype == torch.long else plan.long()
+                if not rows.is_contiguous():
+                    rows = rows.contiguous()
+                if native_cpu and p.is_cpu and _native_rows_ok(p, grad, state):
+                    r_params.append(p)
+                    r_avgs.append(state["exp_avg"])
+                    r_sqs.append(state["exp_avg_sq"])
+                    r_grads.append(grad)
+                    r_rows.append(rows)
+                    r_steps.append(state["step"])
+                else:
+                    if rows.device != p.device:
+                        rows = rows.to(p.device)
+                    p_r = p.index_select(0, rows)  # (r, ...)
+                    m_r = state["exp_avg"].index_select(0, rows)
+                    v_r = state["exp_avg_sq"].index_select(0, rows)
+                    d_params.append(p_r)
+                    d_grads.append(grad.index_select(0, rows))
+                    d_avgs.append(m_r)
+                    d_sqs.append(v_r)
+                    d_steps.append(state["step"])
+                    gathered.append((p, rows, state, p_r, m_r, v_r))
+            if state.get("row_sparse"):
+                track = self._track(p)
+                track.stepped(rows)
+                track.look(grad)
+        if r_params:
+            beta1, beta2 = group["betas"]
+            torch.ops.msbp.lazy_row_adam_(
+                r_params, r_avgs, r_sqs, r_grads, r_rows, r_steps,
+                group["lr"], beta1, beta2, group["eps"], group["weight_decay"],
+            )
+        if d_params:
+            _adam(group, d_params, d_grads, d_avgs, d_sqs, d_steps)
+        for p, rows, state, p_r, m_r, v_r in gathered:
+            p.index_copy_(0, rows, p_r)
+            state["exp_avg"].index_copy_(0, rows, m_r)
+            state["exp_avg_sq"].index_copy_(0, rows, v_r)
+
+    # -- zero_grad ---------------------------------------------------------------------------
+
     def zero_grad(self, set_to_none: bool = True) -> None:
-        """Zero the touched rows of sparse layers' weights (keeping their buffers, so the next
-        backward adds into them in place); other gradients as ``Optimizer.zero_grad``."""
+        """Zero the rows of sparse layers' weight gradients written since the last ``zero_grad``
+        (keeping their buffers, so the next backward adds into them in place); other gradients
+        as ``Optimizer.zero_grad``. Works whether or not ``step()`` ran in between."""
         for group in self.param_groups:
             for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if ROWS_LOG not in p.__dict__:
+                pending = take_touched_rows(p)  # written after the last step: discarded
+                grad = p.grad
+                state = self.state.get(p)
+                if not pending and not (state and state.get("row_sparse")):
+                    if grad is None:
+                        continue
                     if set_to_none:
                         p.grad = None
                     else:
-                        p.grad.zero_()
+                        if grad.grad_fn is not None:
+                            grad.detach_()
+                        else:
+                            grad.requires_grad_(False)
+                        grad.zero_()
                     continue
-                rows = _touched_rows(p)
-                del p.__dict__[ROWS_LOG]
-                if rows is None:
-                    p.grad.zero_()
-                else:
-                    p.grad.index_fill_(0, rows, 0)
+                track = self._track(p)
+                written, track.dirty = track.dirty + pending, []
+                if grad is None:
+                    track.look(None)
+                    continue
+                if not pending and not track.unchanged(grad):
+                    grad.zero_()  # written by something that logs no rows: clear all of it
+                elif written:
+                    rows = fold_rows(written)
+                    if rows is None:
+                        grad.zero_()
+                    else:
+                        grad.index_fill_(0, rows.to(grad.device), 0)
+                track.look(grad)

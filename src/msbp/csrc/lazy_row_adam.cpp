@@ -1,0 +1,255 @@
+// Row-sparse ("lazy") Adam: the Adam step of torch.optim.Adam, applied only to given rows.
+//
+// msbp::lazy_row_adam_(params, exp_avgs, exp_avg_sqs, grads, rows, steps, lr, beta1, beta2,
+//                      eps, weight_decay)
+//
+// One call takes every row-sparse parameter of a parameter group, to pay the dispatcher once.
+// For each parameter i: steps[i] += 1, then for every row r in rows[i] (distinct indices into
+// dim 0) the elements of that row get the math of PyTorch's fused CPU Adam
+// (aten/src/ATen/native/cpu/FusedAdamKernel.cpp, ADAM_MODE::ORIGINAL, no amsgrad), in the same
+// order of operations: weight decay as L2 added to the gradient, exp_avg by lerp, bias
+// corrections in double from the step count. 16-bit parameters and moments are computed in
+// float, as PyTorch does.
+//
+// Why ATen's Vectorized and not a plain loop for the compiler: std::sqrt may set errno, so
+// without -fno-math-errno GCC vectorises no loop that takes a square root. The build's flags are
+// shared by every kernel; this file instead selects ATen's AVX2 vector types itself when the
+// compiler targets AVX2 (as ATen's own per-capability kernels do), and the generic ones else.
+#if defined(__AVX2__) && !defined(CPU_CAPABILITY)
+#define CPU_CAPABILITY AVX2
+#define CPU_CAPABILITY_AVX2
+#endif
+
+#include "common.h"
+
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <algorithm>
+#include <cmath>
+#include <type_traits>
+
+namespace {
+
+// Elements per task of at::parallel_for: below this a thread costs more than it saves.
+constexpr int64_t kGrainElements = 32768;
+
+// The per-step scalars of one parameter, as torch's fused Adam derives them (in double).
+struct AdamCoefficients {
+  double neg_step_size;  // -lr / (1 - beta1^t)
+  double bc2_sqrt;       // sqrt(1 - beta2^t)
+  double beta2, sq_coeff, eps, weight_decay;
+  double lerp_coeff;  // exp_avg.lerp_(grad, 1 - beta1) as fmadd(coeff, grad - exp_avg, base)
+  bool lerp_from_exp_avg;  // base: exp_avg when 1 - beta1 < 0.5, else grad
+};
+
+// The Adam update of one vector of elements, float or double, in torch's order of operations.
+template <typename scalar_t>
+inline void adam_vec(scalar_t* p, scalar_t* m, scalar_t* v, const scalar_t* g,
+                     const AdamCoefficients& c) {
+  using Vec = at::vec::Vectorized<scalar_t>;
+  Vec p_v = Vec::loadu(p);
+  Vec g_v = Vec::loadu(g);
+  if (c.weight_decay != 0) {
+    g_v += p_v * Vec(static_cast<scalar_t>(c.weight_decay));
+  }
+  Vec m_v = Vec::loadu(m);
+  m_v = at::vec::fmadd(Vec(static_cast<scalar_t>(c.lerp_coeff)), g_v - m_v,
+                       c.lerp_from_exp_avg ? m_v : g_v);
+  Vec v_v = Vec::loadu(v) * Vec(static_cast<scalar_t>(c.beta2)) +
+            Vec(static_cast<scalar_t>(c.sq_coeff)) * g_v * g_v;
+  m_v.store(m);
+  v_v.store(v);
+  const Vec denom =
+      (v_v.sqrt() / Vec(static_cast<scalar_t>(c.bc2_sqrt))) + Vec(static_cast<scalar_t>(c.eps));
+  p_v = p_v + Vec(static_cast<scalar_t>(c.neg_step_size)) * m_v / denom;
+  p_v.store(p);
+}
+
+// The same for 16-bit values: computed in float, stored rounded (as torch's fused Adam does).
+template <typename scalar_t>
+inline void adam_vec_16bit(scalar_t* p, scalar_t* m, scalar_t* v, const scalar_t* g,
+                           const AdamCoefficients& c) {
+  using lpVec = at::vec::Vectorized<scalar_t>;
+  using fVec = at::vec::Vectorized<float>;
+  auto [p1, p2] = at::vec::convert_to_float<scalar_t>(lpVec::loadu(p));
+  auto [g1, g2] = at::vec::convert_to_float<scalar_t>(lpVec::loadu(g));
+  if (c.weight_decay != 0) {
+    g1 += p1 * fVec(static_cast<float>(c.weight_decay));
+    g2 += p2 * fVec(static_cast<float>(c.weight_decay));
+  }
+  auto [m1, m2] = at::vec::convert_to_float<scalar_t>(lpVec::loadu(m));
+  const fVec coeff(static_cast<float>(c.lerp_coeff));
+  m1 = at::vec::fmadd(coeff, g1 - m1, c.lerp_from_exp_avg ? m1 : g1);
+  m2 = at::vec::fmadd(coeff, g2 - m2, c.lerp_from_exp_avg ? m2 : g2);
+  auto [v1, v2] = at::vec::convert_to_float<scalar_t>(lpVec::loadu(v));
+  const fVec beta2(static_cast<float>(c.beta2));
+  const fVec sq_coeff(static_cast<float>(c.sq_coeff));
+  v1 = v1 * beta2 + sq_coeff * g1 * g1;
+  v2 = v2 * beta2 + sq_coeff * g2 * g2;
+  at::vec::convert_from_float<scalar_t>(m1, m2).store(m);
+  at::vec::convert_from_float<scalar_t>(v1, v2).store(v);
+  const fVec bc2_sqrt(static_cast<float>(c.bc2_sqrt));
+  const fVec eps(static_cast<float>(c.eps));
+  const fVec neg_step(static_cast<float>(c.neg_step_size));
+  p1 = p1 + neg_step * m1 / ((v1.sqrt() / bc2_sqrt) + eps);
+  p2 = p2 + neg_step * m2 / ((v2.sqrt() / bc2_sqrt) + eps);
+  at::vec::convert_from_float<scalar_t>(p1, p2).store(p);
+}
+
+template <typename scalar_t>
+inline void adam_any_vec(scalar_t* p, scalar_t* m, scalar_t* v, const scalar_t* g,
+                         const AdamCoefficients& c) {
+  if constexpr (std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, double>) {
+    adam_vec<scalar_t>(p, m, v, g, c);
+  } else {
+    adam_vec_16bit<scalar_t>(p, m, v, g, c);
+  }
+}
+
+// One row of `size` elements. The last partial vector is padded into a buffer and goes through
+// the very same vector code, so that every element is computed as the bulk of torch's kernel.
+template <typename scalar_t>
+void adam_row(scalar_t* p, scalar_t* m, scalar_t* v, const scalar_t* g, int64_t size,
+              const AdamCoefficients& c) {
+  constexpr int64_t kLanes = at::vec::Vectorized<scalar_t>::size();
+  int64_t d = 0;
+  for (; d + kLanes <= size; d += kLanes) {
+    adam_any_vec<scalar_t>(p + d, m + d, v + d, g + d, c);
+  }
+  const int64_t rest = size - d;
+  if (rest > 0) {
+    scalar_t buf[4][kLanes] = {};  // p, m, v, g; zero padding is harmless (denominator >= eps)
+    std::copy_n(p + d, rest, buf[0]);
+    std::copy_n(m + d, rest, buf[1]);
+    std::copy_n(v + d, rest, buf[2]);
+    std::copy_n(g + d, rest, buf[3]);
+    adam_any_vec<scalar_t>(buf[0], buf[1], buf[2], buf[3], c);
+    std::copy_n(buf[0], rest, p + d);
+    std::copy_n(buf[1], rest, m + d);
+    std::copy_n(buf[2], rest, v + d);
+  }
+}
+
+template <typename scalar_t>
+void row_adam_one(const at::Tensor& param, const at::Tensor& exp_avg,
+                  const at::Tensor& exp_avg_sq, const at::Tensor& grad, const at::Tensor& rows,
+                  double step, double lr, double beta1, double beta2, double eps,
+                  double weight_decay) {
+  const int64_t n_rows = rows.numel();
+  if (n_rows == 0 || param.numel() == 0) {
+    return;
+  }
+  const int64_t width = param.numel() / param.size(0);
+
+  AdamCoefficients c;
+  const double bias_correction1 = 1 - std::pow(beta1, step);
+  const double bias_correction2 = 1 - std::pow(beta2, step);
+  c.neg_step_size = -(lr / bias_correction1);
+  c.bc2_sqrt = std::sqrt(bias_correction2);
+  c.beta2 = beta2;
+  c.sq_coeff = 1 - beta2;
+  c.eps = eps;
+  c.weight_decay = weight_decay;
+  const double w = 1 - beta1;
+  c.lerp_from_exp_avg = std::abs(w) < 0.5;
+  c.lerp_coeff = c.lerp_from_exp_avg ? w : w - 1;
+
+  scalar_t* p_data = param.data_ptr<scalar_t>();
+  scalar_t* m_data = exp_avg.data_ptr<scalar_t>();
+  scalar_t* v_data = exp_avg_sq.data_ptr<scalar_t>();
+  const scalar_t* g_data = grad.const_data_ptr<scalar_t>();
+  const int64_t* row_data = rows.const_data_ptr<int64_t>();
+  const int64_t grain = std::max<int64_t>(1, kGrainElements / std::max<int64_t>(1, width));
+  at::parallel_for(0, n_rows, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t offset = row_data[i] * width;
+      adam_row<scalar_t>(p_data + offset, m_data + offset, v_data + offset, g_data + offset,
+                         width, c);
+    }
+  });
+}
+
+double bump_step(const at::Tensor& step) {
+  TORCH_CHECK(step.device().is_cpu() && step.numel() == 1,
+              "lazy_row_adam_: a step count must be a one-element CPU tensor, got ",
+              step.sizes(), " on ", step.device());
+  // written directly: an add_ through the dispatcher per parameter would cost more than the
+  // update of a few rows
+  switch (step.scalar_type()) {
+    case at::kFloat: {
+      float* s = step.data_ptr<float>();
+      *s += 1;
+      return *s;
+    }
+    case at::kDouble: {
+      double* s = step.data_ptr<double>();
+      *s += 1;
+      return *s;
+    }
+    default:
+      TORCH_CHECK(false, "lazy_row_adam_: step counts must be float32 or float64, got ",
+                  step.scalar_type());
+  }
+}
+
+void check_one(const at::Tensor& param, const at::Tensor& exp_avg, const at::Tensor& exp_avg_sq,
+               const at::Tensor& grad, const at::Tensor& rows) {
+  TORCH_CHECK(param.device().is_cpu(), "lazy_row_adam_: CPU tensors only, got ", param.device());
+  TORCH_CHECK(param.dim() >= 1, "lazy_row_adam_: a parameter needs a row dimension, got shape ",
+              param.sizes());
+  for (const at::Tensor* t : {&exp_avg, &exp_avg_sq, &grad}) {
+    TORCH_CHECK(t->sizes() == param.sizes() && t->scalar_type() == param.scalar_type() &&
+                    t->device() == param.device(),
+                "lazy_row_adam_: moments and gradient must match the parameter (shape ",
+                param.sizes(), ", ", param.scalar_type(), "), got shape ", t->sizes(), ", ",
+                t->scalar_type());
+  }
+  for (const at::Tensor* t : {&param, &exp_avg, &exp_avg_sq, &grad}) {
+    TORCH_CHECK(t->is_contiguous(), "lazy_row_adam_: tensors must be contiguous");
+  }
+  TORCH_CHECK(rows.device().is_cpu() && rows.scalar_type() == at::kLong && rows.dim() == 1 &&
+                  rows.is_contiguous(),
+              "lazy_row_adam_: rows must be a contiguous 1-D int64 CPU tensor, got shape ",
+              rows.sizes(), ", ", rows.scalar_type());
+  // checked before anything is written, so that a bad index leaves every tensor as it was
+  const int64_t out = param.size(0);
+  const int64_t* r = rows.const_data_ptr<int64_t>();
+  for (int64_t i = 0; i < rows.numel(); ++i) {
+    TORCH_CHECK(r[i] >= 0 && r[i] < out, "lazy_row_adam_: row index ", r[i],
+                " out of range for a parameter of shape ", param.sizes());
+  }
+}
+
+void lazy_row_adam_(at::TensorList params, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+                    at::TensorList grads, at::TensorList rows, at::TensorList steps, double lr,
+                    double beta1, double beta2, double eps, double weight_decay) {
+  const size_t n = params.size();
+  TORCH_CHECK(exp_avgs.size() == n && exp_avg_sqs.size() == n && grads.size() == n &&
+                  rows.size() == n && steps.size() == n,
+              "lazy_row_adam_: all lists must have one entry per parameter (", n, ")");
+  for (size_t i = 0; i < n; ++i) {
+    check_one(params[i], exp_avgs[i], exp_avg_sqs[i], grads[i], rows[i]);
+  }
+  for (size_t i = 0; i < n; ++i) {
+    const double step = bump_step(steps[i]);
+    AT_DISPATCH_FLOATING_TYPES_AND2(
+        at::kBFloat16, at::kHalf, params[i].scalar_type(), "lazy_row_adam_", [&] {
+          row_adam_one<scalar_t>(params[i], exp_avgs[i], exp_avg_sqs[i], grads[i], rows[i],
+                                 step, lr, beta1, beta2, eps, weight_decay);
+        });
+  }
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(msbp, m) {
+  m.def(
+      "lazy_row_adam_(Tensor(a!)[] params, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
+      "Tensor[] grads, Tensor[] rows, Tensor(d!)[] steps, float lr, float beta1, float beta2, "
+      "float eps, float weight_decay) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(msbp, CPU, m) {
+  m.impl("lazy_row_adam_", &lazy_row_adam_);
+}

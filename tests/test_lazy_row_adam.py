@@ -1,0 +1,164 @@
+"""The C++ row-sparse Adam step (``torch.ops.msbp.lazy_row_adam_``) against PyTorch's Adam, and
+LazyRowAdam's native path against its PyTorch path."""
+
+import copy
+
+import pytest
+import torch
+from torch.optim.adam import adam
+
+import msbp
+from msbp import native
+from msbp.optim import LazyRowAdam
+
+
+@pytest.fixture(autouse=True)
+def native_backend():
+    old = native._state["backend"]
+    try:
+        native.set_backend("native")
+    except native.NativeUnavailableError as err:
+        pytest.skip(f"native kernels unavailable: {err}")
+    yield
+    native._state["backend"] = old
+
+
+DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+# one unit in the last place of each dtype, relative: PyTorch's fused kernel computes the tail of
+# a tensor with scalar code, which may round differently from its (and our) vector code
+ULP = {torch.float32: 2**-23, torch.float64: 2**-52, torch.bfloat16: 2**-7, torch.float16: 2**-10}
+
+
+def _tensors(out, width, dtype, seed):
+    gen = torch.Generator().manual_seed(seed)
+    p = torch.randn(out, width, generator=gen).to(dtype)
+    return p, torch.zeros_like(p), torch.zeros_like(p)
+
+
+def _op(p, m, v, g, rows, step, lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
+    torch.ops.msbp.lazy_row_adam_([p], [m], [v], [g], [rows], [step], lr, *betas, eps, weight_decay)
+
+
+def _torch_adam(p, m, v, g, step, lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
+    adam([p], [g], [m], [v], [], [step], fused=True, amsgrad=False, beta1=betas[0],
+         beta2=betas[1], lr=lr, weight_decay=weight_decay, eps=eps, maximize=False)
+
+
+def _close(a, b, dtype):
+    torch.testing.assert_close(a, b, rtol=2 * ULP[dtype], atol=2 * ULP[dtype] * 1e-3)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("width", [13, 500])
+@pytest.mark.parametrize("weight_decay", [0.0, 0.05])
+def test_all_rows_equal_torch_fused_adam(dtype, width, weight_decay):
+    p, m, v = _tensors(37, width, dtype, seed=0)
+    q, mq, vq = p.clone(), m.clone(), v.clone()
+    s, sq = torch.zeros((), dtype=torch.float32), torch.zeros((), dtype=torch.float32)
+    gen = torch.Generator().manual_seed(1)
+    rows = torch.arange(37)
+    for _ in range(4):
+        g = torch.randn(37, width, generator=gen).to(dtype)
+        _op(p, m, v, g, rows, s, weight_decay=weight_decay)
+        _torch_adam(q, mq, vq, g, sq, weight_decay=weight_decay)
+    assert s.item() == sq.item() == 4.0
+    for a, b in ((p, q), (m, mq), (v, vq)):
+        _close(a, b, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_some_rows_equal_adam_on_those_rows(dtype):
+    p, m, v = _tensors(20, 11, dtype, seed=2)
+    p0 = p.clone()
+    rows = torch.tensor([17, 0, 5, 6])  # any order, distinct
+    q, mq, vq = p[rows].clone(), m[rows].clone(), v[rows].clone()
+    s, sq = torch.zeros(()), torch.zeros(())
+    gen = torch.Generator().manual_seed(3)
+    for _ in range(3):
+        g = torch.randn(20, 11, generator=gen).to(dtype)
+        _op(p, m, v, g, rows, s, betas=(0.8, 0.99), weight_decay=0.01)
+        _torch_adam(q, mq, vq, g[rows].contiguous(), sq, betas=(0.8, 0.99), weight_decay=0.01)
+    others = torch.ones(20, dtype=torch.bool)
+    others[rows] = False
+    assert torch.equal(p[others], p0[others])
+    assert not m[others].any() and not v[others].any()
+    for a, b in ((p[rows], q), (m[rows], mq), (v[rows], vq)):
+        _close(a, b, dtype)
+
+
+def test_large_lerp_weight_and_float64_step():
+    # beta1 < 0.5 takes the other form of torch's lerp; a float64 step count is accepted too
+    p, m, v = _tensors(6, 9, torch.float64, seed=4)
+    q, mq, vq = p.clone(), m.clone(), v.clone()
+    s, sq = torch.zeros((), dtype=torch.float64), torch.zeros(())
+    g = torch.randn(6, 9, dtype=torch.float64)
+    for _ in range(2):
+        _op(p, m, v, g, torch.arange(6), s, betas=(0.3, 0.9))
+        _torch_adam(q, mq, vq, g, sq, betas=(0.3, 0.9))
+    assert s.item() == 2.0
+    _close(p, q, torch.float64)
+    _close(m, mq, torch.float64)
+
+
+def test_threads_give_the_same_result():
+    p, m, v = _tensors(256, 1024, torch.float32, seed=5)
+    g = torch.randn(256, 1024)
+    rows = torch.randperm(256)[:200]
+    results = []
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            t = [x.clone() for x in (p, m, v)]
+            _op(*t, g, rows, torch.zeros(()))
+            results.append(t)
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(*results, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_bad_inputs_leave_everything_unchanged():
+    p, m, v = _tensors(5, 3, torch.float32, seed=6)
+    g = torch.ones(5, 3)
+    q, s = p.clone(), torch.zeros(())
+    with pytest.raises(RuntimeError, match="out of range"):
+        torch.ops.msbp.lazy_row_adam_(
+            [p, p.clone()], [m, m.clone()], [v, v.clone()], [g, g], [torch.tensor([1]),
+            torch.tensor([5])], [s, torch.zeros(())], 1e-2, 0.9, 0.999, 1e-8, 0.0)
+    assert torch.equal(p, q) and s.item() == 0.0 and not m.any()
+    with pytest.raises(RuntimeError, match="match the parameter"):
+        _op(p, m, v, g.double(), torch.tensor([1]), s)
+    with pytest.raises(RuntimeError, match="int64"):
+        _op(p, m, v, g, torch.tensor([1], dtype=torch.int32), s)
+    with pytest.raises(RuntimeError, match="one entry per parameter"):
+        torch.ops.msbp.lazy_row_adam_([p], [m], [v], [g], [], [s], 1e-2, 0.9, 0.999, 1e-8, 0.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("selection", ["unified", "per_example"])
+def test_native_path_equals_pytorch_path(dtype, selection):
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Linear(12, 40), torch.nn.ReLU(), torch.nn.Linear(40, 40), torch.nn.ReLU(),
+        torch.nn.Linear(40, 5),
+    ).to(dtype)
+    cfg = msbp.SparseBackpropConfig(k=4, memory=0.5, selection=selection)
+    models = {b: msbp.sparsify(copy.deepcopy(net), cfg, exclude="4") for b in ("native", "python")}
+    opts = {b: LazyRowAdam(m.parameters(), lr=1e-2, weight_decay=0.01) for b, m in models.items()}
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(6):
+        x = torch.randn(8, 12, generator=gen).to(dtype)
+        for b in ("native", "python"):
+            native.set_backend(b)
+            opts[b].zero_grad()
+            models[b](x).float().square().sum().backward()
+            opts[b].step()
+    for p, q in zip(models["native"].parameters(), models["python"].parameters(), strict=True):
+        # the same math on the same rows (bitwise equal with GCC 12): allow an ulp, far below
+        # one Adam step of lr = 1e-2 that a wrong or missed row would make
+        low = dtype == torch.bfloat16
+        rtol, atol = (ULP[dtype], 1e-4) if low else (1e-6, 1e-7)
+        torch.testing.assert_close(p, q, rtol=rtol, atol=atol)
+    for p, q in zip(models["native"].parameters(), models["python"].parameters(), strict=True):
+        assert opts["native"].state[p]["step"].item() == opts["python"].state[q]["step"].item()

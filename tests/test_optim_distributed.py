@@ -1,0 +1,102 @@
+"""LazyRowAdam under DistributedDataParallel: the rows updated are the union over processes, so
+replicas stay identical and equal a single process stepping on the averaged gradients."""
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+import msbp
+from msbp.optim import LazyRowAdam
+
+pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed unavailable")
+
+# which of the two sparse branches each process runs at each step: at steps 1, 4, 5 and 7 no
+# process runs "b", which must then stay as it is everywhere
+BRANCHES = ("aaabaaaa", "babaaaba")
+STEPS = len(BRANCHES[0])
+
+
+class _TwoBranch(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b, self.head = nn.Linear(6, 16), nn.Linear(6, 16), nn.Linear(16, 3)
+        self.double()
+        # no memory: each process keeps its own, which one process could not reproduce
+        msbp.sparsify(self, msbp.SparseBackpropConfig(k=3, memory=0.0), exclude="head")
+
+    def forward(self, x, branch):
+        return self.head(torch.relu((self.a if branch == "a" else self.b)(x)))
+
+
+def _batch(rank: int, step: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(1000 * rank + step)
+    return torch.randn(5, 6, dtype=torch.float64, generator=gen)
+
+
+def _zero(step: int, model: nn.Module, opt: LazyRowAdam) -> None:
+    if step % 2:
+        opt.zero_grad()
+    else:
+        model.zero_grad(set_to_none=False)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        model = _TwoBranch()
+        ddp = nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
+        opt = LazyRowAdam(ddp.parameters(), lr=1e-2, weight_decay=0.01)
+        for step in range(STEPS):
+            _zero(step, model, opt)
+            ddp(_batch(rank, step), BRANCHES[rank][step]).square().sum().backward()
+            opt.step()
+        torch.save(
+            {"params": [p.detach() for p in model.parameters()],
+             "steps": [opt.state[p]["step"] for p in model.parameters()]},
+            os.path.join(out_dir, f"rank{rank}.pt"),
+        )
+    finally:
+        dist.destroy_process_group()
+
+
+def _single_process() -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The same steps in one process: each step's two batches, each through its branch, with
+    their gradients averaged (as DDP averages them)."""
+    model = _TwoBranch()
+    opt = LazyRowAdam(model.parameters(), lr=1e-2, weight_decay=0.01)
+    for step in range(STEPS):
+        _zero(step, model, opt)
+        for rank in range(2):
+            (0.5 * model(_batch(rank, step), BRANCHES[rank][step]).square().sum()).backward()
+        opt.step()
+    params = [p.detach() for p in model.parameters()]
+    return params, [opt.state[p]["step"] for p in model.parameters()]
+
+
+def test_ddp_replicas_identical_and_equal_single_process(tmp_path):
+    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    for p0, p1 in zip(r0["params"], r1["params"], strict=True):
+        assert torch.equal(p0, p1)  # replicas never drift apart
+    params, steps = _single_process()
+    for p0, p in zip(r0["params"], params, strict=True):
+        torch.testing.assert_close(p0, p, rtol=1e-12, atol=1e-14)
+    assert [int(s) for s in r0["steps"]] == [int(s) for s in steps]
+    b_runs = sum("b" in (BRANCHES[0][s], BRANCHES[1][s]) for s in range(STEPS))
+    names = [n for n, _ in _TwoBranch().named_parameters()]
+    assert int(r0["steps"][names.index("b.weight")]) == b_runs == 4
