@@ -2,6 +2,7 @@
 LazyRowAdam's native path against its PyTorch path."""
 
 import copy
+import os
 
 import pytest
 import torch
@@ -14,13 +15,12 @@ from msbp.optim import LazyRowAdam
 
 @pytest.fixture(autouse=True)
 def native_backend():
-    old = native._state["backend"]
-    try:
-        native.set_backend("native")
-    except native.NativeUnavailableError as err:
-        pytest.skip(f"native kernels unavailable: {err}")
+    if os.environ.get("MSBP_BACKEND") == "python" or not native.use_native():
+        pytest.skip("native kernels unavailable or disabled")
+    old = native._requested()
+    native.set_backend("native")
     yield
-    native._state["backend"] = old
+    native.set_backend(old)
 
 
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
@@ -91,13 +91,14 @@ def test_large_lerp_weight_and_float64_step():
     p, m, v = _tensors(6, 9, torch.float64, seed=4)
     q, mq, vq = p.clone(), m.clone(), v.clone()
     s, sq = torch.zeros((), dtype=torch.float64), torch.zeros(())
-    g = torch.randn(6, 9, dtype=torch.float64)
+    g = torch.randn(6, 9, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
     for _ in range(2):
         _op(p, m, v, g, torch.arange(6), s, betas=(0.3, 0.9))
         _torch_adam(q, mq, vq, g, sq, betas=(0.3, 0.9))
     assert s.item() == 2.0
-    _close(p, q, torch.float64)
-    _close(m, mq, torch.float64)
+    # unit-scale data: a few ulps of 1 absolute (a moment near 0 after cancellation)
+    for a, b in ((p, q), (m, mq)):
+        torch.testing.assert_close(a, b, rtol=2 * ULP[torch.float64], atol=4 * ULP[torch.float64])
 
 
 def test_threads_give_the_same_result():
@@ -150,9 +151,10 @@ def test_native_path_equals_pytorch_path(dtype, selection):
     for _ in range(6):
         x = torch.randn(8, 12, generator=gen).to(dtype)
         for b in ("native", "python"):
-            native.set_backend(b)
+            native.set_backend("python")  # the same backward for both: only the step differs
             opts[b].zero_grad()
             models[b](x).float().square().sum().backward()
+            native.set_backend(b)
             opts[b].step()
     for p, q in zip(models["native"].parameters(), models["python"].parameters(), strict=True):
         # the same math on the same rows (bitwise equal with GCC 12): allow an ulp, far below

@@ -10,24 +10,14 @@ import torch
 from torch import nn
 
 import msbp
-from msbp import native
 from msbp.ops.touched_rows import ROWS_LOG, log_touched_rows
 from msbp.optim import LazyRowAdam
 
 
-@pytest.fixture(params=["native", "python"], autouse=True)
-def backend(request):
-    """Run the test with the C++ row step and with the PyTorch path."""
-    old = native._state["backend"]
-    if request.param == "native":
-        try:
-            native.set_backend("native")
-        except native.NativeUnavailableError as err:
-            pytest.skip(f"native kernels unavailable: {err}")
-    else:
-        native.set_backend("python")
-    yield request.param
-    native._state["backend"] = old
+@pytest.fixture(autouse=True)
+def _both_backends(backend):
+    """Run every test with the C++ row step and with the PyTorch path (conftest's fixture)."""
+    return backend
 
 
 def _mlp() -> nn.Module:
