@@ -155,3 +155,47 @@ def test_large_finite_gradients_are_finite(backend, selection, dtype):
         g = torch.full(y.shape, big, dtype=y.dtype)
     y.backward(g)  # must not raise FloatingPointError
     assert x.grad is not None
+
+
+@pytest.mark.parametrize("layout", ["unit", "slot"])
+def test_backend_auto_dense_decision_flushes_memory(backend, layout, monkeypatch):
+    """backend="auto" that chose dense: U = G + M goes through whole, the memory is emptied;
+    that chose sparse: the ordinary sparse backward. Decisions are cached per key."""
+    from msbp.ops import sparse_linear as sl
+
+    cfg = msbp.SparseBackpropConfig(k=2, memory=0.8, memory_layout=layout, backend="auto")
+    for sparse in (False, True):
+        monkeypatch.setattr(sl, "sparse_pays", lambda *a, sparse=sparse: sparse)
+        layer = msbp.SparseLinear(5, 7, config=cfg, dtype=torch.float64)
+        gen = torch.Generator().manual_seed(0)
+        memory = None
+        for _ in range(2):
+            x = torch.randn(4, 5, dtype=torch.float64, generator=gen)
+            g = torch.randn(4, 7, dtype=torch.float64, generator=gen)
+            before = layer.memory.clone()
+            layer.zero_grad(set_to_none=True)
+            layer(x).backward(g)
+            dx_r, dW_r, _, memory = sparse_linear_backward_ref(
+                x, layer.weight.detach(), g, before, k=2 if sparse else 7, alpha=0.8,
+                layout=layout,
+            )
+            torch.testing.assert_close(layer.weight.grad, dW_r)
+            if sparse:
+                torch.testing.assert_close(layer.memory, memory)
+            else:
+                assert not layer.memory.any()
+
+
+def test_backend_auto_measures_once_without_side_effects(backend):
+    from msbp.ops import sparse_linear as sl
+
+    g, x, w = torch.randn(8, 30), torch.randn(8, 20), torch.randn(30, 20)
+    memory = torch.randn(30)
+    kept = memory.clone()
+    args = (g, x, w, memory, None, None, 3, 0, 0.8, False, True, True, True, True, False, 3.0)
+    sl._AUTO_DECISIONS.clear()
+    first = sl.sparse_pays(backend == "native", args, 8)
+    assert torch.equal(memory, kept)
+    assert len(sl.auto_decisions()) == 1
+    assert sl.sparse_pays(backend == "native", args, 7) == first  # 7 rows: the same bucket
+    assert len(sl.auto_decisions()) == 1

@@ -10,6 +10,7 @@ from typing import Any
 SELECTIONS = ("unified", "per_example", "random")
 MEMORY_LAYOUTS = ("unit", "slot")
 ON_NONFINITE = ("raise", "skip")
+BACKENDS = ("sparse", "auto")
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,12 @@ class SparseBackpropConfig:
             whenever autograd needs it (``torch.autograd.grad``, hooks on the weight). Set it to
             ``False`` under ``DistributedDataParallel``, whose reducer needs autograd's
             accumulation hook.
+        backend: ``"sparse"`` (default) always runs the sparse backward; ``"auto"`` measures,
+            once per layer shape, batch size (rounded up to a power of two), dtype, device and
+            setting, the sparse backward against the dense one (k = out: everything propagated,
+            the memory flushed into it, so no gradient is lost) and runs the faster. Not the
+            default because it changes which gradient a small layer gets: dense instead of the
+            sparse one asked for.
     """
 
     ratio: float | None = 0.04
@@ -50,6 +57,7 @@ class SparseBackpropConfig:
     align: int = 1
     on_nonfinite: str = "raise"
     grad_inplace: bool = True
+    backend: str = "sparse"
 
     def __post_init__(self) -> None:
         if self.k is not None:
@@ -82,6 +90,8 @@ class SparseBackpropConfig:
             )
         if not isinstance(self.grad_inplace, bool):
             raise ValueError(f"grad_inplace must be a bool, got {self.grad_inplace!r}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
 
     def k_for(self, out_features: int) -> int:
         """Number of kept output units for a layer with ``out_features`` outputs.

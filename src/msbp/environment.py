@@ -43,11 +43,18 @@ def environment(device: torch.device | str = "cpu") -> dict[str, Any]:
         "device": str(device),
         "device_name": cpu_name(),
         "cuda": torch.version.cuda,
+        "kernels": _kernels(),
         "time_utc": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
     }
     if device.type == "cuda":
         env["device_name"] = torch.cuda.get_device_name(device)
     return env
+
+
+def _kernels() -> str:
+    from msbp import native
+
+    return native.status()["active"]
 
 
 def _importable(name: str) -> bool:
@@ -59,6 +66,7 @@ def _importable(name: str) -> bool:
 
 def info() -> dict[str, Any]:
     """``msbp info``: versions, threads, devices, and which fast paths are available."""
+    from msbp import native
     from msbp.data.mnist import pureml_zarr_path
     from msbp.tasks import TASKS
 
@@ -77,6 +85,7 @@ def info() -> dict[str, Any]:
             "mkl": torch.backends.mkl.is_available(),
             "openmp": torch.backends.openmp.is_available(),
         },
+        "kernels": native.status(),
         "tasks": sorted(TASKS),
         "mnist_data": str(mnist) if mnist else None,
         "matplotlib": _importable("matplotlib"),

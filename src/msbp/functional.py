@@ -124,6 +124,7 @@ def make_plan(
         layout=config.memory_layout,
         on_nonfinite=config.on_nonfinite,
         grad_inplace=config.grad_inplace,
+        backend=config.backend,
         generator=generator,
         name=name,
         probe=probe,

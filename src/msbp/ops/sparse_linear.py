@@ -58,6 +58,7 @@ class BackwardPlan:
     grad_inplace: bool
     generator: torch.Generator | None = None
     name: str = ""
+    backend: str = "sparse"  # or "auto": sparse only where it measured faster than dense
     # probe(g (n, out), x (n, in), propagated (n, out)): called once per backward when set, for
     # measuring information loss; never set in normal training.
     probe: Callable[[Tensor, Tensor, Tensor], None] | None = None
@@ -287,6 +288,47 @@ def run_backward(native_ok: bool, *args, probe=None) -> list[Tensor]:
     return torch.ops.msbp.sparse_linear_backward(*args)
 
 
+# --- backend="auto": sparse only where it pays ------------------------------------------------
+
+_AUTO_DECISIONS: dict[tuple, bool] = {}
+_AUTO_REPEATS = 5
+
+
+def auto_decisions() -> dict[tuple, bool]:
+    """What ``backend="auto"`` decided so far: key (out, in, rows rounded up to a power of two,
+    x dtype, grad dtype, device, selection, k, memory, slot, need_x, need_w) -> sparse or not."""
+    return dict(_AUTO_DECISIONS)
+
+
+def sparse_pays(native_ok: bool, args: tuple, n: int) -> bool:
+    """Whether the sparse backward of ``args`` (``run_backward``'s) beats the dense one (k =
+    out), measured once per key on copies of the inputs (interleaved, medians); cached."""
+    import time
+
+    g, x, w, memory, random_cols, scale, k, selection, alpha, slot, need_x, need_w = args[:12]
+    key = (w.shape[0], w.shape[1], 1 << max(0, n - 1).bit_length(), x.dtype, g.dtype,
+           str(g.device), selection, k, memory is not None, slot, need_x, need_w)
+    decision = _AUTO_DECISIONS.get(key)
+    if decision is not None:
+        return decision
+    out = w.shape[0]
+    times: dict[int, list[float]] = {k: [], out: []}
+    with torch.no_grad():
+        for rep in range(_AUTO_REPEATS + 1):  # the first round warms up
+            for kk in (k, out):
+                mem = None if memory is None else memory.clone()
+                call = (g, x, w, mem, random_cols, scale, kk, *args[7:])
+                t0 = time.perf_counter()
+                run_backward(native_ok, *call)
+                if g.device.type == "cuda":
+                    torch.cuda.synchronize(g.device)
+                if rep:
+                    times[kk].append(time.perf_counter() - t0)
+    decision = sorted(times[k])[len(times[k]) // 2] < sorted(times[out])[len(times[out]) // 2]
+    _AUTO_DECISIONS[key] = decision
+    return decision
+
+
 # --- where the k rows of dW go -----------------------------------------------------------------
 
 _BUFFER = "_msbp_grad_buffer"
@@ -434,12 +476,14 @@ class SparseLinearFunction(torch.autograd.Function):
             prepare_grad_buffer(ctx, weight, 1)
         )
         native_ok = native.use_native(g.device)
-        try:
-            dx, dW, db, rows, skipped = run_backward(
-                native_ok, g, x2, w, memory if use_memory else None, random_cols, scale, k,
+        args = [g, x2, w, memory if use_memory else None, random_cols, scale, k,
                 SELECTION_CODES[plan.selection], plan.alpha, slot, need_x, need_w, need_b,
-                compact, skip, NATIVE_SPARSE_RATIO, probe=plan.probe,
-            )
+                compact, skip, NATIVE_SPARSE_RATIO]
+        if plan.backend == "auto" and k < out and not compiling and plan.probe is None:
+            if not sparse_pays(native_ok, tuple(args), n):
+                k = args[6] = out  # dense: everything propagated, the memory flushed into it
+        try:
+            dx, dW, db, rows, skipped = run_backward(native_ok, *args, probe=plan.probe)
         except RuntimeError as exc:
             if NONFINITE_MARK in str(exc):
                 raise nonfinite_error(plan, "output gradient", grad_out.shape) from None
