@@ -72,7 +72,7 @@ def set_backend(name: str) -> None:
 def cpu_flags() -> list[str]:
     """Compiler flags for this CPU: AVX2/FMA where the CPU has them (never ``-march=native``,
     so a cached build runs on any AVX2 machine), else the baseline of the architecture."""
-    flags = ["-O3", "-fopenmp", "-std=c++17"]
+    flags = ["-O3", "-fopenmp"]
     capability = torch.backends.cpu.get_cpu_capability()
     if capability in ("AVX2", "AVX512"):
         flags += ["-mavx2", "-mfma", "-mf16c"]
