@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
@@ -117,6 +118,12 @@ def make_plan(
     probe: Callable[[Tensor, Tensor, Tensor], None] | None = None,
 ) -> BackwardPlan:
     """What the backward of a transform with ``out_features`` outputs does under ``config``."""
+    return _plan(config, out_features, generator, name, probe)
+
+
+@functools.lru_cache(maxsize=256)
+def _plan(config, out_features, generator, name, probe) -> BackwardPlan:
+    # a layer asks for the same plan at every forward: built once (plans are immutable)
     return BackwardPlan(
         k=config.k_for(out_features),
         selection=config.selection,
