@@ -1,0 +1,71 @@
+"""How the native kernels are found: built into a cache, forced either way, absent cleanly."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from msbp import native
+
+SCRIPT = """
+import json, warnings
+warnings.simplefilter("always")
+with warnings.catch_warnings(record=True) as caught:
+    import torch, msbp
+    layer = msbp.SparseLinear(6, 8, config=msbp.SparseBackpropConfig(k=2))
+    layer(torch.randn(3, 6)).sum().backward()
+print(json.dumps({"native": msbp.native.use_native(), "rows": int((layer.weight.grad.abs().sum(1)
+    > 0).sum()), "warnings": [str(w.message) for w in caught if "native kernels" in
+    str(w.message)], "status": msbp.native.status()["active"]}))
+"""
+
+
+def _run(tmp_path, **env):
+    full = {**os.environ, "MSBP_CACHE_DIR": str(tmp_path / "cache"), **env}
+    out = subprocess.run([sys.executable, "-c", SCRIPT], env=full, capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_without_a_compiler_it_warns_once_and_runs_the_pytorch_path(tmp_path):
+    result = _run(tmp_path, CXX="/nonexistent/c++", MSBP_BACKEND="auto")
+    assert result["native"] is False and result["status"] == "python"
+    assert result["rows"] == 2
+    assert len(result["warnings"]) == 1
+
+
+def test_python_backend_never_builds(tmp_path):
+    result = _run(tmp_path, CXX="/nonexistent/c++", MSBP_BACKEND="python")
+    assert result == {"native": False, "rows": 2, "warnings": [], "status": "python"}
+    assert not (tmp_path / "cache").exists()
+
+
+def test_native_backend_says_why_not(tmp_path):
+    full = {**os.environ, "MSBP_CACHE_DIR": str(tmp_path / "c"), "CXX": "/nonexistent/c++",
+            "MSBP_BACKEND": "native"}
+    code = "import msbp; msbp.SparseLinear(4, 4)"
+    out = subprocess.run([sys.executable, "-c", code], env=full, capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode != 0 and "NativeUnavailableError" in out.stderr
+
+
+def test_bad_backend_name_is_a_value_error(monkeypatch):
+    with pytest.raises(ValueError, match="backend must be one of"):
+        native.set_backend("fast")
+
+
+def test_flags_never_target_the_build_machine():
+    assert not any("march=native" in f or "mtune=native" in f for f in native.cpu_flags())
+
+
+def test_info_names_the_active_backend():
+    from msbp.environment import info as env_info
+
+    info = env_info()
+    assert info["kernels"]["active"] in ("native", "python")
+    assert info["kernels"]["active"] == ("native" if native.use_native() else "python")
