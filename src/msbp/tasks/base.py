@@ -141,3 +141,14 @@ class Task(ABC):
     @abstractmethod
     def evaluate(self, model: nn.Module, split: str) -> dict[str, float]:
         """Metrics in percent on ``split`` ("dev" or "test"); must contain ``self.metric``."""
+
+
+def set_task_default(
+    parser: argparse.ArgumentParser, flag: str, default: Any, help_text: str
+) -> None:
+    """Give a common option (``--batch-size``, ``--selection``) a task-specific default and
+    meaning."""
+    action = parser._option_string_actions.get(flag)
+    if action is not None:
+        parser.set_defaults(**{action.dest: default})
+        action.help = help_text

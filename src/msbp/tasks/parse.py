@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from msbp.data.conll import Sentence, choose_tag_column, is_projective, read_conll
 from msbp.data.errors import DataError
-from msbp.tasks.base import Task, check_limit, check_option, content_digest
+from msbp.tasks.base import Task, check_limit, check_option, content_digest, set_task_default
 
 log = logging.getLogger(__name__)
 
@@ -411,17 +411,6 @@ def read_treebank(path: Path) -> list[Sentence]:
     if not sentences:
         raise DataError(f"{path}: no sentences (is it a CoNLL-U / CoNLL-X treebank?)")
     return sentences
-
-
-def set_task_default(
-    parser: argparse.ArgumentParser, flag: str, default: Any, help_text: str
-) -> None:
-    """Give a common option (``--batch-size``, ``--selection``) a task-specific default and
-    meaning."""
-    action = parser._option_string_actions.get(flag)
-    if action is not None:
-        parser.set_defaults(**{action.dest: default})
-        action.help = help_text
 
 
 def _add(parser: argparse.ArgumentParser, *flags: str, **kwargs: Any) -> None:

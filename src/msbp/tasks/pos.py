@@ -25,8 +25,8 @@ from torch import Tensor, nn
 
 from msbp.data.conll import choose_tag_column, read_conll2000
 from msbp.data.errors import DataError
-from msbp.tasks.base import Task, check_limit, check_option, content_digest
-from msbp.tasks.parse import find_data_dir, read_treebank, set_task_default, treebank_paths
+from msbp.tasks.base import Task, check_limit, check_option, content_digest, set_task_default
+from msbp.tasks.parse import find_data_dir, read_treebank, treebank_paths
 
 log = logging.getLogger(__name__)
 
