@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
-
 import pytest
 import torch
 from torch import nn
@@ -81,11 +79,11 @@ class WithAttention(nn.Module):
         return self.ff(self.mha(x, x, x, need_weights=False)[0])
 
 
-def test_multihead_attention_is_named_in_a_warning():
-    with pytest.warns(UserWarning, match=r"nn.MultiheadAttention \['mha'\] dense.*out_proj"):
-        model = msbp.sparsify(WithAttention(), SparseBackpropConfig(k=2))
-    assert isinstance(model.ff, SparseLinear)
-    assert type(model.mha.out_proj) is not SparseLinear  # its forward is bypassed anyway
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # excluded by the user: nothing to warn about
-        msbp.sparsify(WithAttention(), SparseBackpropConfig(k=2), exclude="mha*")
+def test_config_fn_reaches_attention():
+    attn_cfg = SparseBackpropConfig(k=3, memory=0.0)
+    model = msbp.sparsify(
+        WithAttention(),
+        config_fn=lambda n, m: attn_cfg if n == "mha" else SparseBackpropConfig(k=2),
+    )
+    assert isinstance(model.mha, msbp.SparseMultiheadAttention) and model.mha.k == 3
+    assert model.mha.out_proj.config is attn_cfg and model.ff.k == 2

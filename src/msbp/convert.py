@@ -6,12 +6,12 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 import re
-import warnings
 from collections.abc import Callable, Iterable, Iterator
 
 from torch import nn
 
 from msbp.config import SparseBackpropConfig
+from msbp.nn.attention import SparseMultiheadAttention
 from msbp.nn.conv import SparseConv1d, SparseConv2d
 from msbp.nn.linear import SparseLinear
 from msbp.nn.lstm import SparseLSTM
@@ -21,12 +21,6 @@ Pattern = str | re.Pattern[str]
 Filter = Pattern | Iterable[Pattern] | Callable[[str, nn.Module], bool] | None
 ConfigFn = Callable[[str, nn.Module], SparseBackpropConfig | None]
 
-#: why ``sparsify`` cannot convert ``nn.MultiheadAttention`` (it warns with this)
-MHA_REASON = (
-    "its forward calls F.multi_head_attention_forward with the raw in_proj_weight and "
-    "out_proj.weight, bypassing its out_proj Linear's forward, so no projection of it can be "
-    "sparsified; they stay dense (build attention from nn.Linear projections to sparsify them)"
-)
 
 
 def _matcher(patterns: Filter, what: str) -> Callable[[str, nn.Module], bool] | None:
@@ -87,8 +81,8 @@ def sparsify(
     ``nn.LSTM`` modules are converted too (to ``SparseLSTM``, sparsifying their input and
     recurrent transforms), and ``nn.Conv1d`` / ``nn.Conv2d`` (to ``SparseConv1d`` /
     ``SparseConv2d``, k of the output channels), filtered by name in the same way.
-    ``nn.MultiheadAttention`` cannot be converted (``MHA_REASON``): every matching one is named
-    in a ``UserWarning``.
+    ``nn.MultiheadAttention`` becomes a ``SparseMultiheadAttention`` (its q, k, v and output
+    projections sparse; its ``out_proj`` is converted with it, never on its own).
 
     ``config_fn(name, module)``, instead of ``config``, gives each matching layer its own config,
     or ``None`` to leave it dense (e.g. another k for convolutions, no memory for attention
@@ -131,15 +125,6 @@ def sparsify(
                 )
         if configs[id(module)] is not None:
             chosen.append((name, module))
-    attention = [
-        n or "<root>" for n, m in model.named_modules()
-        if isinstance(m, nn.MultiheadAttention) and wanted(n, m)
-    ]
-    if attention:
-        warnings.warn(
-            f"sparsify leaves nn.MultiheadAttention {attention} dense: {MHA_REASON}",
-            UserWarning, stacklevel=2,
-        )
     if not chosen:
         def names(kind: type | tuple[type, ...]) -> list[str]:
             return [n or "<root>" for n, m in model.named_modules() if isinstance(m, kind)]
@@ -199,22 +184,30 @@ def _replace(
 
 def densify(model: nn.Module) -> nn.Module:
     """Replace every sparse layer (``SparseLinear``, ``SparseLSTM``, ``SparseConv1d``,
-    ``SparseConv2d``) by its plain counterpart sharing its parameters. The memory is dropped.
-    Returns the model (a new module when the root itself was sparse).
+    ``SparseConv2d``, ``SparseMultiheadAttention``) by its plain counterpart sharing its
+    parameters. The memory is dropped. Returns the model (a new module when the root itself was
+    sparse).
     """
     chosen = [
         (name, module)
         for name, module in model.named_modules(remove_duplicate=False)
         if isinstance(module, _SPARSE_TYPES)
     ]
+    # an attention module's out_proj goes back with it (as its NonDynamicallyQuantizableLinear)
+    owners = [n for n, m in chosen if isinstance(m, SparseMultiheadAttention)]
+
+    def inside_attention(name: str) -> bool:
+        return any(name != a and (a == "" or name.startswith(a + ".")) for a in owners)
+
+    chosen = [(n, m) for n, m in chosen if not inside_attention(n)]
     return _replace(model, chosen, lambda module: module.to_dense())
 
 
 @contextlib.contextmanager
 def dense_backward(model: nn.Module) -> Iterator[nn.Module]:
-    """Inside the block, every sparse layer (linear, LSTM, convolution) of ``model`` computes
-    with plain PyTorch ops, as its dense counterpart would: a forward here builds a graph whose
-    backward is exact dense backprop, whenever that backward runs.
+    """Inside the block, every sparse layer (linear, LSTM, convolution, attention) of ``model``
+    computes with plain PyTorch ops, as its dense counterpart would: a forward here builds a
+    graph whose backward is exact dense backprop, whenever that backward runs.
 
     Nothing of sparse training is touched by such a pass: not the memory, not the layers'
     information-loss probes, not the touched-rows log of ``msbp.optim.LazyRowAdam``, not the
@@ -251,5 +244,6 @@ _SPARSE_OF: dict[type[nn.Module], type[nn.Module]] = {
     nn.LSTM: SparseLSTM,
     nn.Conv1d: SparseConv1d,
     nn.Conv2d: SparseConv2d,
+    nn.MultiheadAttention: SparseMultiheadAttention,
 }
-_SPARSE_TYPES = (SparseLinear, SparseLSTM, SparseConv1d, SparseConv2d)
+_SPARSE_TYPES = (SparseLinear, SparseLSTM, SparseConv1d, SparseConv2d, SparseMultiheadAttention)
