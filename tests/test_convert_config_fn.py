@@ -87,3 +87,14 @@ def test_config_fn_reaches_attention():
     )
     assert isinstance(model.mha, msbp.SparseMultiheadAttention) and model.mha.k == 3
     assert model.mha.out_proj.config is attn_cfg and model.ff.k == 2
+
+
+def test_readme_convolution_attention_example_runs():
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = next(
+        b for b in re.findall(r"```python\n(.*?)```", readme, flags=re.S) if "config_fn" in b
+    )
+    exec(compile(block, "README.md", "exec"), {"__name__": "readme"})

@@ -247,3 +247,20 @@ def test_sparsify_densify_dense_backward_and_state_dict():
     again = msbp.sparsify(model, SparseBackpropConfig(k=2))
     again.load_state_dict(state)
     torch.testing.assert_close(again[0].memory, state["0.memory"])
+
+
+def test_autocast_bf16_and_lazy_row_adam():
+    model = msbp.sparsify(
+        nn.Sequential(nn.Conv2d(3, 8, 3), nn.Flatten(), nn.Linear(128, 2)),
+        SparseBackpropConfig(k=2), exclude="2",
+    )
+    opt = msbp.optim.LazyRowAdam(model.parameters(), lr=0.1)
+    before = model[0].weight.detach().clone()
+    with torch.autocast("cpu", torch.bfloat16):
+        y = model(torch.randn(2, 3, 6, 6))
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert model[0].weight.grad.dtype == torch.float32
+    opt.step()
+    moved = (model[0].weight - before).flatten(1).abs().sum(1) > 0
+    assert int(moved.sum()) == 2  # only the k propagated output channels are updated
