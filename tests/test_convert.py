@@ -140,8 +140,9 @@ def test_sparsify_no_match_raises(kwargs):
 
 
 def test_sparsify_model_without_linear_raises():
-    with pytest.raises(ValueError):
-        sparsify(nn.Sequential(nn.ReLU(), nn.Conv1d(1, 1, 1)), CFG)
+    # (Conv1d / Conv2d are converted now; Conv3d is not)
+    with pytest.raises(ValueError, match="matched no"):
+        sparsify(nn.Sequential(nn.ReLU(), nn.Conv3d(1, 1, 1)), CFG)
 
 
 def test_sparsify_bad_pattern_type_raises():

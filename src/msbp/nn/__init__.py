@@ -1,6 +1,8 @@
 """Layers whose backward pass is sparse backprop with memory."""
 
+from msbp.nn.attention import SparseMultiheadAttention
+from msbp.nn.conv import SparseConv1d, SparseConv2d
 from msbp.nn.linear import SparseLinear
 from msbp.nn.lstm import SparseLSTM
 
-__all__ = ["SparseLSTM", "SparseLinear"]
+__all__ = ["SparseConv1d", "SparseConv2d", "SparseLSTM", "SparseLinear", "SparseMultiheadAttention"]

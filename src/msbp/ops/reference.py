@@ -144,3 +144,91 @@ def lstm_recurrence_ref(
         h = torch.sigmoid(o) * torch.tanh(c)
         outputs[t] = h
     return torch.stack(outputs), h, c
+
+
+# --- convolutions: rows = N x spatial positions, units = output channels ----------------------
+
+
+def conv_group_k_ref(k: int, out_channels: int, groups: int) -> int:
+    """Channels kept per group: ceil(k / groups), at most the group's out_channels / groups
+    (so the kept channels still form a grouped convolution)."""
+    return min(out_channels // groups, -(-k // groups))
+
+
+def select_channels_ref(
+    u: Tensor, k: int, selection: str, groups: int = 1, generator: torch.Generator | None = None
+) -> Tensor:
+    """Boolean mask (C_out,) of the output channels of ``u`` (N, C_out, *spatial) propagated:
+    ``conv_group_k_ref`` channels of every group, by the sum of ``|u|`` over N and the spatial
+    positions (``unified``) or at random (``random``; one ``randperm`` for groups == 1, else one
+    per group, in group order)."""
+    c = u.shape[1]
+    per = c // groups
+    kg = conv_group_k_ref(k, c, groups)
+    mask = torch.zeros(c, dtype=torch.bool, device=u.device)
+    if kg >= per:
+        return mask.fill_(True)
+    if selection == "unified":
+        scores = u.abs().transpose(0, 1).reshape(c, -1).sum(1)  # (C_out,)
+        for gi in range(groups):
+            mask[gi * per + torch.topk(scores[gi * per:(gi + 1) * per], kg).indices] = True
+    elif selection == "random":
+        for gi in range(groups):
+            perm = torch.randperm(c if groups == 1 else per, generator=generator, device=u.device)
+            mask[gi * per + perm[:kg]] = True
+    else:
+        raise ValueError(f"selection {selection!r} is not supported for convolutions")
+    return mask
+
+
+def sparse_conv2d_backward_ref(
+    x: Tensor,
+    weight: Tensor,
+    grad_out: Tensor,
+    memory: Tensor | None,
+    *,
+    k: int,
+    selection: str = "unified",
+    alpha: float = 0.0,
+    layout: str = "unit",
+    generator: torch.Generator | None = None,
+    stride: tuple[int, ...] = (1, 1),
+    padding: tuple[int, ...] = (0, 0),
+    dilation: tuple[int, ...] = (1, 1),
+    groups: int = 1,
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """MSBP backward of ``y = conv(x, W) + b`` with a channel mask: ``(dx, dW, db, new_memory)``.
+
+    x: (N, C_in, *spatial), 2-D (a Conv2d) or 1-D (a Conv1d) spatial; weight: (C_out, C_in /
+    groups, *kernel); grad_out: (N, C_out, *spatial_out); memory: (C_out,) for ``unit`` (the
+    residual summed over the N x spatial_out rows, spread back as M / rows), (r, C_out) for
+    ``slot`` (rows in (N, *spatial_out) order), or None. The masked gradient goes through
+    ``torch.nn.grad``'s dense convolution gradients.
+    """
+    c = weight.shape[0]
+    rows = grad_out.numel() // c
+    acc = torch.promote_types(grad_out.dtype, torch.float32)
+    u = grad_out.to(acc)  # (N, C_out, *sp)
+    to_rows = lambda t: t.movedim(1, -1).reshape(rows, c)  # noqa: E731  (rows, C_out)
+    if memory is not None and alpha > 0:
+        addend = memory_to_rows_ref(memory, rows, layout).to(acc)  # (rows, C_out)
+        u = u + addend.reshape(*u.movedim(1, -1).shape).movedim(-1, 1)
+    keep = select_channels_ref(u, k, selection, groups, generator)  # (C_out,)
+    shape = (1, c) + (1,) * (u.dim() - 2)
+    g_hat = torch.where(keep.view(shape), u, torch.zeros_like(u))
+    g_hat_c = g_hat.to(x.dtype)
+    grad = torch.nn.grad
+    conv_input, conv_weight = (
+        (grad.conv2d_input, grad.conv2d_weight) if x.dim() == 4
+        else (grad.conv1d_input, grad.conv1d_weight)
+    )
+    geometry = dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
+    dx = conv_input(x.shape, weight, g_hat_c, **geometry)
+    dW = conv_weight(x, weight.shape, g_hat_c, **geometry)
+    db = to_rows(grad_out).sum(0)  # (C_out,) dense, from the raw gradient
+    new_memory = memory
+    if memory is not None and alpha > 0:
+        residual = alpha * to_rows(u - g_hat)  # (rows, C_out)
+        new_memory = residual.sum(0) if layout == "unit" else residual
+        new_memory = new_memory.to(memory.dtype)
+    return dx, dW, db, new_memory

@@ -1,0 +1,237 @@
+"""The sparse convolution op: exact forward, MSBP backward over output channels.
+
+The output gradient G (N, C_out, *spatial) is read as rows = N x spatial positions and units =
+output channels. Per backward call (``msbp.ops.reference.sparse_conv2d_backward_ref`` is the
+oracle):
+
+    U  = G + M * s           # unit: M (C_out,) spread as M / rows; slot: M (rows, C_out)
+    S  = k channels of U     # unified: by the sum of |U| over N x spatial; random: at random
+    dx, dW_S = conv backward of U_S with W_S    # a dense convolution of width k, not a mask
+    M  = alpha * (U - U_S) / s
+    db = G summed over N x spatial (dense, meProp)
+
+With ``groups`` > 1 every group keeps ceil(k / groups) of its channels, so that the kept channels
+are a grouped convolution again (a depthwise convolution, one channel per group, stays dense).
+Per-example selection is not offered: each row (one position of one example) would keep its own
+channels, and the result is no longer a convolution with a shared weight.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from msbp.ops import scaling
+from msbp.ops.sparse_linear import (
+    BackwardPlan,
+    autocast_arg,
+    autocast_dtype,
+    nonfinite_error,
+)
+from msbp.ops.touched_rows import log_touched_rows
+
+PER_EXAMPLE_ERROR = (
+    "selection='per_example' is not supported for convolutions: every row of the output "
+    "gradient (one spatial position of one example) would keep its own output channels, which "
+    "is no longer a convolution with one shared weight (so neither exact nor cheaper); use "
+    "selection='unified' or 'random' for convolution layers (sparsify(..., config_fn=...) gives "
+    "them their own config)"
+)
+
+
+@dataclass(frozen=True)
+class ConvGeometry:
+    """The integer geometry of a convolution (string padding already resolved)."""
+
+    stride: tuple[int, ...]
+    padding: tuple[int, ...]
+    dilation: tuple[int, ...]
+    groups: int
+
+
+def group_k(k: int, out_channels: int, groups: int) -> int:
+    """Channels kept in each group: ceil(k / groups), at most out_channels / groups."""
+    return min(out_channels // groups, -(-k // groups))
+
+
+def select_channels(
+    u: Tensor, kg: int, selection: str, groups: int, generator: torch.Generator | None
+) -> Tensor:
+    """The kept channels (groups * kg,), ascending: kg per group of ``u`` (N, C_out, *sp)."""
+    c = u.shape[1]
+    per = c // groups
+    if selection == "random":
+        parts = [
+            torch.randperm(per, generator=generator, device=u.device)[:kg] + gi * per
+            for gi in range(groups)
+        ]
+        idx = parts[0] if groups == 1 else torch.cat(parts)
+    else:
+        dims = [0, *range(2, u.dim())]
+        scores = u.abs().sum(dims)  # (C_out,) in u's dtype (float32 or wider)
+        top = scores.view(groups, per).topk(kg, dim=1, sorted=False).indices  # (groups, kg)
+        if groups > 1:
+            top = top + torch.arange(groups, device=u.device).unsqueeze(1) * per
+        idx = top.reshape(-1)
+    return idx.sort().values
+
+
+def _channel_shape(u: Tensor) -> tuple[int, ...]:
+    return (1, u.shape[1]) + (1,) * (u.dim() - 2)
+
+
+def _to_rows(t: Tensor) -> Tensor:
+    """(N, C, *sp) -> (rows, C), rows in (N, *sp) order (a copy unless channels-last)."""
+    return t.movedim(1, -1).reshape(-1, t.shape[1])
+
+
+def _add_memory_(u: Tensor, memory: Tensor, slot: bool, scale: Tensor | None) -> None:
+    """``u`` (N, C, *sp) += the memory: unit (C,) spread over the rows, slot (rows, C)."""
+    m = memory if scale is None else memory * scale
+    if slot:
+        u.add_(m.view(*u.movedim(1, -1).shape).movedim(-1, 1))
+    else:
+        u.add_((m / (u.numel() // u.shape[1])).view(_channel_shape(u)))
+
+
+def _store_memory_(
+    memory: Tensor, residual: Tensor, slot: bool, alpha: float, scale: Tensor | None
+) -> None:
+    """memory <- alpha * residual (N, C, *sp) / scale: summed per channel, or row for row."""
+    if slot:
+        value = _to_rows(residual)
+        memory.resize_(value.shape)
+    else:
+        value = residual.sum([0, *range(2, residual.dim())])
+    torch.mul(value, alpha if scale is None else alpha / scale.double(), out=memory)
+
+
+def _conv_backward(g: Tensor, x: Tensor, w: Tensor, geo: ConvGeometry, need_x: bool,
+                   need_w: bool) -> tuple[Tensor | None, Tensor | None]:
+    d = x.dim() - 2
+    dx, dw, _ = torch.ops.aten.convolution_backward(
+        g, x, w, None, geo.stride, geo.padding, geo.dilation, False, [0] * d, geo.groups,
+        [need_x, need_w, False],
+    )
+    return dx, dw
+
+
+class SparseConvFunction(torch.autograd.Function):
+    """``y = conv(x, W) + b`` (1-D or 2-D) with the MSBP backward over output channels; the
+    memory tensor is updated in place."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, memory, plan: BackwardPlan, geo: ConvGeometry):
+        cast = autocast_dtype(x.device.type)
+        xc, wc, bc = x, weight, bias
+        d = x.dim() - 2
+        args = (geo.stride, geo.padding, geo.dilation, False, [0] * d, geo.groups)
+        if cast is None:
+            y = torch.convolution(x, weight, bias, *args)
+        else:  # cast once here (autocast's rules), so backward runs on the forward's operands
+            xc, wc, bc = autocast_arg(x, cast), autocast_arg(weight, cast), autocast_arg(bias, cast)
+            with torch.autocast(x.device.type, enabled=False):
+                y = torch.convolution(xc, wc, bc, *args)
+        ctx.save_for_backward(xc, wc)
+        ctx.memory = memory  # state mutated in backward: not saved_for_backward (version check)
+        ctx.plan, ctx.geo = plan, geo
+        ctx.weight = weight
+        ctx.x_dtype = x.dtype
+        ctx.bias_dtype = bias.dtype if bias is not None else None
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        x, w = ctx.saved_tensors
+        plan: BackwardPlan = ctx.plan
+        geo: ConvGeometry = ctx.geo
+        memory: Tensor | None = ctx.memory
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        weight = ctx.weight
+        c = w.shape[0]
+        rows = grad_out.numel() // c
+        sum_dims = [0, *range(2, grad_out.dim())]
+
+        if rows == 0:  # an empty batch propagates nothing and leaves the memory as it is
+            dx = torch.zeros_like(x, dtype=ctx.x_dtype) if need_x else None
+            dW = torch.zeros_like(weight) if need_w else None
+            db = torch.zeros(c, dtype=ctx.bias_dtype, device=x.device) if need_b else None
+            return dx, dW, db, None, None, None
+
+        kg = group_k(plan.k, c, geo.groups)
+        dense = kg * geo.groups >= c
+        use_memory = memory is not None and plan.alpha > 0
+        slot = plan.layout == "slot"
+        if use_memory and slot and memory.shape[0] != rows:  # a new batch shape: spread sums
+            with torch.no_grad():
+                total = memory.sum(0) / rows
+                memory.resize_(rows, c).copy_(total.expand(rows, c))
+        scale = scaling.current_scale() if not torch.compiler.is_compiling() else None
+        if use_memory and scale is not None:
+            scaling.snapshot(memory)
+        acc = memory.dtype if use_memory else torch.promote_types(grad_out.dtype, torch.float32)
+        random_idx = None
+        if not dense and plan.selection == "random":  # drawn whatever happens next, as linear
+            random_idx = select_channels(grad_out, kg, "random", geo.groups, plan.generator)
+        u = grad_out.to(acc, copy=True)  # (N, C_out, *sp)
+        if use_memory:
+            _add_memory_(u, memory, slot, scale)
+        db = grad_out.sum(sum_dims, dtype=acc) if need_b else None
+        if not bool(torch.isfinite(u).all()):  # no overflow, unlike a sum
+            if not (plan.on_nonfinite == "skip" or scale is not None):
+                raise nonfinite_error(plan, "output gradient", grad_out.shape)
+            dx, dW = _conv_backward(grad_out.to(x.dtype), x, w, geo, need_x, need_w)
+            log_touched_rows(weight, None)
+            return (
+                dx.to(ctx.x_dtype) if need_x else None,
+                dW.to(weight.dtype) if need_w else None,
+                db.to(ctx.bias_dtype) if need_b else None,
+                None, None, None,
+            )
+        if dense:
+            idx = None
+            u_k, w_k = u.to(x.dtype), w
+        else:
+            idx = random_idx if random_idx is not None else select_channels(
+                u, kg, plan.selection, geo.groups, None
+            )
+            u_k = u.index_select(1, idx).to(x.dtype)  # (N, k, *sp)
+            w_k = w.index_select(0, idx)  # (k, C_in / groups, *kernel)
+        dx, dW_k = _conv_backward(u_k, x, w_k, geo, need_x, need_w)
+        dW = None
+        if need_w:
+            log_touched_rows(weight, idx)
+            dW_k = dW_k.to(weight.dtype)
+            dW = dW_k if idx is None else torch.zeros_like(weight).index_copy_(0, idx, dW_k)
+        if use_memory:
+            residual = u if idx is None else u.index_fill_(1, idx, 0)
+            if idx is None:
+                residual.zero_()
+            _store_memory_(memory, residual, slot, plan.alpha, scale)
+        return (
+            dx.to(ctx.x_dtype) if need_x else None,
+            dW,
+            db.to(ctx.bias_dtype) if need_b else None,
+            None, None, None,
+        )
+
+
+def sparse_conv(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    memory: Tensor | None,
+    plan: BackwardPlan,
+    geo: ConvGeometry,
+) -> Tensor:
+    """``conv(x, W) + b`` with the MSBP backward of ``plan`` (x: (N, C_in, *sp) with 1 or 2
+    spatial dims; weight: (C_out, C_in / groups, *kernel); memory: (C_out,) for ``unit``,
+    (rows, C_out) for ``slot``, or None). Zero padding only: pad beforehand for other modes."""
+    if plan.selection == "per_example":
+        where = f" (layer {plan.name!r})" if plan.name else ""
+        raise ValueError(PER_EXAMPLE_ERROR + where)
+    return SparseConvFunction.apply(x, weight, bias, memory, plan, geo)
