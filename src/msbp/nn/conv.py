@@ -21,6 +21,18 @@ class _SparseConvNd(MemoryMixin):
     _dense: type[nn.Module]
     _spatial: int
 
+    def __init__(
+        self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0,
+        dilation=1, groups: int = 1, bias: bool = True, padding_mode: str = "zeros", *,
+        config: SparseBackpropConfig | None = None,
+        device: torch.device | str | None = None, dtype: torch.dtype | None = None,
+    ) -> None:
+        self._dense.__init__(  # nn.Conv1d / nn.Conv2d: same arguments
+            self, in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
+            bias, padding_mode, device=device, dtype=dtype,
+        )
+        self._setup(config)
+
     def _setup(self, config: SparseBackpropConfig | None) -> None:
         self.config = config if config is not None else SparseBackpropConfig()
         self._check_config(self.config)
@@ -147,17 +159,6 @@ class SparseConv2d(_SparseConvNd, nn.Conv2d):
     _dense = nn.Conv2d
     _spatial = 2
 
-    def __init__(
-        self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0,
-        dilation=1, groups: int = 1, bias: bool = True, padding_mode: str = "zeros", *,
-        config: SparseBackpropConfig | None = None,
-        device: torch.device | str | None = None, dtype: torch.dtype | None = None,
-    ) -> None:
-        nn.Conv2d.__init__(
-            self, in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
-            bias, padding_mode, device=device, dtype=dtype,
-        )
-        self._setup(config)
 
 
 class SparseConv1d(_SparseConvNd, nn.Conv1d):
@@ -167,14 +168,3 @@ class SparseConv1d(_SparseConvNd, nn.Conv1d):
     _dense = nn.Conv1d
     _spatial = 1
 
-    def __init__(
-        self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0,
-        dilation=1, groups: int = 1, bias: bool = True, padding_mode: str = "zeros", *,
-        config: SparseBackpropConfig | None = None,
-        device: torch.device | str | None = None, dtype: torch.dtype | None = None,
-    ) -> None:
-        nn.Conv1d.__init__(
-            self, in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
-            bias, padding_mode, device=device, dtype=dtype,
-        )
-        self._setup(config)

@@ -25,12 +25,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from msbp.ops import scaling
-from msbp.ops.sparse_linear import (
-    BackwardPlan,
-    autocast_arg,
-    autocast_dtype,
-    nonfinite_error,
-)
+from msbp.ops.sparse_linear import BackwardPlan, forward_and_save, nonfinite_error
 from msbp.ops.touched_rows import log_touched_rows
 
 PER_EXAMPLE_ERROR = (
@@ -125,23 +120,12 @@ class SparseConvFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, memory, plan: BackwardPlan, geo: ConvGeometry):
-        cast = autocast_dtype(x.device.type)
-        xc, wc, bc = x, weight, bias
+        ctx.geo = geo
         d = x.dim() - 2
-        args = (geo.stride, geo.padding, geo.dilation, False, [0] * d, geo.groups)
-        if cast is None:
-            y = torch.convolution(x, weight, bias, *args)
-        else:  # cast once here (autocast's rules), so backward runs on the forward's operands
-            xc, wc, bc = autocast_arg(x, cast), autocast_arg(weight, cast), autocast_arg(bias, cast)
-            with torch.autocast(x.device.type, enabled=False):
-                y = torch.convolution(xc, wc, bc, *args)
-        ctx.save_for_backward(xc, wc)
-        ctx.memory = memory  # state mutated in backward: not saved_for_backward (version check)
-        ctx.plan, ctx.geo = plan, geo
-        ctx.weight = weight
-        ctx.x_dtype = x.dtype
-        ctx.bias_dtype = bias.dtype if bias is not None else None
-        return y
+        return forward_and_save(
+            ctx, torch.convolution, x, weight, bias, memory, plan,
+            geo.stride, geo.padding, geo.dilation, False, [0] * d, geo.groups,
+        )
 
     @staticmethod
     @once_differentiable

@@ -413,28 +413,34 @@ def row_sparse_grad(weight: Tensor, rows: Tensor, values: Tensor) -> Tensor:
 # --- autograd ----------------------------------------------------------------------------------
 
 
+def forward_and_save(ctx, op, x, weight, bias, memory, plan, *args):
+    """``op(x, weight, bias, *args)``, cast once by autocast's rules so that the backward runs on
+    the forward's very operands, which are saved on ``ctx`` with what a sparse backward needs."""
+    cast = autocast_dtype(x.device.type)
+    xc, wc, bc = x, weight, bias
+    if cast is None:
+        y = op(x, weight, bias, *args)
+    else:
+        xc, wc, bc = autocast_arg(x, cast), autocast_arg(weight, cast), autocast_arg(bias, cast)
+        with torch.autocast(x.device.type, enabled=False):
+            y = op(xc, wc, bc, *args)
+    ctx.save_for_backward(xc, wc)
+    # The memory is state, not an input of the graph: it is mutated in backward, so it must not
+    # go through save_for_backward (whose version check would trip on that).
+    ctx.memory = memory
+    ctx.plan = plan
+    ctx.weight = weight
+    ctx.x_dtype = x.dtype
+    ctx.bias_dtype = bias.dtype if bias is not None else None
+    return y
+
+
 class SparseLinearFunction(torch.autograd.Function):
     """``y = x W^T + b`` with the MSBP backward; the memory tensor is updated in place."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, memory, plan: BackwardPlan):
-        cast = autocast_dtype(x.device.type)
-        xc, wc, bc = x, weight, bias
-        if cast is None:
-            y = F.linear(x, weight, bias)
-        else:  # cast once here (autocast's rules), so backward runs on the forward's operands
-            xc, wc, bc = autocast_arg(x, cast), autocast_arg(weight, cast), autocast_arg(bias, cast)
-            with torch.autocast(x.device.type, enabled=False):
-                y = F.linear(xc, wc, bc)
-        ctx.save_for_backward(xc, wc)
-        # The memory is state, not an input of the graph: it is mutated in backward, so it must
-        # not go through save_for_backward (whose version check would trip on that).
-        ctx.memory = memory
-        ctx.plan = plan
-        ctx.weight = weight
-        ctx.x_dtype = x.dtype
-        ctx.bias_dtype = bias.dtype if bias is not None else None
-        return y
+        return forward_and_save(ctx, F.linear, x, weight, bias, memory, plan)
 
     @staticmethod
     @once_differentiable
