@@ -36,6 +36,7 @@ class GradScaler(torch.amp.GradScaler):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._msbp_snapshots: dict[int, tuple[Tensor, Tensor]] = {}
+        scaling.register(self)
 
     def scale(self, outputs):  # type: ignore[override]
         scaled = super().scale(outputs)

@@ -3,14 +3,25 @@
 from __future__ import annotations
 
 import functools
+import sys
 from collections.abc import Callable
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
+from msbp import native
 from msbp.config import SparseBackpropConfig
-from msbp.ops.sparse_linear import BackwardPlan, SparseLinearFunction
+from msbp.ops import scaling
+from msbp.ops.sparse_linear import (
+    _WIDE,
+    NATIVE_SPARSE_RATIO,
+    SELECTION_CODES,
+    BackwardPlan,
+    SparseLinearFunction,
+)
+from msbp.ops.touched_rows import rows_mask
 
 
 def memory_dtype(param_dtype: torch.dtype) -> torch.dtype:
@@ -105,8 +116,54 @@ def sparse_linear(
     if not (torch.is_grad_enabled() and needs_grad):
         return F.linear(x, weight, bias)
     check_no_functorch(f"sparse layer {name!r}" if name else "sparse_linear")
+    if probe is None and _fast_path_ok(x, weight, memory, config):
+        return _sparse_linear_fast(x, weight, bias, memory, config, name)
     plan = make_plan(config, out_features, generator=generator, name=name, probe=probe)
     return SparseLinearFunction.apply(x, weight, bias, memory, plan)
+
+
+_FAST_BUFFER = "_msbp_fast_grad_buffer"
+
+
+def _fast_path_ok(x: Tensor, weight: Tensor, memory: Tensor | None, config) -> bool:
+    """Whether the C++ autograd function (``msbp::sparse_linear_fast``) is exactly
+    ``SparseLinearFunction`` here: eager CPU, no autocast, no scaler, no torch.distributed."""
+    if x.device.type != "cpu" or x.dtype != weight.dtype or x.dtype not in _WIDE:
+        return False
+    if config.selection == "random" or config.backend != "sparse" or not config.grad_inplace:
+        return False
+    if torch.compiler.is_compiling() or torch.is_autocast_enabled("cpu"):
+        return False
+    if scaling.any_scaler() or (dist.is_available() and dist.is_initialized()):
+        return False
+    if memory is not None and config.memory_layout == "slot" and (
+        memory.shape[0] != x.numel() // max(x.shape[-1], 1)
+    ):
+        return False  # a new batch shape: the PyTorch glue spreads the memory first
+    return native.use_native(x.device)
+
+
+def _sparse_linear_fast(x, weight, bias, memory, config, name) -> Tensor:
+    kept = weight.__dict__.get(_FAST_BUFFER)
+    if weight.grad is None:
+        # put back last step's buffer if nobody else holds it (references: the dict's tuple,
+        # `buf` and getrefcount's argument), else a new one
+        buf = kept[0] if kept is not None else None
+        if buf is None or sys.getrefcount(buf) > 3 or buf.shape != weight.shape or (
+            buf.dtype != weight.dtype
+        ):
+            state = torch.full((weight.shape[0] + 2,), -1, dtype=torch.long)
+            kept = weight.__dict__[_FAST_BUFFER] = (torch.zeros_like(weight), state)
+        del buf
+    elif kept is None:
+        state = torch.full((weight.shape[0] + 2,), -1, dtype=torch.long)
+        kept = weight.__dict__[_FAST_BUFFER] = (weight.new_empty(0), state)
+    return torch.ops.msbp.sparse_linear_fast(
+        x, weight, bias, memory, kept[0], kept[1], rows_mask(weight),
+        config.k_for(weight.shape[0]), SELECTION_CODES[config.selection], float(config.memory),
+        config.memory_layout == "slot", config.on_nonfinite == "skip", NATIVE_SPARSE_RATIO,
+        name,
+    )
 
 
 def make_plan(

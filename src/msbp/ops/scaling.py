@@ -8,9 +8,23 @@ the layers hand it a copy of their memory before changing it, so that it can res
 
 from __future__ import annotations
 
+import weakref
+
 from torch import Tensor
 
 _active: list = [None]  # the scaler whose scaled loss is being backpropagated, or None
+_alive: weakref.WeakSet = weakref.WeakSet()  # every msbp scaler in this process
+
+
+def register(scaler) -> None:
+    """Note that ``scaler`` exists: while one does, layers take the path that can scale."""
+    _alive.add(scaler)
+
+
+def any_scaler() -> bool:
+    """Whether some ``msbp.amp.GradScaler`` exists (its scale may apply to the next backward,
+    which a layer cannot know at forward time)."""
+    return len(_alive) > 0
 
 
 def activate(scaler) -> None:

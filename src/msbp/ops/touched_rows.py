@@ -18,9 +18,31 @@ TRACK_ROWS = "_msbp_track_rows"
 #: attribute on a Parameter: row indices (or None = all rows) touched since the last step
 ROWS_LOG = "_msbp_rows"
 
+#: attribute on a Parameter: a uint8 (out,) mask of the rows touched since the last take, which
+#: the C++ fast path of SparseLinear marks (it cannot append to a Python list)
+ROWS_MASK = "_msbp_row_mask"
+
 # Entries kept before the log is folded into one: bounds its size if nobody takes it for a
 # while (e.g. many backward passes between two steps).
 _FOLD_AT = 64
+
+
+def tracked(weight: Tensor) -> bool:
+    """Whether a live optimizer wants ``weight``'s touched rows."""
+    owner = weight.__dict__.get(TRACK_ROWS)
+    return owner is not None and owner() is not None
+
+
+def rows_mask(weight: Tensor) -> Tensor | None:
+    """The mask the fast path marks, made on first use, or None if nobody tracks ``weight``."""
+    if not tracked(weight):
+        return None
+    mask = weight.__dict__.get(ROWS_MASK)
+    if mask is None or mask.device != weight.device or mask.numel() != weight.shape[0]:
+        mask = weight.__dict__[ROWS_MASK] = torch.zeros(
+            weight.shape[0], dtype=torch.uint8, device=weight.device
+        )
+    return mask
 
 
 def log_touched_rows(weight: Tensor, rows: Tensor | None) -> None:
@@ -46,6 +68,21 @@ def fold_rows(log: list[Tensor | None]) -> Tensor | None:
     return torch.unique(torch.cat(log))
 
 
+def pending_rows(weight: Tensor) -> list[Tensor | None]:
+    """What ``take_touched_rows`` would return now, without taking it."""
+    log = list(weight.__dict__.get(ROWS_LOG) or [])
+    mask = weight.__dict__.get(ROWS_MASK)
+    if mask is not None and bool(mask.any()):
+        log.append(mask.nonzero().flatten())
+    return log
+
+
 def take_touched_rows(weight: Tensor) -> list[Tensor | None]:
-    """Remove and return ``weight``'s log (empty if nothing was logged since the last take)."""
-    return weight.__dict__.pop(ROWS_LOG, None) or []
+    """Remove and return ``weight``'s log (empty if nothing was logged since the last take),
+    the rows marked in its mask included."""
+    log = weight.__dict__.pop(ROWS_LOG, None) or []
+    mask = weight.__dict__.get(ROWS_MASK)
+    if mask is not None and bool(mask.any()):
+        log.append(mask.nonzero().flatten())
+        mask.zero_()
+    return log
