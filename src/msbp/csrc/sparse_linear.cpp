@@ -532,7 +532,15 @@ struct SparseLinearFn : public torch::autograd::Function<SparseLinearFn> {
     Tensor x = saved[0], w = saved[1];
     Tensor weight = ctx->saved_data["param"].toTensor();
     Tensor memory = ctx->saved_data["memory"].toTensor();
-    Tensor kept = ctx->saved_data["kept"].toTensor();
+    // the graph outlives this backward while its output lives; the buffer must not stay
+    // referenced from it, or the next step sees it held and cannot put it back
+    Tensor kept;
+    if (auto it = ctx->saved_data.find("kept"); it != ctx->saved_data.end()) {
+      kept = it->second.toTensor();
+      ctx->saved_data.erase(it);
+    } else {
+      kept = at::empty({0}, w.options());  // a second backward (retain_graph): no buffer
+    }
     Tensor state = ctx->saved_data["state"].toTensor();
     Tensor mask = ctx->saved_data["mask"].toTensor();
     const int64_t out = weight.size(0), d_in = weight.size(1);
