@@ -19,6 +19,9 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <functional>
+#include <limits>
+#include <type_traits>
 #include <vector>
 
 namespace msbp {
@@ -36,58 +39,50 @@ struct Entry {
   int64_t i;
 };
 
-// Heap order for the k best: (score desc, index asc) is "better"; the heap's root is the worst
-// entry kept, so a candidate enters iff it beats the root.
+// (score desc, index asc): the order of the k best. With it as the heap's "less", the root of a
+// heap of kept entries is the worst of them.
 template <typename A>
 inline bool better(const Entry<A>& a, const Entry<A>& b) {
   return a.s > b.s || (a.s == b.s && a.i < b.i);
 }
 
-// The indices of the k largest v[0..m) (ties: the lower index), ascending, into out. `heap` is
-// scratch of k entries. Candidates are scanned in blocks: a block with no value above the k-th
-// best so far (the common case once the heap is warm) costs one vectorised compare.
-template <typename A, bool Abs>
-void topk_indices(const A* v, int64_t m, int64_t k, int64_t* out, Entry<A>* heap) {
-  auto val = [&](int64_t j) { return Abs ? std::abs(v[j]) : v[j]; };
-  for (int64_t j = 0; j < k; ++j) heap[j] = {val(j), j};
-  std::make_heap(heap, heap + k, better<A>);
-  constexpr int64_t kBlock = 16;
-  int64_t j = k;
-  for (; j < m && j % kBlock; ++j) {
-    A x = val(j);
-    if (x > heap[0].s) {  // later index: a tie never beats the root
-      std::pop_heap(heap, heap + k, better<A>);
-      heap[k - 1] = {x, j};
-      std::push_heap(heap, heap + k, better<A>);
-    }
-  }
-  for (; j < m; j += kBlock) {
-    const int64_t e = std::min(m, j + kBlock);
-    const A thr = heap[0].s;
-    int any = 0;
-    for (int64_t q = j; q < e; ++q) any |= (Abs ? std::abs(v[q]) : v[q]) > thr;
-    if (!any) continue;
-    for (int64_t q = j; q < e; ++q) {
-      A x = val(q);
-      if (x > heap[0].s) {
-        std::pop_heap(heap, heap + k, better<A>);
-        heap[k - 1] = {x, q};
-        std::push_heap(heap, heap + k, better<A>);
-      }
-    }
-  }
-  for (int64_t q = 0; q < k; ++q) out[q] = heap[q].i;
-  std::sort(out, out + k);
-}
-
 // ---- products ----------------------------------------------------------------------------------
 
-// GCC/Clang vector types: AVX2 registers under -mavx2, SSE pairs otherwise; no intrinsics.
-typedef float v8f __attribute__((vector_size(32), aligned(4)));
-typedef double v4d __attribute__((vector_size(32), aligned(8)));
+// GCC/Clang vector types: AVX2 registers under -mavx2, SSE pairs otherwise; no intrinsics. The
+// register type keeps its natural alignment (so arrays of it stay in registers); memory is read
+// and written through the unaligned, may-alias twin.
+typedef float v8f __attribute__((vector_size(32)));
+typedef double v4d __attribute__((vector_size(32)));
+typedef float v8f_u __attribute__((vector_size(32), aligned(4), may_alias));
+typedef double v4d_u __attribute__((vector_size(32), aligned(8), may_alias));
 template <typename T> struct Vec;
-template <> struct Vec<float> { using type = v8f; static constexpr int width = 8; };
-template <> struct Vec<double> { using type = v4d; static constexpr int width = 4; };
+template <> struct Vec<float> {
+  using type = v8f;
+  using mem = v8f_u;
+  static constexpr int width = 8;
+};
+template <> struct Vec<double> {
+  using type = v4d;
+  using mem = v4d_u;
+  static constexpr int width = 4;
+};
+
+template <typename V, typename A>
+inline V load(const A* p) {
+  if constexpr (std::is_floating_point_v<V>) {
+    return *p;
+  } else {
+    return *reinterpret_cast<const typename Vec<A>::mem*>(p);
+  }
+}
+template <typename V, typename A>
+inline void store(A* p, V v) {
+  if constexpr (std::is_floating_point_v<V>) {
+    *p = v;
+  } else {
+    *reinterpret_cast<typename Vec<A>::mem*>(p) = v;
+  }
+}
 constexpr int kBlockVecs = 8;  // accumulators per block: 64 floats / 32 doubles in registers
 
 // dst[0..len) (+)= sum_j coef[j] * src[j][0..len): every product of the backward.
@@ -102,36 +97,16 @@ void axpy_rows(T* dst, const T* const* src, const T* coef, int64_t cnt, int64_t 
     for (int q = 0; q < kBlockVecs; ++q) acc[q] = V{};
     for (int64_t j = 0; j < cnt; ++j) {
       const T* s = src[j] + b;
-      V c = V{} + coef[j];
-      for (int q = 0; q < kBlockVecs; ++q) {
-        V sv;
-        std::memcpy(&sv, s + q * W, sizeof(V));
-        acc[q] += c * sv;
-      }
+      const V c = V{} + coef[j];
+      for (int q = 0; q < kBlockVecs; ++q) acc[q] += c * load<V>(s + q * W);
     }
-    for (int q = 0; q < kBlockVecs; ++q) {
-      V d = acc[q];
-      if (Add) {
-        V old;
-        std::memcpy(&old, dst + b + q * W, sizeof(V));
-        d = old + acc[q];
-      }
-      std::memcpy(dst + b + q * W, &d, sizeof(V));
-    }
+    for (int q = 0; q < kBlockVecs; ++q)
+      store(dst + b + q * W, Add ? load<V>(dst + b + q * W) + acc[q] : acc[q]);
   }
   for (; b + W <= len; b += W) {
     V acc = V{};
-    for (int64_t j = 0; j < cnt; ++j) {
-      V sv;
-      std::memcpy(&sv, src[j] + b, sizeof(V));
-      acc += (V{} + coef[j]) * sv;
-    }
-    if (Add) {
-      V old;
-      std::memcpy(&old, dst + b, sizeof(V));
-      acc = old + acc;
-    }
-    std::memcpy(dst + b, &acc, sizeof(V));
+    for (int64_t j = 0; j < cnt; ++j) acc += (V{} + coef[j]) * load<V>(src[j] + b);
+    store(dst + b, Add ? load<V>(dst + b) + acc : acc);
   }
   for (; b < len; ++b) {
     T acc = 0;
@@ -142,88 +117,161 @@ void axpy_rows(T* dst, const T* const* src, const T* coef, int64_t cnt, int64_t 
 
 // ---- the cell's chain rule ---------------------------------------------------------------------
 
-struct StepPtrs {
-  int64_t t;        // time step
-  bool has_prev;    // t' exists (else h0, c0)
-  int64_t tp;       // t'
+template <typename V>
+inline V vabs(V x) {
+  if constexpr (std::is_floating_point_v<V>) {
+    return std::abs(x);
+  } else {
+    return x < V{} ? -x : x;  // lane-wise; a NaN stays a NaN
+  }
+}
+
+// The values ranked by a selection: x[j] (+ add[j] * mul), their absolute value for Abs.
+template <typename A, bool Abs, bool Add>
+struct Ranked {
+  const A* x;
+  const A* add;
+  A mul;
+  template <typename V>
+  inline V at(int64_t j) const {
+    V v = load<V>(x + j);
+    if (Add) v = v + load<V>(add + j) * (V{} + mul);
+    return Abs ? vabs(v) : v;
+  }
 };
 
+constexpr int64_t kTopkBlock = 32;
+
+// The indices of the k largest values of r over [0, m) (ties: the lower index), ascending, into
+// out. First the maximum of every block of 32 (vectorised); the k-th largest block maximum is a
+// lower bound of the k-th largest value, so only blocks whose maximum reaches it are scanned
+// (about k blocks of random data instead of all m values).
+template <typename A, bool Abs, bool Add>
+void topk_indices(const Ranked<A, Abs, Add>& r, int64_t m, int64_t k, int64_t* out,
+                  std::vector<A>& bmax, std::vector<A>& bsel, std::vector<Entry<A>>& heap) {
+  using V = typename Vec<A>::type;
+  constexpr int W = Vec<A>::width;
+  const int64_t nb = (m + kTopkBlock - 1) / kTopkBlock;
+  bmax.resize(nb);
+  for (int64_t bl = 0; bl < nb; ++bl) {
+    const int64_t j0 = bl * kTopkBlock, j1 = std::min(m, j0 + kTopkBlock);
+    int64_t j = j0;
+    A mx = -std::numeric_limits<A>::infinity();
+    if (j + W <= j1) {
+      V mv = r.template at<V>(j);
+      for (j += W; j + W <= j1; j += W) {
+        const V v = r.template at<V>(j);
+        mv = v > mv ? v : mv;
+      }
+      for (int q = 0; q < W; ++q) mx = mv[q] > mx ? mv[q] : mx;
+    }
+    for (; j < j1; ++j) {
+      const A v = r.template at<A>(j);
+      mx = v > mx ? v : mx;
+    }
+    bmax[bl] = mx == mx ? mx : std::numeric_limits<A>::infinity();  // NaN: scan the block
+  }
+  A thr = -std::numeric_limits<A>::infinity();
+  if (nb >= k) {
+    bsel.assign(bmax.begin(), bmax.end());
+    std::nth_element(bsel.begin(), bsel.begin() + (k - 1), bsel.end(), std::greater<A>());
+    thr = bsel[k - 1];
+  }
+  heap.clear();
+  for (int64_t bl = 0; bl < nb; ++bl) {
+    if (!(bmax[bl] >= thr)) continue;
+    const int64_t j1 = std::min(m, (bl + 1) * kTopkBlock);
+    for (int64_t j = bl * kTopkBlock; j < j1; ++j) {
+      const Entry<A> e{r.template at<A>(j), j};
+      if (!(e.s >= thr)) continue;
+      if (static_cast<int64_t>(heap.size()) < k) {
+        heap.push_back(e);
+        std::push_heap(heap.begin(), heap.end(), better<A>);
+      } else if (better(e, heap.front())) {
+        std::pop_heap(heap.begin(), heap.end(), better<A>);
+        heap.back() = e;
+        std::push_heap(heap.begin(), heap.end(), better<A>);
+      }
+    }
+  }
+  if (static_cast<int64_t>(heap.size()) < k) {
+    // only with NaNs (whose comparisons fail), which fail the finiteness check anyway: any k
+    // distinct indices keep the step well defined
+    for (int64_t q = 0; q < k; ++q) out[q] = q;
+    return;
+  }
+  for (int64_t q = 0; q < k; ++q) out[q] = heap[q].i;
+  std::sort(out, out + k);
+}
+
+// The cell's chain rule at hidden units [h, h + lanes) of one row; V is a vector of lanes or
+// one scalar. See cell_chunk.
+template <typename V, typename A, int Mem, bool Scores>
+inline void cell_lanes(int64_t h, int64_t H, const A* ab, const A* tb, const A* cb, const A* ob,
+                       A* dhb, A* dcb, A* gb, A* ub, const A* mvec, A mmul, A* score, A* usum,
+                       A* gsum, V& wit) {
+  const V one = V{} + A(1), zero = V{};
+  const V i = load<V>(ab + h), f = load<V>(ab + H + h), gg = load<V>(ab + 2 * H + h),
+          o = load<V>(ab + 3 * H + h), tch = load<V>(tb + h);
+  const V d_h = load<V>(ob + h) + load<V>(dhb + h);
+  const V d_c = load<V>(dcb + h) + d_h * (o * (one - tch * tch));
+  V u[4];
+  u[0] = d_c * (gg * (one - i) * i);
+  u[1] = d_c * (load<V>(cb + h) * (one - f) * f);
+  u[2] = d_c * (i * (one - gg * gg));
+  u[3] = d_h * (tch * (one - o) * o);
+  store(dcb + h, d_c * f);
+  for (int q = 0; q < 4; ++q) {
+    store(gb + q * H + h, u[q]);
+    store(gsum + q * H + h, load<V>(gsum + q * H + h) + u[q]);
+    if (Mem == 1) u[q] = u[q] + load<V>(mvec + q * H + h) * (V{} + mmul);
+    if (Mem == 2) u[q] = u[q] + load<V>(ub + q * H + h) * (V{} + mmul);
+    if (Mem == 2) store(ub + q * H + h, u[q]);
+    if (Scores) store(score + q * H + h, load<V>(score + q * H + h) + vabs(u[q]));
+    if (Mem == 1) store(usum + q * H + h, load<V>(usum + q * H + h) + u[q]);
+    wit = wit + u[q] * zero;  // NaN iff some U is not finite; never an overflow
+  }
+}
+
 // One step of the cell's chain rule over hidden units [h0, h1) of every row. Writes G (the gate
-// gradient), U = G + memory (when `u` differs from `g`), updates dh/dc in place (dh: the incoming
-// U_S W of step t+1 on entry; dc: dc f on exit), accumulates the column scores |U|, the column sums
-// of U and of G, and the finiteness witness (a sum of U * 0: NaN iff some U is not finite, never
-// an overflow).
-template <typename A, int Mem>  // Mem: 0 none, 1 unit (mvec / B), 2 slot (mscale * u in place)
+// gradient) and forms U = G + memory (Mem: 0 none, U is G; 1 unit, + mvec / B, not stored: it is
+// cheaper to recompute where needed than to write; 2 slot, + mmul * u, stored in u), updates dh and dc in place (on entry: U_S W and dc f of step t+1; on exit dc f of this
+// step), accumulates the column scores sum |U| (Scores), the column sums of U (unit memory) and
+// of G, and a finiteness witness: a sum of U * 0, NaN iff some U is not finite, never an
+// overflow (a sum of the values would overflow near 3e38 on finite values).
+template <typename A, int Mem, bool Scores>
 void cell_chunk(int64_t B, int64_t H, int64_t h0, int64_t h1, const A* act, const A* tc,
                 const A* cprev, const A* dout, int64_t dout_sb, A* dh, A* dc, A* g, A* u,
-                const A* mvec, A mmul, A* score, A* usum, A* gsum, A* witness, bool scores) {
+                const A* mvec, A mmul, A* score, A* usum, A* gsum, A* witness) {
+  using V = typename Vec<A>::type;
+  constexpr int W = Vec<A>::width;
   const int64_t G4 = 4 * H;
   for (int64_t q = 0; q < 4; ++q)
     for (int64_t h = h0; h < h1; ++h) {
       score[q * H + h] = 0;
       usum[q * H + h] = 0;
     }
-  A wit = 0;
+  V wv = V{};
+  A ws = 0;
   for (int64_t b = 0; b < B; ++b) {
-    const A* __restrict ab = act + b * G4;
-    const A* __restrict tb = tc + b * H;
-    const A* __restrict cb = cprev + b * H;
-    const A* __restrict ob = dout ? dout + b * dout_sb : nullptr;
-    A* __restrict dhb = dh + b * H;
-    A* __restrict dcb = dc + b * H;
-    A* __restrict gb = g + b * G4;
-    A* __restrict ub = u + b * G4;
-    for (int64_t h = h0; h < h1; ++h) {
-      const A i = ab[h], f = ab[H + h], gg = ab[2 * H + h], o = ab[3 * H + h], tch = tb[h];
-      const A d_h = (ob ? ob[h] : A(0)) + dhb[h];
-      const A d_c = dcb[h] + d_h * (o * (A(1) - tch * tch));
-      const A gi = d_c * (gg * (A(1) - i) * i);
-      const A gf = d_c * (cb[h] * (A(1) - f) * f);
-      const A gc = d_c * (i * (A(1) - gg * gg));
-      const A go = d_h * (tch * (A(1) - o) * o);
-      dcb[h] = d_c * f;
-      gb[h] = gi;
-      gb[H + h] = gf;
-      gb[2 * H + h] = gc;
-      gb[3 * H + h] = go;
-      A ui = gi, uf = gf, uc = gc, uo = go;
-      if (Mem == 1) {
-        ui += mvec[h] * mmul;
-        uf += mvec[H + h] * mmul;
-        uc += mvec[2 * H + h] * mmul;
-        uo += mvec[3 * H + h] * mmul;
-      } else if (Mem == 2) {
-        ui += ub[h] * mmul;
-        uf += ub[H + h] * mmul;
-        uc += ub[2 * H + h] * mmul;
-        uo += ub[3 * H + h] * mmul;
-      }
-      if (Mem != 0) {
-        ub[h] = ui;
-        ub[H + h] = uf;
-        ub[2 * H + h] = uc;
-        ub[3 * H + h] = uo;
-      }
-      gsum[h] += gi;
-      gsum[H + h] += gf;
-      gsum[2 * H + h] += gc;
-      gsum[3 * H + h] += go;
-      if (scores) {
-        score[h] += std::abs(ui);
-        score[H + h] += std::abs(uf);
-        score[2 * H + h] += std::abs(uc);
-        score[3 * H + h] += std::abs(uo);
-      }
-      if (Mem == 1) {
-        usum[h] += ui;
-        usum[H + h] += uf;
-        usum[2 * H + h] += uc;
-        usum[3 * H + h] += uo;
-      }
-      wit += ui * A(0) + uf * A(0) + uc * A(0) + uo * A(0);
-    }
+    const A* ab = act + b * G4;
+    const A* tb = tc + b * H;
+    const A* cb = cprev + b * H;
+    const A* ob = dout + b * dout_sb;
+    A* dhb = dh + b * H;
+    A* dcb = dc + b * H;
+    A* gb = g + b * G4;
+    A* ub = u + b * G4;
+    int64_t h = h0;
+    for (; h + W <= h1; h += W)
+      cell_lanes<V, A, Mem, Scores>(h, H, ab, tb, cb, ob, dhb, dcb, gb, ub, mvec, mmul, score,
+                                    usum, gsum, wv);
+    for (; h < h1; ++h)
+      cell_lanes<A, A, Mem, Scores>(h, H, ab, tb, cb, ob, dhb, dcb, gb, ub, mvec, mmul, score,
+                                    usum, gsum, ws);
   }
-  *witness = wit;
+  for (int q = 0; q < W; ++q) ws += wv[q];
+  *witness = ws;
 }
 
 [[noreturn]] void nonfinite() {
@@ -272,11 +320,12 @@ std::vector<Tensor> backward_impl(const Tensor& act, const Tensor& cells, const 
   const A* wp = w.data_ptr<A>();
   const A* doutp = d_out.defined() ? d_out.data_ptr<A>() : nullptr;
   const int64_t dout_st = d_out.defined() ? d_out.stride(0) : 0;
-  const int64_t dout_sb = d_out.defined() ? d_out.stride(1) : 0;
+  const int64_t dout_sb = d_out.defined() ? d_out.stride(1) : H;
+  std::vector<A> zeros_bh(d_out.defined() ? 0 : B * H, A(0));  // d_out when none was given
 
   // memory, in local copies: written back only when every step was finite
-  std::vector<A> score(G4), usum(G4), mvec;
-  Tensor ubuf;
+  std::vector<A> score(G4), usum(G4), mvec, mnew;
+  Tensor ubuf;  // slot layout: U, then the residual (the memory is mmul * ubuf)
   A mmul = 0;
   if (use_memory) {
     const Tensor& m = *memory;
@@ -291,42 +340,46 @@ std::vector<Tensor> backward_impl(const Tensor& act, const Tensor& cells, const 
       }
     } else {
       mvec.assign(m.data_ptr<A>(), m.data_ptr<A>() + G4);
+      mnew.resize(G4);
       mmul = static_cast<A>(1.0 / static_cast<double>(B));
     }
   }
   const int mem_kind = use_memory ? (opt.slot ? 2 : 1) : 0;
-  A* up = ubuf.defined() ? ubuf.data_ptr<A>() : nullptr;
-  std::vector<A> uvec;  // U for the unit layout (the slot layout works in ubuf)
-  if (mem_kind == 1) {
-    uvec.resize(B * G4);
-    up = uvec.data();
-  }
   const A alpha = static_cast<A>(opt.alpha);
 
-  // dW_hh rows, one slot per distinct kept column, in order of first use
-  const int64_t max_slots =
-      dense ? 0 : std::min<int64_t>(G4, T * k * (per_example ? B : 1));
+  // dW_hh rows, one slot per distinct kept column, in order of first use; a slot's first
+  // product writes it (no zeroing), later ones add
+  const int64_t max_slots = dense ? 0 : std::min<int64_t>(G4, T * k * (per_example ? B : 1));
   Tensor dw_buf = opt.need_w && !dense ? at::empty({max_slots, H}, opts) : Tensor();
+  A* dwp = dw_buf.defined() ? dw_buf.data_ptr<A>() : nullptr;
   std::vector<int64_t> slot_of(dense ? 0 : G4, -1), slot_cols;
   slot_cols.reserve(max_slots);
-  auto slot_for = [&](int64_t col) {
+  auto slot_for = [&](int64_t col, bool& fresh) {
     int64_t& s = slot_of[col];
-    if (s < 0) {
+    fresh = s < 0;
+    if (fresh) {
       s = static_cast<int64_t>(slot_cols.size());
       slot_cols.push_back(col);
-      std::fill_n(dw_buf.data_ptr<A>() + s * H, H, A(0));
     }
     return s;
+  };
+  auto dw_rows = [&](int64_t slot, bool fresh, const A* const* src, const A* coef, int64_t cnt) {
+    if (fresh) axpy_rows<A, false>(dwp + slot * H, src, coef, cnt, H);
+    else axpy_rows<A, true>(dwp + slot * H, src, coef, cnt, H);
   };
 
   const int64_t grain_h = std::max<int64_t>(8, 16384 / std::max<int64_t>(1, 4 * B));
   const int64_t nchunks = (H + grain_h - 1) / grain_h;
   std::vector<A> witness(nchunks);
-  std::vector<int64_t> sel(per_example ? B * k : k);
+  std::vector<int64_t> sel(per_example ? B * k : k), slots;
+  std::vector<char> fresh_slot;
   std::vector<A> vals(B * k), vcol(per_example ? 0 : B * k);
   std::vector<const A*> hprev(B);
-  // per-example: the step's kept entries grouped by column (counting sort)
-  std::vector<int64_t> col_count(per_example ? G4 + 1 : 0), col_list, ent_start, ent_pos;
+  std::vector<A> bmax, bsel;
+  std::vector<Entry<A>> heap;
+  // per-example: the step's kept entries grouped by column (a counting sort): the distinct
+  // columns, and for each its rows (ascending) and values
+  std::vector<int64_t> col_start(per_example ? G4 + 1 : 0), col_list, ent_start, ent_row;
   std::vector<A> ent_val;
   std::vector<const A*> ent_src;
   const int64_t* rand_p = random_cols.has_value() ? random_cols->data_ptr<int64_t>() : nullptr;
@@ -339,21 +392,30 @@ std::vector<Tensor> backward_impl(const Tensor& act, const Tensor& cells, const 
     const A* cprev = has_prev ? cellp + tp * B * H : c0p;
     const A* hprev_base = has_prev ? outp + tp * B * H : h0p;
     A* g = dgates.data_ptr<A>() + t * B * G4;
-    A* u = mem_kind ? up : g;
-    const A* dout = doutp ? doutp + t * dout_st : nullptr;
+    A* u = mem_kind == 2 ? ubuf.data_ptr<A>() : g;  // U where it is stored
+    const A* dout = doutp ? doutp + t * dout_st : zeros_bh.data();
     const bool scores = !dense && opt.selection == kUnified;
 
     at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
       for (int64_t c = c0; c < c1; ++c) {
         const int64_t lo = c * grain_h, hi = std::min(H, lo + grain_h);
-        auto run = [&](auto kind) {
-          cell_chunk<A, decltype(kind)::value>(
+        auto run = [&](auto kind, auto with_scores) {
+          cell_chunk<A, decltype(kind)::value, decltype(with_scores)::value>(
               B, H, lo, hi, actp + t * B * G4, tcp + t * B * H, cprev, dout, dout_sb, dh, dc, g,
-              u, mvec.data(), mmul, score.data(), usum.data(), gsum, &witness[c], scores);
+              u, mvec.data(), mmul, score.data(), usum.data(), gsum, &witness[c]);
         };
-        if (mem_kind == 1) run(std::integral_constant<int, 1>{});
-        else if (mem_kind == 2) run(std::integral_constant<int, 2>{});
-        else run(std::integral_constant<int, 0>{});
+        using Yes = std::true_type;
+        using No = std::false_type;
+        if (mem_kind == 1) {
+          scores ? run(std::integral_constant<int, 1>{}, Yes{})
+                 : run(std::integral_constant<int, 1>{}, No{});
+        } else if (mem_kind == 2) {
+          scores ? run(std::integral_constant<int, 2>{}, Yes{})
+                 : run(std::integral_constant<int, 2>{}, No{});
+        } else {
+          scores ? run(std::integral_constant<int, 0>{}, Yes{})
+                 : run(std::integral_constant<int, 0>{}, No{});
+        }
       }
     });
     if (!raw) {
@@ -366,18 +428,22 @@ std::vector<Tensor> backward_impl(const Tensor& act, const Tensor& cells, const 
       continue;
     }
 
+    // U at (b, o), recomputed for the unit layout (G + M / B, as in cell_lanes)
+    auto u_at = [&](int64_t b, int64_t o) -> A {
+      return mem_kind == 1 ? g[b * G4 + o] + mvec[o] * mmul : u[b * G4 + o];
+    };
     for (int64_t b = 0; b < B; ++b) hprev[b] = hprev_base + b * H;
     if (!per_example) {
       // ---- one set of k columns for the batch ----
       if (opt.selection == kRandom) {
         std::copy(rand_p + s * k, rand_p + (s + 1) * k, sel.begin());
       } else {
-        std::vector<Entry<A>> heap(k);
-        topk_indices<A, false>(score.data(), G4, k, sel.data(), heap.data());
+        topk_indices(Ranked<A, false, false>{score.data(), nullptr, 0}, G4, k, sel.data(), bmax,
+                     bsel, heap);
       }
       for (int64_t b = 0; b < B; ++b)
         for (int64_t j = 0; j < k; ++j) {
-          const A v = u[b * G4 + sel[j]];
+          const A v = u_at(b, sel[j]);
           vals[b * k + j] = v;
           vcol[j * B + b] = v;
         }
@@ -388,12 +454,16 @@ std::vector<Tensor> backward_impl(const Tensor& act, const Tensor& cells, const 
           axpy_rows<A, false>(dh + b * H, src.data(), vals.data() + b * k, k, H);
       });
       if (opt.need_w) {
-        std::vector<int64_t> slots(k);
-        for (int64_t j = 0; j < k; ++j) slots[j] = slot_for(sel[j]);
-        A* dwp = dw_buf.data_ptr<A>();
+        slots.resize(k);
+        fresh_slot.resize(k);
+        for (int64_t j = 0; j < k; ++j) {
+          bool fresh;
+          slots[j] = slot_for(sel[j], fresh);
+          fresh_slot[j] = fresh;
+        }
         at::parallel_for(0, k, 1, [&](int64_t j0, int64_t j1) {
           for (int64_t j = j0; j < j1; ++j)
-            axpy_rows<A, true>(dwp + slots[j] * H, hprev.data(), vcol.data() + j * B, B, H);
+            dw_rows(slots[j], fresh_slot[j], hprev.data(), vcol.data() + j * B, B);
         });
       }
       if (mem_kind == 1) {
@@ -407,65 +477,85 @@ std::vector<Tensor> backward_impl(const Tensor& act, const Tensor& cells, const 
     } else {
       // ---- k entries per row ----
       at::parallel_for(0, B, 4, [&](int64_t b0, int64_t b1) {
-        std::vector<Entry<A>> heap(k);
+        std::vector<A> bm, bs;
+        std::vector<Entry<A>> hp;
         std::vector<const A*> src(k);
         for (int64_t b = b0; b < b1; ++b) {
-          A* ub = u + b * G4;
           int64_t* ib = sel.data() + b * k;
           A* vb = vals.data() + b * k;
-          topk_indices<A, true>(ub, G4, k, ib, heap.data());
+          if (mem_kind == 1) {
+            topk_indices(Ranked<A, true, true>{g + b * G4, mvec.data(), mmul}, G4, k, ib, bm, bs,
+                         hp);
+          } else {
+            topk_indices(Ranked<A, true, false>{u + b * G4, nullptr, 0}, G4, k, ib, bm, bs, hp);
+          }
           for (int64_t j = 0; j < k; ++j) {
-            vb[j] = ub[ib[j]];
+            vb[j] = u_at(b, ib[j]);
             src[j] = wp + ib[j] * H;
           }
-          if (mem_kind) {
-            for (int64_t j = 0; j < k; ++j) ub[ib[j]] = 0;
+          if (mem_kind == 2) {
+            for (int64_t j = 0; j < k; ++j) u[b * G4 + ib[j]] = 0;
           }
           axpy_rows<A, false>(dh + b * H, src.data(), vb, k, H);
         }
       });
-      // group the entries by column: the distinct columns, and for each its rows and values
-      std::fill(col_count.begin(), col_count.end(), 0);
-      for (int64_t e = 0; e < B * k; ++e) ++col_count[sel[e] + 1];
+      std::fill(col_start.begin(), col_start.end(), 0);
+      for (int64_t e = 0; e < B * k; ++e) ++col_start[sel[e] + 1];
       col_list.clear();
       ent_start.assign(1, 0);
       for (int64_t o = 0; o < G4; ++o) {
-        if (col_count[o + 1]) {
+        if (col_start[o + 1]) {
           col_list.push_back(o);
-          ent_start.push_back(ent_start.back() + col_count[o + 1]);
+          ent_start.push_back(ent_start.back() + col_start[o + 1]);
         }
-        col_count[o + 1] = col_count[o] + col_count[o + 1];  // start of column o + 1
+        col_start[o + 1] += col_start[o];  // now the first entry of column o + 1
       }
       const int64_t nc = static_cast<int64_t>(col_list.size());
+      ent_val.resize(B * k);
+      ent_src.resize(B * k);
+      ent_row.resize(B * k);
+      for (int64_t b = 0; b < B; ++b)
+        for (int64_t j = 0; j < k; ++j) {
+          const int64_t pos = col_start[sel[b * k + j]]++;
+          ent_val[pos] = vals[b * k + j];
+          ent_src[pos] = hprev[b];
+          ent_row[pos] = b;
+        }
       if (opt.need_w) {
-        ent_val.resize(B * k);
-        ent_src.resize(B * k);
-        for (int64_t b = 0; b < B; ++b)
-          for (int64_t j = 0; j < k; ++j) {
-            const int64_t pos = col_count[sel[b * k + j]]++;
-            ent_val[pos] = vals[b * k + j];
-            ent_src[pos] = hprev[b];
-          }
-        std::vector<int64_t> slots(nc);
-        for (int64_t q = 0; q < nc; ++q) slots[q] = slot_for(col_list[q]);
-        A* dwp = dw_buf.data_ptr<A>();
+        slots.resize(nc);
+        fresh_slot.resize(nc);
+        for (int64_t q = 0; q < nc; ++q) {
+          bool fresh;
+          slots[q] = slot_for(col_list[q], fresh);
+          fresh_slot[q] = fresh;
+        }
         at::parallel_for(0, nc, 4, [&](int64_t q0, int64_t q1) {
           for (int64_t q = q0; q < q1; ++q) {
-            const int64_t e0 = ent_start[q], e1 = ent_start[q + 1];
-            axpy_rows<A, true>(dwp + slots[q] * H, ent_src.data() + e0, ent_val.data() + e0,
-                               e1 - e0, H);
+            const int64_t e0 = ent_start[q];
+            dw_rows(slots[q], fresh_slot[q], ent_src.data() + e0, ent_val.data() + e0,
+                    ent_start[q + 1] - e0);
           }
         });
       }
       if (mem_kind == 1) {
-        // the column sums of U with the kept entries zeroed: only kept columns change
-        for (int64_t o = 0; o < G4; ++o) mvec[o] = alpha * usum[o];
+        // the column sums of U without the kept entries: only the kept columns differ from
+        // those of U, and are summed again over the rows that did not keep them
+        for (int64_t o = 0; o < G4; ++o) mnew[o] = alpha * usum[o];
         for (int64_t q = 0; q < nc; ++q) {
           const int64_t o = col_list[q];
+          int64_t e = ent_start[q];
+          const int64_t e1 = ent_start[q + 1];
           A sum = 0;
-          for (int64_t b = 0; b < B; ++b) sum += u[b * G4 + o];
-          mvec[o] = alpha * sum;
+          for (int64_t b = 0; b < B; ++b) {
+            if (e < e1 && ent_row[e] == b) {
+              ++e;
+              continue;
+            }
+            sum += u_at(b, o);
+          }
+          mnew[o] = alpha * sum;
         }
+        mvec.swap(mnew);
       } else if (mem_kind == 2) {
         mmul = alpha;
       }
