@@ -20,6 +20,7 @@
 #include <cmath>
 #include <cstring>
 #include <functional>
+#include <tuple>
 #include <limits>
 #include <type_traits>
 #include <vector>
@@ -288,8 +289,12 @@ struct Options {
   bool need_w;
 };
 
+// gate gradients, dh0, dc0, the kept columns, their dW_hh rows, db, skipped (1 if a non-finite
+// gradient was propagated densely instead)
+using Outputs = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
+
 template <typename A>
-std::vector<Tensor> backward_impl(const Tensor& act, const Tensor& cells, const Tensor& tanh_c,
+Outputs backward_impl(const Tensor& act, const Tensor& cells, const Tensor& tanh_c,
                                   const Tensor& out, const Tensor& h0, const Tensor& c0,
                                   const Tensor& w, const Tensor& d_out, const Tensor& d_hn,
                                   const Tensor& d_cn, const std::optional<Tensor>& memory,
@@ -567,7 +572,7 @@ std::vector<Tensor> backward_impl(const Tensor& act, const Tensor& cells, const 
     // skip: the raw gradient through the dense chain rule, the memory untouched
     auto res = backward_impl<A>(act, cells, tanh_c, out, h0, c0, w, d_out, d_hn, d_cn, memory,
                                 random_cols, opt, /*raw=*/true, false);
-    res.back() = at::ones({}, long_opts);
+    std::get<6>(res) = at::ones({}, long_opts);
     return res;
   }
 
@@ -611,7 +616,7 @@ std::vector<Tensor> backward_impl(const Tensor& act, const Tensor& cells, const 
   return {dgates, dh_t, dc_t, cols, dw, db_t, at::zeros({}, long_opts)};
 }
 
-std::vector<Tensor> lstm_recurrence_backward(
+Outputs lstm_recurrence_backward(
     const Tensor& act, const Tensor& cells, const Tensor& tanh_c, const Tensor& out,
     const Tensor& h0, const Tensor& c0, const Tensor& w_hh, const std::optional<Tensor>& d_out,
     const std::optional<Tensor>& d_hn, const std::optional<Tensor>& d_cn,
@@ -688,7 +693,7 @@ TORCH_LIBRARY_FRAGMENT(msbp, m) {
       "lstm_recurrence_backward(Tensor act, Tensor cells, Tensor tanh_c, Tensor out, Tensor h0, "
       "Tensor c0, Tensor w_hh, Tensor? d_out, Tensor? d_hn, Tensor? d_cn, Tensor(a!)? memory, "
       "Tensor? random_cols, int k, int selection, float alpha, bool slot, bool reverse, "
-      "bool need_w, bool skip_nonfinite) -> Tensor[]");
+      "bool need_w, bool skip_nonfinite) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(msbp, CPU, m) {

@@ -118,6 +118,8 @@ def _native_fits(act: Tensor, memory: Tensor | None, plan: BackwardPlan) -> bool
         and native.use_native(act.device)
     )
     if fits and not _FAKE_REGISTERED:
+        if torch.compiler.is_compiling():  # registering cannot be traced: eager until it is
+            return False
         _register_fake()
     return fits
 
@@ -188,7 +190,7 @@ def _lstm_recurrence_backward_fake(
         rows = four_h
     else:  # the distinct kept columns of all steps
         rows = torch.library.get_ctx().new_dynamic_size()
-    return [
+    return (
         act.new_empty(steps, batch, four_h),  # gate gradients
         act.new_empty(batch, hidden),  # dh0
         act.new_empty(batch, hidden),  # dc0
@@ -196,7 +198,7 @@ def _lstm_recurrence_backward_fake(
         act.new_empty(rows, hidden),  # those rows
         act.new_empty(four_h),  # db
         act.new_empty((), dtype=torch.long),  # 1 if a non-finite gradient was skipped
-    ]
+    )
 
 
 class SparseLSTMRecurrence(torch.autograd.Function):
