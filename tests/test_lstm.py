@@ -471,6 +471,8 @@ def test_native_op_schema_and_fake(selection: str, layout: str, rows: int,
     args = (act, cells, tanh_c, out, h0, c0, w, d_out, None, d_out[0], memory, random_cols, k,
             code, 0.8, layout == "slot", False, True, False)
     torch.library.opcheck(torch.ops.msbp.lstm_recurrence_backward.default, args)
+    cols, rows = torch.ops.msbp.lstm_recurrence_backward(*args)[3:5]
+    assert cols.shape[0] == rows.shape[0] > 0 and bool((cols.diff() > 0).all())  # ascending
 
 
 @pytest.mark.filterwarnings("ignore")

@@ -289,8 +289,8 @@ struct Options {
   bool need_w;
 };
 
-// gate gradients, dh0, dc0, the kept columns, their dW_hh rows, db, skipped (1 if a non-finite
-// gradient was propagated densely instead)
+// gate gradients, dh0, dc0, the kept columns (distinct, ascending), their dW_hh rows, db, skipped
+// (1 if a non-finite gradient was propagated densely instead)
 using Outputs = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
 
 template <typename A>
@@ -598,10 +598,25 @@ Outputs backward_impl(const Tensor& act, const Tensor& cells, const Tensor& tanh
       memory->zero_();
     }
   } else {
+    // the kept columns ascending, their rows in that order
     const int64_t c = static_cast<int64_t>(slot_cols.size());
     cols = at::empty({c}, long_opts);
-    std::copy(slot_cols.begin(), slot_cols.end(), cols.data_ptr<int64_t>());
-    dw = opt.need_w ? dw_buf.narrow(0, 0, c) : at::empty({0, H}, opts);
+    int64_t* cp = cols.data_ptr<int64_t>();
+    std::copy(slot_cols.begin(), slot_cols.end(), cp);
+    std::sort(cp, cp + c);
+    dw = at::empty({0, H}, opts);
+    if (opt.need_w) {
+      if (std::equal(cp, cp + c, slot_cols.begin())) {
+        dw = dw_buf.narrow(0, 0, c);
+      } else {
+        dw = at::empty({c, H}, opts);
+        A* dst = dw.data_ptr<A>();
+        at::parallel_for(0, c, 64, [&](int64_t q0, int64_t q1) {
+          for (int64_t q = q0; q < q1; ++q)
+            std::copy_n(dwp + slot_of[cp[q]] * H, H, dst + q * H);
+        });
+      }
+    }
     if (mem_kind == 1) {
       std::copy(mvec.begin(), mvec.end(), memory->data_ptr<A>());
     } else if (mem_kind == 2) {

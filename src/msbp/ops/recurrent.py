@@ -194,7 +194,7 @@ def _lstm_recurrence_backward_fake(
         act.new_empty(steps, batch, four_h),  # gate gradients
         act.new_empty(batch, hidden),  # dh0
         act.new_empty(batch, hidden),  # dc0
-        act.new_empty(rows, dtype=torch.long),  # columns of the weight-gradient rows
+        act.new_empty(rows, dtype=torch.long),  # the kept columns, ascending
         act.new_empty(rows, hidden),  # those rows
         act.new_empty(four_h),  # db
         act.new_empty((), dtype=torch.long),  # 1 if a non-finite gradient was skipped
