@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from _helpers import LAYOUTS, SELECTIONS, dtype_id, make_cfg, tol
+from _helpers import LAYOUTS, SELECTIONS, dtype_id, make_cfg, rel_err
 from torch import nn
 
 from msbp import SparseBackpropConfig, SparseLSTM, densify, native, sparsify
@@ -189,15 +189,16 @@ def test_recurrence_matches_stepwise_reference(
                       k=3, dtype=dtype)
 
 
+@pytest.mark.parametrize("k", [9, 20])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=dtype_id)
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("selection", SELECTIONS)
 def test_recurrence_matches_reference_wider(
-    selection: str, layout: str, dtype: torch.dtype, backend: str
+    selection: str, layout: str, dtype: torch.dtype, k: int, backend: str
 ) -> None:
     """Rows of 280 gate units: the native kernels' vector blocks, remainders and block-wise
-    top-k all take part."""
-    _check_recurrence(selection, layout, 0.8, False, steps=6, batches=(5, 5), hidden=70, k=9,
+    top-k all take part; from k = 16 on, their GEMM / column-wise products."""
+    _check_recurrence(selection, layout, 0.8, False, steps=6, batches=(5, 5), hidden=70, k=k,
                       dtype=dtype)
 
 
@@ -213,7 +214,14 @@ def _check_recurrence(
     batches: tuple[int, ...], hidden: int, k: int, dtype: torch.dtype = torch.float64,
 ) -> None:
     cfg = make_cfg(selection, layout, memory, k=k)
-    tolerance = tol(dtype)
+
+    def assert_near(fast: torch.Tensor, ref: torch.Tensor) -> None:
+        if dtype == torch.float64:
+            torch.testing.assert_close(fast, ref, **F64)
+        else:  # float32 rounding, amplified over the steps: a norm-wise bound
+            assert fast.dtype == ref.dtype and fast.shape == ref.shape
+            assert rel_err(fast, ref) < 1e-5, rel_err(fast, ref)
+
     gen = torch.Generator().manual_seed(0)
     weights = _recurrence_inputs(gen, steps, 1, hidden, dtype)[3:]
     w_fast, b_fast = (p.detach().clone().requires_grad_() for p in weights)
@@ -240,11 +248,11 @@ def _check_recurrence(
             ((out * d_out).sum() + (h_n * d_h).sum() + (c_n * d_c).sum()).backward()
             results.append((out.detach(), *(t.grad for t in inputs)))
         for fast, ref in zip(*results, strict=True):
-            torch.testing.assert_close(fast, ref, **tolerance)
-        torch.testing.assert_close(w_fast.grad, w_ref.grad, **tolerance)
-        torch.testing.assert_close(b_fast.grad, b_ref.grad, **tolerance)
+            assert_near(fast, ref)
+        assert_near(w_fast.grad, w_ref.grad)
+        assert_near(b_fast.grad, b_ref.grad)
         if memory:
-            torch.testing.assert_close(mem_fast, box[0], **tolerance)
+            assert_near(mem_fast, box[0])
         else:
             assert not mem_fast.any()
 

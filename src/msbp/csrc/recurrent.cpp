@@ -116,6 +116,22 @@ void axpy_rows(T* dst, const T* const* src, const T* coef, int64_t cnt, int64_t 
   }
 }
 
+// dst[0..len) += a * src[0..len)
+template <typename T>
+inline void axpy1(T* dst, const T* src, T a, int64_t len) {
+  using V = typename Vec<T>::type;
+  constexpr int W = Vec<T>::width;
+  const V av = V{} + a;
+  int64_t i = 0;
+  for (; i + W <= len; i += W) store(dst + i, load<V>(dst + i) + av * load<V>(src + i));
+  for (; i < len; ++i) dst[i] += a * src[i];
+}
+
+// From this many kept units on, the products of a step are ATen GEMMs (unified, random) or
+// accumulated column by column, each kept row of W_hh read once per step (per-example): the
+// register-blocked row loops win below it, where a GEMM's fixed cost dominates.
+constexpr int64_t kWideK = 16;
+
 // ---- the cell's chain rule ---------------------------------------------------------------------
 
 template <typename V>
@@ -379,6 +395,13 @@ Outputs backward_impl(const Tensor& act, const Tensor& cells, const Tensor& tanh
   std::vector<int64_t> sel(per_example ? B * k : k), slots;
   std::vector<char> fresh_slot;
   std::vector<A> vals(B * k), vcol(per_example ? 0 : B * k);
+  const bool wide = !dense && k >= kWideK;
+  Tensor vals_t, w_k, rows_t;  // the GEMMs' operands (wide unified / random)
+  if (wide && !per_example) {
+    vals_t = at::empty({B, k}, opts);
+    w_k = at::empty({k, H}, opts);
+    rows_t = at::empty({k, H}, opts);
+  }
   std::vector<const A*> hprev(B);
   std::vector<A> bmax, bsel;
   std::vector<Entry<A>> heap;
@@ -452,12 +475,6 @@ Outputs backward_impl(const Tensor& act, const Tensor& cells, const Tensor& tanh
           vals[b * k + j] = v;
           vcol[j * B + b] = v;
         }
-      at::parallel_for(0, B, 8, [&](int64_t b0, int64_t b1) {
-        std::vector<const A*> src(k);
-        for (int64_t j = 0; j < k; ++j) src[j] = wp + sel[j] * H;
-        for (int64_t b = b0; b < b1; ++b)
-          axpy_rows<A, false>(dh + b * H, src.data(), vals.data() + b * k, k, H);
-      });
       if (opt.need_w) {
         slots.resize(k);
         fresh_slot.resize(k);
@@ -466,10 +483,38 @@ Outputs backward_impl(const Tensor& act, const Tensor& cells, const Tensor& tanh
           slots[j] = slot_for(sel[j], fresh);
           fresh_slot[j] = fresh;
         }
-        at::parallel_for(0, k, 1, [&](int64_t j0, int64_t j1) {
-          for (int64_t j = j0; j < j1; ++j)
-            dw_rows(slots[j], fresh_slot[j], hprev.data(), vcol.data() + j * B, B);
+      }
+      if (wide) {  // dh = U_S W_S and the k rows U_S^T h_t': GEMMs of width k
+        A* wkp = w_k.data_ptr<A>();
+        at::parallel_for(0, k, 16, [&](int64_t j0, int64_t j1) {
+          for (int64_t j = j0; j < j1; ++j) std::copy_n(wp + sel[j] * H, H, wkp + j * H);
         });
+        std::copy(vals.begin(), vals.end(), vals_t.data_ptr<A>());
+        at::mm_out(dh_t, vals_t, w_k);
+        if (opt.need_w) {
+          at::mm_out(rows_t, vals_t.t(), has_prev ? out.select(0, tp) : h0);
+          const A* rp = rows_t.data_ptr<A>();
+          at::parallel_for(0, k, 16, [&](int64_t j0, int64_t j1) {
+            for (int64_t j = j0; j < j1; ++j) {
+              A* dst = dwp + slots[j] * H;
+              if (fresh_slot[j]) std::copy_n(rp + j * H, H, dst);
+              else axpy1<A>(dst, rp + j * H, A(1), H);
+            }
+          });
+        }
+      } else {
+        at::parallel_for(0, B, 8, [&](int64_t b0, int64_t b1) {
+          std::vector<const A*> src(k);
+          for (int64_t j = 0; j < k; ++j) src[j] = wp + sel[j] * H;
+          for (int64_t b = b0; b < b1; ++b)
+            axpy_rows<A, false>(dh + b * H, src.data(), vals.data() + b * k, k, H);
+        });
+        if (opt.need_w) {
+          at::parallel_for(0, k, 1, [&](int64_t j0, int64_t j1) {
+            for (int64_t j = j0; j < j1; ++j)
+              dw_rows(slots[j], fresh_slot[j], hprev.data(), vcol.data() + j * B, B);
+          });
+        }
       }
       if (mem_kind == 1) {
         for (int64_t o = 0; o < G4; ++o) mvec[o] = alpha * usum[o];
@@ -501,7 +546,7 @@ Outputs backward_impl(const Tensor& act, const Tensor& cells, const Tensor& tanh
           if (mem_kind == 2) {
             for (int64_t j = 0; j < k; ++j) u[b * G4 + ib[j]] = 0;
           }
-          axpy_rows<A, false>(dh + b * H, src.data(), vb, k, H);
+          if (!wide) axpy_rows<A, false>(dh + b * H, src.data(), vb, k, H);
         }
       });
       std::fill(col_start.begin(), col_start.end(), 0);
@@ -526,6 +571,18 @@ Outputs backward_impl(const Tensor& act, const Tensor& cells, const Tensor& tanh
           ent_src[pos] = hprev[b];
           ent_row[pos] = b;
         }
+      if (wide) {
+        // dh column by column: each kept row of W_hh is read once for all the rows keeping it;
+        // slices of H keep the threads' writes apart
+        std::fill_n(dh, B * H, A(0));
+        at::parallel_for(0, H, 256, [&](int64_t h0, int64_t h1) {
+          for (int64_t q = 0; q < nc; ++q) {
+            const A* wrow = wp + col_list[q] * H + h0;
+            for (int64_t e = ent_start[q]; e < ent_start[q + 1]; ++e)
+              axpy1<A>(dh + ent_row[e] * H + h0, wrow, ent_val[e], h1 - h0);
+          }
+        });
+      }
       if (opt.need_w) {
         slots.resize(nc);
         fresh_slot.resize(nc);
