@@ -40,8 +40,7 @@ struct Entry {
   int64_t i;
 };
 
-// (score desc, index asc): the order of the k best. With it as the heap's "less", the root of a
-// heap of kept entries is the worst of them.
+// (score desc, index asc): the order of the k best.
 template <typename A>
 inline bool better(const Entry<A>& a, const Entry<A>& b) {
   return a.s > b.s || (a.s == b.s && a.i < b.i);
@@ -157,21 +156,23 @@ struct Ranked {
   }
 };
 
-constexpr int64_t kTopkBlock = 32;
-
 // The indices of the k largest values of r over [0, m) (ties: the lower index), ascending, into
-// out. First the maximum of every block of 32 (vectorised); the k-th largest block maximum is a
-// lower bound of the k-th largest value, so only blocks whose maximum reaches it are scanned
-// (about k blocks of random data instead of all m values).
+// out. First the maximum of every block of values (vectorised); the k-th largest block maximum
+// is a lower bound of the k-th largest value, so only the values of blocks whose maximum reaches
+// it are candidates (about k blocks on random data, instead of all m values), and the k best
+// candidates are found by nth_element. Blocks are 32 values, halved down to one vector while
+// there are fewer than 2 k of them.
 template <typename A, bool Abs, bool Add>
 void topk_indices(const Ranked<A, Abs, Add>& r, int64_t m, int64_t k, int64_t* out,
-                  std::vector<A>& bmax, std::vector<A>& bsel, std::vector<Entry<A>>& heap) {
+                  std::vector<A>& bmax, std::vector<A>& bsel, std::vector<Entry<A>>& cand) {
   using V = typename Vec<A>::type;
   constexpr int W = Vec<A>::width;
-  const int64_t nb = (m + kTopkBlock - 1) / kTopkBlock;
+  int64_t bs = 32;
+  while (bs > W && m / bs < 2 * k) bs /= 2;
+  const int64_t nb = (m + bs - 1) / bs;
   bmax.resize(nb);
   for (int64_t bl = 0; bl < nb; ++bl) {
-    const int64_t j0 = bl * kTopkBlock, j1 = std::min(m, j0 + kTopkBlock);
+    const int64_t j0 = bl * bs, j1 = std::min(m, j0 + bs);
     int64_t j = j0;
     A mx = -std::numeric_limits<A>::infinity();
     if (j + W <= j1) {
@@ -194,30 +195,24 @@ void topk_indices(const Ranked<A, Abs, Add>& r, int64_t m, int64_t k, int64_t* o
     std::nth_element(bsel.begin(), bsel.begin() + (k - 1), bsel.end(), std::greater<A>());
     thr = bsel[k - 1];
   }
-  heap.clear();
+  cand.clear();
   for (int64_t bl = 0; bl < nb; ++bl) {
     if (!(bmax[bl] >= thr)) continue;
-    const int64_t j1 = std::min(m, (bl + 1) * kTopkBlock);
-    for (int64_t j = bl * kTopkBlock; j < j1; ++j) {
-      const Entry<A> e{r.template at<A>(j), j};
-      if (!(e.s >= thr)) continue;
-      if (static_cast<int64_t>(heap.size()) < k) {
-        heap.push_back(e);
-        std::push_heap(heap.begin(), heap.end(), better<A>);
-      } else if (better(e, heap.front())) {
-        std::pop_heap(heap.begin(), heap.end(), better<A>);
-        heap.back() = e;
-        std::push_heap(heap.begin(), heap.end(), better<A>);
-      }
+    const int64_t j1 = std::min(m, (bl + 1) * bs);
+    for (int64_t j = bl * bs; j < j1; ++j) {
+      const A v = r.template at<A>(j);
+      if (v >= thr) cand.push_back({v, j});  // a NaN fails the comparison
     }
   }
-  if (static_cast<int64_t>(heap.size()) < k) {
-    // only with NaNs (whose comparisons fail), which fail the finiteness check anyway: any k
-    // distinct indices keep the step well defined
+  if (static_cast<int64_t>(cand.size()) < k) {
+    // only with NaNs, which fail the finiteness check anyway: any k distinct indices keep the
+    // step well defined
     for (int64_t q = 0; q < k; ++q) out[q] = q;
     return;
   }
-  for (int64_t q = 0; q < k; ++q) out[q] = heap[q].i;
+  if (static_cast<int64_t>(cand.size()) > k)
+    std::nth_element(cand.begin(), cand.begin() + (k - 1), cand.end(), better<A>);
+  for (int64_t q = 0; q < k; ++q) out[q] = cand[q].i;
   std::sort(out, out + k);
 }
 
@@ -251,11 +246,12 @@ inline void cell_lanes(int64_t h, int64_t H, const A* ab, const A* tb, const A* 
 }
 
 // One step of the cell's chain rule over hidden units [h0, h1) of every row. Writes G (the gate
-// gradient) and forms U = G + memory (Mem: 0 none, U is G; 1 unit, + mvec / B, not stored: it is
-// cheaper to recompute where needed than to write; 2 slot, + mmul * u, stored in u), updates dh and dc in place (on entry: U_S W and dc f of step t+1; on exit dc f of this
-// step), accumulates the column scores sum |U| (Scores), the column sums of U (unit memory) and
-// of G, and a finiteness witness: a sum of U * 0, NaN iff some U is not finite, never an
-// overflow (a sum of the values would overflow near 3e38 on finite values).
+// gradient) and forms U = G + memory (Mem: 0 none, U is G; 1 unit, + mvec / B, not stored: it
+// is cheaper to recompute where needed than to write; 2 slot, + mmul * u, stored in u); updates
+// dh and dc in place (on entry: U_S W and dc f of step t+1; on exit: dc f of this step);
+// accumulates the column scores sum |U| (Scores), the column sums of U (unit memory) and of G,
+// and a finiteness witness: a sum of U * 0, NaN iff some U is not finite, never an overflow (a
+// sum of the values would overflow near 3e38 on finite values).
 template <typename A, int Mem, bool Scores>
 void cell_chunk(int64_t B, int64_t H, int64_t h0, int64_t h1, const A* act, const A* tc,
                 const A* cprev, const A* dout, int64_t dout_sb, A* dh, A* dc, A* g, A* u,
@@ -404,7 +400,7 @@ Outputs backward_impl(const Tensor& act, const Tensor& cells, const Tensor& tanh
   }
   std::vector<const A*> hprev(B);
   std::vector<A> bmax, bsel;
-  std::vector<Entry<A>> heap;
+  std::vector<Entry<A>> cand;
   // per-example: the step's kept entries grouped by column (a counting sort): the distinct
   // columns, and for each its rows (ascending) and values
   std::vector<int64_t> col_start(per_example ? G4 + 1 : 0), col_list, ent_start, ent_row;
@@ -467,7 +463,7 @@ Outputs backward_impl(const Tensor& act, const Tensor& cells, const Tensor& tanh
         std::copy(rand_p + s * k, rand_p + (s + 1) * k, sel.begin());
       } else {
         topk_indices(Ranked<A, false, false>{score.data(), nullptr, 0}, G4, k, sel.data(), bmax,
-                     bsel, heap);
+                     bsel, cand);
       }
       for (int64_t b = 0; b < B; ++b)
         for (int64_t j = 0; j < k; ++j) {
@@ -765,7 +761,8 @@ TORCH_LIBRARY_FRAGMENT(msbp, m) {
       "lstm_recurrence_backward(Tensor act, Tensor cells, Tensor tanh_c, Tensor out, Tensor h0, "
       "Tensor c0, Tensor w_hh, Tensor? d_out, Tensor? d_hn, Tensor? d_cn, Tensor(a!)? memory, "
       "Tensor? random_cols, int k, int selection, float alpha, bool slot, bool reverse, "
-      "bool need_w, bool skip_nonfinite) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+      "bool need_w, bool skip_nonfinite) -> "
+      "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(msbp, CPU, m) {
