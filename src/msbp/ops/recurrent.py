@@ -19,9 +19,16 @@ backward of ``h_{t-1} W_hh^T``, applied at every step with the memory updated ev
 which is exactly what a stepwise graph of ``sparse_linear`` calls computes (the reference,
 ``msbp.ops.reference.lstm_recurrence_ref``). ``dW_hh`` is summed over the steps once at the end:
 ``sum_t U_S,t^T h_{t-1}``, a sparse product over the T B k kept entries; ``db_hh`` is the dense sum
-of the raw ``G_t`` (meProp). Finiteness is checked once per call: on a non-finite gradient the
-memory is restored, then either ``FloatingPointError`` is raised or (``on_nonfinite="skip"``) the
-whole backward is redone densely from the raw gradients.
+of the raw ``G_t`` (meProp). Finiteness is checked once per call (on U's entries, never on a sum
+of them, which overflows on finite values): on a non-finite gradient the memory is left as it
+was, then either ``FloatingPointError`` is raised or (``on_nonfinite="skip"``) the whole backward
+is redone densely from the raw gradients.
+
+Two implementations of the backward, tested against each other and the reference: the native op
+``msbp::lstm_recurrence_backward`` (``msbp/csrc/recurrent.cpp``: the whole time loop in C++, one
+fused pass over the gates per step; float32 / float64 on the CPU, see ``_native_fits``) and the
+Python loop below (``_backward_steps``), used elsewhere (autocast's 16-bit types, CUDA, probes,
+``MSBP_BACKEND=python``).
 """
 
 from __future__ import annotations
