@@ -245,28 +245,26 @@ inline void cell_lanes(int64_t h, int64_t H, const A* ab, const A* tb, const A* 
   }
 }
 
-// One step of the cell's chain rule over hidden units [h0, h1) of every row. Writes G (the gate
-// gradient) and forms U = G + memory (Mem: 0 none, U is G; 1 unit, + mvec / B, not stored: it
-// is cheaper to recompute where needed than to write; 2 slot, + mmul * u, stored in u); updates
-// dh and dc in place (on entry: U_S W and dc f of step t+1; on exit: dc f of this step);
-// accumulates the column scores sum |U| (Scores), the column sums of U (unit memory) and of G,
-// and a finiteness witness: a sum of U * 0, NaN iff some U is not finite, never an overflow (a
-// sum of the values would overflow near 3e38 on finite values).
+// One step of the cell's chain rule over rows [b0, b1), whole rows (the access pattern the
+// prefetchers follow best). Writes G (the gate gradient) and forms U = G + memory (Mem: 0 none,
+// U is G; 1 unit, + mvec / B, not stored: it is cheaper to recompute where needed than to write;
+// 2 slot, + mmul * u, stored in u); updates dh and dc in place (on entry: U_S W and dc f of step
+// t+1; on exit: dc f of this step); accumulates into score, usum, gsum the column scores sum |U|
+// (Scores), the column sums of U (unit memory) and of G (score and usum are zeroed first), and
+// a finiteness witness: a sum of U * 0, NaN iff some U is not finite, never an overflow (a sum
+// of the values would overflow near 3e38 on finite values).
 template <typename A, int Mem, bool Scores>
-void cell_chunk(int64_t B, int64_t H, int64_t h0, int64_t h1, const A* act, const A* tc,
-                const A* cprev, const A* dout, int64_t dout_sb, A* dh, A* dc, A* g, A* u,
-                const A* mvec, A mmul, A* score, A* usum, A* gsum, A* witness) {
+void cell_chunk(int64_t b0, int64_t b1, int64_t H, const A* act, const A* tc, const A* cprev,
+                const A* dout, int64_t dout_sb, A* dh, A* dc, A* g, A* u, const A* mvec, A mmul,
+                A* score, A* usum, A* gsum, A* witness) {
   using V = typename Vec<A>::type;
   constexpr int W = Vec<A>::width;
   const int64_t G4 = 4 * H;
-  for (int64_t q = 0; q < 4; ++q)
-    for (int64_t h = h0; h < h1; ++h) {
-      score[q * H + h] = 0;
-      usum[q * H + h] = 0;
-    }
+  if (Scores) std::fill_n(score, G4, A(0));
+  if (Mem == 1) std::fill_n(usum, G4, A(0));
   V wv = V{};
   A ws = 0;
-  for (int64_t b = 0; b < B; ++b) {
+  for (int64_t b = b0; b < b1; ++b) {
     const A* ab = act + b * G4;
     const A* tb = tc + b * H;
     const A* cb = cprev + b * H;
@@ -275,11 +273,11 @@ void cell_chunk(int64_t B, int64_t H, int64_t h0, int64_t h1, const A* act, cons
     A* dcb = dc + b * H;
     A* gb = g + b * G4;
     A* ub = u + b * G4;
-    int64_t h = h0;
-    for (; h + W <= h1; h += W)
+    int64_t h = 0;
+    for (; h + W <= H; h += W)
       cell_lanes<V, A, Mem, Scores>(h, H, ab, tb, cb, ob, dhb, dcb, gb, ub, mvec, mmul, score,
                                     usum, gsum, wv);
-    for (; h < h1; ++h)
+    for (; h < H; ++h)
       cell_lanes<A, A, Mem, Scores>(h, H, ab, tb, cb, ob, dhb, dcb, gb, ub, mvec, mmul, score,
                                     usum, gsum, ws);
   }
@@ -385,9 +383,10 @@ Outputs backward_impl(const Tensor& act, const Tensor& cells, const Tensor& tanh
     else axpy_rows<A, true>(dwp + slot * H, src, coef, cnt, H);
   };
 
-  const int64_t grain_h = std::max<int64_t>(8, 16384 / std::max<int64_t>(1, 4 * B));
-  const int64_t nchunks = (H + grain_h - 1) / grain_h;
-  std::vector<A> witness(nchunks);
+  // the cell pass in chunks of rows, fixed by the size alone (so the sums do not depend on the
+  // thread count), each with its own column sums, added up in chunk order
+  const int64_t nchunks = std::clamp<int64_t>(B * G4 / 65536, 1, B);
+  std::vector<A> witness(nchunks), partial(nchunks > 1 ? nchunks * 3 * G4 : 0);
   std::vector<int64_t> sel(per_example ? B * k : k), slots;
   std::vector<char> fresh_slot;
   std::vector<A> vals(B * k), vcol(per_example ? 0 : B * k);
@@ -422,11 +421,16 @@ Outputs backward_impl(const Tensor& act, const Tensor& cells, const Tensor& tanh
 
     at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
       for (int64_t c = c0; c < c1; ++c) {
-        const int64_t lo = c * grain_h, hi = std::min(H, lo + grain_h);
+        const int64_t lo = B * c / nchunks, hi = B * (c + 1) / nchunks;
+        A* sums = nchunks > 1 ? partial.data() + c * 3 * G4 : nullptr;
+        if (sums) std::fill_n(sums + 2 * G4, G4, A(0));
+        A* sc = sums ? sums : score.data();
+        A* us = sums ? sums + G4 : usum.data();
+        A* gs = sums ? sums + 2 * G4 : gsum;
         auto run = [&](auto kind, auto with_scores) {
           cell_chunk<A, decltype(kind)::value, decltype(with_scores)::value>(
-              B, H, lo, hi, actp + t * B * G4, tcp + t * B * H, cprev, dout, dout_sb, dh, dc, g,
-              u, mvec.data(), mmul, score.data(), usum.data(), gsum, &witness[c]);
+              lo, hi, H, actp + t * B * G4, tcp + t * B * H, cprev, dout, dout_sb, dh, dc, g, u,
+              mvec.data(), mmul, sc, us, gs, &witness[c]);
         };
         using Yes = std::true_type;
         using No = std::false_type;
@@ -442,6 +446,18 @@ Outputs backward_impl(const Tensor& act, const Tensor& cells, const Tensor& tanh
         }
       }
     });
+    if (nchunks > 1) {
+      if (scores) std::fill(score.begin(), score.end(), A(0));
+      if (mem_kind == 1) std::fill(usum.begin(), usum.end(), A(0));
+      for (int64_t c = 0; c < nchunks; ++c) {
+        const A* sums = partial.data() + c * 3 * G4;
+        for (int64_t o = 0; o < G4; ++o) {
+          if (scores) score[o] += sums[o];
+          if (mem_kind == 1) usum[o] += sums[G4 + o];
+          gsum[o] += sums[2 * G4 + o];
+        }
+      }
+    }
     if (!raw) {
       for (A x : witness) finite = finite && std::isfinite(x);
       if (!finite) break;
