@@ -204,8 +204,8 @@ def test_recurrence_matches_reference_wider(
 
 @pytest.mark.parametrize(("selection", "layout"), [("unified", "unit"), ("per_example", "slot")])
 def test_recurrence_matches_reference_many_rows(selection: str, layout: str, backend: str) -> None:
-    """40 rows of 3360 gate units: the native cell pass splits the rows into chunks with their
-    own column sums; on two threads, the parallel loops split them between the threads."""
+    """40 rows of 3360 gate units, on one thread and on two (where the native cell pass splits
+    the rows into two chunks with their own column sums, and every loop is shared)."""
     _check_recurrence(selection, layout, 0.8, True, steps=3, batches=(40,), hidden=840, k=20)
     torch.set_num_threads(2)  # the autouse fixture restores the count
     _check_recurrence(selection, layout, 0.8, True, steps=3, batches=(40,), hidden=840, k=20)

@@ -383,9 +383,15 @@ Outputs backward_impl(const Tensor& act, const Tensor& cells, const Tensor& tanh
     else axpy_rows<A, true>(dwp + slot * H, src, coef, cnt, H);
   };
 
-  // the cell pass in chunks of rows, fixed by the size alone (so the sums do not depend on the
-  // thread count), each with its own column sums, added up in chunk order
-  const int64_t nchunks = std::clamp<int64_t>(B * G4 / 65536, 1, B);
+  // the cell pass in chunks of rows, one per thread (a power of two, 8192 gate units or more
+  // each), each with its own column sums, added up in chunk order: on one thread, one chunk
+  // (measured 10% faster than 4 at the tagger's size); the sums' rounding, as PyTorch's own
+  // reductions', depends on the thread count
+  const int64_t threads = at::get_num_threads();
+  int64_t nchunks = 1;
+  while (nchunks * 2 <= std::min<int64_t>(threads, 16) && nchunks * 2 <= B &&
+         B * G4 / (nchunks * 2) >= 8192)
+    nchunks *= 2;
   std::vector<A> witness(nchunks), partial(nchunks > 1 ? nchunks * 3 * G4 : 0);
   std::vector<int64_t> sel(per_example ? B * k : k), slots;
   std::vector<char> fresh_slot;
