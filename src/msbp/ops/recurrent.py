@@ -153,7 +153,7 @@ def _native_backward(ctx, d_out: Tensor | None, d_hn: Tensor | None, d_cn: Tenso
     hidden = four_h // 4
     random_cols = None
     if plan.selection == "random" and plan.k < four_h:
-        # the Python loop's draws, in the order it makes them (last step first)
+        # the Python loop's draws, one per step in the order it visits them
         random_cols = torch.stack(
             [select_random(act[0], plan.k, plan.generator) for _ in range(steps)]
         )
