@@ -43,8 +43,8 @@ class SparseLSTM(MemoryMixin, nn.LSTM):
     positions of a forward-direction LSTM do not depend on the padding after them).
     Input: (T, B, in), or (B, T, in) with ``batch_first``, or (T, in); output as ``nn.LSTM``:
     (output, (h_n, c_n)) with output (T, B, D * hidden) and h_n, c_n (D * layers, B, hidden).
-    The forward pass is exact; it runs as a Python loop over time steps, so it is slower than
-    ``nn.LSTM``'s fused kernel.
+    The forward pass is exact; when autograd records it, it runs as a Python loop over time steps
+    (slower than ``nn.LSTM``'s fused kernel); under ``torch.no_grad()`` it is ``nn.LSTM``'s.
 
     Example:
         >>> lstm = SparseLSTM(16, 32, batch_first=True, config=SparseBackpropConfig(k=5))
@@ -148,6 +148,13 @@ class SparseLSTM(MemoryMixin, nn.LSTM):
             outs[t] = h
         return torch.stack(outs), h, c
 
+    def _needs_backward(self, input: Tensor, hx: tuple[Tensor, Tensor] | None) -> bool:
+        """Whether autograd will record this call; if not, it runs as a plain ``nn.LSTM``."""
+        if not torch.is_grad_enabled():
+            return False
+        tensors = [input, *(hx or ()), *self._flat_weights]
+        return any(t is not None and t.requires_grad for t in tensors)
+
     def forward(  # type: ignore[override]
         self, input: Tensor, hx: tuple[Tensor, Tensor] | None = None
     ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
@@ -185,6 +192,9 @@ class SparseLSTM(MemoryMixin, nn.LSTM):
                 raise ValueError(
                     f"hx of shapes {tuple(h0.shape)}, {tuple(c0.shape)}: expected {want} each"
                 )
+        if not self._needs_backward(input, hx):
+            # no backward, so nothing sparse to do: nn.LSTM's fused kernel, the same function
+            return super().forward(input, hx)
         h_n: list[Tensor] = []
         c_n: list[Tensor] = []
         for layer in range(self.num_layers):

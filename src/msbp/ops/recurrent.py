@@ -19,20 +19,30 @@ backward of ``h_{t-1} W_hh^T``, applied at every step with the memory updated ev
 which is exactly what a stepwise graph of ``sparse_linear`` calls computes (the reference,
 ``msbp.ops.reference.lstm_recurrence_ref``). ``dW_hh`` is summed over the steps once at the end:
 ``sum_t U_S,t^T h_{t-1}``, a sparse product over the T B k kept entries; ``db_hh`` is the dense sum
-of the raw ``G_t`` (meProp). Finiteness is checked once per call: on a non-finite gradient the
-memory is restored, then either ``FloatingPointError`` is raised or (``on_nonfinite="skip"``) the
-whole backward is redone densely from the raw gradients.
+of the raw ``G_t`` (meProp). Finiteness is checked once per call (on U's entries, never on a sum
+of them, which overflows on finite values): on a non-finite gradient the memory is left as it
+was, then either ``FloatingPointError`` is raised or (``on_nonfinite="skip"``) the whole backward
+is redone densely from the raw gradients.
+
+Two implementations of the backward, tested against each other and the reference: the native op
+``msbp::lstm_recurrence_backward`` (``msbp/csrc/recurrent.cpp``: the whole time loop in C++, one
+fused pass over the gates per step; float32 / float64 on the CPU, see ``_native_fits``) and the
+Python loop below (``_backward_steps``), used elsewhere (autocast's 16-bit types, CUDA, probes,
+``MSBP_BACKEND=python``).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from msbp import native
 from msbp.ops.memory import add_memory_ as _add_memory_
 from msbp.ops.memory import store_memory_ as _store_memory_
-from msbp.ops.selection import UNIFIED_SELECTIONS, select
+from msbp.ops.selection import UNIFIED_SELECTIONS, select, select_random
 from msbp.ops.sparse_linear import (
     _DW_SPARSE_RATIO,
     _WIDE,
@@ -89,6 +99,108 @@ def _shifted(seq: Tensor, first: Tensor, reverse: bool) -> Tensor:
     return torch.cat((first.unsqueeze(0), seq[:-1]))
 
 
+def _finite(t: Tensor) -> bool:
+    """Whether every entry of ``t`` is finite: its minimum and maximum in one NaN-propagating
+    pass. Unlike a sum, this never overflows on finite values (fp16 at 65504, float32 summed
+    near 3e38)."""
+    if t.numel() == 0:
+        return True
+    lo, hi = torch.aminmax(t.reshape(-1))
+    return math.isfinite(lo.item()) and math.isfinite(hi.item())
+
+
+# the native op's codes for the selection rules
+_SELECTION_CODES = {"unified": 0, "per_example": 1, "random": 2}
+
+
+def _native_fits(act: Tensor, memory: Tensor | None, plan: BackwardPlan) -> bool:
+    """Whether ``msbp::lstm_recurrence_backward`` runs this backward: float32 / float64 on the
+    CPU, a memory of the same dtype, no probe (probes need every step's propagated gradient),
+    a non-empty batch, and the native backend on."""
+    return (
+        act.dtype in _WIDE
+        and act.shape[1] > 0
+        and plan.probe is None
+        and (memory is None or plan.alpha == 0 or memory.dtype == act.dtype)
+        and native.use_native(act.device)
+    )
+
+
+def _register_fake() -> None:
+    """Give the native op its fake implementation (for torch.compile), once it exists: the op
+    is defined by the C++ library, which is loaded at first use."""
+    torch.library.register_fake("msbp::lstm_recurrence_backward", _lstm_recurrence_backward_fake)
+
+
+def _native_backward(ctx, d_out: Tensor | None, d_hn: Tensor | None, d_cn: Tensor | None):
+    """SparseLSTMRecurrence.backward as one native op (``msbp/csrc/recurrent.cpp``)."""
+    act, cells, tanh_c, out, h0, c0, w = ctx.saved_tensors
+    plan: BackwardPlan = ctx.plan
+    memory: Tensor | None = ctx.memory
+    gx_dtype, h0_dtype, c0_dtype, b_dtype = ctx.dtypes
+    need_gx, need_h0, need_c0, need_w, need_b = ctx.needs_input_grad[:5]
+    steps, _, four_h = act.shape
+    random_cols = None
+    if plan.selection == "random" and plan.k < four_h:
+        # the Python loop's draws, one per step in the order it visits them
+        random_cols = torch.stack(
+            [select_random(act[0], plan.k, plan.generator) for _ in range(steps)]
+        )
+    try:
+        dgates, dh0, dc0, cols, dw, db, _ = torch.ops.msbp.lstm_recurrence_backward(
+            act, cells, tanh_c, out, h0, c0, w, d_out, d_hn, d_cn,
+            memory if plan.alpha > 0 else None, random_cols, plan.k,
+            _SELECTION_CODES[plan.selection], plan.alpha, plan.layout == "slot", ctx.reverse,
+            need_w, plan.on_nonfinite == "skip",
+        )
+    except RuntimeError as exc:
+        if "msbp-nonfinite" in str(exc):
+            raise nonfinite_error(plan, "gate gradient", act.shape) from None
+        raise
+    d_w = None
+    if need_w:
+        if plan.k >= four_h:
+            if not torch.compiler.is_compiling():
+                log_touched_rows(ctx.weight, None)
+            d_w = _as(dw, ctx.weight.dtype)
+        else:  # k rows per step (all rows, in order, if a non-finite gradient was skipped)
+            d_w = place_weight_rows(ctx, ctx.weight, _W_HH, cols, dw, plan.grad_inplace)
+    return (
+        _as(dgates, gx_dtype) if need_gx else None,
+        _as(dh0, h0_dtype) if need_h0 else None,
+        _as(dc0, c0_dtype) if need_c0 else None,
+        d_w,
+        _as(db, b_dtype) if need_b else None,
+        None, None, None,
+    )
+
+
+def _lstm_recurrence_backward_fake(
+    act, cells, tanh_c, out, h0, c0, w_hh, d_out, d_hn, d_cn, memory, random_cols, k,
+    selection, alpha, slot, reverse, need_w, skip_nonfinite,
+):
+    steps, batch, four_h = act.shape
+    hidden = four_h // 4
+    if not need_w:
+        rows = 0
+    elif k >= four_h:
+        rows = four_h
+    else:  # the distinct kept columns of all steps
+        rows = torch.library.get_ctx().new_dynamic_size()
+    return (
+        act.new_empty(steps, batch, four_h),  # gate gradients
+        act.new_empty(batch, hidden),  # dh0
+        act.new_empty(batch, hidden),  # dc0
+        act.new_empty(rows, dtype=torch.long),  # the kept columns, ascending
+        act.new_empty(rows, hidden),  # those rows
+        act.new_empty(four_h),  # db
+        act.new_empty((), dtype=torch.long),  # 1 if a non-finite gradient was skipped
+    )
+
+
+native.on_load(_register_fake)
+
+
 class SparseLSTMRecurrence(torch.autograd.Function):
     """All steps of one LSTM layer and direction; MSBP backward on the recurrent transform.
 
@@ -120,6 +232,8 @@ class SparseLSTMRecurrence(torch.autograd.Function):
         act, cells, tanh_c, out, h0, c0, w = ctx.saved_tensors
         plan: BackwardPlan = ctx.plan
         memory: Tensor | None = ctx.memory
+        if _native_fits(act, memory, plan):
+            return _native_backward(ctx, d_out, d_hn, d_cn)
         gx_dtype, h0_dtype, c0_dtype, b_dtype = ctx.dtypes
         need_gx, need_h0, need_c0, need_w, need_b = ctx.needs_input_grad[:5]
         steps, batch, four_h = act.shape
@@ -147,7 +261,7 @@ class SparseLSTMRecurrence(torch.autograd.Function):
         else:
             saved = memory.clone() if use_memory else None
             grads = _backward_steps(*parts, dense=plan.k >= four_h)
-            if not bool(torch.isfinite(grads.witness()).all()):  # no overflow, unlike a sum
+            if not _finite(grads.witness()):
                 if saved is not None:  # leave the memory as it was before this backward
                     memory.resize_(saved.shape).copy_(saved)
                 if plan.on_nonfinite == "raise":
@@ -188,7 +302,8 @@ class _StepGrads:
         self.time_reversed = time_reversed  # the loop visits the last time step first
         self.idx: list[Tensor] = []  # per visited step: (B, k) columns, or (k,) for the batch
         self.vals: list[Tensor] = []  # per visited step: (B, k) propagated values
-        self.witnesses: list[Tensor] = []  # per visited step: see selection.select
+        # per visited step: the kept |u| (per-example), or u's minimum and maximum
+        self.witnesses: list[Tensor] = []
         self.dh = self.dc = dgates[0, :, :0]  # (B, H) each, set at the end of the loop
 
     def witness(self) -> Tensor:
@@ -281,7 +396,10 @@ def _backward_steps(
         else:
             u = gate
         idx, witness = select(u, k, plan.selection, plan.generator)
-        grads.witnesses.append(witness)
+        if per_example:  # the kept |u|: a NaN or inf always wins a slot
+            grads.witnesses.append(witness)
+        else:  # u's extremes: a column score (a sum) may overflow where u does not
+            grads.witnesses.extend(torch.aminmax(u))
         if per_example:
             vals = u.gather(1, idx)  # (B, k)
             v = _as(vals, w.dtype)

@@ -514,8 +514,9 @@ def place_weight_rows(
     """dW for a Function whose input ``index`` is ``weight``, from its distinct ascending rows
     ``rows`` (r,) with values ``src`` (r, in): row-sparse into a kept ``.grad`` buffer where
     allowed (see ``prepare_grad_buffer``), else dense."""
+    if torch.compiler.is_compiling():  # traced: a dense dW, no log (as the linear op does)
+        return _place_rows(rows, src, weight, False)
     log_touched_rows(weight, rows)
-    if grad_inplace and not torch.compiler.is_compiling():
-        if prepare_grad_buffer(ctx, weight, index):
-            return row_sparse_grad(weight, rows, _as(src, weight.dtype))
+    if grad_inplace and prepare_grad_buffer(ctx, weight, index):
+        return row_sparse_grad(weight, rows, _as(src, weight.dtype))
     return _place_rows(rows, src, weight, False)

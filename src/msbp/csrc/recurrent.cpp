@@ -1,0 +1,794 @@
+// msbp::lstm_recurrence_backward: the backward of one LSTM layer and direction, all T steps, with
+// the MSBP backward on the recurrent transform, as one op (CPU).
+//
+// Per step, from the last to the first (t' is the step before t in the recurrence):
+//
+//   dh  = d_out[t] + (U_S W_hh of step t+1, or d_hn)
+//   dc  = (dc f of step t+1, or d_cn) + dh o (1 - tanh(c_t)^2)
+//   G_t = [dc g i(1-i), dc c_t' f(1-f), dc i (1-g^2), dh tanh(c_t) o(1-o)]   (B, 4H), returned
+//   U   = G_t + M;  S = select_k(U);  M = alpha (U - U_S)
+//   dW_hh += U_S^T h_t';  db += colsum(G_t)
+//
+// One pass over the gates per step does the chain rule, U, the column scores and sums, db and the
+// finiteness flag; the products are register-blocked loops over the k kept rows of W (unified,
+// random) or the k kept entries of every row (per-example). The memory is worked on in a local
+// copy and written back only when every step was finite. Mirrors msbp.ops.recurrent's Python
+// loop (the fallback) and msbp.ops.reference.lstm_recurrence_ref (the oracle).
+#include "common.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <functional>
+#include <tuple>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+namespace msbp {
+namespace {
+
+using at::Tensor;
+
+enum Selection : int64_t { kUnified = 0, kPerExample = 1, kRandom = 2 };
+
+// ---- selection ---------------------------------------------------------------------------------
+
+template <typename A>
+struct Entry {
+  A s;
+  int64_t i;
+};
+
+// (score desc, index asc): the order of the k best.
+template <typename A>
+inline bool better(const Entry<A>& a, const Entry<A>& b) {
+  return a.s > b.s || (a.s == b.s && a.i < b.i);
+}
+
+// ---- products ----------------------------------------------------------------------------------
+
+// GCC/Clang vector types: AVX2 registers under -mavx2, SSE pairs otherwise; no intrinsics. The
+// register type keeps its natural alignment (so arrays of it stay in registers); memory is read
+// and written through the unaligned, may-alias twin.
+typedef float v8f __attribute__((vector_size(32)));
+typedef double v4d __attribute__((vector_size(32)));
+typedef float v8f_u __attribute__((vector_size(32), aligned(4), may_alias));
+typedef double v4d_u __attribute__((vector_size(32), aligned(8), may_alias));
+template <typename T> struct Vec;
+template <> struct Vec<float> {
+  using type = v8f;
+  using mem = v8f_u;
+  static constexpr int width = 8;
+};
+template <> struct Vec<double> {
+  using type = v4d;
+  using mem = v4d_u;
+  static constexpr int width = 4;
+};
+
+template <typename V, typename A>
+inline V load(const A* p) {
+  if constexpr (std::is_floating_point_v<V>) {
+    return *p;
+  } else {
+    return *reinterpret_cast<const typename Vec<A>::mem*>(p);
+  }
+}
+template <typename V, typename A>
+inline void store(A* p, V v) {
+  if constexpr (std::is_floating_point_v<V>) {
+    *p = v;
+  } else {
+    *reinterpret_cast<typename Vec<A>::mem*>(p) = v;
+  }
+}
+constexpr int kBlockVecs = 8;  // accumulators per block: 64 floats / 32 doubles in registers
+
+// dst[0..len) (+)= sum_j coef[j] * src[j][0..len): every product of the backward.
+template <typename T, bool Add>
+void axpy_rows(T* dst, const T* const* src, const T* coef, int64_t cnt, int64_t len) {
+  using V = typename Vec<T>::type;
+  constexpr int W = Vec<T>::width;
+  constexpr int BL = W * kBlockVecs;
+  int64_t b = 0;
+  for (; b + BL <= len; b += BL) {
+    V acc[kBlockVecs];
+    for (int q = 0; q < kBlockVecs; ++q) acc[q] = V{};
+    for (int64_t j = 0; j < cnt; ++j) {
+      const T* s = src[j] + b;
+      const V c = V{} + coef[j];
+      for (int q = 0; q < kBlockVecs; ++q) acc[q] += c * load<V>(s + q * W);
+    }
+    for (int q = 0; q < kBlockVecs; ++q)
+      store(dst + b + q * W, Add ? load<V>(dst + b + q * W) + acc[q] : acc[q]);
+  }
+  for (; b + W <= len; b += W) {
+    V acc = V{};
+    for (int64_t j = 0; j < cnt; ++j) acc += (V{} + coef[j]) * load<V>(src[j] + b);
+    store(dst + b, Add ? load<V>(dst + b) + acc : acc);
+  }
+  for (; b < len; ++b) {
+    T acc = 0;
+    for (int64_t j = 0; j < cnt; ++j) acc += coef[j] * src[j][b];
+    dst[b] = Add ? dst[b] + acc : acc;
+  }
+}
+
+// dst[0..len) += a * src[0..len)
+template <typename T>
+inline void axpy1(T* dst, const T* src, T a, int64_t len) {
+  using V = typename Vec<T>::type;
+  constexpr int W = Vec<T>::width;
+  const V av = V{} + a;
+  int64_t i = 0;
+  for (; i + W <= len; i += W) store(dst + i, load<V>(dst + i) + av * load<V>(src + i));
+  for (; i < len; ++i) dst[i] += a * src[i];
+}
+
+// From this many kept units on, the products of a step are ATen GEMMs (unified, random) or
+// accumulated column by column, each kept row of W_hh read once per step (per-example): the
+// register-blocked row loops win below it, where a GEMM's fixed cost dominates.
+constexpr int64_t kWideK = 16;
+
+// ---- the cell's chain rule ---------------------------------------------------------------------
+
+template <typename V>
+inline V vabs(V x) {
+  if constexpr (std::is_floating_point_v<V>) {
+    return std::abs(x);
+  } else {
+    return x < V{} ? -x : x;  // lane-wise; a NaN stays a NaN
+  }
+}
+
+// The values ranked by a selection: x[j] (+ add[j] * mul), their absolute value for Abs.
+template <typename A, bool Abs, bool Add>
+struct Ranked {
+  const A* x;
+  const A* add;
+  A mul;
+  template <typename V>
+  inline V at(int64_t j) const {
+    V v = load<V>(x + j);
+    if (Add) v = v + load<V>(add + j) * (V{} + mul);
+    return Abs ? vabs(v) : v;
+  }
+};
+
+// The indices of the k largest values of r over [0, m) (ties: the lower index), ascending, into
+// out. First the maximum of every block of values (vectorised); the k-th largest block maximum
+// is a lower bound of the k-th largest value, so only the values of blocks whose maximum reaches
+// it are candidates (about k blocks on random data, instead of all m values), and the k best
+// candidates are found by nth_element. Blocks are 32 values, halved down to one vector while
+// there are fewer than 2 k of them.
+template <typename A, bool Abs, bool Add>
+void topk_indices(const Ranked<A, Abs, Add>& r, int64_t m, int64_t k, int64_t* out,
+                  std::vector<A>& bmax, std::vector<A>& bsel, std::vector<Entry<A>>& cand) {
+  using V = typename Vec<A>::type;
+  constexpr int W = Vec<A>::width;
+  int64_t bs = 32;
+  while (bs > W && m / bs < 2 * k) bs /= 2;
+  const int64_t nb = (m + bs - 1) / bs;
+  bmax.resize(nb);
+  for (int64_t bl = 0; bl < nb; ++bl) {
+    const int64_t j0 = bl * bs, j1 = std::min(m, j0 + bs);
+    int64_t j = j0;
+    A mx = -std::numeric_limits<A>::infinity();
+    if (j + W <= j1) {
+      V mv = r.template at<V>(j);
+      for (j += W; j + W <= j1; j += W) {
+        const V v = r.template at<V>(j);
+        mv = v > mv ? v : mv;
+      }
+      for (int q = 0; q < W; ++q) mx = mv[q] > mx ? mv[q] : mx;
+    }
+    for (; j < j1; ++j) {
+      const A v = r.template at<A>(j);
+      mx = v > mx ? v : mx;
+    }
+    bmax[bl] = mx == mx ? mx : std::numeric_limits<A>::infinity();  // NaN: scan the block
+  }
+  A thr = -std::numeric_limits<A>::infinity();
+  if (nb >= k) {
+    bsel.assign(bmax.begin(), bmax.end());
+    std::nth_element(bsel.begin(), bsel.begin() + (k - 1), bsel.end(), std::greater<A>());
+    thr = bsel[k - 1];
+  }
+  cand.clear();
+  for (int64_t bl = 0; bl < nb; ++bl) {
+    if (!(bmax[bl] >= thr)) continue;
+    const int64_t j1 = std::min(m, (bl + 1) * bs);
+    for (int64_t j = bl * bs; j < j1; ++j) {
+      const A v = r.template at<A>(j);
+      if (v >= thr) cand.push_back({v, j});  // a NaN fails the comparison
+    }
+  }
+  if (static_cast<int64_t>(cand.size()) < k) {
+    // only with NaNs, which fail the finiteness check anyway: any k distinct indices keep the
+    // step well defined
+    for (int64_t q = 0; q < k; ++q) out[q] = q;
+    return;
+  }
+  if (static_cast<int64_t>(cand.size()) > k)
+    std::nth_element(cand.begin(), cand.begin() + (k - 1), cand.end(), better<A>);
+  for (int64_t q = 0; q < k; ++q) out[q] = cand[q].i;
+  std::sort(out, out + k);
+}
+
+// The cell's chain rule at hidden units [h, h + lanes) of one row; V is a vector of lanes or
+// one scalar. See cell_chunk.
+template <typename V, typename A, int Mem, bool Scores>
+inline void cell_lanes(int64_t h, int64_t H, const A* ab, const A* tb, const A* cb, const A* ob,
+                       A* dhb, A* dcb, A* gb, A* ub, const A* mvec, A mmul, A* score, A* usum,
+                       A* gsum, V& wit) {
+  const V one = V{} + A(1), zero = V{};
+  const V i = load<V>(ab + h), f = load<V>(ab + H + h), gg = load<V>(ab + 2 * H + h),
+          o = load<V>(ab + 3 * H + h), tch = load<V>(tb + h);
+  const V d_h = load<V>(ob + h) + load<V>(dhb + h);
+  const V d_c = load<V>(dcb + h) + d_h * (o * (one - tch * tch));
+  V u[4];
+  u[0] = d_c * (gg * (one - i) * i);
+  u[1] = d_c * (load<V>(cb + h) * (one - f) * f);
+  u[2] = d_c * (i * (one - gg * gg));
+  u[3] = d_h * (tch * (one - o) * o);
+  store(dcb + h, d_c * f);
+  for (int q = 0; q < 4; ++q) {
+    store(gb + q * H + h, u[q]);
+    store(gsum + q * H + h, load<V>(gsum + q * H + h) + u[q]);
+    if (Mem == 1) u[q] = u[q] + load<V>(mvec + q * H + h) * (V{} + mmul);
+    if (Mem == 2) u[q] = u[q] + load<V>(ub + q * H + h) * (V{} + mmul);
+    if (Mem == 2) store(ub + q * H + h, u[q]);
+    if (Scores) store(score + q * H + h, load<V>(score + q * H + h) + vabs(u[q]));
+    if (Mem == 1) store(usum + q * H + h, load<V>(usum + q * H + h) + u[q]);
+    wit = wit + u[q] * zero;  // NaN iff some U is not finite; never an overflow
+  }
+}
+
+// One step of the cell's chain rule over rows [b0, b1), whole rows (the access pattern the
+// prefetchers follow best). Writes G (the gate gradient) and forms U = G + memory (Mem: 0 none,
+// U is G; 1 unit, + mvec / B, not stored: it is cheaper to recompute where needed than to write;
+// 2 slot, + mmul * u, stored in u); updates dh and dc in place (on entry: U_S W and dc f of step
+// t+1; on exit: dc f of this step); accumulates into score, usum, gsum the column scores sum |U|
+// (Scores), the column sums of U (unit memory) and of G (score and usum are zeroed first), and
+// a finiteness witness: a sum of U * 0, NaN iff some U is not finite, never an overflow (a sum
+// of the values would overflow near 3e38 on finite values).
+template <typename A, int Mem, bool Scores>
+void cell_chunk(int64_t b0, int64_t b1, int64_t H, const A* act, const A* tc, const A* cprev,
+                const A* dout, int64_t dout_sb, A* dh, A* dc, A* g, A* u, const A* mvec, A mmul,
+                A* score, A* usum, A* gsum, A* witness) {
+  using V = typename Vec<A>::type;
+  constexpr int W = Vec<A>::width;
+  const int64_t G4 = 4 * H;
+  if (Scores) std::fill_n(score, G4, A(0));
+  if (Mem == 1) std::fill_n(usum, G4, A(0));
+  V wv = V{};
+  A ws = 0;
+  for (int64_t b = b0; b < b1; ++b) {
+    const A* ab = act + b * G4;
+    const A* tb = tc + b * H;
+    const A* cb = cprev + b * H;
+    const A* ob = dout + b * dout_sb;
+    A* dhb = dh + b * H;
+    A* dcb = dc + b * H;
+    A* gb = g + b * G4;
+    A* ub = u + b * G4;
+    int64_t h = 0;
+    for (; h + W <= H; h += W)
+      cell_lanes<V, A, Mem, Scores>(h, H, ab, tb, cb, ob, dhb, dcb, gb, ub, mvec, mmul, score,
+                                    usum, gsum, wv);
+    for (; h < H; ++h)
+      cell_lanes<A, A, Mem, Scores>(h, H, ab, tb, cb, ob, dhb, dcb, gb, ub, mvec, mmul, score,
+                                    usum, gsum, ws);
+  }
+  for (int q = 0; q < W; ++q) ws += wv[q];
+  *witness = ws;
+}
+
+[[noreturn]] void nonfinite() {
+  TORCH_CHECK(false,
+              "msbp-nonfinite: non-finite gate gradient; the memory was left unchanged");
+}
+
+struct Options {
+  int64_t k;
+  int64_t selection;
+  double alpha;
+  bool slot;
+  bool reverse;
+  bool need_w;
+};
+
+// gate gradients, dh0, dc0, the kept columns (distinct, ascending), their dW_hh rows, db, skipped
+// (1 if a non-finite gradient was propagated densely instead)
+using Outputs = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
+
+template <typename A>
+Outputs backward_impl(const Tensor& act, const Tensor& cells, const Tensor& tanh_c,
+                                  const Tensor& out, const Tensor& h0, const Tensor& c0,
+                                  const Tensor& w, const Tensor& d_out, const Tensor& d_hn,
+                                  const Tensor& d_cn, const std::optional<Tensor>& memory,
+                                  const std::optional<Tensor>& random_cols, const Options& opt,
+                                  bool raw, bool skip_nonfinite) {
+  const int64_t T = act.size(0), B = act.size(1), G4 = act.size(2), H = G4 / 4;
+  const auto opts = act.options();
+  const auto long_opts = opts.dtype(at::kLong);
+  const bool dense = raw || opt.k >= G4;
+  const bool has_memory = memory.has_value() && opt.alpha > 0 && !raw;
+  const bool use_memory = has_memory && !dense;
+  const bool per_example = opt.selection == kPerExample;
+  const int64_t k = std::min(opt.k, G4);
+
+  Tensor dgates = at::empty({T, B, G4}, opts);
+  Tensor dh_t = d_hn.defined() ? d_hn.to(opts).contiguous().clone() : at::zeros({B, H}, opts);
+  Tensor dc_t = d_cn.defined() ? d_cn.to(opts).contiguous().clone() : at::zeros({B, H}, opts);
+  Tensor db_t = at::zeros({G4}, opts);
+  A* dh = dh_t.data_ptr<A>();
+  A* dc = dc_t.data_ptr<A>();
+  A* gsum = db_t.data_ptr<A>();
+  const A* actp = act.data_ptr<A>();
+  const A* tcp = tanh_c.data_ptr<A>();
+  const A* cellp = cells.data_ptr<A>();
+  const A* outp = out.data_ptr<A>();
+  const A* h0p = h0.data_ptr<A>();
+  const A* c0p = c0.data_ptr<A>();
+  const A* wp = w.data_ptr<A>();
+  const A* doutp = d_out.defined() ? d_out.data_ptr<A>() : nullptr;
+  const int64_t dout_st = d_out.defined() ? d_out.stride(0) : 0;
+  const int64_t dout_sb = d_out.defined() ? d_out.stride(1) : H;
+  std::vector<A> zeros_bh(d_out.defined() ? 0 : B * H, A(0));  // d_out when none was given
+
+  // memory, in local copies: written back only when every step was finite
+  std::vector<A> score(G4), usum(G4), mvec, mnew;
+  Tensor ubuf;  // slot layout: U, then the residual (the memory is mmul * ubuf)
+  A mmul = 0;
+  if (use_memory) {
+    const Tensor& m = *memory;
+    if (opt.slot) {
+      ubuf = at::empty({B, G4}, opts);
+      if (m.size(0) == B) {
+        ubuf.copy_(m);
+        mmul = 1;
+      } else {  // rows of another batch shape: their column sums, spread evenly
+        ubuf.copy_(m.sum(0).expand({B, G4}));
+        mmul = static_cast<A>(1.0 / static_cast<double>(B));
+      }
+    } else {
+      mvec.assign(m.data_ptr<A>(), m.data_ptr<A>() + G4);
+      mnew.resize(G4);
+      mmul = static_cast<A>(1.0 / static_cast<double>(B));
+    }
+  }
+  const int mem_kind = use_memory ? (opt.slot ? 2 : 1) : 0;
+  const A alpha = static_cast<A>(opt.alpha);
+
+  // dW_hh rows, one slot per distinct kept column, in order of first use; a slot's first
+  // product writes it (no zeroing), later ones add
+  const int64_t max_slots = dense ? 0 : std::min<int64_t>(G4, T * k * (per_example ? B : 1));
+  Tensor dw_buf = opt.need_w && !dense ? at::empty({max_slots, H}, opts) : Tensor();
+  A* dwp = dw_buf.defined() ? dw_buf.data_ptr<A>() : nullptr;
+  std::vector<int64_t> slot_of(dense ? 0 : G4, -1), slot_cols;
+  slot_cols.reserve(max_slots);
+  auto slot_for = [&](int64_t col, bool& fresh) {
+    int64_t& s = slot_of[col];
+    fresh = s < 0;
+    if (fresh) {
+      s = static_cast<int64_t>(slot_cols.size());
+      slot_cols.push_back(col);
+    }
+    return s;
+  };
+  auto dw_rows = [&](int64_t slot, bool fresh, const A* const* src, const A* coef, int64_t cnt) {
+    if (fresh) axpy_rows<A, false>(dwp + slot * H, src, coef, cnt, H);
+    else axpy_rows<A, true>(dwp + slot * H, src, coef, cnt, H);
+  };
+
+  // the cell pass in chunks of rows, one per thread (a power of two, 8192 gate units or more
+  // each), each with its own column sums, added up in chunk order: on one thread, one chunk
+  // (measured 10% faster than 4 at the tagger's size); the sums' rounding, as PyTorch's own
+  // reductions', depends on the thread count
+  const int64_t threads = at::get_num_threads();
+  int64_t nchunks = 1;
+  while (nchunks * 2 <= std::min<int64_t>(threads, 16) && nchunks * 2 <= B &&
+         B * G4 / (nchunks * 2) >= 8192)
+    nchunks *= 2;
+  std::vector<A> witness(nchunks), partial(nchunks > 1 ? nchunks * 3 * G4 : 0);
+  std::vector<int64_t> sel(per_example ? B * k : k), slots;
+  std::vector<char> fresh_slot;
+  std::vector<A> vals(B * k), vcol(per_example ? 0 : B * k);
+  const bool wide = !dense && k >= kWideK;
+  Tensor vals_t, w_k, rows_t;  // the GEMMs' operands (wide unified / random)
+  if (wide && !per_example) {
+    vals_t = at::empty({B, k}, opts);
+    w_k = at::empty({k, H}, opts);
+    rows_t = at::empty({k, H}, opts);
+  }
+  std::vector<const A*> hprev(B);
+  std::vector<A> bmax, bsel;
+  std::vector<Entry<A>> cand;
+  // per-example: the step's kept entries grouped by column (a counting sort): the distinct
+  // columns, and for each its rows (ascending) and values
+  std::vector<int64_t> col_start(per_example ? G4 + 1 : 0), col_list, ent_start, ent_row;
+  std::vector<A> ent_val;
+  std::vector<const A*> ent_src;
+  const int64_t* rand_p = random_cols.has_value() ? random_cols->data_ptr<int64_t>() : nullptr;
+  bool finite = true;
+
+  for (int64_t s = 0; s < T; ++s) {
+    const int64_t t = opt.reverse ? s : T - 1 - s;
+    const int64_t tp = opt.reverse ? t + 1 : t - 1;
+    const bool has_prev = tp >= 0 && tp < T;
+    const A* cprev = has_prev ? cellp + tp * B * H : c0p;
+    const A* hprev_base = has_prev ? outp + tp * B * H : h0p;
+    A* g = dgates.data_ptr<A>() + t * B * G4;
+    A* u = mem_kind == 2 ? ubuf.data_ptr<A>() : g;  // U where it is stored
+    const A* dout = doutp ? doutp + t * dout_st : zeros_bh.data();
+    const bool scores = !dense && opt.selection == kUnified;
+
+    at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
+      for (int64_t c = c0; c < c1; ++c) {
+        const int64_t lo = B * c / nchunks, hi = B * (c + 1) / nchunks;
+        A* sums = nchunks > 1 ? partial.data() + c * 3 * G4 : nullptr;
+        if (sums) std::fill_n(sums + 2 * G4, G4, A(0));
+        A* sc = sums ? sums : score.data();
+        A* us = sums ? sums + G4 : usum.data();
+        A* gs = sums ? sums + 2 * G4 : gsum;
+        auto run = [&](auto kind, auto with_scores) {
+          cell_chunk<A, decltype(kind)::value, decltype(with_scores)::value>(
+              lo, hi, H, actp + t * B * G4, tcp + t * B * H, cprev, dout, dout_sb, dh, dc, g, u,
+              mvec.data(), mmul, sc, us, gs, &witness[c]);
+        };
+        using Yes = std::true_type;
+        using No = std::false_type;
+        if (mem_kind == 1) {
+          scores ? run(std::integral_constant<int, 1>{}, Yes{})
+                 : run(std::integral_constant<int, 1>{}, No{});
+        } else if (mem_kind == 2) {
+          scores ? run(std::integral_constant<int, 2>{}, Yes{})
+                 : run(std::integral_constant<int, 2>{}, No{});
+        } else {
+          scores ? run(std::integral_constant<int, 0>{}, Yes{})
+                 : run(std::integral_constant<int, 0>{}, No{});
+        }
+      }
+    });
+    if (nchunks > 1) {
+      if (scores) std::fill(score.begin(), score.end(), A(0));
+      if (mem_kind == 1) std::fill(usum.begin(), usum.end(), A(0));
+      for (int64_t c = 0; c < nchunks; ++c) {
+        const A* sums = partial.data() + c * 3 * G4;
+        for (int64_t o = 0; o < G4; ++o) {
+          if (scores) score[o] += sums[o];
+          if (mem_kind == 1) usum[o] += sums[G4 + o];
+          gsum[o] += sums[2 * G4 + o];
+        }
+      }
+    }
+    if (!raw) {
+      for (A x : witness) finite = finite && std::isfinite(x);
+      if (!finite) break;
+    }
+
+    if (dense) {  // every gate gradient propagated: dh = G_t W_hh, a GEMM
+      at::mm_out(dh_t, dgates.select(0, t), w);
+      continue;
+    }
+
+    // U at (b, o), recomputed for the unit layout (G + M / B, as in cell_lanes)
+    auto u_at = [&](int64_t b, int64_t o) -> A {
+      return mem_kind == 1 ? g[b * G4 + o] + mvec[o] * mmul : u[b * G4 + o];
+    };
+    for (int64_t b = 0; b < B; ++b) hprev[b] = hprev_base + b * H;
+    if (!per_example) {
+      // ---- one set of k columns for the batch ----
+      if (opt.selection == kRandom) {
+        std::copy(rand_p + s * k, rand_p + (s + 1) * k, sel.begin());
+      } else {
+        topk_indices(Ranked<A, false, false>{score.data(), nullptr, 0}, G4, k, sel.data(), bmax,
+                     bsel, cand);
+      }
+      for (int64_t b = 0; b < B; ++b)
+        for (int64_t j = 0; j < k; ++j) {
+          const A v = u_at(b, sel[j]);
+          vals[b * k + j] = v;
+          vcol[j * B + b] = v;
+        }
+      if (opt.need_w) {
+        slots.resize(k);
+        fresh_slot.resize(k);
+        for (int64_t j = 0; j < k; ++j) {
+          bool fresh;
+          slots[j] = slot_for(sel[j], fresh);
+          fresh_slot[j] = fresh;
+        }
+      }
+      if (wide) {  // dh = U_S W_S and the k rows U_S^T h_t': GEMMs of width k
+        A* wkp = w_k.data_ptr<A>();
+        at::parallel_for(0, k, 16, [&](int64_t j0, int64_t j1) {
+          for (int64_t j = j0; j < j1; ++j) std::copy_n(wp + sel[j] * H, H, wkp + j * H);
+        });
+        std::copy(vals.begin(), vals.end(), vals_t.data_ptr<A>());
+        at::mm_out(dh_t, vals_t, w_k);
+        if (opt.need_w) {
+          at::mm_out(rows_t, vals_t.t(), has_prev ? out.select(0, tp) : h0);
+          const A* rp = rows_t.data_ptr<A>();
+          at::parallel_for(0, k, 16, [&](int64_t j0, int64_t j1) {
+            for (int64_t j = j0; j < j1; ++j) {
+              A* dst = dwp + slots[j] * H;
+              if (fresh_slot[j]) std::copy_n(rp + j * H, H, dst);
+              else axpy1<A>(dst, rp + j * H, A(1), H);
+            }
+          });
+        }
+      } else {
+        at::parallel_for(0, B, 8, [&](int64_t b0, int64_t b1) {
+          std::vector<const A*> src(k);
+          for (int64_t j = 0; j < k; ++j) src[j] = wp + sel[j] * H;
+          for (int64_t b = b0; b < b1; ++b)
+            axpy_rows<A, false>(dh + b * H, src.data(), vals.data() + b * k, k, H);
+        });
+        if (opt.need_w) {
+          at::parallel_for(0, k, 1, [&](int64_t j0, int64_t j1) {
+            for (int64_t j = j0; j < j1; ++j)
+              dw_rows(slots[j], fresh_slot[j], hprev.data(), vcol.data() + j * B, B);
+          });
+        }
+      }
+      if (mem_kind == 1) {
+        for (int64_t o = 0; o < G4; ++o) mvec[o] = alpha * usum[o];
+        for (int64_t j = 0; j < k; ++j) mvec[sel[j]] = 0;
+      } else if (mem_kind == 2) {
+        for (int64_t b = 0; b < B; ++b)
+          for (int64_t j = 0; j < k; ++j) u[b * G4 + sel[j]] = 0;
+        mmul = alpha;
+      }
+    } else {
+      // ---- k entries per row ----
+      at::parallel_for(0, B, 4, [&](int64_t b0, int64_t b1) {
+        std::vector<A> bm, bs;
+        std::vector<Entry<A>> hp;
+        std::vector<const A*> src(k);
+        for (int64_t b = b0; b < b1; ++b) {
+          int64_t* ib = sel.data() + b * k;
+          A* vb = vals.data() + b * k;
+          if (mem_kind == 1) {
+            topk_indices(Ranked<A, true, true>{g + b * G4, mvec.data(), mmul}, G4, k, ib, bm, bs,
+                         hp);
+          } else {
+            topk_indices(Ranked<A, true, false>{u + b * G4, nullptr, 0}, G4, k, ib, bm, bs, hp);
+          }
+          for (int64_t j = 0; j < k; ++j) {
+            vb[j] = u_at(b, ib[j]);
+            src[j] = wp + ib[j] * H;
+          }
+          if (mem_kind == 2) {
+            for (int64_t j = 0; j < k; ++j) u[b * G4 + ib[j]] = 0;
+          }
+          if (!wide) axpy_rows<A, false>(dh + b * H, src.data(), vb, k, H);
+        }
+      });
+      std::fill(col_start.begin(), col_start.end(), 0);
+      for (int64_t e = 0; e < B * k; ++e) ++col_start[sel[e] + 1];
+      col_list.clear();
+      ent_start.assign(1, 0);
+      for (int64_t o = 0; o < G4; ++o) {
+        if (col_start[o + 1]) {
+          col_list.push_back(o);
+          ent_start.push_back(ent_start.back() + col_start[o + 1]);
+        }
+        col_start[o + 1] += col_start[o];  // now the first entry of column o + 1
+      }
+      const int64_t nc = static_cast<int64_t>(col_list.size());
+      ent_val.resize(B * k);
+      ent_src.resize(B * k);
+      ent_row.resize(B * k);
+      for (int64_t b = 0; b < B; ++b)
+        for (int64_t j = 0; j < k; ++j) {
+          const int64_t pos = col_start[sel[b * k + j]]++;
+          ent_val[pos] = vals[b * k + j];
+          ent_src[pos] = hprev[b];
+          ent_row[pos] = b;
+        }
+      if (wide) {
+        // dh column by column: each kept row of W_hh is read once for all the rows keeping it;
+        // slices of H keep the threads' writes apart
+        std::fill_n(dh, B * H, A(0));
+        at::parallel_for(0, H, 256, [&](int64_t h0, int64_t h1) {
+          for (int64_t q = 0; q < nc; ++q) {
+            const A* wrow = wp + col_list[q] * H + h0;
+            for (int64_t e = ent_start[q]; e < ent_start[q + 1]; ++e)
+              axpy1<A>(dh + ent_row[e] * H + h0, wrow, ent_val[e], h1 - h0);
+          }
+        });
+      }
+      if (opt.need_w) {
+        slots.resize(nc);
+        fresh_slot.resize(nc);
+        for (int64_t q = 0; q < nc; ++q) {
+          bool fresh;
+          slots[q] = slot_for(col_list[q], fresh);
+          fresh_slot[q] = fresh;
+        }
+        at::parallel_for(0, nc, 4, [&](int64_t q0, int64_t q1) {
+          for (int64_t q = q0; q < q1; ++q) {
+            const int64_t e0 = ent_start[q];
+            dw_rows(slots[q], fresh_slot[q], ent_src.data() + e0, ent_val.data() + e0,
+                    ent_start[q + 1] - e0);
+          }
+        });
+      }
+      if (mem_kind == 1) {
+        // the column sums of U without the kept entries: only the kept columns differ from
+        // those of U, and are summed again over the rows that did not keep them
+        for (int64_t o = 0; o < G4; ++o) mnew[o] = alpha * usum[o];
+        for (int64_t q = 0; q < nc; ++q) {
+          const int64_t o = col_list[q];
+          int64_t e = ent_start[q];
+          const int64_t e1 = ent_start[q + 1];
+          A sum = 0;
+          for (int64_t b = 0; b < B; ++b) {
+            if (e < e1 && ent_row[e] == b) {
+              ++e;
+              continue;
+            }
+            sum += u_at(b, o);
+          }
+          mnew[o] = alpha * sum;
+        }
+        mvec.swap(mnew);
+      } else if (mem_kind == 2) {
+        mmul = alpha;
+      }
+    }
+  }
+
+  if (!finite) {
+    if (!skip_nonfinite) nonfinite();
+    // skip: the raw gradient through the dense chain rule, the memory untouched
+    auto res = backward_impl<A>(act, cells, tanh_c, out, h0, c0, w, d_out, d_hn, d_cn, memory,
+                                random_cols, opt, /*raw=*/true, false);
+    std::get<6>(res) = at::ones({}, long_opts);
+    return res;
+  }
+
+  Tensor cols, dw;
+  if (dense) {
+    cols = opt.need_w ? at::arange(G4, long_opts) : at::empty({0}, long_opts);
+    if (opt.need_w) {
+      // dW = sum_t G_t^T h_t': one GEMM over the steps with a previous step, one for h0
+      Tensor g2 = dgates.view({T * B, G4});
+      Tensor o2 = out.view({T * B, H});
+      const int64_t first = opt.reverse ? T - 1 : 0;
+      dw = at::mm(dgates.select(0, first).t(), h0);
+      if (T > 1) {
+        Tensor gs = opt.reverse ? g2.narrow(0, 0, (T - 1) * B) : g2.narrow(0, B, (T - 1) * B);
+        Tensor hs = opt.reverse ? o2.narrow(0, B, (T - 1) * B) : o2.narrow(0, 0, (T - 1) * B);
+        dw.addmm_(gs.t(), hs);
+      }
+    } else {
+      dw = at::empty({0, H}, opts);
+    }
+    if (has_memory) {
+      if (opt.slot) memory->resize_({B, G4});
+      memory->zero_();
+    }
+  } else {
+    // the kept columns ascending, their rows in that order
+    const int64_t c = static_cast<int64_t>(slot_cols.size());
+    cols = at::empty({c}, long_opts);
+    int64_t* cp = cols.data_ptr<int64_t>();
+    std::copy(slot_cols.begin(), slot_cols.end(), cp);
+    std::sort(cp, cp + c);
+    dw = at::empty({0, H}, opts);
+    if (opt.need_w) {
+      if (std::equal(cp, cp + c, slot_cols.begin())) {
+        dw = dw_buf.narrow(0, 0, c);
+      } else {
+        dw = at::empty({c, H}, opts);
+        A* dst = dw.data_ptr<A>();
+        at::parallel_for(0, c, 64, [&](int64_t q0, int64_t q1) {
+          for (int64_t q = q0; q < q1; ++q)
+            std::copy_n(dwp + slot_of[cp[q]] * H, H, dst + q * H);
+        });
+      }
+    }
+    if (mem_kind == 1) {
+      std::copy(mvec.begin(), mvec.end(), memory->data_ptr<A>());
+    } else if (mem_kind == 2) {
+      memory->resize_({B, G4});
+      A* mp = memory->data_ptr<A>();
+      const A* bp = ubuf.data_ptr<A>();
+      at::parallel_for(0, B * G4, 16384, [&](int64_t e0, int64_t e1) {
+        for (int64_t e = e0; e < e1; ++e) mp[e] = mmul * bp[e];
+      });
+    }
+  }
+  return {dgates, dh_t, dc_t, cols, dw, db_t, at::zeros({}, long_opts)};
+}
+
+Outputs lstm_recurrence_backward(
+    const Tensor& act, const Tensor& cells, const Tensor& tanh_c, const Tensor& out,
+    const Tensor& h0, const Tensor& c0, const Tensor& w_hh, const std::optional<Tensor>& d_out,
+    const std::optional<Tensor>& d_hn, const std::optional<Tensor>& d_cn,
+    const std::optional<Tensor>& memory, const std::optional<Tensor>& random_cols, int64_t k,
+    int64_t selection, double alpha, bool slot, bool reverse, bool need_w,
+    bool skip_nonfinite) {
+  TORCH_CHECK(act.dim() == 3 && act.size(2) % 4 == 0,
+              "lstm_recurrence_backward: act must be (T, B, 4H), got ", act.sizes());
+  const int64_t T = act.size(0), B = act.size(1), G4 = act.size(2), H = G4 / 4;
+  const auto dtype = act.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble,
+              "lstm_recurrence_backward: float32 or float64 only, got ", dtype);
+  TORCH_CHECK(T >= 1 && B >= 1, "lstm_recurrence_backward: empty input ", act.sizes());
+  for (const Tensor* x : {&cells, &tanh_c, &out}) {
+    TORCH_CHECK(x->sizes() == at::IntArrayRef({T, B, H}) && x->scalar_type() == dtype,
+                "lstm_recurrence_backward: cells, tanh_c, out must be (T, B, H) of ", dtype,
+                ", got ", x->sizes(), " ", x->scalar_type());
+  }
+  for (const Tensor* x : {&h0, &c0}) {
+    TORCH_CHECK(x->sizes() == at::IntArrayRef({B, H}) && x->scalar_type() == dtype,
+                "lstm_recurrence_backward: h0, c0 must be (B, H), got ", x->sizes());
+  }
+  TORCH_CHECK(w_hh.sizes() == at::IntArrayRef({G4, H}) && w_hh.scalar_type() == dtype,
+              "lstm_recurrence_backward: w_hh must be (4H, H), got ", w_hh.sizes());
+  TORCH_CHECK(k >= 1, "lstm_recurrence_backward: k must be >= 1, got ", k);
+  TORCH_CHECK(selection >= kUnified && selection <= kRandom,
+              "lstm_recurrence_backward: unknown selection ", selection);
+  Tensor dout;
+  if (d_out.has_value()) {
+    TORCH_CHECK(d_out->sizes() == at::IntArrayRef({T, B, H}),
+                "lstm_recurrence_backward: d_out must be (T, B, H), got ", d_out->sizes());
+    dout = d_out->to(dtype);
+    if (dout.stride(2) != 1) dout = dout.contiguous();
+  }
+  Tensor dhn = d_hn.has_value() ? *d_hn : Tensor();
+  Tensor dcn = d_cn.has_value() ? *d_cn : Tensor();
+  for (const Tensor* x : {&dhn, &dcn}) {
+    TORCH_CHECK(!x->defined() || x->sizes() == at::IntArrayRef({B, H}),
+                "lstm_recurrence_backward: d_hn, d_cn must be (B, H), got ", x->sizes());
+  }
+  const bool dense = k >= G4;
+  if (memory.has_value() && alpha > 0) {
+    TORCH_CHECK(memory->scalar_type() == dtype && memory->is_contiguous(),
+                "lstm_recurrence_backward: memory must be contiguous ", dtype);
+    if (slot) {
+      TORCH_CHECK(memory->dim() == 2 && memory->size(1) == G4,
+                  "lstm_recurrence_backward: slot memory must be (rows, 4H), got ",
+                  memory->sizes());
+    } else {
+      TORCH_CHECK(memory->dim() == 1 && memory->size(0) == G4,
+                  "lstm_recurrence_backward: unit memory must be (4H,), got ", memory->sizes());
+    }
+  }
+  if (!dense && selection == kRandom) {
+    TORCH_CHECK(random_cols.has_value() && random_cols->sizes() == at::IntArrayRef({T, k}) &&
+                    random_cols->scalar_type() == at::kLong && random_cols->is_contiguous(),
+                "lstm_recurrence_backward: random selection needs random_cols (T, k) int64");
+  }
+  Options opt{k, selection, alpha, slot, reverse, need_w};
+  Tensor a = act.contiguous(), ce = cells.contiguous(), tc = tanh_c.contiguous(),
+         o = out.contiguous(), h = h0.contiguous(), c = c0.contiguous(), w = w_hh.contiguous();
+  if (dtype == at::kDouble) {
+    return backward_impl<double>(a, ce, tc, o, h, c, w, dout, dhn, dcn, memory, random_cols, opt,
+                                 false, skip_nonfinite);
+  }
+  return backward_impl<float>(a, ce, tc, o, h, c, w, dout, dhn, dcn, memory, random_cols, opt,
+                              false, skip_nonfinite);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(msbp, m) {
+  m.def(
+      "lstm_recurrence_backward(Tensor act, Tensor cells, Tensor tanh_c, Tensor out, Tensor h0, "
+      "Tensor c0, Tensor w_hh, Tensor? d_out, Tensor? d_hn, Tensor? d_cn, Tensor(a!)? memory, "
+      "Tensor? random_cols, int k, int selection, float alpha, bool slot, bool reverse, "
+      "bool need_w, bool skip_nonfinite) -> "
+      "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(msbp, CPU, m) {
+  m.impl("lstm_recurrence_backward", &lstm_recurrence_backward);
+}
+
+}  // namespace msbp
