@@ -157,3 +157,28 @@ def test_compile_fullgraph_inductor():
             torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-6)
         for a, b in zip(_memories(model), _memories(eager), strict=True):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("layout", ["unit", "slot"])
+def test_lstm_memory_is_unscaled_under_grad_scaler(backend, layout):
+    """SparseLSTM: a scaled backward with msbp.amp.GradScaler == the unscaled one, the scale
+    changing every step (the recurrent memory in unscaled units)."""
+    cfg = msbp.SparseBackpropConfig(k=3, memory=0.8, memory_layout=layout)
+    torch.manual_seed(0)
+    plain = msbp.SparseLSTM(4, 5, config=cfg)
+    scaled = copy.deepcopy(plain)
+    scaler = msbp.amp.GradScaler("cpu", init_scale=2.0**8)
+    gen = torch.Generator().manual_seed(1)
+    for step in range(3):
+        x = torch.randn(6, 2, 4, generator=gen)
+        for m in (plain, scaled):
+            m.zero_grad(set_to_none=True)
+        plain(x)[0].square().sum().backward()
+        scaler.scale(scaled(x)[0].square().sum()).backward()
+        s = scaler.get_scale()
+        for (name, a), (_, b) in zip(plain.named_memories(), scaled.named_memories(),
+                                     strict=True):
+            torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6, msg=name)
+        for pa, pb in zip(plain.parameters(), scaled.parameters(), strict=True):
+            torch.testing.assert_close(pb.grad / s, pa.grad, rtol=1e-4, atol=1e-6)
+        scaler.update(new_scale=s / 2 if step % 2 else s * 4)

@@ -40,6 +40,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from msbp import native
+from msbp.ops import scaling
 from msbp.ops.memory import add_memory_ as _add_memory_
 from msbp.ops.memory import store_memory_ as _store_memory_
 from msbp.ops.selection import UNIFIED_SELECTIONS, select, select_random
@@ -232,8 +233,12 @@ class SparseLSTMRecurrence(torch.autograd.Function):
         act, cells, tanh_c, out, h0, c0, w = ctx.saved_tensors
         plan: BackwardPlan = ctx.plan
         memory: Tensor | None = ctx.memory
-        if _native_fits(act, memory, plan):
+        # under msbp.amp.GradScaler: the memory kept unscaled (the Python loop scales it)
+        ctx.scale = None if torch.compiler.is_compiling() else scaling.current_scale()
+        if ctx.scale is None and _native_fits(act, memory, plan):
             return _native_backward(ctx, d_out, d_hn, d_cn)
+        if ctx.scale is not None and memory is not None and plan.alpha > 0:
+            scaling.snapshot(memory)
         gx_dtype, h0_dtype, c0_dtype, b_dtype = ctx.dtypes
         need_gx, need_h0, need_c0, need_w, need_b = ctx.needs_input_grad[:5]
         steps, batch, four_h = act.shape
@@ -264,7 +269,7 @@ class SparseLSTMRecurrence(torch.autograd.Function):
             if not _finite(grads.witness()):
                 if saved is not None:  # leave the memory as it was before this backward
                     memory.resize_(saved.shape).copy_(saved)
-                if plan.on_nonfinite == "raise":
+                if plan.on_nonfinite == "raise" and ctx.scale is None:
                     raise nonfinite_error(plan, "gate gradient", act.shape)
                 grads = _backward_steps(*parts, dense=True, raw=True)
             elif plan.k >= four_h and memory is not None and plan.alpha > 0:
@@ -368,6 +373,7 @@ def _backward_steps(
     four_h = 4 * hidden
     k = plan.k
     use_memory = memory is not None and plan.alpha > 0 and not raw
+    scale = getattr(ctx, "scale", None)
     dgates = d_out.new_empty(steps, batch, four_h)
     per_example = plan.selection not in UNIFIED_SELECTIONS
     grads = _StepGrads(dgates, dense, per_example, time_reversed=not ctx.reverse)
@@ -389,7 +395,9 @@ def _backward_steps(
         if dense:
             dh = gate @ w
             continue
-        if unit_memory:  # U = G + M / B in one op
+        if scale is not None and use_memory:  # U = G + M s (the memory is unscaled)
+            u = _add_memory_(gate.to(memory.dtype, copy=True), memory * scale, plan.layout)
+        elif unit_memory:  # U = G + M / B in one op
             u = torch.add(gate.to(memory.dtype), memory, alpha=1.0 / batch)
         elif use_memory:
             u = _add_memory_(gate.to(memory.dtype, copy=True), memory, plan.layout)
@@ -409,12 +417,12 @@ def _backward_steps(
                 dh = torch.zeros(batch, four_h, dtype=w.dtype, device=w.device).scatter_(
                     1, idx, v) @ w
             if use_memory:
-                _store_memory_(memory, u.scatter_(1, idx, 0), plan.layout, plan.alpha)
+                _store_memory_(memory, u.scatter_(1, idx, 0), plan.layout, plan.alpha, scale)
         else:  # idx: (k,) columns for the whole batch
             vals = u.index_select(1, idx)  # (B, k)
             dh = _as(vals, w.dtype) @ w.index_select(0, idx)
             if use_memory:
-                _store_memory_(memory, u.index_fill_(1, idx, 0), plan.layout, plan.alpha)
+                _store_memory_(memory, u.index_fill_(1, idx, 0), plan.layout, plan.alpha, scale)
         grads.idx.append(idx)
         grads.vals.append(vals)
     grads.dh, grads.dc = dh, dc
