@@ -172,6 +172,10 @@ def test_backend_auto_dense_decision_flushes_memory(backend, layout, monkeypatch
         for _ in range(2):
             x = torch.randn(4, 5, dtype=torch.float64, generator=gen)
             g = torch.randn(4, 7, dtype=torch.float64, generator=gen)
+            if not sparse:  # something remembered: the dense path must flush it
+                with torch.no_grad():
+                    layer.memory.copy_(torch.randn(layer.memory.shape, dtype=torch.float64,
+                                                   generator=gen))
             before = layer.memory.clone()
             layer.zero_grad(set_to_none=True)
             layer(x).backward(g)

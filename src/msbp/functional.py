@@ -20,6 +20,7 @@ from msbp.ops.sparse_linear import (
     SELECTION_CODES,
     BackwardPlan,
     SparseLinearFunction,
+    auto_keeps_sparse,
 )
 from msbp.ops.touched_rows import rows_mask
 
@@ -116,10 +117,22 @@ def sparse_linear(
     if not (torch.is_grad_enabled() and needs_grad):
         return F.linear(x, weight, bias)
     check_no_functorch(f"sparse layer {name!r}" if name else "sparse_linear")
+    if config.backend == "auto" and probe is None and not torch.compiler.is_compiling():
+        if not auto_keeps_sparse(x, weight, memory, config):
+            # dense is faster here: k = out, which flushes what the memory holds; with nothing
+            # remembered that is exactly the plain layer
+            if memory is None or not bool(memory.any()):
+                return F.linear(x, weight, bias)
+            config = _dense_twin(config)
     if probe is None and _fast_path_ok(x, weight, memory, config):
         return _sparse_linear_fast(x, weight, bias, memory, config, name)
     plan = make_plan(config, out_features, generator=generator, name=name, probe=probe)
     return SparseLinearFunction.apply(x, weight, bias, memory, plan)
+
+
+@functools.lru_cache(maxsize=64)
+def _dense_twin(config: SparseBackpropConfig) -> SparseBackpropConfig:
+    return config.replace(k=0, ratio=None, backend="sparse")  # k = 0: every unit kept
 
 
 _FAST_BUFFER = "_msbp_fast_grad_buffer"
@@ -130,7 +143,7 @@ def _fast_path_ok(x: Tensor, weight: Tensor, memory: Tensor | None, config) -> b
     ``SparseLinearFunction`` here: eager CPU, no autocast, no scaler, no torch.distributed."""
     if x.device.type != "cpu" or x.dtype != weight.dtype or x.dtype not in _WIDE:
         return False
-    if config.selection == "random" or config.backend != "sparse" or not config.grad_inplace:
+    if config.selection == "random" or not config.grad_inplace:
         return False
     if torch.compiler.is_compiling() or torch.is_autocast_enabled("cpu"):
         return False

@@ -329,6 +329,28 @@ def sparse_pays(native_ok: bool, args: tuple, n: int) -> bool:
     return decision
 
 
+def auto_keeps_sparse(x: Tensor, weight: Tensor, memory: Tensor | None, config) -> bool:
+    """``backend="auto"``: whether this call should run sparse, decided at forward time from
+    ``sparse_pays`` on a random output gradient of the call's shape (measured once per key)."""
+    out, d_in = weight.shape
+    n = x.numel() // max(d_in, 1)
+    k = config.k_for(out)
+    if k >= out or n == 0:
+        return True
+    use_memory = memory is not None and config.memory > 0
+    x2 = x.detach().reshape(n, d_in)
+    g = torch.randn(n, out, dtype=x2.dtype, device=x2.device)
+    if use_memory and config.memory_layout == "slot" and memory.shape[0] != n:
+        memory = torch.zeros(n, out, dtype=memory.dtype, device=memory.device)
+    cols = None
+    if config.selection == "random":
+        cols = torch.randperm(out, device=x2.device)[:k]
+    args = (g, x2, weight.detach(), memory if use_memory else None, cols, None, k,
+            SELECTION_CODES[config.selection], float(config.memory),
+            config.memory_layout == "slot", True, True, True, True, True, NATIVE_SPARSE_RATIO)
+    return sparse_pays(native.use_native(x2.device), args, n)
+
+
 # --- where the k rows of dW go -----------------------------------------------------------------
 
 _BUFFER = "_msbp_grad_buffer"
@@ -484,9 +506,6 @@ class SparseLinearFunction(torch.autograd.Function):
         args = [g, x2, w, memory if use_memory else None, random_cols, scale, k,
                 SELECTION_CODES[plan.selection], plan.alpha, slot, need_x, need_w, need_b,
                 compact, skip, NATIVE_SPARSE_RATIO]
-        if plan.backend == "auto" and k < out and not compiling and plan.probe is None:
-            if not sparse_pays(native_ok, tuple(args), n):
-                k = args[6] = out  # dense: everything propagated, the memory flushed into it
         try:
             dx, dW, db, rows, skipped = run_backward(native_ok, *args, probe=plan.probe)
         except RuntimeError as exc:
