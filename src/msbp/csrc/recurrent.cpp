@@ -15,6 +15,7 @@
 // copy and written back only when every step was finite. Mirrors msbp.ops.recurrent's Python
 // loop (the fallback) and msbp.ops.reference.lstm_recurrence_ref (the oracle).
 #include "common.h"
+#include "vec.h"
 
 #include <algorithm>
 #include <cmath>
@@ -47,84 +48,6 @@ inline bool better(const Entry<A>& a, const Entry<A>& b) {
 }
 
 // ---- products ----------------------------------------------------------------------------------
-
-// GCC/Clang vector types: AVX2 registers under -mavx2, SSE pairs otherwise; no intrinsics. The
-// register type keeps its natural alignment (so arrays of it stay in registers); memory is read
-// and written through the unaligned, may-alias twin.
-typedef float v8f __attribute__((vector_size(32)));
-typedef double v4d __attribute__((vector_size(32)));
-typedef float v8f_u __attribute__((vector_size(32), aligned(4), may_alias));
-typedef double v4d_u __attribute__((vector_size(32), aligned(8), may_alias));
-template <typename T> struct Vec;
-template <> struct Vec<float> {
-  using type = v8f;
-  using mem = v8f_u;
-  static constexpr int width = 8;
-};
-template <> struct Vec<double> {
-  using type = v4d;
-  using mem = v4d_u;
-  static constexpr int width = 4;
-};
-
-template <typename V, typename A>
-inline V load(const A* p) {
-  if constexpr (std::is_floating_point_v<V>) {
-    return *p;
-  } else {
-    return *reinterpret_cast<const typename Vec<A>::mem*>(p);
-  }
-}
-template <typename V, typename A>
-inline void store(A* p, V v) {
-  if constexpr (std::is_floating_point_v<V>) {
-    *p = v;
-  } else {
-    *reinterpret_cast<typename Vec<A>::mem*>(p) = v;
-  }
-}
-constexpr int kBlockVecs = 8;  // accumulators per block: 64 floats / 32 doubles in registers
-
-// dst[0..len) (+)= sum_j coef[j] * src[j][0..len): every product of the backward.
-template <typename T, bool Add>
-void axpy_rows(T* dst, const T* const* src, const T* coef, int64_t cnt, int64_t len) {
-  using V = typename Vec<T>::type;
-  constexpr int W = Vec<T>::width;
-  constexpr int BL = W * kBlockVecs;
-  int64_t b = 0;
-  for (; b + BL <= len; b += BL) {
-    V acc[kBlockVecs];
-    for (int q = 0; q < kBlockVecs; ++q) acc[q] = V{};
-    for (int64_t j = 0; j < cnt; ++j) {
-      const T* s = src[j] + b;
-      const V c = V{} + coef[j];
-      for (int q = 0; q < kBlockVecs; ++q) acc[q] += c * load<V>(s + q * W);
-    }
-    for (int q = 0; q < kBlockVecs; ++q)
-      store(dst + b + q * W, Add ? load<V>(dst + b + q * W) + acc[q] : acc[q]);
-  }
-  for (; b + W <= len; b += W) {
-    V acc = V{};
-    for (int64_t j = 0; j < cnt; ++j) acc += (V{} + coef[j]) * load<V>(src[j] + b);
-    store(dst + b, Add ? load<V>(dst + b) + acc : acc);
-  }
-  for (; b < len; ++b) {
-    T acc = 0;
-    for (int64_t j = 0; j < cnt; ++j) acc += coef[j] * src[j][b];
-    dst[b] = Add ? dst[b] + acc : acc;
-  }
-}
-
-// dst[0..len) += a * src[0..len)
-template <typename T>
-inline void axpy1(T* dst, const T* src, T a, int64_t len) {
-  using V = typename Vec<T>::type;
-  constexpr int W = Vec<T>::width;
-  const V av = V{} + a;
-  int64_t i = 0;
-  for (; i + W <= len; i += W) store(dst + i, load<V>(dst + i) + av * load<V>(src + i));
-  for (; i < len; ++i) dst[i] += a * src[i];
-}
 
 // From this many kept units on, the products of a step are ATen GEMMs (unified, random) or
 // accumulated column by column, each kept row of W_hh read once per step (per-example): the

@@ -12,6 +12,7 @@
 // msbp.ops.sparse_linear.sparse_linear_backward_torch (the fallback) and
 // msbp.ops.reference.sparse_linear_backward_ref (the oracle).
 #include "common.h"
+#include "vec.h"
 
 #include <torch/autograd.h>
 #include <torch/csrc/Exceptions.h>
@@ -98,54 +99,6 @@ void build_u(const G* g, A* u, int64_t n, int64_t out, int64_t o0, int64_t o1, c
     }
   }
   *bad = nan_acc;
-}
-
-// GCC/Clang vector types: AVX2 registers under -mavx2, SSE pairs otherwise; no intrinsics.
-// Loads and stores go through memcpy (unaligned); an aligned(4) attribute on the type instead
-// made GCC 12 split every operation into scalars (18x slower).
-typedef float v8f __attribute__((vector_size(32)));
-typedef double v4d __attribute__((vector_size(32)));
-template <typename T> struct Vec;
-template <> struct Vec<float> { using type = v8f; static constexpr int width = 8; };
-template <> struct Vec<double> { using type = v4d; static constexpr int width = 4; };
-
-constexpr int kBlockVecs = 8;  // accumulators per block: 64 floats / 32 doubles in registers
-
-// dst[0..len) (+)= sum_j coef[j] * src_rows[j][0..len); the sparse products' inner kernel.
-template <typename T, bool Add>
-void axpy_rows(T* dst, const T* const* src_rows, const T* coef, int64_t cnt, int64_t len) {
-  using V = typename Vec<T>::type;
-  constexpr int W = Vec<T>::width;
-  constexpr int B = W * kBlockVecs;
-  int64_t b = 0;
-  for (; b + B <= len; b += B) {
-    V acc[kBlockVecs];
-    for (int q = 0; q < kBlockVecs; ++q) acc[q] = V{} ;
-    for (int64_t j = 0; j < cnt; ++j) {
-      const T* s = src_rows[j] + b;
-      V c = V{} + coef[j];
-      for (int q = 0; q < kBlockVecs; ++q) {
-        V sv;
-        __builtin_memcpy(&sv, s + q * W, sizeof(V));
-        acc[q] += c * sv;
-      }
-    }
-    for (int q = 0; q < kBlockVecs; ++q) {
-      V d;
-      if (Add) {
-        __builtin_memcpy(&d, dst + b + q * W, sizeof(V));
-        d += acc[q];
-      } else {
-        d = acc[q];
-      }
-      __builtin_memcpy(dst + b + q * W, &d, sizeof(V));
-    }
-  }
-  for (; b < len; ++b) {
-    T acc = 0;
-    for (int64_t j = 0; j < cnt; ++j) acc += coef[j] * src_rows[j][b];
-    dst[b] = Add ? dst[b] + acc : acc;
-  }
 }
 
 // Work below which a parallel region costs more than it saves (OpenMP start and join, measured
