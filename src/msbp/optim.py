@@ -204,6 +204,7 @@ class LazyRowAdam(Optimizer):
         if weight_decay < 0:
             raise ValueError(f"weight_decay must be >= 0, got weight_decay={weight_decay}")
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+        native.prepare()  # build or load the row step now, not inside the first step()
         self.sync_rows = sync_rows
         self.process_group = process_group
         self._tracks: dict[int, _Track] = {}  # by id() of a sparse layer's weight

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from msbp import native
 from msbp.config import MEMORY_LAYOUTS, SELECTIONS, SparseBackpropConfig
 from msbp.convert import sparsify
 from msbp.data.errors import DataError
@@ -407,6 +408,7 @@ def train_run(task: Task, method: str, args: argparse.Namespace) -> dict[str, An
             best = row[f"dev_{task.metric}"]
     n_batches = task.num_train_batches()
     check_each_step = _reads_loss_each_step(device)
+    native.prepare()  # a first build of the kernels must not count as training time
     for epoch in range(start_epoch, args.epochs):
         model.train()
         backprop = 0.0
