@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import copy
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from _dist import init_group
 from torch import nn
 
 import msbp
@@ -67,21 +67,8 @@ def _loss(model: nn.Module, batch) -> torch.Tensor:
     return nn.functional.cross_entropy(model(x), y)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _init(rank: int, port: int) -> None:
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-
-
 def _spawn(worker, tmp_path) -> list[dict]:
-    mp.spawn(worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    mp.spawn(worker, args=(str(tmp_path),), nprocs=WORLD, join=True)
     return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
 
 
@@ -90,8 +77,8 @@ def _spawn(worker, tmp_path) -> list[dict]:
 STEPS = 3
 
 
-def _train_worker(rank: int, port: int, out_dir: str) -> None:
-    _init(rank, port)
+def _train_worker(rank: int, out_dir: str) -> None:
+    init_group(rank, WORLD, out_dir)
     try:
         model = _model()
         ddp = nn.parallel.DistributedDataParallel(model)  # broadcast_buffers=True by default
@@ -176,8 +163,8 @@ def _fit(ddp: nn.Module, opt: torch.optim.Optimizer, batches) -> None:
         opt.step()
 
 
-def _resume_worker(rank: int, port: int, out_dir: str) -> None:
-    _init(rank, port)
+def _resume_worker(rank: int, out_dir: str) -> None:
+    init_group(rank, WORLD, out_dir)
     path = os.path.join(out_dir, "ckpt.pt")
     try:
         data = _data(rank, 6)

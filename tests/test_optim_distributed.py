@@ -2,12 +2,12 @@
 replicas stay identical and equal a single process stepping on the averaged gradients."""
 
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from _dist import init_group
 from torch import nn
 
 import msbp
@@ -46,17 +46,8 @@ def _zero(step: int, model: nn.Module, opt: LazyRowAdam) -> None:
         model.zero_grad(set_to_none=False)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+def _worker(rank: int, world: int, out_dir: str) -> None:
+    init_group(rank, world, out_dir)
     try:
         model = _TwoBranch()
         ddp = nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
@@ -89,7 +80,7 @@ def _single_process() -> tuple[list[torch.Tensor], list[torch.Tensor]]:
 
 
 def test_ddp_replicas_identical_and_equal_single_process(tmp_path):
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, str(tmp_path)), nprocs=2, join=True)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
     for p0, p1 in zip(r0["params"], r1["params"], strict=True):
         assert torch.equal(p0, p1)  # replicas never drift apart
