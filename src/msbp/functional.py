@@ -158,7 +158,10 @@ def _fast_path_ok(x: Tensor, weight: Tensor, memory: Tensor | None, config) -> b
 
 def _sparse_linear_fast(x, weight, bias, memory, config, name) -> Tensor:
     kept = weight.__dict__.get(_FAST_BUFFER)
-    if weight.grad is None:
+    if not (weight.is_leaf and weight.requires_grad):
+        # no .grad of its own (a view such as attention's in_proj slices): autograd gets dW
+        kept = (weight.new_empty(0), torch.full((weight.shape[0] + 2,), -1, dtype=torch.long))
+    elif weight.grad is None:
         # put back last step's buffer if nobody else holds it (references: the dict's tuple,
         # `buf` and getrefcount's argument), else a new one
         buf = kept[0] if kept is not None else None
