@@ -138,6 +138,29 @@ def _dense_twin(config: SparseBackpropConfig) -> SparseBackpropConfig:
 _FAST_BUFFER = "_msbp_fast_grad_buffer"
 
 
+def _fast_grad_buffer(weight: Tensor) -> tuple[Tensor, Tensor]:
+    """``(buffer, state)`` for ``msbp::sparse_linear_fast``: the gradient buffer the C++ path
+    puts back as ``.grad`` when that is None (an empty tensor: none), and its int64 state
+    (out + 2,) [rows written (-1: unknown), the buffer's version after that, the rows...]."""
+    state = lambda: torch.full((weight.shape[0] + 2,), -1, dtype=torch.long)  # noqa: E731
+    if not (weight.is_leaf and weight.requires_grad):
+        # no .grad of its own (a view such as attention's in_proj slices): autograd gets dW
+        return weight.new_empty(0), state()
+    kept = weight.__dict__.get(_FAST_BUFFER)
+    if weight.grad is None:
+        # put back last step's buffer if nobody else holds it (references: the dict's tuple,
+        # `buf` and getrefcount's argument), else a new one
+        buf = kept[0] if kept is not None else None
+        if buf is None or sys.getrefcount(buf) > 3 or buf.shape != weight.shape or (
+            buf.dtype != weight.dtype
+        ):
+            kept = weight.__dict__[_FAST_BUFFER] = (torch.zeros_like(weight), state())
+        del buf
+    elif kept is None:  # .grad exists: the C++ path adds into it, no buffer needed
+        kept = weight.__dict__[_FAST_BUFFER] = (weight.new_empty(0), state())
+    return kept
+
+
 def _fast_path_ok(x: Tensor, weight: Tensor, memory: Tensor | None, config) -> bool:
     """Whether the C++ autograd function (``msbp::sparse_linear_fast``) is exactly
     ``SparseLinearFunction`` here: eager CPU, no autocast, no scaler, no torch.distributed."""
@@ -157,23 +180,7 @@ def _fast_path_ok(x: Tensor, weight: Tensor, memory: Tensor | None, config) -> b
 
 
 def _sparse_linear_fast(x, weight, bias, memory, config, name) -> Tensor:
-    kept = weight.__dict__.get(_FAST_BUFFER)
-    if not (weight.is_leaf and weight.requires_grad):
-        # no .grad of its own (a view such as attention's in_proj slices): autograd gets dW
-        kept = (weight.new_empty(0), torch.full((weight.shape[0] + 2,), -1, dtype=torch.long))
-    elif weight.grad is None:
-        # put back last step's buffer if nobody else holds it (references: the dict's tuple,
-        # `buf` and getrefcount's argument), else a new one
-        buf = kept[0] if kept is not None else None
-        if buf is None or sys.getrefcount(buf) > 3 or buf.shape != weight.shape or (
-            buf.dtype != weight.dtype
-        ):
-            state = torch.full((weight.shape[0] + 2,), -1, dtype=torch.long)
-            kept = weight.__dict__[_FAST_BUFFER] = (torch.zeros_like(weight), state)
-        del buf
-    elif kept is None:
-        state = torch.full((weight.shape[0] + 2,), -1, dtype=torch.long)
-        kept = weight.__dict__[_FAST_BUFFER] = (weight.new_empty(0), state)
+    kept = _fast_grad_buffer(weight)
     return torch.ops.msbp.sparse_linear_fast(
         x, weight, bias, memory, kept[0], kept[1], rows_mask(weight),
         config.k_for(weight.shape[0]), SELECTION_CODES[config.selection], float(config.memory),

@@ -38,7 +38,7 @@ NONFINITE_MARK = "msbp-nonfinite"
 
 # Per-example products on the CPU: the sparse form costs n k in multiply-adds, the dense GEMM over
 # the c kept columns n c in. The native blocked loops win from c >= 3k on (benchmarks/
-# bench_sparse_linear.py); torch's sparse products are slower, so the fallback takes them later
+# bench_cpu.py); torch's sparse products are slower, so the fallback takes them later
 # (embedding_bag for dx from c >= 2k, a CSR product for dW only from c >= 20k: on real parser
 # gradients at c = 14k the CSR product took 154 ms against 75 ms for the GEMM).
 NATIVE_SPARSE_RATIO = 3.0
@@ -175,10 +175,10 @@ def sparse_linear_backward_torch(
     n, out = grad_out.shape
     use_memory = memory is not None and alpha > 0
     acc = memory.dtype if use_memory else torch.promote_types(grad_out.dtype, torch.float32)
-    s = scale if scale is not None else None
+    layout = "slot" if slot else "unit"
     u = grad_out.to(acc, copy=True)  # (n, out)
     if use_memory:
-        add_memory_(u, memory if s is None else memory * s, "slot" if slot else "unit")
+        add_memory_(u, memory if scale is None else memory * scale, layout)
     db = grad_out.sum(0, dtype=acc) if need_b else u.new_empty(0)
     empty = x.new_empty(0)
     long = dict(dtype=torch.long, device=grad_out.device)
@@ -206,7 +206,7 @@ def sparse_linear_backward_torch(
         if need_w:
             dW = _place_rows(idx, u_k.t() @ x, weight, compact_dw)  # k rows
         if use_memory:
-            store_memory_(memory, u.index_fill_(1, idx, 0), "slot" if slot else "unit", alpha, s)
+            store_memory_(memory, u.index_fill_(1, idx, 0), layout, alpha, scale)
         rows = idx
     else:  # per example: idx (n, k) entries per row, c distinct columns in the batch
         idx = select(u, k, "per_example")[0]
@@ -235,7 +235,7 @@ def sparse_linear_backward_torch(
                 dW_c = g_c.t() @ x  # (c, in): n c in
             dW = _place_rows(cols, dW_c, weight, compact_dw)
         if use_memory:
-            store_memory_(memory, u.scatter_(1, idx, 0), "slot" if slot else "unit", alpha, s)
+            store_memory_(memory, u.scatter_(1, idx, 0), layout, alpha, scale)
         rows = cols
     return [dx, dW, db, rows, torch.zeros((), **long)]
 
