@@ -14,3 +14,9 @@ def init_group(rank: int, world: int, out_dir: str) -> None:
     torch.set_num_threads(1)
     store = os.path.join(out_dir, "rendezvous")
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+
+
+def all_done() -> None:
+    """Wait for every process before tearing the group down: a process that left while another
+    still talked to it made gloo abort the other (SIGABRT, 'terminate called')."""
+    dist.barrier()

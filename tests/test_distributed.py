@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from _dist import init_group
+from _dist import all_done, init_group
 from torch import nn
 
 import msbp
@@ -98,6 +98,7 @@ def _train_worker(rank: int, out_dir: str) -> None:
              "params": {n: p.detach() for n, p in model.named_parameters()}},
             os.path.join(out_dir, f"rank{rank}.pt"),
         )
+        all_done()
     finally:
         dist.destroy_process_group()
 
@@ -201,6 +202,7 @@ def _resume_worker(rank: int, out_dir: str) -> None:
              "rank0_saved": {k: v for k, v in ckpt["model"].items() if "memory" in k}},
             os.path.join(out_dir, f"rank{rank}.pt"),
         )
+        all_done()
     finally:
         dist.destroy_process_group()
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from _dist import init_group
+from _dist import all_done, init_group
 from torch import nn
 
 import msbp
@@ -61,6 +61,7 @@ def _worker(rank: int, world: int, out_dir: str) -> None:
              "steps": [opt.state[p]["step"] for p in model.parameters()]},
             os.path.join(out_dir, f"rank{rank}.pt"),
         )
+        all_done()
     finally:
         dist.destroy_process_group()
 
