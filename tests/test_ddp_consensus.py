@@ -15,6 +15,7 @@ from torch import nn
 
 import msbp
 from msbp.distributed import RowSparseState, wrap_ddp
+from msbp.ops import consensus
 from msbp.optim import LazyRowAdam
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed unavailable")
@@ -53,9 +54,9 @@ def _model(cfg: msbp.SparseBackpropConfig | None) -> nn.Module:
     return model
 
 
-def _optimizer(kind: str, params) -> torch.optim.Optimizer:
-    if kind == "lazy_adam":
-        return LazyRowAdam(params, lr=1e-2)
+def _optimizer(kind: str, params, group=None) -> torch.optim.Optimizer:
+    if kind == "lazy_adam":  # unites touched rows over the processes of DDP's group
+        return LazyRowAdam(params, lr=1e-2, process_group=group)
     return torch.optim.SGD(params, lr=0.3)
 
 
@@ -70,15 +71,18 @@ def _memories(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in msbp.memory_state_dict(model).items()}
 
 
-def _run(variant: str, world: int, rank: int | None) -> dict:
-    """Train ``variant`` for STEPS steps: under DDP as ``rank`` of ``world``, or (rank None) in
-    one process on the concatenated batches."""
+def _run(variant: str, world: int, rank: int | None, group=None) -> dict:
+    """Train ``variant`` for STEPS steps: under DDP as ``rank`` of ``world`` (over ``group``,
+    None: the default group), or (rank None) in one process on the concatenated batches."""
     cfg, opt_kind, hook = {**VARIANTS, **SLOW_VARIANTS}[variant]
     model = _model(cfg)
     net = model
-    if rank is not None:
-        net = wrap_ddp(model) if hook else nn.parallel.DistributedDataParallel(model)
-    opt = _optimizer(opt_kind, net.parameters())
+    if hook and rank is not None:
+        net = wrap_ddp(model, process_group=group)
+    elif rank is not None:
+        consensus.set_group(group)  # what wrap_ddp does besides the hook
+        net = nn.parallel.DistributedDataParallel(model, process_group=group)
+    opt = _optimizer(opt_kind, net.parameters(), group)
     params, grads, memories = [], [], []
     for step in range(STEPS):
         x, y = _batch(step, world)
@@ -114,11 +118,16 @@ def _refusals() -> dict[str, str]:
     return got
 
 
-def _worker(rank: int, world: int, out_dir: str, variants: list[str]) -> None:
+def _worker(rank: int, world: int, out_dir: str, variants: list[str], variants_2: list[str]):
+    """``variants`` over all ``world`` ranks, then ``variants_2`` over ranks 0 and 1 alone (a
+    sub-group: one spawn tests both sizes and the process_group plumbing)."""
     init_group(rank, world, out_dir)
     try:
-        results = {v: _run(v, world, rank) for v in variants}
-        if rank == 0 and world == 2:
+        results = {(world, v): _run(v, world, rank) for v in variants}
+        pair = dist.new_group([0, 1])  # every rank must take part in creating it
+        if rank < 2:
+            results.update({(2, v): _run(v, 2, rank, pair) for v in variants_2})
+        if rank == 0:
             results["refusals"] = _refusals()
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
         all_done()
@@ -126,8 +135,8 @@ def _worker(rank: int, world: int, out_dir: str, variants: list[str]) -> None:
         dist.destroy_process_group()
 
 
-def _spawn(tmp_path, world: int, variants: list[str]) -> list[dict]:
-    mp.spawn(_worker, args=(world, str(tmp_path), variants), nprocs=world, join=True)
+def _spawn(tmp_path, world: int, variants: list[str], variants_2: list[str]) -> list[dict]:
+    mp.spawn(_worker, args=(world, str(tmp_path), variants, variants_2), nprocs=world, join=True)
     return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(world)]
 
 
@@ -139,44 +148,47 @@ def _check_equals_one_process(results: list[dict], world: int, variants: list[st
     for variant in variants:
         single = _run(variant, world, None)
         slot = variant == "msbp_slot"
-        for rank, got in enumerate(results):
-            mine = got[variant]
+        for rank, got in enumerate(results[:world]):
+            mine = got[world, variant]
             for step in range(STEPS):
                 for name, p in single["params"][step].items():
-                    _close(mine["params"][step][name], p, f"{variant} rank {rank} step {step} {name}")
+                    what = f"{variant} rank {rank}/{world} step {step} {name}"
+                    _close(mine["params"][step][name], p, what)
                 for name, m in single["memories"][step].items():
                     if slot:  # each rank keeps its own rows, in its units (W times one process's)
                         m = world * m[rank * ROWS : (rank + 1) * ROWS]
-                    _close(mine["memories"][step][name], m, f"{variant} rank {rank} memory {name}")
+                    what = f"{variant} rank {rank}/{world} step {step} memory {name}"
+                    _close(mine["memories"][step][name], m, what)
         if variant.startswith("msbp") and variant != "msbp_k_out":
             last = single["memories"][-1]
             assert all(m.any() for m in last.values()), variant  # the memory did something
 
 
-VARIANTS_2 = list(VARIANTS)
-
-
-def test_two_ranks_equal_one_process_and_send_k_rows(tmp_path):
-    results = _spawn(tmp_path, 2, VARIANTS_2)
-    _check_equals_one_process(results, 2, VARIANTS_2)
+def test_two_and_three_ranks_equal_one_process_and_send_k_rows(tmp_path):
+    variants_3 = ["dense", "sbp", "msbp"]
+    variants_2 = list(VARIANTS)
+    results = _spawn(tmp_path, 3, variants_3, variants_2)
+    _check_equals_one_process(results, 3, variants_3)
+    _check_equals_one_process(results, 2, variants_2)
+    r0, r1 = (results[r] for r in (0, 1))
 
     # the hook's exchange equals DDP's own all-reduce (the non-kept rows are zero everywhere)
     for step in range(STEPS):
-        for name, g in results[0]["msbp_plain_ddp"]["grads"][step].items():
+        for name, g in r0[2, "msbp_plain_ddp"]["grads"][step].items():
             torch.testing.assert_close(
-                results[0]["msbp"]["grads"][step][name], g, rtol=0, atol=1e-15, msg=name
+                r0[2, "msbp"]["grads"][step][name], g, rtol=0, atol=1e-15, msg=name
             )
-    for name, g in results[0]["msbp"]["grads"][0].items():  # k rows only, the same on each rank
+    for name, g in r0[2, "msbp"]["grads"][0].items():  # k rows only, the same on each rank
         if name.endswith(("0.weight", "2.weight")):
             assert int((g.abs().sum(1) > 0).sum()) == K, name
-            assert torch.equal(g, results[1]["msbp"]["grads"][0][name]), name
+            assert torch.equal(g, r1[2, "msbp"]["grads"][0][name]), name
 
     # bytes: the sparse weights send k of out rows, the rest (biases, head) whole
     per_step_sparse = sum(K * d_in for d_in in (6, OUT[0])) * 8
     per_step_sparse_dense = (OUT[0] * 6 + OUT[1] * OUT[0]) * 8
     n_params = sum(p.numel() for p in _model(None).parameters())
-    for rank in range(2):
-        state = results[rank]["msbp"]["state"]
+    for got in (r0[2, "msbp"], r1[2, "msbp"], results[2][3, "msbp"]):
+        state = got["state"]
         assert state["sparse_bytes"] == STEPS * per_step_sparse
         assert state["sparse_dense_bytes"] == STEPS * per_step_sparse_dense
         assert state["sparse_bytes"] <= 1.2 * K / min(OUT) * state["sparse_dense_bytes"]
@@ -184,25 +196,21 @@ def test_two_ranks_equal_one_process_and_send_k_rows(tmp_path):
         assert state["bytes"] == state["dense_bytes"] - STEPS * (
             per_step_sparse_dense - per_step_sparse
         )
-        k_out = results[rank]["msbp_k_out"]["state"]  # k = out: the hook is the dense exchange
-        assert k_out["bytes"] == k_out["dense_bytes"] and k_out["sparse_bytes"] == 0
-    assert results[0]["dense"]["state"] is None  # no consensus layer: no hook
+    k_out = r0[2, "msbp_k_out"]["state"]  # k = out: the hook is the dense exchange
+    assert k_out["bytes"] == k_out["dense_bytes"] and k_out["sparse_bytes"] == 0
+    assert r0[2, "dense"]["state"] is None  # no consensus layer: no hook
 
-    refusals = results[0]["refusals"]
+    refusals = r0["refusals"]
     assert "not by SparseConv1d" in refusals["conv"]
     assert "recurrent transform" in refusals["lstm"]
 
 
-def test_three_ranks_equal_one_process(tmp_path):
-    variants = ["dense", "sbp", "msbp"]
-    _check_equals_one_process(_spawn(tmp_path, 3, variants), 3, variants)
-
-
 @pytest.mark.slow
-@pytest.mark.parametrize("world", [2, 3])
-def test_slot_memory_and_error_feedback_equal_one_process(tmp_path, world):
+def test_slot_memory_and_error_feedback_equal_one_process(tmp_path):
     variants = list(SLOW_VARIANTS)
-    _check_equals_one_process(_spawn(tmp_path, world, variants), world, variants)
+    results = _spawn(tmp_path, 3, variants, variants)
+    _check_equals_one_process(results, 3, variants)
+    _check_equals_one_process(results, 2, variants)
 
 
 # -- without a process group ---------------------------------------------------------------------
