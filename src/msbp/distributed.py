@@ -94,11 +94,15 @@ def row_sparse_allreduce_hook(
             places.append((grad2, rows))
             sparse_bytes += kept.numel() * kept.element_size()
             sparse_dense += flat.numel() * flat.element_size()
-    compact = torch.cat(pieces) if len(pieces) > 1 else pieces[0].clone()
-    compact.div_(world)
     state.calls += 1
-    state.bytes += compact.numel() * compact.element_size()
     state.dense_bytes += buffer.numel() * buffer.element_size()
+    if not sparse_dense:  # nothing row-sparse in this bucket: DDP's own all-reduce, in place
+        state.bytes += buffer.numel() * buffer.element_size()
+        work = dist.all_reduce(buffer.div_(world), group=group, async_op=True)
+        return work.get_future().then(lambda fut: fut.value()[0])
+    compact = torch.cat(pieces) if len(pieces) > 1 else pieces[0]
+    compact.div_(world)
+    state.bytes += compact.numel() * compact.element_size()
     state.sparse_bytes += sparse_bytes
     state.sparse_dense_bytes += sparse_dense
 
