@@ -30,7 +30,14 @@ from torch.nn.parallel import DistributedDataParallel
 from msbp.nn.memory import MemoryMixin
 from msbp.ops import consensus
 
-__all__ = ["RowSparseState", "consensus_weights", "row_sparse_allreduce_hook", "wrap_ddp"]
+__all__ = [
+    "RowSparseState",
+    "consensus_weights",
+    "load_memory_dcp_state",
+    "memory_dcp_state",
+    "row_sparse_allreduce_hook",
+    "wrap_ddp",
+]
 
 
 @dataclass
@@ -156,3 +163,74 @@ def wrap_ddp(model: nn.Module, **ddp_kwargs: Any) -> DistributedDataParallel:
         ddp.register_comm_hook(state, row_sparse_allreduce_hook)
     ddp.msbp_comm_state = state
     return ddp
+
+
+# -- every rank's memory in a distributed checkpoint (FSDP) ---------------------------------------
+
+
+def _memory_owners(model: nn.Module) -> dict[str, tuple[MemoryMixin, str]]:
+    return {
+        f"{prefix}.{mem}" if prefix else mem: (module, mem)
+        for prefix, module in model.named_modules()
+        if isinstance(module, MemoryMixin)
+        for mem, _ in module._memory_names()
+    }
+
+
+def memory_dcp_state(model: nn.Module, group: Any = None) -> dict[str, Tensor]:
+    """Every sparse layer's memory as a DTensor of shape (W, *memory.shape) sharded over the W
+    ranks of ``group`` (row r: rank r's memory), keyed as in ``model.state_dict()``: a state
+    ``torch.distributed.checkpoint`` saves and loads per rank.
+
+    ``model.state_dict()`` holds the memory as a plain tensor, which DCP takes for a replicated
+    one: it saves rank 0's and loads it into every rank. Put this dict in the checkpoint beside
+    the model's state and, on resume, pass a fresh one as the load target and then to
+    ``load_memory_dcp_state``. No collective; every rank's memories must have the same
+    shape (a ``slot`` memory: the same local batch). Without a process group, copies
+    of the plain memories.
+
+    Example (every rank)::
+
+        state = {"model": model.state_dict(), "memory": memory_dcp_state(model)}
+        dcp.save(state, checkpoint_id=path)
+        ...
+        state = {"model": model.state_dict(), "memory": memory_dcp_state(model)}
+        dcp.load(state, checkpoint_id=path)
+        load_memory_dcp_state(model, state["memory"])
+    """
+    owners = _memory_owners(model)
+    if not (dist.is_available() and dist.is_initialized()):
+        return {key: getattr(module, mem).detach().clone() for key, (module, mem) in owners.items()}
+    from torch.distributed.device_mesh import DeviceMesh
+    from torch.distributed.tensor import DTensor, Shard
+
+    state = {}
+    mesh = None
+    for key, (module, mem) in owners.items():
+        # a copy: the plain memory in model.state_dict() is a load target of its own
+        local = getattr(module, mem).detach().clone().unsqueeze(0)  # (1, *shape)
+        if mesh is None:  # no collective: a mesh over an existing group
+            mesh = DeviceMesh.from_group(
+                group if group is not None else dist.group.WORLD, local.device.type
+            )
+        state[key] = DTensor.from_local(local, mesh, [Shard(0)], run_check=False)
+    return state
+
+
+def load_memory_dcp_state(model: nn.Module, state: dict[str, Tensor]) -> None:
+    """Copy each rank's row of ``state`` (``memory_dcp_state``'s, filled by ``dcp.load``) into
+    the memories of ``model``; raises ``ValueError`` if the keys are not the model's memories."""
+    owners = _memory_owners(model)
+    if set(state) != set(owners):
+        raise ValueError(
+            f"memory state does not fit the model: missing {sorted(set(owners) - set(state))}, "
+            f"unexpected {sorted(set(state) - set(owners))}"
+        )
+    for key, (module, mem) in owners.items():
+        saved = state[key]
+        local = saved.to_local() if hasattr(saved, "to_local") else saved
+        if local.dim() == getattr(module, mem).dim() + 1:
+            local = local[0]
+        error = module._load_memory(mem, local)
+        if error:
+            raise ValueError(f"{key}: {error}")
