@@ -118,6 +118,24 @@ def _refusals() -> dict[str, str]:
     return got
 
 
+def _nonfinite(rank: int, group) -> dict[str, str]:
+    """A non-finite gradient on rank 1 alone: both ranks raise, or both go dense (``skip``)."""
+    got = {}
+    for mode in ("raise", "skip"):
+        model = _model(MSBP.replace(on_nonfinite=mode))
+        net = wrap_ddp(model, process_group=group)
+        x, y = _batch(0, 2)
+        x, y = x[rank * ROWS : (rank + 1) * ROWS], y[rank * ROWS : (rank + 1) * ROWS]
+        scale = float("inf") if rank == 1 else 1.0  # rank 1's output gradients: inf and nan
+        try:
+            (scale * nn.functional.cross_entropy(net(x), y)).backward()
+            memory_zero = all(not m.any() for m in msbp.memory_state_dict(model).values())
+            got[mode] = f"dense, memory untouched: {memory_zero}"
+        except FloatingPointError as exc:
+            got[mode] = str(exc)
+    return got
+
+
 def _worker(rank: int, world: int, out_dir: str, variants: list[str], variants_2: list[str]):
     """``variants`` over all ``world`` ranks, then ``variants_2`` over ranks 0 and 1 alone (a
     sub-group: one spawn tests both sizes and the process_group plumbing)."""
@@ -127,6 +145,8 @@ def _worker(rank: int, world: int, out_dir: str, variants: list[str], variants_2
         pair = dist.new_group([0, 1])  # every rank must take part in creating it
         if rank < 2:
             results.update({(2, v): _run(v, 2, rank, pair) for v in variants_2})
+        if rank < 2:
+            results["nonfinite"] = _nonfinite(rank, pair)
         if rank == 0:
             results["refusals"] = _refusals()
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
@@ -199,6 +219,10 @@ def test_two_and_three_ranks_equal_one_process_and_send_k_rows(tmp_path):
     k_out = r0[2, "msbp_k_out"]["state"]  # k = out: the hook is the dense exchange
     assert k_out["bytes"] == k_out["dense_bytes"] and k_out["sparse_bytes"] == 0
     assert r0[2, "dense"]["state"] is None  # no consensus layer: no hook
+
+    for got in (r0, r1):  # both ranks take the same way, whichever rank saw the inf
+        assert "non-finite output gradient" in got["nonfinite"]["raise"]
+        assert got["nonfinite"]["skip"] == "dense, memory untouched: True"
 
     refusals = r0["refusals"]
     assert "not by SparseConv1d" in refusals["conv"]
