@@ -27,7 +27,8 @@ OUT = (16, 12)  # the sparse layers' widths; the head (3 classes) stays dense
 
 SBP = msbp.SparseBackpropConfig(k=K, memory=0.0, consensus=True)
 MSBP = msbp.SparseBackpropConfig(k=K, memory=0.8, consensus=True)
-# name -> (config or None for the dense model, optimizer, hook: wrap_ddp or plain DDP)
+# name -> (config or None for the dense model, optimizer, hook: wrap_ddp (True, "view": with
+# gradient_as_bucket_view) or plain DDP (False))
 VARIANTS = {
     "dense": (None, "sgd", True),
     "sbp": (SBP, "sgd", True),
@@ -36,6 +37,7 @@ VARIANTS = {
     "msbp_k_out": (MSBP.replace(k=0), "sgd", True),  # k = out: nothing sparse, all dense
     "msbp_random": (MSBP.replace(selection="random"), "sgd", True),
     "msbp_lazy_adam": (MSBP, "lazy_adam", True),
+    "msbp_bucket_view": (MSBP, "sgd", "view"),  # .grad a view of DDP's bucket
 }
 SLOW_VARIANTS = {
     "msbp_slot": (MSBP.replace(memory_layout="slot"), "sgd", True),
@@ -78,7 +80,7 @@ def _run(variant: str, world: int, rank: int | None, group=None) -> dict:
     model = _model(cfg)
     net = model
     if hook and rank is not None:
-        net = wrap_ddp(model, process_group=group)
+        net = wrap_ddp(model, process_group=group, gradient_as_bucket_view=hook == "view")
     elif rank is not None:
         consensus.set_group(group)  # what wrap_ddp does besides the hook
         net = nn.parallel.DistributedDataParallel(model, process_group=group)
