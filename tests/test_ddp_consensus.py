@@ -4,6 +4,7 @@ row-sparse exchange sends only the kept rows of the sparse layers' weight gradie
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import pytest
@@ -38,6 +39,8 @@ VARIANTS = {
     "msbp_random": (MSBP.replace(selection="random"), "sgd", True),
     "msbp_lazy_adam": (MSBP, "lazy_adam", True),
     "msbp_bucket_view": (MSBP, "sgd", "view"),  # .grad a view of DDP's bucket
+    # two backward passes per step, the first under no_sync: the hook sends the union of rows
+    "msbp_accumulate": (MSBP, "sgd", True),
 }
 SLOW_VARIANTS = {
     "msbp_slot": (MSBP.replace(memory_layout="slot"), "sgd", True),
@@ -86,12 +89,16 @@ def _run(variant: str, world: int, rank: int | None, group=None) -> dict:
         net = nn.parallel.DistributedDataParallel(model, process_group=group)
     opt = _optimizer(opt_kind, net.parameters(), group)
     params, grads, memories = [], [], []
+    micro = 2 if variant.endswith("accumulate") else 1  # backward passes per step
     for step in range(STEPS):
-        x, y = _batch(step, world)
-        if rank is not None:
-            x, y = x[rank * ROWS : (rank + 1) * ROWS], y[rank * ROWS : (rank + 1) * ROWS]
         opt.zero_grad()
-        nn.functional.cross_entropy(net(x), y).backward()
+        for m in range(micro):
+            x, y = _batch(micro * step + m, world)
+            if rank is not None:
+                x, y = x[rank * ROWS : (rank + 1) * ROWS], y[rank * ROWS : (rank + 1) * ROWS]
+            last = m == micro - 1
+            with net.no_sync() if rank is not None and not last else contextlib.nullcontext():
+                nn.functional.cross_entropy(net(x), y).backward()
         grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
         opt.step()
         params.append({n: p.detach().clone() for n, p in model.named_parameters()})
@@ -218,6 +225,8 @@ def test_two_and_three_ranks_equal_one_process_and_send_k_rows(tmp_path):
         assert state["bytes"] == state["dense_bytes"] - STEPS * (
             per_step_sparse_dense - per_step_sparse
         )
+    acc = r0[2, "msbp_accumulate"]["state"]  # up to 2 k rows of each sparse weight
+    assert STEPS * per_step_sparse < acc["sparse_bytes"] <= 2 * STEPS * per_step_sparse
     k_out = r0[2, "msbp_k_out"]["state"]  # k = out: the hook is the dense exchange
     assert k_out["bytes"] == k_out["dense_bytes"] and k_out["sparse_bytes"] == 0
     assert r0[2, "dense"]["state"] is None  # no consensus layer: no hook
