@@ -1,6 +1,6 @@
 """msbp: sparse backpropagation with memory (MSBP) and meProp for PyTorch."""
 
-from msbp import amp, functional, native, ops, optim
+from msbp import amp, distributed, functional, native, ops, optim
 from msbp.config import SparseBackpropConfig
 from msbp.convert import dense_backward, densify, sparsify
 from msbp.nn import (
@@ -24,6 +24,7 @@ __all__ = [
     "amp",
     "dense_backward",
     "densify",
+    "distributed",
     "functional",
     "gather_memory_state",
     "load_memory_state",

@@ -47,6 +47,17 @@ class SparseBackpropConfig:
             the memory flushed into it, so no gradient is lost) and runs the faster. Not the
             default because it changes which gradient a small layer gets: dense instead of the
             sparse one asked for.
+        consensus: under ``torch.distributed`` (an initialised process group of more than one
+            process), every rank propagates the same k units per layer and step, so the weight
+            gradients of all ranks have the same k non-zero rows and ``msbp.distributed``'s
+            row-sparse exchange can all-reduce just those rows. ``"unified"``: the column scores
+            (``out`` numbers per layer) are all-reduced before the top-k; ``"random"``: rank 0's
+            draw is used everywhere. The ``unit`` memory is then shared (its column sums are
+            all-reduced), so that W ranks equal one process on the concatenated batch. Costs one
+            all-reduce of ``out`` (``2 out`` with a unit memory) numbers per layer and backward.
+            A no-op without a process group (one process), so the same config runs anywhere.
+            ``"per_example"`` selection cannot agree (each row keeps its own units) and is
+            rejected, as is ``backend="auto"`` (each rank would time, and decide, on its own).
     """
 
     ratio: float | None = 0.04
@@ -58,6 +69,7 @@ class SparseBackpropConfig:
     on_nonfinite: str = "raise"
     grad_inplace: bool = True
     backend: str = "sparse"
+    consensus: bool = False
 
     def __post_init__(self) -> None:
         if self.k is not None:
@@ -92,6 +104,19 @@ class SparseBackpropConfig:
             raise ValueError(f"grad_inplace must be a bool, got {self.grad_inplace!r}")
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        if not isinstance(self.consensus, bool):
+            raise ValueError(f"consensus must be a bool, got {self.consensus!r}")
+        if self.consensus and self.selection == "per_example":
+            raise ValueError(
+                "consensus=True needs a selection that keeps the same units for the whole batch "
+                "('unified' or 'random'), got selection='per_example': each example keeps its "
+                "own k units, so the ranks cannot agree on one set of weight-gradient rows"
+            )
+        if self.consensus and self.backend == "auto":
+            raise ValueError(
+                "consensus=True does not go with backend='auto': each rank would time the "
+                "backward and choose sparse or dense on its own, and the ranks must agree"
+            )
 
     def k_for(self, out_features: int) -> int:
         """Number of kept output units for a layer with ``out_features`` outputs.

@@ -212,6 +212,7 @@ def _plan(config, out_features, generator, name, probe) -> BackwardPlan:
         on_nonfinite=config.on_nonfinite,
         grad_inplace=config.grad_inplace,
         backend=config.backend,
+        consensus=config.consensus,
         generator=generator,
         name=name,
         probe=probe,

@@ -9,6 +9,7 @@ from torch import Tensor, nn
 from msbp.config import SparseBackpropConfig
 from msbp.functional import check_memory, check_no_functorch, make_plan
 from msbp.nn.memory import MemoryMixin
+from msbp.ops import consensus
 from msbp.ops.sparse_conv import PER_EXAMPLE_ERROR, ConvGeometry, group_k, sparse_conv
 
 
@@ -87,6 +88,7 @@ class _SparseConvNd(MemoryMixin):
                 f"{self._spatial + 2}-D input, got shape {tuple(x.shape)}"
             )
         self._check_config(self.config)
+        consensus.refuse(self.config.consensus, f"{type(self).__name__} {self.name!r}")
         check_no_functorch(f"sparse layer {self.name!r}" if self.name else type(self).__name__)
         unbatched = x.dim() == self._spatial + 1
         if unbatched:

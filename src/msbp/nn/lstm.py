@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from msbp.config import SparseBackpropConfig
 from msbp.functional import check_memory, check_no_functorch, make_plan, sparse_linear
 from msbp.nn.memory import MemoryMixin
+from msbp.ops import consensus
 from msbp.ops.recurrent import SparseLSTMRecurrence
 
 
@@ -123,6 +124,7 @@ class SparseLSTM(MemoryMixin, nn.LSTM):
             generator=self.generator, name=name, probe=self.probes.get(f"ih_{tag}"),
         ).reshape(steps, batch, weight.shape[0])  # (T, B, 4H)
         weight, bias, memory, name = self._parts(f"hh_{tag}")
+        consensus.refuse(self.config.consensus, f"SparseLSTM's recurrent transform {name!r}")
         if memory is not None:
             check_memory(memory, 4 * self.hidden_size, self.config.memory_layout, weight)
         plan = make_plan(

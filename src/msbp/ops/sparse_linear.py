@@ -28,7 +28,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from msbp import native
-from msbp.ops import scaling
+from msbp.ops import consensus, scaling
 from msbp.ops.memory import add_memory_, store_memory_
 from msbp.ops.selection import select
 from msbp.ops.touched_rows import log_touched_rows
@@ -59,6 +59,7 @@ class BackwardPlan:
     generator: torch.Generator | None = None
     name: str = ""
     backend: str = "sparse"  # or "auto": sparse only where it measured faster than dense
+    consensus: bool = False  # under torch.distributed: the same k units on every rank
     # probe(g (n, out), x (n, in), propagated (n, out)): called once per backward when set, for
     # measuring information loss; never set in normal training.
     probe: Callable[[Tensor, Tensor, Tensor], None] | None = None
@@ -479,7 +480,9 @@ class SparseLinearFunction(torch.autograd.Function):
         k = min(plan.k, out)
         weight = ctx.weight
 
-        if n == 0:  # an empty batch propagates nothing and leaves the memory as it is
+        # a collective: a rank with an empty batch still takes part (and gets the shared memory)
+        agree = plan.consensus and k < out and consensus.active()
+        if n == 0 and not agree:  # an empty batch propagates nothing, leaves the memory as is
             dx = x.new_zeros(x_shape, dtype=ctx.x_dtype) if need_x else None
             dW = torch.zeros_like(weight) if need_w else None
             db = torch.zeros(out, dtype=ctx.bias_dtype, device=x.device) if need_b else None
@@ -499,6 +502,9 @@ class SparseLinearFunction(torch.autograd.Function):
         random_cols = None
         if k < out and plan.selection == "random":
             random_cols = torch.randperm(out, generator=plan.generator, device=g.device)[:k]
+        if agree:
+            return _consensus_backward(ctx, g, x2, w, memory if use_memory else None,
+                                       random_cols, scale, k, slot, skip, x_shape)
         compact = bool(need_w and plan.grad_inplace and not compiling) and (
             prepare_grad_buffer(ctx, weight, 1)
         )
@@ -525,6 +531,30 @@ class SparseLinearFunction(torch.autograd.Function):
         dx = _as(dx.reshape(x_shape), ctx.x_dtype) if need_x else None
         db = _as(db, ctx.bias_dtype) if need_b else None
         return dx, dW, db, None, None
+
+
+def _consensus_backward(ctx, g, x2, w, memory, random_cols, scale, k, slot, skip, x_shape):
+    """``SparseLinearFunction.backward`` with the ranks agreeing on the k units (see
+    ``msbp.ops.consensus``); dW goes to autograd dense, as DDP's reducer needs."""
+    plan: BackwardPlan = ctx.plan
+    need_x, need_w, need_b = ctx.needs_input_grad[:3]
+    try:
+        dx, dW, db, rows = consensus.backward(
+            g, x2, w, memory, random_cols, scale, k, plan.alpha, slot, need_x, need_w, need_b,
+            skip, probe=plan.probe,
+        )
+    except RuntimeError as exc:
+        if NONFINITE_MARK in str(exc):
+            raise nonfinite_error(plan, "output gradient", g.shape) from None
+        raise
+    weight = ctx.weight
+    if need_w:
+        log_touched_rows(weight, rows)
+        consensus.record_rows(weight, rows)
+        dW = _as(dW, weight.dtype)
+    dx = _as(dx.reshape(x_shape), ctx.x_dtype) if need_x else None
+    db = _as(db, ctx.bias_dtype) if need_b else None
+    return dx, dW, db, None, None
 
 
 def place_weight_rows(

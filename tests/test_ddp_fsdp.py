@@ -1,0 +1,126 @@
+"""FSDP (``fully_shard``) over a sparsified model: the same steps as DDP, the memory per rank,
+and every rank's memory through a distributed checkpoint (``memory_dcp_state``)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from _dist import all_done, init_group
+from torch import nn
+
+import msbp
+from msbp.distributed import load_memory_dcp_state, memory_dcp_state
+
+pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed unavailable")
+
+WORLD = 2
+CONFIGS = {
+    "per_rank": msbp.SparseBackpropConfig(k=4, memory=0.8),
+    "consensus": msbp.SparseBackpropConfig(k=4, memory=0.8, consensus=True),
+}
+
+
+def _model(cfg, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    model = nn.Sequential(
+        nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 12), nn.Tanh(), nn.Linear(12, 3)
+    ).double()
+    return msbp.sparsify(model, cfg, exclude="4")
+
+
+def _sharded(cfg, seed: int = 0) -> nn.Module:
+    from torch.distributed.fsdp import fully_shard
+
+    model = _model(cfg, seed)
+    for sub in (model[0], model[2], model):
+        fully_shard(sub)
+    return model
+
+
+def _batch(rank: int, step: int):
+    gen = torch.Generator().manual_seed(100 * rank + step)
+    return torch.randn(3, 6, generator=gen, dtype=torch.float64), torch.randint(0, 3, (3,),
+                                                                                generator=gen)
+
+
+def _fit(net: nn.Module, opt, rank: int, steps: range) -> None:
+    for step in steps:
+        x, y = _batch(rank, step)
+        opt.zero_grad()
+        nn.functional.cross_entropy(net(x), y).backward()
+        opt.step()
+
+
+def _full(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
+            for n, p in model.named_parameters()}
+
+
+def _worker(rank: int, out_dir: str) -> None:
+    import torch.distributed.checkpoint as dcp
+
+    init_group(rank, WORLD, out_dir)
+    try:
+        results = {}
+        for name, cfg in CONFIGS.items():
+            plain = _model(cfg)
+            ddp = nn.parallel.DistributedDataParallel(plain)
+            _fit(ddp, torch.optim.SGD(ddp.parameters(), lr=0.3), rank, range(6))
+
+            straight = _sharded(cfg)
+            _fit(straight, torch.optim.SGD(straight.parameters(), lr=0.3), rank, range(6))
+
+            first = _sharded(cfg)
+            _fit(first, torch.optim.SGD(first.parameters(), lr=0.3), rank, range(3))
+            path = os.path.join(out_dir, f"ckpt_{name}")
+            dcp.save({"model": first.state_dict(), "memory": memory_dcp_state(first)},
+                     checkpoint_id=path)
+            at_save = msbp.memory_state_dict(first)
+
+            resumed = _sharded(cfg, seed=7)  # other weights, empty memories
+            state = {"model": resumed.state_dict(), "memory": memory_dcp_state(resumed)}
+            dcp.load(state, checkpoint_id=path)
+            resumed.load_state_dict(state["model"])
+            plain_loaded = msbp.memory_state_dict(resumed)  # model.state_dict() alone: rank 0's
+            load_memory_dcp_state(resumed, state["memory"])
+            loaded = msbp.memory_state_dict(resumed)
+            _fit(resumed, torch.optim.SGD(resumed.parameters(), lr=0.3), rank, range(3, 6))
+            results[name] = {
+                "ddp": _full(plain), "ddp_memory": msbp.memory_state_dict(plain),
+                "fsdp": _full(straight), "fsdp_memory": msbp.memory_state_dict(straight),
+                "resumed": _full(resumed), "resumed_memory": msbp.memory_state_dict(resumed),
+                "at_save": at_save, "loaded": loaded, "plain_loaded": plain_loaded,
+            }
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+        all_done()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fsdp_matches_ddp_and_checkpoints_every_rank_memory(tmp_path):
+    mp.spawn(_worker, args=(str(tmp_path),), nprocs=WORLD, join=True)
+    results = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    for name in CONFIGS:
+        for rank, got in enumerate(results):
+            got = got[name]
+            for key, p in got["ddp"].items():
+                torch.testing.assert_close(got["fsdp"][key], p, rtol=1e-12, atol=1e-12)
+                assert torch.equal(got["resumed"][key], got["fsdp"][key]), (name, rank, key)
+            for key, m in got["ddp_memory"].items():
+                torch.testing.assert_close(got["fsdp_memory"][key], m, rtol=1e-12, atol=1e-12)
+                assert torch.equal(got["loaded"][key], got["at_save"][key]), (name, rank, key)
+                assert torch.equal(got["resumed_memory"][key], got["fsdp_memory"][key])
+        for key in results[0][name]["at_save"]:
+            # model.state_dict() alone brings back one rank's memory on every rank: DCP takes
+            # a plain tensor for a replicated one and saves one copy
+            plain = [r[name]["plain_loaded"][key] for r in results]
+            assert all(torch.equal(p, plain[0]) for p in plain), (name, key)
+            assert any(torch.equal(plain[0], r[name]["at_save"][key]) for r in results)
+    per_rank = [r["per_rank"]["at_save"]["0.memory"] for r in results]
+    assert not torch.equal(*per_rank)  # without consensus the ranks' memories differ
+    shared = [r["consensus"]["at_save"]["0.memory"] for r in results]
+    assert torch.equal(*shared)  # with consensus the unit memory is shared
