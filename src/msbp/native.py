@@ -86,7 +86,9 @@ def sources() -> list[Path]:
 
 def _build_key(srcs: list[Path], flags: list[str]) -> str:
     h = hashlib.sha256()
-    for part in (torch.__version__, sys.version, " ".join(flags)):
+    # the checkout's path too: ninja's build file names the sources by path, so two checkouts
+    # with equal sources sharing one build folder would rebuild each other's build every time
+    for part in (torch.__version__, sys.version, " ".join(flags), str(CSRC.resolve())):
         h.update(part.encode())
     for src in sorted(list(srcs) + sorted(CSRC.glob("*.h"))):
         h.update(src.name.encode())
