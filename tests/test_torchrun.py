@@ -48,6 +48,12 @@ def torchrun(world: int, argv: list[str], cwd: Path) -> subprocess.CompletedProc
     )
 
 
+def failure(done: subprocess.CompletedProcess) -> str:
+    """What a failed launch said: the workers' own errors come first, torchrun's summary last."""
+    err = done.stderr
+    return err if len(err) <= 6000 else f"{err[:3000]}\n...\n{err[-3000:]}"
+
+
 def without_timings(run: dict) -> dict:
     run = {k: v for k, v in run.items() if k not in TIMING_KEYS}
     run["epochs"] = [{k: v for k, v in e.items() if k not in TIMING_KEYS} for e in run["epochs"]]
@@ -73,7 +79,7 @@ def launch(data_dir, tmp_path_factory) -> tuple[Path, subprocess.CompletedProces
             *mnist_argv(data_dir, "--epochs", "1", "--batch-size", str(LOCAL_BATCH)),
             "--checkpoint", "ck.pt", "--out", "a.json", "--plots", "plots"]
     done = torchrun(WORLD, argv, work)
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.returncode == 0, failure(done)
     return work, done
 
 
@@ -248,9 +254,9 @@ def test_resume_under_torchrun_equals_uninterrupted(launch, data_dir, tmp_path):
             *mnist_argv(data_dir, "--epochs", "2", "--batch-size", str(LOCAL_BATCH)), "--quiet"]
     resumed = torchrun(WORLD, [*base, "--checkpoint", "ck.pt", "--resume", "--out", "r.json"],
                        tmp_path)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert resumed.returncode == 0, failure(resumed)
     whole = torchrun(WORLD, [*base, "--checkpoint", "w.pt", "--out", "w.json"], tmp_path)
-    assert whole.returncode == 0, whole.stderr[-3000:]
+    assert whole.returncode == 0, failure(whole)
     runs_r = json.loads((tmp_path / "r.json").read_text())["runs"]
     runs_w = json.loads((tmp_path / "w.json").read_text())["runs"]
     assert [without_timings(r) for r in runs_r] == [without_timings(r) for r in runs_w]
@@ -288,7 +294,7 @@ def test_parse_under_torchrun(tmp_path):
             "--k", "4", "--epochs", "2", "--threads", "1"]
     done = torchrun(WORLD, ["train", "--method", "msbp", *argv, "--batch-size", "8",
                             "--checkpoint", "p.pt", "--out", "p.json"], tmp_path)
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.returncode == 0, failure(done)
     assert done.stderr.count("parse: ") == 1  # the data summary, from rank 0 only
     results = json.loads((tmp_path / "p.json").read_text())
     assert results["environment"]["world_size"] == WORLD
@@ -297,7 +303,7 @@ def test_parse_under_torchrun(tmp_path):
     # dense on 2 x 8 transitions per step equals one process on 16
     dense = torchrun(WORLD, ["train", "--method", "dense", *argv, "--batch-size", "8",
                              "--checkpoint", "d2.pt", "--quiet"], tmp_path)
-    assert dense.returncode == 0, dense.stderr[-3000:]
+    assert dense.returncode == 0, failure(dense)
     assert cli.main(["train", "--method", "dense", *argv, "--batch-size", "16",
                      "--checkpoint", str(tmp_path / "d1.pt"), "--quiet"]) == 0
     a = torch.load(tmp_path / "d1.pt", weights_only=True)
