@@ -74,11 +74,17 @@ def mnist_argv(data_dir: Path, *extra: str) -> list[str]:
 @pytest.fixture(scope="module")
 def launch(data_dir, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
     """One 2-process ``compare`` of dense and msbp, one epoch, with checkpoints and plots."""
-    work = tmp_path_factory.mktemp("launch")
     argv = ["compare", "--methods", "dense", "msbp",
             *mnist_argv(data_dir, "--epochs", "1", "--batch-size", str(LOCAL_BATCH)),
             "--checkpoint", "ck.pt", "--out", "a.json", "--plots", "plots"]
-    done = torchrun(WORLD, argv, work)
+    for _ in range(2):
+        work = tmp_path_factory.mktemp("launch")
+        done = torchrun(WORLD, argv, work)
+        # on a loaded machine a gloo process now and then dies of SIGABRT ("terminate called
+        # without an active exception"; tests/test_optim_distributed.py's workers too, without
+        # msbp's loop): one retry in a fresh folder, any other failure fails at once
+        if done.returncode == 0 or "exitcode: -6" not in done.stderr:
+            break
     assert done.returncode == 0, failure(done)
     return work, done
 
