@@ -105,22 +105,31 @@ def main(argv: Sequence[str] | None = None) -> int:
         _print_info(args.json)
         return 0
 
+    from msbp import train as training
     from msbp.train import TrainingDiverged, UsageError, compare, format_table, train
 
+    # under torchrun every process runs this; rank 0 speaks for all of them, except of a
+    # divergence, which one process may meet alone
+    main = training.process_rank() == 0
+    where = "" if training.launched_world_size() == 1 else f" (rank {training.process_rank()})"
     try:
         if args.command == "train":
             results = train(TASKS[args.task], args)
         else:
             results = compare(TASKS[args.task], args)
     except (UsageError, DataError) as err:
-        print(f"msbp: error: {err}", file=sys.stderr)
+        if main:
+            print(f"msbp: error: {err}", file=sys.stderr)
         return EXIT_USAGE
     except TrainingDiverged as err:
-        print(f"msbp: error: {err}", file=sys.stderr)
+        print(f"msbp: error{where}: {err}", file=sys.stderr)
         return EXIT_DIVERGED
     except KeyboardInterrupt:
-        print("msbp: interrupted", file=sys.stderr)
+        if main:
+            print("msbp: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    if not main:
+        return 0
     print(format_table(results))
     if args.out:
         print(f"results: {args.out}", file=sys.stderr)

@@ -24,8 +24,9 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def environment(device: torch.device | str = "cpu") -> dict[str, Any]:
-    """Versions, threads, CPU and device of this process, for the results JSON."""
+def environment(device: torch.device | str = "cpu", world_size: int = 1) -> dict[str, Any]:
+    """Versions, threads, CPU and device of this process, for the results JSON; ``world_size``:
+    how many processes trained together (``torchrun``), 1 for a plain run."""
     import numpy
 
     from msbp import __version__
@@ -44,6 +45,7 @@ def environment(device: torch.device | str = "cpu") -> dict[str, Any]:
         "device_name": cpu_name(),
         "cuda": torch.version.cuda,
         "kernels": _kernels(),
+        "world_size": world_size,
         "time_utc": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
     }
     if device.type == "cuda":

@@ -7,11 +7,18 @@
 Every method starts from the same initial weights (the torch RNG is seeded with ``--seed`` just
 before ``build_model``) and sees the same data order (a ``torch.Generator`` seeded with ``--seed``
 shuffles the batches), so the methods differ only in their backward pass.
+
+Under ``torchrun --nproc-per-node N -m msbp ...`` (``WORLD_SIZE`` > 1 in the environment) every
+process joins one process group (gloo on the CPU, nccl with ``--device cuda``), draws the same
+global batches of N x ``--batch-size`` rows and trains on its own part of each
+(``Task.shard_batch``) with the model in ``DistributedDataParallel``; rank 0 evaluates, prints,
+and writes the results, plots and checkpoints (with every process's memory and RNG states).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import math
@@ -23,14 +30,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from msbp import native
 from msbp.config import MEMORY_LAYOUTS, SELECTIONS, SparseBackpropConfig
 from msbp.convert import sparsify
 from msbp.data.errors import DataError
+from msbp.distributed import wrap_ddp
 from msbp.info import InfoLossMeter
 from msbp.nn import SparseLinear, SparseLSTM
+from msbp.nn.memory import gather_memory_state, load_memory_state
 from msbp.optim import LazyRowAdam
 from msbp.tasks.base import Task, UsageError, check_option, content_digest
 
@@ -39,6 +49,11 @@ METHOD_LABELS = {"dense": "dense", "sbp": "+ sparse backprop", "msbp": "+ MSBP"}
 #: options that may change between a checkpoint and its resumption
 RESUMABLE_CHANGES = frozenset(
     {"epochs", "resume", "checkpoint", "out", "quiet", "threads", "plots", "command", "methods"}
+)
+#: what the results JSON says of its timings when several processes trained
+DISTRIBUTED_TIMING = (
+    "rank 0's wall time; loss.backward() includes DistributedDataParallel's all-reduce of the "
+    "gradients, and the first step after an evaluation includes waiting for rank 0"
 )
 #: what ``torch.manual_seed`` and ``torch.Generator.manual_seed`` take, with room for the
 #: per-layer seeds ``seed + 1 + i`` of random selection
@@ -73,6 +88,13 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
         help="memory per output unit (default) or per gradient slot",
     )
     sp.add_argument("--align", type=int, default=1, help="round k up to a multiple (default 1)")
+    sp.add_argument(
+        # SUPPRESS: absent from the options unless given, so checkpoints written before this
+        # flag existed keep their fingerprint
+        "--consensus", action="store_true", default=argparse.SUPPRESS,
+        help="under torchrun: all processes keep the same k units (unified or random selection) "
+        "and exchange only those rows of the sparse weight gradients",
+    )
     sp.add_argument(
         "--dense-impl", choices=("torch", "msbp"), default="torch",
         help="dense runs use PyTorch's own layers (default), or msbp's layers with k = out, i.e. "
@@ -135,6 +157,7 @@ def sparse_config(method: str, args: argparse.Namespace) -> SparseBackpropConfig
             memory=0.0 if method == "sbp" else args.memory,
             memory_layout=args.memory_layout,
             align=args.align,
+            consensus=getattr(args, "consensus", False),
         )
     except ValueError as err:
         raise UsageError(str(err)) from None
@@ -156,6 +179,75 @@ def make_optimizer(
     raise UsageError(f"unknown optimizer {args.optimizer!r}")
 
 
+# -- several processes (torchrun) ----------------------------------------------------------------
+
+
+def launched_world_size() -> int:
+    """How many processes ``torchrun`` started for this run (``WORLD_SIZE``); 1 without it."""
+    try:
+        return max(1, int(os.environ.get("WORLD_SIZE", "1")))
+    except ValueError:
+        return 1
+
+
+def process_world_size() -> int:
+    """Processes in the default ``torch.distributed`` group; 1 if none is initialised."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return 1
+
+
+def process_rank() -> int:
+    """This process's rank: in the initialised group, else ``torchrun``'s ``RANK``, else 0."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank()
+    if launched_world_size() > 1:
+        try:
+            return int(os.environ.get("RANK", "0"))
+        except ValueError:
+            return 0
+    return 0
+
+
+@contextlib.contextmanager
+def process_group(args: argparse.Namespace):
+    """Join ``torchrun``'s process group for one command and leave it afterwards: gloo on the
+    CPU, nccl with ``--device cuda`` (one GPU per process, ``LOCAL_RANK``). Does nothing in a
+    plain run or when a group is already initialised (the caller's, kept)."""
+    if launched_world_size() <= 1 or not dist.is_available() or dist.is_initialized():
+        yield
+        return
+    backend = "gloo"
+    if args.device == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        backend = "nccl"
+    dist.init_process_group(backend)
+    finished = False
+    try:
+        yield
+        finished = True
+    finally:
+        if finished:  # a process that left while another still talked to it aborted the other
+            dist.barrier()
+        dist.destroy_process_group()
+
+
+def _wrap_for_ddp(model: nn.Module, **ddp_kwargs: Any) -> nn.Module:
+    """``model`` in ``DistributedDataParallel`` (``msbp.distributed.wrap_ddp``): the processes'
+    gradients averaged at every backward, only the kept rows exchanged for consensus layers; the
+    sparse layers' memory stays per process (it is no buffer) unless consensus shares it."""
+    on_gpu = any(p.is_cuda for p in model.parameters())
+    device_ids = [torch.cuda.current_device()] if on_gpu else None
+    return wrap_ddp(model, device_ids=device_ids, **ddp_kwargs)
+
+
+def _from_rank0(obj: Any) -> Any:
+    """Rank 0's ``obj`` on every process (a collective)."""
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def check_args(args: argparse.Namespace) -> None:
     """Raise ``UsageError`` for option values no run can use."""
     for name in ("epochs", "batch_size", "threads", "info_every", "info_window"):
@@ -171,6 +263,10 @@ def check_args(args: argparse.Namespace) -> None:
         raise UsageError("--resume needs --checkpoint PATH")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda, but CUDA is not available (see `msbp info`)")
+    world = max(launched_world_size(), process_world_size())
+    if world > 1 and args.measure_info_loss:
+        raise UsageError(f"--measure-info-loss needs a single process, this run has {world} "
+                         "(torchrun); measure it with `python -m msbp`")
     for method in METHODS:
         sparse_config(method, args)
 
@@ -268,13 +364,14 @@ def _first_line(err: BaseException, limit: int = 160) -> str:
 
 def load_checkpoint(
     path: str | os.PathLike[str], method: str, args: argparse.Namespace, task: Task,
-    device: torch.device | str = "cpu",
+    device: torch.device | str = "cpu", world_size: int | None = None,
 ) -> dict[str, Any]:
     """The state saved in checkpoint ``path``, verified to continue ``method`` on ``task``.
 
     Raises ``DataError`` when the file is not an intact msbp checkpoint (unreadable, truncated,
     foreign, or its SHA-256 does not match its contents) and ``UsageError`` when it was made by
-    another method, with other options, or on other data (``task.fingerprint()``).
+    another number of processes (``world_size``, default this run's), by another method, with
+    other options, or on other data (``task.fingerprint()``).
     """
     afresh = "start afresh without --resume"
     if os.path.isfile(path) and os.path.getsize(path) == 0:
@@ -294,6 +391,14 @@ def load_checkpoint(
     if content_digest(state) != ckpt.get("sha256"):
         raise DataError(f"{path}: damaged checkpoint (its SHA-256 does not match its contents); "
                         f"{afresh}")
+    world = process_world_size() if world_size is None else world_size
+    saved_world = state.get("world_size", 1)  # checkpoints before torchrun support: 1
+    if saved_world != world:
+        how = "python -m msbp" if saved_world == 1 else f"torchrun --nproc-per-node {saved_world}"
+        raise UsageError(
+            f"checkpoint {path} was written by {saved_world} process(es), this run has {world} "
+            f"(every process keeps its own memory); resume it with {how}, or {afresh}"
+        )
     theirs, ours = state.get("args", {}), _args_fingerprint(args)
     if state.get("method") != method or theirs != ours:
         diff = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
@@ -337,7 +442,7 @@ def _progress(iterable, total: int | None, desc: str, quiet: bool):
 
 
 def _log(args: argparse.Namespace, message: str) -> None:
-    if not args.quiet:
+    if not args.quiet and process_rank() == 0:
         print(message, file=sys.stderr, flush=True)
 
 
@@ -349,7 +454,15 @@ def train_run(task: Task, method: str, args: argparse.Namespace) -> dict[str, An
     ``backprop_seconds`` is the wall time inside ``loss.backward()``; ``total_seconds`` the whole
     training loop (forward, backward, optimizer, batching) without evaluation and checkpoints.
     Accuracies are ``task.metric`` in percent; test is taken at the best-dev epoch.
+
+    With several processes (an initialised ``torch.distributed`` group; ``task`` built with the
+    global batch size, see ``task_args``) every process trains on its part of each batch in
+    ``DistributedDataParallel``; ``train_loss`` is the mean over the processes, the timings are
+    rank 0's, only rank 0 evaluates and writes checkpoints, and every process returns rank 0's
+    record.
     """
+    world, rank = process_world_size(), process_rank()
+    main = rank == 0
     device = torch.device(args.device)
     config = sparse_config(method, args)
     torch.manual_seed(args.seed)  # same initial weights for every method
@@ -381,17 +494,20 @@ def train_run(task: Task, method: str, args: argparse.Namespace) -> dict[str, An
     best_state: dict[str, Any] | None = None
     ckpt_path = Path(args.checkpoint) if args.checkpoint else None
     if ckpt_path is not None and args.resume and ckpt_path.exists():
-        ckpt = load_checkpoint(ckpt_path, method, args, task, device)
+        ckpt = load_checkpoint(ckpt_path, method, args, task, device, world)
         try:
-            model.load_state_dict(ckpt["model"])
+            model.load_state_dict(ckpt["model"])  # rank 0's memory ...
+            if world > 1:
+                load_memory_state(model, ckpt["memories"], rank)  # ... replaced by this rank's
             optimizer.load_state_dict(ckpt["optimizer"])
-            torch.set_rng_state(ckpt["rng"]["torch"].cpu())
-            data_order.set_state(ckpt["rng"]["data_order"].cpu())
-            for layer, state in zip(sparse_layers, ckpt["rng"]["selection"], strict=True):
+            rng = ckpt["rank_rng"][rank] if world > 1 else ckpt["rng"]
+            torch.set_rng_state(rng["torch"].cpu())
+            data_order.set_state(rng["data_order"].cpu())
+            for layer, state in zip(sparse_layers, rng["selection"], strict=True):
                 if layer.generator is not None and state is not None:
                     layer.generator.set_state(state.cpu())
-            if device.type == "cuda" and ckpt["rng"].get("cuda") is not None:
-                torch.cuda.set_rng_state(ckpt["rng"]["cuda"].cpu(), device)
+            if device.type == "cuda" and rng.get("cuda") is not None:
+                torch.cuda.set_rng_state(rng["cuda"].cpu(), device)
             run = ckpt["run"]
             best_state = ckpt.get("best_state")
             start_epoch, step = ckpt["epoch"], ckpt["step"]
@@ -401,6 +517,8 @@ def train_run(task: Task, method: str, args: argparse.Namespace) -> dict[str, An
         if meter is not None and run.get("info_loss"):
             meter.load_records(run["info_loss"]["layers"])
         _log(args, f"{method}: resumed from {ckpt_path} after epoch {start_epoch}")
+    # what the loss runs through: under torchrun, DDP averages the processes' gradients
+    net = _wrap_for_ddp(model) if world > 1 else model
 
     best = -float("inf")
     for row in run["epochs"]:
@@ -416,16 +534,24 @@ def train_run(task: Task, method: str, args: argparse.Namespace) -> dict[str, An
         steps = 0
         batches = _progress(
             task.train_batches(epoch, data_order), n_batches,
-            f"{method} epoch {epoch + 1}/{args.epochs}", args.quiet,
+            f"{method} epoch {epoch + 1}/{args.epochs}", args.quiet or not main,
         )
         _sync(device)
         t_start = time.perf_counter()
         for batch in batches:
+            weight = 1.0
+            if world > 1:  # every process drew the same global batch: keep this rank's part
+                part = task.shard_batch(batch, rank, world)
+                if part is None:  # fewer rows than processes: every process skips it
+                    continue
+                batch, weight = part
             if meter is not None:  # on measured steps: a dense pass for the true gradients
                 meter.start_step(step, lambda batch=batch: task.loss(model, batch))
             # the fastest ordinary loop; sparse layers put back their own gradient buffer
             optimizer.zero_grad(set_to_none=True)
-            loss = task.loss(model, batch)
+            loss = task.loss(net, batch)
+            if weight != 1.0:  # a last batch that the processes share unevenly
+                loss = loss * weight
             # reading the loss costs nothing on the CPU; on a GPU it would wait for the device
             # at every step, so there the running sum is read every CHECK_EVERY steps instead
             if check_each_step and not math.isfinite(loss.item()):
@@ -449,71 +575,86 @@ def train_run(task: Task, method: str, args: argparse.Namespace) -> dict[str, An
                                 since=steps - CHECK_EVERY + 1)
         _sync(device)
         seconds = time.perf_counter() - t_start
+        if world > 1:  # the mean of the processes' (weighted) losses: the global batch's loss
+            dist.all_reduce(loss_sum)
+            loss_sum /= world
         if not math.isfinite(loss_sum):
             raise _diverged(method, args, epoch, steps, "the loss became non-finite",
                             since=steps - steps % CHECK_EVERY + 1)
 
-        dev = task.evaluate(model, "dev")
-        test = task.evaluate(model, "test") if args.eval_test == "every" else None
-        row: dict[str, Any] = {
-            "epoch": epoch + 1,
-            "steps": steps,
-            "train_loss": float(loss_sum) / max(steps, 1),
-            "backprop_seconds": backprop,
-            "total_seconds": seconds,
-        }
-        row.update({f"dev_{k}": v for k, v in dev.items()})
-        if test is not None:
-            row.update({f"test_{k}": v for k, v in test.items()})
-        run["epochs"].append(row)
-        run["backprop_seconds"] += backprop
-        run["total_seconds"] += seconds
-        if dev[task.metric] > best:
-            best = dev[task.metric]
-            run["best_epoch"] = epoch + 1
-            run["dev_accuracy"] = dev[task.metric]
+        if main:  # the parameters are the same in every process: one evaluates
+            dev = task.evaluate(model, "dev")
+            test = task.evaluate(model, "test") if args.eval_test == "every" else None
+            row: dict[str, Any] = {
+                "epoch": epoch + 1,
+                "steps": steps,
+                "train_loss": float(loss_sum) / max(steps, 1),
+                "backprop_seconds": backprop,
+                "total_seconds": seconds,
+            }
+            row.update({f"dev_{k}": v for k, v in dev.items()})
             if test is not None:
-                run["test_accuracy"] = test[task.metric]
-            else:
-                best_state = copy.deepcopy(model.state_dict())
-        if meter is not None:
-            run["info_loss"] = meter.result()
-        test_text = f" test {test[task.metric]:.2f}" if test is not None else ""
-        _log(
-            args,
-            f"{method} epoch {epoch + 1}/{args.epochs}: loss {row['train_loss']:.4f} "
-            f"dev {dev[task.metric]:.2f}{test_text} ({seconds:.1f} s, backprop {backprop:.1f} s)",
-        )
+                row.update({f"test_{k}": v for k, v in test.items()})
+            run["epochs"].append(row)
+            run["backprop_seconds"] += backprop
+            run["total_seconds"] += seconds
+            if dev[task.metric] > best:
+                best = dev[task.metric]
+                run["best_epoch"] = epoch + 1
+                run["dev_accuracy"] = dev[task.metric]
+                if test is not None:
+                    run["test_accuracy"] = test[task.metric]
+                else:
+                    best_state = copy.deepcopy(model.state_dict())
+            if meter is not None:
+                run["info_loss"] = meter.result()
+            test_text = f" test {test[task.metric]:.2f}" if test is not None else ""
+            _log(
+                args,
+                f"{method} epoch {epoch + 1}/{args.epochs}: loss {row['train_loss']:.4f} "
+                f"dev {dev[task.metric]:.2f}{test_text} "
+                f"({seconds:.1f} s, backprop {backprop:.1f} s)",
+            )
         if ckpt_path is not None:
-            _save_checkpoint(ckpt_path, {
+            rng = {
+                "torch": torch.get_rng_state(),
+                "data_order": data_order.get_state(),
+                "selection": [
+                    layer.generator.get_state() if layer.generator is not None else None
+                    for layer in sparse_layers
+                ],
+                "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+            }
+            saved: dict[str, Any] = {
                 "method": method,
                 "args": _args_fingerprint(args),
                 "data": task.fingerprint(),
+                "world_size": world,
                 "epoch": epoch + 1,
                 "step": step,
                 "model": model.state_dict(),
                 "optimizer": optimizer.state_dict(),
-                "rng": {
-                    "torch": torch.get_rng_state(),
-                    "data_order": data_order.get_state(),
-                    "selection": [
-                        layer.generator.get_state() if layer.generator is not None else None
-                        for layer in sparse_layers
-                    ],
-                    "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-                },
+                "rng": rng,
                 "run": _plain(run),
                 "best_state": best_state,
-            })
+            }
+            if world > 1:  # collectives: every process's memory and RNG states
+                saved["memories"] = gather_memory_state(model)
+                saved["rank_rng"] = [None] * world
+                dist.all_gather_object(saved["rank_rng"], rng)
+            if main:
+                _save_checkpoint(ckpt_path, saved)
 
     if meter is not None:
         meter.close()
         run["info_loss"] = meter.result()
-    if args.eval_test == "best" and best_state is not None:
+    if main and args.eval_test == "best" and best_state is not None:
         final_state = copy.deepcopy(model.state_dict())
         model.load_state_dict(best_state)
         run["test_accuracy"] = task.evaluate(model, "test")[task.metric]
         model.load_state_dict(final_state)
+    if world > 1:
+        run = _from_rank0(run)
     return run
 
 
@@ -521,6 +662,9 @@ def make_results(
     task: Task, args: argparse.Namespace, runs: list[dict[str, Any]]
 ) -> dict[str, Any]:
     """The results document: ``{"task", "config", "runs", "environment"}``.
+
+    ``environment["world_size"]`` is the number of processes that trained (1 for a plain run);
+    with more, ``environment["timing"]`` says whose times these are.
 
     ``config`` holds the options (JSON-safe), the task's metric and the layer config of each
     method present; accuracies are in percent.
@@ -536,12 +680,11 @@ def make_results(
         run["method"]: (c.to_dict() if (c := sparse_config(run["method"], args)) else None)
         for run in runs
     }
-    return {
-        "task": task.name,
-        "config": options,
-        "runs": runs,
-        "environment": environment(torch.device(args.device)),
-    }
+    world = process_world_size()
+    env = environment(torch.device(args.device), world)
+    if world > 1:
+        env["timing"] = DISTRIBUTED_TIMING
+    return {"task": task.name, "config": options, "runs": runs, "environment": env}
 
 
 def write_json(path: str | os.PathLike[str], document: dict[str, Any]) -> None:
@@ -560,16 +703,31 @@ def _method_checkpoint(path: str | None, method: str) -> str | None:
     return str(p.with_name(f"{p.stem}.{method}{p.suffix or '.pt'}"))
 
 
+def task_args(args: argparse.Namespace) -> argparse.Namespace:
+    """The options a task is built with: ``args`` in a single process; with W processes a copy
+    whose ``batch_size`` is the global batch, W x ``--batch-size`` (each process keeps its part),
+    and ``quiet`` on every rank but 0."""
+    world = process_world_size()
+    if world == 1:
+        return args
+    args = copy.copy(args)
+    args.batch_size *= world
+    args.quiet = args.quiet or process_rank() != 0
+    return args
+
+
 def train(task_cls: type[Task], args: argparse.Namespace) -> dict[str, Any]:
-    """``msbp train``: one method (``args.method``); returns (and writes to ``--out``) results."""
+    """``msbp train``: one method (``args.method``); returns (and writes to ``--out``) results.
+    Under ``torchrun`` every process calls it; rank 0 writes."""
     setup_runtime(args)
     task_cls.check_args(args)
     check_paths(args, [args.checkpoint] if args.checkpoint else [])
-    task = task_cls(args)
-    run = train_run(task, args.method, args)
-    results = make_results(task, args, [run])
-    if args.out:
-        write_json(args.out, results)
+    with process_group(args):
+        task = task_cls(task_args(args))
+        run = train_run(task, args.method, args)
+        results = make_results(task, args, [run])
+        if args.out and process_rank() == 0:
+            write_json(args.out, results)
     return results
 
 
@@ -584,24 +742,26 @@ def compare(task_cls: type[Task], args: argparse.Namespace) -> dict[str, Any]:
     methods = getattr(args, "methods", None) or list(METHODS)
     checkpoints = [_method_checkpoint(args.checkpoint, m) for m in methods]
     check_paths(args, [c for c in checkpoints if c is not None])
-    task = task_cls(args)
-    if args.resume:  # a damaged or mismatched checkpoint of a later method: say so now
-        for method, path in zip(methods, checkpoints, strict=True):
-            if path is not None and Path(path).exists():
-                load_checkpoint(path, method, args, task, args.device)
-    runs = []
-    results: dict[str, Any] = {}
-    for method, checkpoint in zip(methods, checkpoints, strict=True):
-        run_args = copy.copy(args)
-        run_args.checkpoint = checkpoint
-        runs.append(train_run(task, method, run_args))
-        results = make_results(task, args, runs)
-        if args.out:
-            write_json(args.out, results)
-    if getattr(args, "plots", None):
-        from msbp.plots import write_plots
+    with process_group(args):
+        main = process_rank() == 0
+        task = task_cls(task_args(args))
+        if args.resume:  # a damaged or mismatched checkpoint of a later method: say so now
+            for method, path in zip(methods, checkpoints, strict=True):
+                if path is not None and Path(path).exists():
+                    load_checkpoint(path, method, args, task, args.device)
+        runs = []
+        results: dict[str, Any] = {}
+        for method, checkpoint in zip(methods, checkpoints, strict=True):
+            run_args = copy.copy(args)
+            run_args.checkpoint = checkpoint
+            runs.append(train_run(task, method, run_args))
+            results = make_results(task, args, runs)
+            if args.out and main:
+                write_json(args.out, results)
+        if getattr(args, "plots", None) and main:
+            from msbp.plots import write_plots
 
-        write_plots(results, args.plots)
+            write_plots(results, args.plots)
     return results
 
 

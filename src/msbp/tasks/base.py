@@ -134,6 +134,20 @@ class Task(ABC):
         """Number of batches per epoch, for progress bars (None if unknown)."""
         return None
 
+    def shard_batch(self, batch: Any, rank: int, world: int) -> tuple[Any, float] | None:
+        """This process's part of one training batch under ``torchrun`` (``world`` > 1).
+
+        The loop makes every process draw the same global batches (``--batch-size`` x ``world``
+        rows, same shuffle) and keeps part ``rank`` of each: ``(part, weight)``, where the loss of
+        the part is multiplied by ``weight`` so that the average of the processes' gradients
+        (what ``DistributedDataParallel`` takes) is the gradient of the whole batch; None if the
+        batch is too small to give every process a row (every process then skips it). Default:
+        ``split_batch``, for batches that are a tensor or tuples / lists / dicts of tensors with
+        the examples along dim 0 and a loss that is a mean over those rows. A task whose batches
+        or loss are otherwise (e.g. a mean over tokens of padded sentences) overrides this.
+        """
+        return split_batch(batch, rank, world)
+
     @abstractmethod
     def loss(self, model: nn.Module, batch: Any) -> Tensor:
         """Scalar training loss of ``model`` on ``batch``."""
@@ -141,6 +155,56 @@ class Task(ABC):
     @abstractmethod
     def evaluate(self, model: nn.Module, split: str) -> dict[str, float]:
         """Metrics in percent on ``split`` ("dev" or "test"); must contain ``self.metric``."""
+
+
+def _batch_rows(batch: Any) -> set[int]:
+    if isinstance(batch, Tensor):
+        return {batch.shape[0]} if batch.dim() else set()
+    if isinstance(batch, tuple | list):
+        return set().union(*(_batch_rows(b) for b in batch))
+    if isinstance(batch, dict):
+        return set().union(*(_batch_rows(b) for b in batch.values()))
+    raise TypeError(
+        f"cannot split a batch part of type {type(batch).__name__} across processes; the task "
+        "must override Task.shard_batch"
+    )
+
+
+def _slice_batch(batch: Any, lo: int, hi: int) -> Any:
+    if isinstance(batch, Tensor):
+        return batch[lo:hi] if batch.dim() else batch
+    if isinstance(batch, tuple | list):
+        return type(batch)(_slice_batch(b, lo, hi) for b in batch)
+    return {k: _slice_batch(v, lo, hi) for k, v in batch.items()}
+
+
+def shard_bounds(rows: int, rank: int, world: int) -> tuple[int, int]:
+    """Rows ``[lo, hi)`` of a batch of ``rows`` that process ``rank`` of ``world`` takes:
+    contiguous, disjoint, covering, sizes differing by at most one."""
+    if not 0 <= rank < world:
+        raise ValueError(f"rank must be in [0, {world}), got {rank}")
+    return rank * rows // world, (rank + 1) * rows // world
+
+
+def split_batch(batch: Any, rank: int, world: int) -> tuple[Any, float] | None:
+    """Part ``rank`` of ``world`` of a batch whose tensors all hold the examples along dim 0
+    (a tensor, or tuples / lists / dicts of them; 0-dim tensors are passed whole), with the
+    weight ``rows of the part * world / rows of the batch`` (exactly 1.0 when ``world``
+    divides the rows) that makes the processes' mean gradient the whole batch's for a mean loss;
+    None if the batch has fewer rows than there are processes. ``ValueError`` if the tensors
+    disagree on the number of rows."""
+    sizes = _batch_rows(batch)
+    if len(sizes) != 1:
+        raise ValueError(
+            f"cannot split a batch across processes: its tensors have {sorted(sizes)} rows "
+            "(dim 0), not one common number; the task must override Task.shard_batch"
+        )
+    (rows,) = sizes
+    if rows < world:
+        return None
+    lo, hi = shard_bounds(rows, rank, world)
+    weight = 1.0 if rows % world == 0 else (hi - lo) * world / rows
+    return _slice_batch(batch, lo, hi), weight
 
 
 def set_task_default(
