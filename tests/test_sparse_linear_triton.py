@@ -256,9 +256,10 @@ gpu = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
 
 @gpu
 @pytest.mark.gpu
-@pytest.mark.parametrize("selection", sorted(SELECTION_CODES))
+@pytest.mark.parametrize("selection", ["unified", "per_example"])
 @pytest.mark.parametrize("layout", ["unit", "slot"])
 def test_gpu_layer_matches_python_backend(selection, layout):
+    """A SparseLinear on CUDA through the op (Triton) equals the PyTorch path, over steps."""
     import msbp
 
     if os.environ.get("MSBP_BACKEND") == "python":
@@ -267,39 +268,64 @@ def test_gpu_layer_matches_python_backend(selection, layout):
     for backend in ("python", "auto"):
         msbp.native.set_backend(backend)
         try:
+            assert msbp.native.use_native(torch.device("cuda"), sparse_linear_cuda.OP) == (
+                backend == "auto")
             torch.manual_seed(0)
             cfg = msbp.SparseBackpropConfig(k=8, memory=0.8, memory_layout=layout,
                                             selection=selection, on_nonfinite="skip")
             layer = msbp.SparseLinear(48, 100, config=cfg, device="cuda")
             gen = torch.Generator(device="cuda").manual_seed(1)
-            if selection == "random":
-                layer_plan_gen = getattr(layer, "generator", None)
-                if layer_plan_gen is not None:
-                    layer_plan_gen.manual_seed(1)
             for _ in range(3):
                 x = torch.randn(16, 48, device="cuda", generator=gen, requires_grad=True)
                 layer.zero_grad(set_to_none=True)
                 layer(x).pow(2).sum().backward()
-            grads[backend] = (x.grad, layer.weight.grad.to_dense(), layer.memory.clone())
+            grads[backend] = (x.grad, layer.weight.grad, layer.bias.grad, layer.memory.clone())
         finally:
             msbp.native.set_backend("auto")
-    if selection == "random":  # the columns come from a generator both paths share
-        return
     for a, b in zip(grads["auto"], grads["python"], strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
 @gpu
 @pytest.mark.gpu
+@pytest.mark.parametrize("on_nonfinite", ["raise", "skip"])
+def test_gpu_layer_nonfinite(on_nonfinite):
+    import msbp
+
+    cfg = msbp.SparseBackpropConfig(k=4, memory=0.8, on_nonfinite=on_nonfinite)
+    layer = msbp.SparseLinear(8, 32, config=cfg, device="cuda")
+    with torch.no_grad():
+        layer.memory.normal_()
+    before = layer.memory.clone()
+    x = torch.randn(5, 8, device="cuda", requires_grad=True)
+    g = torch.randn(5, 32, device="cuda")
+    g[2, 3] = float("inf")
+    if on_nonfinite == "raise":
+        with pytest.raises(FloatingPointError):
+            layer(x).backward(g)
+    else:
+        layer(x).backward(g)
+        assert x.grad.isnan().all()
+    assert torch.equal(layer.memory, before)
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("selection", sorted(SELECTION_CODES))
 @pytest.mark.parametrize("layout", ["unit", "slot"])
-def test_gpu_backward_has_no_host_sync(tri, layout):
+def test_gpu_backward_has_no_host_sync(tri, selection, layout):
     x, w, g, memory, cols = _inputs(256, 128, 512, torch.bfloat16, layout)
-    memory = memory.float()
-    _call(tri.sparse_linear_backward, x, w, g, memory, cols, 20, "unified", layout=layout)
+    args = (g.bfloat16(), x, w, memory.float(), cols[:20] if selection == "random" else None,
+            torch.tensor([1024.0], device="cuda"), 20, SELECTION_CODES[selection], 0.8,
+            layout == "slot", True, True, True, True, True, 3.0)
+    tri.sparse_linear_backward(*args)  # compiles the kernels
+    if msbp.native.use_native(torch.device("cuda"), sparse_linear_cuda.OP):
+        torch.ops.msbp.sparse_linear_backward(*args)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        _call(tri.sparse_linear_backward, x, w, g, memory, cols, 20, "unified", layout=layout,
-              scale=1024.0 if layout == "unit" else None)
+        tri.sparse_linear_backward(*args)
+        if msbp.native.use_native(torch.device("cuda"), sparse_linear_cuda.OP):
+            torch.ops.msbp.sparse_linear_backward(*args)
     finally:
         torch.cuda.set_sync_debug_mode("default")

@@ -306,9 +306,10 @@ def sparse_linear_backward(
     need_score = not per_example and selection != RANDOM and k < out
     need_usum = unit and not per_example
     zeros = functools.partial(torch.zeros, dtype=acc, device=dev)
-    score = zeros(out) if need_score else dummy
-    db = zeros(out) if need_b else torch.empty(0, dtype=acc, device=dev)
-    usum = zeros(out) if need_usum else dummy
+    sums = zeros(need_score + need_b + need_usum, out)  # one memset for the atomic sums
+    score = sums[0] if need_score else dummy
+    db = sums[int(need_score)] if need_b else torch.empty(0, dtype=acc, device=dev)
+    usum = sums[-1] if need_usum else dummy
     absu = torch.empty(n, out, dtype=acc, device=dev) if per_example else dummy
 
     col_blocks = triton.cdiv(out, blk["c"])
@@ -368,9 +369,9 @@ def sparse_linear_backward(
                     memory, usum, pos, coef, flag, out, HAS_POS=True, ACC=ACC,
                     BLOCK=blk["unit"])
         if need_x:
-            w_k = weight.index_select(0, idx)
-            if k_pad > k:  # zero rows: a stray inf in a weight row must not meet a zero column
-                w_k = torch.cat((w_k, w_k.new_zeros(k_pad - k, w_k.shape[1])))
+            w_k = weight.new_empty(k_pad, weight.shape[1])
+            torch.index_select(weight, 0, idx, out=w_k[:k])
+            w_k[k:].zero_()  # zero rows: a stray inf in a weight row must not meet a zero column
             dx = kept @ w_k  # (n, in)
         if need_w:
             dw_k = (kept.t() @ x)[:k]  # (k, in)
