@@ -158,6 +158,17 @@ def test_triton_padding_changes_nothing(tri):
         torch.testing.assert_close(u, v, rtol=1e-12, atol=1e-13)
 
 
+def test_cuda_kernel_is_the_triton_launcher(tri):
+    """The function registered for the CUDA key runs the kernels (here on CPU tensors)."""
+    x, w, g, memory, cols = _inputs(9, 5, 40, torch.float32, "slot")
+    mem_a, mem_b = memory.clone(), memory.clone()
+    a = _call(sparse_linear_cuda.cuda_kernel, x, w, g, mem_a, cols, 3, "unified", layout="slot")
+    b = _call(tri.sparse_linear_backward, x, w, g, mem_b, cols, 3, "unified", layout="slot")
+    assert isinstance(a, tuple) and len(a) == 5
+    for u, v in zip((*a, mem_a), (*b, mem_b), strict=True):
+        assert torch.equal(u, v)
+
+
 @pytest.mark.parametrize("selection", sorted(SELECTION_CODES))
 @pytest.mark.parametrize("layout", ["unit", "slot"])
 @pytest.mark.parametrize("where", ["grad", "memory"])
