@@ -8,6 +8,12 @@ import pytest
 import torch
 from hypothesis import HealthCheck, settings
 
+# Triton decides when it is imported and when a kernel is decorated whether kernels run on its
+# interpreter; without a GPU the Triton kernel tests (test_sparse_linear_triton.py) need it, so it
+# is set here, before any test module can import triton. Nothing else uses Triton on the CPU.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 # Modest, deterministic property tests: the whole default run must stay fast on a small CPU.
 settings.register_profile(
     "msbp",

@@ -41,6 +41,7 @@ CSRC = Path(__file__).parent / "csrc"
 _lock = threading.Lock()
 _state: dict[str, Any] = {"backend": None, "loaded": None, "error": None, "path": None}
 _on_load: list[Callable[[], None]] = []
+_device_ops: dict[tuple[str, str], Callable[[], bool]] = {}
 
 
 class NativeUnavailableError(RuntimeError):
@@ -163,6 +164,20 @@ def on_load(fn: Callable[[], None]) -> None:
         _on_load.append(fn)
 
 
+def register_device_op(device_type: str, op: str, ready: Callable[[], bool]) -> None:
+    """Declare a kernel of the op ``msbp::<op>`` for a device other than the CPU (``"cuda"``: the
+    Triton kernels); ``ready()`` says whether it can run now (and may define the op's schema
+    itself where the C++ library is unavailable)."""
+    _device_ops[(device_type, op)] = ready
+
+
+def try_load() -> bool:
+    """Build or load the C++ library unless the backend is ``"python"``; whether it is loaded
+    (``MSBP_BACKEND=native`` raises ``NativeUnavailableError`` instead of saying no)."""
+    want = _requested()
+    return want != "python" and _ensure_loaded(strict=want == "native")
+
+
 def prepare() -> None:
     """Build or load the kernels now if the backend wants them (layers call this when they are
     built, so that no build starts inside a traced or compiled region)."""
@@ -170,10 +185,12 @@ def prepare() -> None:
         _ensure_loaded(strict=_requested() == "native")
 
 
-def use_native(device: torch.device | None = None) -> bool:
-    """Whether ops on ``device`` should run the native kernels (CPU only for now)."""
+def use_native(device: torch.device | None = None, op: str | None = None) -> bool:
+    """Whether ops on ``device`` should run the native kernels: the C++ ones on the CPU; on other
+    devices only an ``op`` with a registered device kernel (``register_device_op``)."""
     if device is not None and device.type != "cpu":
-        return False
+        ready = _device_ops.get((device.type, op)) if op is not None else None
+        return ready is not None and _requested() != "python" and ready()
     want = _requested()
     if want == "python":
         return False
@@ -196,4 +213,5 @@ def status() -> dict[str, Any]:
         "error": _state["error"],
         "cflags": cpu_flags(),
         "sources": [s.name for s in sources()],
+        "device_ops": sorted(f"{dev}:{op}" for dev, op in _device_ops),
     }

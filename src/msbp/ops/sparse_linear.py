@@ -349,7 +349,7 @@ def auto_keeps_sparse(x: Tensor, weight: Tensor, memory: Tensor | None, config) 
     args = (g, x2, weight.detach(), memory if use_memory else None, cols, None, k,
             SELECTION_CODES[config.selection], float(config.memory),
             config.memory_layout == "slot", True, True, True, True, True, NATIVE_SPARSE_RATIO)
-    return sparse_pays(native.use_native(x2.device), args, n)
+    return sparse_pays(native.use_native(x2.device, "sparse_linear_backward"), args, n)
 
 
 # --- where the k rows of dW go -----------------------------------------------------------------
@@ -508,7 +508,7 @@ class SparseLinearFunction(torch.autograd.Function):
         compact = bool(need_w and plan.grad_inplace and not compiling) and (
             prepare_grad_buffer(ctx, weight, 1)
         )
-        native_ok = native.use_native(g.device)
+        native_ok = native.use_native(g.device, "sparse_linear_backward")
         args = [g, x2, w, memory if use_memory else None, random_cols, scale, k,
                 SELECTION_CODES[plan.selection], plan.alpha, slot, need_x, need_w, need_b,
                 compact, skip, NATIVE_SPARSE_RATIO]
@@ -518,6 +518,13 @@ class SparseLinearFunction(torch.autograd.Function):
             if NONFINITE_MARK in str(exc):
                 raise nonfinite_error(plan, "output gradient", grad_out.shape) from None
             raise
+        if native_ok and g.device.type != "cpu":  # GPU kernels: flagged on the device, dW's
+            # shape kept (msbp.kernels.sparse_linear); "raise" costs one host read, never traced
+            if not (skip or compiling or torch.cuda.is_current_stream_capturing()) and bool(
+                skipped
+            ):
+                raise nonfinite_error(plan, "output gradient", grad_out.shape)
+            skipped = 0
         if not need_w:
             dW = None
         elif compiling:  # compact is off: a dense dW, nothing read back from the op
