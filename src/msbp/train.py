@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from msbp import native
-from msbp.config import MEMORY_LAYOUTS, SELECTIONS, SparseBackpropConfig
+from msbp.config import MEMORY_LAYOUTS, MEMORY_ROWS, SELECTIONS, SparseBackpropConfig
 from msbp.convert import sparsify
 from msbp.data.errors import DataError
 from msbp.info import InfoLossMeter
@@ -71,6 +71,11 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     sp.add_argument(
         "--memory-layout", choices=MEMORY_LAYOUTS, default="unit",
         help="memory per output unit (default) or per gradient slot",
+    )
+    sp.add_argument(
+        "--memory-rows", choices=MEMORY_ROWS, default="active",
+        help="rows that take the memory: those with a non-zero gradient (default; padding "
+        "changes nothing) or all rows (the old behaviour)",
     )
     sp.add_argument("--align", type=int, default=1, help="round k up to a multiple (default 1)")
     sp.add_argument(
@@ -134,6 +139,7 @@ def sparse_config(method: str, args: argparse.Namespace) -> SparseBackpropConfig
             selection=args.selection,
             memory=0.0 if method == "sbp" else args.memory,
             memory_layout=args.memory_layout,
+            memory_rows=getattr(args, "memory_rows", "active"),
             align=args.align,
         )
     except ValueError as err:
