@@ -14,7 +14,10 @@ for v in "$@"; do
     msbp)       args="--method msbp" ;;                      # padding-safe (default)
     msbp-a05)   args="--method msbp --memory 0.5" ;;
     msbp-a02)   args="--method msbp --memory 0.2" ;;
-    *) args="--method msbp $(echo "$v" | sed 's/^msbp-opt//')" ;;
+    msbp-slot)  args="--method msbp --memory-layout slot" ;;
+    msbp-unified) args="--method msbp --selection unified" ;;
+    sbp-unified)  args="--method sbp --selection unified" ;;
+    *) echo "unknown variant $v" >&2; exit 2 ;;
   esac
   out=experiments/memory_variants/pos-$v.seed$seed.json
   /usr/bin/time -f "$v seed $seed: %e s" python -m msbp train $common $args --out "$out"
