@@ -4,6 +4,7 @@
 # usage: run_pos.sh SEED [VARIANT...]; writes experiments/memory_variants/pos-<variant>.seed<SEED>.json
 set -e
 cd "$(dirname "$0")/../.."
+export PYTHONPATH=$PWD/src  # this tree, not an installed msbp
 seed=$1; shift
 common="--task pos --limit-train 6000 --epochs 4 --threads 1 --quiet --seed $seed"
 for v in "$@"; do
