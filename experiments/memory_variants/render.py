@@ -19,7 +19,9 @@ def main() -> None:
         rows[variant].append(run)
     print("| variant | seeds | test accuracy (%) | dev accuracy (%) | best epoch | backprop (s) |")
     print("|---|---|---|---|---|---|")
-    for variant, runs in rows.items():
+    order = ["dense", "sbp", "msbp-all", "msbp", "msbp-a05", "msbp-a02", "msbp-slot"]
+    for variant in sorted(rows, key=lambda v: order.index(v) if v in order else len(order)):
+        runs = rows[variant]
         test = [r["test_accuracy"] for r in runs]
         dev = [r["dev_accuracy"] for r in runs]
         spread = f" ± {statistics.stdev(test):.2f}" if len(test) > 1 else ""
