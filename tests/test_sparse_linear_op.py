@@ -56,6 +56,8 @@ case = st.fixed_dictionaries({
     "need": st.sampled_from([(True, True, True), (True, False, False), (False, True, True)]),
     "scale": st.sampled_from([None, 1.0, 1024.0]),
     "seed": st.integers(0, 2**31 - 1),
+    # rows of G set to zero (padding): they take no memory and select nothing; 1.0: all but one
+    "zero_rows": st.sampled_from([0.0, 0.0, 0.3, 1.0]),
 })
 
 
@@ -66,6 +68,9 @@ def _inputs(c):
     x = torch.randn(n, d_in, generator=gen, dtype=wide).to(c["dtype"])
     w = torch.randn(out, d_in, generator=gen, dtype=wide).to(c["dtype"])
     g = torch.randn(n, out, generator=gen, dtype=wide)  # wide: no ties in the selection
+    zero = torch.rand(n, generator=gen) < c["zero_rows"]
+    zero[0] = False  # an all-zero G ties every unit (tests/test_padding.py has that case)
+    g[zero] = 0
     shape = (out,) if c["layout"] == "unit" else (n, out)
     memory = torch.randn(shape, generator=gen, dtype=wide)
     k = max(1, min(round(c["k_frac"] * out), out + 3))
@@ -123,18 +128,25 @@ def test_native_equals_torch_twin_and_reference(c):
 
 
 def _random_ref(x, w, g, memory, cols, c):
-    """The reference's masked backward for random selection with the op's columns ``cols``."""
+    """The reference's masked backward for random selection with the op's columns ``cols``,
+    on the active (not all-zero) rows only."""
     n, out = g.shape
+    active = (g != 0).any(1)
+    n_act = int(active.sum())
     u = g.double()
-    if c["alpha"] > 0:
-        u = u + (memory.double() / n if c["layout"] == "unit" else memory.double())
+    if c["alpha"] > 0 and n_act:
+        add = memory.double() / n_act if c["layout"] == "unit" else memory.double()
+        u = u + torch.where(active.unsqueeze(1), add, 0.0)
     mask = torch.zeros(n, out, dtype=torch.bool)
     mask[:, cols] = True
     g_hat = torch.where(mask, u, 0.0)
     dx = g_hat.to(x.dtype) @ w
     dW = g_hat.to(x.dtype).t() @ x
     resid = c["alpha"] * (u - g_hat)
-    mem = resid.sum(0) if c["layout"] == "unit" else resid
+    mem = resid.sum(0) if c["layout"] == "unit" else torch.where(
+        active.unsqueeze(1), resid, memory.double())
+    if not n_act:
+        mem = memory
     return dx, dW, g.sum(0), mem.to(memory.dtype)
 
 

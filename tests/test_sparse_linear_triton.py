@@ -340,3 +340,31 @@ def test_gpu_backward_has_no_host_sync(tri, selection, layout):
             torch.ops.msbp.sparse_linear_backward(*args)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.parametrize("selection", sorted(SELECTION_CODES))
+@pytest.mark.parametrize("layout", ["unit", "slot"])
+@pytest.mark.parametrize("all_zero", [False, True], ids=["some-pad", "all-pad"])
+def test_triton_padding_safe_equals_twin(tri, selection, layout, all_zero):
+    """memory_rows="active" (all_rows False): all-zero rows take no memory; a step without an
+    active row leaves the memory unchanged; Triton (unit) and the twin (slot, by delegation)
+    agree with the twin and with all_rows=True where no row is zero."""
+    n, d_in, out, k = 21, 11, 40, 6
+    x, w, g, memory, cols = _inputs(n, d_in, out, torch.float32, layout, seed=3)
+    g = g.clone()
+    g[::3] = 0  # padding rows
+    if all_zero:
+        g.zero_()
+    outs = {}
+    for name, fn in (("triton", tri.sparse_linear_backward),
+                     ("twin", sparse_linear_backward_torch)):
+        mem = memory.clone()
+        dx, dW, db, _, _ = _call(fn, x, w, g, mem, cols, k, selection, layout=layout,
+                                 all_rows=False) if name == "triton" else _call(
+            fn, x, w, g, mem, cols, k, selection, layout=layout)
+        outs[name] = (dx, dW, db, mem)
+    for i, what in enumerate(("dx", "dW", "db", "memory")):
+        _close(outs["triton"][i], outs["twin"][i], torch.float32, what)
+    assert outs["triton"][0][::3].abs().sum() == 0  # pad rows get no gradient
+    if all_zero:
+        torch.testing.assert_close(outs["triton"][3], memory)

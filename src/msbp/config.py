@@ -9,6 +9,7 @@ from typing import Any
 
 SELECTIONS = ("unified", "per_example", "random")
 MEMORY_LAYOUTS = ("unit", "slot")
+MEMORY_ROWS = ("active", "all")
 ON_NONFINITE = ("raise", "skip")
 BACKENDS = ("sparse", "auto")
 
@@ -30,6 +31,13 @@ class SparseBackpropConfig:
             added back as ``M / rows``); ``"slot"`` keeps the residual with the shape of the
             gradient (rows x out). See docs in README ("Memory layout") for why ``"unit"`` is the
             default.
+        memory_rows: which rows of the output gradient G (rows x out) take part in the memory.
+            ``"active"`` (default): only rows with a non-zero (or non-finite) entry; an all-zero
+            row (padding, a masked token, an ignored label) gets no memory back, selects nothing
+            and leaves the memory as it is, so padding a batch never changes a gradient or the
+            memory. ``unit`` adds ``M / n_active`` to the n_active active rows; a step with no
+            active row leaves the memory unchanged; ``slot`` keeps a zero row's memory slot as it
+            was. ``"all"``: every row, as before (``M / rows`` onto padding too).
         align: k is rounded up to a multiple of ``align`` (fast GEMMs need multiples of 8 for
             16-bit types on GPUs), then clamped to ``out_features``.
         on_nonfinite: ``"raise"`` (default) raises ``FloatingPointError`` when a non-finite
@@ -65,6 +73,7 @@ class SparseBackpropConfig:
     selection: str = "unified"
     memory: float = 0.8
     memory_layout: str = "unit"
+    memory_rows: str = "active"
     align: int = 1
     on_nonfinite: str = "raise"
     grad_inplace: bool = True
@@ -93,6 +102,10 @@ class SparseBackpropConfig:
         if self.memory_layout not in MEMORY_LAYOUTS:
             raise ValueError(
                 f"memory_layout must be one of {MEMORY_LAYOUTS}, got {self.memory_layout!r}"
+            )
+        if self.memory_rows not in MEMORY_ROWS:
+            raise ValueError(
+                f"memory_rows must be one of {MEMORY_ROWS}, got {self.memory_rows!r}"
             )
         if isinstance(self.align, bool) or not isinstance(self.align, int) or self.align < 1:
             raise ValueError(f"align must be an int >= 1, got align={self.align!r}")

@@ -185,7 +185,7 @@ def _sparse_linear_fast(x, weight, bias, memory, config, name) -> Tensor:
         x, weight, bias, memory, kept[0], kept[1], rows_mask(weight),
         config.k_for(weight.shape[0]), SELECTION_CODES[config.selection], float(config.memory),
         config.memory_layout == "slot", config.on_nonfinite == "skip", NATIVE_SPARSE_RATIO,
-        name,
+        name, config.memory_rows == "all",
     )
 
 
@@ -213,6 +213,7 @@ def _plan(config, out_features, generator, name, probe) -> BackwardPlan:
         grad_inplace=config.grad_inplace,
         backend=config.backend,
         consensus=config.consensus,
+        all_rows=config.memory_rows == "all",
         generator=generator,
         name=name,
         probe=probe,

@@ -34,7 +34,7 @@ import torch.distributed as dist
 from torch import nn
 
 from msbp import native
-from msbp.config import MEMORY_LAYOUTS, SELECTIONS, SparseBackpropConfig
+from msbp.config import MEMORY_LAYOUTS, MEMORY_ROWS, SELECTIONS, SparseBackpropConfig
 from msbp.convert import sparsify
 from msbp.data.errors import DataError
 from msbp.distributed import wrap_ddp
@@ -86,6 +86,12 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     sp.add_argument(
         "--memory-layout", choices=MEMORY_LAYOUTS, default="unit",
         help="memory per output unit (default) or per gradient slot",
+    )
+    sp.add_argument(
+        # SUPPRESS: see --consensus
+        "--memory-rows", choices=MEMORY_ROWS, default=argparse.SUPPRESS,
+        help="rows that take the memory: those with a non-zero gradient (default; padding "
+        "changes nothing) or all rows (the old behaviour)",
     )
     sp.add_argument("--align", type=int, default=1, help="round k up to a multiple (default 1)")
     sp.add_argument(
@@ -156,6 +162,7 @@ def sparse_config(method: str, args: argparse.Namespace) -> SparseBackpropConfig
             selection=args.selection,
             memory=0.0 if method == "sbp" else args.memory,
             memory_layout=args.memory_layout,
+            memory_rows=getattr(args, "memory_rows", "active"),
             align=args.align,
             consensus=getattr(args, "consensus", False),
         )

@@ -14,6 +14,13 @@
 // random) or the k kept entries of every row (per-example). The memory is worked on in a local
 // copy and written back only when every step was finite. Mirrors msbp.ops.recurrent's Python
 // loop (the fallback) and msbp.ops.reference.lstm_recurrence_ref (the oracle).
+//
+// Padding (memory_rows="active", all_rows false): after a step's cell pass, a scan that stops in
+// each row of G_t at its first non-zero entry finds the zero rows (padded steps and batch
+// entries); where there are some, that step is redone for the active rows only: M / n_active
+// for the unit layout, a zero row's slot kept as it was, no entries selected in a zero row, and
+// a step with no active row leaves the memory unchanged. Steps without zero rows cost one
+// read per row more.
 #include "common.h"
 #include "vec.h"
 
@@ -220,6 +227,7 @@ struct Options {
   bool slot;
   bool reverse;
   bool need_w;
+  bool all_rows;
 };
 
 // gate gradients, dh0, dc0, the kept columns (distinct, ascending), their dW_hh rows, db, skipped
@@ -336,6 +344,23 @@ Outputs backward_impl(const Tensor& act, const Tensor& cells, const Tensor& tanh
   std::vector<const A*> ent_src;
   const int64_t* rand_p = random_cols.has_value() ? random_cols->data_ptr<int64_t>() : nullptr;
   bool finite = true;
+  const bool track = !dense && !opt.all_rows && (use_memory || per_example);
+  std::vector<char> act_row(track ? B : 0, 1);
+  int64_t n_act = B;
+  // the end of a step for the slot layout: the memory is mmul * ubuf, ubuf the residual of the
+  // active rows; a zero row's ubuf holds its kept memory itself (G = 0 plus mmul times the old
+  // ubuf), so with zero rows the active ones are scaled now and the multiplier becomes 1
+  auto keep_slots = [&]() {
+    if (n_act == B) {
+      mmul = alpha;
+      return;
+    }
+    A* up = ubuf.data_ptr<A>();
+    for (int64_t b = 0; b < B; ++b)
+      if (act_row[b])
+        for (int64_t o = 0; o < G4; ++o) up[b * G4 + o] *= alpha;
+    mmul = 1;
+  };
 
   for (int64_t s = 0; s < T; ++s) {
     const int64_t t = opt.reverse ? s : T - 1 - s;
@@ -397,9 +422,46 @@ Outputs backward_impl(const Tensor& act, const Tensor& cells, const Tensor& tanh
       continue;
     }
 
-    // U at (b, o), recomputed for the unit layout (G + M / B, as in cell_lanes)
+    // zero rows of G_t: the step redone for the active rows (see the top of the file)
+    n_act = B;
+    A mstep = mmul;  // the unit memory's multiplier at this step: 1 / n_active
+    if (track) {
+      n_act = 0;
+      for (int64_t b = 0; b < B; ++b) {
+        const A* gb = g + b * G4;
+        char on = 0;
+        for (int64_t o = 0; o < G4; ++o) {
+          if (gb[o] != A(0)) {  // true for NaN, which the finiteness check refused anyway
+            on = 1;
+            break;
+          }
+        }
+        act_row[b] = on;
+        n_act += on;
+      }
+    }
+    const bool all_act = n_act == B;
+    if (!all_act) {
+      if (mem_kind == 1) mstep = n_act > 0 ? static_cast<A>(1.0 / static_cast<double>(n_act)) : 0;
+      // the scores and sums of the pass included the memory on the zero rows: again over the
+      // active rows (G, and U for the slot layout, are as stored)
+      if (scores) std::fill(score.begin(), score.end(), A(0));
+      if (mem_kind == 1) std::fill(usum.begin(), usum.end(), A(0));
+      for (int64_t b = 0; b < B && (scores || mem_kind == 1); ++b) {
+        if (!act_row[b]) continue;
+        for (int64_t o = 0; o < G4; ++o) {
+          const A v = mem_kind == 1 ? g[b * G4 + o] + mvec[o] * mstep : u[b * G4 + o];
+          if (scores) score[o] += std::abs(v);
+          if (mem_kind == 1) usum[o] += v;
+        }
+      }
+    }
+
+    // U at (b, o), recomputed for the unit layout (G + M / B, as in cell_lanes); zero on a zero
+    // row (whose slot holds its kept memory)
     auto u_at = [&](int64_t b, int64_t o) -> A {
-      return mem_kind == 1 ? g[b * G4 + o] + mvec[o] * mmul : u[b * G4 + o];
+      if (!all_act && !act_row[b]) return 0;
+      return mem_kind == 1 ? g[b * G4 + o] + mvec[o] * mstep : u[b * G4 + o];
     };
     for (int64_t b = 0; b < B; ++b) hprev[b] = hprev_base + b * H;
     if (!per_example) {
@@ -457,13 +519,14 @@ Outputs backward_impl(const Tensor& act, const Tensor& cells, const Tensor& tanh
           });
         }
       }
-      if (mem_kind == 1) {
+      if (mem_kind == 1 && n_act > 0) {
         for (int64_t o = 0; o < G4; ++o) mvec[o] = alpha * usum[o];
         for (int64_t j = 0; j < k; ++j) mvec[sel[j]] = 0;
       } else if (mem_kind == 2) {
         for (int64_t b = 0; b < B; ++b)
-          for (int64_t j = 0; j < k; ++j) u[b * G4 + sel[j]] = 0;
-        mmul = alpha;
+          if (all_act || act_row[b])
+            for (int64_t j = 0; j < k; ++j) u[b * G4 + sel[j]] = 0;
+        keep_slots();
       }
     } else {
       // ---- k entries per row ----
@@ -474,8 +537,13 @@ Outputs backward_impl(const Tensor& act, const Tensor& cells, const Tensor& tanh
         for (int64_t b = b0; b < b1; ++b) {
           int64_t* ib = sel.data() + b * k;
           A* vb = vals.data() + b * k;
+          if (!all_act && !act_row[b]) {  // a zero row keeps nothing: dh = 0
+            std::fill_n(vb, k, A(0));
+            if (!wide) std::fill_n(dh + b * H, H, A(0));
+            continue;
+          }
           if (mem_kind == 1) {
-            topk_indices(Ranked<A, true, true>{g + b * G4, mvec.data(), mmul}, G4, k, ib, bm, bs,
+            topk_indices(Ranked<A, true, true>{g + b * G4, mvec.data(), mstep}, G4, k, ib, bm, bs,
                          hp);
           } else {
             topk_indices(Ranked<A, true, false>{u + b * G4, nullptr, 0}, G4, k, ib, bm, bs, hp);
@@ -491,7 +559,9 @@ Outputs backward_impl(const Tensor& act, const Tensor& cells, const Tensor& tanh
         }
       });
       std::fill(col_start.begin(), col_start.end(), 0);
-      for (int64_t e = 0; e < B * k; ++e) ++col_start[sel[e] + 1];
+      for (int64_t b = 0; b < B; ++b)
+        if (all_act || act_row[b])
+          for (int64_t j = 0; j < k; ++j) ++col_start[sel[b * k + j] + 1];
       col_list.clear();
       ent_start.assign(1, 0);
       for (int64_t o = 0; o < G4; ++o) {
@@ -505,13 +575,15 @@ Outputs backward_impl(const Tensor& act, const Tensor& cells, const Tensor& tanh
       ent_val.resize(B * k);
       ent_src.resize(B * k);
       ent_row.resize(B * k);
-      for (int64_t b = 0; b < B; ++b)
+      for (int64_t b = 0; b < B; ++b) {
+        if (!all_act && !act_row[b]) continue;
         for (int64_t j = 0; j < k; ++j) {
           const int64_t pos = col_start[sel[b * k + j]]++;
           ent_val[pos] = vals[b * k + j];
           ent_src[pos] = hprev[b];
           ent_row[pos] = b;
         }
+      }
       if (wide) {
         // dh column by column: each kept row of W_hh is read once for all the rows keeping it;
         // slices of H keep the threads' writes apart
@@ -540,7 +612,7 @@ Outputs backward_impl(const Tensor& act, const Tensor& cells, const Tensor& tanh
           }
         });
       }
-      if (mem_kind == 1) {
+      if (mem_kind == 1 && n_act > 0) {
         // the column sums of U without the kept entries: only the kept columns differ from
         // those of U, and are summed again over the rows that did not keep them
         for (int64_t o = 0; o < G4; ++o) mnew[o] = alpha * usum[o];
@@ -560,7 +632,7 @@ Outputs backward_impl(const Tensor& act, const Tensor& cells, const Tensor& tanh
         }
         mvec.swap(mnew);
       } else if (mem_kind == 2) {
-        mmul = alpha;
+        keep_slots();
       }
     }
   }
@@ -635,7 +707,7 @@ Outputs lstm_recurrence_backward(
     const std::optional<Tensor>& d_hn, const std::optional<Tensor>& d_cn,
     const std::optional<Tensor>& memory, const std::optional<Tensor>& random_cols, int64_t k,
     int64_t selection, double alpha, bool slot, bool reverse, bool need_w,
-    bool skip_nonfinite) {
+    bool skip_nonfinite, bool all_rows) {
   TORCH_CHECK(act.dim() == 3 && act.size(2) % 4 == 0,
               "lstm_recurrence_backward: act must be (T, B, 4H), got ", act.sizes());
   const int64_t T = act.size(0), B = act.size(1), G4 = act.size(2), H = G4 / 4;
@@ -688,7 +760,7 @@ Outputs lstm_recurrence_backward(
                     random_cols->scalar_type() == at::kLong && random_cols->is_contiguous(),
                 "lstm_recurrence_backward: random selection needs random_cols (T, k) int64");
   }
-  Options opt{k, selection, alpha, slot, reverse, need_w};
+  Options opt{k, selection, alpha, slot, reverse, need_w, all_rows};
   Tensor a = act.contiguous(), ce = cells.contiguous(), tc = tanh_c.contiguous(),
          o = out.contiguous(), h = h0.contiguous(), c = c0.contiguous(), w = w_hh.contiguous();
   if (dtype == at::kDouble) {
@@ -706,7 +778,7 @@ TORCH_LIBRARY_FRAGMENT(msbp, m) {
       "lstm_recurrence_backward(Tensor act, Tensor cells, Tensor tanh_c, Tensor out, Tensor h0, "
       "Tensor c0, Tensor w_hh, Tensor? d_out, Tensor? d_hn, Tensor? d_cn, Tensor(a!)? memory, "
       "Tensor? random_cols, int k, int selection, float alpha, bool slot, bool reverse, "
-      "bool need_w, bool skip_nonfinite) -> "
+      "bool need_w, bool skip_nonfinite, bool all_rows=False) -> "
       "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 

@@ -11,6 +11,12 @@
 // (per-example); the memory write needs no second pass over U for the `unit` layout. Mirrors
 // msbp.ops.sparse_linear.sparse_linear_backward_torch (the fallback) and
 // msbp.ops.reference.sparse_linear_backward_ref (the oracle).
+//
+// Padding (all_rows false, memory_rows="active"): the rows of G that are all zero take no part.
+// Where that matters (a memory, or per-example selection) a scan finds them, stopping in each
+// row at its first non-zero entry (so it costs about one read per row unless a row is zero); a
+// batch with zero rows runs the backward on its other rows, compacted, and the zero rows get
+// dx = 0 and keep their slot memory; with no active row the memory is left as it is.
 #include "common.h"
 #include "vec.h"
 
@@ -374,12 +380,46 @@ Out5 backward_impl(const Tensor& grad_out, const Tensor& x, const Tensor& weight
   return {dx, dW, db, rows, at::zeros({}, long_opts)};
 }
 
+// The rows of g (n, out) with an entry that is not zero (NaN and inf count), ascending; each
+// row is read up to its first such entry.
+template <typename T>
+std::vector<int64_t> active_rows(const T* g, int64_t n, int64_t out) {
+  std::vector<int64_t> active;
+  active.reserve(n);
+  for (int64_t r = 0; r < n; ++r) {
+    const T* gr = g + r * out;
+    for (int64_t o = 0; o < out; ++o) {
+      if (gr[o] != T(0)) {  // true for NaN
+        active.push_back(r);
+        break;
+      }
+    }
+  }
+  return active;
+}
+
+Out5 dispatch_backward(
+    const Tensor& grad_out, const Tensor& xc, const Tensor& wc,
+    const std::optional<Tensor>& memory, const std::optional<Tensor>& random_cols,
+    double scale_value, int64_t k, int64_t selection, double alpha, bool slot, bool need_x,
+    bool need_w, bool need_b, bool compact_dw, bool skip_nonfinite, double csr_ratio,
+    at::ScalarType acc) {
+  if (acc == at::kDouble) {
+    return backward_impl<double>(grad_out, xc, wc, memory, random_cols,
+                                 scale_value, k, selection, alpha, slot, need_x, need_w, need_b,
+                                 compact_dw, skip_nonfinite, csr_ratio);
+  }
+  return backward_impl<float>(grad_out, xc, wc, memory, random_cols,
+                              scale_value, k, selection, alpha, slot, need_x, need_w, need_b,
+                              compact_dw, skip_nonfinite, csr_ratio);
+}
+
 Out5 sparse_linear_backward(
     const Tensor& grad_out, const Tensor& x, const Tensor& weight,
     const std::optional<Tensor>& memory, const std::optional<Tensor>& random_cols,
     const std::optional<Tensor>& scale, int64_t k, int64_t selection, double alpha, bool slot,
     bool need_x, bool need_w, bool need_b, bool compact_dw, bool skip_nonfinite,
-    double csr_ratio) {
+    double csr_ratio, bool all_rows) {
   TORCH_CHECK(grad_out.dim() == 2 && x.dim() == 2 && weight.dim() == 2,
               "sparse_linear_backward: grad_out, x, weight must be 2-D");
   TORCH_CHECK(grad_out.size(1) == weight.size(0) && x.size(1) == weight.size(1) &&
@@ -406,14 +446,34 @@ Out5 sparse_linear_backward(
                                   : (grad_out.scalar_type() == at::kDouble ? at::kDouble
                                                                           : at::kFloat);
   Tensor xc = x.contiguous(), wc = weight.contiguous();
-  if (acc == at::kDouble) {
-    return backward_impl<double>(grad_out, xc, wc, memory, random_cols,
-                                 scale_value, k, selection, alpha, slot, need_x, need_w, need_b,
-                                 compact_dw, skip_nonfinite, csr_ratio);
+  const int64_t n = grad_out.size(0), out = grad_out.size(1);
+  if (!all_rows && (use_memory || (selection == kPerExample && k < out))) {
+    Tensor g = grad_out.contiguous();
+    std::vector<int64_t> active;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, g.scalar_type(), "msbp_active",
+                                    [&] { active = active_rows(g.data_ptr<scalar_t>(), n, out); });
+    const int64_t n_active = static_cast<int64_t>(active.size());
+    if (n_active < n) {
+      // zero rows: the backward of the active rows alone (an empty step without memory)
+      Tensor idx = at::empty({n_active}, grad_out.options().dtype(at::kLong));
+      std::copy(active.begin(), active.end(), idx.data_ptr<int64_t>());
+      std::optional<Tensor> mem;
+      if (use_memory && n_active > 0) mem = slot ? memory->index_select(0, idx) : *memory;
+      Out5 res = dispatch_backward(g.index_select(0, idx), xc.index_select(0, idx), wc, mem,
+                                   random_cols, scale_value, k, selection, alpha, slot, need_x,
+                                   need_w, false, compact_dw, skip_nonfinite, csr_ratio, acc);
+      if (mem.has_value() && slot) memory->index_copy_(0, idx, *mem);
+      if (need_x) {
+        std::get<0>(res) =
+            at::zeros({n, x.size(1)}, x.options()).index_copy_(0, idx, std::get<0>(res));
+      }
+      std::get<2>(res) = need_b ? at::sum(g, {0}, false, acc) : at::empty({0}, g.options().dtype(acc));
+      return res;
+    }
   }
-  return backward_impl<float>(grad_out, xc, wc, memory, random_cols,
-                              scale_value, k, selection, alpha, slot, need_x, need_w, need_b,
-                              compact_dw, skip_nonfinite, csr_ratio);
+  return dispatch_backward(grad_out, xc, wc, memory, random_cols, scale_value, k, selection,
+                           alpha, slot, need_x, need_w, need_b, compact_dw, skip_nonfinite,
+                           csr_ratio, acc);
 }
 
 
@@ -465,7 +525,7 @@ struct SparseLinearFn : public torch::autograd::Function<SparseLinearFn> {
   static Tensor forward(AutogradContext* ctx, Tensor x, Tensor weight, Tensor bias,
                         Tensor memory, Tensor kept, Tensor state, Tensor mask, int64_t k,
                         int64_t selection, double alpha, bool slot, bool skip_nonfinite,
-                        double csr_ratio, std::string name) {
+                        double csr_ratio, std::string name, bool all_rows) {
     ctx->save_for_backward({x, weight});
     // the Parameter itself, for its .grad: a saved variable may come back as another tensor
     // (activation checkpointing's recomputation, saved-tensor hooks)
@@ -481,6 +541,7 @@ struct SparseLinearFn : public torch::autograd::Function<SparseLinearFn> {
     ctx->saved_data["skip"] = skip_nonfinite;
     ctx->saved_data["csr_ratio"] = csr_ratio;
     ctx->saved_data["name"] = name;
+    ctx->saved_data["all_rows"] = all_rows;
     ctx->saved_data["has_memory"] = memory.numel() > 0;
     const bool has_bias = bias.numel() > 0;
     ctx->saved_data["has_bias"] = has_bias;
@@ -512,7 +573,7 @@ struct SparseLinearFn : public torch::autograd::Function<SparseLinearFn> {
     Tensor x2 = x.reshape({-1, d_in});
     const int64_t n = g.size(0);
     auto x_shape = x.sizes().vec();
-    variable_list result(14);
+    variable_list result(15);
     if (n == 0) {
       if (need_x) result[0] = at::zeros_like(x);
       if (need_w) result[1] = at::zeros_like(weight);
@@ -557,7 +618,7 @@ struct SparseLinearFn : public torch::autograd::Function<SparseLinearFn> {
           std::nullopt, std::nullopt, k, ctx->saved_data["selection"].toInt(),
           ctx->saved_data["alpha"].toDouble(), ctx->saved_data["slot"].toBool(), need_x, need_w,
           need_b, route != 0, ctx->saved_data["skip"].toBool(),
-          ctx->saved_data["csr_ratio"].toDouble());
+          ctx->saved_data["csr_ratio"].toDouble(), ctx->saved_data["all_rows"].toBool());
     } catch (const c10::Error& e) {
       const std::string what = e.what_without_backtrace();
       if (what.find("msbp-nonfinite") == std::string::npos) throw;
@@ -615,12 +676,12 @@ Tensor sparse_linear_fast(const Tensor& x, const Tensor& weight, const std::opti
                           const std::optional<Tensor>& memory, const Tensor& kept,
                           const Tensor& state, const std::optional<Tensor>& mask, int64_t k,
                           int64_t selection, double alpha, bool slot, bool skip_nonfinite,
-                          double csr_ratio, std::string name) {
+                          double csr_ratio, std::string name, bool all_rows) {
   // Function::apply wants defined tensors: an empty one stands for "none"
   Tensor none = at::empty({0}, x.options());
   return SparseLinearFn::apply(x, weight, bias.value_or(none), memory.value_or(none), kept, state,
                                mask.value_or(none.to(at::kByte)), k, selection, alpha, slot,
-                               skip_nonfinite, csr_ratio, std::move(name));
+                               skip_nonfinite, csr_ratio, std::move(name), all_rows);
 }
 
 }  // namespace
@@ -630,12 +691,12 @@ TORCH_LIBRARY_FRAGMENT(msbp, m) {
   m.def(
       "sparse_linear_fast(Tensor x, Tensor weight, Tensor? bias, Tensor? memory, Tensor kept, "
       "Tensor state, Tensor? mask, int k, int selection, float alpha, bool slot, "
-      "bool skip_nonfinite, float csr_ratio, str name) -> Tensor");
+      "bool skip_nonfinite, float csr_ratio, str name, bool all_rows=False) -> Tensor");
   m.def(
       "sparse_linear_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor(a!)? memory, "
       "Tensor? random_cols, Tensor? scale, int k, int selection, float alpha, bool slot, "
       "bool need_x, bool need_w, bool need_b, bool compact_dw, bool skip_nonfinite, "
-      "float csr_ratio) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+      "float csr_ratio, bool all_rows=False) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(msbp, CPU, m) { m.impl("sparse_linear_backward", &sparse_linear_backward); }

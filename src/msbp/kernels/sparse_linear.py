@@ -219,10 +219,18 @@ def _blocks(device: torch.device) -> dict[str, int]:
     return dict(r=16, c=32, gr=16, gk=32, unit=32, programs=8)
 
 
-def _row_divisors(g: Tensor, acc: torch.dtype) -> Tensor:
-    """(n,) what a unit memory is divided by on each row when it is added back: n everywhere
-    (the memory spread evenly over the batch). The one place to change the spread."""
-    return torch.full((g.shape[0],), g.shape[0], dtype=acc, device=g.device)
+def _row_divisors(g: Tensor, acc: torch.dtype, all_rows: bool) -> tuple[Tensor, Tensor | None]:
+    """``(divisors (n,), n_active () or None)``: what a unit memory is divided by on each row
+    when it is added back. ``all_rows``: n everywhere (the memory spread over the batch); else
+    n_active on the rows with a non-zero entry (NaN counts) and inf on all-zero rows, which take
+    nothing (padding-safe), all on the device."""
+    n = g.shape[0]
+    if all_rows:
+        return torch.full((n,), n, dtype=acc, device=g.device), None
+    active = g.ne(0).any(1)
+    n_active = active.sum()
+    inf = torch.full((), float("inf"), dtype=acc, device=g.device)
+    return torch.where(active, n_active.to(acc), inf), n_active
 
 
 def supports(grad_out: Tensor, x: Tensor, weight: Tensor, memory: Tensor | None,
@@ -263,6 +271,7 @@ def sparse_linear_backward(
     compact_dw: bool,
     skip_nonfinite: bool,
     csr_ratio: float = 3.0,
+    all_rows: bool = False,
     *,
     k_align: int = K_ALIGN,
 ) -> list[Tensor]:
@@ -272,13 +281,18 @@ def sparse_linear_backward(
     skipped ()), except that a non-finite gradient is flagged, not raised or sent densely (see
     the module docstring), and per-example ``rows`` is every row. ``csr_ratio`` is a CPU knob,
     unused here; ``k_align``: the kept width is padded to a multiple of it with zero columns.
+    ``all_rows`` False (padding-safe, ``memory_rows="active"``): rows of G that are all zero take
+    no memory; the twin takes a slot memory then (its zero rows keep their slots).
     """
-    if not supports(grad_out, x, weight, memory, random_cols, k, selection, alpha, slot):
+    padding_safe_slot = slot and not all_rows and memory is not None and alpha > 0
+    if padding_safe_slot or not supports(
+        grad_out, x, weight, memory, random_cols, k, selection, alpha, slot
+    ):
         from msbp.ops.sparse_linear import sparse_linear_backward_torch
 
         return sparse_linear_backward_torch(
             grad_out, x, weight, memory, random_cols, scale, k, selection, alpha, slot, need_x,
-            need_w, need_b, compact_dw, skip_nonfinite, csr_ratio)
+            need_w, need_b, compact_dw, skip_nonfinite, csr_ratio, all_rows)
     dev = grad_out.device
     n, out = grad_out.shape
     k = min(k, out)
@@ -295,7 +309,10 @@ def sparse_linear_backward(
 
     flag = torch.zeros((), dtype=torch.int32, device=dev)
     dummy = flag
-    rowdiv = _row_divisors(g, acc) if unit else dummy
+    rowdiv, n_active = _row_divisors(g, acc, all_rows) if unit else (dummy, None)
+    # a step without an active row leaves the memory as it was: kept here, put back at the end
+    # on the device (no host read)
+    before = memory.clone() if n_active is not None else None
     mem = memory if use_memory else dummy
     has_scale = scale is not None and use_memory  # the scale only reaches the memory terms
     sc = scale.reshape(()) if has_scale else dummy
@@ -382,4 +399,6 @@ def sparse_linear_backward(
         rows = idx
     if not need_x:
         dx = empty
+    if before is not None:
+        torch.where(n_active > 0, memory, before, out=memory)
     return [dx, dW, db, rows, flag.to(torch.long)]

@@ -4,8 +4,8 @@ With ``SparseBackpropConfig(consensus=True)`` and an initialised process group o
 processes, the backward of a sparse linear transform runs here instead of in
 ``sparse_linear_backward``:
 
-    U   = G + M / n (unit) or G + M (slot)       # as in the ordinary backward
-    buf = [any non-finite U, colsum |U|, colsum U]   # one all-reduce (SUM) of 1 + 2 out numbers
+    U   = G + M / n_active (unit) or G + M (slot)  # as in the ordinary backward (active rows)
+    buf = [non-finite?, active rows, colsum |U|, colsum U]  # one all-reduce (SUM), 2 + 2 out
     S   = top-k of the summed colsum |U|           # the same on every rank
     dx  = U_S W_S,  dW = U_S^T x (k rows)           # local, as always
     M   = alpha * (summed colsum U, S zeroed) / W   # unit: shared, the same on every rank
@@ -37,7 +37,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from msbp.ops.memory import add_memory_, store_memory_
+from msbp.ops.memory import active_rows, add_memory_, store_memory_
 
 #: attribute on a weight: the list of row tensors (or None: every row) its consensus backwards
 #: kept since the communication hook last took them
@@ -115,6 +115,7 @@ def backward(
     need_b: bool,
     skip_nonfinite: bool,
     probe: Callable[[Tensor, Tensor, Tensor], None] | None = None,
+    all_rows: bool = False,
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
     """The consensus backward of ``y = x W^T + b`` (a collective over ``get_group()``).
 
@@ -135,11 +136,16 @@ def backward(
     acc = memory.dtype if use_memory else torch.promote_types(g.dtype, torch.float32)
     unit_memory = use_memory and not slot
     u = g.to(acc, copy=True)  # (n, out)
+    # padding-safe (memory_rows="active"): this rank's zero rows take no memory; the add-back
+    # divides by this rank's active rows (equal to one process's when the ranks are balanced)
+    active = active_rows(g) if use_memory and not all_rows else None
     if use_memory:
-        add_memory_(u, memory if scale is None else memory * scale, "slot" if slot else "unit")
-    buf = torch.empty(1 + out * (2 if unit_memory else 1), dtype=acc, device=g.device)
+        add_memory_(u, memory if scale is None else memory * scale, "slot" if slot else "unit",
+                    active)
+    buf = torch.empty(2 + out * (2 if unit_memory else 1), dtype=acc, device=g.device)
     buf[0] = (~torch.isfinite(u)).any()
-    picks = buf[1 : 1 + out]
+    buf[1] = n if active is None else active.sum()  # active rows, summed over the ranks
+    picks = buf[2 : 2 + out]
     if random_cols is None:
         torch.sum(u.abs(), 0, dtype=acc, out=picks)  # column scores
     else:  # rank 0's columns win: a 0/1 mask that only rank 0 fills
@@ -147,7 +153,7 @@ def backward(
         if dist.get_rank(group) == 0:
             picks.index_fill_(0, random_cols, 1)
     if unit_memory:
-        torch.sum(u, 0, dtype=acc, out=buf[1 + out :])
+        torch.sum(u, 0, dtype=acc, out=buf[2 + out :])
     dist.all_reduce(buf, group=group)
     db = g.sum(0, dtype=acc) if need_b else None
 
@@ -171,8 +177,9 @@ def backward(
     if use_memory:
         factor = alpha / world if scale is None else alpha / world / scale.double()
         if unit_memory:  # the mean residual column sums: one process's memory, on every rank
-            torch.mul(buf[1 + out :], factor, out=memory)
-            memory.index_fill_(0, idx, 0)
+            if bool(buf[1] != 0):  # no active row on any rank: the memory waits, unchanged
+                torch.mul(buf[2 + out :], factor, out=memory)
+                memory.index_fill_(0, idx, 0)
         else:
-            store_memory_(memory, u.index_fill_(1, idx, 0), "slot", alpha, scale)
+            store_memory_(memory, u.index_fill_(1, idx, 0), "slot", alpha, scale, active)
     return dx, dW, db, idx

@@ -41,6 +41,7 @@ from torch.autograd.function import once_differentiable
 
 from msbp import native
 from msbp.ops import scaling
+from msbp.ops.memory import active_rows as _active_rows
 from msbp.ops.memory import add_memory_ as _add_memory_
 from msbp.ops.memory import store_memory_ as _store_memory_
 from msbp.ops.selection import UNIFIED_SELECTIONS, select, select_random
@@ -152,7 +153,7 @@ def _native_backward(ctx, d_out: Tensor | None, d_hn: Tensor | None, d_cn: Tenso
             act, cells, tanh_c, out, h0, c0, w, d_out, d_hn, d_cn,
             memory if plan.alpha > 0 else None, random_cols, plan.k,
             _SELECTION_CODES[plan.selection], plan.alpha, plan.layout == "slot", ctx.reverse,
-            need_w, plan.on_nonfinite == "skip",
+            need_w, plan.on_nonfinite == "skip", plan.all_rows,
         )
     except RuntimeError as exc:
         if "msbp-nonfinite" in str(exc):
@@ -178,7 +179,7 @@ def _native_backward(ctx, d_out: Tensor | None, d_hn: Tensor | None, d_cn: Tenso
 
 def _lstm_recurrence_backward_fake(
     act, cells, tanh_c, out, h0, c0, w_hh, d_out, d_hn, d_cn, memory, random_cols, k,
-    selection, alpha, slot, reverse, need_w, skip_nonfinite,
+    selection, alpha, slot, reverse, need_w, skip_nonfinite, all_rows=False,
 ):
     steps, batch, four_h = act.shape
     hidden = four_h // 4
@@ -309,6 +310,8 @@ class _StepGrads:
         self.vals: list[Tensor] = []  # per visited step: (B, k) propagated values
         # per visited step: the kept |u| (per-example), or u's minimum and maximum
         self.witnesses: list[Tensor] = []
+        # per visited step: (B,) bool of the rows with a non-zero gate gradient, None for all
+        self.active: list[Tensor | None] = []
         self.dh = self.dc = dgates[0, :, :0]  # (B, H) each, set at the end of the loop
 
     def witness(self) -> Tensor:
@@ -351,6 +354,11 @@ class _StepGrads:
                 0, pos.reshape(-1), rows.view(-1, hidden))
         else:
             idx, vals = idx.reshape(-1, k), vals.reshape(-1, k)  # (T B, k)
+            if any(a is not None for a in self.active):  # zero rows kept nothing
+                ones = torch.ones(batch, dtype=torch.bool, device=idx.device)
+                act = torch.stack([ones if a is None else a for a in self.active])
+                act = (act.flip(0) if self.time_reversed else act).reshape(-1)  # (T B,)
+                idx, vals, h2 = idx[act], vals[act], h2[act]
             groups = group_columns(idx)
             cols = groups[1]  # (c,) distinct columns, sorted
             if _csr_pays(h2, k, cols.numel(), _DW_SPARSE_RATIO):
@@ -379,6 +387,12 @@ def _backward_steps(
     grads = _StepGrads(dgates, dense, per_example, time_reversed=not ctx.reverse)
     fast_rows = w.device.type == "cpu" and w.dtype in _WIDE
     unit_memory = use_memory and plan.layout == "unit"
+    # memory_rows="active": zero rows of a step's gate gradient take no memory, select nothing
+    track = not dense and not plan.all_rows and (use_memory or per_example)
+    if use_memory and plan.layout == "slot" and memory.shape[0] != batch:
+        # a new batch shape: the column sums spread evenly over all rows (as SparseLinear)
+        total = memory.sum(0) / batch
+        memory.resize_(batch, four_h).copy_(total.expand(batch, four_h))
     # per-step views made once: indexing inside the loop costs a dispatch each
     d_outs, to_dc, to_do, forget, gates = (
         t.unbind(0) for t in (d_out, dh_to_dc, dh_to_do, f, dgates)
@@ -395,12 +409,15 @@ def _backward_steps(
         if dense:
             dh = gate @ w
             continue
+        active = _active_rows(gate) if track else None
+        grads.active.append(active)
         if scale is not None and use_memory:  # U = G + M s (the memory is unscaled)
-            u = _add_memory_(gate.to(memory.dtype, copy=True), memory * scale, plan.layout)
-        elif unit_memory:  # U = G + M / B in one op
+            u = _add_memory_(gate.to(memory.dtype, copy=True), memory * scale, plan.layout,
+                             active)
+        elif unit_memory and active is None:  # U = G + M / B in one op
             u = torch.add(gate.to(memory.dtype), memory, alpha=1.0 / batch)
         elif use_memory:
-            u = _add_memory_(gate.to(memory.dtype, copy=True), memory, plan.layout)
+            u = _add_memory_(gate.to(memory.dtype, copy=True), memory, plan.layout, active)
         else:
             u = gate
         idx, witness = select(u, k, plan.selection, plan.generator)
@@ -417,12 +434,14 @@ def _backward_steps(
                 dh = torch.zeros(batch, four_h, dtype=w.dtype, device=w.device).scatter_(
                     1, idx, v) @ w
             if use_memory:
-                _store_memory_(memory, u.scatter_(1, idx, 0), plan.layout, plan.alpha, scale)
+                _store_memory_(memory, u.scatter_(1, idx, 0), plan.layout, plan.alpha, scale,
+                               active)
         else:  # idx: (k,) columns for the whole batch
             vals = u.index_select(1, idx)  # (B, k)
             dh = _as(vals, w.dtype) @ w.index_select(0, idx)
             if use_memory:
-                _store_memory_(memory, u.index_fill_(1, idx, 0), plan.layout, plan.alpha, scale)
+                _store_memory_(memory, u.index_fill_(1, idx, 0), plan.layout, plan.alpha, scale,
+                               active)
         grads.idx.append(idx)
         grads.vals.append(vals)
     grads.dh, grads.dc = dh, dc

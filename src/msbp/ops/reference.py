@@ -47,6 +47,11 @@ def memory_to_rows_ref(memory: Tensor, n: int, layout: str) -> Tensor:
     return (memory.sum(0) / n).unsqueeze(0).expand(n, -1)
 
 
+def active_rows_ref(g: Tensor) -> Tensor:
+    """(n,) bool: the rows of ``g`` (n, out) with an entry that is not zero (NaN, inf count)."""
+    return (g != 0).any(1)
+
+
 def sparse_linear_backward_ref(
     x: Tensor,
     weight: Tensor,
@@ -58,13 +63,45 @@ def sparse_linear_backward_ref(
     alpha: float = 0.0,
     layout: str = "unit",
     generator: torch.Generator | None = None,
+    rows: str = "active",
 ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
     """MSBP backward of ``y = x W^T + b``: returns ``(dx, dW, db, new_memory)``.
 
     x: (*, in); weight: (out, in); grad_out: (*, out); memory: (out,) for ``unit``, (r, out) for
     ``slot``, or None (no memory). dx: (*, in); dW: (out, in); db: (out,); new_memory like memory
     (slot: (n, out)).
+
+    ``rows="active"`` (``memory_rows``): the all-zero rows of the gradient are dropped, the
+    backward below runs on the others, and the zero rows get dx = 0 and keep their slot memory
+    (a slot memory of another batch shape is first spread evenly over all n rows); with no
+    active row the memory is returned unchanged. ``rows="all"``: every row takes part.
     """
+    out, d_in = weight.shape
+    g = grad_out.reshape(-1, out)  # (n, out)
+    n = g.shape[0]
+    use_memory = memory is not None and alpha > 0
+    if rows == "all":
+        return _backward_all_rows(x, weight, grad_out, memory, k, selection, alpha, layout,
+                                  generator)
+    active = active_rows_ref(g)
+    if use_memory and layout == "slot" and memory.shape[0] != n:
+        memory = memory_to_rows_ref(memory, n, layout).clone()  # the new batch shape
+    idx = active.nonzero().squeeze(1)  # (n_active,)
+    x2 = x.reshape(-1, d_in)
+    mem_a = memory
+    if use_memory and layout == "slot":
+        mem_a = memory[idx]
+    dx_a, dW, _, new_a = _backward_all_rows(x2[idx], weight, g[idx], mem_a, k, selection, alpha,
+                                           layout, generator)
+    dx = torch.zeros(n, d_in, dtype=dx_a.dtype, device=dx_a.device).index_copy_(0, idx, dx_a)
+    new_memory = memory
+    if use_memory and idx.numel() > 0:
+        new_memory = new_a if layout == "unit" else memory.clone().index_copy_(0, idx, new_a)
+    return dx.reshape(x.shape), dW, g.sum(0), new_memory
+
+
+def _backward_all_rows(x, weight, grad_out, memory, k, selection, alpha, layout, generator):
+    """``sparse_linear_backward_ref`` with every row taking part (``rows="all"``)."""
     out, d_in = weight.shape
     x2 = x.reshape(-1, d_in)  # (n, in)
     g = grad_out.reshape(-1, out)  # (n, out)
@@ -192,6 +229,7 @@ def sparse_conv2d_backward_ref(
     alpha: float = 0.0,
     layout: str = "unit",
     generator: torch.Generator | None = None,
+    rows: str = "active",
     stride: tuple[int, ...] = (1, 1),
     padding: tuple[int, ...] = (0, 0),
     dilation: tuple[int, ...] = (1, 1),
@@ -203,16 +241,30 @@ def sparse_conv2d_backward_ref(
     groups, *kernel); grad_out: (N, C_out, *spatial_out); memory: (C_out,) for ``unit`` (the
     residual summed over the N x spatial_out rows, spread back as M / rows), (r, C_out) for
     ``slot`` (rows in (N, *spatial_out) order), or None. The masked gradient goes through
-    ``torch.nn.grad``'s dense convolution gradients.
+    ``torch.nn.grad``'s dense convolution gradients. ``rows="active"`` as for
+    ``sparse_linear_backward_ref``: the rows whose C_out gradients are all zero take no memory
+    and keep their slot; M / n_active for ``unit``; no active row: the memory is unchanged.
     """
     c = weight.shape[0]
-    rows = grad_out.numel() // c
+    n_rows = grad_out.numel() // c
     acc = torch.promote_types(grad_out.dtype, torch.float32)
     u = grad_out.to(acc)  # (N, C_out, *sp)
-    to_rows = lambda t: t.movedim(1, -1).reshape(rows, c)  # noqa: E731  (rows, C_out)
-    if memory is not None and alpha > 0:
-        addend = memory_to_rows_ref(memory, rows, layout).to(acc)  # (rows, C_out)
-        u = u + addend.reshape(*u.movedim(1, -1).shape).movedim(-1, 1)
+    to_rows = lambda t: t.movedim(1, -1).reshape(n_rows, c)  # noqa: E731  (rows, C_out)
+    from_rows = lambda t: t.reshape(*u.movedim(1, -1).shape).movedim(-1, 1)  # noqa: E731
+    use_memory = memory is not None and alpha > 0
+    active = torch.ones(n_rows, dtype=torch.bool, device=u.device)
+    if rows == "active":
+        active = active_rows_ref(to_rows(grad_out))
+        if use_memory and layout == "slot" and memory.shape[0] != n_rows:
+            memory = memory_to_rows_ref(memory, n_rows, layout).clone()
+    n_active = int(active.sum())
+    if use_memory and n_active > 0:
+        if layout == "slot":
+            addend = memory_to_rows_ref(memory, n_rows, layout)
+        else:
+            addend = (memory / n_active).unsqueeze(0).expand(n_rows, -1)
+        addend = torch.where(active.unsqueeze(1), addend.to(acc), 0)  # (rows, C_out)
+        u = u + from_rows(addend)
     keep = select_channels_ref(u, k, selection, groups, generator)  # (C_out,)
     shape = (1, c) + (1,) * (u.dim() - 2)
     g_hat = torch.where(keep.view(shape), u, torch.zeros_like(u))
@@ -227,8 +279,10 @@ def sparse_conv2d_backward_ref(
     dW = conv_weight(x, weight.shape, g_hat_c, **geometry)
     db = to_rows(grad_out).sum(0)  # (C_out,) dense, from the raw gradient
     new_memory = memory
-    if memory is not None and alpha > 0:
+    if use_memory and n_active > 0:
         residual = alpha * to_rows(u - g_hat)  # (rows, C_out)
         new_memory = residual.sum(0) if layout == "unit" else residual
         new_memory = new_memory.to(memory.dtype)
+        if layout == "slot" and rows == "active":  # zero rows keep their slots
+            new_memory = torch.where(active.unsqueeze(1), new_memory, memory)
     return dx, dW, db, new_memory

@@ -5,6 +5,7 @@ output channels. Per backward call (``msbp.ops.reference.sparse_conv2d_backward_
 oracle):
 
     U  = G + M * s           # unit: M (C_out,) spread as M / rows; slot: M (rows, C_out)
+                             # (rows: the active ones, see msbp.ops.memory)
     S  = k channels of U     # unified: by the sum of |U| over N x spatial; random: at random
     dx, dW_S = conv backward of U_S with W_S    # a dense convolution of width k, not a mask
     M  = alpha * (U - U_S) / s
@@ -83,25 +84,55 @@ def _to_rows(t: Tensor) -> Tensor:
     return t.movedim(1, -1).reshape(-1, t.shape[1])
 
 
-def _add_memory_(u: Tensor, memory: Tensor, slot: bool, scale: Tensor | None) -> None:
-    """``u`` (N, C, *sp) += the memory: unit (C,) spread over the rows, slot (rows, C)."""
+def _active_rows(g: Tensor) -> Tensor | None:
+    """The rows (N x spatial positions) of ``g`` (N, C, *sp) with a non-zero (or non-finite)
+    channel: (N, 1, *sp) bool, or None when all are (see ``msbp.ops.memory``)."""
+    active = g.ne(0).any(1, keepdim=True)
+    return None if bool(active.all()) else active
+
+
+def _add_memory_(
+    u: Tensor, memory: Tensor, slot: bool, scale: Tensor | None, active: Tensor | None = None
+) -> None:
+    """``u`` (N, C, *sp) += the memory: unit (C,) spread over the (active) rows, slot (rows, C)
+    into the active rows' slots."""
     m = memory if scale is None else memory * scale
+    n_rows = u.numel() // u.shape[1]
+    if active is not None:
+        n_rows = int(active.sum())
+        if n_rows == 0:
+            return
     if slot:
-        u.add_(m.view(*u.movedim(1, -1).shape).movedim(-1, 1))
+        add = m.view(*u.movedim(1, -1).shape).movedim(-1, 1)
     else:
-        u.add_((m / (u.numel() // u.shape[1])).view(_channel_shape(u)))
+        add = (m / n_rows).view(_channel_shape(u))
+    u.add_(add if active is None else torch.where(active, add, 0))
 
 
 def _store_memory_(
-    memory: Tensor, residual: Tensor, slot: bool, alpha: float, scale: Tensor | None
+    memory: Tensor,
+    residual: Tensor,
+    slot: bool,
+    alpha: float,
+    scale: Tensor | None,
+    active: Tensor | None = None,
 ) -> None:
-    """memory <- alpha * residual (N, C, *sp) / scale: summed per channel, or row for row."""
+    """memory <- alpha * residual (N, C, *sp) / scale: summed per channel, or row for row; with
+    ``active`` (N, 1, *sp): unchanged when no row is active, zero rows keep their slots."""
+    factor = alpha if scale is None else alpha / scale.double()
+    if active is not None:
+        if not bool(active.any()):
+            return
+        if slot:
+            value = _to_rows(residual * factor).to(memory.dtype)
+            memory.copy_(torch.where(_to_rows(active), value, memory))
+            return
     if slot:
         value = _to_rows(residual)
         memory.resize_(value.shape)
     else:
         value = residual.sum([0, *range(2, residual.dim())])
-    torch.mul(value, alpha if scale is None else alpha / scale.double(), out=memory)
+    torch.mul(value, factor, out=memory)
 
 
 def _conv_backward(g: Tensor, x: Tensor, w: Tensor, geo: ConvGeometry, need_x: bool,
@@ -162,8 +193,10 @@ class SparseConvFunction(torch.autograd.Function):
         if not dense and plan.selection == "random":  # drawn whatever happens next, as linear
             random_idx = select_channels(grad_out, kg, "random", geo.groups, plan.generator)
         u = grad_out.to(acc, copy=True)  # (N, C_out, *sp)
+        # memory_rows="active": positions whose C_out gradients are all zero take no memory
+        active = _active_rows(grad_out) if use_memory and not plan.all_rows else None
         if use_memory:
-            _add_memory_(u, memory, slot, scale)
+            _add_memory_(u, memory, slot, scale, active)
         db = grad_out.sum(sum_dims, dtype=acc) if need_b else None
         if not bool(torch.isfinite(u).all()):  # no overflow, unlike a sum
             if not (plan.on_nonfinite == "skip" or scale is not None):
@@ -195,7 +228,7 @@ class SparseConvFunction(torch.autograd.Function):
             residual = u if idx is None else u.index_fill_(1, idx, 0)
             if idx is None:
                 residual.zero_()
-            _store_memory_(memory, residual, slot, plan.alpha, scale)
+            _store_memory_(memory, residual, slot, plan.alpha, scale, active)
         return (
             dx.to(ctx.x_dtype) if need_x else None,
             dW,

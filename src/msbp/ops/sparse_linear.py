@@ -29,7 +29,7 @@ from torch.autograd.function import once_differentiable
 
 from msbp import native
 from msbp.ops import consensus, scaling
-from msbp.ops.memory import add_memory_, store_memory_
+from msbp.ops.memory import active_rows, add_memory_, store_memory_
 from msbp.ops.selection import select
 from msbp.ops.touched_rows import log_touched_rows
 
@@ -60,6 +60,8 @@ class BackwardPlan:
     name: str = ""
     backend: str = "sparse"  # or "auto": sparse only where it measured faster than dense
     consensus: bool = False  # under torch.distributed: the same k units on every rank
+    # memory_rows="all": every row takes the memory, zero rows too (else only the active rows)
+    all_rows: bool = False
     # probe(g (n, out), x (n, in), propagated (n, out)): called once per backward when set, for
     # measuring information loss; never set in normal training.
     probe: Callable[[Tensor, Tensor, Tensor], None] | None = None
@@ -162,6 +164,7 @@ def sparse_linear_backward_torch(
     compact_dw: bool,
     skip_nonfinite: bool,
     csr_ratio: float = NATIVE_SPARSE_RATIO,
+    all_rows: bool = False,
     probe: Callable[[Tensor, Tensor, Tensor], None] | None = None,
 ) -> list[Tensor]:
     """The PyTorch twin of ``torch.ops.msbp.sparse_linear_backward``: same arguments, results.
@@ -171,10 +174,19 @@ def sparse_linear_backward_torch(
     (out, in), or only its rows ``rows`` (r, in) when ``compact_dw``; dx / dW / db are empty
     when not needed; rows: the rows of dW that may be non-zero, ascending; skipped: 1 when a
     non-finite gradient went through densely (dW then dense whatever ``compact_dw``). Raises
-    ``RuntimeError`` marked ``msbp-nonfinite`` (``skip_nonfinite`` off).
+    ``RuntimeError`` marked ``msbp-nonfinite`` (``skip_nonfinite`` off). Unless ``all_rows``,
+    the all-zero rows of ``grad_out`` take no part (see ``msbp.ops.memory``): the backward runs
+    on the other rows only, and the zero rows get dx = 0 and keep their slot memory.
     """
     n, out = grad_out.shape
     use_memory = memory is not None and alpha > 0
+    if not all_rows and (use_memory or (selection == SELECTION_CODES["per_example"] and k < out)):
+        active = active_rows(grad_out)
+        if active is not None:
+            return _backward_active_rows(
+                active, grad_out, x, weight, memory, random_cols, scale, k, selection, alpha,
+                slot, need_x, need_w, need_b, compact_dw, skip_nonfinite, csr_ratio, probe,
+            )
     acc = memory.dtype if use_memory else torch.promote_types(grad_out.dtype, torch.float32)
     layout = "slot" if slot else "unit"
     u = grad_out.to(acc, copy=True)  # (n, out)
@@ -241,6 +253,33 @@ def sparse_linear_backward_torch(
     return [dx, dW, db, rows, torch.zeros((), **long)]
 
 
+def _backward_active_rows(
+    active, grad_out, x, weight, memory, random_cols, scale, k, selection, alpha, slot, need_x,
+    need_w, need_b, compact_dw, skip_nonfinite, csr_ratio, probe,
+) -> list[Tensor]:
+    """``sparse_linear_backward_torch`` on the rows ``active`` (n,) bool of a batch with zero
+    rows: the others get dx = 0, keep their slot memory, add nothing to db; no active row leaves
+    the memory as it is (an empty step)."""
+    n, out = grad_out.shape
+    use_memory = memory is not None and alpha > 0
+    acc = memory.dtype if use_memory else torch.promote_types(grad_out.dtype, torch.float32)
+    idx = active.nonzero().squeeze(1)  # (n_active,)
+    mem = memory if use_memory and idx.numel() > 0 else None
+    if mem is not None and slot:
+        mem = memory.index_select(0, idx)
+    dx, dW, _, rows, skipped = sparse_linear_backward_torch(
+        grad_out.index_select(0, idx), x.index_select(0, idx), weight, mem, random_cols, scale,
+        k, selection, alpha, slot, need_x, need_w, False, compact_dw, skip_nonfinite, csr_ratio,
+        True, probe,
+    )
+    if mem is not None and slot:
+        memory.index_copy_(0, idx, mem)
+    if need_x:
+        dx = x.new_zeros(n, x.shape[1]).index_copy_(0, idx, dx)
+    db = grad_out.sum(0, dtype=acc) if need_b else grad_out.new_empty(0, dtype=acc)
+    return [dx, dW, db, rows, skipped]
+
+
 # --- the op's fake implementation (torch.compile traces through it) ----------------------------
 
 _fake_registered = False
@@ -253,7 +292,7 @@ def _register_fake() -> None:
 
     @torch.library.register_fake("msbp::sparse_linear_backward")
     def _fake(grad_out, x, weight, memory, random_cols, scale, k, selection, alpha, slot,
-              need_x, need_w, need_b, compact_dw, skip_nonfinite, csr_ratio):
+              need_x, need_w, need_b, compact_dw, skip_nonfinite, csr_ratio, all_rows=False):
         n, out = grad_out.shape
         use_memory = memory is not None and alpha > 0
         acc = memory.dtype if use_memory else torch.promote_types(grad_out.dtype, torch.float32)
@@ -511,7 +550,7 @@ class SparseLinearFunction(torch.autograd.Function):
         native_ok = native.use_native(g.device, "sparse_linear_backward")
         args = [g, x2, w, memory if use_memory else None, random_cols, scale, k,
                 SELECTION_CODES[plan.selection], plan.alpha, slot, need_x, need_w, need_b,
-                compact, skip, NATIVE_SPARSE_RATIO]
+                compact, skip, NATIVE_SPARSE_RATIO, plan.all_rows]
         try:
             dx, dW, db, rows, skipped = run_backward(native_ok, *args, probe=plan.probe)
         except RuntimeError as exc:
@@ -548,7 +587,7 @@ def _consensus_backward(ctx, g, x2, w, memory, random_cols, scale, k, slot, skip
     try:
         dx, dW, db, rows = consensus.backward(
             g, x2, w, memory, random_cols, scale, k, plan.alpha, slot, need_x, need_w, need_b,
-            skip, probe=plan.probe,
+            skip, probe=plan.probe, all_rows=plan.all_rows,
         )
     except RuntimeError as exc:
         if NONFINITE_MARK in str(exc):

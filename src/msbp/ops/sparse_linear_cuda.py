@@ -23,7 +23,7 @@ SCHEMA = (
     "sparse_linear_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor(a!)? memory, "
     "Tensor? random_cols, Tensor? scale, int k, int selection, float alpha, bool slot, "
     "bool need_x, bool need_w, bool need_b, bool compact_dw, bool skip_nonfinite, "
-    "float csr_ratio) -> (Tensor, Tensor, Tensor, Tensor, Tensor)"
+    "float csr_ratio, bool all_rows=False) -> (Tensor, Tensor, Tensor, Tensor, Tensor)"
 )
 
 _libraries: list[torch.library.Library] = []  # kept alive: a dropped Library unregisters
