@@ -3,6 +3,7 @@
 from msbp import amp, functional, native, ops, optim
 from msbp.config import SparseBackpropConfig
 from msbp.convert import LayerReport, SparsifyReport, dense_backward, densify, sparsify
+from msbp.hub import from_pretrained, save_pretrained
 from msbp.nn import (
     SparseConv1d,
     SparseConv2d,
@@ -34,6 +35,7 @@ __all__ = [
     "dense_backward",
     "dense_state_dict",
     "densify",
+    "from_pretrained",
     "functional",
     "gather_memory_state",
     "load_memory_state",
@@ -41,6 +43,7 @@ __all__ = [
     "native",
     "ops",
     "optim",
+    "save_pretrained",
     "sparsify",
     "__version__",
 ]
