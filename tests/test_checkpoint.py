@@ -161,3 +161,24 @@ def test_reconfigure_to_an_impossible_config_changes_nothing():
     with pytest.raises(ValueError, match="per_example"):
         sparsify(model, CFG.replace(selection="per_example"))
     assert model.conv.config is before and model.head.config is before
+
+
+def _readme_blocks() -> list[str]:
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = text.split("## Saving, loading and reconfiguring", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"```python\n(.*?)```", section, flags=re.S)
+
+
+def test_readme_saving_example_runs_and_prints_what_it_says(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    code = _readme_blocks()[0]
+    exec(compile(code, "README.md", "exec"), {"__name__": "readme"})
+    printed = capsys.readouterr().out.splitlines()
+    lines = code.splitlines()
+    at = lines.index("print(model.sparsify_report)")
+    said = [line.removeprefix("# ") for line in lines[at + 1:at + 4]]
+    said.append(next(line for line in lines if "reconfigured)" in line).split("# ")[1])
+    assert printed == said

@@ -125,3 +125,18 @@ def test_densify_removes_the_record():
     assert "msbp" in model.config.to_dict()
     msbp.densify(model)
     assert "msbp" not in model.config.to_dict()
+
+
+def test_readme_transformers_example_runs(tmp_path, monkeypatch):
+    from test_checkpoint import _readme_blocks
+
+    _quiet(_bert().save_pretrained, tmp_path / "base")
+    monkeypatch.chdir(tmp_path)
+    train = "model(input_ids=_batch(0)).last_hidden_state.sum().backward()"
+    code = _readme_blocks()[1].replace("...  # train", train)
+    scope = {"__name__": "readme", "path": str(tmp_path / "base"), "msbp": msbp,
+             "_batch": _batch}
+    _quiet(exec, compile(code, "README.md", "exec"), scope)
+    assert type(scope["model"].encoder.layer[0].intermediate.dense).__name__ == "SparseLinear"
+    assert type(scope["dense"].encoder.layer[0].intermediate.dense).__name__ == "Linear"
+    assert scope["model"].encoder.layer[0].intermediate.dense.memory.any()
