@@ -140,3 +140,18 @@ def test_readme_transformers_example_runs(tmp_path, monkeypatch):
     assert type(scope["model"].encoder.layer[0].intermediate.dense).__name__ == "SparseLinear"
     assert type(scope["dense"].encoder.layer[0].intermediate.dense).__name__ == "Linear"
     assert scope["model"].encoder.layer[0].intermediate.dense.memory.any()
+
+
+def test_head_model_saved_base_model_loaded(tmp_path):
+    from transformers import BertForSequenceClassification
+
+    torch.manual_seed(0)
+    model = msbp.sparsify(BertForSequenceClassification(_bert().config), CFG)
+    model(input_ids=_batch(1)).logits.sum().backward()
+    _quiet(msbp.save_pretrained, model, tmp_path)
+    base = _quiet(msbp.from_pretrained, BertModel, tmp_path)
+    assert "classifier" not in base.sparsify_report.converted
+    assert len(base.sparsify_report.converted) == 13
+    saved = msbp.memory_state_dict(model)
+    for key, memory in msbp.memory_state_dict(base).items():
+        assert torch.equal(memory, saved["bert." + key]), key

@@ -100,7 +100,10 @@ def from_pretrained(model_cls: Any, path: str | os.PathLike, *args: Any, **kwarg
             f"{type(model).__name__} does not have: {missing[:5]}"
             + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         )
-    layers = {rename(name): configs[i] for name, i in record["layers"].items()}
+    layers = {
+        new: configs[i] for name, i in record["layers"].items()
+        if (new := rename(name)) is not None
+    }
     model = _sparsify(
         model, None, lambda name, module: name in layers, None,
         lambda name, module: layers[name], False, restoring=True,
@@ -111,22 +114,27 @@ def from_pretrained(model_cls: Any, path: str | os.PathLike, *args: Any, **kwarg
 
 def _renamer(
     saved: list[str], names: dict[str, nn.Module], prefix: str
-) -> Callable[[str], str] | None:
+) -> Callable[[str], str | None] | None:
     """Map the record's layer names onto the model's: as they are, or with the base model
-    prefix removed or added (a head model saved, its base model loaded, or back)."""
-    candidates: list[Callable[[str], str]] = [lambda n: n]
+    prefix removed (a head model saved, its base model loaded: the head's layers are dropped,
+    None) or added (the base model saved, a head model loaded)."""
+    candidates: list[Callable[[str], str | None]] = [lambda n: n]
     if prefix:
         candidates += [
-            lambda n: n.removeprefix(prefix + "."),
+            lambda n: n.removeprefix(prefix + ".") if n.startswith(prefix + ".") else None,
             lambda n: f"{prefix}.{n}",
         ]
     for rename in candidates:
-        if all(rename(n) in names for n in saved):
+        mapped = [rename(n) for n in saved]
+        kept = [n for n in mapped if n is not None]
+        if kept and all(n in names for n in kept):
             return rename
     return None
 
 
-def _load_memories(model: nn.Module, path, rename: Callable[[str], str], kwargs) -> None:
+def _load_memories(
+    model: nn.Module, path, rename: Callable[[str], str | None], kwargs
+) -> None:
     owners = {
         f"{prefix}.{mem}" if prefix else mem: (module, mem)
         for prefix, module in model.named_modules()
@@ -134,9 +142,12 @@ def _load_memories(model: nn.Module, path, rename: Callable[[str], str], kwargs)
         for mem, _ in module._memory_names()
     }
 
-    def to_model(key: str) -> str:
+    def to_model(key: str) -> str | None:
         layer, _, mem = key.rpartition(".")
-        return f"{rename(layer)}.{mem}" if layer else mem
+        if not layer:
+            return mem
+        new = rename(layer)
+        return None if new is None else f"{new}.{mem}" if new else mem
 
     saved = _read_memories(path, kwargs)
     saved = {to_model(k): v for k, v in saved.items() if to_model(k) in owners}
