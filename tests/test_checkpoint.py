@@ -182,3 +182,22 @@ def test_readme_saving_example_runs_and_prints_what_it_says(tmp_path, monkeypatc
     said = [line.removeprefix("# ") for line in lines[at + 1:at + 4]]
     said.append(next(line for line in lines if "reconfigured)" in line).split("# ")[1])
     assert printed == said
+
+
+def test_msbp_works_without_transformers():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.modules['transformers'] = None; sys.modules['safetensors'] = None\n"
+        "import msbp, torch\n"
+        "m = msbp.sparsify(torch.nn.Sequential(torch.nn.Linear(3, 3)))\n"
+        "assert m.sparsify_report.converted == ['0']\n"
+        "try:\n"
+        "    msbp.save_pretrained(m, 'x')\n"
+        "except ValueError as e:\n"
+        "    assert 'needs a transformers PreTrainedModel' in str(e)\n"
+        "else:\n"
+        "    raise AssertionError('no error')\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

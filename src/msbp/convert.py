@@ -388,13 +388,11 @@ HF_RECORD = "msbp"
 
 
 def _hf_config(model: nn.Module):
-    """The transformers config of ``model`` if it is a ``PreTrainedModel``, else None (no import
-    of transformers: a model can only be one if transformers is imported already)."""
-    if "transformers" not in sys.modules:
-        return None
-    from transformers import PreTrainedModel
-
-    return model.config if isinstance(model, PreTrainedModel) else None
+    """The transformers config of ``model`` if it is a ``PreTrainedModel``, else None (imports
+    nothing: a model can only be one if transformers' modeling_utils is imported already)."""
+    modeling = sys.modules.get("transformers.modeling_utils")
+    base = getattr(modeling, "PreTrainedModel", None)
+    return model.config if base is not None and isinstance(model, base) else None
 
 
 def sparse_layer_record(model: nn.Module) -> dict | None:
