@@ -153,6 +153,12 @@ def test_reconfigure_converts_or_clears_the_memory():
     sparsify(model, CFG.replace(memory=0.0), include="head")
     assert not model.head.memory.any()
     assert "memory cleared" in model.sparsify_report.layers[-1].detail
+    # back to a unit memory: empty and of the unit shape, and it trains
+    sparsify(model, CFG, include="head")
+    assert model.head.memory.shape == (4,) and not model.head.memory.any()
+    assert "memory starts empty" in model.sparsify_report.layers[-1].detail
+    _step(model)
+    assert model.head.memory.any()
 
 
 def test_reconfigure_to_an_impossible_config_changes_nothing():

@@ -186,11 +186,11 @@ class MemoryMixin:
             check(config)
         old = self.config
         self.config = config
-        if config.memory == 0:
-            self.reset_memory()
-            return "memory cleared (memory=0)" if old.memory > 0 else "no memory (memory=0)"
-        if old.memory == 0:
-            self.reset_memory()
+        if config.memory == 0 or old.memory == 0:
+            for mem, weight in self._memory_names():  # new tensors: the layout may change
+                setattr(self, mem, self._empty_memory(getattr(self, weight)))
+            if config.memory == 0:
+                return "memory cleared (memory=0)" if old.memory > 0 else "no memory (memory=0)"
             return "memory starts empty (it was off)"
         if old.memory_layout != config.memory_layout:
             with torch.no_grad():
