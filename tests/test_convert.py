@@ -191,12 +191,19 @@ def test_sparsify_skips_linear_subclasses_and_sparse_layers():
 
     model = nn.Sequential(MyLinear(3, 3), SparseLinear(3, 3, config=CFG), nn.Linear(3, 3))
     already = model[1]
-    sparsify(model, CFG)
+    with pytest.warns(UserWarning, match=r"0 \(subclass .*MyLinear of nn.Linear"):
+        sparsify(model, CFG)
     assert type(model[0]) is MyLinear
     assert model[1] is already
     assert isinstance(model[2], SparseLinear)
-    with pytest.raises(ValueError):  # nothing left to convert
-        sparsify(model, CFG)
+    assert model.sparsify_report.converted == ["2"]
+    assert model.sparsify_report.reconfigured == ["1"]
+    # again: the sparse layers are reconfigured in place, not converted twice
+    converted = model[2]
+    with pytest.warns(UserWarning, match="MyLinear"):
+        sparsify(model, CFG.replace(k=1))
+    assert model[1] is already and model[2] is converted
+    assert model[1].config.k == model[2].config.k == 1
 
 
 def test_optimizer_built_before_sparsify_still_trains():

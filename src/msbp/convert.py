@@ -1,26 +1,32 @@
-"""Turn a model's ``nn.Linear`` / ``nn.LSTM`` / ``nn.Conv1d`` / ``nn.Conv2d`` layers into sparse
-ones in place, and back."""
+"""Turn a model's ``nn.Linear`` / ``nn.LSTM`` / ``nn.Conv1d`` / ``nn.Conv2d`` /
+``nn.MultiheadAttention`` layers (and transformers' ``Conv1D``) into sparse ones in place, and
+back; and report what was converted and what was left dense, and why."""
 
 from __future__ import annotations
 
 import contextlib
 import fnmatch
 import re
+import sys
+import warnings
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
 
 from torch import nn
+from torch.nn.modules.lazy import LazyModuleMixin
 
 from msbp.config import SparseBackpropConfig
 from msbp.nn.attention import SparseMultiheadAttention
 from msbp.nn.conv import SparseConv1d, SparseConv2d
+from msbp.nn.hf_conv1d import SparseHFConv1D, is_hf_conv1d
 from msbp.nn.linear import SparseLinear
 from msbp.nn.lstm import SparseLSTM
+from msbp.nn.memory import MemoryMixin
 from msbp.ops.sparse_conv import PER_EXAMPLE_ERROR
 
 Pattern = str | re.Pattern[str]
 Filter = Pattern | Iterable[Pattern] | Callable[[str, nn.Module], bool] | None
 ConfigFn = Callable[[str, nn.Module], SparseBackpropConfig | None]
-
 
 
 def _matcher(patterns: Filter, what: str) -> Callable[[str, nn.Module], bool] | None:
@@ -59,6 +65,134 @@ def _swap(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
+#: why ``sparsify`` left a layer dense (``SparsifyReport.dense``); the first three are the
+#: caller's choice, the rest are layers msbp cannot convert (these also raise a warning)
+EXCLUDED = "excluded"
+NOT_INCLUDED = "not included"
+CONFIG_FN_NONE = "config_fn returned None"
+PROJ_SIZE = "proj_size is not supported: SparseLSTM has no projection"
+NO_COUNTERPART = "no sparse counterpart in msbp"
+LAZY = "lazy module not initialised: run one forward before sparsify"
+_CHOSEN_DENSE = (EXCLUDED, NOT_INCLUDED, CONFIG_FN_NONE)
+
+#: layers with weights like a linear layer's for which msbp has no sparse module
+_NO_COUNTERPART_TYPES: tuple[type[nn.Module], ...] = (
+    nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.GRU, nn.RNN,
+    nn.LSTMCell, nn.GRUCell, nn.RNNCell, nn.Bilinear,
+)
+#: the dense types sparsify converts (exact types), for naming the base of a skipped subclass
+_FAMILIES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.LSTM, nn.MultiheadAttention)
+
+
+@dataclass(frozen=True)
+class LayerReport:
+    """What ``sparsify`` did with one layer.
+
+    ``status`` is ``"converted"`` (dense -> sparse), ``"reconfigured"`` (an already sparse layer
+    given the new config), ``"dense"`` (left dense; ``detail`` says why) or ``"unchanged"`` (an
+    already sparse layer that was not matched, or whose ``config_fn`` returned None).
+    ``name`` is the qualified name (``""`` is the root); ``kind`` the class found there.
+    """
+
+    name: str
+    kind: str
+    status: str
+    detail: str
+
+
+@dataclass
+class SparsifyReport:
+    """What ``sparsify`` converted, reconfigured and left dense, naming every layer of the
+    kinds it knows (``nn.Linear``, ``nn.Conv1d``/``Conv2d``, ``nn.LSTM``,
+    ``nn.MultiheadAttention``, transformers' ``Conv1D``, their subclasses, and linear-like
+    layers it has no sparse module for: ``nn.GRU``, ``nn.RNN``, ``nn.Conv3d``, transposed
+    convolutions, ``nn.Bilinear``, RNN cells). The projections inside an attention module are
+    reported with it. ``str(report)`` is a readable table; ``sparsify`` leaves the report of its
+    last call in ``model.sparsify_report``.
+    """
+
+    layers: list[LayerReport] = field(default_factory=list)
+
+    def _names(self, status: str) -> list[str]:
+        return [entry.name for entry in self.layers if entry.status == status]
+
+    @property
+    def converted(self) -> list[str]:
+        """Names of the layers converted to sparse ones, in module order."""
+        return self._names("converted")
+
+    @property
+    def reconfigured(self) -> list[str]:
+        """Names of the already sparse layers given the new config."""
+        return self._names("reconfigured")
+
+    @property
+    def dense(self) -> dict[str, str]:
+        """Name -> why, for every layer left dense."""
+        return {e.name: e.detail for e in self.layers if e.status == "dense"}
+
+    @property
+    def unchanged(self) -> dict[str, str]:
+        """Name -> why, for the sparse layers left as they were."""
+        return {e.name: e.detail for e in self.layers if e.status == "unchanged"}
+
+    @property
+    def unsupported(self) -> dict[str, str]:
+        """The part of ``dense`` that msbp cannot convert (not the caller's choice)."""
+        return {n: why for n, why in self.dense.items() if why not in _CHOSEN_DENSE}
+
+    def __str__(self) -> str:
+        counts = {s: len(self._names(s)) for s in ("converted", "reconfigured", "dense")}
+        lines = [
+            f"sparsify: {counts['converted']} converted, {counts['reconfigured']} reconfigured, "
+            f"{counts['dense']} left dense"
+            + (f", {len(self.unchanged)} sparse unchanged" if self.unchanged else "")
+        ]
+        label = {"converted": "converted", "reconfigured": "reconfigured",
+                 "dense": "left dense", "unchanged": "unchanged"}
+        width = max((len(e.name or "<root>") for e in self.layers), default=0)
+        for e in self.layers:
+            lines.append(
+                f"  {label[e.status]:<12} {e.name or '<root>':<{width}}  {e.kind}: {e.detail}"
+            )
+        return "\n".join(lines)
+
+
+def _describe(module: nn.Module) -> str:
+    units = module._memory_units()
+    return f"{type(module).__name__} (k={module.k} of {units})"
+
+
+def _unsupported(module: nn.Module) -> str | None:
+    """Why msbp cannot convert this linear-like layer, or None if it is not one."""
+    if isinstance(module, LazyModuleMixin):
+        return LAZY
+    if type(module) is nn.LSTM and module.proj_size:
+        return PROJ_SIZE
+    for base in _FAMILIES:
+        if isinstance(module, base) and type(module) is not base:
+            cls = type(module)
+            return (
+                f"subclass {cls.__module__}.{cls.__qualname__} of nn.{base.__name__}: not "
+                "converted, its forward or attributes may differ"
+            )
+    if isinstance(module, _NO_COUNTERPART_TYPES) or (
+        type(module).__name__ == "Conv1D" and not is_hf_conv1d(module)
+        and any(c.__name__ == "Conv1D" and c.__module__ == "transformers.pytorch_utils"
+                for c in type(module).__mro__)
+    ):
+        return NO_COUNTERPART
+    return None
+
+
+def _convertible(module: nn.Module) -> bool:
+    return type(module) in _SPARSE_OF or is_hf_conv1d(module)
+
+
+def _sparse_class(module: nn.Module) -> type[nn.Module]:
+    return SparseHFConv1D if is_hf_conv1d(module) else _SPARSE_OF[type(module)]
+
+
 def sparsify(
     model: nn.Module,
     config: SparseBackpropConfig | None = None,
@@ -66,6 +200,7 @@ def sparsify(
     include: Filter = None,
     exclude: Filter = None,
     config_fn: ConfigFn | None = None,
+    verbose: bool = False,
 ) -> nn.Module:
     """Replace every matching ``nn.Linear`` of ``model`` by a ``SparseLinear``, in place.
 
@@ -82,78 +217,231 @@ def sparsify(
     recurrent transforms), and ``nn.Conv1d`` / ``nn.Conv2d`` (to ``SparseConv1d`` /
     ``SparseConv2d``, k of the output channels), filtered by name in the same way.
     ``nn.MultiheadAttention`` becomes a ``SparseMultiheadAttention`` (its q, k, v and output
-    projections sparse; its ``out_proj`` is converted with it, never on its own).
+    projections sparse; its ``out_proj`` is converted with it, never on its own), and
+    transformers' ``Conv1D`` (GPT-2's linear layer, weight (in, out)) a ``SparseHFConv1D``.
 
     ``config_fn(name, module)``, instead of ``config``, gives each matching layer its own config,
     or ``None`` to leave it dense (e.g. another k for convolutions, no memory for attention
     projections); it is called once per module, with its first qualified name.
+
+    Already sparse layers that match are reconfigured in place with their new config (their
+    memory kept, converted or cleared as ``MemoryMixin.reconfigure`` says), so calling
+    ``sparsify`` again changes k or the memory of a sparsified model.
+
+    What was converted, reconfigured and left dense, and why, is in the ``SparsifyReport`` left
+    in ``model.sparsify_report`` (printed with ``verbose=True``); layers left dense that msbp
+    cannot convert (subclasses, ``proj_size`` LSTMs, GRUs, ...) raise a ``UserWarning`` naming
+    them. On a transformers model the per-layer configs are recorded in ``model.config.msbp``
+    (saved by ``save_pretrained``; see ``msbp.from_pretrained``).
 
     Example:
         >>> model = nn.Sequential(nn.Linear(784, 500), nn.ReLU(), nn.Linear(500, 10))
         >>> model = sparsify(model, SparseBackpropConfig(ratio=0.04), exclude="2")
         >>> type(model[0]).__name__, type(model[2]).__name__
         ('SparseLinear', 'Linear')
+        >>> model.sparsify_report.dense
+        {'2': 'excluded'}
     """
+    return _sparsify(model, config, include, exclude, config_fn, verbose, restoring=False)
+
+
+def _sparsify(
+    model: nn.Module,
+    config: SparseBackpropConfig | None,
+    include: Filter,
+    exclude: Filter,
+    config_fn: ConfigFn | None,
+    verbose: bool,
+    restoring: bool,
+) -> nn.Module:
     if config is not None and config_fn is not None:
         raise ValueError(
             "sparsify takes config or config_fn, not both: let config_fn return the default "
             f"config for the layers it does not single out (got config={config!r})"
         )
+    if config is not None and not isinstance(config, SparseBackpropConfig):
+        raise ValueError(f"config must be a SparseBackpropConfig, got {config!r}")
     if config_fn is None:
         default = config if config is not None else SparseBackpropConfig()
         config_fn = lambda name, module: default  # noqa: E731
     keep = _matcher(include, "include")
     drop = _matcher(exclude, "exclude")
 
-    def wanted(name: str, module: nn.Module) -> bool:
-        return (keep is None or keep(name, module)) and not (
-            drop is not None and drop(name, module)
-        )
+    def filtered(name: str, module: nn.Module) -> str | None:
+        if keep is not None and not keep(name, module):
+            return NOT_INCLUDED
+        if drop is not None and drop(name, module):
+            return EXCLUDED
+        return None
 
-    configs: dict[int, SparseBackpropConfig | None] = {}
-    chosen = []
+    entries: dict[int, LayerReport] = {}  # by id(module): a shared module is reported once
+    configs: dict[int, SparseBackpropConfig] = {}
+    chosen: list[tuple[str, nn.Module]] = []  # every name of a module to convert
+    sparse: dict[int, tuple[str, nn.Module]] = {}  # already sparse modules to reconfigure
+    attention: list[str] = []
     for name, module in model.named_modules(remove_duplicate=False):
-        # exact types: not subclasses with other semantics
-        if type(module) not in _SPARSE_OF or not wanted(name, module):
+        # the projections of an attention module are converted (or not) with it
+        if any(a == "" or name.startswith(a + ".") for a in attention):
             continue
-        if id(module) not in configs:
-            cfg = configs[id(module)] = config_fn(name, module)
-            if cfg is not None and not isinstance(cfg, SparseBackpropConfig):
-                raise ValueError(
-                    f"config_fn must return a SparseBackpropConfig or None, got {cfg!r} for "
-                    f"{name or '<root>'!r}"
-                )
-        if configs[id(module)] is not None:
-            chosen.append((name, module))
-    if not chosen:
-        def names(kind: type | tuple[type, ...]) -> list[str]:
-            return [n or "<root>" for n, m in model.named_modules() if isinstance(m, kind)]
-
-        convs = names((nn.Conv1d, nn.Conv2d))
-        rnns = names(nn.LSTM)
-        raise ValueError(
-            f"sparsify matched no nn.Linear (include={include!r}, exclude={exclude!r}"
-            + (", every match left dense by config_fn" if configs else "")
-            + f"); the model's linear layers are: {names(nn.Linear)}"
-            + (f"; its LSTM layers are: {rnns}" if rnns else "")
-            + (f"; its convolutions are: {convs}" if convs else "")
-        )
-    for name, module in chosen:
-        if isinstance(module, nn.LSTM) and module.proj_size:
+        if isinstance(module, nn.MultiheadAttention):
+            attention.append(name)
+        seen = id(module) in entries
+        if seen:
+            if id(module) in configs and not isinstance(module, MemoryMixin):
+                chosen.append((name, module))
+            continue
+        kind = type(module).__name__
+        is_sparse = isinstance(module, MemoryMixin)
+        why = None if is_sparse else _unsupported(module)
+        if not (is_sparse or _convertible(module) or why):
+            continue  # not a layer sparsify knows
+        filter_why = filtered(name, module)
+        if filter_why is not None:
+            status = "unchanged" if is_sparse else "dense"
+            entries[id(module)] = LayerReport(name, kind, status, filter_why)
+            continue
+        if why is not None:
+            entries[id(module)] = LayerReport(name, kind, "dense", why)
+            continue
+        cfg = config_fn(name, module)
+        if cfg is not None and not isinstance(cfg, SparseBackpropConfig):
             raise ValueError(
-                f"sparsify cannot convert LSTM {name or '<root>'!r} with proj_size="
-                f"{module.proj_size}; exclude it"
+                f"config_fn must return a SparseBackpropConfig or None, got {cfg!r} for "
+                f"{name or '<root>'!r}"
             )
-        cfg = configs[id(module)]
+        if cfg is None:
+            status = "unchanged" if is_sparse else "dense"
+            entries[id(module)] = LayerReport(name, kind, status, CONFIG_FN_NONE)
+            continue
         if isinstance(module, nn.Conv1d | nn.Conv2d) and cfg.selection == "per_example":
             raise ValueError(
-                f"sparsify cannot convert {type(module).__name__} {name or '<root>'!r} with "
+                f"sparsify cannot convert {kind} {name or '<root>'!r} with "
                 f"selection='per_example': {PER_EXAMPLE_ERROR}"
             )
-    return _replace(
+        configs[id(module)] = cfg
+        entries[id(module)] = LayerReport(name, kind, "pending", "")
+        if is_sparse:
+            sparse[id(module)] = (name, module)
+        else:
+            chosen.append((name, module))
+    report = SparsifyReport(list(entries.values()))
+    if not configs:
+        matched = [e for e in report.layers if e.detail not in (EXCLUDED, NOT_INCLUDED)]
+        raise ValueError(
+            f"sparsify matched no layer to convert (include={include!r}, exclude={exclude!r}"
+            + (", every match left dense by config_fn" if matched else "")
+            + f"); the model's linear layers are: {_names_of(model, nn.Linear)}"
+            + (f"; its LSTM layers are: {rnns}" if (rnns := _names_of(model, nn.LSTM)) else "")
+            + (f"; its convolutions are: {convs}"
+               if (convs := _names_of(model, (nn.Conv1d, nn.Conv2d))) else "")
+            + "\n" + str(report)
+        )
+    hf_config = _hf_config(model)
+    if hf_config is not None and not restoring:
+        _warn_if_saved_sparse(model, hf_config, [name for name, _ in chosen])
+    for key, (name, module) in sparse.items():
+        note = module.reconfigure(configs[key])
+        if isinstance(module, SparseMultiheadAttention) and isinstance(
+            module.out_proj, MemoryMixin
+        ):
+            module.out_proj.reconfigure(configs[key])
+        if not module.name:
+            module.name = name
+        entries[key] = LayerReport(name, entries[key].kind, "reconfigured",
+                                   f"{_describe(module)}, {note}")
+    root = _replace(
         model, chosen,
-        lambda module: _SPARSE_OF[type(module)].from_dense(module, configs[id(module)]),
+        lambda module: _sparse_class(module).from_dense(module, configs[id(module)]),
         name_them=True,
+    )
+    for name, module in chosen:
+        if entries[id(module)].status == "pending":
+            new = root.get_submodule(name) if name else root
+            entries[id(module)] = LayerReport(
+                name, entries[id(module)].kind, "converted", _describe(new)
+            )
+    report = SparsifyReport(list(entries.values()))
+    root.sparsify_report = report
+    if hf_config is not None:
+        _record(root, hf_config)
+    unsupported = report.unsupported
+    if unsupported:
+        warnings.warn(
+            f"sparsify left {len(unsupported)} layer(s) dense that msbp cannot convert: "
+            + "; ".join(f"{n or '<root>'} ({why})" for n, why in unsupported.items())
+            + " (model.sparsify_report lists every layer)",
+            stacklevel=3,
+        )
+    if verbose:
+        print(report)
+    return root
+
+
+def _names_of(model: nn.Module, kind: type | tuple[type, ...]) -> list[str]:
+    return [n or "<root>" for n, m in model.named_modules() if isinstance(m, kind)]
+
+
+# -- transformers models: the msbp config in model.config ---------------------------------------
+
+#: the attribute of a transformers config that records the sparse layers (saved in config.json)
+HF_RECORD = "msbp"
+
+
+def _hf_config(model: nn.Module):
+    """The transformers config of ``model`` if it is a ``PreTrainedModel``, else None (imports
+    nothing: a model can only be one if transformers' modeling_utils is imported already)."""
+    modeling = sys.modules.get("transformers.modeling_utils")
+    base = getattr(modeling, "PreTrainedModel", None)
+    return model.config if base is not None and isinstance(model, base) else None
+
+
+def sparse_layer_record(model: nn.Module) -> dict | None:
+    """The JSON record of ``model``'s sparse layers: ``{"version": 1, "configs": [config
+    dicts], "layers": {qualified name: index into configs}}``, or None without sparse layers."""
+    configs: list[dict] = []
+    layers: dict[str, int] = {}
+    attention: list[str] = []
+    for name, module in model.named_modules():
+        if any(a == "" or name.startswith(a + ".") for a in attention):
+            continue  # out_proj follows its attention module
+        if isinstance(module, nn.MultiheadAttention):
+            attention.append(name)
+        if isinstance(module, MemoryMixin):
+            cfg = module.config.to_dict()
+            if cfg not in configs:
+                configs.append(cfg)
+            layers[name] = configs.index(cfg)
+    return {"version": 1, "configs": configs, "layers": layers} if layers else None
+
+
+def _record(model: nn.Module, hf_config) -> None:
+    record = sparse_layer_record(model)
+    if record is None:
+        if hasattr(hf_config, HF_RECORD):
+            delattr(hf_config, HF_RECORD)
+    else:
+        setattr(hf_config, HF_RECORD, record)
+
+
+def _warn_if_saved_sparse(model: nn.Module, hf_config, converting: list[str]) -> None:
+    """Warn when the checkpoint ``model`` was loaded from had these layers sparse: plain
+    ``from_pretrained`` dropped their memory and ``sparsify`` starts it from zero."""
+    record = getattr(hf_config, HF_RECORD, None)
+    if not isinstance(record, dict):
+        return
+    saved = set(record.get("layers", {}))
+    again = [name for name in converting if name in saved]
+    if not again:
+        return
+    path = getattr(hf_config, "_name_or_path", "") or "<checkpoint dir>"
+    warnings.warn(
+        f"{type(model).__name__} was saved with {len(saved)} msbp-sparsified layers "
+        f"(config.{HF_RECORD}); from_pretrained dropped their memory and sparsify starts "
+        f"{len(again)} of them with an empty one and the config given here, so training does "
+        "not continue as it would have. To resume exactly, load with "
+        f"msbp.from_pretrained({type(model).__name__}, {path!r}) instead of from_pretrained + "
+        "sparsify; to start afresh on purpose, ignore this",
+        stacklevel=4,
     )
 
 
@@ -184,8 +472,9 @@ def _replace(
 
 def densify(model: nn.Module) -> nn.Module:
     """Replace every sparse layer (``SparseLinear``, ``SparseLSTM``, ``SparseConv1d``,
-    ``SparseConv2d``, ``SparseMultiheadAttention``) by its plain counterpart sharing its
-    parameters. The memory is dropped. Returns the model (a new module when the root itself was
+    ``SparseConv2d``, ``SparseMultiheadAttention``, ``SparseHFConv1D``) by its plain counterpart
+    sharing its parameters. The memory is dropped (``msbp.dense_state_dict(model)`` gives the
+    dense state dict without converting). Returns the model (a new module when the root itself was
     sparse).
     """
     chosen = [
@@ -200,7 +489,11 @@ def densify(model: nn.Module) -> nn.Module:
         return any(name != a and (a == "" or name.startswith(a + ".")) for a in owners)
 
     chosen = [(n, m) for n, m in chosen if not inside_attention(n)]
-    return _replace(model, chosen, lambda module: module.to_dense())
+    root = _replace(model, chosen, lambda module: module.to_dense())
+    hf_config = _hf_config(root)
+    if hf_config is not None:
+        _record(root, hf_config)
+    return root
 
 
 @contextlib.contextmanager
@@ -246,4 +539,6 @@ _SPARSE_OF: dict[type[nn.Module], type[nn.Module]] = {
     nn.Conv2d: SparseConv2d,
     nn.MultiheadAttention: SparseMultiheadAttention,
 }
-_SPARSE_TYPES = (SparseLinear, SparseLSTM, SparseConv1d, SparseConv2d, SparseMultiheadAttention)
+_SPARSE_TYPES = (
+    SparseLinear, SparseLSTM, SparseConv1d, SparseConv2d, SparseMultiheadAttention, SparseHFConv1D,
+)

@@ -11,7 +11,9 @@ memory use ``gather_memory_state`` / ``load_memory_state``.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import re
+from collections import OrderedDict
+from collections.abc import Iterator, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -107,6 +109,12 @@ class MemoryMixin:
         super()._save_to_state_dict(destination, prefix, keep_vars)
         for mem, memory in self.named_memories():
             destination[prefix + mem] = memory if keep_vars else memory.detach()
+        # mark which keys are memories, so that msbp.dense_state_dict can strip exactly those
+        # from a saved state dict (the metadata survives torch.save / torch.load)
+        metadata = getattr(destination, "_metadata", None)
+        if metadata is not None:
+            local = metadata.setdefault(prefix[:-1], {})
+            local[MEMORY_METADATA_KEY] = [mem for mem, _ in self._memory_names()]
 
     def _load_from_state_dict(
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
@@ -161,6 +169,40 @@ class MemoryMixin:
             return saved.unsqueeze(0)
         return saved
 
+    def reconfigure(self, config: SparseBackpropConfig) -> str:
+        """Give this layer ``config`` in place (``sparsify`` on a sparse layer calls it).
+
+        The memory is kept when it still means the same: another k, selection or alpha keeps
+        it; ``memory=0`` clears it (it would never be used, and would come back stale if the
+        memory were turned on again); another ``memory_layout`` converts it as loading does
+        (``slot`` -> ``unit``: its column sums; ``unit`` -> ``slot``: one row). Raises
+        ``ValueError`` if the layer cannot run ``config`` (per-example convolutions). Returns
+        what happened to the memory, for ``sparsify``'s report.
+        """
+        if not isinstance(config, SparseBackpropConfig):
+            raise ValueError(f"reconfigure needs a SparseBackpropConfig, got {config!r}")
+        check = getattr(self, "_check_config", None)
+        if check is not None:
+            check(config)
+        old = self.config
+        self.config = config
+        if config.memory == 0 or old.memory == 0:
+            for mem, weight in self._memory_names():  # new tensors: the layout may change
+                setattr(self, mem, self._empty_memory(getattr(self, weight)))
+            if config.memory == 0:
+                return "memory cleared (memory=0)" if old.memory > 0 else "no memory (memory=0)"
+            return "memory starts empty (it was off)"
+        if old.memory_layout != config.memory_layout:
+            with torch.no_grad():
+                for mem, _ in self._memory_names():
+                    buf = getattr(self, mem)
+                    setattr(self, mem, self._memory_for_layout(buf).clone())
+            return (
+                f"memory converted from {old.memory_layout!r} to {config.memory_layout!r} "
+                "(column sums kept)"
+            )
+        return "memory kept"
+
     def __setstate__(self, state):
         super().__setstate__(state)
         # modules pickled whole by msbp <= 0.1 kept the memory as a buffer
@@ -187,6 +229,65 @@ def memory_state_dict(model: nn.Module) -> dict[str, Tensor]:
         if isinstance(module, MemoryMixin)
         for mem, memory in module.named_memories()
     }
+
+
+def _memory_keys(model: nn.Module) -> set[str]:
+    """The ``state_dict()`` keys of ``model``'s memories, a shared layer's under every name."""
+    return {
+        f"{prefix}.{mem}" if prefix else mem
+        for prefix, module in model.named_modules(remove_duplicate=False)
+        if isinstance(module, MemoryMixin)
+        for mem, _ in module._memory_names()
+    }
+
+
+#: the name under which a sparse layer's state-dict metadata lists its memory keys
+MEMORY_METADATA_KEY = "msbp_memories"
+_MEMORY_KEY = re.compile(r"(.*\.)?memory(_[qkv]|_(ih|hh)_l\d+(_reverse)?)?")
+
+
+def dense_state_dict(source: nn.Module | Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """The state dict of the dense model: ``source``'s without the sparse layers' memories.
+
+    ``source`` is a sparsified model, or a state dict saved from one. It then loads with
+    ``load_state_dict(..., strict=True)`` into the model as it was before ``sparsify`` (or
+    after ``msbp.densify``), which a sparse model's own ``state_dict()`` does not: its memory
+    keys (``"0.memory"``, ``"lstm.memory_hh_l0"``) are unexpected there. A state dict from
+    ``state_dict()`` lists its memory keys in its metadata (kept by ``torch.save``); one without
+    that metadata (from safetensors, or rebuilt as a plain dict) loses every key named like a
+    memory (``memory``, ``memory_q``, ``memory_ih_l0``...): should the dense model own such a
+    key itself, its strict load reports it missing. Returns a new dict (same tensors).
+
+    Example:
+        >>> model = msbp.sparsify(nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 2)))
+        >>> dense = nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 2))
+        >>> dense.load_state_dict(msbp.dense_state_dict(model))
+        <All keys matched successfully>
+    """
+    if isinstance(source, nn.Module):
+        state = source.state_dict()
+        drop = _memory_keys(source)
+    elif isinstance(source, Mapping):
+        state = source
+        metadata = getattr(source, "_metadata", None) or {}
+        listed = {
+            f"{prefix}.{mem}" if prefix else mem
+            for prefix, local in metadata.items()
+            for mem in local.get(MEMORY_METADATA_KEY, ())
+        }
+        drop = listed if listed else {key for key in state if _MEMORY_KEY.fullmatch(key)}
+    else:
+        raise ValueError(
+            f"dense_state_dict takes a model or a state dict, got {type(source).__name__}"
+        )
+    out = OrderedDict((key, value) for key, value in state.items() if key not in drop)
+    metadata = getattr(state, "_metadata", None)
+    if metadata is not None:
+        out._metadata = {  # type: ignore[attr-defined]
+            prefix: {k: v for k, v in local.items() if k != MEMORY_METADATA_KEY}
+            for prefix, local in metadata.items()
+        }
+    return out
 
 
 def gather_memory_state(model: nn.Module, group=None) -> list[dict[str, Tensor]]:

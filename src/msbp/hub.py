@@ -1,0 +1,222 @@
+"""Saving and loading sparsified transformers models with their memory and per-layer configs.
+
+transformers stays optional: it is imported only by the models these functions are given.
+
+``msbp.save_pretrained(model, dir)`` writes what ``model.save_pretrained(dir)`` writes, but with
+the dense model's weights (no memory keys: ``AutoModel.from_pretrained(dir)`` loads it cleanly
+for inference), the memories in ``msbp_memory.safetensors`` and the sparse layers' configs in
+``config.json`` (``"msbp"``). ``msbp.from_pretrained(model_cls, dir)`` loads it back sparsified
+as it was saved, memory included, so that training continues exactly. It also reads a directory
+written by plain ``model.save_pretrained`` from a sparsified model (memories among the weights,
+configs in ``config.json`` since ``sparsify`` records them in ``model.config``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from typing import Any
+
+from torch import Tensor, nn
+
+from msbp.config import SparseBackpropConfig
+from msbp.convert import HF_RECORD, _record, _sparsify, sparse_layer_record
+from msbp.nn.memory import MemoryMixin, dense_state_dict, memory_state_dict
+
+#: the file ``save_pretrained`` writes the memories to, next to the weights
+MEMORY_FILE = "msbp_memory.safetensors"
+_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                 "pytorch_model.bin.index.json")
+
+
+def save_pretrained(model: nn.Module, save_directory: str | os.PathLike, **kwargs: Any) -> None:
+    """``model.save_pretrained(save_directory, **kwargs)`` for a sparsified transformers model:
+    the weights without the memory keys, the memories (this process's, CPU float32) in
+    ``msbp_memory.safetensors``, and the per-layer configs in ``config.json`` under ``"msbp"``.
+    Load it with ``msbp.from_pretrained(model_cls, save_directory)`` to resume training, or
+    with ``model_cls.from_pretrained`` as the dense model. ``state_dict=`` is taken without its
+    memory keys too.
+
+    Example::
+
+        msbp.save_pretrained(model, "ft")            # model: sparsified BertModel, trained
+        model = msbp.from_pretrained(BertModel, "ft")  # sparse again, memory restored
+    """
+    save_pretrained_fn = getattr(model, "save_pretrained", None)
+    if save_pretrained_fn is None or not hasattr(model, "config"):
+        raise ValueError(
+            f"msbp.save_pretrained needs a transformers PreTrainedModel, got "
+            f"{type(model).__name__}; for other models save model.state_dict() (memory "
+            "included) or msbp.dense_state_dict(model)"
+        )
+    _record(model, model.config)
+    state = kwargs.pop("state_dict", None)
+    save_pretrained_fn(save_directory, state_dict=dense_state_dict(
+        state if state is not None else model
+    ), **kwargs)
+    if kwargs.get("is_main_process", True):
+        memories = memory_state_dict(model)
+        path = os.path.join(save_directory, MEMORY_FILE)
+        if memories:
+            from safetensors.torch import save_file
+
+            save_file({k: v.contiguous() for k, v in memories.items()}, path)
+        elif os.path.exists(path):
+            os.remove(path)  # a stale one from an earlier save of a sparse model
+
+
+def from_pretrained(model_cls: Any, path: str | os.PathLike, *args: Any, **kwargs: Any):
+    """``model_cls.from_pretrained(path, *args, **kwargs)``, then sparsified as it was saved:
+    the layers and per-layer configs recorded in ``config.json`` (``"msbp"``) and the memories
+    from ``msbp_memory.safetensors`` (``msbp.save_pretrained``) or from the weights (plain
+    ``save_pretrained`` of a sparsified model). The next training step then computes what it
+    would have computed had the model never been saved. Raises ``ValueError`` if ``path`` holds
+    no msbp record, or the record's layers or memories do not fit the model (for another head
+    on the same base model the base model prefix is added or removed, as transformers does).
+
+    Example::
+
+        model = msbp.from_pretrained(AutoModel, "ft")
+        print(model.sparsify_report)
+    """
+    if kwargs.get("output_loading_info"):
+        raise ValueError("msbp.from_pretrained does not take output_loading_info")
+    model = model_cls.from_pretrained(path, *args, **kwargs)
+    record = getattr(model.config, HF_RECORD, None)
+    if not isinstance(record, dict) or not record.get("layers"):
+        raise ValueError(
+            f"{os.fspath(path)!r} has no msbp record (\"{HF_RECORD}\" in config.json): it was "
+            "not saved from a sparsified model; load it with from_pretrained and call "
+            "msbp.sparsify"
+        )
+    configs = [SparseBackpropConfig.from_dict(c) for c in record["configs"]]
+    names = dict(model.named_modules())
+    rename = _renamer(list(record["layers"]), names, getattr(model, "base_model_prefix", ""))
+    if rename is None:
+        missing = sorted(set(record["layers"]) - set(names))
+        raise ValueError(
+            f"the msbp record of {os.fspath(path)!r} names layers that "
+            f"{type(model).__name__} does not have: {missing[:5]}"
+            + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        )
+    layers = {
+        new: configs[i] for name, i in record["layers"].items()
+        if (new := rename(name)) is not None
+    }
+    model = _sparsify(
+        model, None, lambda name, module: name in layers, None,
+        lambda name, module: layers[name], False, restoring=True,
+    )
+    _load_memories(model, path, rename, kwargs)
+    return model
+
+
+def _renamer(
+    saved: list[str], names: dict[str, nn.Module], prefix: str
+) -> Callable[[str], str | None] | None:
+    """Map the record's layer names onto the model's: as they are, or with the base model
+    prefix removed (a head model saved, its base model loaded: the head's layers are dropped,
+    None) or added (the base model saved, a head model loaded)."""
+    candidates: list[Callable[[str], str | None]] = [lambda n: n]
+    if prefix:
+        candidates += [
+            lambda n: n.removeprefix(prefix + ".") if n.startswith(prefix + ".") else None,
+            lambda n: f"{prefix}.{n}",
+        ]
+    for rename in candidates:
+        mapped = [rename(n) for n in saved]
+        kept = [n for n in mapped if n is not None]
+        if kept and all(n in names for n in kept):
+            return rename
+    return None
+
+
+def _load_memories(
+    model: nn.Module, path, rename: Callable[[str], str | None], kwargs
+) -> None:
+    owners = {
+        f"{prefix}.{mem}" if prefix else mem: (module, mem)
+        for prefix, module in model.named_modules()
+        if isinstance(module, MemoryMixin)
+        for mem, _ in module._memory_names()
+    }
+
+    def to_model(key: str) -> str | None:
+        layer, _, mem = key.rpartition(".")
+        if not layer:
+            return mem
+        new = rename(layer)
+        return None if new is None else f"{new}.{mem}" if new else mem
+
+    saved = _read_memories(path, kwargs)
+    saved = {to_model(k): v for k, v in saved.items() if to_model(k) in owners}
+    missing = sorted(set(owners) - set(saved))
+    if missing:
+        raise ValueError(
+            f"{os.fspath(path)!r} holds no memory for {missing[:5]}"
+            + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+            + f": neither {MEMORY_FILE} nor the weights have it"
+        )
+    for key, (module, mem) in owners.items():
+        error = module._load_memory(mem, saved[key])
+        if error:
+            raise ValueError(f"{key}: {error}")
+
+
+def _read_memories(path, kwargs) -> dict[str, Tensor]:
+    """Every memory-like tensor saved under ``path``: ``msbp_memory.safetensors`` if there,
+    else the memory keys of the weight files."""
+    from safetensors import safe_open
+
+    from msbp.nn.memory import _MEMORY_KEY
+
+    def read_safetensors(file: str, only_memory: bool) -> dict[str, Tensor]:
+        with safe_open(file, framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()
+                    if not only_memory or _MEMORY_KEY.fullmatch(k)}
+
+    file = _resolve(path, MEMORY_FILE, kwargs)
+    if file is not None:
+        return read_safetensors(file, only_memory=False)
+    out: dict[str, Tensor] = {}
+    for name in _WEIGHT_FILES:
+        file = _resolve(path, name, kwargs)
+        if file is None:
+            continue
+        if name.endswith(".index.json"):
+            with open(file) as f:
+                shards = sorted(set(json.load(f)["weight_map"].values()))
+            files = [_resolve(path, shard, kwargs) for shard in shards]
+        else:
+            files = [file]
+        for shard in files:
+            if shard is None:
+                continue
+            if shard.endswith(".safetensors"):
+                out.update(read_safetensors(shard, only_memory=True))
+            else:
+                import torch
+
+                state = torch.load(shard, map_location="cpu", weights_only=True)
+                out.update({k: v for k, v in state.items() if _MEMORY_KEY.fullmatch(k)})
+        break
+    return out
+
+
+def _resolve(path, filename: str, kwargs) -> str | None:
+    """The local file ``filename`` of a checkpoint directory or of a cached hub model."""
+    if os.path.isdir(path):
+        file = os.path.join(path, filename)
+        return file if os.path.isfile(file) else None
+    try:
+        from transformers.utils import cached_file
+
+        hub = {k: kwargs[k] for k in ("cache_dir", "revision", "token", "local_files_only",
+                                      "subfolder") if k in kwargs}
+        return cached_file(path, filename, _raise_exceptions_for_missing_entries=False, **hub)
+    except (OSError, ValueError):
+        return None
+
+
+__all__ = ["MEMORY_FILE", "from_pretrained", "save_pretrained", "sparse_layer_record"]

@@ -1,0 +1,157 @@
+"""transformers checkpoints of sparsified models: save_pretrained / from_pretrained keep the
+memory and the per-layer configs, so training continues as if the model had never been saved."""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+
+import pytest
+import torch
+
+import msbp
+from msbp import SparseBackpropConfig
+
+transformers = pytest.importorskip("transformers")
+from transformers import BertConfig, BertModel  # noqa: E402
+
+CFG = SparseBackpropConfig(ratio=None, k=4, memory=0.8)
+
+
+def _bert() -> BertModel:
+    torch.manual_seed(0)
+    config = BertConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+        vocab_size=50, max_position_embeddings=16, hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
+    return BertModel(config)
+
+
+def _batch(seed: int) -> torch.Tensor:
+    return torch.randint(0, 50, (2, 6), generator=torch.Generator().manual_seed(seed))
+
+
+def _loss(model, seed: int) -> torch.Tensor:
+    return model(input_ids=_batch(seed)).last_hidden_state.square().mean()
+
+
+def _sparse_trained() -> BertModel:
+    """A sparsified BERT after one Adam step: its memory is not empty."""
+    model = msbp.sparsify(_bert(), config_fn=lambda name, m: (
+        CFG.replace(k=8) if name.endswith("intermediate.dense") else CFG
+    ))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    _loss(model, 1).backward()
+    opt.step()
+    opt.zero_grad()
+    assert model.encoder.layer[0].attention.self.query.memory.any()
+    return model
+
+
+def _grads(model, seed: int) -> dict[str, torch.Tensor]:
+    model.zero_grad(set_to_none=True)
+    _loss(model, seed).backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _assert_same_grads(a, b) -> None:
+    assert set(a) == set(b)
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=0, msg=name)
+
+
+def _quiet(fn, *args, **kwargs):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        transformers.logging.set_verbosity_error()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            transformers.logging.set_verbosity_warning()
+
+
+@pytest.mark.parametrize("writer", ["msbp", "plain"])
+def test_round_trip_continues_exactly(tmp_path, writer):
+    model = _sparse_trained()
+    if writer == "msbp":
+        _quiet(msbp.save_pretrained, model, tmp_path)
+        assert os.path.isfile(tmp_path / msbp.hub.MEMORY_FILE)
+    else:
+        _quiet(model.save_pretrained, tmp_path)  # sparsify recorded the configs in model.config
+    record = json.loads((tmp_path / "config.json").read_text())["msbp"]
+    assert len(record["layers"]) == 13 and len(record["configs"]) == 2
+
+    loaded = _quiet(msbp.from_pretrained, BertModel, tmp_path)
+    assert loaded.sparsify_report.converted == model.sparsify_report.converted
+    assert loaded.encoder.layer[1].intermediate.dense.config.k == 8
+    for (name, a), (_, b) in zip(msbp.memory_state_dict(model).items(),
+                                 msbp.memory_state_dict(loaded).items(), strict=True):
+        assert torch.equal(a, b), name
+    _assert_same_grads(_grads(model, 2), _grads(loaded, 2))
+
+
+def test_msbp_save_loads_cleanly_as_the_dense_model(tmp_path):
+    model = _sparse_trained()
+    _quiet(msbp.save_pretrained, model, tmp_path)
+    dense, info = _quiet(BertModel.from_pretrained, tmp_path, output_loading_info=True)
+    assert not info["unexpected_keys"] and not info["missing_keys"]
+    for (name, p), (_, q) in zip(model.named_parameters(), dense.named_parameters(), strict=True):
+        assert torch.equal(p, q), name
+
+
+def test_from_pretrained_then_sparsify_warns_what_to_call(tmp_path):
+    model = _sparse_trained()
+    _quiet(model.save_pretrained, tmp_path)
+    dense = _quiet(BertModel.from_pretrained, tmp_path)
+    with pytest.warns(UserWarning, match=r"msbp.from_pretrained\(BertModel, .*\) instead"):
+        msbp.sparsify(dense, CFG)
+    # the warning is right: its memory is empty, so step 2 differs from the unsaved model's
+    assert not dense.encoder.layer[0].attention.self.query.memory.any()
+    a, b = _grads(model, 2), _grads(dense, 2)
+    assert not torch.equal(a["encoder.layer.0.attention.self.query.weight"],
+                           b["encoder.layer.0.attention.self.query.weight"])
+
+
+def test_from_pretrained_of_a_dense_checkpoint_says_so(tmp_path):
+    _quiet(_bert().save_pretrained, tmp_path)
+    with pytest.raises(ValueError, match="no msbp record.*msbp.sparsify"):
+        _quiet(msbp.from_pretrained, BertModel, tmp_path)
+
+
+def test_densify_removes_the_record():
+    model = msbp.sparsify(_bert(), CFG)
+    assert "msbp" in model.config.to_dict()
+    msbp.densify(model)
+    assert "msbp" not in model.config.to_dict()
+
+
+def test_readme_transformers_example_runs(tmp_path, monkeypatch):
+    from test_checkpoint import _readme_blocks
+
+    _quiet(_bert().save_pretrained, tmp_path / "base")
+    monkeypatch.chdir(tmp_path)
+    train = "model(input_ids=_batch(0)).last_hidden_state.sum().backward()"
+    code = _readme_blocks()[1].replace("...  # train", train)
+    scope = {"__name__": "readme", "path": str(tmp_path / "base"), "msbp": msbp,
+             "_batch": _batch}
+    _quiet(exec, compile(code, "README.md", "exec"), scope)
+    assert type(scope["model"].encoder.layer[0].intermediate.dense).__name__ == "SparseLinear"
+    assert type(scope["dense"].encoder.layer[0].intermediate.dense).__name__ == "Linear"
+    assert scope["model"].encoder.layer[0].intermediate.dense.memory.any()
+
+
+def test_head_model_saved_base_model_loaded(tmp_path):
+    from transformers import BertForSequenceClassification
+
+    torch.manual_seed(0)
+    model = msbp.sparsify(BertForSequenceClassification(_bert().config), CFG)
+    model(input_ids=_batch(1)).logits.sum().backward()
+    _quiet(msbp.save_pretrained, model, tmp_path)
+    base = _quiet(msbp.from_pretrained, BertModel, tmp_path)
+    assert "classifier" not in base.sparsify_report.converted
+    assert len(base.sparsify_report.converted) == 13
+    saved = msbp.memory_state_dict(model)
+    for key, memory in msbp.memory_state_dict(base).items():
+        assert torch.equal(memory, saved["bert." + key]), key
