@@ -264,3 +264,38 @@ def test_autocast_bf16_and_lazy_row_adam():
     opt.step()
     moved = (model[0].weight - before).flatten(1).abs().sum(1) > 0
     assert int(moved.sum()) == 2  # only the k propagated output channels are updated
+
+
+def test_huge_finite_gradient_is_not_nonfinite():
+    """The backward checks the per-channel sums of |u| first; their overflow (finite entries
+    near float32's max) must fall back to the entry-wise check, not raise."""
+    layer = make_conv(SparseConv2d, 3, 6, SparseBackpropConfig(k=2), kernel_size=3,
+                      dtype=torch.float32)
+    x, g = spatial(layer, 2, 6, seed=4)
+    huge = torch.full_like(g, 3e38)
+    huge[:, 1] = -3e38
+    step(layer, x, huge)  # would raise FloatingPointError on a wrong "non-finite"
+
+
+@pytest.mark.parametrize("layout", ["unit", "slot"])
+def test_channels_last_matches_reference(layout):
+    """Channels-last inputs and gradients (the layout oneDNN is fastest on) give the same
+    gradients and memory as the reference."""
+    config = SparseBackpropConfig(k=3, memory=0.8, memory_layout=layout, selection="unified")
+    layer = make_conv(SparseConv2d, 4, 8, config, kernel_size=3, padding=1)
+    layer = layer.to(memory_format=torch.channels_last)
+    memory = torch.zeros(8, dtype=torch.float64) if layout == "unit" else torch.zeros(
+        0, 8, dtype=torch.float64
+    )
+    for t in range(2):
+        x, g = spatial(layer, 3, 6, seed=t)
+        x = x.contiguous(memory_format=torch.channels_last)
+        g = g.contiguous(memory_format=torch.channels_last)
+        dx, dW, _ = step(layer, x, g)
+        rdx, rdW, _, memory = sparse_conv2d_backward_ref(
+            x, layer.weight.detach(), g, memory, k=3, alpha=0.8, layout=layout,
+            padding=(1, 1),
+        )
+        torch.testing.assert_close(dx, rdx, **F64)
+        torch.testing.assert_close(dW, rdW, **F64)
+        torch.testing.assert_close(layer.memory, memory, **F64)

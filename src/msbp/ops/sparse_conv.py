@@ -52,10 +52,17 @@ def group_k(k: int, out_channels: int, groups: int) -> int:
     return min(out_channels // groups, -(-k // groups))
 
 
+def channel_scores(u: Tensor) -> Tensor:
+    """The sum of |u| per channel over N x spatial: (N, C_out, *sp) -> (C_out,), u's dtype."""
+    return u.abs().sum([0, *range(2, u.dim())])
+
+
 def select_channels(
-    u: Tensor, kg: int, selection: str, groups: int, generator: torch.Generator | None
+    u: Tensor, kg: int, selection: str, groups: int, generator: torch.Generator | None,
+    scores: Tensor | None = None,
 ) -> Tensor:
-    """The kept channels (groups * kg,), ascending: kg per group of ``u`` (N, C_out, *sp)."""
+    """The kept channels (groups * kg,), ascending: kg per group of ``u`` (N, C_out, *sp);
+    ``scores`` (C_out,), if given, are ``channel_scores(u)`` computed already."""
     c = u.shape[1]
     per = c // groups
     if selection == "random":
@@ -65,8 +72,8 @@ def select_channels(
         ]
         idx = parts[0] if groups == 1 else torch.cat(parts)
     else:
-        dims = [0, *range(2, u.dim())]
-        scores = u.abs().sum(dims)  # (C_out,) in u's dtype (float32 or wider)
+        if scores is None:
+            scores = channel_scores(u)  # (C_out,) in u's dtype (float32 or wider)
         top = scores.view(groups, per).topk(kg, dim=1, sorted=False).indices  # (groups, kg)
         if groups > 1:
             top = top + torch.arange(groups, device=u.device).unsqueeze(1) * per
@@ -83,25 +90,43 @@ def _to_rows(t: Tensor) -> Tensor:
     return t.movedim(1, -1).reshape(-1, t.shape[1])
 
 
-def _add_memory_(u: Tensor, memory: Tensor, slot: bool, scale: Tensor | None) -> None:
-    """``u`` (N, C, *sp) += the memory: unit (C,) spread over the rows, slot (rows, C)."""
+def _with_memory(
+    grad_out: Tensor, memory: Tensor, slot: bool, scale: Tensor | None
+) -> Tensor:
+    """A new tensor ``grad_out`` + the memory (unit (C,) spread over the rows, slot (rows, C)),
+    in the memory's dtype: one pass, no copy followed by an in-place add."""
     m = memory if scale is None else memory * scale
+    g = grad_out.to(memory.dtype)
     if slot:
-        u.add_(m.view(*u.movedim(1, -1).shape).movedim(-1, 1))
-    else:
-        u.add_((m / (u.numel() // u.shape[1])).view(_channel_shape(u)))
+        return g + m.view(*g.movedim(1, -1).shape).movedim(-1, 1)
+    return g + (m / (g.numel() // g.shape[1])).view(_channel_shape(g))
 
 
 def _store_memory_(
-    memory: Tensor, residual: Tensor, slot: bool, alpha: float, scale: Tensor | None
+    memory: Tensor, u: Tensor, idx: Tensor | None, slot: bool, alpha: float,
+    scale: Tensor | None,
 ) -> None:
-    """memory <- alpha * residual (N, C, *sp) / scale: summed per channel, or row for row."""
+    """memory <- alpha * (u with the kept channels ``idx`` zeroed) / scale, summed per channel
+    (unit) or row for row (slot). ``u`` (N, C, *sp) is scratch: slot zeroes it in place."""
+    factor = alpha if scale is None else alpha / scale.double()
     if slot:
-        value = _to_rows(residual)
+        value = _to_rows(u.zero_() if idx is None else u.index_fill_(1, idx, 0))
         memory.resize_(value.shape)
-    else:
-        value = residual.sum([0, *range(2, residual.dim())])
-    torch.mul(value, alpha if scale is None else alpha / scale.double(), out=memory)
+    else:  # channels are independent: sum all, then zero the kept ones (no pass over u)
+        value = u.sum([0, *range(2, u.dim())])
+        if idx is None:
+            value.zero_()
+        else:
+            value.index_fill_(0, idx, 0)
+    torch.mul(value, factor, out=memory)
+
+
+def _channels_last(t: Tensor) -> bool:
+    """Whether ``t`` is 4-D in the channels-last layout (and not also plain contiguous)."""
+    return (
+        t.dim() == 4 and not t.is_contiguous()
+        and t.is_contiguous(memory_format=torch.channels_last)
+    )
 
 
 def _conv_backward(g: Tensor, x: Tensor, w: Tensor, geo: ConvGeometry, need_x: bool,
@@ -161,11 +186,16 @@ class SparseConvFunction(torch.autograd.Function):
         random_idx = None
         if not dense and plan.selection == "random":  # drawn whatever happens next, as linear
             random_idx = select_channels(grad_out, kg, "random", geo.groups, plan.generator)
-        u = grad_out.to(acc, copy=True)  # (N, C_out, *sp)
-        if use_memory:
-            _add_memory_(u, memory, slot, scale)
+        # u (N, C_out, *sp): a new tensor with the memory added, else grad_out itself (read only)
+        u = _with_memory(grad_out, memory, slot, scale) if use_memory else grad_out.to(acc)
         db = grad_out.sum(sum_dims, dtype=acc) if need_b else None
-        if not bool(torch.isfinite(u).all()):  # no overflow, unlike a sum
+        scores = None
+        if not dense and random_idx is None:
+            scores = channel_scores(u)
+        # a finite sum of |u| proves every entry finite (no extra pass); an infinite one may be
+        # an overflow of finite entries, which the full check tells apart
+        finite = scores is not None and bool(torch.isfinite(scores).all())
+        if not finite and not bool(torch.isfinite(u).all()):
             if not (plan.on_nonfinite == "skip" or scale is not None):
                 raise nonfinite_error(plan, "output gradient", grad_out.shape)
             dx, dW = _conv_backward(grad_out.to(x.dtype), x, w, geo, need_x, need_w)
@@ -181,9 +211,11 @@ class SparseConvFunction(torch.autograd.Function):
             u_k, w_k = u.to(x.dtype), w
         else:
             idx = random_idx if random_idx is not None else select_channels(
-                u, kg, plan.selection, geo.groups, None
+                u, kg, plan.selection, geo.groups, None, scores
             )
             u_k = u.index_select(1, idx).to(x.dtype)  # (N, k, *sp)
+            if _channels_last(grad_out):  # keep oneDNN on its faster channels-last kernels
+                u_k = u_k.contiguous(memory_format=torch.channels_last)
             w_k = w.index_select(0, idx)  # (k, C_in / groups, *kernel)
         dx, dW_k = _conv_backward(u_k, x, w_k, geo, need_x, need_w)
         dW = None
@@ -192,10 +224,7 @@ class SparseConvFunction(torch.autograd.Function):
             dW_k = dW_k.to(weight.dtype)
             dW = dW_k if idx is None else torch.zeros_like(weight).index_copy_(0, idx, dW_k)
         if use_memory:
-            residual = u if idx is None else u.index_fill_(1, idx, 0)
-            if idx is None:
-                residual.zero_()
-            _store_memory_(memory, residual, slot, plan.alpha, scale)
+            _store_memory_(memory, u, idx, slot, plan.alpha, scale)
         return (
             dx.to(ctx.x_dtype) if need_x else None,
             dW,
