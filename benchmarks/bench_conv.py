@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -117,9 +118,9 @@ def main(argv: list[str] | None = None) -> None:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(dict(environment=environment(), args=vars(args),
                                        results=rows), indent=2) + "\n")
+        command = " ".join(sys.argv[1:] if argv is None else argv)
         out.with_suffix(".md").write_text(
-            "    python benchmarks/bench_conv.py " + " ".join(argv or []) + "\n\n"
-            + "\n".join(lines) + "\n"
+            f"    python benchmarks/bench_conv.py {command}\n\n" + "\n".join(lines) + "\n"
         )
 
 

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from msbp import native
 from msbp.ops import scaling
 from msbp.ops.sparse_linear import BackwardPlan, forward_and_save, nonfinite_error
 from msbp.ops.touched_rows import log_touched_rows
@@ -186,16 +187,32 @@ class SparseConvFunction(torch.autograd.Function):
         random_idx = None
         if not dense and plan.selection == "random":  # drawn whatever happens next, as linear
             random_idx = select_channels(grad_out, kg, "random", geo.groups, plan.generator)
-        # u (N, C_out, *sp): a new tensor with the memory added, else grad_out itself (read only)
-        u = _with_memory(grad_out, memory, slot, scale) if use_memory else grad_out.to(acc)
         db = grad_out.sum(sum_dims, dtype=acc) if need_b else None
-        scores = None
-        if not dense and random_idx is None:
-            scores = channel_scores(u)
+        # the fused native pass: scores and the unit memory's sums straight from grad_out and
+        # the memory (no u = G + M / rows materialised); slot memory needs u itself
+        fused = (
+            not dense and not slot and grad_out.dtype == acc
+            and acc in (torch.float32, torch.float64) and native.use_native(grad_out.device)
+            and not torch.compiler.is_compiling()
+        )
+        u = shift = sums = scores = None
+        if fused:
+            if use_memory:
+                shift = (memory if scale is None else memory * scale) / rows  # (C_out,)
+            scores, sums = torch.ops.msbp.conv_channel_sums(grad_out, shift, use_memory)
+        else:
+            # u (N, C_out, *sp): a new tensor with the memory added, else grad_out (read only)
+            u = _with_memory(grad_out, memory, slot, scale) if use_memory else grad_out.to(acc)
+            if not dense and random_idx is None:
+                scores = channel_scores(u)
         # a finite sum of |u| proves every entry finite (no extra pass); an infinite one may be
         # an overflow of finite entries, which the full check tells apart
         finite = scores is not None and bool(torch.isfinite(scores).all())
-        if not finite and not bool(torch.isfinite(u).all()):
+        if not finite:
+            if u is None:
+                u = _with_memory(grad_out, memory, slot, scale) if use_memory else grad_out
+            finite = bool(torch.isfinite(u).all())
+        if not finite:
             if not (plan.on_nonfinite == "skip" or scale is not None):
                 raise nonfinite_error(plan, "output gradient", grad_out.shape)
             dx, dW = _conv_backward(grad_out.to(x.dtype), x, w, geo, need_x, need_w)
@@ -211,9 +228,15 @@ class SparseConvFunction(torch.autograd.Function):
             u_k, w_k = u.to(x.dtype), w
         else:
             idx = random_idx if random_idx is not None else select_channels(
-                u, kg, plan.selection, geo.groups, None, scores
+                grad_out, kg, plan.selection, geo.groups, None, scores
             )
-            u_k = u.index_select(1, idx).to(x.dtype)  # (N, k, *sp)
+            if fused:
+                u_k = grad_out.index_select(1, idx)  # (N, k, *sp)
+                if shift is not None:
+                    u_k = u_k + shift[idx].view(_channel_shape(u_k))
+                u_k = u_k.to(x.dtype)
+            else:
+                u_k = u.index_select(1, idx).to(x.dtype)  # (N, k, *sp)
             if _channels_last(grad_out):  # keep oneDNN on its faster channels-last kernels
                 u_k = u_k.contiguous(memory_format=torch.channels_last)
             w_k = w.index_select(0, idx)  # (k, C_in / groups, *kernel)
@@ -223,7 +246,11 @@ class SparseConvFunction(torch.autograd.Function):
             log_touched_rows(weight, idx)
             dW_k = dW_k.to(weight.dtype)
             dW = dW_k if idx is None else torch.zeros_like(weight).index_copy_(0, idx, dW_k)
-        if use_memory:
+        if use_memory and sums is not None:  # fused: the residual's sums are ``sums`` minus kept
+            sums.index_fill_(0, idx, 0)
+            torch.mul(sums, plan.alpha if scale is None else plan.alpha / scale.double(),
+                      out=memory)
+        elif use_memory:
             _store_memory_(memory, u, idx, slot, plan.alpha, scale)
         return (
             dx.to(ctx.x_dtype) if need_x else None,
