@@ -19,13 +19,14 @@ using at::Tensor;
 constexpr int64_t kLanes = 8;
 constexpr int64_t kBlockRows = 256;  // channels-last rows summed in the input type per flush
 
-template <typename T>
-void sums_contiguous(const T* g, const T* shift, int64_t n, int64_t c, int64_t s, bool want_sum,
+// WantSum a template parameter: no branch in the inner loops, which then vectorise
+template <typename T, bool WantSum>
+void sums_contiguous(const T* g, const T* shift, int64_t n, int64_t c, int64_t s,
                      double* abs_out, double* sum_out) {
   // one channel per task: every (n, c) plane is a contiguous run of s values
   at::parallel_for(0, c, 1, [&](int64_t c0, int64_t c1) {
     for (int64_t ch = c0; ch < c1; ++ch) {
-      const T sh = shift ? shift[ch] : T(0);
+      const T sh = shift[ch];
       double a_tot = 0, s_tot = 0;
       for (int64_t i = 0; i < n; ++i) {
         const T* p = g + (i * c + ch) * s;
@@ -35,13 +36,13 @@ void sums_contiguous(const T* g, const T* shift, int64_t n, int64_t c, int64_t s
           for (int64_t l = 0; l < kLanes; ++l) {
             const T v = p[j + l] + sh;
             a[l] += std::abs(v);
-            if (want_sum) t[l] += v;
+            if constexpr (WantSum) t[l] += v;
           }
         }
         for (; j < s; ++j) {
           const T v = p[j] + sh;
           a[0] += std::abs(v);
-          if (want_sum) t[0] += v;
+          if constexpr (WantSum) t[0] += v;
         }
         for (int64_t l = 0; l < kLanes; ++l) {
           a_tot += a[l];
@@ -54,9 +55,10 @@ void sums_contiguous(const T* g, const T* shift, int64_t n, int64_t c, int64_t s
   });
 }
 
-template <typename T>
-void sums_channels_last(const T* g, const T* shift, int64_t rows, int64_t c, bool want_sum,
-                        double* abs_out, double* sum_out) {
+template <typename T, bool WantSum>
+void sums_channels_last(const T* g, const T* shift, int64_t rows, int64_t c, double* abs_out,
+                        double* sum_out) {
+  constexpr bool want_sum = WantSum;
   // rows of c contiguous channels: blocks of rows per task, one partial row of sums each
   const int64_t blocks = (rows + kBlockRows - 1) / kBlockRows;
   std::vector<double> part_a(blocks * c, 0.0), part_s(want_sum ? blocks * c : 0, 0.0);
@@ -69,9 +71,9 @@ void sums_channels_last(const T* g, const T* shift, int64_t rows, int64_t c, boo
       for (int64_t r = b * kBlockRows; r < r1; ++r) {
         const T* p = g + r * c;
         for (int64_t ch = 0; ch < c; ++ch) {
-          const T v = p[ch] + (shift ? shift[ch] : T(0));
+          const T v = p[ch] + shift[ch];
           a[ch] += std::abs(v);
-          if (want_sum) t[ch] += v;
+          if constexpr (WantSum) t[ch] += v;
         }
       }
       for (int64_t ch = 0; ch < c; ++ch) {
@@ -107,17 +109,22 @@ std::tuple<Tensor, Tensor> conv_channel_sums(const Tensor& grad, const std::opti
     TORCH_CHECK(shift->numel() == c, "conv_channel_sums: shift must have ", c, " values, got ",
                 shift->numel());
     sh = shift->to(grad.scalar_type()).contiguous();
+  } else {  // a zero shift keeps the inner loops free of a branch
+    sh = at::zeros({c}, grad.options());
   }
   Tensor abs_d = at::zeros({c}, grad.options().dtype(at::kDouble));
   Tensor sum_d = at::zeros({c}, grad.options().dtype(at::kDouble));
   AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "conv_channel_sums", [&] {
-    const scalar_t* sp = sh.defined() ? sh.data_ptr<scalar_t>() : nullptr;
+    const scalar_t* sp = sh.data_ptr<scalar_t>();
+    const scalar_t* gp = g.data_ptr<scalar_t>();
+    double* ap = abs_d.data_ptr<double>();
+    double* sp2 = sum_d.data_ptr<double>();
     if (cl) {
-      sums_channels_last<scalar_t>(g.data_ptr<scalar_t>(), sp, n * s, c, want_sum,
-                                   abs_d.data_ptr<double>(), sum_d.data_ptr<double>());
+      want_sum ? sums_channels_last<scalar_t, true>(gp, sp, n * s, c, ap, sp2)
+               : sums_channels_last<scalar_t, false>(gp, sp, n * s, c, ap, sp2);
     } else {
-      sums_contiguous<scalar_t>(g.data_ptr<scalar_t>(), sp, n, c, s, want_sum,
-                                abs_d.data_ptr<double>(), sum_d.data_ptr<double>());
+      want_sum ? sums_contiguous<scalar_t, true>(gp, sp, n, c, s, ap, sp2)
+               : sums_contiguous<scalar_t, false>(gp, sp, n, c, s, ap, sp2);
     }
   });
   return {abs_d.to(grad.scalar_type()), sum_d.to(grad.scalar_type())};

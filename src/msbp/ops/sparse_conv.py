@@ -191,7 +191,7 @@ class SparseConvFunction(torch.autograd.Function):
         # the fused native pass: scores and the unit memory's sums straight from grad_out and
         # the memory (no u = G + M / rows materialised); slot memory needs u itself
         fused = (
-            not dense and not slot and grad_out.dtype == acc
+            not slot and grad_out.dtype == acc
             and acc in (torch.float32, torch.float64) and native.use_native(grad_out.device)
             and not torch.compiler.is_compiling()
         )
@@ -203,11 +203,10 @@ class SparseConvFunction(torch.autograd.Function):
         else:
             # u (N, C_out, *sp): a new tensor with the memory added, else grad_out (read only)
             u = _with_memory(grad_out, memory, slot, scale) if use_memory else grad_out.to(acc)
-            if not dense and random_idx is None:
-                scores = channel_scores(u)
+            scores = channel_scores(u)  # two passes; torch.isfinite(u).all() takes about five
         # a finite sum of |u| proves every entry finite (no extra pass); an infinite one may be
         # an overflow of finite entries, which the full check tells apart
-        finite = scores is not None and bool(torch.isfinite(scores).all())
+        finite = bool(torch.isfinite(scores).all())
         if not finite:
             if u is None:
                 u = _with_memory(grad_out, memory, slot, scale) if use_memory else grad_out
@@ -225,6 +224,8 @@ class SparseConvFunction(torch.autograd.Function):
             )
         if dense:
             idx = None
+            if u is None:
+                u = _with_memory(grad_out, memory, slot, scale) if use_memory else grad_out
             u_k, w_k = u.to(x.dtype), w
         else:
             idx = random_idx if random_idx is not None else select_channels(
@@ -247,7 +248,10 @@ class SparseConvFunction(torch.autograd.Function):
             dW_k = dW_k.to(weight.dtype)
             dW = dW_k if idx is None else torch.zeros_like(weight).index_copy_(0, idx, dW_k)
         if use_memory and sums is not None:  # fused: the residual's sums are ``sums`` minus kept
-            sums.index_fill_(0, idx, 0)
+            if idx is None:
+                sums.zero_()
+            else:
+                sums.index_fill_(0, idx, 0)
             torch.mul(sums, plan.alpha if scale is None else plan.alpha / scale.double(),
                       out=memory)
         elif use_memory:
