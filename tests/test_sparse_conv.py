@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 import msbp
+import msbp.native
 from msbp import SparseBackpropConfig, SparseConv1d, SparseConv2d
 from msbp.ops import scaling
 from msbp.ops.reference import sparse_conv2d_backward_ref
@@ -56,7 +57,7 @@ GEOMETRIES = {
 @pytest.mark.parametrize("selection", ["unified", "random"])
 @pytest.mark.parametrize("layout", ["unit", "slot"])
 @pytest.mark.parametrize("alpha", [0.0, 0.8])
-def test_matches_reference(cls, geometry, selection, layout, alpha):
+def test_matches_reference(cls, geometry, selection, layout, alpha, backend):
     kw = GEOMETRIES[geometry]
     config = SparseBackpropConfig(k=3, selection=selection, memory=alpha, memory_layout=layout)
     layer = make_conv(cls, 4, 8, config, **kw)
@@ -124,7 +125,7 @@ def test_depthwise_stays_dense_and_reports_k():
 
 
 @pytest.mark.parametrize("layout", ["unit", "slot"])
-def test_memory_one_loses_nothing(layout):
+def test_memory_one_loses_nothing(layout, backend):
     """alpha = 1: propagated + memory == everything that came in (channel sums). With C_in = 1,
     a 1x1 kernel and x = 1, dW[c] is exactly the propagated gradient summed over the rows."""
     config = SparseBackpropConfig(k=2, memory=1.0, memory_layout=layout)
@@ -181,7 +182,7 @@ def test_per_example_is_refused():
         msbp.sparsify(model, SparseBackpropConfig(selection="per_example"))
 
 
-def test_nonfinite_raise_and_skip():
+def test_nonfinite_raise_and_skip(backend):
     layer = make_conv(SparseConv2d, 3, 6, SparseBackpropConfig(k=2), kernel_size=3)
     x, g = spatial(layer, 2, 6, seed=4)
     step(layer, x, g)
@@ -264,3 +265,59 @@ def test_autocast_bf16_and_lazy_row_adam():
     opt.step()
     moved = (model[0].weight - before).flatten(1).abs().sum(1) > 0
     assert int(moved.sum()) == 2  # only the k propagated output channels are updated
+
+
+def test_huge_finite_gradient_is_not_nonfinite(backend):
+    """The backward checks the per-channel sums of |u| first; their overflow (finite entries
+    near float32's max) must fall back to the entry-wise check, not raise."""
+    layer = make_conv(SparseConv2d, 3, 6, SparseBackpropConfig(k=2), kernel_size=3,
+                      dtype=torch.float32)
+    x, g = spatial(layer, 2, 6, seed=4)
+    huge = torch.full_like(g, 3e38)
+    huge[:, 1] = -3e38
+    step(layer, x, huge)  # would raise FloatingPointError on a wrong "non-finite"
+
+
+@pytest.mark.parametrize("layout", ["unit", "slot"])
+def test_channels_last_matches_reference(layout, backend):
+    """Channels-last inputs and gradients (the layout oneDNN is fastest on) give the same
+    gradients and memory as the reference."""
+    config = SparseBackpropConfig(k=3, memory=0.8, memory_layout=layout, selection="unified")
+    layer = make_conv(SparseConv2d, 4, 8, config, kernel_size=3, padding=1)
+    layer = layer.to(memory_format=torch.channels_last)
+    memory = torch.zeros(8, dtype=torch.float64) if layout == "unit" else torch.zeros(
+        0, 8, dtype=torch.float64
+    )
+    for t in range(2):
+        x, g = spatial(layer, 3, 6, seed=t)
+        x = x.contiguous(memory_format=torch.channels_last)
+        g = g.contiguous(memory_format=torch.channels_last)
+        dx, dW, _ = step(layer, x, g)
+        rdx, rdW, _, memory = sparse_conv2d_backward_ref(
+            x, layer.weight.detach(), g, memory, k=3, alpha=0.8, layout=layout,
+            padding=(1, 1),
+        )
+        torch.testing.assert_close(dx, rdx, **F64)
+        torch.testing.assert_close(dW, rdW, **F64)
+        torch.testing.assert_close(layer.memory, memory, **F64)
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_native_channel_sums(channels_last, dtype):
+    """``msbp::conv_channel_sums`` (the fused scores and unit-memory sums) against PyTorch, with
+    and without a shift, on spatial sizes that are not a multiple of its 8 lanes."""
+    if not msbp.native.use_native():
+        pytest.skip("native kernels unavailable")
+    gen = torch.Generator().manual_seed(0)
+    g = torch.randn(3, 5, 7, 3, generator=gen, dtype=dtype)
+    if channels_last:
+        g = g.contiguous(memory_format=torch.channels_last)
+    shift = torch.randn(5, generator=gen, dtype=dtype)
+    tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else F64
+    for sh in (None, shift):
+        u = g if sh is None else g + sh.view(1, 5, 1, 1)
+        scores, sums = torch.ops.msbp.conv_channel_sums(g, sh, True)
+        torch.testing.assert_close(scores, u.abs().sum((0, 2, 3)), **tol)
+        torch.testing.assert_close(sums, u.sum((0, 2, 3)), **tol)
+        assert scores.dtype == dtype

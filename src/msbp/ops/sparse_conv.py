@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from msbp import native
 from msbp.ops import scaling
 from msbp.ops.sparse_linear import BackwardPlan, forward_and_save, nonfinite_error
 from msbp.ops.touched_rows import log_touched_rows
@@ -53,10 +54,17 @@ def group_k(k: int, out_channels: int, groups: int) -> int:
     return min(out_channels // groups, -(-k // groups))
 
 
+def channel_scores(u: Tensor) -> Tensor:
+    """The sum of |u| per channel over N x spatial: (N, C_out, *sp) -> (C_out,), u's dtype."""
+    return u.abs().sum([0, *range(2, u.dim())])
+
+
 def select_channels(
-    u: Tensor, kg: int, selection: str, groups: int, generator: torch.Generator | None
+    u: Tensor, kg: int, selection: str, groups: int, generator: torch.Generator | None,
+    scores: Tensor | None = None,
 ) -> Tensor:
-    """The kept channels (groups * kg,), ascending: kg per group of ``u`` (N, C_out, *sp)."""
+    """The kept channels (groups * kg,), ascending: kg per group of ``u`` (N, C_out, *sp);
+    ``scores`` (C_out,), if given, are ``channel_scores(u)`` computed already."""
     c = u.shape[1]
     per = c // groups
     if selection == "random":
@@ -66,8 +74,8 @@ def select_channels(
         ]
         idx = parts[0] if groups == 1 else torch.cat(parts)
     else:
-        dims = [0, *range(2, u.dim())]
-        scores = u.abs().sum(dims)  # (C_out,) in u's dtype (float32 or wider)
+        if scores is None:
+            scores = channel_scores(u)  # (C_out,) in u's dtype (float32 or wider)
         top = scores.view(groups, per).topk(kg, dim=1, sorted=False).indices  # (groups, kg)
         if groups > 1:
             top = top + torch.arange(groups, device=u.device).unsqueeze(1) * per
@@ -91,48 +99,59 @@ def _active_rows(g: Tensor) -> Tensor | None:
     return None if bool(active.all()) else active
 
 
-def _add_memory_(
-    u: Tensor, memory: Tensor, slot: bool, scale: Tensor | None, active: Tensor | None = None
-) -> None:
-    """``u`` (N, C, *sp) += the memory: unit (C,) spread over the (active) rows, slot (rows, C)
-    into the active rows' slots."""
+def _with_memory(
+    grad_out: Tensor, memory: Tensor, slot: bool, scale: Tensor | None,
+    active: Tensor | None = None,
+) -> Tensor:
+    """A new tensor ``grad_out`` + the memory (unit (C,) spread over the rows, slot (rows, C)),
+    in the memory's dtype: one pass, no copy followed by an in-place add. With ``active``
+    (N, 1, *sp): only the active rows take it (unit: divided by their number)."""
     m = memory if scale is None else memory * scale
-    n_rows = u.numel() // u.shape[1]
+    g = grad_out.to(memory.dtype)
+    n_rows = g.numel() // g.shape[1]
     if active is not None:
         n_rows = int(active.sum())
         if n_rows == 0:
-            return
+            return g.clone() if g is grad_out else g
     if slot:
-        add = m.view(*u.movedim(1, -1).shape).movedim(-1, 1)
+        add = m.view(*g.movedim(1, -1).shape).movedim(-1, 1)
     else:
-        add = (m / n_rows).view(_channel_shape(u))
-    u.add_(add if active is None else torch.where(active, add, 0))
+        add = (m / n_rows).view(_channel_shape(g))
+    return g + (add if active is None else torch.where(active, add, 0))
 
 
 def _store_memory_(
-    memory: Tensor,
-    residual: Tensor,
-    slot: bool,
-    alpha: float,
-    scale: Tensor | None,
-    active: Tensor | None = None,
+    memory: Tensor, u: Tensor, idx: Tensor | None, slot: bool, alpha: float,
+    scale: Tensor | None, active: Tensor | None = None,
 ) -> None:
-    """memory <- alpha * residual (N, C, *sp) / scale: summed per channel, or row for row; with
+    """memory <- alpha * (u with the kept channels ``idx`` zeroed) / scale, summed per channel
+    (unit) or row for row (slot). ``u`` (N, C, *sp) is scratch: slot zeroes it in place. With
     ``active`` (N, 1, *sp): unchanged when no row is active, zero rows keep their slots."""
     factor = alpha if scale is None else alpha / scale.double()
-    if active is not None:
-        if not bool(active.any()):
-            return
-        if slot:
-            value = _to_rows(residual * factor).to(memory.dtype)
+    if active is not None and not bool(active.any()):
+        return
+    if slot:
+        value = _to_rows(u.zero_() if idx is None else u.index_fill_(1, idx, 0))
+        if active is not None:
+            value = torch.mul(value, factor).to(memory.dtype)
             memory.copy_(torch.where(_to_rows(active), value, memory))
             return
-    if slot:
-        value = _to_rows(residual)
         memory.resize_(value.shape)
-    else:
-        value = residual.sum([0, *range(2, residual.dim())])
+    else:  # channels are independent: sum all, then zero the kept ones (no pass over u)
+        value = u.sum([0, *range(2, u.dim())])
+        if idx is None:
+            value.zero_()
+        else:
+            value.index_fill_(0, idx, 0)
     torch.mul(value, factor, out=memory)
+
+
+def _channels_last(t: Tensor) -> bool:
+    """Whether ``t`` is 4-D in the channels-last layout (and not also plain contiguous)."""
+    return (
+        t.dim() == 4 and not t.is_contiguous()
+        and t.is_contiguous(memory_format=torch.channels_last)
+    )
 
 
 def _conv_backward(g: Tensor, x: Tensor, w: Tensor, geo: ConvGeometry, need_x: bool,
@@ -192,13 +211,34 @@ class SparseConvFunction(torch.autograd.Function):
         random_idx = None
         if not dense and plan.selection == "random":  # drawn whatever happens next, as linear
             random_idx = select_channels(grad_out, kg, "random", geo.groups, plan.generator)
-        u = grad_out.to(acc, copy=True)  # (N, C_out, *sp)
+        db = grad_out.sum(sum_dims, dtype=acc) if need_b else None
         # memory_rows="active": positions whose C_out gradients are all zero take no memory
         active = _active_rows(grad_out) if use_memory and not plan.all_rows else None
-        if use_memory:
-            _add_memory_(u, memory, slot, scale, active)
-        db = grad_out.sum(sum_dims, dtype=acc) if need_b else None
-        if not bool(torch.isfinite(u).all()):  # no overflow, unlike a sum
+        # the fused native pass: scores and the unit memory's sums straight from grad_out and
+        # the memory (no u = G + M / rows materialised); slot memory needs u itself
+        fused = (
+            not slot and active is None and grad_out.dtype == acc
+            and acc in (torch.float32, torch.float64) and native.use_native(grad_out.device)
+            and not torch.compiler.is_compiling()
+        )
+        u = shift = sums = scores = None
+        if fused:
+            if use_memory:
+                shift = (memory if scale is None else memory * scale) / rows  # (C_out,)
+            scores, sums = torch.ops.msbp.conv_channel_sums(grad_out, shift, use_memory)
+        else:
+            # u (N, C_out, *sp): a new tensor with the memory added, else grad_out (read only)
+            u = (_with_memory(grad_out, memory, slot, scale, active) if use_memory
+                 else grad_out.to(acc))
+            scores = channel_scores(u)  # two passes; torch.isfinite(u).all() takes about five
+        # a finite sum of |u| proves every entry finite (no extra pass); an infinite one may be
+        # an overflow of finite entries, which the full check tells apart
+        finite = bool(torch.isfinite(scores).all())
+        if not finite:
+            if u is None:
+                u = _with_memory(grad_out, memory, slot, scale, active) if use_memory else grad_out
+            finite = bool(torch.isfinite(u).all())
+        if not finite:
             if not (plan.on_nonfinite == "skip" or scale is not None):
                 raise nonfinite_error(plan, "output gradient", grad_out.shape)
             dx, dW = _conv_backward(grad_out.to(x.dtype), x, w, geo, need_x, need_w)
@@ -211,12 +251,22 @@ class SparseConvFunction(torch.autograd.Function):
             )
         if dense:
             idx = None
+            if u is None:
+                u = _with_memory(grad_out, memory, slot, scale, active) if use_memory else grad_out
             u_k, w_k = u.to(x.dtype), w
         else:
             idx = random_idx if random_idx is not None else select_channels(
-                u, kg, plan.selection, geo.groups, None
+                grad_out, kg, plan.selection, geo.groups, None, scores
             )
-            u_k = u.index_select(1, idx).to(x.dtype)  # (N, k, *sp)
+            if fused:
+                u_k = grad_out.index_select(1, idx)  # (N, k, *sp)
+                if shift is not None:
+                    u_k = u_k + shift[idx].view(_channel_shape(u_k))
+                u_k = u_k.to(x.dtype)
+            else:
+                u_k = u.index_select(1, idx).to(x.dtype)  # (N, k, *sp)
+            if _channels_last(grad_out):  # keep oneDNN on its faster channels-last kernels
+                u_k = u_k.contiguous(memory_format=torch.channels_last)
             w_k = w.index_select(0, idx)  # (k, C_in / groups, *kernel)
         dx, dW_k = _conv_backward(u_k, x, w_k, geo, need_x, need_w)
         dW = None
@@ -224,11 +274,15 @@ class SparseConvFunction(torch.autograd.Function):
             log_touched_rows(weight, idx)
             dW_k = dW_k.to(weight.dtype)
             dW = dW_k if idx is None else torch.zeros_like(weight).index_copy_(0, idx, dW_k)
-        if use_memory:
-            residual = u if idx is None else u.index_fill_(1, idx, 0)
+        if use_memory and sums is not None:  # fused: the residual's sums are ``sums`` minus kept
             if idx is None:
-                residual.zero_()
-            _store_memory_(memory, residual, slot, plan.alpha, scale, active)
+                sums.zero_()
+            else:
+                sums.index_fill_(0, idx, 0)
+            torch.mul(sums, plan.alpha if scale is None else plan.alpha / scale.double(),
+                      out=memory)
+        elif use_memory:
+            _store_memory_(memory, u, idx, slot, plan.alpha, scale, active)
         return (
             dx.to(ctx.x_dtype) if need_x else None,
             dW,

@@ -12,6 +12,7 @@ from collections.abc import Iterator, Mapping
 from msbp.tasks.base import Task
 
 _TASK_CLASSES: dict[str, str] = {
+    "cifar10": "msbp.tasks.cifar10:Cifar10Task",
     "mnist": "msbp.tasks.mnist:MnistTask",
     "parse": "msbp.tasks.parse:ParseTask",
     "pos": "msbp.tasks.pos:PosTask",

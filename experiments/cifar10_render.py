@@ -1,0 +1,80 @@
+"""Render the CIFAR-10 comparisons (``experiments/cifar10_results/*.json``, written by
+``msbp compare --task cifar10 --out ...``) as one markdown table.
+
+    python experiments/cifar10_render.py [--out experiments/cifar10_table.md]
+
+One row per run: the setting (file name), method, k ratio, memory, selection, test and dev
+accuracy at the best-dev epoch (difference to the dense run of the same file), backprop and
+total training seconds (speed-up against the dense run of the same file, i.e. the same process
+and data order; files without a dense run are compared with ``--baseline``'s dense run, marked
+``*``: another process, so indicative only).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "cifar10_results"
+
+
+def _dense(doc: dict[str, Any]) -> dict[str, Any] | None:
+    return next((r for r in doc["runs"] if r["method"] == "dense"), None)
+
+
+def render(folder: Path, baseline: str | None) -> str:
+    docs = {p.stem: json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))}
+    base = _dense(docs[baseline]) if baseline in docs else None
+    lines = [
+        "| setting | method | ratio | memory | test acc (%) | dev acc (%) | backprop s (speed-up) "
+        "| total s (speed-up) | epochs | train images |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, doc in docs.items():
+        cfg = doc["config"]
+        dense = _dense(doc)
+        ref, mark = (dense, "") if dense is not None else (base, "*")
+        for run in doc["runs"]:
+            sc = (cfg.get("sparse_config") or {}).get(run["method"])
+            ratio = "-" if sc is None else f"{sc.get('ratio', cfg['ratio']):g}"
+            memory = "-" if sc is None else f"{sc.get('memory', 0):g}"
+            if sc is not None and sc.get("memory", 0) > 0:
+                memory += f" {sc.get('memory_layout', 'unit')}"
+            acc = run["test_accuracy"]
+            acc_text = f"{acc:.2f}"
+            if ref is not None and run is not ref:
+                acc_text += f" ({acc - ref['test_accuracy']:+.2f}{mark})"
+
+            def speed(key: str, run=run, ref=ref, mark=mark) -> str:
+                text = f"{run[key]:.1f}"
+                if ref is not None and run is not ref and run[key] > 0:
+                    text += f" ({ref[key] / run[key]:.2f}x{mark})"
+                return text
+
+            lines.append(
+                f"| {name} | {run['method']} | {ratio} | {memory} | {acc_text} | "
+                f"{run['dev_accuracy']:.2f} | {speed('backprop_seconds')} | "
+                f"{speed('total_seconds')} | {len(run['epochs'])} | "
+                f"{cfg.get('limit_train') or 45000} |"
+            )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--results", default=str(RESULTS))
+    parser.add_argument("--baseline", default="ratio0.1",
+                        help="file (stem) whose dense run serves files without one")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args(argv)
+    table = render(Path(args.results), args.baseline)
+    if args.out:
+        Path(args.out).write_text(table + "\n")
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
