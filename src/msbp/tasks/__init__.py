@@ -14,6 +14,7 @@ from msbp.tasks.base import Task
 _TASK_CLASSES: dict[str, str] = {
     "mnist": "msbp.tasks.mnist:MnistTask",
     "parse": "msbp.tasks.parse:ParseTask",
+    "polarity": "msbp.tasks.polarity:PolarityTask",
     "pos": "msbp.tasks.pos:PosTask",
 }
 
