@@ -205,3 +205,29 @@ def test_real_minilm_short_compare(tmp_path: Path) -> None:
     assert [r["method"] for r in runs] == ["dense", "sbp", "msbp"]
     # the pretrained sentence embedding separates polarity well above chance even after 4 steps
     assert runs[0]["test_accuracy"] > 60.0
+
+
+def test_gradient_checkpointing_gives_the_same_sparse_gradients_and_memory(
+    tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    """The recomputed forward of gradient checkpointing must not update the memory twice."""
+    grads, memories = [], []
+    for extra in ([], ["--gradient-checkpointing"]):
+        task = _task(tmp_path, tiny_model_dir, "--batch-size", "8", *extra)
+        torch.manual_seed(0)
+        model = sparsify(task.build_model(),
+                         config_fn=task.sparse_config_fn(SparseBackpropConfig(ratio=0.25,
+                                                                              memory=0.8)),
+                         exclude=task.sparse_exclude())
+        flag = ("is_activation_checkpointing" if hasattr(model.encoder,
+                "activation_checkpointing_enable") else "is_gradient_checkpointing")
+        assert getattr(model.encoder, flag) == bool(extra)
+        for batch in list(task.train_batches(0, torch.Generator().manual_seed(0)))[:2]:
+            model.zero_grad(set_to_none=True)
+            task.loss(model, batch).backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+        memories.append({n: m.memory.clone() for n, m in model.named_modules()
+                         if isinstance(m, SparseLinear)})
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(memories[1], memories[0], rtol=1e-5, atol=1e-6)
+    assert any(float(m.abs().sum()) > 0 for m in memories[0].values())

@@ -273,9 +273,11 @@ class PolarityTask(Task):
             if bars:
                 transformers.logging.enable_progress_bar()
         if getattr(self.args, "gradient_checkpointing", False):
-            encoder.gradient_checkpointing_enable(
-                gradient_checkpointing_kwargs={"use_reentrant": False}
-            )
+            kwargs = {"use_reentrant": False}
+            if hasattr(encoder, "activation_checkpointing_enable"):  # transformers >= 5
+                encoder.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+            else:
+                encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         return MeanPoolClassifier(encoder, int(encoder.config.hidden_size), len(LABELS))
 
     def sparse_exclude(self) -> list[str]:
