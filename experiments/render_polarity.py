@@ -17,6 +17,12 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent / "polarity"
 
 
+def whole(row: dict) -> float:
+    """Dense backward time of the whole run / the variant's (warm-up and extra steps included);
+    jobs that trained dense in full have the per-step median ratio instead (the same steps)."""
+    return row.get("backward_run_ratio", row["backward_ratio"])
+
+
 def main() -> None:
     files = sorted(HERE.glob("*.json"))
     dense: dict[int, dict[str, float]] = {}
@@ -27,26 +33,31 @@ def main() -> None:
             if r["variant"] == "dense":
                 dense[doc["seed"]] = r
             rows[r["variant"]].append((f.stem, doc["seed"], r))
-    print("| variant | options | job | seed | dev % | test % | test - dense | "
-          "backward x [IQR] | step x [IQR] |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| variant | options | job | seed | dev % | test % | test - dense | dev+test - dense | "
+          "backward x [IQR] | whole-run backward x | step x [IQR] |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for variant, entries in rows.items():
         if variant == "dense-timer":
             continue
         for job, seed, r in entries:
             base = dense.get(seed)
-            diff = (f"{r['test_accuracy'] - base['test_accuracy']:+.2f}"
-                    if base is not None and "test_accuracy" in r else "")
+            diff = both = ""
+            if base is not None and "test_accuracy" in r:
+                diff = f"{r['test_accuracy'] - base['test_accuracy']:+.2f}"
+                gain = (r["test_accuracy"] + r["dev_accuracy"] - base["test_accuracy"]
+                        - base["dev_accuracy"]) / 2
+                both = f"{gain:+.2f}"
             bi, si = r["backward_ratio_iqr"], r["step_ratio_iqr"]
             print(f"| {variant} | {' '.join(r['options']) or '-'}"
                   + (f" warm-up {r['warmup']}" if r.get("warmup") else "")
                   + f" | {job} | {seed} | {r.get('dev_accuracy', float('nan')):.2f} | "
-                  f"{r.get('test_accuracy', float('nan')):.2f} | {diff} | "
+                  f"{r.get('test_accuracy', float('nan')):.2f} | {diff} | {both} | "
                   f"{r['backward_ratio']:.2f} [{bi[0]:.2f}-{bi[1]:.2f}] | "
+                  f"{whole(r):.2f} | "
                   f"{r['step_ratio']:.2f} [{si[0]:.2f}-{si[1]:.2f}] |")
     print()
     print("| variant | seeds | mean test % | mean test - dense | mean dev - dense | "
-          "mean dev+test - dense | backward x (median of jobs) |")
+          "mean dev+test - dense | whole-run backward x (median of jobs) |")
     print("|---|---|---|---|---|---|---|")
     for variant, entries in rows.items():
         if variant == "dense-timer":
@@ -61,7 +72,7 @@ def main() -> None:
         print(f"| {variant} | {','.join(map(str, seeds))} | {statistics.fmean(tests):.2f} | "
               f"{statistics.fmean(diffs):+.2f} | {statistics.fmean(ddiffs):+.2f} | "
               f"{statistics.fmean(both):+.2f} | "
-              f"{statistics.median(r['backward_ratio'] for _, _, r in entries):.2f} |")
+              f"{statistics.median(whole(r) for _, _, r in entries):.2f} |")
 
 
 if __name__ == "__main__":
