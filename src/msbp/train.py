@@ -475,7 +475,11 @@ def train_run(task: Task, method: str, args: argparse.Namespace) -> dict[str, An
     torch.manual_seed(args.seed)  # same initial weights for every method
     model = task.build_model().to(device)
     if config is not None:
-        model = sparsify(model, config, exclude=task.sparse_exclude() or None)
+        config_fn = task.sparse_config_fn(config)
+        if config_fn is None:
+            model = sparsify(model, config, exclude=task.sparse_exclude() or None)
+        else:
+            model = sparsify(model, config_fn=config_fn, exclude=task.sparse_exclude() or None)
     sparse_layers = [m for m in model.modules() if isinstance(m, SparseLinear | SparseLSTM)]
     for i, layer in enumerate(sparse_layers):
         if config is not None and config.selection == "random":

@@ -15,6 +15,7 @@ _TASK_CLASSES: dict[str, str] = {
     "cifar10": "msbp.tasks.cifar10:Cifar10Task",
     "mnist": "msbp.tasks.mnist:MnistTask",
     "parse": "msbp.tasks.parse:ParseTask",
+    "polarity": "msbp.tasks.polarity:PolarityTask",
     "pos": "msbp.tasks.pos:PosTask",
 }
 

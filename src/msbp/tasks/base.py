@@ -126,6 +126,12 @@ class Task(ABC):
         """Qualified names (globs) of linear layers left dense, e.g. the output layer."""
         return []
 
+    def sparse_config_fn(self, config: Any) -> Any:
+        """None (default: every layer not excluded gets ``config``), or a ``config_fn`` for
+        ``msbp.sparsify``: ``(name, module) -> SparseBackpropConfig | None`` built from the
+        method's ``config``, giving layers their own k or leaving them dense (None)."""
+        return None
+
     @abstractmethod
     def train_batches(self, epoch: int, generator: torch.Generator) -> Iterator[Any]:
         """The training batches of one epoch, shuffled with ``generator``."""

@@ -1,0 +1,79 @@
+"""Render experiments/polarity/*.json (from polarity_sweep.py) as the markdown table of
+experiments/polarity.md: one row per variant, accuracies per seed and their mean, the difference
+to the dense run of the same seed, and the time ratios (dense / variant, medians over steps,
+measured in the same job; 25th-75th percentile in brackets).
+
+    python experiments/render_polarity.py > /tmp/table.md
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent / "polarity"
+
+
+def whole(row: dict) -> float:
+    """Dense backward time of the whole run / the variant's (warm-up and extra steps included);
+    jobs that trained dense in full have the per-step median ratio instead (the same steps)."""
+    return row.get("backward_run_ratio", row["backward_ratio"])
+
+
+def main() -> None:
+    files = sorted(HERE.glob("*.json"))
+    dense: dict[int, dict[str, float]] = {}
+    rows: dict[str, list[tuple[str, int, dict]]] = defaultdict(list)
+    for f in files:
+        doc = json.loads(f.read_text())
+        for r in doc["results"]:
+            if r["variant"] == "dense":
+                dense[doc["seed"]] = r
+            rows[r["variant"]].append((f.stem, doc["seed"], r))
+    print("| variant | options | job | seed | dev % | test % | test - dense | dev+test - dense | "
+          "backward x [IQR] | whole-run backward x | step x [IQR] |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for variant, entries in rows.items():
+        if variant == "dense-timer":
+            continue
+        for job, seed, r in entries:
+            base = dense.get(seed)
+            diff = both = ""
+            if base is not None and "test_accuracy" in r:
+                diff = f"{r['test_accuracy'] - base['test_accuracy']:+.2f}"
+                gain = (r["test_accuracy"] + r["dev_accuracy"] - base["test_accuracy"]
+                        - base["dev_accuracy"]) / 2
+                both = f"{gain:+.2f}"
+            bi, si = r["backward_ratio_iqr"], r["step_ratio_iqr"]
+            print(f"| {variant} | {' '.join(r['options']) or '-'}"
+                  + (f" warm-up {r['warmup']}" if r.get("warmup") else "")
+                  + f" | {job} | {seed} | {r.get('dev_accuracy', float('nan')):.2f} | "
+                  f"{r.get('test_accuracy', float('nan')):.2f} | {diff} | {both} | "
+                  f"{r['backward_ratio']:.2f} [{bi[0]:.2f}-{bi[1]:.2f}] | "
+                  f"{whole(r):.2f} | "
+                  f"{r['step_ratio']:.2f} [{si[0]:.2f}-{si[1]:.2f}] |")
+    print()
+    print("| variant | seeds | mean test % | mean test - dense | mean dev - dense | "
+          "mean dev+test - dense | whole-run backward x (median of jobs) |")
+    print("|---|---|---|---|---|---|---|")
+    for variant, entries in rows.items():
+        if variant == "dense-timer":
+            continue
+        tests = [r["test_accuracy"] for _, _, r in entries if "test_accuracy" in r]
+        diffs = [r["test_accuracy"] - dense[s]["test_accuracy"]
+                 for _, s, r in entries if s in dense and "test_accuracy" in r]
+        ddiffs = [r["dev_accuracy"] - dense[s]["dev_accuracy"]
+                  for _, s, r in entries if s in dense and "dev_accuracy" in r]
+        seeds = sorted({s for _, s, _ in entries})
+        both = [(t + d) / 2 for t, d in zip(diffs, ddiffs, strict=True)]  # equal sizes (1,066)
+        print(f"| {variant} | {','.join(map(str, seeds))} | {statistics.fmean(tests):.2f} | "
+              f"{statistics.fmean(diffs):+.2f} | {statistics.fmean(ddiffs):+.2f} | "
+              f"{statistics.fmean(both):+.2f} | "
+              f"{statistics.median(whole(r) for _, _, r in entries):.2f} |")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
