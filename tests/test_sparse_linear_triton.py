@@ -92,9 +92,10 @@ def test_triton_equals_twin_and_reference(tri, selection, layout, dtype, scale):
     for name, fn in (("triton", tri.sparse_linear_backward),
                      ("twin", sparse_linear_backward_torch)):
         mem = None if memory is None else memory.clone()
+        # all_rows: no row of g is zero here, and it keeps a slot memory on the kernels
         dx, dW, db, rows, skipped = _call(fn, x, w, g, mem, cols, k, selection,
                                           layout=layout if layout != "none" else "unit",
-                                          scale=scale)
+                                          scale=scale, all_rows=True)
         assert int(skipped) == 0
         assert dx.dtype == x.dtype and dW.dtype == w.dtype and dW.shape == w.shape
         results[name] = (dx, dW, db, mem, rows)
@@ -182,8 +183,11 @@ def test_triton_nonfinite_is_flagged_on_the_device(tri, selection, layout, where
         g[3, 5] = 0.0
         memory.view(-1)[5] = float("nan")
     mem = memory.clone()
+    # a padding-safe slot memory goes to the twin (its semantics: raise or dense); all_rows
+    # keeps the slot layout on the kernels
     dx, dW, db, rows, skipped = _call(tri.sparse_linear_backward, x, w, g, mem, cols, k,
-                                      selection, layout=layout, compact=True)
+                                      selection, layout=layout, compact=True,
+                                      all_rows=layout == "slot")
     assert int(skipped) == 1
     assert torch.equal(mem.isnan(), memory.isnan())
     assert torch.equal(torch.nan_to_num(mem), torch.nan_to_num(memory))
