@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 
 import torch
@@ -20,3 +21,4 @@ def all_done() -> None:
     """Wait for every process before tearing the group down: a process that left while another
     still talked to it made gloo abort the other (SIGABRT, 'terminate called')."""
     dist.barrier()
+    gc.collect()  # DDP's reference cycles hold the group: free them before it is destroyed

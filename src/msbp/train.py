@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import gc
 import json
 import math
 import os
@@ -236,6 +237,10 @@ def process_group(args: argparse.Namespace):
     finally:
         if finished:  # a process that left while another still talked to it aborted the other
             dist.barrier()
+        # DDP's reducer and hooks form reference cycles that keep the gloo group alive past
+        # destroy_process_group, to be freed during interpreter shutdown, where its worker
+        # threads' teardown can abort the process (SIGABRT, "terminate called"): free them now
+        gc.collect()
         dist.destroy_process_group()
 
 
