@@ -163,6 +163,21 @@ class Task(ABC):
         """Metrics in percent on ``split`` ("dev" or "test"); must contain ``self.metric``."""
 
 
+def bucketed_batches(
+    lengths: list[int], batch_size: int, bucket: int, generator: torch.Generator
+) -> list[list[int]]:
+    """Example indices in batches for one epoch: shuffled, sorted by ``lengths`` within spans of
+    ``bucket`` batches (less padding), the batches in shuffled order (two draws from
+    ``generator``)."""
+    order = torch.randperm(len(lengths), generator=generator).tolist()
+    span = batch_size * max(1, bucket)
+    batches: list[list[int]] = []
+    for lo in range(0, len(order), span):
+        chunk = sorted(order[lo : lo + span], key=lengths.__getitem__)
+        batches.extend(chunk[b : b + batch_size] for b in range(0, len(chunk), batch_size))
+    return [batches[b] for b in torch.randperm(len(batches), generator=generator).tolist()]
+
+
 def _batch_rows(batch: Any) -> set[int]:
     if isinstance(batch, Tensor):
         return {batch.shape[0]} if batch.dim() else set()

@@ -33,6 +33,7 @@ from msbp.data.polarity import LABELS, read_polarity
 from msbp.tasks.base import (
     Task,
     UsageError,
+    bucketed_batches,
     check_limit,
     check_option,
     content_digest,
@@ -318,16 +319,10 @@ class PolarityTask(Task):
         """Shuffled sentences, sorted by length within buckets of ``--bucket`` batches, batches
         in shuffled order: (B, T) ids, (B, T) mask, (B,) labels, T the batch's longest."""
         data = self.data["train"]
-        order = torch.randperm(len(data), generator=generator).tolist()
-        span = self.batch_size * max(1, int(getattr(self.args, "bucket", 20)))
-        batches: list[list[int]] = []
-        for lo in range(0, len(order), span):
-            chunk = sorted(order[lo : lo + span], key=lambda j: data[j][0].shape[0])
-            batches.extend(
-                chunk[b : b + self.batch_size] for b in range(0, len(chunk), self.batch_size)
-            )
-        for b in torch.randperm(len(batches), generator=generator).tolist():
-            yield pad_batch([data[j] for j in batches[b]], self.pad_id)
+        lengths = [example[0].shape[0] for example in data]
+        bucket = int(getattr(self.args, "bucket", 20))
+        for batch in bucketed_batches(lengths, self.batch_size, bucket, generator):
+            yield pad_batch([data[j] for j in batch], self.pad_id)
 
     def loss(self, model: nn.Module, batch: tuple[Tensor, Tensor, Tensor]) -> Tensor:
         input_ids, mask, labels = (t.to(self.args.device) if hasattr(self.args, "device") else t

@@ -25,7 +25,14 @@ from torch import Tensor, nn
 
 from msbp.data.conll import choose_tag_column, read_conll2000
 from msbp.data.errors import DataError
-from msbp.tasks.base import Task, check_limit, check_option, content_digest, set_task_default
+from msbp.tasks.base import (
+    Task,
+    bucketed_batches,
+    check_limit,
+    check_option,
+    content_digest,
+    set_task_default,
+)
 from msbp.tasks.parse import find_data_dir, read_treebank, treebank_paths
 
 log = logging.getLogger(__name__)
@@ -260,16 +267,10 @@ class PosTask(Task):
         """Shuffled sentences, sorted by length within buckets of ``--bucket`` batches (less
         padding, hence fewer LSTM steps), batches in shuffled order: (B, T, 4), (B, T)."""
         data = self.data["train"]
-        order = torch.randperm(len(data), generator=generator).tolist()
-        span = self.batch_size * max(1, int(getattr(self.args, "bucket", 20)))
-        batches: list[list[int]] = []
-        for lo in range(0, len(order), span):
-            chunk = sorted(order[lo : lo + span], key=lambda j: data[j][0].shape[0])
-            batches.extend(
-                chunk[b : b + self.batch_size] for b in range(0, len(chunk), self.batch_size)
-            )
-        for b in torch.randperm(len(batches), generator=generator).tolist():
-            yield pad_batch([data[j] for j in batches[b]])
+        lengths = [example[0].shape[0] for example in data]
+        bucket = int(getattr(self.args, "bucket", 20))
+        for batch in bucketed_batches(lengths, self.batch_size, bucket, generator):
+            yield pad_batch([data[j] for j in batch])
 
     def loss(self, model: nn.Module, batch: tuple[Tensor, Tensor]) -> Tensor:
         feats, tags = batch
