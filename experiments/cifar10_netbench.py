@@ -7,6 +7,7 @@ experiments/cifar10_netbench.json).
 """
 
 import copy
+import json
 import statistics
 import sys
 import time
@@ -73,9 +74,9 @@ for k, v in ts.items():
         )
     )
     print(
-        f"{k:22s} {med * 1e3:7.1f} ms ({min(v) * 1e3:.1f}-{max(v) * 1e3:.1f})  vs dense same fmt {d[tag] / med:.2f}x  vs dense NCHW {d['NCHW'] / med:.2f}x"
+        f"{k:22s} {med * 1e3:7.1f} ms ({min(v) * 1e3:.1f}-{max(v) * 1e3:.1f})  "
+        f"vs dense same fmt {d[tag] / med:.2f}x  vs dense NCHW {d['NCHW'] / med:.2f}x"
     )
-import json
 
 json.dump(
     dict(batch=64, threads=1, rounds=len(ts["dense NCHW"]), rows=rows),
