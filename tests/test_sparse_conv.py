@@ -321,3 +321,28 @@ def test_native_channel_sums(channels_last, dtype):
         torch.testing.assert_close(scores, u.abs().sum((0, 2, 3)), **tol)
         torch.testing.assert_close(sums, u.sum((0, 2, 3)), **tol)
         assert scores.dtype == dtype
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_native_all_positions_active_equals_torch(channels_last, dtype):
+    """``msbp::conv_all_positions_active`` is ``(g != 0).any(1).all()``: zero positions at the
+    start, middle and end, a position that is zero but in its last channel, NaN counts."""
+    if not msbp.native.use_native(torch.device("cpu")):
+        pytest.skip("native kernels unavailable")
+    gen = torch.Generator().manual_seed(0)
+    g = torch.randn(3, 5, 4, 6, generator=gen).to(dtype)
+    g[:, :4, 1, 2] = 0  # only the last channel is non-zero here
+    cases = [g]
+    for n, i, j in ((0, 0, 0), (1, 2, 3), (2, 3, 5)):
+        z = g.clone()
+        z[n, :, i, j] = 0
+        cases.append(z)
+        nan = z.clone()
+        nan[n, 2, i, j] = float("nan")
+        cases.append(nan)
+    for case in cases:
+        if channels_last:
+            case = case.contiguous(memory_format=torch.channels_last)
+        want = bool((case != 0).any(1).all())
+        assert torch.ops.msbp.conv_all_positions_active(case) is want

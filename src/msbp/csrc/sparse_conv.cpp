@@ -9,6 +9,7 @@
 // and are folded into double per block, so float32 inputs lose no more than PyTorch's sum.
 #include "common.h"
 
+#include <atomic>
 #include <cmath>
 #include <vector>
 
@@ -130,10 +131,53 @@ std::tuple<Tensor, Tensor> conv_channel_sums(const Tensor& grad, const std::opti
   return {abs_d.to(grad.scalar_type()), sum_d.to(grad.scalar_type())};
 }
 
+// Whether every position (n, spatial) of G has a non-zero channel (NaN counts): the padding-safe
+// memory's common case, answered without a pass over G. A position usually stops at its first
+// channel, so a dense gradient costs one read per position instead of the C reads (plus a bool
+// tensor of G's size) of `(G != 0).any(1)`.
+template <typename T>
+bool all_positions_active(const T* g, int64_t n, int64_t c, int64_t s, bool cl) {
+  // channels-last: position r's channels are g[r c .. r c + c); else channel ch of (i, j) is
+  // g[(i c + ch) s + j]
+  const int64_t positions = n * s;
+  std::atomic<bool> ok{true};
+  at::parallel_for(0, positions, 4096, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1 && ok.load(std::memory_order_relaxed); ++p) {
+      const T* base = cl ? g + p * c : g + (p / s) * c * s + p % s;
+      const int64_t step = cl ? 1 : s;
+      bool any = false;
+      for (int64_t ch = 0; ch < c && !any; ++ch) any = base[ch * step] != T(0);
+      if (!any) ok.store(false, std::memory_order_relaxed);
+    }
+  });
+  return ok.load();
+}
+
+bool conv_all_positions_active(const Tensor& grad) {
+  TORCH_CHECK(grad.dim() >= 3, "conv_all_positions_active: grad must be (N, C, *spatial), got ",
+              grad.sizes());
+  const int64_t n = grad.size(0), c = grad.size(1);
+  if (n == 0 || grad.numel() == 0) return true;
+  const int64_t s = grad.numel() / (n * c);
+  const bool cl = grad.dim() == 4 && !grad.is_contiguous() &&
+                  grad.is_contiguous(at::MemoryFormat::ChannelsLast);
+  Tensor g = cl ? grad : grad.contiguous();
+  bool out = true;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, g.scalar_type(),
+                                  "conv_all_positions_active", [&] {
+    out = all_positions_active<scalar_t>(g.data_ptr<scalar_t>(), n, c, s, cl);
+  });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(msbp, m) {
   m.def("conv_channel_sums(Tensor grad, Tensor? shift, bool want_sum) -> (Tensor, Tensor)");
+  m.def("conv_all_positions_active(Tensor grad) -> bool");
 }
 
-TORCH_LIBRARY_IMPL(msbp, CPU, m) { m.impl("conv_channel_sums", &conv_channel_sums); }
+TORCH_LIBRARY_IMPL(msbp, CPU, m) {
+  m.impl("conv_channel_sums", &conv_channel_sums);
+  m.impl("conv_all_positions_active", &conv_all_positions_active);
+}

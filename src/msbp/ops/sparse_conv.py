@@ -95,6 +95,11 @@ def _to_rows(t: Tensor) -> Tensor:
 def _active_rows(g: Tensor) -> Tensor | None:
     """The rows (N x spatial positions) of ``g`` (N, C, *sp) with a non-zero (or non-finite)
     channel: (N, 1, *sp) bool, or None when all are (see ``msbp.ops.memory``)."""
+    if (native.use_native(g.device) and not torch.compiler.is_compiling()
+            and torch.ops.msbp.conv_all_positions_active(g)):
+        # the common case without a pass over g (a full `ne(0).any(1)` cost about 30% of the
+        # sparse backward of a 64 x 64 x 32 x 32 gradient)
+        return None
     active = g.ne(0).any(1, keepdim=True)
     return None if bool(active.all()) else active
 
