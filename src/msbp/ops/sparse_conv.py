@@ -27,6 +27,7 @@ from torch.autograd.function import once_differentiable
 
 from msbp import native
 from msbp.ops import scaling
+from msbp.ops.memory import store_memory_
 from msbp.ops.sparse_linear import BackwardPlan, forward_and_save, nonfinite_error
 from msbp.ops.touched_rows import log_touched_rows
 
@@ -132,23 +133,20 @@ def _store_memory_(
     """memory <- alpha * (u with the kept channels ``idx`` zeroed) / scale, summed per channel
     (unit) or row for row (slot). ``u`` (N, C, *sp) is scratch: slot zeroes it in place. With
     ``active`` (N, 1, *sp): unchanged when no row is active, zero rows keep their slots."""
-    factor = alpha if scale is None else alpha / scale.double()
+    if slot:  # row for row, as a linear layer's slot memory
+        residual = _to_rows(u.zero_() if idx is None else u.index_fill_(1, idx, 0))
+        rows = None if active is None else _to_rows(active).reshape(-1)
+        store_memory_(memory, residual, "slot", alpha, scale, rows)
+        return
     if active is not None and not bool(active.any()):
         return
-    if slot:
-        value = _to_rows(u.zero_() if idx is None else u.index_fill_(1, idx, 0))
-        if active is not None:
-            value = torch.mul(value, factor).to(memory.dtype)
-            memory.copy_(torch.where(_to_rows(active), value, memory))
-            return
-        memory.resize_(value.shape)
-    else:  # channels are independent: sum all, then zero the kept ones (no pass over u)
-        value = u.sum([0, *range(2, u.dim())])
-        if idx is None:
-            value.zero_()
-        else:
-            value.index_fill_(0, idx, 0)
-    torch.mul(value, factor, out=memory)
+    # channels are independent: sum all, then zero the kept ones (no pass over u)
+    value = u.sum([0, *range(2, u.dim())])
+    if idx is None:
+        value.zero_()
+    else:
+        value.index_fill_(0, idx, 0)
+    torch.mul(value, alpha if scale is None else alpha / scale.double(), out=memory)
 
 
 def _channels_last(t: Tensor) -> bool:
