@@ -300,15 +300,6 @@ Outputs backward_impl(const Tensor& act, const Tensor& cells, const Tensor& tanh
   A* dwp = dw_buf.defined() ? dw_buf.data_ptr<A>() : nullptr;
   std::vector<int64_t> slot_of(dense ? 0 : G4, -1), slot_cols;
   slot_cols.reserve(max_slots);
-  auto slot_for = [&](int64_t col, bool& fresh) {
-    int64_t& s = slot_of[col];
-    fresh = s < 0;
-    if (fresh) {
-      s = static_cast<int64_t>(slot_cols.size());
-      slot_cols.push_back(col);
-    }
-    return s;
-  };
   auto dw_rows = [&](int64_t slot, bool fresh, const A* const* src, const A* coef, int64_t cnt) {
     if (fresh) axpy_rows<A, false>(dwp + slot * H, src, coef, cnt, H);
     else axpy_rows<A, true>(dwp + slot * H, src, coef, cnt, H);
@@ -326,6 +317,21 @@ Outputs backward_impl(const Tensor& act, const Tensor& cells, const Tensor& tanh
   std::vector<A> witness(nchunks), partial(nchunks > 1 ? nchunks * 3 * G4 : 0);
   std::vector<int64_t> sel(per_example ? B * k : k), slots;
   std::vector<char> fresh_slot;
+  // slots[j]: the dW buffer row of column cols[j] (j < m); fresh_slot[j]: new this call, so
+  // written rather than added to
+  auto take_slots = [&](const int64_t* cols, int64_t m) {
+    slots.resize(m);
+    fresh_slot.resize(m);
+    for (int64_t j = 0; j < m; ++j) {
+      int64_t& s = slot_of[cols[j]];
+      fresh_slot[j] = s < 0;
+      if (s < 0) {
+        s = static_cast<int64_t>(slot_cols.size());
+        slot_cols.push_back(cols[j]);
+      }
+      slots[j] = s;
+    }
+  };
   std::vector<A> vals(B * k), vcol(per_example ? 0 : B * k);
   const bool wide = !dense && k >= kWideK;
   Tensor vals_t, w_k, rows_t;  // the GEMMs' operands (wide unified / random)
@@ -478,15 +484,7 @@ Outputs backward_impl(const Tensor& act, const Tensor& cells, const Tensor& tanh
           vals[b * k + j] = v;
           vcol[j * B + b] = v;
         }
-      if (opt.need_w) {
-        slots.resize(k);
-        fresh_slot.resize(k);
-        for (int64_t j = 0; j < k; ++j) {
-          bool fresh;
-          slots[j] = slot_for(sel[j], fresh);
-          fresh_slot[j] = fresh;
-        }
-      }
+      if (opt.need_w) take_slots(sel.data(), k);
       if (wide) {  // dh = U_S W_S and the k rows U_S^T h_t': GEMMs of width k
         A* wkp = w_k.data_ptr<A>();
         at::parallel_for(0, k, 16, [&](int64_t j0, int64_t j1) {
@@ -597,13 +595,7 @@ Outputs backward_impl(const Tensor& act, const Tensor& cells, const Tensor& tanh
         });
       }
       if (opt.need_w) {
-        slots.resize(nc);
-        fresh_slot.resize(nc);
-        for (int64_t q = 0; q < nc; ++q) {
-          bool fresh;
-          slots[q] = slot_for(col_list[q], fresh);
-          fresh_slot[q] = fresh;
-        }
+        take_slots(col_list.data(), nc);
         at::parallel_for(0, nc, 4, [&](int64_t q0, int64_t q1) {
           for (int64_t q = q0; q < q1; ++q) {
             const int64_t e0 = ent_start[q];
