@@ -468,3 +468,31 @@ def test_per_example_products_match_reference(rows, shared, dtype):
     rdx, rdW, rdb, _ = ref_step(cfg, x, layer.weight, g, torch.zeros(out, dtype=dtype))
     for fast, ref in ((dx, rdx), (dW, rdW), (db, rdb)):
         torch.testing.assert_close(fast, ref, **tol(dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("rows", [6, 80], ids=["loops", "gemm"])
+@pytest.mark.parametrize("selection", ["unified", "per_example"])
+def test_rows_are_added_into_an_existing_gradient(selection, rows, dtype):
+    """dW's rows land on top of what .grad holds: a second backward without zero_grad and a
+    second call of the layer in one graph add to it (small batches write the rows straight into
+    the buffer, larger ones through a compact dW; both must accumulate, never overwrite)."""
+    out, k = 64, 4
+    cfg = make_cfg(selection, "unit", 0.0, k=k)
+    layer = make_layer(12, out, cfg, dtype=dtype)
+    gen = torch.Generator().manual_seed(11)
+    xs = [randn(rows, 12, gen=gen, dtype=dtype) for _ in range(3)]
+    gs = [randn(rows, out, gen=gen, dtype=dtype) for _ in range(3)]
+    if selection == "per_example":  # the blocked loops, not the GEMM over few columns
+        c = torch.topk(gs[0].abs(), k, dim=1).indices.unique().numel()
+        assert c >= 3 * k
+    # the same output gradient twice: the same rows of dW, which must add up
+    pairs = [(xs[0], gs[0]), (xs[1], gs[0]), (xs[1], gs[1]), (xs[2], 2 * gs[1])]
+    want = [ref_step(cfg, x, layer.weight, g, None)[1] for x, g in pairs]
+    layer.zero_grad(set_to_none=True)
+    layer(pairs[0][0]).backward(pairs[0][1])
+    layer(pairs[1][0]).backward(pairs[1][1])  # accumulated without zero_grad
+    torch.testing.assert_close(layer.weight.grad, want[0] + want[1], **tol(dtype))
+    layer.zero_grad(set_to_none=True)
+    ((layer(pairs[2][0]) * pairs[2][1]).sum() + (layer(pairs[3][0]) * pairs[3][1]).sum()).backward()
+    torch.testing.assert_close(layer.weight.grad, want[2] + want[3], **tol(dtype))

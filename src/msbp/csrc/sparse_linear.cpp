@@ -111,6 +111,11 @@ void build_u(const G* g, A* u, int64_t n, int64_t out, int64_t o0, int64_t o1, c
 // on 2 cores: small layers ran 2x slower on 2 threads than on 1 with finer grains).
 constexpr int64_t kMinTaskWork = 1 << 18;
 
+// Batches up to this many rows run unified top-k's two products as loops over the kept rows
+// of W and x instead of a gather and two GEMM calls (measured at 784 x 500, k = 20: the loops
+// win at 10 and 50 rows; benchmarks/bench_cpu.py).
+constexpr int64_t kLoopRows = 64;
+
 inline int64_t grain(int64_t work_per_item) {
   return std::max<int64_t>(1, kMinTaskWork / std::max<int64_t>(work_per_item, 1));
 }
@@ -147,7 +152,7 @@ void rows_product(const int64_t* idx, const T* vals, const T* w, T* dx, int64_t 
 
 // dW rows: for the q-th kept column (CSC lists), dst[cols[q]] = sum over its entries v * x[row];
 // blocked over the columns of x like rows_product.
-template <typename T>
+template <typename T, bool Add>
 void columns_product(const int64_t* cols, int64_t c, const int64_t* start, const int64_t* rows,
                      const T* vals, const T* x, T* dst, int64_t n, int64_t d_in) {
   const int64_t width = column_block<T>(n, d_in);
@@ -160,7 +165,7 @@ void columns_product(const int64_t* cols, int64_t c, const int64_t* start, const
         int64_t s = start[q], e = start[q + 1];
         src.resize(e - s);
         for (int64_t t = s; t < e; ++t) src[t - s] = x + rows[t] * d_in + off;
-        axpy_rows<T, false>(dst + cols[q] * d_in + off, src.data(), vals + s, e - s, len);
+        axpy_rows<T, Add>(dst + cols[q] * d_in + off, src.data(), vals + s, e - s, len);
       }
     }
   });
@@ -176,7 +181,7 @@ Out5 backward_impl(const Tensor& grad_out, const Tensor& x, const Tensor& weight
                                   const std::optional<Tensor>& random_cols, double scale_value,
                                   int64_t k, int64_t selection, double alpha, bool slot,
                                   bool need_x, bool need_w, bool need_b, bool compact_dw,
-                                  bool skip_nonfinite, double csr_ratio) {
+                                  bool skip_nonfinite, double csr_ratio, Tensor* grad_into) {
   const int64_t n = grad_out.size(0), out = grad_out.size(1), d_in = x.size(1);
   auto acc_opts = grad_out.options().dtype(c10::CppTypeToScalarType<A>::value);
   auto x_opts = x.options();
@@ -235,6 +240,10 @@ Out5 backward_impl(const Tensor& grad_out, const Tensor& x, const Tensor& weight
     return at::zeros({out, d_in}, weight.options()).index_copy_(0, rows_idx, v);
   };
 
+  // the operands are A itself (no conversion needed for hand-written loops)
+  const bool same_type = x.scalar_type() == c10::CppTypeToScalarType<A>::value &&
+                         weight.scalar_type() == x.scalar_type();
+
   if (dense || selection != kPerExample) {
     // Unified / random / dense: one set of columns for the batch.
     Tensor idx;
@@ -260,10 +269,55 @@ Out5 backward_impl(const Tensor& grad_out, const Tensor& x, const Tensor& weight
         for (int64_t j = 0; j < kk; ++j) sp[r * kk + j] = up[r * out + ip[j]];
       u_k = u_sel.to(x.scalar_type());
     }
-    if (need_x) dx = at::mm(u_k, dense ? weight : weight.index_select(0, idx));
-    if (need_w) {
-      Tensor dW_k = at::mm(u_k.t(), x);  // (k, in)
-      dW = dense ? dW_k.to(weight.scalar_type()) : place_rows(idx, dW_k);
+    const bool loops = !dense && n <= kLoopRows && same_type;
+    if (loops) {
+      // Few rows: the products as loops straight from W's and x's rows, dW's rows added into
+      // the gradient buffer when there is one (no gather of W, no GEMM call, no index_add:
+      // at 10 x 784 x 500 those ATen calls cost more than the arithmetic)
+      const A* sp = u_k.data_ptr<A>();
+      const A* wp = weight.data_ptr<A>();
+      const A* xp = x.data_ptr<A>();
+      if (need_x) {
+        dx = at::empty({n, d_in}, x_opts);
+        A* dxp = dx.data_ptr<A>();
+        std::vector<const A*> src(kk);
+        for (int64_t j = 0; j < kk; ++j) src[j] = wp + ip[j] * d_in;
+        at::parallel_for(0, n, grain(kk * d_in), [&](int64_t r0, int64_t r1) {
+          for (int64_t r = r0; r < r1; ++r)
+            axpy_rows<A, false>(dxp + r * d_in, src.data(), sp + r * kk, kk, d_in);
+        });
+      }
+      if (need_w) {
+        std::vector<const A*> src(n);
+        for (int64_t r = 0; r < n; ++r) src[r] = xp + r * d_in;
+        std::vector<A> coef(kk * n);  // column j of U_S, contiguous
+        for (int64_t r = 0; r < n; ++r)
+          for (int64_t j = 0; j < kk; ++j) coef[j * n + r] = sp[r * kk + j];
+        A* dst = nullptr;
+        if (grad_into != nullptr) {
+          dst = grad_into->data_ptr<A>();
+          dW = Tensor();  // undefined: written into the buffer
+        } else {
+          dW = at::empty({kk, d_in}, x_opts);
+        }
+        A* dWp = dst == nullptr ? dW.data_ptr<A>() : nullptr;
+        at::parallel_for(0, kk, grain(n * d_in), [&](int64_t j0, int64_t j1) {
+          for (int64_t j = j0; j < j1; ++j) {
+            if (dst != nullptr)
+              axpy_rows<A, true>(dst + ip[j] * d_in, src.data(), coef.data() + j * n, n, d_in);
+            else
+              axpy_rows<A, false>(dWp + j * d_in, src.data(), coef.data() + j * n, n, d_in);
+          }
+        });
+        if (dst == nullptr) dW = place_rows(idx, dW);
+        else grad_into->unsafeGetTensorImpl()->bump_version();  // as index_add_ would
+      }
+    } else {
+      if (need_x) dx = at::mm(u_k, dense ? weight : weight.index_select(0, idx));
+      if (need_w) {
+        Tensor dW_k = at::mm(u_k.t(), x);  // (k, in)
+        dW = dense ? dW_k.to(weight.scalar_type()) : place_rows(idx, dW_k);
+      }
     }
     if (use_memory) {
       if (slot) {
@@ -329,9 +383,7 @@ Out5 backward_impl(const Tensor& grad_out, const Tensor& x, const Tensor& weight
     rows = at::empty({c}, long_opts);
     std::copy(cols_v.begin(), cols_v.end(), rows.data_ptr<int64_t>());
 
-    const bool loops = x.scalar_type() == c10::CppTypeToScalarType<A>::value &&
-                       weight.scalar_type() == x.scalar_type() &&
-                       static_cast<double>(c) >= csr_ratio * static_cast<double>(k);
+    const bool loops = same_type && static_cast<double>(c) >= csr_ratio * static_cast<double>(k);
     if (loops) {
       // Blocked loops over the kept entries: n k in multiply-adds for each product.
       Tensor xc = x.contiguous(), wc = weight.contiguous();
@@ -339,13 +391,20 @@ Out5 backward_impl(const Tensor& grad_out, const Tensor& x, const Tensor& weight
         dx = at::empty({n, d_in}, x_opts);
         rows_product<A>(ip, vp, wc.data_ptr<A>(), dx.data_ptr<A>(), n, k, out, d_in);
       }
-      if (need_w) {
+      if (need_w && grad_into != nullptr) {
+        // dW's rows added straight into the gradient buffer
+        columns_product<A, true>(cols_v.data(), c, start_v.data(), csc_rows.data(),
+                                 csc_vals.data(), xc.data_ptr<A>(), grad_into->data_ptr<A>(), n,
+                                 d_in);
+        dW = Tensor();  // undefined: written into the buffer
+        grad_into->unsafeGetTensorImpl()->bump_version();
+      } else if (need_w) {
         // compact: row q of dW is column cols[q]; dense: row cols[q] of a zero (out, in)
         std::vector<int64_t> dst_rows(c);
         for (int64_t q = 0; q < c; ++q) dst_rows[q] = compact_dw ? q : cols_v[q];
         dW = compact_dw ? at::empty({c, d_in}, x_opts) : at::zeros({out, d_in}, x_opts);
-        columns_product<A>(dst_rows.data(), c, start_v.data(), csc_rows.data(), csc_vals.data(),
-                           xc.data_ptr<A>(), dW.data_ptr<A>(), n, d_in);
+        columns_product<A, false>(dst_rows.data(), c, start_v.data(), csc_rows.data(),
+                                  csc_vals.data(), xc.data_ptr<A>(), dW.data_ptr<A>(), n, d_in);
       }
     } else {
       // Few distinct columns (or 16-bit operands): GEMMs of width c over the kept columns.
@@ -403,23 +462,25 @@ Out5 dispatch_backward(
     const std::optional<Tensor>& memory, const std::optional<Tensor>& random_cols,
     double scale_value, int64_t k, int64_t selection, double alpha, bool slot, bool need_x,
     bool need_w, bool need_b, bool compact_dw, bool skip_nonfinite, double csr_ratio,
-    at::ScalarType acc) {
+    at::ScalarType acc, Tensor* grad_into) {
   if (acc == at::kDouble) {
     return backward_impl<double>(grad_out, xc, wc, memory, random_cols,
                                  scale_value, k, selection, alpha, slot, need_x, need_w, need_b,
-                                 compact_dw, skip_nonfinite, csr_ratio);
+                                 compact_dw, skip_nonfinite, csr_ratio, grad_into);
   }
   return backward_impl<float>(grad_out, xc, wc, memory, random_cols,
                               scale_value, k, selection, alpha, slot, need_x, need_w, need_b,
-                              compact_dw, skip_nonfinite, csr_ratio);
+                              compact_dw, skip_nonfinite, csr_ratio, grad_into);
 }
 
-Out5 sparse_linear_backward(
+// grad_into: a contiguous gradient buffer of the weight's shape and dtype into which the rows
+// of dW may be added directly (the result's dW is then undefined), or nullptr.
+Out5 backward_into(
     const Tensor& grad_out, const Tensor& x, const Tensor& weight,
     const std::optional<Tensor>& memory, const std::optional<Tensor>& random_cols,
     const std::optional<Tensor>& scale, int64_t k, int64_t selection, double alpha, bool slot,
     bool need_x, bool need_w, bool need_b, bool compact_dw, bool skip_nonfinite,
-    double csr_ratio, bool all_rows) {
+    double csr_ratio, bool all_rows, Tensor* grad_into) {
   TORCH_CHECK(grad_out.dim() == 2 && x.dim() == 2 && weight.dim() == 2,
               "sparse_linear_backward: grad_out, x, weight must be 2-D");
   TORCH_CHECK(grad_out.size(1) == weight.size(0) && x.size(1) == weight.size(1) &&
@@ -461,7 +522,8 @@ Out5 sparse_linear_backward(
       if (use_memory && n_active > 0) mem = slot ? memory->index_select(0, idx) : *memory;
       Out5 res = dispatch_backward(g.index_select(0, idx), xc.index_select(0, idx), wc, mem,
                                    random_cols, scale_value, k, selection, alpha, slot, need_x,
-                                   need_w, false, compact_dw, skip_nonfinite, csr_ratio, acc);
+                                   need_w, false, compact_dw, skip_nonfinite, csr_ratio, acc,
+                                   grad_into);
       if (mem.has_value() && slot) memory->index_copy_(0, idx, *mem);
       if (need_x) {
         std::get<0>(res) =
@@ -473,7 +535,18 @@ Out5 sparse_linear_backward(
   }
   return dispatch_backward(grad_out, xc, wc, memory, random_cols, scale_value, k, selection,
                            alpha, slot, need_x, need_w, need_b, compact_dw, skip_nonfinite,
-                           csr_ratio, acc);
+                           csr_ratio, acc, grad_into);
+}
+
+Out5 sparse_linear_backward(
+    const Tensor& grad_out, const Tensor& x, const Tensor& weight,
+    const std::optional<Tensor>& memory, const std::optional<Tensor>& random_cols,
+    const std::optional<Tensor>& scale, int64_t k, int64_t selection, double alpha, bool slot,
+    bool need_x, bool need_w, bool need_b, bool compact_dw, bool skip_nonfinite,
+    double csr_ratio, bool all_rows) {
+  return backward_into(grad_out, x, weight, memory, random_cols, scale, k, selection, alpha,
+                       slot, need_x, need_w, need_b, compact_dw, skip_nonfinite, csr_ratio,
+                       all_rows, nullptr);
 }
 
 
@@ -506,6 +579,15 @@ int grad_route(const Tensor& weight) {
       !torch::autograd::impl::hooks(weight).empty())
     return 0;
   return acc->pre_hooks().empty() && acc->post_hooks().empty() ? 1 : 2;
+}
+
+// Zero rows[0..r) of a contiguous (out, in) buffer; bumps its version like index_fill_.
+void clear_rows(Tensor& buf, const int64_t* rows, int64_t r) {
+  if (r <= 0) return;
+  const int64_t row_bytes = buf.size(1) * buf.element_size();
+  auto* base = static_cast<char*>(buf.data_ptr());
+  for (int64_t i = 0; i < r; ++i) std::memset(base + rows[i] * row_bytes, 0, row_bytes);
+  buf.unsafeGetTensorImpl()->bump_version();
 }
 
 [[noreturn]] void raise_floating_point_error(const std::string& msg) {
@@ -602,7 +684,8 @@ struct SparseLinearFn : public torch::autograd::Function<SparseLinearFn> {
       } else {
         int64_t* st = state.data_ptr<int64_t>();
         if (st[0] >= 0 && kept._version() == st[1]) {
-          if (st[0] > 0) kept.index_fill_(0, state.narrow(0, 2, st[0]), 0);
+          if (kept.is_contiguous()) clear_rows(kept, st + 2, st[0]);
+          else if (st[0] > 0) kept.index_fill_(0, state.narrow(0, 2, st[0]), 0);
         } else {
           kept.zero_();
         }
@@ -613,12 +696,13 @@ struct SparseLinearFn : public torch::autograd::Function<SparseLinearFn> {
     const int64_t version_before = kept.numel() > 0 ? kept._version() : -1;
     Out5 outs;
     try {
-      outs = sparse_linear_backward(
+      outs = backward_into(
           g, x2, w, has_memory ? std::optional<Tensor>(memory) : std::nullopt,
           std::nullopt, std::nullopt, k, ctx->saved_data["selection"].toInt(),
           ctx->saved_data["alpha"].toDouble(), ctx->saved_data["slot"].toBool(), need_x, need_w,
           need_b, route != 0, ctx->saved_data["skip"].toBool(),
-          ctx->saved_data["csr_ratio"].toDouble(), ctx->saved_data["all_rows"].toBool());
+          ctx->saved_data["csr_ratio"].toDouble(), ctx->saved_data["all_rows"].toBool(),
+          route == 1 && grad.is_contiguous() ? &grad : nullptr);
     } catch (const c10::Error& e) {
       const std::string what = e.what_without_backtrace();
       if (what.find("msbp-nonfinite") == std::string::npos) throw;
@@ -635,13 +719,18 @@ struct SparseLinearFn : public torch::autograd::Function<SparseLinearFn> {
     const bool dense = k >= out || std::get<4>(outs).item<int64_t>() != 0;
     if (need_w) {
       if (mask.numel() > 0) {
-        if (dense) mask.fill_(1);
-        else mask.index_fill_(0, rows, 1);
+        if (dense) {
+          mask.fill_(1);
+        } else {
+          uint8_t* mp = mask.data_ptr<uint8_t>();
+          const int64_t* rp = rows.data_ptr<int64_t>();
+          for (int64_t i = 0; i < rows.size(0); ++i) mp[rp[i]] = 1;
+        }
       }
       if (route == 0 || dense) {
         result[1] = dW;  // dense (out, in): autograd accumulates it
       } else if (route == 1) {
-        grad.index_add_(0, rows, dW);
+        if (dW.defined()) grad.index_add_(0, rows, dW);  // else the kernel added the rows
         result[1] = Tensor();
       } else {
         result[1] = at::_sparse_coo_tensor_unsafe(rows.unsqueeze(0), dW, {out, d_in},
