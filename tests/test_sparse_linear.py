@@ -496,3 +496,17 @@ def test_rows_are_added_into_an_existing_gradient(selection, rows, dtype):
     layer.zero_grad(set_to_none=True)
     ((layer(pairs[2][0]) * pairs[2][1]).sum() + (layer(pairs[3][0]) * pairs[3][1]).sum()).backward()
     torch.testing.assert_close(layer.weight.grad, want[2] + want[3], **tol(dtype))
+
+
+def test_per_example_products_of_large_operands_match_reference():
+    """Operands of 8 MB and more are gathered from packed column blocks (dx from W's, dW from
+    x's): the same gradients as the reference."""
+    n, d_in, out, k = 1024, 1024, 1024, 4  # float64: W and x are 8 MB each
+    cfg = make_cfg("per_example", "unit", 0.8, k=k)
+    layer = make_layer(d_in, out, cfg, dtype=torch.float64)
+    gen = torch.Generator().manual_seed(5)
+    x, g = randn(n, d_in, gen=gen), randn(n, out, gen=gen)
+    dx, dW, db = fast_step(layer, x, g)
+    rdx, rdW, rdb, _ = ref_step(cfg, x, layer.weight, g, torch.zeros(out, dtype=torch.float64))
+    for fast, ref in ((dx, rdx), (dW, rdW), (db, rdb)):
+        torch.testing.assert_close(fast, ref, **tol(torch.float64))

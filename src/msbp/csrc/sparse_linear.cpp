@@ -121,14 +121,32 @@ inline int64_t grain(int64_t work_per_item) {
 }
 
 // Width of the column blocks of the sparse products: the gathered operand's block (rows x
-// width) should stay in a core's L2 (about 512 KiB) while every output row is computed from it;
+// width) should stay in a core's L2 (512 KiB of it) while every output row is computed from it;
 // without blocking each output row streamed k full rows from memory (2x at 1024 x 4096 x 4096
-// against 5-6x blocked). A multiple of the axpy kernel's 64-float block.
+// against 5-6x blocked). A multiple of the axpy kernel's 64-float block (16 or 32 floats, with
+// packed blocks, measured no faster).
 template <typename T>
 int64_t column_block(int64_t operand_rows, int64_t d_in) {
   constexpr int64_t B = Vec<T>::width * kBlockVecs;
   int64_t blocks = (512 * 1024) / (std::max<int64_t>(operand_rows, 1) * B * sizeof(T));
   return std::min<int64_t>(std::max<int64_t>(blocks, 1) * B, d_in);
+}
+
+// Operands from this size on are gathered from a packed copy of each column block: rows of a
+// large operand lie a page or more apart, so each gathered row segment cost a TLB miss (at
+// 1024 x 4096 x 4096 per-example the products ran at ~7 GFLOP/s unpacked).
+constexpr int64_t kPackBytes = 8 << 20;
+
+// The block [off, off + len) of the rows of a (rows, ld) matrix, as a contiguous (rows, len)
+// matrix in buf (when packing pays), else a view of the matrix itself; returns (base, stride).
+template <typename T>
+std::pair<const T*, int64_t> block_of(const T* a, int64_t rows, int64_t ld, int64_t off,
+                                      int64_t len, std::vector<T>& buf) {
+  if (rows * ld * static_cast<int64_t>(sizeof(T)) < kPackBytes || len == ld) return {a + off, ld};
+  buf.resize(rows * len);
+  for (int64_t r = 0; r < rows; ++r)
+    std::memcpy(buf.data() + r * len, a + r * ld + off, len * sizeof(T));
+  return {buf.data(), len};
 }
 
 // dx (n, in) = sum over row r's kept entries vals[r, j] * W[idx[r, j]]: n k in multiply-adds,
@@ -140,10 +158,12 @@ void rows_product(const int64_t* idx, const T* vals, const T* w, T* dx, int64_t 
   const int64_t nblocks = (d_in + width - 1) / width;
   at::parallel_for(0, nblocks, grain(n * k * width), [&](int64_t b0, int64_t b1) {
     std::vector<const T*> src(k);
+    std::vector<T> buf;
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t off = b * width, len = std::min(width, d_in - off);
+      auto [base, ld] = block_of(w, out, d_in, off, len, buf);
       for (int64_t r = 0; r < n; ++r) {
-        for (int64_t j = 0; j < k; ++j) src[j] = w + idx[r * k + j] * d_in + off;
+        for (int64_t j = 0; j < k; ++j) src[j] = base + idx[r * k + j] * ld;
         axpy_rows<T, false>(dx + r * d_in + off, src.data(), vals + r * k, k, len);
       }
     }
@@ -159,12 +179,14 @@ void columns_product(const int64_t* cols, int64_t c, const int64_t* start, const
   const int64_t nblocks = (d_in + width - 1) / width;
   at::parallel_for(0, nblocks, grain(start[c] * width), [&](int64_t b0, int64_t b1) {
     std::vector<const T*> src;
+    std::vector<T> buf;
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t off = b * width, len = std::min(width, d_in - off);
+      auto [base, ld] = block_of(x, n, d_in, off, len, buf);
       for (int64_t q = 0; q < c; ++q) {
         int64_t s = start[q], e = start[q + 1];
         src.resize(e - s);
-        for (int64_t t = s; t < e; ++t) src[t - s] = x + rows[t] * d_in + off;
+        for (int64_t t = s; t < e; ++t) src[t - s] = base + rows[t] * ld;
         axpy_rows<T, Add>(dst + cols[q] * d_in + off, src.data(), vals + s, e - s, len);
       }
     }

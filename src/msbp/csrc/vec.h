@@ -43,6 +43,27 @@ inline void store(A* p, V v) {
 }
 constexpr int kBlockVecs = 8;  // accumulators per block: 64 floats / 32 doubles in registers
 
+// From b on, blocks of NV vectors of dst[0..len) (+)= sum_j coef[j] * src[j][..]; returns where
+// it stopped (fewer than NV vectors left).
+template <typename T, bool Add, int NV>
+inline int64_t axpy_block(T* dst, const T* const* src, const T* coef, int64_t cnt, int64_t len,
+                          int64_t b) {
+  using V = typename Vec<T>::type;
+  constexpr int W = Vec<T>::width;
+  for (; b + NV * W <= len; b += NV * W) {
+    V acc[NV];
+    for (int q = 0; q < NV; ++q) acc[q] = V{};
+    for (int64_t j = 0; j < cnt; ++j) {
+      const T* s = src[j] + b;
+      const V c = V{} + coef[j];
+      for (int q = 0; q < NV; ++q) acc[q] += c * load<V>(s + q * W);
+    }
+    for (int q = 0; q < NV; ++q)
+      store(dst + b + q * W, Add ? load<V>(dst + b + q * W) + acc[q] : acc[q]);
+  }
+  return b;
+}
+
 // dst[0..len) (+)= sum_j coef[j] * src[j][0..len): every product of the backward.
 template <typename T, bool Add>
 void axpy_rows(T* dst, const T* const* src, const T* coef, int64_t cnt, int64_t len) {
@@ -61,11 +82,10 @@ void axpy_rows(T* dst, const T* const* src, const T* coef, int64_t cnt, int64_t 
     for (int q = 0; q < kBlockVecs; ++q)
       store(dst + b + q * W, Add ? load<V>(dst + b + q * W) + acc[q] : acc[q]);
   }
-  for (; b + W <= len; b += W) {
-    V acc = V{};
-    for (int64_t j = 0; j < cnt; ++j) acc += (V{} + coef[j]) * load<V>(src[j] + b);
-    store(dst + b, Add ? load<V>(dst + b) + acc : acc);
-  }
+  // narrower blocks: 4 and 2 vectors, then one (column blocks of 32 or 16 floats land here)
+  b = axpy_block<T, Add, 4>(dst, src, coef, cnt, len, b);
+  b = axpy_block<T, Add, 2>(dst, src, coef, cnt, len, b);
+  b = axpy_block<T, Add, 1>(dst, src, coef, cnt, len, b);
   for (; b < len; ++b) {
     T acc = 0;
     for (int64_t j = 0; j < cnt; ++j) acc += coef[j] * src[j][b];
