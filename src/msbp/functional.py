@@ -181,7 +181,8 @@ def _fast_path_ok(x: Tensor, weight: Tensor, memory: Tensor | None, config) -> b
 
 def _sparse_linear_fast(x, weight, bias, memory, config, name) -> Tensor:
     kept = _fast_grad_buffer(weight)
-    return torch.ops.msbp.sparse_linear_fast(
+    # the overload itself: the packet resolves the schema on every call (about 4 us of 15 args)
+    return torch.ops.msbp.sparse_linear_fast.default(
         x, weight, bias, memory, kept[0], kept[1], rows_mask(weight),
         config.k_for(weight.shape[0]), SELECTION_CODES[config.selection], float(config.memory),
         config.memory_layout == "slot", config.on_nonfinite == "skip", NATIVE_SPARSE_RATIO,
