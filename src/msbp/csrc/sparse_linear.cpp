@@ -111,10 +111,11 @@ void build_u(const G* g, A* u, int64_t n, int64_t out, int64_t o0, int64_t o1, c
 // on 2 cores: small layers ran 2x slower on 2 threads than on 1 with finer grains).
 constexpr int64_t kMinTaskWork = 1 << 18;
 
-// Batches up to this many rows run unified top-k's two products as loops over the kept rows
-// of W and x instead of a gather and two GEMM calls (measured at 784 x 500, k = 20: the loops
-// win at 10 and 50 rows; benchmarks/bench_cpu.py).
-constexpr int64_t kLoopRows = 64;
+// Unified top-k's two products run as loops over the kept rows of W and x instead of a gather
+// and two GEMM calls while they are this small (n k in multiply-adds): there the ATen calls
+// cost more than the arithmetic (784 x 500, k = 20: 10 rows 2.4x -> 3.6x against dense), above
+// it the GEMMs win (4096 x 4096, k = 164, 64 rows: 8.8 ms as loops, 3.8 ms as GEMMs).
+constexpr int64_t kLoopWork = 1 << 20;
 
 inline int64_t grain(int64_t work_per_item) {
   return std::max<int64_t>(1, kMinTaskWork / std::max<int64_t>(work_per_item, 1));
@@ -291,7 +292,7 @@ Out5 backward_impl(const Tensor& grad_out, const Tensor& x, const Tensor& weight
         for (int64_t j = 0; j < kk; ++j) sp[r * kk + j] = up[r * out + ip[j]];
       u_k = u_sel.to(x.scalar_type());
     }
-    const bool loops = !dense && n <= kLoopRows && same_type;
+    const bool loops = !dense && n * kk * d_in <= kLoopWork && same_type;
     if (loops) {
       // Few rows: the products as loops straight from W's and x's rows, dW's rows added into
       // the gradient buffer when there is one (no gather of W, no GEMM call, no index_add:
