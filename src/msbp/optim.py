@@ -21,16 +21,29 @@ from torch.optim import Optimizer
 from torch.optim.adam import adam as adam_functional
 
 from msbp import native
-from msbp.ops.touched_rows import TRACK_ROWS, fold_rows, take_touched_rows
+from msbp.ops.touched_rows import (
+    ROWS_LOG,
+    ROWS_MASK,
+    TRACK_ROWS,
+    fold_rows,
+    take_touched_rows,
+    touched_mask,
+)
 
 # A plan for a parameter in one step: skip it (it took no part: its state and value stay), the
 # ordinary dense Adam step, or a Tensor of the rows to update.
 _SKIP = "skip"
 _DENSE = "dense"
 
-# Steps without a zero_grad after which zero_grad clears a whole gradient rather than a list of
-# row sets (bounds that list when gradients are zeroed by other means, e.g. model.zero_grad()).
-_DIRTY_MAX = 8
+_CPU = torch.device("cpu")
+# "no mask" for the C++ zero_grad (a list entry cannot be None)
+_NO_ROWS = torch.empty(0, dtype=torch.uint8)
+
+
+def _sparse_grad_error(p: Tensor) -> ValueError:
+    return ValueError(
+        f"LazyRowAdam does not take torch.sparse gradients (parameter of shape {tuple(p.shape)})"
+    )
 
 
 def _fused_ok(params: list[Tensor]) -> bool:
@@ -106,8 +119,8 @@ class _Track:
     def __init__(self) -> None:
         self.grad_ref: weakref.ref | None = None
         self.version = -1
-        # the rows stepped since the last zero_grad (None: all), which zero_grad must clear
-        self.dirty: list[Tensor | None] = []
+        # uint8 (out,): the rows stepped since the last zero_grad, which zero_grad must clear
+        self.dirty: Tensor | None = None
         self.warned = False
 
     def look(self, grad: Tensor | None) -> None:
@@ -124,13 +137,44 @@ class _Track:
             and self.version == grad._version
         )
 
-    def stepped(self, rows: Tensor | None) -> None:
-        if self.dirty and self.dirty[0] is None:
-            return  # the whole gradient is to be cleared already
-        if rows is None or len(self.dirty) >= _DIRTY_MAX:
-            self.dirty = [None]
+    def dirty_mask(self, p: Tensor) -> Tensor:
+        """The mask of rows to clear, made on first use; it follows ``p`` to another device."""
+        dirty = self.dirty
+        if dirty is None or dirty.numel() != p.shape[0]:
+            dirty = self.dirty = torch.zeros(p.shape[0], dtype=torch.uint8, device=p.device)
+        elif dirty.device != p.device:
+            dirty = self.dirty = dirty.to(p.device)
+        return dirty
+
+    def stepped(self, p: Tensor, rows: Tensor | None) -> None:
+        """Mark ``rows`` (None: all) of ``p``'s gradient for the next zero_grad to clear."""
+        dirty = self.dirty_mask(p)
+        if rows is None:
+            dirty.fill_(1)
         else:
-            self.dirty.append(rows)
+            dirty.index_fill_(0, rows.to(dirty.device), 1)
+
+
+def _zero_marked_rows(grad: Tensor, mask: Tensor) -> None:
+    """Zero the rows of ``grad`` (out, ...) that the uint8 ``mask`` (out,) marks."""
+    if grad.is_cpu:
+        rows = mask.nonzero().view(-1)
+        if rows.numel():
+            grad.index_fill_(0, rows, 0)
+    else:  # no host sync for the row count: a pass over the gradient instead
+        grad.masked_fill_(mask.view(-1, *([1] * (grad.dim() - 1))).bool(), 0)
+
+
+def _zero_whole(p: Tensor, grad: Tensor, set_to_none: bool) -> None:
+    """What ``Optimizer.zero_grad`` does to one gradient."""
+    if set_to_none:
+        p.grad = None
+        return
+    if grad.grad_fn is not None:
+        grad.detach_()
+    else:
+        grad.requires_grad_(False)
+    grad.zero_()
 
 
 class LazyRowAdam(Optimizer):
@@ -335,17 +379,19 @@ class LazyRowAdam(Optimizer):
         if sync is not None:
             params = [p for group in self.param_groups for p in group["params"]]
             plans = iter(self._plan_synced(params, [take_touched_rows(p) for p in params], sync))
-        native_cpu = native.use_native(torch.device("cpu"))
+        native_cpu = native.use_native(_CPU)
         for group in self.param_groups:
             self._step_group(group, plans, native_cpu)
         return loss
 
     def _step_group(self, group: dict, plans: Iterator | None, native_cpu: bool) -> None:
-        # dense: PyTorch's Adam; rows: the C++ row step; gathered: rows copied out, stepped with
-        # the dense ones by PyTorch's Adam and copied back (the PyTorch path)
-        d_params, d_grads, d_avgs, d_sqs, d_steps = [], [], [], [], []
-        r_params, r_avgs, r_sqs, r_grads, r_rows, r_steps = [], [], [], [], [], []
-        gathered = []
+        if native_cpu and plans is None and not isinstance(group["lr"], Tensor):
+            self._step_group_native(group)
+            return
+        # planned from the log of row indices: dense (PyTorch's Adam), rows (the C++ row step)
+        # or gathered (rows copied out, stepped with the dense ones by PyTorch's Adam and copied
+        # back: the PyTorch path)
+        lists = _StepLists()
         for p in group["params"]:
             log = take_touched_rows(p)  # consumed whatever happens next
             plan = next(plans) if plans is not None else None
@@ -353,63 +399,110 @@ class LazyRowAdam(Optimizer):
             if grad is None:
                 continue
             if grad.is_sparse:
-                raise ValueError(
-                    f"LazyRowAdam does not take torch.sparse gradients (parameter of shape "
-                    f"{tuple(p.shape)})"
-                )
+                raise _sparse_grad_error(p)
             state = self._state(p)
             if plan is None:
                 plan = self._plan_local(p, grad, state, log)
-            if plan is _SKIP:
-                if state.get("row_sparse"):
-                    self._track(p).look(grad)
+            self._route(p, grad, state, plan, lists, native_cpu)
+        lists.run(group)
+
+    def _step_group_native(self, group: dict) -> None:
+        """A group's step with the native kernels and no union over processes: one call of
+        ``msbp::lazy_row_adam_step_`` takes the sparse layers' row masks whole (it steps the
+        marked rows, clears the masks and marks the rows for zero_grad in one pass) and steps the
+        dense parameters by PyTorch's fused Adam, so that no tensor op runs here per parameter
+        (at MNIST size that bookkeeping cost more than the update). What it does not take (a
+        parameter off the CPU, a layer that logged no rows) goes the way of ``_step_group``."""
+        m_params, m_avgs, m_sqs, m_grads, m_masks, m_dirty, m_steps = [], [], [], [], [], [], []
+        d_params, d_grads, d_avgs, d_sqs, d_steps = [], [], [], [], []
+        m_seen = []
+        rest = _StepLists()
+        all_state, tracks = self.state, self._tracks
+        for p in group["params"]:
+            if not p.is_cpu:
+                grad = p.grad
+                log = take_touched_rows(p)
+                if grad is not None:
+                    if grad.is_sparse:
+                        raise _sparse_grad_error(p)
+                    state = self._state(p)
+                    self._route(p, grad, state, self._plan_local(p, grad, state, log), rest, True)
                 continue
-            if plan is _DENSE:
-                rows = None
-                d_params.append(p)
-                d_grads.append(grad)
-                d_avgs.append(state["exp_avg"])
-                d_sqs.append(state["exp_avg_sq"])
-                d_steps.append(state["step"])
-            else:
-                rows = plan if plan.dtype == torch.long else plan.long()
-                if not rows.is_contiguous():
-                    rows = rows.contiguous()
-                if native_cpu and p.is_cpu and _native_rows_ok(p, grad, state):
-                    r_params.append(p)
-                    r_avgs.append(state["exp_avg"])
-                    r_sqs.append(state["exp_avg_sq"])
-                    r_grads.append(grad)
-                    r_rows.append(rows)
-                    r_steps.append(state["step"])
+            own = p.__dict__
+            # the mask, with a log of row indices (the PyTorch backward's) folded in
+            mask = touched_mask(p) if ROWS_LOG in own else own.get(ROWS_MASK)
+            grad = p.grad
+            if grad is None:
+                if mask is not None:
+                    mask.zero_()  # consumed
+                continue
+            if grad.is_sparse:
+                raise _sparse_grad_error(p)
+            state = all_state.get(p)
+            if state is None or "step" not in state:
+                state = self._state(p)
+            if mask is None:
+                if state.get("row_sparse") or p.is_complex():
+                    self._route(p, grad, state, self._plan_local(p, grad, state, []), rest, True)
                 else:
-                    if rows.device != p.device:
-                        rows = rows.to(p.device)
-                    p_r = p.index_select(0, rows)  # (r, ...)
-                    m_r = state["exp_avg"].index_select(0, rows)
-                    v_r = state["exp_avg_sq"].index_select(0, rows)
-                    d_params.append(p_r)
-                    d_grads.append(grad.index_select(0, rows))
-                    d_avgs.append(m_r)
-                    d_sqs.append(v_r)
+                    d_params.append(p)
+                    d_grads.append(grad)
+                    d_avgs.append(state["exp_avg"])
+                    d_sqs.append(state["exp_avg_sq"])
                     d_steps.append(state["step"])
-                    gathered.append((p, rows, state, p_r, m_r, v_r))
-            if state.get("row_sparse"):
-                track = self._track(p)
-                track.stepped(rows)
-                track.look(grad)
-        if r_params:
+                continue
+            track = tracks.get(id(p)) or self._track(p)
+            m_params.append(p)
+            m_avgs.append(state["exp_avg"])
+            m_sqs.append(state["exp_avg_sq"])
+            m_grads.append(grad)
+            m_masks.append(mask)
+            m_dirty.append(track.dirty if track.dirty is not None else track.dirty_mask(p))
+            m_steps.append(state["step"])
+            m_seen.append((p, grad, state, track))
+        if m_params or d_params:
             beta1, beta2 = group["betas"]
-            torch.ops.msbp.lazy_row_adam_(
-                r_params, r_avgs, r_sqs, r_grads, r_rows, r_steps,
+            counts = torch.ops.msbp.lazy_row_adam_step_(
+                m_params, m_avgs, m_sqs, m_grads, m_masks, m_dirty, m_steps,
+                d_params, d_grads, d_avgs, d_sqs, d_steps,
                 group["lr"], beta1, beta2, group["eps"], group["weight_decay"],
             )
-        if d_params:
-            _adam(group, d_params, d_grads, d_avgs, d_sqs, d_steps)
-        for p, rows, state, p_r, m_r, v_r in gathered:
-            p.index_copy_(0, rows, p_r)
-            state["exp_avg"].index_copy_(0, rows, m_r)
-            state["exp_avg_sq"].index_copy_(0, rows, v_r)
+            for (p, grad, state, track), count in zip(m_seen, counts, strict=True):
+                if count > 0:
+                    state["row_sparse"] = True
+                    track.look(grad)
+                    continue
+                log = []
+                if count < 0:  # tensors the kernel does not take: the PyTorch path
+                    mask = touched_mask(p)
+                    rows = mask.nonzero().view(-1)
+                    mask.zero_()
+                    log = [rows] if rows.numel() else []
+                self._route(p, grad, state, self._plan_local(p, grad, state, log), rest, True)
+        rest.run(group)
+
+    def _route(self, p: Tensor, grad: Tensor, state: dict, plan: str | Tensor,
+               lists: _StepLists, native_cpu: bool) -> None:
+        """Put ``p`` on the list its plan says (or nowhere: skipped)."""
+        if plan is _SKIP:
+            if state.get("row_sparse"):
+                self._track(p).look(grad)
+            return
+        if plan is _DENSE:
+            rows = None
+            lists.dense(p, grad, state)
+        else:
+            rows = plan if plan.dtype == torch.long else plan.long()
+            if not rows.is_contiguous():
+                rows = rows.contiguous()
+            if native_cpu and p.is_cpu and _native_rows_ok(p, grad, state):
+                lists.rows(p, grad, state, rows)
+            else:
+                lists.gather(p, grad, state, rows.to(p.device))
+        if state.get("row_sparse"):
+            track = self._track(p)
+            track.stepped(p, rows)
+            track.look(grad)
 
     # -- zero_grad ---------------------------------------------------------------------------
 
@@ -417,34 +510,118 @@ class LazyRowAdam(Optimizer):
         """Zero the rows of sparse layers' weight gradients written since the last ``zero_grad``
         (keeping their buffers, so the next backward adds into them in place); other gradients
         as ``Optimizer.zero_grad``. Works whether or not ``step()`` ran in between."""
+        # as in step(): CPU row masks go to one C++ call, the rest is done here
+        masked = native.use_native(_CPU)
+        z_grads, z_dirty, z_pending, z_seen = [], [], [], []
+        all_state = self.state
         for group in self.param_groups:
             for p in group["params"]:
-                pending = take_touched_rows(p)  # written after the last step: discarded
+                # what was written after the last step is discarded
+                mask = pending = None
+                if masked and p.is_cpu:
+                    own = p.__dict__
+                    mask = touched_mask(p) if ROWS_LOG in own else own.get(ROWS_MASK)
+                else:
+                    pending = take_touched_rows(p)
                 grad = p.grad
-                state = self.state.get(p)
-                if not pending and not (state and state.get("row_sparse")):
-                    if grad is None:
-                        continue
-                    if set_to_none:
-                        p.grad = None
-                    else:
-                        if grad.grad_fn is not None:
-                            grad.detach_()
-                        else:
-                            grad.requires_grad_(False)
-                        grad.zero_()
+                state = all_state.get(p)
+                row_sparse = state is not None and state.get("row_sparse", False)
+                if mask is None and not pending and not row_sparse:
+                    if grad is not None:
+                        _zero_whole(p, grad, set_to_none)
                     continue
                 track = self._track(p)
-                written, track.dirty = track.dirty + pending, []
                 if grad is None:
                     track.look(None)
+                    for m in (mask, track.dirty):
+                        if m is not None:
+                            m.zero_()
                     continue
-                if not pending and not track.unchanged(grad):
+                if mask is not None:
+                    z_grads.append(grad)
+                    z_dirty.append(track.dirty if track.dirty is not None else _NO_ROWS)
+                    z_pending.append(mask)
+                    z_seen.append((p, grad, track, track.unchanged(grad), row_sparse, mask))
+                    continue
+                self._zero_rows(p, grad, track, pending, track.unchanged(grad))
+        if not z_grads:
+            return
+        counts = torch.ops.msbp.zero_masked_rows_(z_grads, z_dirty, z_pending)
+        for (p, grad, track, unchanged, row_sparse, mask), count in zip(
+            z_seen, counts, strict=True
+        ):
+            if count < 0:  # tensors the kernel does not take: the PyTorch path
+                rows = mask.nonzero().view(-1)
+                mask.zero_()
+                self._zero_rows(p, grad, track, [rows] if rows.numel() else [], unchanged)
+            elif count == 0 and not row_sparse:
+                _zero_whole(p, grad, set_to_none)  # a mask, but nothing sparse about it yet
+            else:
+                if count == 0 and not unchanged:
                     grad.zero_()  # written by something that logs no rows: clear all of it
-                elif written:
-                    rows = fold_rows(written)
-                    if rows is None:
-                        grad.zero_()
-                    else:
-                        grad.index_fill_(0, rows.to(grad.device), 0)
                 track.look(grad)
+
+    def _zero_rows(self, p: Tensor, grad: Tensor, track: _Track, pending: list,
+                   unchanged: bool) -> None:
+        """zero_grad of a sparse layer's weight from its log ``pending`` (the PyTorch path)."""
+        if (not pending and not unchanged) or any(r is None for r in pending):
+            grad.zero_()  # not pending and changed: written by something that logs no rows
+        else:
+            if pending:
+                track.stepped(p, fold_rows(pending))
+            if track.dirty is not None:
+                _zero_marked_rows(grad, track.dirty_mask(p))
+        if track.dirty is not None:
+            track.dirty.zero_()
+        track.look(grad)
+
+
+class _StepLists:
+    """The tensors of one parameter group's step outside the masked C++ path, by kind."""
+
+    def __init__(self) -> None:
+        self.d_params, self.d_grads, self.d_avgs, self.d_sqs, self.d_steps = [], [], [], [], []
+        self.r_params, self.r_avgs, self.r_sqs, self.r_grads, self.r_rows, self.r_steps = (
+            [], [], [], [], [], []
+        )
+        self.gathered: list[tuple] = []
+
+    def dense(self, p: Tensor, grad: Tensor, state: dict) -> None:
+        self.d_params.append(p)
+        self.d_grads.append(grad)
+        self.d_avgs.append(state["exp_avg"])
+        self.d_sqs.append(state["exp_avg_sq"])
+        self.d_steps.append(state["step"])
+
+    def rows(self, p: Tensor, grad: Tensor, state: dict, rows: Tensor) -> None:
+        self.r_params.append(p)
+        self.r_avgs.append(state["exp_avg"])
+        self.r_sqs.append(state["exp_avg_sq"])
+        self.r_grads.append(grad)
+        self.r_rows.append(rows)
+        self.r_steps.append(state["step"])
+
+    def gather(self, p: Tensor, grad: Tensor, state: dict, rows: Tensor) -> None:
+        p_r = p.index_select(0, rows)  # (r, ...)
+        m_r = state["exp_avg"].index_select(0, rows)
+        v_r = state["exp_avg_sq"].index_select(0, rows)
+        self.d_params.append(p_r)
+        self.d_grads.append(grad.index_select(0, rows))
+        self.d_avgs.append(m_r)
+        self.d_sqs.append(v_r)
+        self.d_steps.append(state["step"])
+        self.gathered.append((p, rows, state, p_r, m_r, v_r))
+
+    def run(self, group: dict) -> None:
+        if self.r_params:
+            beta1, beta2 = group["betas"]
+            torch.ops.msbp.lazy_row_adam_(
+                self.r_params, self.r_avgs, self.r_sqs, self.r_grads, self.r_rows,
+                self.r_steps, group["lr"], beta1, beta2, group["eps"], group["weight_decay"],
+            )
+        if self.d_params:
+            _adam(group, self.d_params, self.d_grads, self.d_avgs, self.d_sqs, self.d_steps)
+        for p, rows, state, p_r, m_r, v_r in self.gathered:
+            p.index_copy_(0, rows, p_r)
+            state["exp_avg"].index_copy_(0, rows, m_r)
+            state["exp_avg_sq"].index_copy_(0, rows, v_r)
