@@ -38,6 +38,9 @@ _SKIP = "skip"
 _DENSE = "dense"
 
 _DIST = dist.is_available()
+# Steps without a zero_grad after which zero_grad clears a whole gradient rather than a list of
+# row sets (bounds that list when gradients are zeroed by other means, e.g. model.zero_grad()).
+_DIRTY_MAX = 8
 # "no mask" for the C++ zero_grad (a list entry cannot be None)
 _NO_ROWS = torch.empty(0, dtype=torch.uint8)
 
@@ -158,13 +161,17 @@ def _hooks_when_listened(step: Callable) -> Callable:
 class _Track:
     """What the optimizer remembers of a sparse layer's weight between calls (not saved)."""
 
-    __slots__ = ("grad_ref", "version", "dirty", "warned")
+    __slots__ = ("grad_ref", "version", "dirty", "marked", "rows", "warned")
 
     def __init__(self) -> None:
         self.grad_ref: weakref.ref | None = None
         self.version = -1
-        # uint8 (out,): the rows stepped since the last zero_grad, which zero_grad must clear
+        # The rows stepped since the last zero_grad, which zero_grad must clear: the native step
+        # marks them in a uint8 (out,) mask (`marked`: it may hold some), the other paths list
+        # them (None: all rows).
         self.dirty: Tensor | None = None
+        self.marked = False
+        self.rows: list[Tensor | None] = []
         self.warned = False
 
     def look(self, grad: Tensor | None) -> None:
@@ -183,31 +190,30 @@ class _Track:
         )
 
     def dirty_mask(self, p: Tensor) -> Tensor:
-        """The mask of rows to clear, made on first use; it follows ``p`` to another device."""
+        """The mask the native step marks, made on first use; one of another shape or device
+        than ``p`` (or its gradient) is replaced, the rows it held listed."""
         dirty = self.dirty
-        if dirty is None or dirty.numel() != p.shape[0]:
+        if dirty is None or dirty.numel() != p.shape[0] or dirty.device != p.device:
+            if dirty is not None and self.marked:
+                self.stepped(self.taken().to(p.device) if dirty.numel() == p.shape[0] else None)
             dirty = self.dirty = torch.zeros(p.shape[0], dtype=torch.uint8, device=p.device)
-        elif dirty.device != p.device:
-            dirty = self.dirty = dirty.to(p.device)
         return dirty
 
-    def stepped(self, p: Tensor, rows: Tensor | None) -> None:
-        """Mark ``rows`` (None: all) of ``p``'s gradient for the next zero_grad to clear."""
-        dirty = self.dirty_mask(p)
-        if rows is None:
-            dirty.fill_(1)
+    def taken(self) -> Tensor:
+        """The rows the mask holds, which it no longer does."""
+        rows = self.dirty.nonzero().view(-1)
+        self.dirty.zero_()
+        self.marked = False
+        return rows
+
+    def stepped(self, rows: Tensor | None) -> None:
+        """List ``rows`` (None: all) for the next zero_grad to clear."""
+        if self.rows and self.rows[0] is None:
+            return  # the whole gradient is to be cleared already
+        if rows is None or len(self.rows) >= _DIRTY_MAX:
+            self.rows = [None]
         else:
-            dirty.index_fill_(0, rows.to(dirty.device), 1)
-
-
-def _zero_marked_rows(grad: Tensor, mask: Tensor) -> None:
-    """Zero the rows of ``grad`` (out, ...) that the uint8 ``mask`` (out,) marks."""
-    if grad.is_cpu:
-        rows = mask.nonzero().view(-1)
-        if rows.numel():
-            grad.index_fill_(0, rows, 0)
-    else:  # no host sync for the row count: a pass over the gradient instead
-        grad.masked_fill_(mask.view(-1, *([1] * (grad.dim() - 1))).bool(), 0)
+            self.rows.append(rows)
 
 
 def _zero_whole(p: Tensor, grad: Tensor, set_to_none: bool) -> None:
@@ -509,6 +515,7 @@ class LazyRowAdam(Optimizer):
             m_grads.append(grad)
             m_masks.append(mask)
             m_dirty.append(track.dirty if track.dirty is not None else track.dirty_mask(p))
+            track.marked = True
             m_steps.append(state["step"])
             m_seen.append((p, grad, state, track))
         if m_params or d_params:
@@ -525,6 +532,7 @@ class LazyRowAdam(Optimizer):
                     continue
                 log = []
                 if count < 0:  # tensors the kernel does not take: the PyTorch path
+                    track.dirty_mask(p)  # one of another shape: its rows listed
                     mask = touched_mask(p)
                     rows = mask.nonzero().view(-1)
                     mask.zero_()
@@ -552,7 +560,7 @@ class LazyRowAdam(Optimizer):
                 lists.gather(p, grad, state, rows.to(p.device))
         if state.get("row_sparse"):
             track = self._track(p)
-            track.stepped(p, rows)
+            track.stepped(rows)
             track.look(grad)
 
     # -- zero_grad ---------------------------------------------------------------------------
@@ -568,7 +576,7 @@ class LazyRowAdam(Optimizer):
         for group in self.param_groups:
             for p in group["params"]:
                 # what was written after the last step is discarded
-                mask = pending = None
+                mask, pending = None, []
                 if masked and p.is_cpu:
                     own = p.__dict__
                     mask = touched_mask(p) if ROWS_LOG in own else own.get(ROWS_MASK)
@@ -584,17 +592,22 @@ class LazyRowAdam(Optimizer):
                 track = self._track(p)
                 if grad is None:
                     track.look(None)
-                    for m in (mask, track.dirty):
-                        if m is not None:
-                            m.zero_()
+                    track.rows = []
+                    if track.marked:
+                        track.taken()
+                    if mask is not None:
+                        mask.zero_()
                     continue
-                if mask is not None:
+                if mask is not None and not track.rows:
                     z_grads.append(grad)
-                    z_dirty.append(track.dirty if track.dirty is not None else _NO_ROWS)
+                    z_dirty.append(track.dirty if track.marked else _NO_ROWS)
                     z_pending.append(mask)
                     z_seen.append((p, grad, track, track.unchanged(grad), row_sparse, mask))
                     continue
-                self._zero_rows(p, grad, track, pending, track.unchanged(grad))
+                if mask is not None:  # rows listed by another path too: all go that way
+                    pending = [mask.nonzero().view(-1)]
+                    mask.zero_()
+                self._zero_rows(grad, track, pending, track.unchanged(grad))
         if not z_grads:
             return
         counts = torch.ops.msbp.zero_masked_rows_(z_grads, z_dirty, z_pending)
@@ -604,26 +617,31 @@ class LazyRowAdam(Optimizer):
             if count < 0:  # tensors the kernel does not take: the PyTorch path
                 rows = mask.nonzero().view(-1)
                 mask.zero_()
-                self._zero_rows(p, grad, track, [rows] if rows.numel() else [], unchanged)
-            elif count == 0 and not row_sparse:
+                self._zero_rows(grad, track, [rows] if rows.numel() else [], unchanged)
+                continue
+            track.marked = False
+            if count == 0 and not row_sparse:
                 _zero_whole(p, grad, set_to_none)  # a mask, but nothing sparse about it yet
             else:
                 if count == 0 and not unchanged:
                     grad.zero_()  # written by something that logs no rows: clear all of it
                 track.look(grad)
 
-    def _zero_rows(self, p: Tensor, grad: Tensor, track: _Track, pending: list,
-                   unchanged: bool) -> None:
+    def _zero_rows(self, grad: Tensor, track: _Track, pending: list, unchanged: bool) -> None:
         """zero_grad of a sparse layer's weight from its log ``pending`` (the PyTorch path)."""
-        if (not pending and not unchanged) or any(r is None for r in pending):
-            grad.zero_()  # not pending and changed: written by something that logs no rows
-        else:
-            if pending:
-                track.stepped(p, fold_rows(pending))
-            if track.dirty is not None:
-                _zero_marked_rows(grad, track.dirty_mask(p))
-        if track.dirty is not None:
-            track.dirty.zero_()
+        if track.marked:
+            track.dirty_mask(grad)  # one of another shape or device: its rows listed
+            if track.marked:
+                track.stepped(track.taken())
+        written, track.rows = track.rows + pending, []
+        if not pending and not unchanged:
+            grad.zero_()  # written by something that logs no rows: clear all of it
+        elif written:
+            rows = fold_rows(written)
+            if rows is None:
+                grad.zero_()
+            else:
+                grad.index_fill_(0, rows.to(grad.device), 0)
         track.look(grad)
 
 
