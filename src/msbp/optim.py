@@ -117,7 +117,7 @@ def _adam(group: dict, params, grads, exp_avgs, exp_avg_sqs, steps) -> None:
 
 
 # torch's registries of global step hooks (dicts it fills in place); None: not found in this
-# torch, so every step takes Optimizer's full wrapper
+# torch, whose Optimizer then wraps step() as usual
 _GLOBAL_STEP_HOOKS = (
     getattr(torch_optimizer, "_global_optimizer_pre_hooks", None),
     getattr(torch_optimizer, "_global_optimizer_post_hooks", None),
@@ -132,8 +132,6 @@ def _listened(opt: Optimizer) -> bool:
         _profiler_enabled()
         or opt._optimizer_step_pre_hooks
         or opt._optimizer_step_post_hooks
-        or pre is None
-        or post is None
         or pre
         or post
     )
@@ -143,8 +141,12 @@ def _hooks_when_listened(step: Callable) -> Callable:
     """``step`` wrapped as ``Optimizer`` wraps every step (a profiler range named
     ``Optimizer.step#<class>.step``, the step pre/post hooks), but only while a profiler or a
     hook listens. The range costs two dispatcher calls, about 30 us a step at MNIST size: as
-    much as LazyRowAdam's whole CPU update of two 500-row layers."""
-    full = Optimizer.profile_hook_step(step)
+    much as LazyRowAdam's whole CPU update of two 500-row layers. (A torch without this
+    wrapper's parts gets ``step`` as it is, for Optimizer to wrap as usual.)"""
+    make_full = getattr(Optimizer, "profile_hook_step", None)
+    if make_full is None or None in _GLOBAL_STEP_HOOKS:
+        return step
+    full = make_full(step)
 
     @functools.wraps(step)
     def wrapper(self, *args, **kwargs):
