@@ -199,6 +199,7 @@ class _Track:
             if dirty is not None and self.marked:
                 self.stepped(self.taken().to(p.device) if dirty.numel() == p.shape[0] else None)
             dirty = self.dirty = torch.zeros(p.shape[0], dtype=torch.uint8, device=p.device)
+            self.marked = False
         return dirty
 
     def taken(self) -> Tensor:
@@ -235,7 +236,8 @@ class LazyRowAdam(Optimizer):
 
     Weights of ``SparseLinear`` / ``SparseLSTM`` layers get a row-sparse ("lazy") Adam update on
     the rows their backward wrote since the last step, at the cost of those rows only (a C++
-    kernel on the CPU, ``msbp.native``; PyTorch ops elsewhere or with ``MSBP_BACKEND=python``).
+    kernel on the CPU, ``msbp.native``, which takes a parameter group's whole step in one call;
+    PyTorch ops elsewhere or with ``MSBP_BACKEND=python``).
     Every other parameter (biases, dense layers, a step in which a sparse layer ran dense) gets
     PyTorch's ordinary (fused where possible) Adam step. The math is ``torch.optim.Adam``'s:
     weight decay is L2 added to the gradient (not AdamW), so with every row touched at every
