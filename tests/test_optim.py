@@ -337,9 +337,13 @@ def test_add_param_group_tracks_rows():
     assert int((model[0].weight != before).any(1).sum()) == 3
 
 
-def test_rows_logged_by_hand_match_reference_with_weight_decay():
+@pytest.mark.parametrize("contiguous", [True, False])
+def test_rows_logged_by_hand_match_reference_with_weight_decay(contiguous):
+    # not contiguous (e.g. a channels-last weight): the native step leaves it to the PyTorch path
     torch.manual_seed(3)
-    w = nn.Parameter(torch.randn(9, 5, dtype=torch.float64))
+    data = torch.randn(5, 9, dtype=torch.float64).t()
+    w = nn.Parameter(data.contiguous() if contiguous else data)
+    assert w.is_contiguous() == contiguous
     ref = w.detach().clone()
     opt = LazyRowAdam([w], lr=1e-2, weight_decay=0.1)
     m, v = torch.zeros_like(ref), torch.zeros_like(ref)
