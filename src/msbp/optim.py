@@ -432,23 +432,23 @@ class LazyRowAdam(Optimizer):
         grad_was = torch.is_grad_enabled()
         torch._C._set_grad_enabled(False)  # torch.no_grad() without its objects: 5-7 us a step
         try:
-            sync = self._sync_group()
             plans = None
+            sync = self._sync_group() if _DIST and dist.is_initialized() else None
             if sync is not None:
                 params = [p for group in self.param_groups for p in group["params"]]
                 logs = [take_touched_rows(p) for p in params]
                 plans = iter(self._plan_synced(params, logs, sync))
             native_cpu = native.use_native()
             for group in self.param_groups:
-                self._step_group(group, plans, native_cpu)
+                if native_cpu and plans is None and not isinstance(group["lr"], Tensor):
+                    self._step_group_native(group)
+                else:
+                    self._step_group(group, plans, native_cpu)
         finally:
             torch._C._set_grad_enabled(grad_was)
         return loss
 
     def _step_group(self, group: dict, plans: Iterator | None, native_cpu: bool) -> None:
-        if native_cpu and plans is None and not isinstance(group["lr"], Tensor):
-            self._step_group_native(group)
-            return
         # planned from the log of row indices: dense (PyTorch's Adam), rows (the C++ row step)
         # or gathered (rows copied out, stepped with the dense ones by PyTorch's Adam and copied
         # back: the PyTorch path)
