@@ -3,8 +3,10 @@
 Two cases: the paper's MNIST MLP 784-500-500-10 with k = 20 rows touched in each of the two
 sparse hidden weights (biases and the output layer dense), and one 4096 x 4096 weight with 164
 rows touched (k/out = 0.04). Only ``optimizer.step()`` is timed: before each step the gradients
-are in place and the sparse weights' touched rows are logged as a sparse backward would log them
-(fresh random rows every step). Variants run interleaved, round by round, in one process; the
+are in place and the sparse weights' touched rows are recorded as a sparse backward records them
+(fresh random rows every step): marked in the row mask, as the C++ backward of ``SparseLinear``
+does, for the native variant; logged as a list of rows, as the PyTorch backward does, for the
+PyTorch path. Variants run interleaved, round by round, in one process; the
 table gives the median per step over all steps, the 10-90% spread, and the ratio to dense Adam.
 
     python benchmarks/bench_optim.py --threads 1
@@ -25,7 +27,7 @@ from torch import nn
 import msbp
 from msbp import native
 from msbp.environment import cpu_name, environment
-from msbp.ops.touched_rows import log_touched_rows
+from msbp.ops.touched_rows import log_touched_rows, rows_mask
 from msbp.optim import LazyRowAdam
 
 VARIANTS = ("lazy native", "lazy python", "adam fused (dense)")
@@ -69,11 +71,13 @@ def _use(variant: str) -> None:
     native.set_backend("python" if variant == "lazy python" else "native")
 
 
-def _round(opt, sparse: list[nn.Parameter], rows: list[list[torch.Tensor]], lazy: bool):
+def _round(opt, sparse: list[nn.Parameter], rows: list[list[torch.Tensor]], variant: str):
     times = []
     for step_rows in rows:
-        if lazy:  # what the sparse layers' backward logs
-            for w, r in zip(sparse, step_rows, strict=True):
+        for w, r in zip(sparse, step_rows, strict=True):  # what the sparse layers' backward does
+            if variant == "lazy native":
+                rows_mask(w).index_fill_(0, r, 1)
+            elif variant == "lazy python":
                 log_touched_rows(w, r)
         start = time.perf_counter()
         opt.step()
@@ -93,11 +97,11 @@ def bench_case(name: str, case: Callable, steps: int, rounds: int) -> list[dict]
     round_medians: dict[str, list[float]] = {v: [] for v in VARIANTS}
     for variant, (_, sparse, _, opt) in setups.items():  # warm-up: build, first allocations
         _use(variant)
-        _round(opt, sparse, rows[:5], lazy=variant != "adam fused (dense)")
+        _round(opt, sparse, rows[:5], variant)
     for _ in range(rounds):
         for variant, (_, sparse, _, opt) in setups.items():
             _use(variant)
-            ts = _round(opt, sparse, rows, lazy=variant != "adam fused (dense)")
+            ts = _round(opt, sparse, rows, variant)
             samples[variant] += ts
             round_medians[variant].append(statistics.median(ts))
     native.set_backend("auto")

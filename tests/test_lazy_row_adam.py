@@ -164,3 +164,127 @@ def test_native_path_equals_pytorch_path(dtype, selection):
         torch.testing.assert_close(p, q, rtol=rtol, atol=atol)
     for p, q in zip(models["native"].parameters(), models["python"].parameters(), strict=True):
         assert opts["native"].state[p]["step"].item() == opts["python"].state[q]["step"].item()
+
+
+# -- the mask form: lazy_row_adam_step_ and zero_masked_rows_ ------------------------------------
+
+
+def _step_op(params, avgs, sqs, grads, masks, dirty, steps, dense=((), (), (), (), ()), lr=1e-2,
+             betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
+    return torch.ops.msbp.lazy_row_adam_step_(
+        params, avgs, sqs, grads, masks, dirty, steps, *[list(d) for d in dense], lr, *betas, eps,
+        weight_decay,
+    )
+
+
+def _mask(out, rows):
+    mask = torch.zeros(out, dtype=torch.uint8)
+    mask[rows] = 1
+    return mask
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_step_op_equals_row_op_and_consumes_the_mask(dtype):
+    # two parameters: one with rows marked, one with none (no step, step count unchanged)
+    p, m, v = _tensors(30, 19, dtype, seed=7)
+    q, mq, vq = p.clone(), m.clone(), v.clone()
+    idle, idle_m, idle_v = _tensors(8, 5, dtype, seed=8)
+    idle0 = idle.clone()
+    s, sq, s_idle = torch.zeros(()), torch.zeros(()), torch.zeros(())
+    dirty, dirty_idle = torch.zeros(30, dtype=torch.uint8), torch.zeros(8, dtype=torch.uint8)
+    gen = torch.Generator().manual_seed(9)
+    marked = torch.zeros(30, dtype=torch.bool)
+    for rows in ([3, 0, 29], [4, 3], list(range(30))):
+        g = torch.randn(30, 19, generator=gen).to(dtype)
+        mask, mask_idle = _mask(30, rows), torch.zeros(8, dtype=torch.uint8)
+        counts = _step_op([p, idle], [m, idle_m], [v, idle_v], [g, torch.ones_like(idle)],
+                          [mask, mask_idle], [dirty, dirty_idle], [s, s_idle], weight_decay=0.02)
+        _op(q, mq, vq, g, torch.tensor(sorted(rows)), sq, weight_decay=0.02)
+        assert counts == [len(rows), 0]
+        assert not mask.any()  # consumed
+        marked[rows] = True
+        assert torch.equal(dirty.bool(), marked)  # the rows zero_grad must clear
+        for a, b in ((p, q), (m, mq), (v, vq)):
+            assert torch.equal(a, b)  # the same row update, bitwise
+    assert s.item() == sq.item() == 3.0
+    assert s_idle.item() == 0.0 and torch.equal(idle, idle0) and not dirty_idle.any()
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+def test_step_op_dense_params_take_torch_fused_adam(weight_decay):
+    gen = torch.Generator().manual_seed(10)
+    shapes = [(7,), (3, 5), ()]
+    dense = [[torch.randn(sh, generator=gen) for sh in shapes]]
+    dense += [[torch.randn(sh, generator=gen) for sh in shapes]]  # grads
+    dense += [[torch.zeros(sh) for sh in shapes] for _ in range(2)]
+    dense += [[torch.zeros(()) for _ in shapes]]
+    ref = [[t.clone() for t in ts] for ts in dense]
+    p, m, v = _tensors(6, 4, torch.float32, seed=11)
+    for _ in range(3):
+        counts = _step_op([p], [m], [v], [torch.ones_like(p)], [_mask(6, [1])],
+                          [torch.zeros(6, dtype=torch.uint8)], [torch.zeros(())], dense=dense,
+                          weight_decay=weight_decay)
+        assert counts == [1]
+        adam(ref[0], ref[1], ref[2], ref[3], [], ref[4], fused=True, amsgrad=False, beta1=0.9,
+             beta2=0.999, lr=1e-2, weight_decay=weight_decay, eps=1e-8, maximize=False)
+    for ours, theirs in zip(dense, ref, strict=True):
+        for a, b in zip(ours, theirs, strict=True):
+            assert torch.equal(a, b)  # PyTorch's own kernel
+    assert all(st.item() == 3.0 for st in dense[4])
+
+
+def test_step_op_leaves_what_it_cannot_take_alone():
+    p, m, v = _tensors(6, 4, torch.float32, seed=12)
+    wide = torch.randn(4, 6).t()  # not contiguous
+    wide_m, wide_v = torch.zeros(6, 4), torch.zeros(6, 4)
+    before = p.clone(), wide.clone()
+    masks = [_mask(6, [2]), _mask(6, [2])]
+    dirty = [torch.zeros(6, dtype=torch.uint8), torch.zeros(6, dtype=torch.uint8)]
+    steps = [torch.zeros(()), torch.zeros(())]
+    counts = _step_op([p, wide], [m, wide_m], [v, wide_v], [torch.ones(6, 4)] * 2, masks, dirty,
+                      steps)
+    assert counts == [1, -1]
+    assert not torch.equal(p, before[0])
+    assert torch.equal(wide, before[1]) and masks[1][2] == 1 and not dirty[1].any()
+    assert steps[1].item() == 0.0
+    # a mask of another length or dtype: also left to the caller
+    counts = _step_op([p, p.clone()], [m, m.clone()], [v, v.clone()], [torch.ones(6, 4)] * 2,
+                      [_mask(5, [1]), _mask(6, [1]).bool()], dirty, steps)
+    assert counts == [-1, -1]
+    with pytest.raises(RuntimeError, match="dense parameters"):
+        _step_op([p], [m], [v], [p], [_mask(6, [1])], dirty[:1], steps[:1],
+                 dense=([torch.zeros(2, dtype=torch.long)],) * 4 + ([torch.zeros(())],))
+
+
+def test_step_op_moves_version_counters():
+    p, m, v = _tensors(6, 4, torch.float32, seed=13)
+    s = torch.zeros(())
+    tensors = (p, m, v, s)
+    versions = [t._version for t in tensors]
+    _step_op([p], [m], [v], [torch.ones_like(p)], [_mask(6, [0])],
+             [torch.zeros(6, dtype=torch.uint8)], [s])
+    # autograd must see the write (e.g. a weight saved by a forward that has not run backward)
+    assert all(t._version > before for t, before in zip(tensors, versions, strict=True))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+def test_zero_masked_rows(dtype):
+    gen = torch.Generator().manual_seed(14)
+    grads = [torch.randn(9, 4, generator=gen).to(dtype), torch.randn(5, generator=gen).to(dtype)]
+    before = [g.clone() for g in grads]
+    dirty = [_mask(9, [0, 4]), torch.empty(0, dtype=torch.uint8)]
+    pending = [_mask(9, [4, 8]), _mask(5, [1, 2, 3])]
+    versions = [g._version for g in grads]
+    counts = torch.ops.msbp.zero_masked_rows_(grads, dirty, pending)
+    assert counts == [2, 3]  # rows pending, i.e. written since the last step
+    for g, g0, rows in zip(grads, before, ([0, 4, 8], [1, 2, 3]), strict=True):
+        expect = g0.clone()
+        expect[rows] = 0
+        assert torch.equal(g, expect)
+    assert not dirty[0].any() and not pending[0].any() and not pending[1].any()
+    assert all(g._version > ver for g, ver in zip(grads, versions, strict=True))
+    # not contiguous: left alone
+    odd = torch.randn(4, 9).t()
+    odd0 = odd.clone()
+    assert torch.ops.msbp.zero_masked_rows_([odd], [_mask(9, [1])], [_mask(9, [2])]) == [-1]
+    assert torch.equal(odd, odd0)

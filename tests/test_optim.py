@@ -8,6 +8,7 @@ import warnings
 import pytest
 import torch
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 import msbp
 from msbp.ops.touched_rows import log_touched_rows, pending_rows
@@ -336,9 +337,13 @@ def test_add_param_group_tracks_rows():
     assert int((model[0].weight != before).any(1).sum()) == 3
 
 
-def test_rows_logged_by_hand_match_reference_with_weight_decay():
+@pytest.mark.parametrize("contiguous", [True, False])
+def test_rows_logged_by_hand_match_reference_with_weight_decay(contiguous):
+    # not contiguous (e.g. a channels-last weight): the native step leaves it to the PyTorch path
     torch.manual_seed(3)
-    w = nn.Parameter(torch.randn(9, 5, dtype=torch.float64))
+    data = torch.randn(5, 9, dtype=torch.float64).t()
+    w = nn.Parameter(data.contiguous() if contiguous else data)
+    assert w.is_contiguous() == contiguous
     ref = w.detach().clone()
     opt = LazyRowAdam([w], lr=1e-2, weight_decay=0.1)
     m, v = torch.zeros_like(ref), torch.zeros_like(ref)
@@ -355,3 +360,63 @@ def test_rows_logged_by_hand_match_reference_with_weight_decay():
         ref[rows] -= 1e-2 * (m[rows] / (1 - 0.9**t)) / ((v[rows] / (1 - 0.999**t)).sqrt() + 1e-8)
         torch.testing.assert_close(w.detach(), ref, rtol=1e-12, atol=1e-14)
         torch.testing.assert_close(opt.state[w]["exp_avg"], m, rtol=1e-12, atol=1e-14)
+
+
+def test_paths_can_alternate_between_calls(backend):
+    """The native path keeps a sparse weight's stepped rows in a mask, the PyTorch path in a
+    list: whichever path runs the backward, the step and zero_grad, every row is stepped once
+    and cleared."""
+    if backend == "python":
+        pytest.skip("alternates both paths itself")
+    model = _TwoBranch(memory=0.5)
+    ref = copy.deepcopy(model)
+    opt = LazyRowAdam(model.parameters(), lr=1e-2, weight_decay=0.01)
+    state: dict = {}
+    gen = torch.Generator().manual_seed(11)
+    paths = ("native", "python")
+    schedule = [(z, b, s) for z in paths for b in paths for s in paths]
+    try:
+        for i, (zero, backward, step) in enumerate(schedule + schedule[::-1]):
+            branch = "ab"[i % 3 == 2]
+            x = torch.randn(4, 6, dtype=torch.float64, generator=gen)
+            msbp.native.set_backend(zero)
+            opt.zero_grad()
+            assert all(p.grad is None or not p.grad.any() for p in model.parameters())
+            msbp.native.set_backend(backward)
+            model(x, branch).square().sum().backward()
+            ref.zero_grad()
+            ref(x, branch).square().sum().backward()
+            msbp.native.set_backend(step)
+            opt.step()
+            _lazy_reference_step(ref, state, 1e-2, 0.01)
+            for (name, p), q in zip(model.named_parameters(), ref.parameters(), strict=True):
+                torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12, msg=name)
+    finally:
+        msbp.native.set_backend(backend)
+
+
+def test_step_hooks_profiler_range_and_scheduler():
+    model = msbp.sparsify(_mlp(), msbp.SparseBackpropConfig(k=3), exclude="2")
+    opt = LazyRowAdam(model.parameters(), lr=1e-2)
+    x = torch.randn(4, 6, dtype=torch.float64)
+    seen = []
+    handles = [
+        register_optimizer_step_pre_hook(lambda o, a, k: seen.append("global pre")),
+        opt.register_step_pre_hook(lambda o, a, k: seen.append("pre")),
+        opt.register_step_post_hook(lambda o, a, k: seen.append("post")),
+    ]
+    _step(model, opt, x)
+    assert seen == ["global pre", "pre", "post"]
+    for handle in handles:
+        handle.remove()
+    _step(model, opt, x)
+    assert len(seen) == 3
+    with torch.profiler.profile() as prof:
+        _step(model, opt, x)
+    assert "Optimizer.step#LazyRowAdam.step" in {e.name for e in prof.events()}
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # e.g. "lr_scheduler.step() before optimizer.step()"
+        _step(model, opt, x)
+        sched.step()
+    assert opt.param_groups[0]["lr"] == 5e-3

@@ -9,6 +9,7 @@ moments, instead of drifting on stale momentum.
 
 from __future__ import annotations
 
+import functools
 import warnings
 import weakref
 from collections.abc import Callable, Iterable, Iterator
@@ -16,21 +17,38 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+import torch.optim.optimizer as torch_optimizer
 from torch import Tensor
 from torch.optim import Optimizer
 from torch.optim.adam import adam as adam_functional
 
 from msbp import native
-from msbp.ops.touched_rows import TRACK_ROWS, fold_rows, take_touched_rows
+from msbp.ops.touched_rows import (
+    ROWS_LOG,
+    ROWS_MASK,
+    TRACK_ROWS,
+    fold_rows,
+    take_touched_rows,
+    touched_mask,
+)
 
 # A plan for a parameter in one step: skip it (it took no part: its state and value stay), the
 # ordinary dense Adam step, or a Tensor of the rows to update.
 _SKIP = "skip"
 _DENSE = "dense"
 
+_DIST = dist.is_available()
 # Steps without a zero_grad after which zero_grad clears a whole gradient rather than a list of
 # row sets (bounds that list when gradients are zeroed by other means, e.g. model.zero_grad()).
 _DIRTY_MAX = 8
+# "no mask" for the C++ zero_grad (a list entry cannot be None)
+_NO_ROWS = torch.empty(0, dtype=torch.uint8)
+
+
+def _sparse_grad_error(p: Tensor) -> ValueError:
+    return ValueError(
+        f"LazyRowAdam does not take torch.sparse gradients (parameter of shape {tuple(p.shape)})"
+    )
 
 
 def _fused_ok(params: list[Tensor]) -> bool:
@@ -98,25 +116,74 @@ def _adam(group: dict, params, grads, exp_avgs, exp_avg_sqs, steps) -> None:
     )
 
 
+# torch's registries of global step hooks (dicts it fills in place); None: not found in this
+# torch, whose Optimizer then wraps step() as usual
+_GLOBAL_STEP_HOOKS = (
+    getattr(torch_optimizer, "_global_optimizer_pre_hooks", None),
+    getattr(torch_optimizer, "_global_optimizer_post_hooks", None),
+)
+_profiler_enabled = torch._C._autograd._profiler_enabled
+
+
+def _listened(opt: Optimizer) -> bool:
+    """Whether a profiler or a step hook wants to see ``opt.step()``."""
+    pre, post = _GLOBAL_STEP_HOOKS
+    return bool(
+        _profiler_enabled()
+        or opt._optimizer_step_pre_hooks
+        or opt._optimizer_step_post_hooks
+        or pre
+        or post
+    )
+
+
+def _hooks_when_listened(step: Callable) -> Callable:
+    """``step`` wrapped as ``Optimizer`` wraps every step (a profiler range named
+    ``Optimizer.step#<class>.step``, the step pre/post hooks), but only while a profiler or a
+    hook listens. The range costs two dispatcher calls, about 30 us a step at MNIST size: as
+    much as LazyRowAdam's whole CPU update of two 500-row layers. (A torch without this
+    wrapper's parts gets ``step`` as it is, for Optimizer to wrap as usual.)"""
+    make_full = getattr(Optimizer, "profile_hook_step", None)
+    if make_full is None or None in _GLOBAL_STEP_HOOKS:
+        return step
+    full = make_full(step)
+
+    @functools.wraps(step)
+    def wrapper(self, *args, **kwargs):
+        if _listened(self):
+            return full(self, *args, **kwargs)
+        out = step(self, *args, **kwargs)
+        self._optimizer_step_code()  # the profiler's python-tracing entry point, as in full
+        return out
+
+    wrapper.hooked = True  # type: ignore[attr-defined]  # Optimizer.__init__: leave it as is
+    return wrapper
+
+
 class _Track:
     """What the optimizer remembers of a sparse layer's weight between calls (not saved)."""
 
-    __slots__ = ("grad_ref", "version", "dirty", "warned")
+    __slots__ = ("grad_ref", "version", "dirty", "marked", "rows", "warned")
 
     def __init__(self) -> None:
         self.grad_ref: weakref.ref | None = None
         self.version = -1
-        # the rows stepped since the last zero_grad (None: all), which zero_grad must clear
-        self.dirty: list[Tensor | None] = []
+        # The rows stepped since the last zero_grad, which zero_grad must clear: the native step
+        # marks them in a uint8 (out,) mask (`marked`: it may hold some), the other paths list
+        # them (None: all rows).
+        self.dirty: Tensor | None = None
+        self.marked = False
+        self.rows: list[Tensor | None] = []
         self.warned = False
 
     def look(self, grad: Tensor | None) -> None:
         """Remember the gradient as it is now, to tell later whether anything wrote it."""
         if grad is None:
             self.grad_ref = None
-        else:
+            return
+        if self.grad_ref is None or self.grad_ref() is not grad:
             self.grad_ref = weakref.ref(grad)
-            self.version = grad._version
+        self.version = grad._version
 
     def unchanged(self, grad: Tensor) -> bool:
         return (
@@ -124,13 +191,44 @@ class _Track:
             and self.version == grad._version
         )
 
+    def dirty_mask(self, p: Tensor) -> Tensor:
+        """The mask the native step marks, made on first use; one of another shape or device
+        than ``p`` (or its gradient) is replaced, the rows it held listed."""
+        dirty = self.dirty
+        if dirty is None or dirty.numel() != p.shape[0] or dirty.device != p.device:
+            if dirty is not None and self.marked:
+                self.stepped(self.taken().to(p.device) if dirty.numel() == p.shape[0] else None)
+            dirty = self.dirty = torch.zeros(p.shape[0], dtype=torch.uint8, device=p.device)
+            self.marked = False
+        return dirty
+
+    def taken(self) -> Tensor:
+        """The rows the mask holds, which it no longer does."""
+        rows = self.dirty.nonzero().view(-1)
+        self.dirty.zero_()
+        self.marked = False
+        return rows
+
     def stepped(self, rows: Tensor | None) -> None:
-        if self.dirty and self.dirty[0] is None:
+        """List ``rows`` (None: all) for the next zero_grad to clear."""
+        if self.rows and self.rows[0] is None:
             return  # the whole gradient is to be cleared already
-        if rows is None or len(self.dirty) >= _DIRTY_MAX:
-            self.dirty = [None]
+        if rows is None or len(self.rows) >= _DIRTY_MAX:
+            self.rows = [None]
         else:
-            self.dirty.append(rows)
+            self.rows.append(rows)
+
+
+def _zero_whole(p: Tensor, grad: Tensor, set_to_none: bool) -> None:
+    """What ``Optimizer.zero_grad`` does to one gradient."""
+    if set_to_none:
+        p.grad = None
+        return
+    if grad.grad_fn is not None:
+        grad.detach_()
+    else:
+        grad.requires_grad_(False)
+    grad.zero_()
 
 
 class LazyRowAdam(Optimizer):
@@ -138,7 +236,8 @@ class LazyRowAdam(Optimizer):
 
     Weights of ``SparseLinear`` / ``SparseLSTM`` layers get a row-sparse ("lazy") Adam update on
     the rows their backward wrote since the last step, at the cost of those rows only (a C++
-    kernel on the CPU, ``msbp.native``; PyTorch ops elsewhere or with ``MSBP_BACKEND=python``).
+    kernel on the CPU, ``msbp.native``, which takes a parameter group's whole step in one call;
+    PyTorch ops elsewhere or with ``MSBP_BACKEND=python``).
     Every other parameter (biases, dense layers, a step in which a sparse layer ran dense) gets
     PyTorch's ordinary (fused where possible) Adam step. The math is ``torch.optim.Adam``'s:
     weight decay is L2 added to the gradient (not AdamW), so with every row touched at every
@@ -280,7 +379,7 @@ class LazyRowAdam(Optimizer):
 
     def _sync_group(self) -> Any:
         """The process group to take the union of rows over, or None."""
-        if not self.sync_rows or not (dist.is_available() and dist.is_initialized()):
+        if not self.sync_rows or not (_DIST and dist.is_initialized()):
             return None
         group = self.process_group if self.process_group is not None else dist.group.WORLD
         return group if dist.get_world_size(group) > 1 else None
@@ -323,29 +422,37 @@ class LazyRowAdam(Optimizer):
 
     # -- the step ----------------------------------------------------------------------------
 
-    @torch.no_grad()
+    @_hooks_when_listened
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """One Adam step: row-sparse for the rows sparse layers logged, dense for the rest."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        sync = self._sync_group()
-        plans = None
-        if sync is not None:
-            params = [p for group in self.param_groups for p in group["params"]]
-            plans = iter(self._plan_synced(params, [take_touched_rows(p) for p in params], sync))
-        native_cpu = native.use_native(torch.device("cpu"))
-        for group in self.param_groups:
-            self._step_group(group, plans, native_cpu)
+        grad_was = torch.is_grad_enabled()
+        torch._C._set_grad_enabled(False)  # torch.no_grad() without its objects: 5-7 us a step
+        try:
+            plans = None
+            sync = self._sync_group() if _DIST and dist.is_initialized() else None
+            if sync is not None:
+                params = [p for group in self.param_groups for p in group["params"]]
+                logs = [take_touched_rows(p) for p in params]
+                plans = iter(self._plan_synced(params, logs, sync))
+            native_cpu = native.use_native()
+            for group in self.param_groups:
+                if native_cpu and plans is None and not isinstance(group["lr"], Tensor):
+                    self._step_group_native(group)
+                else:
+                    self._step_group(group, plans, native_cpu)
+        finally:
+            torch._C._set_grad_enabled(grad_was)
         return loss
 
     def _step_group(self, group: dict, plans: Iterator | None, native_cpu: bool) -> None:
-        # dense: PyTorch's Adam; rows: the C++ row step; gathered: rows copied out, stepped with
-        # the dense ones by PyTorch's Adam and copied back (the PyTorch path)
-        d_params, d_grads, d_avgs, d_sqs, d_steps = [], [], [], [], []
-        r_params, r_avgs, r_sqs, r_grads, r_rows, r_steps = [], [], [], [], [], []
-        gathered = []
+        # planned from the log of row indices: dense (PyTorch's Adam), rows (the C++ row step)
+        # or gathered (rows copied out, stepped with the dense ones by PyTorch's Adam and copied
+        # back: the PyTorch path)
+        lists = _StepLists()
         for p in group["params"]:
             log = take_touched_rows(p)  # consumed whatever happens next
             plan = next(plans) if plans is not None else None
@@ -353,63 +460,112 @@ class LazyRowAdam(Optimizer):
             if grad is None:
                 continue
             if grad.is_sparse:
-                raise ValueError(
-                    f"LazyRowAdam does not take torch.sparse gradients (parameter of shape "
-                    f"{tuple(p.shape)})"
-                )
+                raise _sparse_grad_error(p)
             state = self._state(p)
             if plan is None:
                 plan = self._plan_local(p, grad, state, log)
-            if plan is _SKIP:
-                if state.get("row_sparse"):
-                    self._track(p).look(grad)
+            self._route(p, grad, state, plan, lists, native_cpu)
+        lists.run(group)
+
+    def _step_group_native(self, group: dict) -> None:
+        """A group's step with the native kernels and no union over processes: one call of
+        ``msbp::lazy_row_adam_step_`` takes the sparse layers' row masks whole (it steps the
+        marked rows, clears the masks and marks the rows for zero_grad in one pass) and steps the
+        dense parameters by PyTorch's fused Adam, so that no tensor op runs here per parameter
+        (at MNIST size that bookkeeping cost more than the update). What it does not take (a
+        parameter off the CPU, a layer that logged no rows) goes the way of ``_step_group``."""
+        m_params, m_avgs, m_sqs, m_grads, m_masks, m_dirty, m_steps = [], [], [], [], [], [], []
+        d_params, d_grads, d_avgs, d_sqs, d_steps = [], [], [], [], []
+        m_seen = []
+        rest = _StepLists()
+        all_state, tracks = self.state, self._tracks
+        for p in group["params"]:
+            if not p.is_cpu:
+                grad = p.grad
+                log = take_touched_rows(p)
+                if grad is not None:
+                    if grad.is_sparse:
+                        raise _sparse_grad_error(p)
+                    state = self._state(p)
+                    self._route(p, grad, state, self._plan_local(p, grad, state, log), rest, True)
                 continue
-            if plan is _DENSE:
-                rows = None
-                d_params.append(p)
-                d_grads.append(grad)
-                d_avgs.append(state["exp_avg"])
-                d_sqs.append(state["exp_avg_sq"])
-                d_steps.append(state["step"])
-            else:
-                rows = plan if plan.dtype == torch.long else plan.long()
-                if not rows.is_contiguous():
-                    rows = rows.contiguous()
-                if native_cpu and p.is_cpu and _native_rows_ok(p, grad, state):
-                    r_params.append(p)
-                    r_avgs.append(state["exp_avg"])
-                    r_sqs.append(state["exp_avg_sq"])
-                    r_grads.append(grad)
-                    r_rows.append(rows)
-                    r_steps.append(state["step"])
+            own = p.__dict__
+            # the mask, with a log of row indices (the PyTorch backward's) folded in
+            mask = touched_mask(p) if ROWS_LOG in own else own.get(ROWS_MASK)
+            grad = p.grad
+            if grad is None:
+                if mask is not None:
+                    mask.zero_()  # consumed
+                continue
+            if grad.is_sparse:
+                raise _sparse_grad_error(p)
+            state = all_state.get(p)
+            if state is None or "step" not in state:
+                state = self._state(p)
+            if mask is None:
+                if state.get("row_sparse") or p.is_complex():
+                    self._route(p, grad, state, self._plan_local(p, grad, state, []), rest, True)
                 else:
-                    if rows.device != p.device:
-                        rows = rows.to(p.device)
-                    p_r = p.index_select(0, rows)  # (r, ...)
-                    m_r = state["exp_avg"].index_select(0, rows)
-                    v_r = state["exp_avg_sq"].index_select(0, rows)
-                    d_params.append(p_r)
-                    d_grads.append(grad.index_select(0, rows))
-                    d_avgs.append(m_r)
-                    d_sqs.append(v_r)
+                    d_params.append(p)
+                    d_grads.append(grad)
+                    d_avgs.append(state["exp_avg"])
+                    d_sqs.append(state["exp_avg_sq"])
                     d_steps.append(state["step"])
-                    gathered.append((p, rows, state, p_r, m_r, v_r))
-            if state.get("row_sparse"):
-                track = self._track(p)
-                track.stepped(rows)
-                track.look(grad)
-        if r_params:
+                continue
+            track = tracks.get(id(p)) or self._track(p)
+            m_params.append(p)
+            m_avgs.append(state["exp_avg"])
+            m_sqs.append(state["exp_avg_sq"])
+            m_grads.append(grad)
+            m_masks.append(mask)
+            m_dirty.append(track.dirty if track.dirty is not None else track.dirty_mask(p))
+            track.marked = True
+            m_steps.append(state["step"])
+            m_seen.append((p, grad, state, track))
+        if m_params or d_params:
             beta1, beta2 = group["betas"]
-            torch.ops.msbp.lazy_row_adam_(
-                r_params, r_avgs, r_sqs, r_grads, r_rows, r_steps,
+            counts = torch.ops.msbp.lazy_row_adam_step_(
+                m_params, m_avgs, m_sqs, m_grads, m_masks, m_dirty, m_steps,
+                d_params, d_grads, d_avgs, d_sqs, d_steps,
                 group["lr"], beta1, beta2, group["eps"], group["weight_decay"],
             )
-        if d_params:
-            _adam(group, d_params, d_grads, d_avgs, d_sqs, d_steps)
-        for p, rows, state, p_r, m_r, v_r in gathered:
-            p.index_copy_(0, rows, p_r)
-            state["exp_avg"].index_copy_(0, rows, m_r)
-            state["exp_avg_sq"].index_copy_(0, rows, v_r)
+            for (p, grad, state, track), count in zip(m_seen, counts, strict=True):
+                if count > 0:
+                    state["row_sparse"] = True
+                    track.look(grad)
+                    continue
+                log = []
+                if count < 0:  # tensors the kernel does not take: the PyTorch path
+                    track.dirty_mask(p)  # one of another shape: its rows listed
+                    mask = touched_mask(p)
+                    rows = mask.nonzero().view(-1)
+                    mask.zero_()
+                    log = [rows] if rows.numel() else []
+                self._route(p, grad, state, self._plan_local(p, grad, state, log), rest, True)
+        rest.run(group)
+
+    def _route(self, p: Tensor, grad: Tensor, state: dict, plan: str | Tensor,
+               lists: _StepLists, native_cpu: bool) -> None:
+        """Put ``p`` on the list its plan says (or nowhere: skipped)."""
+        if plan is _SKIP:
+            if state.get("row_sparse"):
+                self._track(p).look(grad)
+            return
+        if plan is _DENSE:
+            rows = None
+            lists.dense(p, grad, state)
+        else:
+            rows = plan if plan.dtype == torch.long else plan.long()
+            if not rows.is_contiguous():
+                rows = rows.contiguous()
+            if native_cpu and p.is_cpu and _native_rows_ok(p, grad, state):
+                lists.rows(p, grad, state, rows)
+            else:
+                lists.gather(p, grad, state, rows.to(p.device))
+        if state.get("row_sparse"):
+            track = self._track(p)
+            track.stepped(rows)
+            track.look(grad)
 
     # -- zero_grad ---------------------------------------------------------------------------
 
@@ -417,34 +573,128 @@ class LazyRowAdam(Optimizer):
         """Zero the rows of sparse layers' weight gradients written since the last ``zero_grad``
         (keeping their buffers, so the next backward adds into them in place); other gradients
         as ``Optimizer.zero_grad``. Works whether or not ``step()`` ran in between."""
+        # as in step(): CPU row masks go to one C++ call, the rest is done here
+        masked = native.use_native()
+        z_grads, z_dirty, z_pending, z_seen = [], [], [], []
+        all_state = self.state
         for group in self.param_groups:
             for p in group["params"]:
-                pending = take_touched_rows(p)  # written after the last step: discarded
+                # what was written after the last step is discarded
+                mask, pending = None, []
+                if masked and p.is_cpu:
+                    own = p.__dict__
+                    mask = touched_mask(p) if ROWS_LOG in own else own.get(ROWS_MASK)
+                else:
+                    pending = take_touched_rows(p)
                 grad = p.grad
-                state = self.state.get(p)
-                if not pending and not (state and state.get("row_sparse")):
-                    if grad is None:
-                        continue
-                    if set_to_none:
-                        p.grad = None
-                    else:
-                        if grad.grad_fn is not None:
-                            grad.detach_()
-                        else:
-                            grad.requires_grad_(False)
-                        grad.zero_()
+                state = all_state.get(p)
+                row_sparse = state is not None and state.get("row_sparse", False)
+                if mask is None and not pending and not row_sparse:
+                    if grad is not None:
+                        _zero_whole(p, grad, set_to_none)
                     continue
                 track = self._track(p)
-                written, track.dirty = track.dirty + pending, []
                 if grad is None:
                     track.look(None)
+                    track.rows = []
+                    if track.marked:
+                        track.taken()
+                    if mask is not None:
+                        mask.zero_()
                     continue
-                if not pending and not track.unchanged(grad):
+                if mask is not None and not track.rows:
+                    z_grads.append(grad)
+                    z_dirty.append(track.dirty if track.marked else _NO_ROWS)
+                    z_pending.append(mask)
+                    z_seen.append((p, grad, track, track.unchanged(grad), row_sparse, mask))
+                    continue
+                if mask is not None:  # rows listed by another path too: all go that way
+                    pending = [mask.nonzero().view(-1)]
+                    mask.zero_()
+                self._zero_rows(grad, track, pending, track.unchanged(grad))
+        if not z_grads:
+            return
+        counts = torch.ops.msbp.zero_masked_rows_(z_grads, z_dirty, z_pending)
+        for (p, grad, track, unchanged, row_sparse, mask), count in zip(
+            z_seen, counts, strict=True
+        ):
+            if count < 0:  # tensors the kernel does not take: the PyTorch path
+                rows = mask.nonzero().view(-1)
+                mask.zero_()
+                self._zero_rows(grad, track, [rows] if rows.numel() else [], unchanged)
+                continue
+            track.marked = False
+            if count == 0 and not row_sparse:
+                _zero_whole(p, grad, set_to_none)  # a mask, but nothing sparse about it yet
+            else:
+                if count == 0 and not unchanged:
                     grad.zero_()  # written by something that logs no rows: clear all of it
-                elif written:
-                    rows = fold_rows(written)
-                    if rows is None:
-                        grad.zero_()
-                    else:
-                        grad.index_fill_(0, rows.to(grad.device), 0)
                 track.look(grad)
+
+    def _zero_rows(self, grad: Tensor, track: _Track, pending: list, unchanged: bool) -> None:
+        """zero_grad of a sparse layer's weight from its log ``pending`` (the PyTorch path)."""
+        if track.marked:
+            track.dirty_mask(grad)  # one of another shape or device: its rows listed
+            if track.marked:
+                track.stepped(track.taken())
+        written, track.rows = track.rows + pending, []
+        if not pending and not unchanged:
+            grad.zero_()  # written by something that logs no rows: clear all of it
+        elif written:
+            rows = fold_rows(written)
+            if rows is None:
+                grad.zero_()
+            else:
+                grad.index_fill_(0, rows.to(grad.device), 0)
+        track.look(grad)
+
+
+class _StepLists:
+    """The tensors of one parameter group's step outside the masked C++ path, by kind."""
+
+    def __init__(self) -> None:
+        self.d_params, self.d_grads, self.d_avgs, self.d_sqs, self.d_steps = [], [], [], [], []
+        self.r_params, self.r_avgs, self.r_sqs, self.r_grads, self.r_rows, self.r_steps = (
+            [], [], [], [], [], []
+        )
+        self.gathered: list[tuple] = []
+
+    def dense(self, p: Tensor, grad: Tensor, state: dict) -> None:
+        self.d_params.append(p)
+        self.d_grads.append(grad)
+        self.d_avgs.append(state["exp_avg"])
+        self.d_sqs.append(state["exp_avg_sq"])
+        self.d_steps.append(state["step"])
+
+    def rows(self, p: Tensor, grad: Tensor, state: dict, rows: Tensor) -> None:
+        self.r_params.append(p)
+        self.r_avgs.append(state["exp_avg"])
+        self.r_sqs.append(state["exp_avg_sq"])
+        self.r_grads.append(grad)
+        self.r_rows.append(rows)
+        self.r_steps.append(state["step"])
+
+    def gather(self, p: Tensor, grad: Tensor, state: dict, rows: Tensor) -> None:
+        p_r = p.index_select(0, rows)  # (r, ...)
+        m_r = state["exp_avg"].index_select(0, rows)
+        v_r = state["exp_avg_sq"].index_select(0, rows)
+        self.d_params.append(p_r)
+        self.d_grads.append(grad.index_select(0, rows))
+        self.d_avgs.append(m_r)
+        self.d_sqs.append(v_r)
+        self.d_steps.append(state["step"])
+        self.gathered.append((p, rows, state, p_r, m_r, v_r))
+
+    def run(self, group: dict) -> None:
+        if self.r_params:
+            beta1, beta2 = group["betas"]
+            torch.ops.msbp.lazy_row_adam_(
+                self.r_params, self.r_avgs, self.r_sqs, self.r_grads, self.r_rows,
+                self.r_steps, group["lr"], beta1, beta2, group["eps"], group["weight_decay"],
+            )
+        if self.d_params:
+            _adam(group, self.d_params, self.d_grads, self.d_avgs, self.d_sqs, self.d_steps)
+        for p, rows, state, p_r, m_r, v_r in self.gathered:
+            p.index_copy_(0, rows, p_r)
+            state["exp_avg"].index_copy_(0, rows, m_r)
+            state["exp_avg_sq"].index_copy_(0, rows, v_r)

@@ -3,8 +3,10 @@
 Lives in ``ops`` (the layer that writes it) so that ``ops`` never imports ``optim``.
 
 The log is a list on the Parameter (``weight.__dict__[ROWS_LOG]``): one entry per backward, the
-row indices it wrote (a 1-D int64 tensor of distinct rows) or None when it wrote every row. The
-optimizer that asked for it (``TRACK_ROWS``) takes it at every step (``take_touched_rows``).
+row indices it wrote (a 1-D int64 tensor of distinct rows) or None when it wrote every row; the
+C++ fast path of the sparse layers marks a uint8 row mask instead (``ROWS_MASK``). The optimizer
+that asked for it (``TRACK_ROWS``) takes both at every step: as a list (``take_touched_rows``),
+or as the mask with the list folded in (``touched_mask``), which its native step consumes.
 """
 
 from __future__ import annotations
@@ -86,3 +88,31 @@ def take_touched_rows(weight: Tensor) -> list[Tensor | None]:
         log.append(mask.nonzero().flatten())
         mask.zero_()
     return log
+
+
+def touched_mask(weight: Tensor) -> Tensor | None:
+    """``weight``'s uint8 (out,) row mask with its row log folded in (the log is emptied), or
+    None if neither exists. The caller consumes it: the rows are the set entries, and whoever
+    takes them clears it (the native optimizer step does so in the same pass)."""
+    state = weight.__dict__
+    log = state.pop(ROWS_LOG, None)
+    mask = state.get(ROWS_MASK)
+    if mask is not None and (mask.device != weight.device or mask.numel() != weight.shape[0]):
+        # the weight moved (its marks move with it) or was resized (they mean nothing now)
+        if mask.numel() == weight.shape[0]:
+            mask = mask.to(weight.device)
+        else:
+            mask = torch.zeros(weight.shape[0], dtype=torch.uint8, device=weight.device)
+        state[ROWS_MASK] = mask
+    if not log:
+        return mask
+    if mask is None:
+        mask = state[ROWS_MASK] = torch.zeros(
+            weight.shape[0], dtype=torch.uint8, device=weight.device
+        )
+    rows = fold_rows(log)
+    if rows is None:
+        mask.fill_(1)
+    else:
+        mask.index_fill_(0, rows.to(mask.device), 1)
+    return mask
