@@ -85,7 +85,16 @@ void topk_indices(const A* scores, int64_t m, int64_t k, int64_t* out, std::vect
   }
 }
 
+// One entry of U = G + M * mem_mul (mr: the memory row, or null).
+template <typename G, typename A>
+inline A u_value(G gv, const A* mr, int64_t o, A mem_mul) {
+  A v = static_cast<A>(gv);
+  return mr ? v + mr[o] * mem_mul : v;
+}
+
 // Pass 1, over columns [o0, o1): U = G + madd, colsum |U|, colsum U, finiteness.
+// u may be null: the scores and sums alone (unified top-k with the `unit` layout reads only k
+// columns of U afterwards, which it recomputes, instead of writing n x out values).
 template <typename G, typename A>
 void build_u(const G* g, A* u, int64_t n, int64_t out, int64_t o0, int64_t o1, const A* mem,
              bool slot, A mem_mul, A* score, A* usum, A* bad) {
@@ -93,12 +102,11 @@ void build_u(const G* g, A* u, int64_t n, int64_t out, int64_t o0, int64_t o1, c
   for (int64_t o = o0; o < o1; ++o) score[o] = usum[o] = 0;
   for (int64_t r = 0; r < n; ++r) {
     const G* gr = g + r * out;
-    A* ur = u + r * out;
+    A* ur = u ? u + r * out : nullptr;
     const A* mr = mem ? (slot ? mem + r * out : mem) : nullptr;
     for (int64_t o = o0; o < o1; ++o) {
-      A gv = static_cast<A>(gr[o]);
-      A v = mr ? gv + mr[o] * mem_mul : gv;
-      ur[o] = v;
+      A v = u_value(gr[o], mr, o, mem_mul);
+      if (ur) ur[o] = v;
       score[o] += std::abs(v);
       usum[o] += v;
       nan_acc += v * A(0);  // NaN iff some v is inf or NaN; never overflows
@@ -213,8 +221,12 @@ Out5 backward_impl(const Tensor& grad_out, const Tensor& x, const Tensor& weight
   const bool dense = k >= out;
   Tensor g = grad_out.contiguous();
 
-  // Pass 1: U, scores, column sums, finiteness.
-  Tensor u = at::empty({n, out}, acc_opts);
+  // Pass 1: U, scores, column sums, finiteness. U itself is not stored where only k of its
+  // columns are read later (unified / random selection, `unit` layout or no memory): on large
+  // layers writing it (and faulting in its fresh pages) cost more than the rest of the pass.
+  const bool keep_u = dense || selection == kPerExample || (use_memory && slot);
+  Tensor u = keep_u ? at::empty({n, out}, acc_opts) : Tensor();
+  A* u_ptr = keep_u ? u.data_ptr<A>() : nullptr;
   Tensor score = at::empty({out}, acc_opts), usum = at::empty({out}, acc_opts);
   Tensor mem_c;
   const A* mem_ptr = nullptr;
@@ -232,7 +244,7 @@ Out5 backward_impl(const Tensor& grad_out, const Tensor& x, const Tensor& weight
     at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
       for (int64_t c = c0; c < c1; ++c) {
         int64_t o0 = out * c / nchunks, o1 = out * (c + 1) / nchunks;
-        build_u<scalar_t, A>(gp, u.data_ptr<A>(), n, out, o0, o1, mem_ptr, slot, mem_mul,
+        build_u<scalar_t, A>(gp, u_ptr, n, out, o0, o1, mem_ptr, slot, mem_mul,
                              score.data_ptr<A>(), usum.data_ptr<A>(), &bad[c]);
       }
     });
@@ -253,7 +265,7 @@ Out5 backward_impl(const Tensor& grad_out, const Tensor& x, const Tensor& weight
     return {dx, dW, db, at::arange(out, long_opts), at::ones({}, long_opts)};
   }
 
-  A* up = u.data_ptr<A>();
+  A* up = u_ptr;
   const A inv_scale = static_cast<A>(alpha / scale_value);
   Tensor dx = empty_x, dW = empty_x, rows;
   // dW: the rows' values (r, in) when compact_dw, else a dense (out, in) with zeros elsewhere
@@ -288,8 +300,19 @@ Out5 backward_impl(const Tensor& grad_out, const Tensor& x, const Tensor& weight
     } else {
       Tensor u_sel = at::empty({n, kk}, acc_opts);
       A* sp = u_sel.data_ptr<A>();
-      for (int64_t r = 0; r < n; ++r)
-        for (int64_t j = 0; j < kk; ++j) sp[r * kk + j] = up[r * out + ip[j]];
+      if (keep_u) {
+        for (int64_t r = 0; r < n; ++r)
+          for (int64_t j = 0; j < kk; ++j) sp[r * kk + j] = up[r * out + ip[j]];
+      } else {
+        // the k columns of U from G and the memory, by the same expression as pass 1
+        AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, g.scalar_type(), "msbp_u_sel",
+                                        [&] {
+          const scalar_t* gp = g.data_ptr<scalar_t>();
+          for (int64_t r = 0; r < n; ++r)
+            for (int64_t j = 0; j < kk; ++j)
+              sp[r * kk + j] = u_value(gp[r * out + ip[j]], mem_ptr, ip[j], mem_mul);
+        });
+      }
       u_k = u_sel.to(x.scalar_type());
     }
     const bool loops = !dense && n * kk * d_in <= kLoopWork && same_type;
