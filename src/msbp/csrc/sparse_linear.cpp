@@ -93,26 +93,44 @@ inline A u_value(G gv, const A* mr, int64_t o, A mem_mul) {
 }
 
 // Pass 1, over columns [o0, o1): U = G + madd, colsum |U|, colsum U, finiteness.
-// u may be null: the scores and sums alone (unified top-k with the `unit` layout reads only k
-// columns of U afterwards, which it recomputes, instead of writing n x out values).
-template <typename G, typename A>
-void build_u(const G* g, A* u, int64_t n, int64_t out, int64_t o0, int64_t o1, const A* mem,
-             bool slot, A mem_mul, A* score, A* usum, A* bad) {
+// WriteU false: the scores and sums alone (unified top-k with the `unit` layout reads only k
+// columns of U afterwards, which it recomputes, instead of writing n x out values). gsum, if
+// not null, gets colsum G (db) in the same pass.
+template <typename G, typename A, bool WriteU, bool SumG>
+void build_u_pass(const G* g, A* u, int64_t n, int64_t out, int64_t o0, int64_t o1,
+                  const A* mem, bool slot, A mem_mul, A* score, A* usum, A* gsum, A* bad) {
   A nan_acc = 0;
   for (int64_t o = o0; o < o1; ++o) score[o] = usum[o] = 0;
+  if constexpr (SumG) {
+    for (int64_t o = o0; o < o1; ++o) gsum[o] = 0;
+  }
   for (int64_t r = 0; r < n; ++r) {
     const G* gr = g + r * out;
-    A* ur = u ? u + r * out : nullptr;
+    A* ur = WriteU ? u + r * out : nullptr;
     const A* mr = mem ? (slot ? mem + r * out : mem) : nullptr;
     for (int64_t o = o0; o < o1; ++o) {
       A v = u_value(gr[o], mr, o, mem_mul);
-      if (ur) ur[o] = v;
+      if constexpr (WriteU) ur[o] = v;
+      if constexpr (SumG) gsum[o] += static_cast<A>(gr[o]);
       score[o] += std::abs(v);
       usum[o] += v;
       nan_acc += v * A(0);  // NaN iff some v is inf or NaN; never overflows
     }
   }
   *bad = nan_acc;
+}
+
+template <typename G, typename A>
+void build_u(const G* g, A* u, int64_t n, int64_t out, int64_t o0, int64_t o1, const A* mem,
+             bool slot, A mem_mul, A* score, A* usum, A* gsum, A* bad) {
+  if (u != nullptr && gsum != nullptr)
+    build_u_pass<G, A, true, true>(g, u, n, out, o0, o1, mem, slot, mem_mul, score, usum, gsum, bad);
+  else if (u != nullptr)
+    build_u_pass<G, A, true, false>(g, u, n, out, o0, o1, mem, slot, mem_mul, score, usum, gsum, bad);
+  else if (gsum != nullptr)
+    build_u_pass<G, A, false, true>(g, u, n, out, o0, o1, mem, slot, mem_mul, score, usum, gsum, bad);
+  else
+    build_u_pass<G, A, false, false>(g, u, n, out, o0, o1, mem, slot, mem_mul, score, usum, gsum, bad);
 }
 
 // Work below which a parallel region costs more than it saves (OpenMP start and join, measured
@@ -236,6 +254,10 @@ Out5 backward_impl(const Tensor& grad_out, const Tensor& x, const Tensor& weight
     mem_ptr = mem_c.data_ptr<A>();
     mem_mul = static_cast<A>(slot ? scale_value : scale_value / static_cast<double>(n));
   }
+  // db in the same pass, except at k = out, where it is summed as torch sums it, so that the
+  // layer is bit-identical to a dense one
+  Tensor db = need_b && !dense ? at::empty({out}, acc_opts) : Tensor();
+  A* gsum_ptr = db.defined() ? db.data_ptr<A>() : nullptr;
   const int64_t nchunks =
       std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), (n * out) / kMinTaskWork));
   std::vector<A> bad(nchunks, 0);
@@ -245,15 +267,15 @@ Out5 backward_impl(const Tensor& grad_out, const Tensor& x, const Tensor& weight
       for (int64_t c = c0; c < c1; ++c) {
         int64_t o0 = out * c / nchunks, o1 = out * (c + 1) / nchunks;
         build_u<scalar_t, A>(gp, u_ptr, n, out, o0, o1, mem_ptr, slot, mem_mul,
-                             score.data_ptr<A>(), usum.data_ptr<A>(), &bad[c]);
+                             score.data_ptr<A>(), usum.data_ptr<A>(), gsum_ptr, &bad[c]);
       }
     });
   });
   bool finite = true;
   for (A b : bad) finite = finite && std::isfinite(b);
 
-  // db as torch sums it, so that k = out is bit-identical to a dense layer
-  Tensor db = need_b ? at::sum(g, {0}, false, acc_opts.dtype().toScalarType()) : at::empty({0}, acc_opts);
+  if (!need_b) db = at::empty({0}, acc_opts);
+  else if (dense) db = at::sum(g, {0}, false, acc_opts.dtype().toScalarType());
   Tensor empty_x = at::empty({0}, x_opts);
 
   if (!finite) {
