@@ -3,7 +3,8 @@
 
     python experiments/cifar10_render.py [--out experiments/cifar10_table.md]
 
-One row per run: the setting (file name), method, k ratio, memory, selection, test and dev
+One row per run: the setting (file name), method, k ratio (with ``--layer-ratios`` and
+``--dense-warmup`` if given), memory, test and dev
 accuracy at the best-dev epoch (difference to the dense run of the same file), backprop and
 total training seconds (speed-up against the dense run of the same file, i.e. the same process
 and data order; files without a dense run are compared with ``--baseline``'s dense run, marked
@@ -40,6 +41,10 @@ def render(folder: Path, baseline: str | None) -> str:
         for run in doc["runs"]:
             sc = (cfg.get("sparse_config") or {}).get(run["method"])
             ratio = "-" if sc is None else f"{sc.get('ratio', cfg['ratio']):g}"
+            if sc is not None and cfg.get("layer_ratios"):  # --layer-ratios: per block
+                ratio += f" ({cfg['layer_ratios'].replace(',', ', ')})"
+            if sc is not None and cfg.get("dense_warmup"):
+                ratio += f", {cfg['dense_warmup']} dense epoch(s) first"
             memory = "-" if sc is None else f"{sc.get('memory', 0):g}"
             if sc is not None and sc.get("memory", 0) > 0:
                 memory += f" {sc.get('memory_layout', 'unit')}"
@@ -63,13 +68,41 @@ def render(folder: Path, baseline: str | None) -> str:
     return "\n".join(lines)
 
 
+def render_epochs(path: Path) -> str:
+    """Test accuracy after every epoch of each run of one file, with the gap to the dense run
+    (does the gap shrink with training?)."""
+    doc = json.loads(path.read_text())
+    dense = _dense(doc)
+    runs = doc["runs"]
+    head = " | ".join(r["method"] for r in runs)
+    lines = [f"| epoch | {head} |", "|---" * (len(runs) + 1) + "|"]
+    for i in range(max(len(r["epochs"]) for r in runs)):
+        cells = []
+        for run in runs:
+            if i >= len(run["epochs"]):
+                cells.append("")
+                continue
+            acc = run["epochs"][i]["test_accuracy"]
+            text = f"{acc:.2f}"
+            if dense is not None and run is not dense and i < len(dense["epochs"]):
+                text += f" ({acc - dense['epochs'][i]['test_accuracy']:+.2f})"
+            cells.append(text)
+        lines.append(f"| {i + 1} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--results", default=str(RESULTS))
     parser.add_argument("--baseline", default="ratio0.1",
                         help="file (stem) whose dense run serves files without one")
     parser.add_argument("--out", default=None)
+    parser.add_argument("--epochs-of", default=None, metavar="STEM",
+                        help="instead: the per-epoch test accuracy of one file's runs")
     args = parser.parse_args(argv)
+    if args.epochs_of:
+        print(render_epochs(Path(args.results) / f"{args.epochs_of}.json"))
+        return
     table = render(Path(args.results), args.baseline)
     if args.out:
         Path(args.out).write_text(table + "\n")
