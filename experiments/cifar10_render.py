@@ -103,17 +103,22 @@ def render(folder: Path, baseline: str | None, bench: Path | None = None) -> str
     return "\n".join(lines)
 
 
-def render_epochs(path: Path) -> str:
-    """Test accuracy after every epoch of each run of one file, with the gap to the dense run
-    (does the gap shrink with training?)."""
-    doc = json.loads(path.read_text())
-    dense = _dense(doc)
-    runs = doc["runs"]
-    head = " | ".join(r["method"] for r in runs)
-    lines = [f"| epoch | {head} |", "|---" * (len(runs) + 1) + "|"]
-    for i in range(max(len(r["epochs"]) for r in runs)):
+def render_epochs(folder: Path, stems: list[str]) -> str:
+    """Test accuracy after every epoch of the runs of the files ``stems`` (one dense column, the
+    first file's or, as in ``render``, borrowed from a file with the same conditions), with each
+    sparse run's gap to dense after the same epoch (does the gap shrink with training?)."""
+    docs = {p.stem: json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))}
+    first = docs[stems[0]]
+    dense = _dense(first) or _baseline(docs, first, None)
+    columns = [("dense", dense)] if dense is not None else []
+    for stem in stems:
+        columns += [(f"{stem} {r['method']}", r) for r in docs[stem]["runs"]
+                    if r["method"] != "dense"]
+    lines = ["| epoch | " + " | ".join(name for name, _ in columns) + " |",
+             "|---" * (len(columns) + 1) + "|"]
+    for i in range(max(len(r["epochs"]) for _, r in columns)):
         cells = []
-        for run in runs:
+        for _, run in columns:
             if i >= len(run["epochs"]):
                 cells.append("")
                 continue
@@ -134,11 +139,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default=None)
     parser.add_argument("--bench", default=str(HERE / "cifar10_settings_bench.json"),
                         help="cifar10_settings_bench.py's JSON: the side-by-side speed-ups")
-    parser.add_argument("--epochs-of", default=None, metavar="STEM",
-                        help="instead: the per-epoch test accuracy of one file's runs")
+    parser.add_argument("--epochs-of", nargs="+", default=None, metavar="STEM",
+                        help="instead: the per-epoch test accuracy of these files' runs")
     args = parser.parse_args(argv)
     if args.epochs_of:
-        print(render_epochs(Path(args.results) / f"{args.epochs_of}.json"))
+        print(render_epochs(Path(args.results), args.epochs_of))
         return
     table = render(Path(args.results), args.baseline, Path(args.bench))
     if args.out:
