@@ -179,3 +179,100 @@ def test_cli_bad_archive_exits_2_with_one_line(tmp_path, capsys, what):
     err = capsys.readouterr().err
     assert rc == 2
     assert err.count("\n") == 1 and err.startswith("msbp: error: ") and "cifar10" in err
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        (None, {}),
+        ("", {}),
+        ("block1=0.5", {"block1": 0.5}),
+        (" block1 = 0.5 , block3=dense,block2=1", {"block1": 0.5, "block3": None, "block2": 1.0}),
+    ],
+)
+def test_parse_layer_ratios(text, expected):
+    from msbp.tasks.cifar10 import parse_layer_ratios
+
+    assert parse_layer_ratios(text) == expected
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("block1", "not LAYER=RATIO"),
+        ("block1=", "not LAYER=RATIO"),
+        ("block1=0.5,", "not LAYER=RATIO"),
+        ("block4=0.5", "unknown layer 'block4'"),
+        ("block1=0.5,block1=0.1", "block1 is given twice"),
+        ("block1=0", "block1=0: the ratio must be"),
+        ("block1=1.5", "block1=1.5: the ratio must be"),
+        ("block1=nan", "block1=nan: the ratio must be"),
+        ("block1=half", "block1=half: the ratio must be"),
+    ],
+)
+def test_parse_layer_ratios_rejects(text, message):
+    from msbp.tasks.base import UsageError
+    from msbp.tasks.cifar10 import parse_layer_ratios
+
+    with pytest.raises(UsageError, match="--layer-ratios: .*" + message.replace("(", r"\(")):
+        parse_layer_ratios(text)
+
+
+def test_layer_ratios_reach_the_layers(archive_dir):
+    import msbp
+    from msbp.nn import SparseConv2d
+    from msbp.tasks.cifar10 import Cifar10Task
+
+    # width 4: block1 has 8 output channels, block2 and block3 16
+    args = cli.build_parser("cifar10").parse_args(
+        _argv(archive_dir, "--layer-ratios", "block1=0.5,block3=dense"))
+    task = Cifar10Task(args)
+    config = msbp.SparseBackpropConfig(ratio=0.25, selection="unified", memory=0.8)
+    model = msbp.sparsify(task.build_model(), config_fn=task.sparse_config_fn(config),
+                          exclude=task.sparse_exclude())
+    assert isinstance(model.block1[0], SparseConv2d) and model.block1[0].k == 4
+    assert model.block1[0].config == config.replace(ratio=0.5)
+    assert isinstance(model.block2[0], SparseConv2d) and model.block2[0].k == 4
+    assert model.block2[0].config == config
+    assert type(model.block3[0]) is torch.nn.Conv2d
+    assert type(model.stem[0]) is torch.nn.Conv2d and type(model.head) is torch.nn.Linear
+    # without the option: no config_fn, every block gets the one config
+    plain = Cifar10Task(cli.build_parser("cifar10").parse_args(_argv(archive_dir)))
+    assert plain.sparse_config_fn(config) is None
+
+
+@pytest.mark.parametrize(
+    "value, message",
+    [
+        ("block1=2", "--layer-ratios: block1=2: the ratio must be a number in (0, 1] or 'dense'"),
+        ("stem=0.5", "--layer-ratios names stem, which stay dense unless --sparse-layers all"),
+    ],
+)
+def test_cli_bad_layer_ratios_exit_2(archive_dir, capsys, value, message):
+    rc = cli.main(_argv(archive_dir, "--layer-ratios", value))
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert err == f"msbp: error: {message}\n"
+
+
+def test_dense_warmup_trains_as_dense(archive_dir, tmp_path, capsys):
+    """--dense-warmup 1: msbp's first epoch is dense backprop, step for step (the same losses
+    as the dense run of the same process); without it the losses differ."""
+
+    def losses(*extra: str) -> list[float]:
+        out = tmp_path / "r.json"
+        rc = cli.main(_argv(archive_dir, "--methods", "dense", "msbp", "--ratio", "0.25",
+                            "--batch-size", "4", "--epochs", "2", "--out", str(out), *extra,
+                            command="compare"))
+        assert rc == 0, capsys.readouterr().err
+        runs = json.loads(out.read_text())["runs"]
+        return [[e["train_loss"] for e in r["epochs"]] for r in runs]
+
+    (dense, warm) = losses("--dense-warmup", "1")
+    assert warm[0] == dense[0]  # 4 steps of 4 images: the updates after step 1 matter
+    assert warm[1] != dense[1]  # then sparse
+    (dense, cold) = losses()
+    assert cold[0] != dense[0]
+    capsys.readouterr()
+    assert cli.main(_argv(archive_dir, "--dense-warmup", "-1")) == 2
+    assert capsys.readouterr().err == "msbp: error: --dense-warmup must be >= 0, got -1\n"

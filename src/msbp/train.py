@@ -36,7 +36,7 @@ from torch import nn
 
 from msbp import native
 from msbp.config import MEMORY_LAYOUTS, MEMORY_ROWS, SELECTIONS, SparseBackpropConfig
-from msbp.convert import sparsify
+from msbp.convert import dense_backward, sparsify
 from msbp.data.errors import DataError
 from msbp.distributed import wrap_ddp
 from msbp.info import InfoLossMeter
@@ -95,6 +95,12 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
         "changes nothing) or all rows (the old behaviour)",
     )
     sp.add_argument("--align", type=int, default=1, help="round k up to a multiple (default 1)")
+    sp.add_argument(
+        # SUPPRESS: see --consensus
+        "--dense-warmup", type=int, default=argparse.SUPPRESS, metavar="N",
+        help="sbp and msbp train their first N epochs with exact dense backprop (the sparse "
+        "layers run as plain PyTorch ops, the memory stays empty), then sparse (default 0)",
+    )
     sp.add_argument(
         # SUPPRESS: absent from the options unless given, so checkpoints written before this
         # flag existed keep their fingerprint
@@ -267,6 +273,7 @@ def check_args(args: argparse.Namespace) -> None:
     check_option(args, "lr", low=0, low_open=True)
     check_option(args, "momentum", low=0)
     check_option(args, "seed", low=0, high=MAX_SEED)
+    check_option(args, "dense_warmup", low=0)
     if args.info_window > args.info_every:
         raise UsageError(
             f"--info-window ({args.info_window}) must not exceed --info-every ({args.info_every})"
@@ -543,8 +550,13 @@ def train_run(task: Task, method: str, args: argparse.Namespace) -> dict[str, An
     n_batches = task.num_train_batches()
     check_each_step = _reads_loss_each_step(device)
     native.prepare()  # a first build of the kernels must not count as training time
+    warmup = getattr(args, "dense_warmup", 0) or 0
     for epoch in range(start_epoch, args.epochs):
         model.train()
+        # --dense-warmup: the same model and optimizer, its sparse layers flagged to compute
+        # with plain PyTorch ops (exact dense backprop, memory untouched) for the first epochs
+        mode = (dense_backward(model) if config is not None and epoch < warmup
+                else contextlib.nullcontext())
         backprop = 0.0
         loss_sum = torch.zeros((), device=device, dtype=torch.float64)
         steps = 0
@@ -554,41 +566,44 @@ def train_run(task: Task, method: str, args: argparse.Namespace) -> dict[str, An
         )
         _sync(device)
         t_start = time.perf_counter()
-        for batch in batches:
-            weight = 1.0
-            if world > 1:  # every process drew the same global batch: keep this rank's part
-                part = task.shard_batch(batch, rank, world)
-                if part is None:  # fewer rows than processes: every process skips it
-                    continue
-                batch, weight = part
-            if meter is not None:  # on measured steps: a dense pass for the true gradients
-                meter.start_step(step, lambda batch=batch: task.loss(model, batch))
-            # the fastest ordinary loop; sparse layers put back their own gradient buffer
-            optimizer.zero_grad(set_to_none=True)
-            loss = task.loss(net, batch)
-            if weight != 1.0:  # a last batch that the processes share unevenly
-                loss = loss * weight
-            # reading the loss costs nothing on the CPU; on a GPU it would wait for the device
-            # at every step, so there the running sum is read every CHECK_EVERY steps instead
-            if check_each_step and not math.isfinite(loss.item()):
-                raise _diverged(method, args, epoch, steps + 1, f"the loss is {loss.item()}")
-            _sync(device)
-            t_bwd = time.perf_counter()
-            try:
-                loss.backward()
-            except FloatingPointError as err:  # a sparse layer met a non-finite gradient
-                raise _diverged(method, args, epoch, steps + 1, str(err).split(";")[0]) from None
-            _sync(device)
-            backprop += time.perf_counter() - t_bwd
-            optimizer.step()
-            loss_sum += loss.detach()
-            if meter is not None:
-                meter.end_step(step)
-            step += 1
-            steps += 1
-            if not check_each_step and steps % CHECK_EVERY == 0 and not math.isfinite(loss_sum):
-                raise _diverged(method, args, epoch, steps, "the loss became non-finite",
-                                since=steps - CHECK_EVERY + 1)
+        with mode:
+            for batch in batches:
+                weight = 1.0
+                if world > 1:  # every process drew the same global batch: keep this rank's part
+                    part = task.shard_batch(batch, rank, world)
+                    if part is None:  # fewer rows than processes: every process skips it
+                        continue
+                    batch, weight = part
+                if meter is not None:  # on measured steps: a dense pass for the true gradients
+                    meter.start_step(step, lambda batch=batch: task.loss(model, batch))
+                # the fastest ordinary loop; sparse layers put back their own gradient buffer
+                optimizer.zero_grad(set_to_none=True)
+                loss = task.loss(net, batch)
+                if weight != 1.0:  # a last batch that the processes share unevenly
+                    loss = loss * weight
+                # reading the loss costs nothing on the CPU; on a GPU it would wait for the device
+                # at every step, so there the running sum is read every CHECK_EVERY steps instead
+                if check_each_step and not math.isfinite(loss.item()):
+                    raise _diverged(method, args, epoch, steps + 1, f"the loss is {loss.item()}")
+                _sync(device)
+                t_bwd = time.perf_counter()
+                try:
+                    loss.backward()
+                except FloatingPointError as err:  # a sparse layer met a non-finite gradient
+                    what = str(err).split(";")[0]
+                    raise _diverged(method, args, epoch, steps + 1, what) from None
+                _sync(device)
+                backprop += time.perf_counter() - t_bwd
+                optimizer.step()
+                loss_sum += loss.detach()
+                if meter is not None:
+                    meter.end_step(step)
+                step += 1
+                steps += 1
+                if (not check_each_step and steps % CHECK_EVERY == 0
+                        and not math.isfinite(loss_sum)):
+                    raise _diverged(method, args, epoch, steps, "the loss became non-finite",
+                                    since=steps - CHECK_EVERY + 1)
         _sync(device)
         seconds = time.perf_counter() - t_start
         if world > 1:  # the mean of the processes' (weighted) losses: the global batch's loss

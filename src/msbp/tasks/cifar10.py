@@ -10,14 +10,16 @@ normalised, all in a few tensor operations per batch (no DataLoader).
 from __future__ import annotations
 
 import argparse
+import math
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from msbp.config import SparseBackpropConfig
 from msbp.data.cifar10 import ARCHIVE_NAME, Cifar10Arrays, load_cifar10
 from msbp.data.errors import DataError
 from msbp.tasks.base import (
@@ -33,6 +35,9 @@ DEV_SIZE = 5000
 SPLIT_SEED = 0  # the fixed permutation that picks dev and orders --limit-* subsets
 PAD = 4
 EVAL_CHUNK = 500
+#: the layers ``--layer-ratios`` can name (each a convolution ``<name>.0``, or the linear head)
+LAYERS = ("stem", "block1", "block2", "block3", "head")
+DENSE = "dense"  # a --layer-ratios value: the layer stays a plain PyTorch layer
 # the per-channel statistics of the CIFAR-10 training set
 MEAN = (0.4914, 0.4822, 0.4465)
 STD = (0.2470, 0.2435, 0.2616)
@@ -43,6 +48,37 @@ def conv_bn(c_in: int, c_out: int) -> nn.Sequential:
     return nn.Sequential(
         nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU()
     )
+
+
+def parse_layer_ratios(text: str | None) -> dict[str, float | None]:
+    """``--layer-ratios``: ``"block1=0.5,block3=dense"`` -> ``{"block1": 0.5, "block3": None}``
+    (None: the layer stays dense); None or ``""`` -> ``{}``. Names are ``LAYERS``; a ratio is
+    k / C_out in (0, 1]. Raises ``UsageError`` naming the bad item."""
+    if text is None or not text.strip():
+        return {}
+    ratios: dict[str, float | None] = {}
+    for item in text.split(","):
+        name, eq, value = (part.strip() for part in item.partition("="))
+        if not eq or not name or not value:
+            raise UsageError(f"--layer-ratios: {item.strip()!r} is not LAYER=RATIO (e.g. "
+                             f"block1=0.5 or block3={DENSE})")
+        if name not in LAYERS:
+            raise UsageError(f"--layer-ratios: unknown layer {name!r}; choose from "
+                             f"{', '.join(LAYERS)}")
+        if name in ratios:
+            raise UsageError(f"--layer-ratios: {name} is given twice")
+        if value == DENSE:
+            ratios[name] = None
+            continue
+        try:
+            ratio = float(value)
+        except ValueError:
+            ratio = math.nan
+        if not 0.0 < ratio <= 1.0:  # also false for nan
+            raise UsageError(f"--layer-ratios: {name}={value}: the ratio must be a number in "
+                             f"(0, 1] or {DENSE!r}")
+        ratios[name] = ratio
+    return ratios
 
 
 class CifarNet(nn.Module):
@@ -133,6 +169,12 @@ class Cifar10Task(Task):
             help="blocks (default): the first convolution and the head stay dense; all: every "
             "convolution and the head are sparsified",
         )
+        g.add_argument(
+            "--layer-ratios", default=None, metavar="LIST",
+            help="per-layer k / C_out, e.g. 'block1=0.5,block2=0.1' or 'block3=dense' (left "
+            f"dense); layers: {', '.join(LAYERS[1:4])} (stem and head with --sparse-layers "
+            "all); unnamed layers keep --ratio / --k",
+        )
 
     @staticmethod
     def check_args(args: argparse.Namespace) -> None:
@@ -140,6 +182,11 @@ class Cifar10Task(Task):
         check_option(args, "dev_size", low=1)
         check_limit(args, "limit_train")
         check_limit(args, "limit_eval")
+        ratios = parse_layer_ratios(getattr(args, "layer_ratios", None))
+        excluded = [n for n in ratios if n in ("stem", "head")]
+        if excluded and getattr(args, "sparse_layers", "blocks") != "all":
+            raise UsageError(f"--layer-ratios names {', '.join(excluded)}, which stay dense "
+                             "unless --sparse-layers all")
         if getattr(args, "selection", "unified") == "per_example":
             raise UsageError(
                 "--selection per_example is not supported for convolutions (each position "
@@ -208,6 +255,26 @@ class Cifar10Task(Task):
         # the stem has 3 input channels (its backward is cheap and needs no dx) and the
         # 10-way head is tiny: sparsifying them saves nothing and costs accuracy
         return ["stem.0", "head"]
+
+    def sparse_config_fn(
+        self, config: SparseBackpropConfig
+    ) -> Callable[[str, nn.Module], SparseBackpropConfig | None] | None:
+        """With ``--layer-ratios``: the named layers get ``config`` with their own ratio (or stay
+        dense), the others ``config``; without it, None (every layer gets ``config``)."""
+        ratios = parse_layer_ratios(getattr(self.args, "layer_ratios", None))
+        if not ratios:
+            return None
+        if config.k == 0:  # --dense-impl msbp: every layer sparse-coded with k = out
+            return lambda name, module: config
+
+        def config_fn(name: str, module: nn.Module) -> SparseBackpropConfig | None:
+            layer = name.split(".")[0]
+            if layer not in ratios:
+                return config
+            ratio = ratios[layer]
+            return None if ratio is None else config.replace(ratio=ratio, k=None)
+
+        return config_fn
 
     def normalize(self, images: Tensor) -> Tensor:
         """uint8 (n, 3, 32, 32) -> normalised float32 (channels-last with --channels-last)."""
