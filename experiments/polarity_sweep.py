@@ -56,6 +56,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
     # attention projections dense, feed-forward sparse (2/3 of the linear FLOPs)
     "sbp-ffn10": {"method": "sbp", "argv": ["--ratio", "0.1", "--sparse-parts", "ffn"]},
     "sbp-ffn04": {"method": "sbp", "argv": ["--ratio", "0.04", "--sparse-parts", "ffn"]},
+    "msbp-ffn10-a02": {"method": "msbp", "argv": ["--ratio", "0.1", "--sparse-parts", "ffn",
+                                                  "--memory", "0.2"]},
+    "msbp-ffn10": {"method": "msbp", "argv": ["--ratio", "0.1", "--sparse-parts", "ffn"]},
     # per kind: attention k larger than feed-forward k
     "sbp-a20-f10": {"method": "sbp",
                     "argv": ["--attention-ratio", "0.2", "--ffn-ratio", "0.1"]},
