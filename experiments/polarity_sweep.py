@@ -53,6 +53,10 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "msbp-u10-a02": {"method": "msbp", "argv": ["--ratio", "0.1", "--memory", "0.2"]},
     "msbp-u20-a05": {"method": "msbp", "argv": ["--ratio", "0.2", "--memory", "0.5"]},
     "msbp-u20-a02": {"method": "msbp", "argv": ["--ratio", "0.2", "--memory", "0.2"]},
+    # the memory before it was padding-safe: M / rows added back to every row, padding included
+    "msbp-u10-rowsall": {"method": "msbp", "argv": ["--ratio", "0.1", "--memory-rows", "all"]},
+    "msbp-u10-a02-rowsall": {"method": "msbp",
+                             "argv": ["--ratio", "0.1", "--memory", "0.2", "--memory-rows", "all"]},
     # attention projections dense, feed-forward sparse (2/3 of the linear FLOPs)
     "sbp-ffn10": {"method": "sbp", "argv": ["--ratio", "0.1", "--sparse-parts", "ffn"]},
     "sbp-ffn04": {"method": "sbp", "argv": ["--ratio", "0.04", "--sparse-parts", "ffn"]},
