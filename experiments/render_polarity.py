@@ -25,8 +25,12 @@ START, END = "## Runs (one row per job and variant)\n", "## What the runs say\n"
 
 
 def whole(row: dict) -> float:
-    """Dense backward time of the whole run / the variant's (warm-up and extra steps included);
-    jobs that trained dense in full have the per-step median ratio instead (the same steps)."""
+    """Dense backward time of the whole run / the variant's (warm-up and extra steps included).
+    Where the job trained dense in full (``row["_dense_trained"]``) that is the ratio of the summed
+    times over the same steps; with a dense timer, the timer's median times the steps; the first
+    jobs recorded neither and have the per-step median ratio."""
+    if row.get("_dense_trained") and "backward_total_ratio_all_steps" in row:
+        return row["backward_total_ratio_all_steps"]
     return row.get("backward_run_ratio", row["backward_ratio"])
 
 
@@ -53,7 +57,9 @@ def render() -> None:
     rows: dict[str, list[tuple[str, int, dict]]] = defaultdict(list)
     for f in files:
         doc = json.loads(f.read_text())
+        trained = any(r["variant"] == "dense" for r in doc["results"])
         for r in doc["results"]:
+            r["_dense_trained"] = trained
             if r["variant"] == "dense":
                 dense[doc["seed"]] = r
             rows[label(r)].append((f.stem, doc["seed"], r))
@@ -96,8 +102,8 @@ def render() -> None:
                   for _, s, r in entries if s in dense and "dev_accuracy" in r]
         seeds = sorted({s for _, s, _ in entries})
         both = [(t + d) / 2 for t, d in zip(diffs, ddiffs, strict=True)]  # equal sizes (1,066)
-        per_seed = [f"{b:+.2f} (s{s})" for (_, s, r), b in zip(
-            [e for e in entries if e[1] in dense and "test_accuracy" in e[2]], both, strict=True)]
+        per_seed = [f"{b:+.2f} (s{s})" for s, b in sorted(zip(
+            [s for _, s, r in entries if s in dense and "test_accuracy" in r], both, strict=True))]
         losses = [r["train_loss_last50"] for _, _, r in entries if "train_loss_last50" in r]
         print(f"| {variant} | {','.join(map(str, seeds))} | {statistics.fmean(tests):.2f} | "
               f"{statistics.fmean(diffs):+.2f} | {statistics.fmean(ddiffs):+.2f} | "
