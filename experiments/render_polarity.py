@@ -90,8 +90,9 @@ def render() -> None:
     print()
     print("| variant | seeds | mean test % | mean test - dense | mean dev - dense | "
           "mean dev+test - dense | sd over seeds | dev+test - dense per seed | "
-          "train loss (last 50 steps) | whole-run backward x (median of jobs) |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "train loss (last 50 steps) | backward x per step (median of jobs) | "
+          "whole-run backward x (median of jobs) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for variant, entries in rows.items():
         if variant == "dense-timer":
             continue
@@ -109,6 +110,7 @@ def render() -> None:
               f"{statistics.fmean(diffs):+.2f} | {statistics.fmean(ddiffs):+.2f} | "
               f"{statistics.fmean(both):+.2f} | {spread(both)} | {', '.join(per_seed)} | "
               f"{statistics.fmean(losses):.3f} | "
+              f"{statistics.median(r['backward_ratio'] for _, _, r in entries):.2f} | "
               f"{statistics.median(whole(r) for _, _, r in entries):.2f} |")
 
 
