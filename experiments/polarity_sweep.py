@@ -73,6 +73,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     # the last block dense
     "sbp-u10-last-dense": {"method": "sbp", "argv": ["--ratio", "0.1", "--dense-layers", "5"]},
     "sbp-u20-last-dense": {"method": "sbp", "argv": ["--ratio", "0.2", "--dense-layers", "5"]},
+    "msbp-u10-a02-last-dense": {"method": "msbp", "argv": ["--ratio", "0.1", "--memory", "0.2",
+                                                           "--dense-layers", "5"]},
     # per-example selection
     "sbp-p04": {"method": "sbp", "argv": ["--ratio", "0.04", "--selection", "per_example"]},
     # a dense warm-up
