@@ -53,9 +53,16 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "msbp-u10-a02": {"method": "msbp", "argv": ["--ratio", "0.1", "--memory", "0.2"]},
     "msbp-u20-a05": {"method": "msbp", "argv": ["--ratio", "0.2", "--memory", "0.5"]},
     "msbp-u20-a02": {"method": "msbp", "argv": ["--ratio", "0.2", "--memory", "0.2"]},
+    # the memory before it was padding-safe: M / rows added back to every row, padding included
+    "msbp-u10-rowsall": {"method": "msbp", "argv": ["--ratio", "0.1", "--memory-rows", "all"]},
+    "msbp-u10-a02-rowsall": {"method": "msbp",
+                             "argv": ["--ratio", "0.1", "--memory", "0.2", "--memory-rows", "all"]},
     # attention projections dense, feed-forward sparse (2/3 of the linear FLOPs)
     "sbp-ffn10": {"method": "sbp", "argv": ["--ratio", "0.1", "--sparse-parts", "ffn"]},
     "sbp-ffn04": {"method": "sbp", "argv": ["--ratio", "0.04", "--sparse-parts", "ffn"]},
+    "msbp-ffn10-a02": {"method": "msbp", "argv": ["--ratio", "0.1", "--sparse-parts", "ffn",
+                                                  "--memory", "0.2"]},
+    "msbp-ffn10": {"method": "msbp", "argv": ["--ratio", "0.1", "--sparse-parts", "ffn"]},
     # per kind: attention k larger than feed-forward k
     "sbp-a20-f10": {"method": "sbp",
                     "argv": ["--attention-ratio", "0.2", "--ffn-ratio", "0.1"]},
@@ -66,6 +73,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     # the last block dense
     "sbp-u10-last-dense": {"method": "sbp", "argv": ["--ratio", "0.1", "--dense-layers", "5"]},
     "sbp-u20-last-dense": {"method": "sbp", "argv": ["--ratio", "0.2", "--dense-layers", "5"]},
+    "msbp-u10-a02-last-dense": {"method": "msbp", "argv": ["--ratio", "0.1", "--memory", "0.2",
+                                                           "--dense-layers", "5"]},
     # per-example selection
     "sbp-p04": {"method": "sbp", "argv": ["--ratio", "0.04", "--selection", "per_example"]},
     # a dense warm-up
