@@ -276,3 +276,22 @@ def test_dense_warmup_trains_as_dense(archive_dir, tmp_path, capsys):
     capsys.readouterr()
     assert cli.main(_argv(archive_dir, "--dense-warmup", "-1")) == 2
     assert capsys.readouterr().err == "msbp: error: --dense-warmup must be >= 0, got -1\n"
+
+
+def test_random_selection_seeds_every_sparse_convolution(archive_dir, tmp_path, capsys):
+    """--selection random: each sparse convolution draws from a generator of its own, saved in the
+    checkpoint (not the global RNG), and a resumed run ends where the uninterrupted one does."""
+    ckpt, out = tmp_path / "c.pt", tmp_path / "r.json"
+    common = ("--method", "msbp", "--selection", "random", "--ratio", "0.5", "--batch-size", "4")
+    assert cli.main(_argv(archive_dir, *common, "--epochs", "2", "--out", str(out))) == 0
+    def scores() -> list[list]:  # what training computed, not how long it took
+        epochs = json.loads(out.read_text())["runs"][0]["epochs"]
+        return [[e[k] for k in sorted(e) if "second" not in k] for e in epochs]
+
+    whole = scores()
+    assert cli.main(_argv(archive_dir, *common, "--checkpoint", str(ckpt))) == 0
+    states = torch.load(ckpt, weights_only=False)["rng"]["selection"]
+    assert len(states) == 3 and all(s is not None for s in states)  # block1-3
+    assert cli.main(_argv(archive_dir, *common, "--epochs", "2", "--checkpoint", str(ckpt),
+                          "--resume", "--out", str(out))) == 0, capsys.readouterr().err
+    assert scores() == whole

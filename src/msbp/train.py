@@ -41,7 +41,7 @@ from msbp.data.errors import DataError
 from msbp.distributed import wrap_ddp
 from msbp.info import InfoLossMeter
 from msbp.nn import SparseLinear, SparseLSTM
-from msbp.nn.memory import gather_memory_state, load_memory_state
+from msbp.nn.memory import MemoryMixin, gather_memory_state, load_memory_state
 from msbp.optim import LazyRowAdam
 from msbp.tasks.base import Task, UsageError, check_option, content_digest
 
@@ -493,7 +493,11 @@ def train_run(task: Task, method: str, args: argparse.Namespace) -> dict[str, An
         else:
             model = sparsify(model, config_fn=config_fn, exclude=task.sparse_exclude() or None)
     sparse_layers = [m for m in model.modules() if isinstance(m, SparseLinear | SparseLSTM)]
-    for i, layer in enumerate(sparse_layers):
+    # every sparse layer kind (linear, LSTM, convolution, attention) draws its random columns from
+    # a generator of its own, seeded from --seed and saved in checkpoints
+    random_layers = [m for m in model.modules() if isinstance(m, MemoryMixin)
+                     and hasattr(m, "generator")]
+    for i, layer in enumerate(random_layers):
         if config is not None and config.selection == "random":
             layer.generator = torch.Generator(device=device).manual_seed(args.seed + 1 + i)
     model.train()
@@ -526,7 +530,7 @@ def train_run(task: Task, method: str, args: argparse.Namespace) -> dict[str, An
             rng = ckpt["rank_rng"][rank] if world > 1 else ckpt["rng"]
             torch.set_rng_state(rng["torch"].cpu())
             data_order.set_state(rng["data_order"].cpu())
-            for layer, state in zip(sparse_layers, rng["selection"], strict=True):
+            for layer, state in zip(random_layers, rng["selection"], strict=True):
                 if layer.generator is not None and state is not None:
                     layer.generator.set_state(state.cpu())
             if device.type == "cuda" and rng.get("cuda") is not None:
@@ -652,7 +656,7 @@ def train_run(task: Task, method: str, args: argparse.Namespace) -> dict[str, An
                 "data_order": data_order.get_state(),
                 "selection": [
                     layer.generator.get_state() if layer.generator is not None else None
-                    for layer in sparse_layers
+                    for layer in random_layers
                 ],
                 "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
             }
