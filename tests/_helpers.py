@@ -77,6 +77,7 @@ def ref_step(
         alpha=float(config.memory),
         layout=config.memory_layout,
         generator=generator,
+        rows=config.memory_rows,
     )
 
 
