@@ -67,22 +67,9 @@ inline int64_t axpy_block(T* dst, const T* const* src, const T* coef, int64_t cn
 // dst[0..len) (+)= sum_j coef[j] * src[j][0..len): every product of the backward.
 template <typename T, bool Add>
 void axpy_rows(T* dst, const T* const* src, const T* coef, int64_t cnt, int64_t len) {
-  using V = typename Vec<T>::type;
-  constexpr int W = Vec<T>::width;
-  constexpr int BL = W * kBlockVecs;
-  int64_t b = 0;
-  for (; b + BL <= len; b += BL) {
-    V acc[kBlockVecs];
-    for (int q = 0; q < kBlockVecs; ++q) acc[q] = V{};
-    for (int64_t j = 0; j < cnt; ++j) {
-      const T* s = src[j] + b;
-      const V c = V{} + coef[j];
-      for (int q = 0; q < kBlockVecs; ++q) acc[q] += c * load<V>(s + q * W);
-    }
-    for (int q = 0; q < kBlockVecs; ++q)
-      store(dst + b + q * W, Add ? load<V>(dst + b + q * W) + acc[q] : acc[q]);
-  }
-  // narrower blocks: 4 and 2 vectors, then one (column blocks of 32 or 16 floats land here)
+  // blocks of 8 vectors (64 floats), then narrower ones: 4, 2, 1 (column blocks of 32 or 16
+  // floats land there), then the scalar tail
+  int64_t b = axpy_block<T, Add, kBlockVecs>(dst, src, coef, cnt, len, 0);
   b = axpy_block<T, Add, 4>(dst, src, coef, cnt, len, b);
   b = axpy_block<T, Add, 2>(dst, src, coef, cnt, len, b);
   b = axpy_block<T, Add, 1>(dst, src, coef, cnt, len, b);
