@@ -327,6 +327,25 @@ Out5 backward_impl(const Tensor& grad_out, const Tensor& x, const Tensor& weight
   // the operands are A itself (no conversion needed for hand-written loops)
   const bool same_type = x.scalar_type() == c10::CppTypeToScalarType<A>::value &&
                          weight.scalar_type() == x.scalar_type();
+  // dW's rows by the blocked loops from the kept entries in CSC form (column q, dW row cols[q]):
+  // added straight into the gradient buffer when there is one (returns undefined), else a
+  // compact (c, in) dW, or a dense (out, in) one with zeros elsewhere
+  auto loop_dw = [&](const int64_t* cols, int64_t c, const int64_t* start, const int64_t* csc_rows,
+                     const A* csc_vals) -> Tensor {
+    const A* xp = x.data_ptr<A>();
+    if (grad_into != nullptr) {
+      columns_product<A, true>(cols, c, start, csc_rows, csc_vals, xp, grad_into->data_ptr<A>(),
+                               n, d_in);
+      grad_into->unsafeGetTensorImpl()->bump_version();  // as index_add_ would
+      return Tensor();
+    }
+    std::vector<int64_t> dst_rows(c);
+    for (int64_t q = 0; q < c; ++q) dst_rows[q] = compact_dw ? q : cols[q];
+    Tensor d = compact_dw ? at::empty({c, d_in}, x_opts) : at::zeros({out, d_in}, x_opts);
+    columns_product<A, false>(dst_rows.data(), c, start, csc_rows, csc_vals, xp, d.data_ptr<A>(),
+                              n, d_in);
+    return d;
+  };
 
   if (dense || selection != kPerExample) {
     // Unified / random / dense: one set of columns for the batch.
@@ -368,46 +387,28 @@ Out5 backward_impl(const Tensor& grad_out, const Tensor& x, const Tensor& weight
     }
     const bool loops = !dense && n * kk * d_in <= kLoopWork && same_type;
     if (loops) {
-      // Few rows: the products as loops straight from W's and x's rows, dW's rows added into
-      // the gradient buffer when there is one (no gather of W, no GEMM call, no index_add:
-      // at 10 x 784 x 500 those ATen calls cost more than the arithmetic)
+      // Small products: per-example's blocked loops with every row keeping the same kk columns,
+      // straight from W's and x's rows (no gather of W, no GEMM call, no index_add: at
+      // 10 x 784 x 500 those ATen calls cost more than the arithmetic)
       const A* sp = u_k.data_ptr<A>();
-      const A* wp = weight.data_ptr<A>();
-      const A* xp = x.data_ptr<A>();
       if (need_x) {
+        std::vector<int64_t> row_cols(n * kk);
+        for (int64_t r = 0; r < n; ++r) std::copy(ip, ip + kk, row_cols.begin() + r * kk);
         dx = at::empty({n, d_in}, x_opts);
-        A* dxp = dx.data_ptr<A>();
-        std::vector<const A*> src(kk);
-        for (int64_t j = 0; j < kk; ++j) src[j] = wp + ip[j] * d_in;
-        at::parallel_for(0, n, grain(kk * d_in), [&](int64_t r0, int64_t r1) {
-          for (int64_t r = r0; r < r1; ++r)
-            axpy_rows<A, false>(dxp + r * d_in, src.data(), sp + r * kk, kk, d_in);
-        });
+        rows_product<A>(row_cols.data(), sp, weight.data_ptr<A>(), dx.data_ptr<A>(), n, kk, out,
+                        d_in);
       }
       if (need_w) {
-        std::vector<const A*> src(n);
-        for (int64_t r = 0; r < n; ++r) src[r] = xp + r * d_in;
-        std::vector<A> coef(kk * n);  // column j of U_S, contiguous
-        for (int64_t r = 0; r < n; ++r)
-          for (int64_t j = 0; j < kk; ++j) coef[j * n + r] = sp[r * kk + j];
-        A* dst = nullptr;
-        if (grad_into != nullptr) {
-          dst = grad_into->data_ptr<A>();
-          dW = Tensor();  // undefined: written into the buffer
-        } else {
-          dW = at::empty({kk, d_in}, x_opts);
-        }
-        A* dWp = dst == nullptr ? dW.data_ptr<A>() : nullptr;
-        at::parallel_for(0, kk, grain(n * d_in), [&](int64_t j0, int64_t j1) {
-          for (int64_t j = j0; j < j1; ++j) {
-            if (dst != nullptr)
-              axpy_rows<A, true>(dst + ip[j] * d_in, src.data(), coef.data() + j * n, n, d_in);
-            else
-              axpy_rows<A, false>(dWp + j * d_in, src.data(), coef.data() + j * n, n, d_in);
+        // CSC of U_S: column j holds every row
+        std::vector<int64_t> start(kk + 1), csc_rows(kk * n);
+        std::vector<A> csc_vals(kk * n);
+        for (int64_t j = 0; j <= kk; ++j) start[j] = j * n;
+        for (int64_t j = 0; j < kk; ++j)
+          for (int64_t r = 0; r < n; ++r) {
+            csc_rows[j * n + r] = r;
+            csc_vals[j * n + r] = sp[r * kk + j];
           }
-        });
-        if (dst == nullptr) dW = place_rows(idx, dW);
-        else grad_into->unsafeGetTensorImpl()->bump_version();  // as index_add_ would
+        dW = loop_dw(ip, kk, start.data(), csc_rows.data(), csc_vals.data());
       }
     } else {
       if (need_x) dx = at::mm(u_k, dense ? weight : weight.index_select(0, idx));
@@ -483,26 +484,12 @@ Out5 backward_impl(const Tensor& grad_out, const Tensor& x, const Tensor& weight
     const bool loops = same_type && static_cast<double>(c) >= csr_ratio * static_cast<double>(k);
     if (loops) {
       // Blocked loops over the kept entries: n k in multiply-adds for each product.
-      Tensor xc = x.contiguous(), wc = weight.contiguous();
+      Tensor wc = weight.contiguous();
       if (need_x) {
         dx = at::empty({n, d_in}, x_opts);
         rows_product<A>(ip, vp, wc.data_ptr<A>(), dx.data_ptr<A>(), n, k, out, d_in);
       }
-      if (need_w && grad_into != nullptr) {
-        // dW's rows added straight into the gradient buffer
-        columns_product<A, true>(cols_v.data(), c, start_v.data(), csc_rows.data(),
-                                 csc_vals.data(), xc.data_ptr<A>(), grad_into->data_ptr<A>(), n,
-                                 d_in);
-        dW = Tensor();  // undefined: written into the buffer
-        grad_into->unsafeGetTensorImpl()->bump_version();
-      } else if (need_w) {
-        // compact: row q of dW is column cols[q]; dense: row cols[q] of a zero (out, in)
-        std::vector<int64_t> dst_rows(c);
-        for (int64_t q = 0; q < c; ++q) dst_rows[q] = compact_dw ? q : cols_v[q];
-        dW = compact_dw ? at::empty({c, d_in}, x_opts) : at::zeros({out, d_in}, x_opts);
-        columns_product<A, false>(dst_rows.data(), c, start_v.data(), csc_rows.data(),
-                                  csc_vals.data(), xc.data_ptr<A>(), dW.data_ptr<A>(), n, d_in);
-      }
+      if (need_w) dW = loop_dw(cols_v.data(), c, start_v.data(), csc_rows.data(), csc_vals.data());
     } else {
       // Few distinct columns (or 16-bit operands): GEMMs of width c over the kept columns.
       Tensor g_c = at::zeros({n, c}, acc_opts);
