@@ -179,15 +179,92 @@ def _fast_path_ok(x: Tensor, weight: Tensor, memory: Tensor | None, config) -> b
     return native.use_native(x.device)
 
 
-def _sparse_linear_fast(x, weight, bias, memory, config, name) -> Tensor:
+def _fast_args(weight, bias, memory, config, name) -> tuple:
+    """The arguments of ``msbp::sparse_linear_fast`` after its input."""
     kept = _fast_grad_buffer(weight)
-    # the overload itself: the packet resolves the schema on every call (about 4 us of 15 args)
-    return torch.ops.msbp.sparse_linear_fast.default(
-        x, weight, bias, memory, kept[0], kept[1], rows_mask(weight),
+    return (
+        weight, bias, memory, kept[0], kept[1], rows_mask(weight),
         config.k_for(weight.shape[0]), SELECTION_CODES[config.selection], float(config.memory),
         config.memory_layout == "slot", config.on_nonfinite == "skip", NATIVE_SPARSE_RATIO,
         name, config.memory_rows == "all",
     )
+
+
+def _sparse_linear_fast(x, weight, bias, memory, config, name) -> Tensor:
+    # the overload itself: the packet resolves the schema on every call (about 4 us of 15 args)
+    return torch.ops.msbp.sparse_linear_fast.default(
+        x, *_fast_args(weight, bias, memory, config, name)
+    )
+
+
+def sparse_embedding_linear(
+    ids: Tensor,
+    table: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    memory: Tensor | None = None,
+    *,
+    config: SparseBackpropConfig,
+    generator: torch.Generator | None = None,
+    name: str = "",
+    probe: Callable[[Tensor, Tensor, Tensor], None] | None = None,
+) -> Tensor:
+    """``sparse_linear`` of ``F`` embedding rows side by side: ``y = flatten(table[ids]) W^T + b``.
+
+    ids: (*, F) integer; table: (V, d); weight: (out, F d); bias, memory, config and the rest as
+    in ``sparse_linear``. Returns y: (*, out). Equal to
+    ``sparse_linear(F.embedding(ids, table).flatten(-2), weight, bias, memory, config=config)``,
+    which it runs wherever the fused path does not apply. The fused path (native CPU kernels,
+    ``backend="sparse"``) gives the table its gradient from the k-wide factors of dx (unified
+    top-k: ``dx = U_S W_S``) without forming dx, (*, F d), and without a separate embedding
+    backward: Chen & Manning's parser's input layer (48 features) spends most of its sparse
+    backward there otherwise.
+    """
+    if table.dim() != 2:
+        raise ValueError(f"table must be 2-D (rows, dim), got shape {tuple(table.shape)}")
+    if ids.dim() < 1 or ids.dtype not in (torch.int64, torch.int32):
+        raise ValueError(
+            f"ids must be int64 or int32 of shape (*, features), got {ids.dtype} of shape "
+            f"{tuple(ids.shape)}"
+        )
+    if weight.dim() != 2 or weight.shape[1] != ids.shape[-1] * table.shape[1]:
+        raise ValueError(
+            f"weight of shape {tuple(weight.shape)} does not fit ids of shape "
+            f"{tuple(ids.shape)} and table of shape {tuple(table.shape)}: expected "
+            f"(out, {ids.shape[-1] * table.shape[1]}), features x dim"
+        )
+    if _fused_embedding_ok(ids, table, weight, bias, memory, config, probe):
+        if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+            raise ValueError(
+                f"bias of shape {tuple(bias.shape)} does not match weight of shape "
+                f"{tuple(weight.shape)}: expected ({weight.shape[0]},)"
+            )
+        if memory is not None:
+            check_memory(memory, weight.shape[0], config.memory_layout, weight)
+        check_no_functorch(f"sparse layer {name!r}" if name else "sparse_embedding_linear")
+        return torch.ops.msbp.sparse_embedding_linear_fast.default(
+            ids.long(), table, *_fast_args(weight, bias, memory, config, name)
+        )
+    x = F.embedding(ids, table).flatten(-2)
+    return sparse_linear(
+        x, weight, bias, memory, config=config, generator=generator, name=name, probe=probe
+    )
+
+
+def _fused_embedding_ok(ids, table, weight, bias, memory, config, probe) -> bool:
+    if probe is not None or config.backend != "sparse" or not torch.is_grad_enabled():
+        return False
+    if not (table.requires_grad or weight.requires_grad or (
+        bias is not None and bias.requires_grad
+    )):
+        return False
+    if ids.device != table.device or table.device != weight.device:
+        return False
+    if memory is not None and config.memory_layout == "slot" and (
+        memory.dim() != 2 or memory.shape[0] != ids.numel() // max(ids.shape[-1], 1)
+    ):
+        return False
+    return _fast_path_ok(table, weight, None, config)
 
 
 def make_plan(

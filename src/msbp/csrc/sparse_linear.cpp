@@ -255,7 +255,7 @@ Out5 backward_impl(const Tensor& grad_out, const Tensor& x, const Tensor& weight
                                   int64_t k, int64_t selection, double alpha, bool slot,
                                   bool need_x, bool need_w, bool need_b, bool compact_dw,
                                   bool skip_nonfinite, double csr_ratio, Tensor* grad_into,
-                                  const uint8_t* row_on, int64_t n_on) {
+                                  const uint8_t* row_on, int64_t n_on, Tensor* u_out) {
   // row_on (n,) or null: only the rows that are on take the memory, spread over n_on of them
   // (the `unit` layout with padding rows, which take part with their zero gradient)
   const int64_t n = grad_out.size(0), out = grad_out.size(1), d_in = x.size(1);
@@ -385,13 +385,18 @@ Out5 backward_impl(const Tensor& grad_out, const Tensor& x, const Tensor& weight
       }
       u_k = u_sel.to(x.scalar_type());
     }
+    // u_out: dx handed back as its factors U_S (n, k) and the rows `idx` of W, for a caller
+    // that needs only products of dx (the embedding table's gradient)
+    const bool factored = need_x && u_out != nullptr && !dense;
+    if (factored) *u_out = u_k.to(x.scalar_type());
+    const bool want_dx = need_x && !factored;
     const bool loops = !dense && n * kk * d_in <= kLoopWork && same_type;
     if (loops) {
       // Small products: per-example's blocked loops with every row keeping the same kk columns,
       // straight from W's and x's rows (no gather of W, no GEMM call, no index_add: at
       // 10 x 784 x 500 those ATen calls cost more than the arithmetic)
       const A* sp = u_k.data_ptr<A>();
-      if (need_x) {
+      if (want_dx) {
         std::vector<int64_t> row_cols(n * kk);
         for (int64_t r = 0; r < n; ++r) std::copy(ip, ip + kk, row_cols.begin() + r * kk);
         dx = at::empty({n, d_in}, x_opts);
@@ -411,7 +416,7 @@ Out5 backward_impl(const Tensor& grad_out, const Tensor& x, const Tensor& weight
         dW = loop_dw(ip, kk, start.data(), csc_rows.data(), csc_vals.data());
       }
     } else {
-      if (need_x) dx = at::mm(u_k, dense ? weight : weight.index_select(0, idx));
+      if (want_dx) dx = at::mm(u_k, dense ? weight : weight.index_select(0, idx));
       if (need_w) {
         Tensor dW_k = at::mm(u_k.t(), x);  // (k, in)
         dW = dense ? dW_k.to(weight.scalar_type()) : place_rows(idx, dW_k);
@@ -546,26 +551,31 @@ Out5 dispatch_backward(
     const std::optional<Tensor>& memory, const std::optional<Tensor>& random_cols,
     double scale_value, int64_t k, int64_t selection, double alpha, bool slot, bool need_x,
     bool need_w, bool need_b, bool compact_dw, bool skip_nonfinite, double csr_ratio,
-    at::ScalarType acc, Tensor* grad_into, const uint8_t* row_on = nullptr, int64_t n_on = -1) {
+    at::ScalarType acc, Tensor* grad_into, const uint8_t* row_on = nullptr, int64_t n_on = -1,
+    Tensor* u_out = nullptr) {
   if (n_on < 0) n_on = grad_out.size(0);
   if (acc == at::kDouble) {
     return backward_impl<double>(grad_out, xc, wc, memory, random_cols,
                                  scale_value, k, selection, alpha, slot, need_x, need_w, need_b,
-                                 compact_dw, skip_nonfinite, csr_ratio, grad_into, row_on, n_on);
+                                 compact_dw, skip_nonfinite, csr_ratio, grad_into, row_on, n_on,
+                                 u_out);
   }
   return backward_impl<float>(grad_out, xc, wc, memory, random_cols,
                               scale_value, k, selection, alpha, slot, need_x, need_w, need_b,
-                              compact_dw, skip_nonfinite, csr_ratio, grad_into, row_on, n_on);
+                              compact_dw, skip_nonfinite, csr_ratio, grad_into, row_on, n_on,
+                              u_out);
 }
 
 // grad_into: a contiguous gradient buffer of the weight's shape and dtype into which the rows
-// of dW may be added directly (the result's dW is then undefined), or nullptr.
+// of dW may be added directly (the result's dW is then undefined), or nullptr. u_out: where
+// dx may come back factored (unified / random top-k: dx = *u_out W[rows]; dx is then
+// undefined), or nullptr; left undefined where dx itself comes back.
 Out5 backward_into(
     const Tensor& grad_out, const Tensor& x, const Tensor& weight,
     const std::optional<Tensor>& memory, const std::optional<Tensor>& random_cols,
     const std::optional<Tensor>& scale, int64_t k, int64_t selection, double alpha, bool slot,
     bool need_x, bool need_w, bool need_b, bool compact_dw, bool skip_nonfinite,
-    double csr_ratio, bool all_rows, Tensor* grad_into) {
+    double csr_ratio, bool all_rows, Tensor* grad_into, Tensor* u_out = nullptr) {
   TORCH_CHECK(grad_out.dim() == 2 && x.dim() == 2 && weight.dim() == 2,
               "sparse_linear_backward: grad_out, x, weight must be 2-D");
   TORCH_CHECK(grad_out.size(1) == weight.size(0) && x.size(1) == weight.size(1) &&
@@ -607,7 +617,7 @@ Out5 backward_into(
       for (int64_t r : active) on[r] = 1;
       return dispatch_backward(g, xc, wc, memory, random_cols, scale_value, k, selection, alpha,
                                slot, need_x, need_w, need_b, compact_dw, skip_nonfinite,
-                               csr_ratio, acc, grad_into, on.data(), n_active);
+                               csr_ratio, acc, grad_into, on.data(), n_active, u_out);
     }
     if (n_active < n) {
       // zero rows: the backward of the active rows alone (an empty step without memory)
@@ -630,7 +640,7 @@ Out5 backward_into(
   }
   return dispatch_backward(grad_out, xc, wc, memory, random_cols, scale_value, k, selection,
                            alpha, slot, need_x, need_w, need_b, compact_dw, skip_nonfinite,
-                           csr_ratio, acc, grad_into);
+                           csr_ratio, acc, grad_into, nullptr, -1, u_out);
 }
 
 Out5 sparse_linear_backward(
@@ -695,6 +705,167 @@ void clear_rows(Tensor& buf, const int64_t* rows, int64_t r) {
   throw err;
 }
 
+// Saves what run_backward reads (both Functions below keep x and the weight as saved
+// variables 0 and 1).
+void save_layer(AutogradContext* ctx, const Tensor& weight, const Tensor& memory,
+                const Tensor& kept, const Tensor& state, const Tensor& mask, int64_t k,
+                int64_t selection, double alpha, bool slot, bool skip_nonfinite, double csr_ratio,
+                std::string name, bool all_rows, bool has_bias) {
+  // the Parameter itself, for its .grad: a saved variable may come back as another tensor
+  // (activation checkpointing's recomputation, saved-tensor hooks)
+  ctx->saved_data["param"] = weight;
+  ctx->saved_data["memory"] = memory;
+  ctx->saved_data["kept"] = kept;
+  ctx->saved_data["state"] = state;
+  ctx->saved_data["mask"] = mask;
+  ctx->saved_data["k"] = k;
+  ctx->saved_data["selection"] = selection;
+  ctx->saved_data["alpha"] = alpha;
+  ctx->saved_data["slot"] = slot;
+  ctx->saved_data["skip"] = skip_nonfinite;
+  ctx->saved_data["csr_ratio"] = csr_ratio;
+  ctx->saved_data["name"] = name;
+  ctx->saved_data["all_rows"] = all_rows;
+  ctx->saved_data["has_memory"] = memory.numel() > 0;
+  ctx->saved_data["has_bias"] = has_bias;
+}
+
+// The backward of the layer y = x W^T + b (x: saved variable 0, W: 1; W at input w_at, b at
+// w_at + 1): {dx, dW, db}, dW's rows added into .grad or the kept buffer where it can. With
+// u_out, dx may come back factored (see backward_into), its rows of W in *rows_out.
+variable_list run_backward(AutogradContext* ctx, const variable_list& grad_outputs, bool need_x,
+                           int w_at, Tensor* u_out = nullptr, Tensor* rows_out = nullptr) {
+  TORCH_CHECK(!at::GradMode::is_enabled(),
+              "msbp: the sparse backward is not differentiable (create_graph=True)");
+  auto saved = ctx->get_saved_variables();
+  Tensor x = saved[0], w = saved[1];
+  Tensor weight = ctx->saved_data["param"].toTensor();
+  Tensor memory = ctx->saved_data["memory"].toTensor();
+  // the graph outlives this backward while its output lives; the buffer must not stay
+  // referenced from it, or the next step sees it held and cannot put it back
+  Tensor kept;
+  if (auto it = ctx->saved_data.find("kept"); it != ctx->saved_data.end()) {
+    kept = it->second.toTensor();
+    ctx->saved_data.erase(it);
+  } else {
+    kept = at::empty({0}, w.options());  // a second backward (retain_graph): no buffer
+  }
+  Tensor state = ctx->saved_data["state"].toTensor();
+  Tensor mask = ctx->saved_data["mask"].toTensor();
+  const int64_t out = weight.size(0), d_in = weight.size(1);
+  const bool need_w = ctx->needs_input_grad(w_at), need_b =
+      ctx->saved_data["has_bias"].toBool() && ctx->needs_input_grad(w_at + 1);
+  Tensor g = grad_outputs[0].reshape({-1, out});
+  Tensor x2 = x.reshape({-1, d_in});
+  const int64_t n = g.size(0);
+  auto x_shape = x.sizes().vec();
+  variable_list result(3);
+  if (n == 0) {
+    if (need_x) result[0] = at::zeros_like(x);
+    if (need_w) result[1] = at::zeros_like(weight);
+    if (need_b) result[2] = at::zeros({out}, weight.options());
+    return result;
+  }
+  const int64_t k = std::min(ctx->saved_data["k"].toInt(), out);
+  const bool has_memory = ctx->saved_data["has_memory"].toBool();
+  if (has_memory && ctx->saved_data["slot"].toBool() && memory.size(0) != n) {
+    // another call of the layer changed the batch shape since: spread the column sums
+    at::NoGradGuard no_grad;
+    Tensor total = memory.sum(0).div_(static_cast<double>(n));
+    memory.resize_({n, out});
+    memory.copy_(total.expand({n, out}));
+  }
+  int route = need_w ? grad_route(weight) : 0;
+  Tensor grad;
+  if (route != 0) {
+    grad = weight.grad();
+    if (!grad.defined() && kept.sizes() != weight.sizes()) {
+      route = 0;  // no buffer to put back: a dense dW, as autograd would make
+    } else if (grad.defined()) {
+      if (grad.layout() != at::kStrided || grad.sizes() != weight.sizes() ||
+          grad.scalar_type() != weight.scalar_type() || !grad.is_contiguous())
+        route = 0;
+    } else {
+      int64_t* st = state.data_ptr<int64_t>();
+      if (st[0] >= 0 && kept._version() == st[1]) {
+        if (kept.is_contiguous()) clear_rows(kept, st + 2, st[0]);
+        else if (st[0] > 0) kept.index_fill_(0, state.narrow(0, 2, st[0]), 0);
+      } else {
+        kept.zero_();
+      }
+      weight.mutable_grad() = kept;
+      grad = kept;
+    }
+  }
+  const int64_t version_before = kept.numel() > 0 ? kept._version() : -1;
+  Out5 outs;
+  try {
+    outs = backward_into(
+        g, x2, w, has_memory ? std::optional<Tensor>(memory) : std::nullopt,
+        std::nullopt, std::nullopt, k, ctx->saved_data["selection"].toInt(),
+        ctx->saved_data["alpha"].toDouble(), ctx->saved_data["slot"].toBool(), need_x, need_w,
+        need_b, route != 0, ctx->saved_data["skip"].toBool(),
+        ctx->saved_data["csr_ratio"].toDouble(), ctx->saved_data["all_rows"].toBool(),
+        route == 1 && grad.is_contiguous() ? &grad : nullptr, u_out);
+  } catch (const c10::Error& e) {
+    const std::string what = e.what_without_backtrace();
+    if (what.find("msbp-nonfinite") == std::string::npos) throw;
+    const std::string name = ctx->saved_data["name"].toStringRef();
+    std::ostringstream msg;
+    msg << "non-finite output gradient" << (name.empty() ? "" : " in layer '" + name + "'")
+        << " (shape " << grad_outputs[0].sizes() << "); the memory was left unchanged. Use "
+        << "on_nonfinite='skip' to propagate it densely, or msbp.amp.GradScaler under mixed "
+        << "precision.";
+    raise_floating_point_error(msg.str());
+  }
+  Tensor dx = std::get<0>(outs), dW = std::get<1>(outs), db = std::get<2>(outs);
+  Tensor rows = std::get<3>(outs);
+  if (rows_out != nullptr) *rows_out = rows;
+  const bool dense = k >= out || std::get<4>(outs).item<int64_t>() != 0;
+  if (need_w) {
+    if (mask.numel() > 0) {
+      if (dense) {
+        mask.fill_(1);
+      } else {
+        uint8_t* mp = mask.data_ptr<uint8_t>();
+        const int64_t* rp = rows.data_ptr<int64_t>();
+        for (int64_t i = 0; i < rows.size(0); ++i) mp[rp[i]] = 1;
+      }
+    }
+    if (route == 0 || dense) {
+      result[1] = dW;  // dense (out, in): autograd accumulates it
+    } else if (route == 1) {
+      if (dW.defined()) grad.index_add_(0, rows, dW);  // else the kernel added the rows
+      result[1] = Tensor();
+    } else {
+      result[1] = at::_sparse_coo_tensor_unsafe(rows.unsqueeze(0), dW, {out, d_in},
+                                                dW.options().layout(at::kSparse))
+                      ._coalesced_(true);
+    }
+    if (route != 0 && grad.is_same(kept)) {
+      // the rows to clear next time: a second call in this step adds its rows to the first's
+      int64_t* st = state.data_ptr<int64_t>();
+      const int64_t r = dense ? out : rows.size(0);
+      const int64_t expect = kept._version() + (route == 2 || dense ? 1 : 0);
+      // kept already holds rows of this step: its last add done, or still pending in autograd
+      const bool again =
+          st[0] >= 0 && (st[1] == version_before || st[1] == version_before + 1);
+      const int64_t base = (again && st[0] >= 0) ? st[0] : 0;
+      if (dense || base + r > out) {
+        st[0] = -1;
+      } else {
+        std::memcpy(st + 2 + base, rows.data_ptr<int64_t>(), r * sizeof(int64_t));
+        st[0] = base + r;
+      }
+      st[1] = expect;
+    }
+  }
+  if (need_x && !(u_out != nullptr && u_out->defined()))
+    result[0] = dx.reshape(x_shape).to(x.scalar_type());
+  if (need_b) result[2] = db.to(weight.scalar_type());
+  return result;
+}
+
 struct SparseLinearFn : public torch::autograd::Function<SparseLinearFn> {
   // kept: the gradient buffer this layer hands over when .grad is None; state (out + 2,) int64:
   // [rows written into kept last time (-1: unknown), kept's version after that, the rows...];
@@ -704,157 +875,106 @@ struct SparseLinearFn : public torch::autograd::Function<SparseLinearFn> {
                         int64_t selection, double alpha, bool slot, bool skip_nonfinite,
                         double csr_ratio, std::string name, bool all_rows) {
     ctx->save_for_backward({x, weight});
-    // the Parameter itself, for its .grad: a saved variable may come back as another tensor
-    // (activation checkpointing's recomputation, saved-tensor hooks)
-    ctx->saved_data["param"] = weight;
-    ctx->saved_data["memory"] = memory;
-    ctx->saved_data["kept"] = kept;
-    ctx->saved_data["state"] = state;
-    ctx->saved_data["mask"] = mask;
-    ctx->saved_data["k"] = k;
-    ctx->saved_data["selection"] = selection;
-    ctx->saved_data["alpha"] = alpha;
-    ctx->saved_data["slot"] = slot;
-    ctx->saved_data["skip"] = skip_nonfinite;
-    ctx->saved_data["csr_ratio"] = csr_ratio;
-    ctx->saved_data["name"] = name;
-    ctx->saved_data["all_rows"] = all_rows;
-    ctx->saved_data["has_memory"] = memory.numel() > 0;
     const bool has_bias = bias.numel() > 0;
-    ctx->saved_data["has_bias"] = has_bias;
+    save_layer(ctx, weight, memory, kept, state, mask, k, selection, alpha, slot, skip_nonfinite,
+               csr_ratio, std::move(name), all_rows, has_bias);
     return at::linear(x, weight, has_bias ? std::optional<Tensor>(bias) : std::nullopt);
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
-    TORCH_CHECK(!at::GradMode::is_enabled(),
-                "msbp: the sparse backward is not differentiable (create_graph=True)");
+    variable_list r = run_backward(ctx, grad_outputs, ctx->needs_input_grad(0), 1);
+    r.resize(15);
+    return r;
+  }
+};
+
+// The embedding table's gradient through dx = U_S W_S without forming dx: for each row i of
+// ids (n, nf) and feature f, dT[ids[i, f]] += sum_j U_S[i, j] W_S[j, f d : (f + 1) d]. At the
+// parser's 10,000 x 48 x 50 -> 500 this replaces writing and re-reading dx (96 MB, most of it
+// fresh pages) and the embedding backward: ~80 -> ~20 ms. Threads take ranges of table rows,
+// so each row sums in the same order whatever the thread count.
+template <typename T>
+void embedding_grad_factored(const int64_t* ids, int64_t n, int64_t nf, const T* u, int64_t kk,
+                             const T* w_s, int64_t d, T* dt, int64_t rows) {
+  // W_S regrouped by feature, (nf, kk, d): the kk segments one feature reads lie together
+  std::vector<T> wt(nf * kk * d);
+  for (int64_t j = 0; j < kk; ++j)
+    for (int64_t f = 0; f < nf; ++f)
+      std::memcpy(wt.data() + (f * kk + j) * d, w_s + j * nf * d + f * d, d * sizeof(T));
+  std::vector<const T*> src(nf * kk);
+  for (int64_t e = 0; e < nf * kk; ++e) src[e] = wt.data() + e * d;
+  const bool split = n * nf * kk * d >= kMinTaskWork;
+  at::parallel_for(0, rows, split ? 1 : rows, [&](int64_t t0, int64_t t1) {
+    for (int64_t i = 0; i < n; ++i)
+      for (int64_t f = 0; f < nf; ++f) {
+        const int64_t t = ids[i * nf + f];
+        if (t >= t0 && t < t1) axpy_rows<T, true>(dt + t * d, src.data() + f * kk, u + i * kk, kk, d);
+      }
+  });
+}
+
+// y = flatten(T[ids]) W^T + b: a sparse linear layer whose input is nf rows of an embedding
+// table side by side (Chen & Manning's parser). Its backward is the layer's, except that the
+// table's gradient comes from dx's factors where the selection gives them (unified top-k).
+struct SparseEmbeddingLinearFn : public torch::autograd::Function<SparseEmbeddingLinearFn> {
+  static Tensor forward(AutogradContext* ctx, Tensor ids, Tensor table, Tensor weight,
+                        Tensor bias, Tensor memory, Tensor kept, Tensor state, Tensor mask,
+                        int64_t k, int64_t selection, double alpha, bool slot,
+                        bool skip_nonfinite, double csr_ratio, std::string name, bool all_rows) {
+    auto shape = ids.sizes().vec();
+    shape.back() *= table.size(1);
+    Tensor x = at::embedding(table, ids).view(shape);  // (*, nf d)
+    ctx->save_for_backward({x, weight, ids});
+    ctx->saved_data["table_rows"] = table.size(0);
+    const bool has_bias = bias.numel() > 0;
+    save_layer(ctx, weight, memory, kept, state, mask, k, selection, alpha, slot, skip_nonfinite,
+               csr_ratio, std::move(name), all_rows, has_bias);
+    return at::linear(x, weight, has_bias ? std::optional<Tensor>(bias) : std::nullopt);
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    const bool need_t = ctx->needs_input_grad(1);
+    Tensor u_s, rows;
+    variable_list r = run_backward(ctx, grad_outputs, need_t, 2, need_t ? &u_s : nullptr, &rows);
+    variable_list result(16);
+    result[2] = r[1];
+    result[3] = r[2];
+    if (!need_t) return result;
     auto saved = ctx->get_saved_variables();
-    Tensor x = saved[0], w = saved[1];
-    Tensor weight = ctx->saved_data["param"].toTensor();
-    Tensor memory = ctx->saved_data["memory"].toTensor();
-    // the graph outlives this backward while its output lives; the buffer must not stay
-    // referenced from it, or the next step sees it held and cannot put it back
-    Tensor kept;
-    if (auto it = ctx->saved_data.find("kept"); it != ctx->saved_data.end()) {
-      kept = it->second.toTensor();
-      ctx->saved_data.erase(it);
+    const Tensor& x = saved[0];
+    Tensor ids = saved[2].reshape({-1, saved[2].size(-1)}).contiguous();
+    const int64_t nf = ids.size(1), d = x.size(-1) / nf, n = ids.size(0);
+    Tensor dt = at::zeros({ctx->saved_data["table_rows"].toInt(), d}, x.options());
+    if (u_s.defined()) {
+      Tensor w_s = saved[1].index_select(0, rows).contiguous();
+      Tensor uc = u_s.contiguous();
+      AT_DISPATCH_FLOATING_TYPES(dt.scalar_type(), "msbp_embedding_grad", [&] {
+        embedding_grad_factored<scalar_t>(ids.data_ptr<int64_t>(), n, nf,
+                                          uc.data_ptr<scalar_t>(), uc.size(1),
+                                          w_s.data_ptr<scalar_t>(), d, dt.data_ptr<scalar_t>(),
+                                          dt.size(0));
+      });
     } else {
-      kept = at::empty({0}, w.options());  // a second backward (retain_graph): no buffer
+      dt.index_add_(0, ids.view(-1), r[0].reshape({-1, d}).to(dt.scalar_type()));
     }
-    Tensor state = ctx->saved_data["state"].toTensor();
-    Tensor mask = ctx->saved_data["mask"].toTensor();
-    const int64_t out = weight.size(0), d_in = weight.size(1);
-    const bool need_x = ctx->needs_input_grad(0), need_w = ctx->needs_input_grad(1);
-    const bool need_b = ctx->saved_data["has_bias"].toBool() && ctx->needs_input_grad(2);
-    Tensor g = grad_outputs[0].reshape({-1, out});
-    Tensor x2 = x.reshape({-1, d_in});
-    const int64_t n = g.size(0);
-    auto x_shape = x.sizes().vec();
-    variable_list result(15);
-    if (n == 0) {
-      if (need_x) result[0] = at::zeros_like(x);
-      if (need_w) result[1] = at::zeros_like(weight);
-      if (need_b) result[2] = at::zeros({out}, weight.options());
-      return result;
-    }
-    const int64_t k = std::min(ctx->saved_data["k"].toInt(), out);
-    const bool has_memory = ctx->saved_data["has_memory"].toBool();
-    if (has_memory && ctx->saved_data["slot"].toBool() && memory.size(0) != n) {
-      // another call of the layer changed the batch shape since: spread the column sums
-      at::NoGradGuard no_grad;
-      Tensor total = memory.sum(0).div_(static_cast<double>(n));
-      memory.resize_({n, out});
-      memory.copy_(total.expand({n, out}));
-    }
-    int route = need_w ? grad_route(weight) : 0;
-    Tensor grad;
-    if (route != 0) {
-      grad = weight.grad();
-      if (!grad.defined() && kept.sizes() != weight.sizes()) {
-        route = 0;  // no buffer to put back: a dense dW, as autograd would make
-      } else if (grad.defined()) {
-        if (grad.layout() != at::kStrided || grad.sizes() != weight.sizes() ||
-            grad.scalar_type() != weight.scalar_type() || !grad.is_contiguous())
-          route = 0;
-      } else {
-        int64_t* st = state.data_ptr<int64_t>();
-        if (st[0] >= 0 && kept._version() == st[1]) {
-          if (kept.is_contiguous()) clear_rows(kept, st + 2, st[0]);
-          else if (st[0] > 0) kept.index_fill_(0, state.narrow(0, 2, st[0]), 0);
-        } else {
-          kept.zero_();
-        }
-        weight.mutable_grad() = kept;
-        grad = kept;
-      }
-    }
-    const int64_t version_before = kept.numel() > 0 ? kept._version() : -1;
-    Out5 outs;
-    try {
-      outs = backward_into(
-          g, x2, w, has_memory ? std::optional<Tensor>(memory) : std::nullopt,
-          std::nullopt, std::nullopt, k, ctx->saved_data["selection"].toInt(),
-          ctx->saved_data["alpha"].toDouble(), ctx->saved_data["slot"].toBool(), need_x, need_w,
-          need_b, route != 0, ctx->saved_data["skip"].toBool(),
-          ctx->saved_data["csr_ratio"].toDouble(), ctx->saved_data["all_rows"].toBool(),
-          route == 1 && grad.is_contiguous() ? &grad : nullptr);
-    } catch (const c10::Error& e) {
-      const std::string what = e.what_without_backtrace();
-      if (what.find("msbp-nonfinite") == std::string::npos) throw;
-      const std::string name = ctx->saved_data["name"].toStringRef();
-      std::ostringstream msg;
-      msg << "non-finite output gradient" << (name.empty() ? "" : " in layer '" + name + "'")
-          << " (shape " << grad_outputs[0].sizes() << "); the memory was left unchanged. Use "
-          << "on_nonfinite='skip' to propagate it densely, or msbp.amp.GradScaler under mixed "
-          << "precision.";
-      raise_floating_point_error(msg.str());
-    }
-    Tensor dx = std::get<0>(outs), dW = std::get<1>(outs), db = std::get<2>(outs);
-    Tensor rows = std::get<3>(outs);
-    const bool dense = k >= out || std::get<4>(outs).item<int64_t>() != 0;
-    if (need_w) {
-      if (mask.numel() > 0) {
-        if (dense) {
-          mask.fill_(1);
-        } else {
-          uint8_t* mp = mask.data_ptr<uint8_t>();
-          const int64_t* rp = rows.data_ptr<int64_t>();
-          for (int64_t i = 0; i < rows.size(0); ++i) mp[rp[i]] = 1;
-        }
-      }
-      if (route == 0 || dense) {
-        result[1] = dW;  // dense (out, in): autograd accumulates it
-      } else if (route == 1) {
-        if (dW.defined()) grad.index_add_(0, rows, dW);  // else the kernel added the rows
-        result[1] = Tensor();
-      } else {
-        result[1] = at::_sparse_coo_tensor_unsafe(rows.unsqueeze(0), dW, {out, d_in},
-                                                  dW.options().layout(at::kSparse))
-                        ._coalesced_(true);
-      }
-      if (route != 0 && grad.is_same(kept)) {
-        // the rows to clear next time: a second call in this step adds its rows to the first's
-        int64_t* st = state.data_ptr<int64_t>();
-        const int64_t r = dense ? out : rows.size(0);
-        const int64_t expect = kept._version() + (route == 2 || dense ? 1 : 0);
-        // kept already holds rows of this step: its last add done, or still pending in autograd
-        const bool again =
-            st[0] >= 0 && (st[1] == version_before || st[1] == version_before + 1);
-        const int64_t base = (again && st[0] >= 0) ? st[0] : 0;
-        if (dense || base + r > out) {
-          st[0] = -1;
-        } else {
-          std::memcpy(st + 2 + base, rows.data_ptr<int64_t>(), r * sizeof(int64_t));
-          st[0] = base + r;
-        }
-        st[1] = expect;
-      }
-    }
-    if (need_x) result[0] = dx.reshape(x_shape).to(x.scalar_type());
-    if (need_b) result[2] = db.to(weight.scalar_type());
+    result[1] = dt;
     return result;
   }
 };
+
+Tensor sparse_embedding_linear_fast(
+    const Tensor& ids, const Tensor& table, const Tensor& weight, const std::optional<Tensor>& bias,
+    const std::optional<Tensor>& memory, const Tensor& kept, const Tensor& state,
+    const std::optional<Tensor>& mask, int64_t k, int64_t selection, double alpha, bool slot,
+    bool skip_nonfinite, double csr_ratio, std::string name, bool all_rows) {
+  TORCH_CHECK(ids.dim() >= 1 && ids.scalar_type() == at::kLong && table.dim() == 2,
+              "sparse_embedding_linear: ids must be int64 (*, features), table (rows, dim)");
+  Tensor none = at::empty({0}, weight.options());
+  return SparseEmbeddingLinearFn::apply(
+      ids, table, weight, bias.value_or(none), memory.value_or(none), kept, state,
+      mask.value_or(none.to(at::kByte)), k, selection, alpha, slot, skip_nonfinite, csr_ratio,
+      std::move(name), all_rows);
+}
 
 Tensor sparse_linear_fast(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias,
                           const std::optional<Tensor>& memory, const Tensor& kept,
@@ -877,6 +997,11 @@ TORCH_LIBRARY_FRAGMENT(msbp, m) {
       "Tensor state, Tensor? mask, int k, int selection, float alpha, bool slot, "
       "bool skip_nonfinite, float csr_ratio, str name, bool all_rows=False) -> Tensor");
   m.def(
+      "sparse_embedding_linear_fast(Tensor ids, Tensor table, Tensor weight, Tensor? bias, "
+      "Tensor? memory, Tensor kept, Tensor state, Tensor? mask, int k, int selection, "
+      "float alpha, bool slot, bool skip_nonfinite, float csr_ratio, str name, "
+      "bool all_rows=False) -> Tensor");
+  m.def(
       "sparse_linear_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor(a!)? memory, "
       "Tensor? random_cols, Tensor? scale, int k, int selection, float alpha, bool slot, "
       "bool need_x, bool need_w, bool need_b, bool compact_dw, bool skip_nonfinite, "
@@ -885,6 +1010,9 @@ TORCH_LIBRARY_FRAGMENT(msbp, m) {
 
 TORCH_LIBRARY_IMPL(msbp, CPU, m) { m.impl("sparse_linear_backward", &sparse_linear_backward); }
 
-TORCH_LIBRARY_IMPL(msbp, Autograd, m) { m.impl("sparse_linear_fast", &sparse_linear_fast); }
+TORCH_LIBRARY_IMPL(msbp, Autograd, m) {
+  m.impl("sparse_linear_fast", &sparse_linear_fast);
+  m.impl("sparse_embedding_linear_fast", &sparse_embedding_linear_fast);
+}
 
 }  // namespace msbp

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from msbp.config import SparseBackpropConfig
-from msbp.functional import sparse_linear
+from msbp.functional import sparse_embedding_linear, sparse_linear
 from msbp.nn.memory import MemoryMixin
 
 
@@ -63,6 +63,27 @@ class SparseLinear(MemoryMixin, nn.Linear):
         return sparse_linear(
             x, self.weight, self.bias, memory, config=self.config,
             generator=self.generator, name=self.name, probe=self.probe,
+        )
+
+    def forward_embedded(self, ids: Tensor, table: Tensor) -> Tensor:
+        """``self(F.embedding(ids, table).flatten(-2))`` with the fused backward of
+        ``msbp.functional.sparse_embedding_linear``: ids (*, F) integer, table (V, d) with
+        ``F d == in_features``; returns (*, out_features). Forward hooks run as for ``self(x)``
+        (then through that call)."""
+        if self.dense_mode or self._has_hooks():
+            return self(F.embedding(ids, table).flatten(-2))
+        memory = self.memory if self.config.memory > 0 else None
+        return sparse_embedding_linear(
+            ids, table, self.weight, self.bias, memory, config=self.config,
+            generator=self.generator, name=self.name, probe=self.probe,
+        )
+
+    def _has_hooks(self) -> bool:
+        from torch.nn.modules import module as _module
+
+        return bool(
+            self._forward_hooks or self._forward_pre_hooks
+            or _module._global_forward_hooks or _module._global_forward_pre_hooks
         )
 
     @classmethod

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from msbp.data.conll import Sentence, choose_tag_column, is_projective, read_conll
 from msbp.data.errors import DataError
+from msbp.nn import SparseLinear
 from msbp.tasks.base import Task, check_limit, check_option, content_digest, set_task_default
 
 log = logging.getLogger(__name__)
@@ -294,8 +295,12 @@ class ParserMLP(nn.Module):
         # (B, 48, d), where three lookups and a cat cost 40% more (forward and backward)
         table = torch.cat((self.word_embedding.weight, self.tag_embedding.weight,
                            self.label_embedding.weight))
-        x = F.embedding(feats + self._starts, table).flatten(1)  # (B, 48 d)
-        h = self.hidden(x)  # (B, hidden)
+        ids = feats + self._starts
+        if isinstance(self.hidden, SparseLinear):
+            # the table's gradient straight from the sparse backward's k-wide factors
+            h = self.hidden.forward_embedded(ids, table)  # (B, hidden)
+        else:
+            h = self.hidden(F.embedding(ids, table).flatten(1))  # (B, 48 d) -> (B, hidden)
         if self.activation == "cube":
             h = h.pow(3)  # one op each way, where h * h * h takes two forward and four back
         elif self.activation == "relu":
