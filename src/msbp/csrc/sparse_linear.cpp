@@ -888,6 +888,12 @@ struct SparseLinearFn : public torch::autograd::Function<SparseLinearFn> {
   }
 };
 
+// Function::apply wants defined tensors: an empty one stands for "none" (made only then: at
+// MNIST's sizes the forward's whole overhead is a few microseconds)
+Tensor or_empty(const std::optional<Tensor>& t, const at::TensorOptions& options) {
+  return t.has_value() && t->defined() ? *t : at::empty({0}, options);
+}
+
 // The embedding table's gradient through dx = U_S W_S without forming dx whole: for each row i
 // of ids (n, nf) and feature f, dT[ids[i, f]] += dx[i, f d : (f + 1) d], dx made a block of
 // rows at a time in a buffer that stays in cache (rows_product: W's kept rows, column block by
@@ -975,11 +981,10 @@ Tensor sparse_embedding_linear_fast(
     bool skip_nonfinite, double csr_ratio, std::string name, bool all_rows) {
   TORCH_CHECK(ids.dim() >= 1 && ids.scalar_type() == at::kLong && table.dim() == 2,
               "sparse_embedding_linear: ids must be int64 (*, features), table (rows, dim)");
-  Tensor none = at::empty({0}, weight.options());
   return SparseEmbeddingLinearFn::apply(
-      ids, table, weight, bias.value_or(none), memory.value_or(none), kept, state,
-      mask.value_or(none.to(at::kByte)), k, selection, alpha, slot, skip_nonfinite, csr_ratio,
-      std::move(name), all_rows);
+      ids, table, weight, or_empty(bias, weight.options()), or_empty(memory, weight.options()),
+      kept, state, or_empty(mask, weight.options().dtype(at::kByte)), k, selection, alpha, slot,
+      skip_nonfinite, csr_ratio, std::move(name), all_rows);
 }
 
 Tensor sparse_linear_fast(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias,
@@ -987,11 +992,10 @@ Tensor sparse_linear_fast(const Tensor& x, const Tensor& weight, const std::opti
                           const Tensor& state, const std::optional<Tensor>& mask, int64_t k,
                           int64_t selection, double alpha, bool slot, bool skip_nonfinite,
                           double csr_ratio, std::string name, bool all_rows) {
-  // Function::apply wants defined tensors: an empty one stands for "none"
-  Tensor none = at::empty({0}, x.options());
-  return SparseLinearFn::apply(x, weight, bias.value_or(none), memory.value_or(none), kept, state,
-                               mask.value_or(none.to(at::kByte)), k, selection, alpha, slot,
-                               skip_nonfinite, csr_ratio, std::move(name), all_rows);
+  return SparseLinearFn::apply(x, weight, or_empty(bias, x.options()),
+                               or_empty(memory, x.options()), kept, state,
+                               or_empty(mask, x.options().dtype(at::kByte)), k, selection, alpha,
+                               slot, skip_nonfinite, csr_ratio, std::move(name), all_rows);
 }
 
 }  // namespace
