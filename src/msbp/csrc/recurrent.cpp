@@ -63,15 +63,6 @@ constexpr int64_t kWideK = 16;
 
 // ---- the cell's chain rule ---------------------------------------------------------------------
 
-template <typename V>
-inline V vabs(V x) {
-  if constexpr (std::is_floating_point_v<V>) {
-    return std::abs(x);
-  } else {
-    return x < V{} ? -x : x;  // lane-wise; a NaN stays a NaN
-  }
-}
-
 // The values ranked by a selection: x[j] (+ add[j] * mul), their absolute value for Abs.
 template <typename A, bool Abs, bool Add>
 struct Ranked {

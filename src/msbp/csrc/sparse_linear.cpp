@@ -113,11 +113,31 @@ void build_u_pass(const G* g, A* u, int64_t n, int64_t out, int64_t o0, int64_t 
   if constexpr (SumG) {
     for (int64_t o = o0; o < o1; ++o) gsum[o] = 0;
   }
+  // vectors across columns where G is A (each column still sums its rows in order: the same
+  // bits as the scalar loop); the witness as a vector: a scalar sum of v * 0 kept the compiler
+  // from vectorising the pass (960 x 2000, the tagger's gates: 1.2 -> ~0.3 ms)
+  int64_t ov = o0;
+  using V = typename Vec<A>::type;
+  constexpr int W = Vec<A>::width;
+  V wit = V{};
+  if constexpr (std::is_same_v<G, A>) ov = o0 + (o1 - o0) / W * W;
   for (int64_t r = 0; r < n; ++r) {
     const G* gr = g + r * out;
     A* ur = WriteU ? u + r * out : nullptr;
     const A* mr = mem_row(mem, row_on, slot, r, out);
-    for (int64_t o = o0; o < o1; ++o) {
+    if constexpr (std::is_same_v<G, A>) {
+      const V zero = V{}, mm = V{} + mem_mul;
+      for (int64_t o = o0; o < ov; o += W) {
+        const V gv = load<V>(gr + o);
+        const V v = mr ? gv + load<V>(mr + o) * mm : gv;
+        if constexpr (WriteU) store(ur + o, v);
+        if constexpr (SumG) store(gsum + o, load<V>(gsum + o) + gv);
+        store(score + o, load<V>(score + o) + vabs(v));
+        store(usum + o, load<V>(usum + o) + v);
+        wit = wit + v * zero;
+      }
+    }
+    for (int64_t o = ov; o < o1; ++o) {
       A v = u_value(gr[o], mr, o, mem_mul);
       if constexpr (WriteU) ur[o] = v;
       if constexpr (SumG) gsum[o] += static_cast<A>(gr[o]);
@@ -126,6 +146,7 @@ void build_u_pass(const G* g, A* u, int64_t n, int64_t out, int64_t o0, int64_t 
       nan_acc += v * A(0);  // NaN iff some v is inf or NaN; never overflows
     }
   }
+  for (int l = 0; l < W; ++l) nan_acc += wit[l];
   *bad = nan_acc;
 }
 

@@ -1,6 +1,7 @@
 // Vector helpers shared by msbp's kernels: GCC/Clang vector types (AVX2 registers under -mavx2,
 // SSE pairs otherwise; no intrinsics) and the register-blocked row products built on them.
 #pragma once
+#include <cmath>
 #include <cstdint>
 #include <type_traits>
 
@@ -41,6 +42,15 @@ inline void store(A* p, V v) {
     *reinterpret_cast<typename Vec<A>::mem*>(p) = v;
   }
 }
+template <typename V>
+inline V vabs(V x) {
+  if constexpr (std::is_floating_point_v<V>) {
+    return std::abs(x);
+  } else {
+    return x < V{} ? -x : x;  // lane-wise; a NaN stays a NaN
+  }
+}
+
 constexpr int kBlockVecs = 8;  // accumulators per block: 64 floats / 32 doubles in registers
 
 // From b on, blocks of NV vectors of dst[0..len) (+)= sum_j coef[j] * src[j][..]; returns where
