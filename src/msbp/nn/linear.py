@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.modules import module as torch_module
 
 from msbp.config import SparseBackpropConfig
 from msbp.functional import sparse_embedding_linear, sparse_linear
@@ -79,11 +80,9 @@ class SparseLinear(MemoryMixin, nn.Linear):
         )
 
     def _has_hooks(self) -> bool:
-        from torch.nn.modules import module as _module
-
         return bool(
             self._forward_hooks or self._forward_pre_hooks
-            or _module._global_forward_hooks or _module._global_forward_pre_hooks
+            or torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks
         )
 
     @classmethod
