@@ -241,6 +241,13 @@ void rows_product(const int64_t* idx, const T* vals, const T* w, T* dx, int64_t 
   });
 }
 
+// Index lists for rows_product where each of n rows keeps the same k columns cols[0..k).
+inline std::vector<int64_t> same_cols(const int64_t* cols, int64_t k, int64_t n) {
+  std::vector<int64_t> idx(n * k);
+  for (int64_t r = 0; r < n; ++r) std::copy(cols, cols + k, idx.begin() + r * k);
+  return idx;
+}
+
 // dW rows: for the q-th kept column (CSC lists), dst[cols[q]] = sum over its entries v * x[row];
 // blocked over the columns of x like rows_product.
 template <typename T, bool Add>
@@ -418,8 +425,7 @@ Out5 backward_impl(const Tensor& grad_out, const Tensor& x, const Tensor& weight
       // 10 x 784 x 500 those ATen calls cost more than the arithmetic)
       const A* sp = u_k.data_ptr<A>();
       if (want_dx) {
-        std::vector<int64_t> row_cols(n * kk);
-        for (int64_t r = 0; r < n; ++r) std::copy(ip, ip + kk, row_cols.begin() + r * kk);
+        const std::vector<int64_t> row_cols = same_cols(ip, kk, n);
         dx = at::empty({n, d_in}, x_opts);
         rows_product<A>(row_cols.data(), sp, weight.data_ptr<A>(), dx.data_ptr<A>(), n, kk, out,
                         d_in);
@@ -726,12 +732,14 @@ void clear_rows(Tensor& buf, const int64_t* rows, int64_t r) {
   throw err;
 }
 
-// Saves what run_backward reads (both Functions below keep x and the weight as saved
-// variables 0 and 1).
-void save_layer(AutogradContext* ctx, const Tensor& weight, const Tensor& memory,
-                const Tensor& kept, const Tensor& state, const Tensor& mask, int64_t k,
-                int64_t selection, double alpha, bool slot, bool skip_nonfinite, double csr_ratio,
-                std::string name, bool all_rows, bool has_bias) {
+// The forward of both Functions below, once they saved x and the weight as saved variables 0
+// and 1: saves what run_backward reads, returns x W^T + b (bias: empty for none).
+Tensor layer_forward(AutogradContext* ctx, const Tensor& x, const Tensor& weight,
+                     const Tensor& bias, const Tensor& memory, const Tensor& kept,
+                     const Tensor& state, const Tensor& mask, int64_t k, int64_t selection,
+                     double alpha, bool slot, bool skip_nonfinite, double csr_ratio,
+                     std::string name, bool all_rows) {
+  const bool has_bias = bias.numel() > 0;
   // the Parameter itself, for its .grad: a saved variable may come back as another tensor
   // (activation checkpointing's recomputation, saved-tensor hooks)
   ctx->saved_data["param"] = weight;
@@ -749,6 +757,7 @@ void save_layer(AutogradContext* ctx, const Tensor& weight, const Tensor& memory
   ctx->saved_data["all_rows"] = all_rows;
   ctx->saved_data["has_memory"] = memory.numel() > 0;
   ctx->saved_data["has_bias"] = has_bias;
+  return at::linear(x, weight, has_bias ? std::optional<Tensor>(bias) : std::nullopt);
 }
 
 // The backward of the layer y = x W^T + b (x: saved variable 0, W: 1; W at input w_at, b at
@@ -896,10 +905,8 @@ struct SparseLinearFn : public torch::autograd::Function<SparseLinearFn> {
                         int64_t selection, double alpha, bool slot, bool skip_nonfinite,
                         double csr_ratio, std::string name, bool all_rows) {
     ctx->save_for_backward({x, weight});
-    const bool has_bias = bias.numel() > 0;
-    save_layer(ctx, weight, memory, kept, state, mask, k, selection, alpha, slot, skip_nonfinite,
-               csr_ratio, std::move(name), all_rows, has_bias);
-    return at::linear(x, weight, has_bias ? std::optional<Tensor>(bias) : std::nullopt);
+    return layer_forward(ctx, x, weight, bias, memory, kept, state, mask, k, selection, alpha,
+                         slot, skip_nonfinite, csr_ratio, std::move(name), all_rows);
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
@@ -929,8 +936,7 @@ void embedding_grad_factored(const int64_t* ids, int64_t n, int64_t nf, const T*
   const int64_t width = nf * d;
   const int64_t block = std::clamp<int64_t>((1 << 20) / (width * sizeof(T)), 1, n);
   std::vector<T> buf(block * width);
-  std::vector<int64_t> row_cols(block * kk);
-  for (int64_t r = 0; r < block; ++r) std::copy(w_rows, w_rows + kk, row_cols.begin() + r * kk);
+  const std::vector<int64_t> row_cols = same_cols(w_rows, kk, block);
   const bool split = n * nf * d >= kMinTaskWork;
   for (int64_t i0 = 0; i0 < n; i0 += block) {
     const int64_t m = std::min(block, n - i0);
@@ -959,10 +965,8 @@ struct SparseEmbeddingLinearFn : public torch::autograd::Function<SparseEmbeddin
     Tensor x = at::embedding(table, ids).view(shape);  // (*, nf d)
     ctx->save_for_backward({x, weight, ids});
     ctx->saved_data["table_rows"] = table.size(0);
-    const bool has_bias = bias.numel() > 0;
-    save_layer(ctx, weight, memory, kept, state, mask, k, selection, alpha, slot, skip_nonfinite,
-               csr_ratio, std::move(name), all_rows, has_bias);
-    return at::linear(x, weight, has_bias ? std::optional<Tensor>(bias) : std::nullopt);
+    return layer_forward(ctx, x, weight, bias, memory, kept, state, mask, k, selection, alpha,
+                         slot, skip_nonfinite, csr_ratio, std::move(name), all_rows);
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
