@@ -51,6 +51,15 @@ def check_memory(memory: Tensor, out_features: int, layout: str, weight: Tensor)
         raise ValueError("memory must not require grad")
 
 
+def check_bias(bias: Tensor | None, weight: Tensor) -> None:
+    """Raise ``ValueError`` unless ``bias`` is None or of shape (out,) for ``weight`` (out, in)."""
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(
+            f"bias of shape {tuple(bias.shape)} does not match weight of shape "
+            f"{tuple(weight.shape)}: expected ({weight.shape[0]},)"
+        )
+
+
 def check_no_functorch(what: str) -> None:
     """Raise ``RuntimeError`` inside a ``torch.func`` transform (grad, vmap, jacrev,
     functional_call under grad, ...): the memory is state updated in place by the backward
@@ -104,11 +113,7 @@ def sparse_linear(
             f"input of shape {tuple(x.shape)} does not match weight of shape "
             f"{tuple(weight.shape)}: the last input dimension must be {in_features}"
         )
-    if bias is not None and tuple(bias.shape) != (out_features,):
-        raise ValueError(
-            f"bias of shape {tuple(bias.shape)} does not match weight of shape "
-            f"{tuple(weight.shape)}: expected ({out_features},)"
-        )
+    check_bias(bias, weight)
     if memory is not None:
         check_memory(memory, out_features, config.memory_layout, weight)
     needs_grad = x.requires_grad or weight.requires_grad or (
@@ -234,11 +239,7 @@ def sparse_embedding_linear(
             f"(out, {ids.shape[-1] * table.shape[1]}), features x dim"
         )
     if _fused_embedding_ok(ids, table, weight, bias, memory, config, probe):
-        if bias is not None and tuple(bias.shape) != (weight.shape[0],):
-            raise ValueError(
-                f"bias of shape {tuple(bias.shape)} does not match weight of shape "
-                f"{tuple(weight.shape)}: expected ({weight.shape[0]},)"
-            )
+        check_bias(bias, weight)
         if memory is not None:
             check_memory(memory, weight.shape[0], config.memory_layout, weight)
         check_no_functorch(f"sparse layer {name!r}" if name else "sparse_embedding_linear")
