@@ -599,3 +599,45 @@ def test_compiled_recurrence_matches_eager(selection: str, native_backend) -> No
         torch.testing.assert_close(a, b, **F64)
     torch.testing.assert_close(eager_memory, compiled_memory, **F64)
     assert compiled_memory.any()
+
+
+class _Tagger(nn.Module):
+    """Embedding -> LSTM -> linear, the POS tagger's shape in small."""
+
+    def __init__(self, bidirectional: bool) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(30, 6)
+        self.lstm = nn.LSTM(6, 5, batch_first=True, bidirectional=bidirectional)
+        self.out = nn.Linear(5 * (1 + bidirectional), 4)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.out(self.lstm(self.emb(ids))[0])
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("bidirectional", [False, True], ids=["uni", "bi"])
+def test_compiled_sparsified_tagger_matches_eager(bidirectional: bool) -> None:
+    """torch.compile(model, fullgraph=True, inductor) of a model whose nn.LSTM was sparsified:
+    traced whole (SparseLSTM is no nn.LSTM instance, which dynamo refuses to wrap), with eager's
+    gradients and memories after 3 steps, and the no_grad forward compiled too."""
+    if not native.use_native():
+        pytest.skip("fullgraph needs the native ops")
+    torch.manual_seed(0)
+    model = sparsify(_Tagger(bidirectional), make_cfg("unified", "unit", 0.8, k=3), exclude="out")
+    assert isinstance(model.lstm, SparseLSTM) and not isinstance(model.lstm, nn.LSTM)
+    eager = copy.deepcopy(model)
+    compiled = torch.compile(model, fullgraph=True, backend="inductor")
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        ids = torch.randint(0, 30, (4, 7), generator=gen)
+        for m in (model, eager):
+            m.zero_grad(set_to_none=True)
+        compiled(ids).square().sum().backward()
+        eager(ids).square().sum().backward()
+        for (name, a), b in zip(model.named_parameters(), eager.parameters(), strict=True):
+            torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-6, msg=name)
+        for (name, a), (_, b) in zip(model.lstm.named_memories(), eager.lstm.named_memories(),
+                                     strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(ids), eager(ids), rtol=1e-5, atol=1e-6)

@@ -331,7 +331,8 @@ def _sparsify(
             f"sparsify matched no layer to convert (include={include!r}, exclude={exclude!r}"
             + (", every match left dense by config_fn" if matched else "")
             + f"); the model's linear layers are: {_names_of(model, nn.Linear)}"
-            + (f"; its LSTM layers are: {rnns}" if (rnns := _names_of(model, nn.LSTM)) else "")
+            + (f"; its LSTM layers are: {rnns}"
+               if (rnns := _names_of(model, (nn.LSTM, SparseLSTM))) else "")
             + (f"; its convolutions are: {convs}"
                if (convs := _names_of(model, (nn.Conv1d, nn.Conv2d))) else "")
             + "\n" + str(report)

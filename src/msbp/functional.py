@@ -277,6 +277,8 @@ def make_plan(
     probe: Callable[[Tensor, Tensor, Tensor], None] | None = None,
 ) -> BackwardPlan:
     """What the backward of a transform with ``out_features`` outputs does under ``config``."""
+    if torch.compiler.is_compiling():  # traced once per graph; dynamo warns on lru_cache
+        return _plan.__wrapped__(config, out_features, generator, name, probe)
     return _plan(config, out_features, generator, name, probe)
 
 

@@ -35,9 +35,13 @@ from msbp.ops import consensus
 from msbp.ops.recurrent import SparseLSTMRecurrence
 
 
-class SparseLSTM(MemoryMixin, nn.LSTM):
+class SparseLSTM(MemoryMixin, nn.RNNBase):
     """Drop-in ``nn.LSTM`` (same parameters and state-dict keys, plus the memories) with an
     MSBP backward on its input and recurrent transforms.
+
+    It is an ``nn.RNNBase`` in LSTM mode, not an ``nn.LSTM`` subclass: ``torch.compile`` refuses
+    to trace any instance of ``nn.LSTM`` (unless ``torch._dynamo.config.allow_rnn``), and it
+    traces this module whole (``fullgraph=True``).
 
     Supports ``num_layers``, ``bias``, ``batch_first``, ``dropout``, ``bidirectional`` and
     unbatched input; not ``proj_size`` nor ``PackedSequence`` (pad instead: the outputs at valid
@@ -57,6 +61,11 @@ class SparseLSTM(MemoryMixin, nn.LSTM):
     #: set by ``msbp.dense_backward``: every transform runs as plain PyTorch ops (see there)
     dense_mode: bool = False
 
+    # nn.LSTM's checks of (h, c), which its forward (run here under no_grad) calls
+    get_expected_cell_size = nn.LSTM.get_expected_cell_size
+    check_forward_args = nn.LSTM.check_forward_args
+    permute_hidden = nn.LSTM.permute_hidden
+
     def __init__(
         self,
         input_size: int,
@@ -72,7 +81,7 @@ class SparseLSTM(MemoryMixin, nn.LSTM):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__(
-            input_size, hidden_size, num_layers, bias=bias, batch_first=batch_first,
+            "LSTM", input_size, hidden_size, num_layers, bias=bias, batch_first=batch_first,
             dropout=dropout, bidirectional=bidirectional, device=device, dtype=dtype,
         )
         self.config = config if config is not None else SparseBackpropConfig()
@@ -196,7 +205,7 @@ class SparseLSTM(MemoryMixin, nn.LSTM):
                 )
         if not self._needs_backward(input, hx):
             # no backward, so nothing sparse to do: nn.LSTM's fused kernel, the same function
-            return super().forward(input, hx)
+            return nn.LSTM.forward(self, input, hx)
         h_n: list[Tensor] = []
         c_n: list[Tensor] = []
         for layer in range(self.num_layers):
