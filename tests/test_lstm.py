@@ -312,6 +312,27 @@ def test_nonfinite_gradient_raise_or_skip(selection: str, poison: float, backend
         assert torch.equal(memory, before[tag]), tag
 
 
+@pytest.mark.parametrize("on_nonfinite", ["raise", "skip"])
+def test_nonfinite_keeps_slot_memories_of_another_batch_shape(on_nonfinite: str,
+                                                              backend: str) -> None:
+    """Slot memories of 2 rows, then a non-finite batch of 3: rows and values unchanged."""
+    torch.manual_seed(0)
+    cfg = make_cfg("unified", "slot", 0.8, k=2).replace(on_nonfinite=on_nonfinite)
+    lstm = SparseLSTM(4, 5, config=cfg)
+    lstm(torch.randn(6, 2, 4))[0].square().sum().backward()
+    before = _memories(lstm)
+    poisoned = torch.ones(6, 3, 5)
+    poisoned[2, 1, 3] = float("inf")
+    loss = (lstm(torch.randn(6, 3, 4))[0] * poisoned).sum()
+    if on_nonfinite == "raise":
+        with pytest.raises(FloatingPointError):
+            loss.backward()
+    else:
+        loss.backward()
+    for tag, memory in _memories(lstm).items():
+        assert torch.equal(memory, before[tag]), tag
+
+
 @pytest.mark.parametrize("selection", SELECTIONS)
 def test_huge_finite_gradients_are_not_called_nonfinite(selection: str, backend: str) -> None:
     """float32 gate gradients up to about 5e37 are finite, and so is everything computed from

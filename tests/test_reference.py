@@ -189,3 +189,20 @@ def test_ref_alpha_one_conserves_mass(selection, layout):
     mem_sum = new_mem1 if layout == "unit" else new_mem1.sum(0)
     old_sum = memory if layout == "unit" else memory.sum(0)
     torch.testing.assert_close(dW1[:, 0] + mem_sum, g.sum(0) + old_sum)
+
+
+@pytest.mark.parametrize("rows", ["active", "all"])
+@pytest.mark.parametrize("layout", ["unit", "slot"])
+def test_ref_empty_batch_keeps_memory(layout, rows):
+    """n = 0: zero gradients and the memory unchanged (as the library's layers), not a slot
+    memory spread over no rows."""
+    w = torch.randn(3, 4, dtype=torch.float64)
+    memory = torch.randn(3, dtype=torch.float64) if layout == "unit" else torch.randn(
+        2, 3, dtype=torch.float64)
+    dx, dW, db, new = sparse_linear_backward_ref(
+        torch.zeros(0, 4, dtype=torch.float64), w, torch.zeros(0, 3, dtype=torch.float64),
+        memory, k=1, alpha=0.5, layout=layout, rows=rows,
+    )
+    assert dx.shape == (0, 4) and torch.equal(dW, torch.zeros_like(w))
+    assert torch.equal(db, torch.zeros(3, dtype=torch.float64))
+    assert torch.equal(new, memory)

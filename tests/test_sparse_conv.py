@@ -198,6 +198,23 @@ def test_nonfinite_raise_and_skip(backend):
     torch.testing.assert_close(layer.memory, before, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("on_nonfinite", ["raise", "skip"])
+def test_nonfinite_keeps_slot_memory_of_another_batch_shape(backend, on_nonfinite):
+    """A non-finite gradient at a new batch shape leaves a slot memory's rows and values."""
+    config = SparseBackpropConfig(k=2, memory_layout="slot", on_nonfinite=on_nonfinite)
+    layer = make_conv(SparseConv2d, 3, 6, config, kernel_size=3)
+    step(layer, *spatial(layer, 2, 6, seed=4))
+    before = layer.memory.clone()
+    x, bad = spatial(layer, 3, 6, seed=5)
+    bad[0, 1, 0, 0] = float("inf")
+    if on_nonfinite == "raise":
+        with pytest.raises(FloatingPointError, match="non-finite"):
+            step(layer, x, bad)
+    else:
+        assert torch.isinf(step(layer, x, bad)[1]).any()  # dense
+    torch.testing.assert_close(layer.memory, before, rtol=0, atol=0)
+
+
 class _Scaler:
     def __init__(self, scale):
         self.scale = torch.tensor([scale], dtype=torch.float32)

@@ -446,6 +446,48 @@ def test_nonfinite_skip_is_dense_and_keeps_memory(selection, layout):
     torch.testing.assert_close(db, g.sum(0), equal_nan=True)
 
 
+@pytest.mark.parametrize("on_nonfinite", ["raise", "skip"])
+def test_nonfinite_keeps_slot_memory_of_another_batch_shape(backend, on_nonfinite):
+    """A non-finite gradient in a batch of a new shape leaves a slot memory as it was, rows and
+    values: its sums are spread over the new rows only when the sparse step takes place."""
+    layer = _warm_layer(_cfg("per_example", "slot", 0.8, on_nonfinite=on_nonfinite))
+    before = layer.memory.clone()  # 4 rows
+    gen = torch.Generator().manual_seed(2)
+    x, g = randn(3, D_IN, gen=gen), randn(3, D_OUT, gen=gen)
+    g[1, 2] = float("inf")
+    if on_nonfinite == "raise":
+        with pytest.raises(FloatingPointError):
+            fast_step(layer, x, g)
+    else:
+        dx, dW, _ = fast_step(layer, x, g)
+        torch.testing.assert_close(dW, g.t() @ x)  # dense
+    assert torch.equal(layer.memory, before)
+    fast_step(layer, x, g.nan_to_num(posinf=0.0))  # a finite step then spreads it
+    assert layer.memory.shape == (3, D_OUT)
+
+
+@pytest.mark.parametrize("on_nonfinite", ["raise", "skip"])
+def test_nonfinite_keeps_slot_memory_after_another_call_resized_it(backend, on_nonfinite):
+    """Two calls of different batch shapes in one graph: the later call's backward (run first)
+    spreads the slot memory over its rows; a non-finite gradient in the earlier call's backward
+    then leaves the memory as that step left it (the native op's own spreading undone)."""
+    cfg = _cfg("unified", "slot", 0.8, on_nonfinite=on_nonfinite)
+    layer = _warm_layer(cfg)  # memory of 4 rows
+    twin = _warm_layer(cfg)
+    gen = torch.Generator().manual_seed(3)
+    xa, ga = randn(4, D_IN, gen=gen), randn(4, D_OUT, gen=gen)
+    xb, gb = randn(3, D_IN, gen=gen), randn(3, D_OUT, gen=gen)
+    ga[0, 1] = float("nan")
+    fast_step(twin, xb, gb)  # the later call's step alone
+    loss = (layer(xa) * ga).sum() + (layer(xb) * gb).sum()
+    if on_nonfinite == "raise":
+        with pytest.raises(FloatingPointError):
+            loss.backward()
+    else:
+        loss.backward()
+    assert torch.equal(layer.memory, twin.memory)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 @pytest.mark.parametrize(
     "rows, shared", [(64, False), (3, False), (16, True)],

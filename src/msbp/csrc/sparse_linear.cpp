@@ -798,13 +798,22 @@ variable_list run_backward(AutogradContext* ctx, const variable_list& grad_outpu
   }
   const int64_t k = std::min(ctx->saved_data["k"].toInt(), out);
   const bool has_memory = ctx->saved_data["has_memory"].toBool();
+  // another call of the layer changed the batch shape since: the slot memory's column sums
+  // spread over the new rows; put back as it was if no sparse step takes place (non-finite)
+  Tensor mem_before;
   if (has_memory && ctx->saved_data["slot"].toBool() && memory.size(0) != n) {
-    // another call of the layer changed the batch shape since: spread the column sums
     at::NoGradGuard no_grad;
+    mem_before = memory.clone();
     Tensor total = memory.sum(0).div_(static_cast<double>(n));
     memory.resize_({n, out});
     memory.copy_(total.expand({n, out}));
   }
+  auto restore_memory = [&] {
+    if (!mem_before.defined()) return;
+    at::NoGradGuard no_grad;
+    memory.resize_(mem_before.sizes());
+    memory.copy_(mem_before);
+  };
   int route = need_w ? grad_route(weight) : 0;
   Tensor grad;
   if (route != 0) {
@@ -838,6 +847,7 @@ variable_list run_backward(AutogradContext* ctx, const variable_list& grad_outpu
         ctx->saved_data["csr_ratio"].toDouble(), ctx->saved_data["all_rows"].toBool(),
         route == 1 && grad.is_contiguous() ? &grad : nullptr, u_out);
   } catch (const c10::Error& e) {
+    restore_memory();
     const std::string what = e.what_without_backtrace();
     if (what.find("msbp-nonfinite") == std::string::npos) throw;
     const std::string name = ctx->saved_data["name"].toStringRef();
@@ -851,7 +861,9 @@ variable_list run_backward(AutogradContext* ctx, const variable_list& grad_outpu
   Tensor dx = std::get<0>(outs), dW = std::get<1>(outs), db = std::get<2>(outs);
   Tensor rows = std::get<3>(outs);
   if (rows_out != nullptr) *rows_out = rows;
-  const bool dense = k >= out || std::get<4>(outs).item<int64_t>() != 0;
+  const bool skipped = std::get<4>(outs).item<int64_t>() != 0;
+  if (skipped) restore_memory();
+  const bool dense = k >= out || skipped;
   if (need_w) {
     if (mask.numel() > 0) {
       if (dense) {

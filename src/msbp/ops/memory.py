@@ -69,3 +69,24 @@ def store_memory_(
         memory.resize_(residual.shape)
         value = residual
     torch.mul(value, factor, out=memory)
+
+
+def spread_slot_memory_(memory: Tensor, rows: int) -> Tensor | None:
+    """Give a slot memory (r, out) ``rows`` rows for a new batch shape, its column sums spread
+    evenly, in place. Returns the memory as it was (for ``restore_memory_``, should the backward
+    not take place: a non-finite gradient leaves the memory untouched), or None if it already
+    had ``rows`` rows."""
+    if memory.shape[0] == rows:
+        return None
+    with torch.no_grad():
+        before = memory.clone()
+        total = memory.sum(0) / rows
+        memory.resize_(rows, memory.shape[1]).copy_(total.expand(rows, memory.shape[1]))
+    return before
+
+
+def restore_memory_(memory: Tensor, before: Tensor | None) -> None:
+    """Put back the memory ``spread_slot_memory_`` changed (no-op for None)."""
+    if before is not None:
+        with torch.no_grad():
+            memory.resize_(before.shape).copy_(before)

@@ -43,6 +43,7 @@ from msbp import native
 from msbp.ops import scaling
 from msbp.ops.memory import active_rows as _active_rows
 from msbp.ops.memory import add_memory_ as _add_memory_
+from msbp.ops.memory import spread_slot_memory_
 from msbp.ops.memory import store_memory_ as _store_memory_
 from msbp.ops.selection import UNIFIED_SELECTIONS, select, select_random
 from msbp.ops.sparse_linear import (
@@ -389,10 +390,10 @@ def _backward_steps(
     unit_memory = use_memory and plan.layout == "unit"
     # memory_rows="active": zero rows of a step's gate gradient take no memory, select nothing
     track = not dense and not plan.all_rows and (use_memory or per_example)
-    if use_memory and plan.layout == "slot" and memory.shape[0] != batch:
-        # a new batch shape: the column sums spread evenly over all rows (as SparseLinear)
-        total = memory.sum(0) / batch
-        memory.resize_(batch, four_h).copy_(total.expand(batch, four_h))
+    if use_memory and plan.layout == "slot":
+        # a new batch shape: the column sums spread evenly over all rows (as SparseLinear); the
+        # caller's copy of the memory undoes it on a non-finite gradient
+        spread_slot_memory_(memory, batch)
     # per-step views made once: indexing inside the loop costs a dispatch each
     d_outs, to_dc, to_do, forget, gates = (
         t.unbind(0) for t in (d_out, dh_to_dc, dh_to_do, f, dgates)

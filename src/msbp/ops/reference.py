@@ -69,7 +69,7 @@ def sparse_linear_backward_ref(
 
     x: (*, in); weight: (out, in); grad_out: (*, out); memory: (out,) for ``unit``, (r, out) for
     ``slot``, or None (no memory). dx: (*, in); dW: (out, in); db: (out,); new_memory like memory
-    (slot: (n, out)).
+    (slot: (n, out)); an empty batch (n = 0) returns zero gradients and the memory unchanged.
 
     ``rows="active"`` (``memory_rows``): the all-zero rows of the gradient are dropped, the
     backward below runs on the others, and the zero rows get dx = 0 and keep their slot memory
@@ -80,6 +80,8 @@ def sparse_linear_backward_ref(
     g = grad_out.reshape(-1, out)  # (n, out)
     n = g.shape[0]
     use_memory = memory is not None and alpha > 0
+    if n == 0:  # an empty batch propagates nothing and leaves the memory as it is
+        return torch.zeros_like(x), torch.zeros_like(weight, dtype=x.dtype), g.sum(0), memory
     if rows == "all":
         return _backward_all_rows(x, weight, grad_out, memory, k, selection, alpha, layout,
                                   generator)

@@ -27,7 +27,7 @@ from torch.autograd.function import once_differentiable
 
 from msbp import native
 from msbp.ops import scaling
-from msbp.ops.memory import store_memory_
+from msbp.ops.memory import restore_memory_, spread_slot_memory_, store_memory_
 from msbp.ops.sparse_linear import BackwardPlan, forward_and_save, nonfinite_error
 from msbp.ops.touched_rows import log_touched_rows
 
@@ -203,10 +203,8 @@ class SparseConvFunction(torch.autograd.Function):
         dense = kg * geo.groups >= c
         use_memory = memory is not None and plan.alpha > 0
         slot = plan.layout == "slot"
-        if use_memory and slot and memory.shape[0] != rows:  # a new batch shape: spread sums
-            with torch.no_grad():
-                total = memory.sum(0) / rows
-                memory.resize_(rows, c).copy_(total.expand(rows, c))
+        # a new batch shape: the slot memory's sums spread over its rows (undone if no step)
+        before = spread_slot_memory_(memory, rows) if use_memory and slot else None
         scale = scaling.current_scale() if not torch.compiler.is_compiling() else None
         if use_memory and scale is not None:
             scaling.snapshot(memory)
@@ -242,6 +240,7 @@ class SparseConvFunction(torch.autograd.Function):
                 u = _with_memory(grad_out, memory, slot, scale, active) if use_memory else grad_out
             finite = bool(torch.isfinite(u).all())
         if not finite:
+            restore_memory_(memory, before)  # untouched: no sparse step takes place
             if not (plan.on_nonfinite == "skip" or scale is not None):
                 raise nonfinite_error(plan, "output gradient", grad_out.shape)
             dx, dW = _conv_backward(grad_out.to(x.dtype), x, w, geo, need_x, need_w)

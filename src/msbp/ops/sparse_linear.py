@@ -29,7 +29,13 @@ from torch.autograd.function import once_differentiable
 
 from msbp import native
 from msbp.ops import consensus, scaling
-from msbp.ops.memory import active_rows, add_memory_, store_memory_
+from msbp.ops.memory import (
+    active_rows,
+    add_memory_,
+    restore_memory_,
+    spread_slot_memory_,
+    store_memory_,
+)
 from msbp.ops.selection import select
 from msbp.ops.touched_rows import log_touched_rows
 
@@ -529,10 +535,8 @@ class SparseLinearFunction(torch.autograd.Function):
 
         use_memory = memory is not None and plan.alpha > 0
         slot = plan.layout == "slot"
-        if use_memory and slot and memory.shape[0] != n:  # a new batch shape: spread the sums
-            with torch.no_grad():
-                total = memory.sum(0) / n
-                memory.resize_(n, out).copy_(total.expand(n, out))
+        # a new batch shape: the slot memory's sums spread over its rows (undone if no step)
+        before = spread_slot_memory_(memory, n) if use_memory and slot else None
         compiling = torch.compiler.is_compiling()
         scale = scaling.current_scale() if not compiling else None
         if use_memory and scale is not None:
@@ -542,8 +546,12 @@ class SparseLinearFunction(torch.autograd.Function):
         if k < out and plan.selection == "random":
             random_cols = torch.randperm(out, generator=plan.generator, device=g.device)[:k]
         if agree:
-            return _consensus_backward(ctx, g, x2, w, memory if use_memory else None,
-                                       random_cols, scale, k, slot, skip, x_shape)
+            try:
+                return _consensus_backward(ctx, g, x2, w, memory if use_memory else None,
+                                           random_cols, scale, k, slot, skip, x_shape)
+            except FloatingPointError:
+                restore_memory_(memory, before)
+                raise
         compact = bool(need_w and plan.grad_inplace and not compiling) and (
             prepare_grad_buffer(ctx, weight, 1)
         )
@@ -554,6 +562,7 @@ class SparseLinearFunction(torch.autograd.Function):
         try:
             dx, dW, db, rows, skipped = run_backward(native_ok, *args, probe=plan.probe)
         except RuntimeError as exc:
+            restore_memory_(memory, before)
             if NONFINITE_MARK in str(exc):
                 raise nonfinite_error(plan, "output gradient", grad_out.shape) from None
             raise
@@ -562,8 +571,11 @@ class SparseLinearFunction(torch.autograd.Function):
             if not (skip or compiling or torch.cuda.is_current_stream_capturing()) and bool(
                 skipped
             ):
+                restore_memory_(memory, before)
                 raise nonfinite_error(plan, "output gradient", grad_out.shape)
             skipped = 0
+        elif before is not None and not compiling and bool(skipped):
+            restore_memory_(memory, before)  # skipped densely: the memory as it was
         if not need_w:
             dW = None
         elif compiling:  # compact is off: a dense dW, nothing read back from the op
