@@ -101,52 +101,83 @@ inline A u_value(G gv, const A* mr, int64_t o, A mem_mul) {
   return mr ? v + mr[o] * mem_mul : v;
 }
 
-// Pass 1, over columns [o0, o1): U = G + madd, colsum |U|, colsum U, finiteness.
-// WriteU false: the scores and sums alone (unified top-k with the `unit` layout reads only k
-// columns of U afterwards, which it recomputes, instead of writing n x out values). gsum, if
-// not null, gets colsum G (db) in the same pass.
-template <typename G, typename A, bool WriteU, bool SumG>
-void build_u_pass(const G* g, A* u, int64_t n, int64_t out, int64_t o0, int64_t o1,
-                  const A* mem, const uint8_t* row_on, bool slot, A mem_mul, A* score, A* usum,
-                  A* gsum, A* bad) {
-  A nan_acc = 0;
-  for (int64_t o = o0; o < o1; ++o) score[o] = usum[o] = 0;
-  if constexpr (SumG) {
-    for (int64_t o = o0; o < o1; ++o) gsum[o] = 0;
-  }
-  // vectors across columns where G is A (each column still sums its rows in order: the same
-  // bits as the scalar loop); the witness as a vector: a scalar sum of v * 0 kept the compiler
-  // from vectorising the pass (960 x 2000, the tagger's gates: 1.2 -> ~0.3 ms)
-  int64_t ov = o0;
+// Pass 1 on rows [r, r + R) and columns [o0, o1) (vectors on [o0, ov), scalars after): U = G +
+// madd, written to u when WriteU; colsum |U| into score; colsum U into usum when SumU; colsum G
+// into gsum when SumG; wit / nan_acc turn NaN iff some entry is inf or NaN. Each column adds its
+// rows in order (the same bits as a row at a time), but the R rows of a vector of columns are
+// added in registers before the sums are stored once: at 800 x 2000 (the tagger's gates) the
+// loads and stores of the sums per row had cost as much as reading G.
+template <typename G, typename A, bool WriteU, bool SumG, bool SumU, int R>
+inline void pass_rows(const G* g, A* u, int64_t r, int64_t out, int64_t o0, int64_t ov,
+                      int64_t o1, const A* mem, const uint8_t* row_on, bool slot, A mem_mul,
+                      A* score, A* usum, A* gsum, typename Vec<A>::type& wit, A& nan_acc) {
   using V = typename Vec<A>::type;
   constexpr int W = Vec<A>::width;
-  V wit = V{};
-  if constexpr (std::is_same_v<G, A>) ov = o0 + (o1 - o0) / W * W;
-  for (int64_t r = 0; r < n; ++r) {
-    const G* gr = g + r * out;
-    A* ur = WriteU ? u + r * out : nullptr;
-    const A* mr = mem_row(mem, row_on, slot, r, out);
-    if constexpr (std::is_same_v<G, A>) {
-      const V zero = V{}, mm = V{} + mem_mul;
-      for (int64_t o = o0; o < ov; o += W) {
-        const V gv = load<V>(gr + o);
-        const V v = mr ? gv + load<V>(mr + o) * mm : gv;
-        if constexpr (WriteU) store(ur + o, v);
-        if constexpr (SumG) store(gsum + o, load<V>(gsum + o) + gv);
-        store(score + o, load<V>(score + o) + vabs(v));
-        store(usum + o, load<V>(usum + o) + v);
+  const G* gr[R];
+  A* ur[R];
+  const A* mr[R];
+  for (int i = 0; i < R; ++i) {
+    gr[i] = g + (r + i) * out;
+    ur[i] = WriteU ? u + (r + i) * out : nullptr;
+    mr[i] = mem_row(mem, row_on, slot, r + i, out);
+  }
+  if constexpr (std::is_same_v<G, A>) {
+    const V zero = V{}, mm = V{} + mem_mul;
+    for (int64_t o = o0; o < ov; o += W) {
+      V sc = load<V>(score + o), us = V{}, gs = V{};
+      if constexpr (SumU) us = load<V>(usum + o);
+      if constexpr (SumG) gs = load<V>(gsum + o);
+      for (int i = 0; i < R; ++i) {
+        const V gv = load<V>(gr[i] + o);
+        const V v = mr[i] ? gv + load<V>(mr[i] + o) * mm : gv;
+        if constexpr (WriteU) store(ur[i] + o, v);
+        if constexpr (SumG) gs = gs + gv;
+        if constexpr (SumU) us = us + v;
+        sc = sc + vabs(v);
         wit = wit + v * zero;
       }
+      store(score + o, sc);
+      if constexpr (SumU) store(usum + o, us);
+      if constexpr (SumG) store(gsum + o, gs);
     }
+  }
+  for (int i = 0; i < R; ++i) {
     for (int64_t o = ov; o < o1; ++o) {
-      A v = u_value(gr[o], mr, o, mem_mul);
-      if constexpr (WriteU) ur[o] = v;
-      if constexpr (SumG) gsum[o] += static_cast<A>(gr[o]);
+      A v = u_value(gr[i][o], mr[i], o, mem_mul);
+      if constexpr (WriteU) ur[i][o] = v;
+      if constexpr (SumG) gsum[o] += static_cast<A>(gr[i][o]);
+      if constexpr (SumU) usum[o] += v;
       score[o] += std::abs(v);
-      usum[o] += v;
       nan_acc += v * A(0);  // NaN iff some v is inf or NaN; never overflows
     }
   }
+}
+
+// Pass 1 over columns [o0, o1) of all n rows (see pass_rows); *bad gets the finiteness witness.
+// u, usum, gsum: null where not wanted (unified / random top-k with the `unit` layout reads only
+// k columns of U afterwards, which it recomputes, instead of writing n x out values; usum only
+// feeds a unit memory; gsum is db).
+template <typename G, typename A, bool WriteU, bool SumG, bool SumU>
+void build_u_pass(const G* g, A* u, int64_t n, int64_t out, int64_t o0, int64_t o1,
+                  const A* mem, const uint8_t* row_on, bool slot, A mem_mul, A* score, A* usum,
+                  A* gsum, A* bad) {
+  std::fill(score + o0, score + o1, A(0));
+  if constexpr (SumU) std::fill(usum + o0, usum + o1, A(0));
+  if constexpr (SumG) std::fill(gsum + o0, gsum + o1, A(0));
+  // vectors across columns where G is A; the witness as a vector (a scalar sum of v * 0 kept
+  // the compiler from vectorising the pass: 960 x 2000, 1.2 -> ~0.3 ms)
+  constexpr int W = Vec<A>::width;
+  const int64_t ov = std::is_same_v<G, A> ? o0 + (o1 - o0) / W * W : o0;
+  typename Vec<A>::type wit{};
+  A nan_acc = 0;
+  constexpr int R = 4;
+  int64_t r = 0;
+  for (; r + R <= n; r += R)
+    pass_rows<G, A, WriteU, SumG, SumU, R>(g, u, r, out, o0, ov, o1, mem, row_on, slot, mem_mul,
+                                           score, usum, gsum, wit, nan_acc);
+  for (; r < n; ++r)
+    pass_rows<G, A, WriteU, SumG, SumU, 1>(g, u, r, out, o0, ov, o1, mem, row_on, slot, mem_mul,
+                                           score, usum, gsum, wit, nan_acc);
   for (int l = 0; l < W; ++l) nan_acc += wit[l];
   *bad = nan_acc;
 }
@@ -154,18 +185,19 @@ void build_u_pass(const G* g, A* u, int64_t n, int64_t out, int64_t o0, int64_t 
 template <typename G, typename A>
 void build_u(const G* g, A* u, int64_t n, int64_t out, int64_t o0, int64_t o1, const A* mem,
              const uint8_t* row_on, bool slot, A mem_mul, A* score, A* usum, A* gsum, A* bad) {
-  if (u != nullptr && gsum != nullptr)
-    build_u_pass<G, A, true, true>(g, u, n, out, o0, o1, mem, row_on, slot, mem_mul, score, usum,
-                                   gsum, bad);
-  else if (u != nullptr)
-    build_u_pass<G, A, true, false>(g, u, n, out, o0, o1, mem, row_on, slot, mem_mul, score,
-                                    usum, gsum, bad);
-  else if (gsum != nullptr)
-    build_u_pass<G, A, false, true>(g, u, n, out, o0, o1, mem, row_on, slot, mem_mul, score,
-                                    usum, gsum, bad);
-  else
-    build_u_pass<G, A, false, false>(g, u, n, out, o0, o1, mem, row_on, slot, mem_mul, score,
-                                     usum, gsum, bad);
+  auto run = [&](auto write_u, auto sum_g, auto sum_u) {
+    build_u_pass<G, A, decltype(write_u)::value, decltype(sum_g)::value, decltype(sum_u)::value>(
+        g, u, n, out, o0, o1, mem, row_on, slot, mem_mul, score, usum, gsum, bad);
+  };
+  auto with_sum_u = [&](auto write_u, auto sum_g) {
+    usum != nullptr ? run(write_u, sum_g, std::true_type{})
+                    : run(write_u, sum_g, std::false_type{});
+  };
+  auto with_sum_g = [&](auto write_u) {
+    gsum != nullptr ? with_sum_u(write_u, std::true_type{})
+                    : with_sum_u(write_u, std::false_type{});
+  };
+  u != nullptr ? with_sum_g(std::true_type{}) : with_sum_g(std::false_type{});
 }
 
 // Work below which a parallel region costs more than it saves (OpenMP start and join, measured
@@ -301,7 +333,10 @@ Out5 backward_impl(const Tensor& grad_out, const Tensor& x, const Tensor& weight
   const bool keep_u = dense || selection == kPerExample || (use_memory && slot);
   Tensor u = keep_u ? at::empty({n, out}, acc_opts) : Tensor();
   A* u_ptr = keep_u ? u.data_ptr<A>() : nullptr;
-  Tensor score = at::empty({out}, acc_opts), usum = at::empty({out}, acc_opts);
+  Tensor score = at::empty({out}, acc_opts);
+  // colsum U: what a unit memory keeps of the columns unified / random selection drops
+  const bool need_usum = use_memory && !slot && !dense && selection != kPerExample;
+  Tensor usum = need_usum ? at::empty({out}, acc_opts) : Tensor();
   Tensor mem_c;
   const A* mem_ptr = nullptr;
   A mem_mul = 0;
@@ -323,7 +358,8 @@ Out5 backward_impl(const Tensor& grad_out, const Tensor& x, const Tensor& weight
       for (int64_t c = c0; c < c1; ++c) {
         int64_t o0 = out * c / nchunks, o1 = out * (c + 1) / nchunks;
         build_u<scalar_t, A>(gp, u_ptr, n, out, o0, o1, mem_ptr, row_on, slot, mem_mul,
-                             score.data_ptr<A>(), usum.data_ptr<A>(), gsum_ptr, &bad[c]);
+                             score.data_ptr<A>(), need_usum ? usum.data_ptr<A>() : nullptr,
+                             gsum_ptr, &bad[c]);
       }
     });
   });
@@ -464,6 +500,8 @@ Out5 backward_impl(const Tensor& grad_out, const Tensor& x, const Tensor& weight
             }
           });
         }
+      } else if (dense) {
+        memory->zero_();  // everything propagated
       } else {
         A* mp = memory->data_ptr<A>();
         const A* us = usum.data_ptr<A>();
