@@ -6,6 +6,7 @@ import pytest
 import torch
 from _helpers import LAYOUTS, SELECTIONS, randn
 
+import msbp
 from msbp.ops import selection as sel_ops
 from msbp.ops.reference import memory_to_rows_ref, select_mask_ref, sparse_linear_backward_ref
 
@@ -206,3 +207,29 @@ def test_ref_empty_batch_keeps_memory(layout, rows):
     assert dx.shape == (0, 4) and torch.equal(dW, torch.zeros_like(w))
     assert torch.equal(db, torch.zeros(3, dtype=torch.float64))
     assert torch.equal(new, memory)
+
+
+@pytest.mark.parametrize("selection", ["unified", "per_example"])
+def test_native_and_reference_break_ties_alike(selection):
+    """Exactly equal scores (common in bfloat16): the native kernels and the reference both keep
+    the lowest index first, so they agree entry for entry."""
+    if not msbp.native.use_native():
+        pytest.skip("native kernels unavailable")
+    gen = torch.Generator().manual_seed(0)
+    n, d_in, out, k = 6, 4, 12, 3
+    # every row: the same magnitude in 8 columns (signs vary), smaller elsewhere
+    g = torch.full((n, out), 0.25)
+    g[:, 2:10] = 1.0
+    g = g * torch.where(torch.rand(n, out, generator=gen) < 0.5, -1.0, 1.0)
+    x = torch.randn(n, d_in, generator=gen)
+    w = torch.randn(out, d_in, generator=gen, requires_grad=True)
+    memory = torch.zeros(out)
+    cfg = msbp.SparseBackpropConfig(k=k, memory=0.5, selection=selection)
+    xr = x.clone().requires_grad_(True)
+    msbp.functional.sparse_linear(xr, w, None, memory, config=cfg).backward(g)
+    dx, dW, _, mem = sparse_linear_backward_ref(
+        x, w.detach(), g, torch.zeros(out), k=k, selection=selection, alpha=0.5
+    )
+    torch.testing.assert_close(xr.grad, dx, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(w.grad, dW, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(memory, mem, rtol=1e-6, atol=1e-6)

@@ -11,6 +11,13 @@ import torch
 from torch import Tensor
 
 
+def topk_ref(scores: Tensor, k: int, dim: int = -1) -> Tensor:
+    """Indices of the k largest ``scores`` along ``dim``, equal scores taken lowest index first
+    (the native kernels' rule; ``torch.topk`` leaves the order of ties unspecified, and exact
+    ties are common in bfloat16)."""
+    return torch.sort(scores, dim=dim, descending=True, stable=True).indices.narrow(dim, 0, k)
+
+
 def select_mask_ref(
     u: Tensor, k: int, selection: str, generator: torch.Generator | None = None
 ) -> Tensor:
@@ -20,10 +27,10 @@ def select_mask_ref(
     if k >= out:
         return mask.fill_(True)
     if selection == "unified":
-        cols = torch.topk(u.abs().sum(0), k).indices  # (k,) by column sum of |u|
+        cols = topk_ref(u.abs().sum(0), k)  # (k,) by column sum of |u|
         mask[:, cols] = True
     elif selection == "per_example":
-        idx = torch.topk(u.abs(), k, dim=1).indices  # (n, k) per row
+        idx = topk_ref(u.abs(), k, dim=1)  # (n, k) per row
         mask.scatter_(1, idx, True)
     elif selection == "random":
         cols = torch.randperm(out, generator=generator, device=u.device)[:k]  # (k,)
