@@ -662,3 +662,31 @@ def test_compiled_sparsified_tagger_matches_eager(bidirectional: bool) -> None:
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
     with torch.no_grad():
         torch.testing.assert_close(compiled(ids), eager(ids), rtol=1e-5, atol=1e-6)
+
+
+def test_recurrent_weight_rows_go_into_grad_like_autograd(native_backend) -> None:
+    """The native backward adds W_hh's rows straight into .grad (its kept buffer put back under
+    set_to_none): over steps zeroed either way, with a second backward accumulating, W_hh.grad
+    equals that of a twin whose hook on W_hh makes autograd hand it a dense dW; and a backward
+    that does not ask for the weights (autograd.grad) leaves .grad alone."""
+    torch.manual_seed(0)
+    cfg = make_cfg("unified", "unit", 0.8, k=3)
+    lstm = SparseLSTM(4, 5, config=cfg)
+    twin = copy.deepcopy(lstm)
+    twin.weight_hh_l0.register_hook(lambda g: g.clone())  # autograd's own dense path
+    gen = torch.Generator().manual_seed(1)
+    for step in range(4):
+        x = torch.randn(6, 2, 4, generator=gen)
+        for m in (lstm, twin):
+            m.zero_grad(set_to_none=step % 2 == 0)
+            m(x)[0].square().sum().backward()
+            if step == 3:  # accumulate a second backward
+                m(x)[0].sum().backward()
+        torch.testing.assert_close(lstm.weight_hh_l0.grad, twin.weight_hh_l0.grad,
+                                   rtol=1e-6, atol=1e-7)
+        for (name, a), (_, b) in zip(lstm.named_memories(), twin.named_memories(), strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=name)
+    before = lstm.weight_hh_l0.grad.clone()
+    x = torch.randn(6, 2, 4, generator=gen, requires_grad=True)
+    torch.autograd.grad(lstm(x)[0].sum(), [x])
+    assert torch.equal(lstm.weight_hh_l0.grad, before)

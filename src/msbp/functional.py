@@ -140,13 +140,14 @@ def _dense_twin(config: SparseBackpropConfig) -> SparseBackpropConfig:
     return config.replace(k=0, ratio=None, backend="sparse")  # k = 0: every unit kept
 
 
-_FAST_BUFFER = "_msbp_fast_grad_buffer"
+_FAST_BUFFER = "_msbp_kept_grad_buffer"
 
 
-def _fast_grad_buffer(weight: Tensor) -> tuple[Tensor, Tensor]:
-    """``(buffer, state)`` for ``msbp::sparse_linear_fast``: the gradient buffer the C++ path
-    puts back as ``.grad`` when that is None (an empty tensor: none), and its int64 state
-    (out + 2,) [rows written (-1: unknown), the buffer's version after that, the rows...]."""
+def kept_grad_buffer(weight: Tensor) -> tuple[Tensor, Tensor]:
+    """``(buffer, state)`` for ``msbp::sparse_linear_fast`` and ``msbp::place_grad_rows_``: the
+    gradient buffer the C++ path puts back as ``.grad`` when that is None (an empty tensor:
+    none), and its int64 state (out + 2,) [rows written (-1: unknown), the buffer's version
+    after that, the rows...]. Callers must not hold the buffer past their backward."""
     state = lambda: torch.full((weight.shape[0] + 2,), -1, dtype=torch.long)  # noqa: E731
     if not (weight.is_leaf and weight.requires_grad):
         # no .grad of its own (a view such as attention's in_proj slices): autograd gets dW
@@ -186,7 +187,7 @@ def _fast_path_ok(x: Tensor, weight: Tensor, memory: Tensor | None, config) -> b
 
 def _fast_args(weight, bias, memory, config, name) -> tuple:
     """The arguments of ``msbp::sparse_linear_fast`` after its input."""
-    kept = _fast_grad_buffer(weight)
+    kept = kept_grad_buffer(weight)
     return (
         weight, bias, memory, kept[0], kept[1], rows_mask(weight),
         config.k_for(weight.shape[0]), SELECTION_CODES[config.selection], float(config.memory),

@@ -768,6 +768,54 @@ void clear_rows(Tensor& buf, const int64_t* rows, int64_t r) {
   buf.unsafeGetTensorImpl()->bump_version();
 }
 
+// The buffer the rows of dW are added into for a route other than 0: weight.grad, or, where
+// that is None, `kept` put back as .grad with the rows written into it last time cleared (all of
+// it if anything changed it since; state: see SparseLinearFn). Undefined where neither serves
+// (a .grad of another layout, shape, dtype or strides; no buffer kept): then dW goes to autograd.
+Tensor grad_buffer(const Tensor& weight, const Tensor& kept, const Tensor& state) {
+  Tensor grad = weight.grad();
+  if (grad.defined()) {
+    if (grad.layout() != at::kStrided || grad.sizes() != weight.sizes() ||
+        grad.scalar_type() != weight.scalar_type() || !grad.is_contiguous())
+      return Tensor();
+    return grad;
+  }
+  if (kept.sizes() != weight.sizes()) return Tensor();
+  Tensor buf = kept;
+  int64_t* st = state.data_ptr<int64_t>();
+  if (st[0] >= 0 && kept._version() == st[1]) {
+    if (buf.is_contiguous()) clear_rows(buf, st + 2, st[0]);
+    else if (st[0] > 0) buf.index_fill_(0, state.narrow(0, 2, st[0]), 0);
+  } else {
+    buf.zero_();
+  }
+  Tensor w = weight;
+  w.mutable_grad() = buf;
+  return buf;
+}
+
+// After rows[0..r) (all rows: dense) went into `grad` by `route`: if that is the kept buffer,
+// the state lists them for the next grad_buffer to clear (a second call in this step adds its
+// rows to the first's), with the version the buffer will have once autograd added them.
+void remember_rows(const Tensor& kept, const Tensor& state, const Tensor& grad, int route,
+                   const int64_t* rows, int64_t r, bool dense, int64_t version_before) {
+  if (route == 0 || !grad.is_same(kept)) return;
+  int64_t* st = state.data_ptr<int64_t>();
+  const int64_t out = kept.size(0);
+  if (dense) r = out;
+  const int64_t expect = kept._version() + (route == 2 || dense ? 1 : 0);
+  // kept already holds rows of this step: its last add done, or still pending in autograd
+  const bool again = st[0] >= 0 && (st[1] == version_before || st[1] == version_before + 1);
+  const int64_t base = again ? st[0] : 0;
+  if (dense || base + r > out) {
+    st[0] = -1;
+  } else {
+    std::memcpy(st + 2 + base, rows, r * sizeof(int64_t));
+    st[0] = base + r;
+  }
+  st[1] = expect;
+}
+
 [[noreturn]] void raise_floating_point_error(const std::string& msg) {
   {
     pybind11::gil_scoped_acquire gil;
@@ -863,24 +911,8 @@ variable_list run_backward(AutogradContext* ctx, const variable_list& grad_outpu
   int route = need_w ? grad_route(weight) : 0;
   Tensor grad;
   if (route != 0) {
-    grad = weight.grad();
-    if (!grad.defined() && kept.sizes() != weight.sizes()) {
-      route = 0;  // no buffer to put back: a dense dW, as autograd would make
-    } else if (grad.defined()) {
-      if (grad.layout() != at::kStrided || grad.sizes() != weight.sizes() ||
-          grad.scalar_type() != weight.scalar_type() || !grad.is_contiguous())
-        route = 0;
-    } else {
-      int64_t* st = state.data_ptr<int64_t>();
-      if (st[0] >= 0 && kept._version() == st[1]) {
-        if (kept.is_contiguous()) clear_rows(kept, st + 2, st[0]);
-        else if (st[0] > 0) kept.index_fill_(0, state.narrow(0, 2, st[0]), 0);
-      } else {
-        kept.zero_();
-      }
-      weight.mutable_grad() = kept;
-      grad = kept;
-    }
+    grad = grad_buffer(weight, kept, state);
+    if (!grad.defined()) route = 0;  // a dense dW, as autograd would make
   }
   const int64_t version_before = kept.numel() > 0 ? kept._version() : -1;
   Out5 outs;
@@ -930,28 +962,48 @@ variable_list run_backward(AutogradContext* ctx, const variable_list& grad_outpu
                                                 dW.options().layout(at::kSparse))
                       ._coalesced_(true);
     }
-    if (route != 0 && grad.is_same(kept)) {
-      // the rows to clear next time: a second call in this step adds its rows to the first's
-      int64_t* st = state.data_ptr<int64_t>();
-      const int64_t r = dense ? out : rows.size(0);
-      const int64_t expect = kept._version() + (route == 2 || dense ? 1 : 0);
-      // kept already holds rows of this step: its last add done, or still pending in autograd
-      const bool again =
-          st[0] >= 0 && (st[1] == version_before || st[1] == version_before + 1);
-      const int64_t base = (again && st[0] >= 0) ? st[0] : 0;
-      if (dense || base + r > out) {
-        st[0] = -1;
-      } else {
-        std::memcpy(st + 2 + base, rows.data_ptr<int64_t>(), r * sizeof(int64_t));
-        st[0] = base + r;
-      }
-      st[1] = expect;
-    }
+    remember_rows(kept, state, grad, route, rows.data_ptr<int64_t>(), rows.size(0), dense,
+                  version_before);
   }
   if (need_x && !(u_out != nullptr && u_out->defined()))
     result[0] = dx.reshape(x_shape).to(x.scalar_type());
   if (need_b) result[2] = db.to(weight.scalar_type());
   return result;
+}
+
+// msbp::place_grad_rows_, for a Python autograd function (the LSTM recurrence's W_hh): the
+// ascending distinct rows `rows` (r,) of dW, values (r, in), added straight into the weight's
+// gradient buffer (see grad_buffer; kept / state as for SparseLinearFn) where nothing needs to
+// see them as a gradient (grad_route 1), instead of a row-sparse tensor that AccumulateGrad adds
+// (at the tagger's size that path cost ~190 us a step, the rows themselves ~20). Returns the
+// route: 1 when added (the caller hands autograd no dW), else 0 or 2, nothing done. Eager only.
+int64_t place_grad_rows_(const Tensor& weight, const Tensor& kept, const Tensor& state,
+                         const Tensor& rows, const Tensor& values) {
+  const int route = grad_route(weight);
+  if (route != 1) return route;
+  TORCH_CHECK(rows.dim() == 1 && rows.scalar_type() == at::kLong && values.dim() == 2 &&
+                  values.size(0) == rows.size(0) && values.size(1) == weight.size(1) &&
+                  values.scalar_type() == weight.scalar_type(),
+              "place_grad_rows_: rows ", rows.sizes(), " and values ", values.sizes(),
+              " do not fit the weight ", weight.sizes());
+  Tensor grad = grad_buffer(weight, kept, state);
+  if (!grad.defined()) return 0;
+  const int64_t version_before = kept.numel() > 0 ? kept._version() : -1;
+  Tensor v = values.contiguous(), rw = rows.contiguous();
+  const int64_t r = rw.size(0), d = weight.size(1);
+  const int64_t* rp = rw.data_ptr<int64_t>();
+  AT_DISPATCH_FLOATING_TYPES(grad.scalar_type(), "msbp_place_grad_rows", [&] {
+    scalar_t* gp = grad.data_ptr<scalar_t>();
+    const scalar_t* vp = v.data_ptr<scalar_t>();
+    for (int64_t q = 0; q < r; ++q) {
+      scalar_t* dst = gp + rp[q] * d;
+      const scalar_t* src = vp + q * d;
+      for (int64_t i = 0; i < d; ++i) dst[i] += src[i];
+    }
+  });
+  grad.unsafeGetTensorImpl()->bump_version();  // as index_add_ would
+  remember_rows(kept, state, grad, 1, rp, r, false, version_before);
+  return 1;
 }
 
 struct SparseLinearFn : public torch::autograd::Function<SparseLinearFn> {
@@ -1099,9 +1151,16 @@ TORCH_LIBRARY_FRAGMENT(msbp, m) {
       "Tensor? random_cols, Tensor? scale, int k, int selection, float alpha, bool slot, "
       "bool need_x, bool need_w, bool need_b, bool compact_dw, bool skip_nonfinite, "
       "float csr_ratio, bool all_rows=False) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // eager only: adds into weight.grad (or puts `kept` back as it), updates kept and state
+  m.def(
+      "place_grad_rows_(Tensor weight, Tensor(a!) kept, Tensor(b!) state, Tensor rows, "
+      "Tensor values) -> int");
 }
 
-TORCH_LIBRARY_IMPL(msbp, CPU, m) { m.impl("sparse_linear_backward", &sparse_linear_backward); }
+TORCH_LIBRARY_IMPL(msbp, CPU, m) {
+  m.impl("sparse_linear_backward", &sparse_linear_backward);
+  m.impl("place_grad_rows_", &place_grad_rows_);
+}
 
 TORCH_LIBRARY_IMPL(msbp, Autograd, m) {
   m.impl("sparse_linear_fast", &sparse_linear_fast);

@@ -28,8 +28,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from msbp import native
 from msbp.config import SparseBackpropConfig
-from msbp.functional import check_memory, check_no_functorch, make_plan, sparse_linear
+from msbp.functional import (
+    check_memory,
+    check_no_functorch,
+    kept_grad_buffer,
+    make_plan,
+    sparse_linear,
+)
 from msbp.nn.memory import MemoryMixin
 from msbp.ops import consensus
 from msbp.ops.recurrent import SparseLSTMRecurrence
@@ -140,7 +147,13 @@ class SparseLSTM(MemoryMixin, nn.RNNBase):
             self.config, 4 * self.hidden_size, generator=self.generator, name=name,
             probe=self.probes.get(f"hh_{tag}"),
         )
-        return SparseLSTMRecurrence.apply(gates_x, h, c, weight, bias, memory, plan, reverse)
+        buffer = None
+        if self.config.grad_inplace and not torch.compiler.is_compiling() and native.use_native(
+            weight.device
+        ):
+            buffer = kept_grad_buffer(weight)
+        return SparseLSTMRecurrence.apply(gates_x, h, c, weight, bias, memory, plan, reverse,
+                                          buffer)
 
     def _direction_dense(
         self, x: Tensor, h: Tensor, c: Tensor, tag: str, reverse: bool

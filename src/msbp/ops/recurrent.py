@@ -135,8 +135,10 @@ def _register_fake() -> None:
     torch.library.register_fake("msbp::lstm_recurrence_backward", _lstm_recurrence_backward_fake)
 
 
-def _native_backward(ctx, d_out: Tensor | None, d_hn: Tensor | None, d_cn: Tensor | None):
-    """SparseLSTMRecurrence.backward as one native op (``msbp/csrc/recurrent.cpp``)."""
+def _native_backward(ctx, d_out: Tensor | None, d_hn: Tensor | None, d_cn: Tensor | None,
+                     buffer: tuple[Tensor, Tensor] | None = None):
+    """SparseLSTMRecurrence.backward as one native op (``msbp/csrc/recurrent.cpp``); ``buffer``:
+    W_hh's kept gradient buffer and state, for ``msbp::place_grad_rows_``."""
     act, cells, tanh_c, out, h0, c0, w = ctx.saved_tensors
     plan: BackwardPlan = ctx.plan
     memory: Tensor | None = ctx.memory
@@ -166,6 +168,11 @@ def _native_backward(ctx, d_out: Tensor | None, d_hn: Tensor | None, d_cn: Tenso
             if not torch.compiler.is_compiling():
                 log_touched_rows(ctx.weight, None)
             d_w = _as(dw, ctx.weight.dtype)
+        elif buffer is not None and plan.grad_inplace and not torch.compiler.is_compiling() and (
+            torch.ops.msbp.place_grad_rows_(ctx.weight, *buffer, cols, _as(dw, ctx.weight.dtype))
+            == 1
+        ):  # the rows went straight into .grad: no dW for autograd
+            log_touched_rows(ctx.weight, cols)
         else:  # k rows per step (all rows, in order, if a non-finite gradient was skipped)
             d_w = place_weight_rows(ctx, ctx.weight, _W_HH, cols, dw, plan.grad_inplace)
     return (
@@ -174,7 +181,7 @@ def _native_backward(ctx, d_out: Tensor | None, d_hn: Tensor | None, d_cn: Tenso
         _as(dc0, c0_dtype) if need_c0 else None,
         d_w,
         _as(db, b_dtype) if need_b else None,
-        None, None, None,
+        None, None, None, None,
     )
 
 
@@ -213,7 +220,8 @@ class SparseLSTMRecurrence(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, gates_x, h0, c0, w_hh, b_hh, memory, plan: BackwardPlan, reverse: bool):
+    def forward(ctx, gates_x, h0, c0, w_hh, b_hh, memory, plan: BackwardPlan, reverse: bool,
+                grad_buffer: tuple[Tensor, Tensor] | None = None):
         cast = _autocast_dtype(gates_x.device.type)
         dtype = cast if cast is not None else gates_x.dtype
         with torch.autocast(gates_x.device.type, enabled=False):
@@ -225,6 +233,9 @@ class SparseLSTMRecurrence(torch.autograd.Function):
         ctx.plan = plan
         ctx.reverse = reverse
         ctx.weight = w_hh
+        # (kept buffer, state) of msbp.functional.kept_grad_buffer: the native backward adds
+        # dW_hh's rows into .grad itself where it may (msbp::place_grad_rows_)
+        ctx.grad_buffer = grad_buffer
         ctx.dtypes = (gates_x.dtype, h0.dtype, c0.dtype, b_hh.dtype if b_hh is not None else None)
         last = 0 if reverse else out.shape[0] - 1
         return out, out[last].clone(), cells[last].clone()
@@ -235,10 +246,13 @@ class SparseLSTMRecurrence(torch.autograd.Function):
         act, cells, tanh_c, out, h0, c0, w = ctx.saved_tensors
         plan: BackwardPlan = ctx.plan
         memory: Tensor | None = ctx.memory
+        # the graph outlives this backward: it must not keep the buffer, or the next step sees
+        # it held and cannot put it back
+        buffer, ctx.grad_buffer = ctx.grad_buffer, None
         # under msbp.amp.GradScaler: the memory kept unscaled (the Python loop scales it)
         ctx.scale = None if torch.compiler.is_compiling() else scaling.current_scale()
         if ctx.scale is None and _native_fits(act, memory, plan):
-            return _native_backward(ctx, d_out, d_hn, d_cn)
+            return _native_backward(ctx, d_out, d_hn, d_cn, buffer)
         if ctx.scale is not None and memory is not None and plan.alpha > 0:
             scaling.snapshot(memory)
         gx_dtype, h0_dtype, c0_dtype, b_dtype = ctx.dtypes
@@ -294,7 +308,7 @@ class SparseLSTMRecurrence(torch.autograd.Function):
             _as(dgates, gx_dtype) if need_gx else None,
             _as(grads.dh, h0_dtype) if need_h0 else None,
             _as(grads.dc, c0_dtype) if need_c0 else None,
-            d_w, d_b, None, None, None,
+            d_w, d_b, None, None, None, None,
         )
 
 
