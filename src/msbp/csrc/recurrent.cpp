@@ -161,7 +161,6 @@ inline void cell_lanes(int64_t h, int64_t H, const A* ab, const A* tb, const A* 
     if (Mem == 2) u[q] = u[q] + load<V>(ub + q * H + h) * (V{} + mmul);
     if (Mem == 2) store(ub + q * H + h, u[q]);
     if (Scores) store(score + q * H + h, load<V>(score + q * H + h) + vabs(u[q]));
-    if (Mem == 1) store(usum + q * H + h, load<V>(usum + q * H + h) + u[q]);
     wit = wit + u[q] * zero;  // NaN iff some U is not finite; never an overflow
   }
 }
@@ -170,8 +169,9 @@ inline void cell_lanes(int64_t h, int64_t H, const A* ab, const A* tb, const A* 
 // prefetchers follow best). Writes G (the gate gradient) and forms U = G + memory (Mem: 0 none,
 // U is G; 1 unit, + mvec / B, not stored: it is cheaper to recompute where needed than to write;
 // 2 slot, + mmul * u, stored in u); updates dh and dc in place (on entry: U_S W and dc f of step
-// t+1; on exit: dc f of this step); accumulates into score, usum, gsum the column scores sum |U|
-// (Scores), the column sums of U (unit memory) and of G (score and usum are zeroed first), and
+// t+1; on exit: dc f of this step); accumulates into score, gsum the column scores sum |U|
+// (Scores) and the column sums of G (score is zeroed first; a unit memory's column sums of U are
+// those of G plus B times the memory's row, formed once a step by the caller), and
 // a finiteness witness: a sum of U * 0, NaN iff some U is not finite, never an overflow (a sum
 // of the values would overflow near 3e38 on finite values).
 template <typename A, int Mem, bool Scores>
@@ -182,7 +182,6 @@ void cell_chunk(int64_t b0, int64_t b1, int64_t H, const A* act, const A* tc, co
   constexpr int W = Vec<A>::width;
   const int64_t G4 = 4 * H;
   if (Scores) std::fill_n(score, G4, A(0));
-  if (Mem == 1) std::fill_n(usum, G4, A(0));
   V wv = V{};
   A ws = 0;
   for (int64_t b = b0; b < b1; ++b) {
@@ -261,7 +260,8 @@ Outputs backward_impl(const Tensor& act, const Tensor& cells, const Tensor& tanh
   std::vector<A> zeros_bh(d_out.defined() ? 0 : B * H, A(0));  // d_out when none was given
 
   // memory, in local copies: written back only when every step was finite
-  std::vector<A> score(G4), usum(G4), mvec, mnew;
+  std::vector<A> score(G4), usum(G4), gstep(G4, A(0)), mvec, mnew;
+  const A bmul = static_cast<A>(B);  // rows per step
   Tensor ubuf;  // slot layout: U, then the residual (the memory is mmul * ubuf)
   A mmul = 0;
   if (use_memory) {
@@ -376,8 +376,8 @@ Outputs backward_impl(const Tensor& act, const Tensor& cells, const Tensor& tanh
         A* sums = nchunks > 1 ? partial.data() + c * 3 * G4 : nullptr;
         if (sums) std::fill_n(sums + 2 * G4, G4, A(0));
         A* sc = sums ? sums : score.data();
-        A* us = sums ? sums + G4 : usum.data();
-        A* gs = sums ? sums + 2 * G4 : gsum;
+        A* us = usum.data();  // unused by the pass
+        A* gs = sums ? sums + 2 * G4 : gstep.data();
         auto run = [&](auto kind, auto with_scores) {
           cell_chunk<A, decltype(kind)::value, decltype(with_scores)::value>(
               lo, hi, H, actp + t * B * G4, tcp + t * B * H, cprev, dout, dout_sb, dh, dc, g, u,
@@ -399,16 +399,21 @@ Outputs backward_impl(const Tensor& act, const Tensor& cells, const Tensor& tanh
     });
     if (nchunks > 1) {
       if (scores) std::fill(score.begin(), score.end(), A(0));
-      if (mem_kind == 1) std::fill(usum.begin(), usum.end(), A(0));
       for (int64_t c = 0; c < nchunks; ++c) {
         const A* sums = partial.data() + c * 3 * G4;
         for (int64_t o = 0; o < G4; ++o) {
           if (scores) score[o] += sums[o];
-          if (mem_kind == 1) usum[o] += sums[G4 + o];
-          gsum[o] += sums[2 * G4 + o];
+          gstep[o] += sums[2 * G4 + o];
         }
       }
     }
+    // db, and a unit memory's colsum U = colsum G + B (M / B): the memory's row is the same on
+    // every row, so its sum needs no pass over the rows (it had cost a load and a store of the
+    // sums per row and gate)
+    for (int64_t o = 0; o < G4; ++o) gsum[o] += gstep[o];
+    if (mem_kind == 1)
+      for (int64_t o = 0; o < G4; ++o) usum[o] = gstep[o] + bmul * (mvec[o] * mmul);
+    std::fill(gstep.begin(), gstep.end(), A(0));
     if (!raw) {
       for (A x : witness) finite = finite && std::isfinite(x);
       if (!finite) break;
