@@ -147,9 +147,15 @@ class SparseLSTM(MemoryMixin, nn.RNNBase):
             self.config, 4 * self.hidden_size, generator=self.generator, name=name,
             probe=self.probes.get(f"hh_{tag}"),
         )
+        # W_hh's kept gradient buffer, for the native backward to add its rows into (only where
+        # that backward runs: a second buffer beside the PyTorch path's would be dead weight)
         buffer = None
-        if self.config.grad_inplace and not torch.compiler.is_compiling() and native.use_native(
-            weight.device
+        if (
+            self.config.grad_inplace and plan.probe is None
+            and weight.dtype in (torch.float32, torch.float64)
+            and not torch.compiler.is_compiling()
+            and not torch.is_autocast_enabled(weight.device.type)
+            and native.use_native(weight.device)
         ):
             buffer = kept_grad_buffer(weight)
         return SparseLSTMRecurrence.apply(gates_x, h, c, weight, bias, memory, plan, reverse,
