@@ -141,8 +141,8 @@ void topk_indices(const Ranked<A, Abs, Add>& r, int64_t m, int64_t k, int64_t* o
 // one scalar. See cell_chunk.
 template <typename V, typename A, int Mem, bool Scores>
 inline void cell_lanes(int64_t h, int64_t H, const A* ab, const A* tb, const A* cb, const A* ob,
-                       A* dhb, A* dcb, A* gb, A* ub, const A* mvec, A mmul, A* score, A* usum,
-                       A* gsum, V& wit) {
+                       A* dhb, A* dcb, A* gb, A* ub, const A* mvec, A mmul, A* score, A* gsum,
+                       V& wit) {
   const V one = V{} + A(1), zero = V{};
   const V i = load<V>(ab + h), f = load<V>(ab + H + h), gg = load<V>(ab + 2 * H + h),
           o = load<V>(ab + 3 * H + h), tch = load<V>(tb + h);
@@ -177,7 +177,7 @@ inline void cell_lanes(int64_t h, int64_t H, const A* ab, const A* tb, const A* 
 template <typename A, int Mem, bool Scores>
 void cell_chunk(int64_t b0, int64_t b1, int64_t H, const A* act, const A* tc, const A* cprev,
                 const A* dout, int64_t dout_sb, A* dh, A* dc, A* g, A* u, const A* mvec, A mmul,
-                A* score, A* usum, A* gsum, A* witness) {
+                A* score, A* gsum, A* witness) {
   using V = typename Vec<A>::type;
   constexpr int W = Vec<A>::width;
   const int64_t G4 = 4 * H;
@@ -196,10 +196,10 @@ void cell_chunk(int64_t b0, int64_t b1, int64_t H, const A* act, const A* tc, co
     int64_t h = 0;
     for (; h + W <= H; h += W)
       cell_lanes<V, A, Mem, Scores>(h, H, ab, tb, cb, ob, dhb, dcb, gb, ub, mvec, mmul, score,
-                                    usum, gsum, wv);
+                                    gsum, wv);
     for (; h < H; ++h)
       cell_lanes<A, A, Mem, Scores>(h, H, ab, tb, cb, ob, dhb, dcb, gb, ub, mvec, mmul, score,
-                                    usum, gsum, ws);
+                                    gsum, ws);
   }
   for (int q = 0; q < W; ++q) ws += wv[q];
   *witness = ws;
@@ -305,7 +305,7 @@ Outputs backward_impl(const Tensor& act, const Tensor& cells, const Tensor& tanh
   while (nchunks * 2 <= std::min<int64_t>(threads, 16) && nchunks * 2 <= B &&
          B * G4 / (nchunks * 2) >= 8192)
     nchunks *= 2;
-  std::vector<A> witness(nchunks), partial(nchunks > 1 ? nchunks * 3 * G4 : 0);
+  std::vector<A> witness(nchunks), partial(nchunks > 1 ? nchunks * 2 * G4 : 0);
   std::vector<int64_t> sel(per_example ? B * k : k), slots;
   std::vector<char> fresh_slot;
   // slots[j]: the dW buffer row of column cols[j] (j < m); fresh_slot[j]: new this call, so
@@ -373,15 +373,15 @@ Outputs backward_impl(const Tensor& act, const Tensor& cells, const Tensor& tanh
     at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
       for (int64_t c = c0; c < c1; ++c) {
         const int64_t lo = B * c / nchunks, hi = B * (c + 1) / nchunks;
-        A* sums = nchunks > 1 ? partial.data() + c * 3 * G4 : nullptr;
-        if (sums) std::fill_n(sums + 2 * G4, G4, A(0));
+        // this chunk's column sums: scores, then G's
+        A* sums = nchunks > 1 ? partial.data() + c * 2 * G4 : nullptr;
+        if (sums) std::fill_n(sums + G4, G4, A(0));
         A* sc = sums ? sums : score.data();
-        A* us = usum.data();  // unused by the pass
-        A* gs = sums ? sums + 2 * G4 : gstep.data();
+        A* gs = sums ? sums + G4 : gstep.data();
         auto run = [&](auto kind, auto with_scores) {
           cell_chunk<A, decltype(kind)::value, decltype(with_scores)::value>(
               lo, hi, H, actp + t * B * G4, tcp + t * B * H, cprev, dout, dout_sb, dh, dc, g, u,
-              mvec.data(), mmul, sc, us, gs, &witness[c]);
+              mvec.data(), mmul, sc, gs, &witness[c]);
         };
         using Yes = std::true_type;
         using No = std::false_type;
@@ -400,10 +400,10 @@ Outputs backward_impl(const Tensor& act, const Tensor& cells, const Tensor& tanh
     if (nchunks > 1) {
       if (scores) std::fill(score.begin(), score.end(), A(0));
       for (int64_t c = 0; c < nchunks; ++c) {
-        const A* sums = partial.data() + c * 3 * G4;
+        const A* sums = partial.data() + c * 2 * G4;
         for (int64_t o = 0; o < G4; ++o) {
           if (scores) score[o] += sums[o];
-          gstep[o] += sums[2 * G4 + o];
+          gstep[o] += sums[G4 + o];
         }
       }
     }
