@@ -524,7 +524,7 @@ class LazyRowAdam(Optimizer):
             m_seen.append((p, grad, state, track))
         if m_params or d_params:
             beta1, beta2 = group["betas"]
-            counts = torch.ops.msbp.lazy_row_adam_step_(
+            counts = native.eager_ops().lazy_row_adam_step_(
                 m_params, m_avgs, m_sqs, m_grads, m_masks, m_dirty, m_steps,
                 d_params, d_grads, d_avgs, d_sqs, d_steps,
                 group["lr"], beta1, beta2, group["eps"], group["weight_decay"],
@@ -614,7 +614,7 @@ class LazyRowAdam(Optimizer):
                 self._zero_rows(grad, track, pending, track.unchanged(grad))
         if not z_grads:
             return
-        counts = torch.ops.msbp.zero_masked_rows_(z_grads, z_dirty, z_pending)
+        counts = native.eager_ops().zero_masked_rows_(z_grads, z_dirty, z_pending)
         for (p, grad, track, unchanged, row_sparse, mask), count in zip(
             z_seen, counts, strict=True
         ):

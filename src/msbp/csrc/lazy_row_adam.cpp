@@ -32,6 +32,7 @@
 #define CPU_CAPABILITY_AVX2
 #endif
 
+#include "bindings.h"
 #include "common.h"
 
 #include <ATen/cpu/vec/functional.h>
@@ -350,6 +351,10 @@ void check_dense(const at::Tensor& param, const at::Tensor& grad, const at::Tens
               step.sizes(), " on ", step.device());
 }
 
+}  // namespace
+
+namespace msbp {
+
 // One parameter group's step on the CPU, in one call from Python:
 // - the row-sparse parameters (params ... steps) with each one's rows given as a uint8 mask (out,),
 //   the form the sparse layers mark: the rows are its set entries, the mask is cleared in the
@@ -458,7 +463,7 @@ std::vector<int64_t> zero_masked_rows_(at::TensorList grads, at::TensorList dirt
   return counts;
 }
 
-}  // namespace
+}  // namespace msbp
 
 TORCH_LIBRARY_FRAGMENT(msbp, m) {
   m.def(
@@ -478,6 +483,6 @@ TORCH_LIBRARY_FRAGMENT(msbp, m) {
 
 TORCH_LIBRARY_IMPL(msbp, CPU, m) {
   m.impl("lazy_row_adam_", &lazy_row_adam_);
-  m.impl("lazy_row_adam_step_", &lazy_row_adam_step_);
-  m.impl("zero_masked_rows_", &zero_masked_rows_);
+  m.impl("lazy_row_adam_step_", &msbp::lazy_row_adam_step_);
+  m.impl("zero_masked_rows_", &msbp::zero_masked_rows_);
 }

@@ -18,6 +18,7 @@
 // row at its first non-zero entry (so it costs about one read per row unless a row is zero); a
 // batch with zero rows runs the backward on its other rows, compacted, and the zero rows get
 // dx = 0 and keep their slot memory; with no active row the memory is left as it is.
+#include "bindings.h"
 #include "common.h"
 #include "vec.h"
 
@@ -971,41 +972,6 @@ variable_list run_backward(AutogradContext* ctx, const variable_list& grad_outpu
   return result;
 }
 
-// msbp::place_grad_rows_, for a Python autograd function (the LSTM recurrence's W_hh): the
-// ascending distinct rows `rows` (r,) of dW, values (r, in), added straight into the weight's
-// gradient buffer (see grad_buffer; kept / state as for SparseLinearFn) where nothing needs to
-// see them as a gradient (grad_route 1), instead of a row-sparse tensor that AccumulateGrad adds
-// (at the tagger's size that path cost ~190 us a step, the rows themselves ~20). Returns the
-// route: 1 when added (the caller hands autograd no dW), else 0 or 2, nothing done. Eager only.
-int64_t place_grad_rows_(const Tensor& weight, const Tensor& kept, const Tensor& state,
-                         const Tensor& rows, const Tensor& values) {
-  const int route = grad_route(weight);
-  if (route != 1) return route;
-  TORCH_CHECK(rows.dim() == 1 && rows.scalar_type() == at::kLong && values.dim() == 2 &&
-                  values.size(0) == rows.size(0) && values.size(1) == weight.size(1) &&
-                  values.scalar_type() == weight.scalar_type(),
-              "place_grad_rows_: rows ", rows.sizes(), " and values ", values.sizes(),
-              " do not fit the weight ", weight.sizes());
-  Tensor grad = grad_buffer(weight, kept, state);
-  if (!grad.defined()) return 0;
-  const int64_t version_before = kept.numel() > 0 ? kept._version() : -1;
-  Tensor v = values.contiguous(), rw = rows.contiguous();
-  const int64_t r = rw.size(0), d = weight.size(1);
-  const int64_t* rp = rw.data_ptr<int64_t>();
-  AT_DISPATCH_FLOATING_TYPES(grad.scalar_type(), "msbp_place_grad_rows", [&] {
-    scalar_t* gp = grad.data_ptr<scalar_t>();
-    const scalar_t* vp = v.data_ptr<scalar_t>();
-    for (int64_t q = 0; q < r; ++q) {
-      scalar_t* dst = gp + rp[q] * d;
-      const scalar_t* src = vp + q * d;
-      for (int64_t i = 0; i < d; ++i) dst[i] += src[i];
-    }
-  });
-  grad.unsafeGetTensorImpl()->bump_version();  // as index_add_ would
-  remember_rows(kept, state, grad, 1, rp, r, false, version_before);
-  return 1;
-}
-
 struct SparseLinearFn : public torch::autograd::Function<SparseLinearFn> {
   // kept: the gradient buffer this layer hands over when .grad is None; state (out + 2,) int64:
   // [rows written into kept last time (-1: unknown), kept's version after that, the rows...];
@@ -1109,6 +1075,44 @@ struct SparseEmbeddingLinearFn : public torch::autograd::Function<SparseEmbeddin
   }
 };
 
+}  // namespace
+
+// msbp::place_grad_rows_, for a Python autograd function (the LSTM recurrence's W_hh): the
+// ascending distinct rows `rows` (r,) of dW, values (r, in), added straight into the weight's
+// gradient buffer (see grad_buffer; kept / state as for SparseLinearFn) where nothing needs to
+// see them as a gradient (grad_route 1), instead of a row-sparse tensor that AccumulateGrad adds
+// (at the tagger's size that path cost ~190 us a step, the rows themselves ~20). Returns the
+// route: 1 when added (the caller hands autograd no dW), else 0 or 2, nothing done. Eager only.
+int64_t place_grad_rows_(const Tensor& weight, const Tensor& kept, const Tensor& state,
+                         const Tensor& rows, const Tensor& values) {
+  const int route = grad_route(weight);
+  if (route != 1) return route;
+  TORCH_CHECK(rows.dim() == 1 && rows.scalar_type() == at::kLong && values.dim() == 2 &&
+                  values.size(0) == rows.size(0) && values.size(1) == weight.size(1) &&
+                  values.scalar_type() == weight.scalar_type(),
+              "place_grad_rows_: rows ", rows.sizes(), " and values ", values.sizes(),
+              " do not fit the weight ", weight.sizes());
+  Tensor grad = grad_buffer(weight, kept, state);
+  if (!grad.defined()) return 0;
+  const int64_t version_before = kept.numel() > 0 ? kept._version() : -1;
+  Tensor v = values.contiguous(), rw = rows.contiguous();
+  const int64_t r = rw.size(0), d = weight.size(1);
+  const int64_t* rp = rw.data_ptr<int64_t>();
+  AT_DISPATCH_FLOATING_TYPES(grad.scalar_type(), "msbp_place_grad_rows", [&] {
+    scalar_t* gp = grad.data_ptr<scalar_t>();
+    const scalar_t* vp = v.data_ptr<scalar_t>();
+    for (int64_t q = 0; q < r; ++q) {
+      scalar_t* dst = gp + rp[q] * d;
+      const scalar_t* src = vp + q * d;
+      for (int64_t i = 0; i < d; ++i) dst[i] += src[i];
+    }
+  });
+  grad.unsafeGetTensorImpl()->bump_version();  // as index_add_ would
+  remember_rows(kept, state, grad, 1, rp, r, false, version_before);
+  return 1;
+}
+
+// The eager entry points, also bound directly to Python (bindings.cpp).
 Tensor sparse_embedding_linear_fast(
     const Tensor& ids, const Tensor& table, const Tensor& weight, const std::optional<Tensor>& bias,
     const std::optional<Tensor>& memory, const Tensor& kept, const Tensor& state,
@@ -1133,7 +1137,6 @@ Tensor sparse_linear_fast(const Tensor& x, const Tensor& weight, const std::opti
                                slot, skip_nonfinite, csr_ratio, std::move(name), all_rows);
 }
 
-}  // namespace
 
 TORCH_LIBRARY_FRAGMENT(msbp, m) {
   // eager only (no fake implementation): mutates memory, kept, state and mask in its backward

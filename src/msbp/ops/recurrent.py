@@ -169,8 +169,9 @@ def _native_backward(ctx, d_out: Tensor | None, d_hn: Tensor | None, d_cn: Tenso
                 log_touched_rows(ctx.weight, None)
             d_w = _as(dw, ctx.weight.dtype)
         elif buffer is not None and plan.grad_inplace and not torch.compiler.is_compiling() and (
-            torch.ops.msbp.place_grad_rows_(ctx.weight, *buffer, cols, _as(dw, ctx.weight.dtype))
-            == 1
+            native.eager_ops().place_grad_rows_(
+                ctx.weight, *buffer, cols, _as(dw, ctx.weight.dtype)
+            ) == 1
         ):  # the rows went straight into .grad: no dW for autograd
             log_touched_rows(ctx.weight, cols)
         else:  # k rows per step (all rows, in order, if a non-finite gradient was skipped)

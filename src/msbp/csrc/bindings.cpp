@@ -1,0 +1,44 @@
+// The Python module of the native library: direct bindings of the eager entry points (see
+// bindings.h). The ops themselves are registered by their own sources (TORCH_LIBRARY_FRAGMENT).
+#include "bindings.h"
+
+#include <torch/extension.h>
+
+namespace {
+
+std::vector<int64_t> step_lists(const std::vector<at::Tensor>& params,
+                                const std::vector<at::Tensor>& exp_avgs,
+                                const std::vector<at::Tensor>& exp_avg_sqs,
+                                const std::vector<at::Tensor>& grads,
+                                const std::vector<at::Tensor>& masks,
+                                const std::vector<at::Tensor>& dirty,
+                                const std::vector<at::Tensor>& steps,
+                                const std::vector<at::Tensor>& dense_params,
+                                const std::vector<at::Tensor>& dense_grads,
+                                const std::vector<at::Tensor>& dense_exp_avgs,
+                                const std::vector<at::Tensor>& dense_exp_avg_sqs,
+                                const std::vector<at::Tensor>& dense_steps, double lr,
+                                double beta1, double beta2, double eps, double weight_decay) {
+  return msbp::lazy_row_adam_step_(params, exp_avgs, exp_avg_sqs, grads, masks, dirty, steps,
+                                   dense_params, dense_grads, dense_exp_avgs, dense_exp_avg_sqs,
+                                   dense_steps, lr, beta1, beta2, eps, weight_decay);
+}
+
+std::vector<int64_t> zero_lists(const std::vector<at::Tensor>& grads,
+                                const std::vector<at::Tensor>& dirty,
+                                const std::vector<at::Tensor>& pending) {
+  return msbp::zero_masked_rows_(grads, dirty, pending);
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  // PyTorch's own wrapping: c10 errors and warnings become Python's (as through torch.ops:
+  // ValueError for TORCH_CHECK_VALUE, no C++ backtrace), and the GIL is released in the call
+  m.def("sparse_linear_fast", torch::wrap_pybind_function_no_gil(&msbp::sparse_linear_fast));
+  m.def("sparse_embedding_linear_fast",
+        torch::wrap_pybind_function_no_gil(&msbp::sparse_embedding_linear_fast));
+  m.def("place_grad_rows_", torch::wrap_pybind_function_no_gil(&msbp::place_grad_rows_));
+  m.def("lazy_row_adam_step_", torch::wrap_pybind_function_no_gil(&step_lists));
+  m.def("zero_masked_rows_", torch::wrap_pybind_function_no_gil(&zero_lists));
+}
