@@ -346,14 +346,20 @@ def auto_decisions() -> dict[tuple, bool]:
     return dict(_AUTO_DECISIONS)
 
 
+def _auto_key(w_shape, n, x_dtype, g_dtype, device, selection, k, has_memory, slot, need_x,
+              need_w) -> tuple:
+    return (w_shape[0], w_shape[1], 1 << max(0, n - 1).bit_length(), x_dtype, g_dtype,
+            str(device), selection, k, has_memory, slot, need_x, need_w)
+
+
 def sparse_pays(native_ok: bool, args: tuple, n: int) -> bool:
     """Whether the sparse backward of ``args`` (``run_backward``'s) beats the dense one (k =
     out), measured once per key on copies of the inputs (interleaved, medians); cached."""
     import time
 
     g, x, w, memory, random_cols, scale, k, selection, alpha, slot, need_x, need_w = args[:12]
-    key = (w.shape[0], w.shape[1], 1 << max(0, n - 1).bit_length(), x.dtype, g.dtype,
-           str(g.device), selection, k, memory is not None, slot, need_x, need_w)
+    key = _auto_key(w.shape, n, x.dtype, g.dtype, g.device, selection, k, memory is not None,
+                    slot, need_x, need_w)
     decision = _AUTO_DECISIONS.get(key)
     if decision is not None:
         return decision
@@ -384,6 +390,13 @@ def auto_keeps_sparse(x: Tensor, weight: Tensor, memory: Tensor | None, config) 
     if k >= out or n == 0:
         return True
     use_memory = memory is not None and config.memory > 0
+    selection = SELECTION_CODES[config.selection]
+    slot = config.memory_layout == "slot"
+    decided = _AUTO_DECISIONS.get(_auto_key(
+        weight.shape, n, x.dtype, x.dtype, x.device, selection, k, use_memory, slot, True, True
+    ))
+    if decided is not None:  # asked at every forward: the probe's inputs only on a first call
+        return decided
     x2 = x.detach().reshape(n, d_in)
     g = torch.randn(n, out, dtype=x2.dtype, device=x2.device)
     if use_memory and config.memory_layout == "slot" and memory.shape[0] != n:
@@ -391,9 +404,8 @@ def auto_keeps_sparse(x: Tensor, weight: Tensor, memory: Tensor | None, config) 
     cols = None
     if config.selection == "random":
         cols = torch.randperm(out, device=x2.device)[:k]
-    args = (g, x2, weight.detach(), memory if use_memory else None, cols, None, k,
-            SELECTION_CODES[config.selection], float(config.memory),
-            config.memory_layout == "slot", True, True, True, True, True, NATIVE_SPARSE_RATIO)
+    args = (g, x2, weight.detach(), memory if use_memory else None, cols, None, k, selection,
+            float(config.memory), slot, True, True, True, True, True, NATIVE_SPARSE_RATIO)
     return sparse_pays(native.use_native(x2.device, "sparse_linear_backward"), args, n)
 
 
