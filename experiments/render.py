@@ -2,6 +2,7 @@
 
     python experiments/render.py                   # all groups, to stdout
     python experiments/render.py --group table k   # some groups
+    python experiments/render.py --task mnist --out experiments/mnist_results.md   # one task's
     python experiments/render.py --plots experiments/plots   # also PNG plots of chosen rows
 
 One table per config group, one row per config (``same_as`` rows show the results of the config
@@ -22,8 +23,8 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
-GROUP_ORDER = ["table", "full", "lazy", "long", "baseline", "k", "memory", "layout", "selection", "hidden",
-               "optimizer", "info"]
+GROUP_ORDER = ["table", "full", "lazy", "long", "baseline", "k", "memory", "layout", "selection",
+               "hidden", "optimizer", "info"]
 GROUP_TITLES = {
     "table": "The paper's MNIST table (784-500-500-10, k = 20 of 500, memory 0.8)",
     "full": "The paper's full setting (20 epochs)",
@@ -203,12 +204,18 @@ def write_plots(results: dict[str, list[dict]], out: Path, seed: int = 1) -> lis
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--group", nargs="+", default=None)
+    parser.add_argument("--task", default=None,
+                        help="only the groups of this task's configs (mnist, pos, parse)")
     parser.add_argument("--configs", default=str(HERE / "configs"))
     parser.add_argument("--results", default=str(HERE / "results"))
     parser.add_argument("--out", default=None, help="also write the markdown here")
     parser.add_argument("--plots", default=None, metavar="DIR", help="write PNG plots into DIR")
     opts = parser.parse_args(argv)
     configs, results = load(Path(opts.configs), Path(opts.results))
+    if opts.task:
+        configs = {n: c for n, c in configs.items() if c.get("task") == opts.task}
+        if not configs:
+            parser.error(f"--task {opts.task}: no config in {opts.configs} is of that task")
     groups = opts.group or (
         [g for g in GROUP_ORDER if any(c.get("group") == g for c in configs.values())]
         + sorted({c.get("group") for c in configs.values()} - set(GROUP_ORDER) - {None})
