@@ -1,7 +1,7 @@
 // The eager entry points that Python calls directly (bindings.cpp), beside their registration as
 // torch.ops.msbp ops: a pybind11 call converts its arguments in about 1 us where the dispatcher's
-// boxed call from Python takes 6-7 us for the sparse layer's 15 (measured at MNIST's size, where
-// a forward call of the layer costs 25 us against F.linear's 4).
+// boxed call from Python took 4 us more for the sparse layer's 15, and 15 us more for
+// LazyRowAdam's step with its 12 lists (MNIST's MLP, one thread).
 #pragma once
 #include <ATen/ATen.h>
 
