@@ -690,3 +690,70 @@ def test_recurrent_weight_rows_go_into_grad_like_autograd(native_backend) -> Non
     x = torch.randn(6, 2, 4, generator=gen, requires_grad=True)
     torch.autograd.grad(lstm(x)[0].sum(), [x])
     assert torch.equal(lstm.weight_hh_l0.grad, before)
+
+
+def _spy_reusing(monkeypatch) -> list[bool]:
+    """Calls of the native backward that writes G over the saved activations, recorded."""
+    module = native.eager_ops()
+    real = module.lstm_recurrence_backward_reusing
+    calls: list[bool] = []
+
+    def spy(*args):
+        calls.append(True)
+        return real(*args)
+
+    monkeypatch.setattr(module, "lstm_recurrence_backward_reusing", spy)
+    return calls
+
+
+@pytest.mark.parametrize("selection", ["unified", "per_example"])
+def test_gate_gradients_over_the_saved_activations_only_when_the_graph_goes(
+        selection: str, native_backend, monkeypatch) -> None:
+    """A backward that frees its graph writes the gate gradients over the saved activations; one
+    with retain_graph=True must not (it reads them again): two retained backward passes give
+    the gradients of two fresh ones, and equal those of the overwriting path and of the PyTorch
+    path (SBP: no memory between the passes). on_nonfinite="skip" never overwrites."""
+    calls = _spy_reusing(monkeypatch)
+    torch.manual_seed(0)
+    lstm = SparseLSTM(6, 7, config=make_cfg(selection, "unit", 0.0, k=5))
+    x = torch.randn(5, 3, 6, requires_grad=True)
+
+    def grads(retain: bool, backend: str = "native") -> list[torch.Tensor]:
+        native.set_backend(backend)
+        lstm.zero_grad(set_to_none=True)
+        x.grad = None
+        y = lstm(x)[0]
+        for _ in range(2 if retain else 1):
+            y.square().sum().backward(retain_graph=retain)
+        out = [x.grad.clone(), *(p.grad.clone() for p in lstm.parameters())]
+        native.set_backend("native")
+        return out
+
+    retained = grads(retain=True)
+    assert calls == []
+    fresh = grads(retain=False)
+    assert calls == [True]
+    python_path = grads(retain=False, backend="python")
+    for a, b, c in zip(retained, fresh, python_path, strict=True):
+        torch.testing.assert_close(a, 2 * b, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(b, c, rtol=1e-5, atol=1e-6)
+    skipping = SparseLSTM(6, 7, config=make_cfg(selection, "unit", 0.0, k=5, on_nonfinite="skip"))
+    skipping(x)[0].sum().backward()
+    assert calls == [True]
+
+
+def test_a_failed_backward_over_the_activations_is_not_run_again(native_backend,
+                                                                    monkeypatch) -> None:
+    """After a backward that wrote over the saved activations fails (a non-finite gradient
+    raises), running backward through the same graph again is refused, not computed from the
+    gate gradients."""
+    calls = _spy_reusing(monkeypatch)
+    lstm = SparseLSTM(4, 5, config=make_cfg("unified", "unit", 0.8, k=3))
+    y = lstm(torch.randn(3, 2, 4))[0]
+    g = torch.ones_like(y)
+    g[1, 0, 0] = float("inf")
+    with pytest.raises(FloatingPointError):
+        y.backward(g)
+    assert calls == [True]
+    with pytest.raises(RuntimeError, match="already ran once|backward through the graph"):
+        y.backward(torch.ones_like(y))

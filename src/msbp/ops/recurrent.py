@@ -135,6 +135,18 @@ def _register_fake() -> None:
     torch.library.register_fake("msbp::lstm_recurrence_backward", _lstm_recurrence_backward_fake)
 
 
+def _may_overwrite_act(plan: BackwardPlan) -> bool:
+    """Whether the native backward may write the gate gradients over the saved activations
+    (``lstm_recurrence_backward_reusing``, 15% of the layer's backward at the tagger's size):
+    eager, no TorchDispatchMode, a backward that frees the graph (no ``retain_graph``), and no
+    ``on_nonfinite="skip"`` (whose dense rerun reads the activations again)."""
+    if torch.compiler.is_compiling() or plan.on_nonfinite == "skip":
+        return False
+    if native.eager_ops() is torch.ops.msbp:
+        return False
+    return not torch._C._autograd._get_current_graph_task_keep_graph()
+
+
 def _native_backward(ctx, d_out: Tensor | None, d_hn: Tensor | None, d_cn: Tensor | None,
                      buffer: tuple[Tensor, Tensor] | None = None):
     """SparseLSTMRecurrence.backward as one native op (``msbp/csrc/recurrent.cpp``); ``buffer``:
@@ -151,8 +163,12 @@ def _native_backward(ctx, d_out: Tensor | None, d_hn: Tensor | None, d_cn: Tenso
         random_cols = torch.stack(
             [select_random(act[0], plan.k, plan.generator) for _ in range(steps)]
         )
+    backward_op = torch.ops.msbp.lstm_recurrence_backward
+    if _may_overwrite_act(plan):
+        backward_op = native.eager_ops().lstm_recurrence_backward_reusing
+        ctx.act_overwritten = True
     try:
-        dgates, dh0, dc0, cols, dw, db, _ = torch.ops.msbp.lstm_recurrence_backward(
+        dgates, dh0, dc0, cols, dw, db, _ = backward_op(
             act, cells, tanh_c, out, h0, c0, w, d_out, d_hn, d_cn,
             memory if plan.alpha > 0 else None, random_cols, plan.k,
             _SELECTION_CODES[plan.selection], plan.alpha, plan.layout == "slot", ctx.reverse,
@@ -244,6 +260,12 @@ class SparseLSTMRecurrence(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, d_out, d_hn, d_cn):
+        if getattr(ctx, "act_overwritten", False):  # a backward that failed, run again
+            raise RuntimeError(
+                "msbp: this graph's SparseLSTM backward already ran once without "
+                "retain_graph=True (it wrote the gate gradients over its saved activations); "
+                "run the forward pass again"
+            )
         act, cells, tanh_c, out, h0, c0, w = ctx.saved_tensors
         plan: BackwardPlan = ctx.plan
         memory: Tensor | None = ctx.memory
