@@ -135,6 +135,11 @@ def _register_fake() -> None:
     torch.library.register_fake("msbp::lstm_recurrence_backward", _lstm_recurrence_backward_fake)
 
 
+# whether the running backward keeps its graph (retain_graph): a private binding; where a torch
+# lacks it, the activations are never overwritten
+_keep_graph = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+
+
 def _may_overwrite_act(plan: BackwardPlan) -> bool:
     """Whether the native backward may write the gate gradients over the saved activations
     (``lstm_recurrence_backward_reusing``, 15% of the layer's backward at the tagger's size):
@@ -142,9 +147,9 @@ def _may_overwrite_act(plan: BackwardPlan) -> bool:
     ``on_nonfinite="skip"`` (whose dense rerun reads the activations again)."""
     if torch.compiler.is_compiling() or plan.on_nonfinite == "skip":
         return False
-    if native.eager_ops() is torch.ops.msbp:
+    if native.eager_ops() is torch.ops.msbp or _keep_graph is None:
         return False
-    return not torch._C._autograd._get_current_graph_task_keep_graph()
+    return not _keep_graph()
 
 
 def _native_backward(ctx, d_out: Tensor | None, d_hn: Tensor | None, d_cn: Tensor | None,
