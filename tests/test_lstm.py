@@ -693,16 +693,17 @@ def test_recurrent_weight_rows_go_into_grad_like_autograd(native_backend) -> Non
 
 
 def _spy_reusing(monkeypatch) -> list[bool]:
-    """Calls of the native backward that writes G over the saved activations, recorded."""
+    """Calls of the native backward that writes G over the saved activations (its
+    overwrite_act argument), recorded."""
     module = native.eager_ops()
-    real = module.lstm_recurrence_backward_reusing
+    real = module.lstm_recurrence_backward_eager
     calls: list[bool] = []
 
     def spy(*args):
-        calls.append(True)
+        calls.append(args[-1])
         return real(*args)
 
-    monkeypatch.setattr(module, "lstm_recurrence_backward_reusing", spy)
+    monkeypatch.setattr(module, "lstm_recurrence_backward_eager", spy)
     return calls
 
 

@@ -39,8 +39,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("sparse_embedding_linear_fast",
         torch::wrap_pybind_function_no_gil(&msbp::sparse_embedding_linear_fast));
   m.def("place_grad_rows_", torch::wrap_pybind_function_no_gil(&msbp::place_grad_rows_));
-  m.def("lstm_recurrence_backward_reusing",
-        torch::wrap_pybind_function_no_gil(&msbp::lstm_recurrence_backward_reusing));
+  m.def("lstm_recurrence_backward_eager",
+        torch::wrap_pybind_function_no_gil(&msbp::lstm_recurrence_backward_eager));
   m.def("lazy_row_adam_step_", torch::wrap_pybind_function_no_gil(&step_lists));
   m.def("zero_masked_rows_", torch::wrap_pybind_function_no_gil(&zero_lists));
 }

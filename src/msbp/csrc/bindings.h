@@ -1,7 +1,8 @@
 // The eager entry points that Python calls directly (bindings.cpp), beside their registration as
-// torch.ops.msbp ops (lstm_recurrence_backward_reusing only here, as it is eager only): a pybind11 call converts its arguments in about 1 us where the dispatcher's
-// boxed call from Python took 4 us more for the sparse layer's 15, and 15 us more for
-// LazyRowAdam's step with its 12 lists (MNIST's MLP, one thread).
+// torch.ops.msbp ops (lstm_recurrence_backward_eager only here: it may overwrite an input): a
+// pybind11 call converts its arguments in about 1 us where the dispatcher's boxed call from
+// Python took 4 us more for the sparse layer's 15, and 15 us more for LazyRowAdam's step with its
+// 12 lists (MNIST's MLP, one thread).
 #pragma once
 #include <ATen/ATen.h>
 
@@ -31,15 +32,17 @@ int64_t place_grad_rows_(const at::Tensor& weight, const at::Tensor& kept,
                          const at::Tensor& state, const at::Tensor& rows,
                          const at::Tensor& values);
 
-// msbp::lstm_recurrence_backward with the gate gradients written over act (see recurrent.cpp)
+// msbp::lstm_recurrence_backward, and with overwrite_act the gate gradients written over act
+// (see recurrent.cpp)
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
-lstm_recurrence_backward_reusing(
+lstm_recurrence_backward_eager(
     const at::Tensor& act, const at::Tensor& cells, const at::Tensor& tanh_c,
     const at::Tensor& out, const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_hh,
     const std::optional<at::Tensor>& d_out, const std::optional<at::Tensor>& d_hn,
     const std::optional<at::Tensor>& d_cn, const std::optional<at::Tensor>& memory,
     const std::optional<at::Tensor>& random_cols, int64_t k, int64_t selection, double alpha,
-    bool slot, bool reverse, bool need_w, bool skip_nonfinite, bool all_rows);
+    bool slot, bool reverse, bool need_w, bool skip_nonfinite, bool all_rows,
+    bool overwrite_act);
 
 std::vector<int64_t> lazy_row_adam_step_(
     at::TensorList params, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,

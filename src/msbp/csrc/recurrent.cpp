@@ -22,9 +22,9 @@
 // a step with no active row leaves the memory unchanged. Steps without zero rows cost one
 // read per row more.
 //
-// lstm_recurrence_backward_reusing (eager only, bound directly in bindings.cpp, not an op: it
-// mutates act without saying so in a schema): the same, with G written over act, which the
-// caller gives up (a backward that does not keep its graph). Step t's cell pass reads its
+// lstm_recurrence_backward_eager (bound directly in bindings.cpp, not an op): the same, and with
+// overwrite_act G is written over act, which the caller gives up (a backward that does not keep
+// its graph; no op schema says that act is mutated, so this stays eager only). Step t's cell pass reads its
 // gates just before writing G_t in their place, and no later step reads them: writing into
 // lines the pass has just read saves the write-allocate reads of a fresh (T, B, 4H) buffer,
 // 15% of the layer's backward at the tagger's size (3.3 -> 2.8 ms).
@@ -151,7 +151,7 @@ Outputs backward_impl(const Tensor& act, const Tensor& cells, const Tensor& tanh
                                   const Tensor& w, const Tensor& d_out, const Tensor& d_hn,
                                   const Tensor& d_cn, const std::optional<Tensor>& memory,
                                   const std::optional<Tensor>& random_cols, const Options& opt,
-                                  bool raw, bool skip_nonfinite, bool reuse_act) {
+                                  bool raw, bool skip_nonfinite, bool overwrite_act) {
   const int64_t T = act.size(0), B = act.size(1), G4 = act.size(2), H = G4 / 4;
   const auto opts = act.options();
   const auto long_opts = opts.dtype(at::kLong);
@@ -161,8 +161,8 @@ Outputs backward_impl(const Tensor& act, const Tensor& cells, const Tensor& tanh
   const bool per_example = opt.selection == kPerExample;
   const int64_t k = std::min(opt.k, G4);
 
-  // reuse_act: never with the skip path, which runs again from act after a non-finite step
-  Tensor dgates = reuse_act && !raw && !skip_nonfinite ? act : at::empty({T, B, G4}, opts);
+  // overwrite_act: never with the skip path, which runs again from act after a non-finite step
+  Tensor dgates = overwrite_act && !raw && !skip_nonfinite ? act : at::empty({T, B, G4}, opts);
   Tensor dh_t = d_hn.defined() ? d_hn.to(opts).contiguous().clone() : at::zeros({B, H}, opts);
   Tensor dc_t = d_cn.defined() ? d_cn.to(opts).contiguous().clone() : at::zeros({B, H}, opts);
   Tensor db_t = at::zeros({G4}, opts);
@@ -611,13 +611,15 @@ Outputs backward_impl(const Tensor& act, const Tensor& cells, const Tensor& tanh
   return {dgates, dh_t, dc_t, cols, dw, db_t, at::zeros({}, long_opts)};
 }
 
-Outputs recurrence_backward(
+}  // namespace
+
+Outputs lstm_recurrence_backward_eager(
     const Tensor& act, const Tensor& cells, const Tensor& tanh_c, const Tensor& out,
     const Tensor& h0, const Tensor& c0, const Tensor& w_hh, const std::optional<Tensor>& d_out,
     const std::optional<Tensor>& d_hn, const std::optional<Tensor>& d_cn,
     const std::optional<Tensor>& memory, const std::optional<Tensor>& random_cols, int64_t k,
     int64_t selection, double alpha, bool slot, bool reverse, bool need_w,
-    bool skip_nonfinite, bool all_rows, bool reuse_act) {
+    bool skip_nonfinite, bool all_rows, bool overwrite_act) {
   TORCH_CHECK(act.dim() == 3 && act.size(2) % 4 == 0,
               "lstm_recurrence_backward: act must be (T, B, 4H), got ", act.sizes());
   const int64_t T = act.size(0), B = act.size(1), G4 = act.size(2), H = G4 / 4;
@@ -676,11 +678,13 @@ Outputs recurrence_backward(
          o = out.contiguous(), h = h0.contiguous(), c = c0.contiguous(), w = w_hh.contiguous();
   if (dtype == at::kDouble) {
     return backward_impl<double>(a, ce, tc, o, h, c, w, dout, dhn, dcn, memory, random_cols, opt,
-                                 false, skip_nonfinite, reuse_act);
+                                 false, skip_nonfinite, overwrite_act);
   }
   return backward_impl<float>(a, ce, tc, o, h, c, w, dout, dhn, dcn, memory, random_cols, opt,
-                              false, skip_nonfinite, reuse_act);
+                              false, skip_nonfinite, overwrite_act);
 }
+
+namespace {
 
 Outputs lstm_recurrence_backward(
     const Tensor& act, const Tensor& cells, const Tensor& tanh_c, const Tensor& out,
@@ -689,25 +693,12 @@ Outputs lstm_recurrence_backward(
     const std::optional<Tensor>& memory, const std::optional<Tensor>& random_cols, int64_t k,
     int64_t selection, double alpha, bool slot, bool reverse, bool need_w,
     bool skip_nonfinite, bool all_rows) {
-  return recurrence_backward(act, cells, tanh_c, out, h0, c0, w_hh, d_out, d_hn, d_cn, memory,
-                             random_cols, k, selection, alpha, slot, reverse, need_w,
-                             skip_nonfinite, all_rows, false);
+  return lstm_recurrence_backward_eager(act, cells, tanh_c, out, h0, c0, w_hh, d_out, d_hn, d_cn,
+                                        memory, random_cols, k, selection, alpha, slot, reverse,
+                                        need_w, skip_nonfinite, all_rows, false);
 }
 
 }  // namespace
-
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>
-lstm_recurrence_backward_reusing(
-    const Tensor& act, const Tensor& cells, const Tensor& tanh_c, const Tensor& out,
-    const Tensor& h0, const Tensor& c0, const Tensor& w_hh, const std::optional<Tensor>& d_out,
-    const std::optional<Tensor>& d_hn, const std::optional<Tensor>& d_cn,
-    const std::optional<Tensor>& memory, const std::optional<Tensor>& random_cols, int64_t k,
-    int64_t selection, double alpha, bool slot, bool reverse, bool need_w,
-    bool skip_nonfinite, bool all_rows) {
-  return recurrence_backward(act, cells, tanh_c, out, h0, c0, w_hh, d_out, d_hn, d_cn, memory,
-                             random_cols, k, selection, alpha, slot, reverse, need_w,
-                             skip_nonfinite, all_rows, true);
-}
 
 TORCH_LIBRARY_FRAGMENT(msbp, m) {
   m.def(

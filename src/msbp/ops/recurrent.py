@@ -142,7 +142,7 @@ _keep_graph = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", 
 
 def _may_overwrite_act(plan: BackwardPlan) -> bool:
     """Whether the native backward may write the gate gradients over the saved activations
-    (``lstm_recurrence_backward_reusing``, 15% of the layer's backward at the tagger's size):
+    (``lstm_recurrence_backward_eager``, 15% of the layer's backward at the tagger's size):
     eager, no TorchDispatchMode, a backward that frees the graph (no ``retain_graph``), and no
     ``on_nonfinite="skip"`` (whose dense rerun reads the activations again)."""
     if torch.compiler.is_compiling() or plan.on_nonfinite == "skip":
@@ -168,17 +168,19 @@ def _native_backward(ctx, d_out: Tensor | None, d_hn: Tensor | None, d_cn: Tenso
         random_cols = torch.stack(
             [select_random(act[0], plan.k, plan.generator) for _ in range(steps)]
         )
-    backward_op = torch.ops.msbp.lstm_recurrence_backward
-    if _may_overwrite_act(plan):
-        backward_op = native.eager_ops().lstm_recurrence_backward_reusing
-        ctx.act_overwritten = True
+    args = (
+        act, cells, tanh_c, out, h0, c0, w, d_out, d_hn, d_cn,
+        memory if plan.alpha > 0 else None, random_cols, plan.k,
+        _SELECTION_CODES[plan.selection], plan.alpha, plan.layout == "slot", ctx.reverse,
+        need_w, plan.on_nonfinite == "skip", plan.all_rows,
+    )
     try:
-        dgates, dh0, dc0, cols, dw, db, _ = backward_op(
-            act, cells, tanh_c, out, h0, c0, w, d_out, d_hn, d_cn,
-            memory if plan.alpha > 0 else None, random_cols, plan.k,
-            _SELECTION_CODES[plan.selection], plan.alpha, plan.layout == "slot", ctx.reverse,
-            need_w, plan.on_nonfinite == "skip", plan.all_rows,
-        )
+        if _may_overwrite_act(plan):
+            ctx.act_overwritten = True
+            outputs = native.eager_ops().lstm_recurrence_backward_eager(*args, True)
+        else:
+            outputs = torch.ops.msbp.lstm_recurrence_backward(*args)
+        dgates, dh0, dc0, cols, dw, db, _ = outputs
     except RuntimeError as exc:
         if "msbp-nonfinite" in str(exc):
             raise nonfinite_error(plan, "gate gradient", act.shape) from None
