@@ -254,8 +254,7 @@ Outputs backward_impl(const Tensor& act, const Tensor& cells, const Tensor& tanh
     rows_t = at::empty({k, H}, opts);
   }
   std::vector<const A*> hprev(B);
-  std::vector<A> bmax, bsel;
-  std::vector<Entry<A>> cand;
+  TopkScratch<A> scratch;
   // per-example: the step's kept entries grouped by column (a counting sort): the distinct
   // columns, and for each its rows (ascending) and values
   std::vector<int64_t> col_start(per_example ? G4 + 1 : 0), col_list, ent_start, ent_row;
@@ -393,8 +392,8 @@ Outputs backward_impl(const Tensor& act, const Tensor& cells, const Tensor& tanh
       if (opt.selection == kRandom) {
         std::copy(rand_p + s * k, rand_p + (s + 1) * k, sel.begin());
       } else {
-        topk_blocks(Ranked<A, false, false>{score.data(), nullptr, 0}, G4, k, sel.data(), bmax,
-                     bsel, cand);
+        topk_blocks(Ranked<A, false, false>{score.data(), nullptr, 0}, G4, k, sel.data(),
+                     scratch);
       }
       for (int64_t b = 0; b < B; ++b)
         for (int64_t j = 0; j < k; ++j) {
@@ -447,8 +446,7 @@ Outputs backward_impl(const Tensor& act, const Tensor& cells, const Tensor& tanh
     } else {
       // ---- k entries per row ----
       at::parallel_for(0, B, 4, [&](int64_t b0, int64_t b1) {
-        std::vector<A> bm, bs;
-        std::vector<Entry<A>> hp;
+        TopkScratch<A> ts;
         std::vector<const A*> src(k);
         for (int64_t b = b0; b < b1; ++b) {
           int64_t* ib = sel.data() + b * k;
@@ -459,10 +457,9 @@ Outputs backward_impl(const Tensor& act, const Tensor& cells, const Tensor& tanh
             continue;
           }
           if (mem_kind == 1) {
-            topk_blocks(Ranked<A, true, true>{g + b * G4, mvec.data(), mstep}, G4, k, ib, bm, bs,
-                         hp);
+            topk_blocks(Ranked<A, true, true>{g + b * G4, mvec.data(), mstep}, G4, k, ib, ts);
           } else {
-            topk_blocks(Ranked<A, true, false>{u + b * G4, nullptr, 0}, G4, k, ib, bm, bs, hp);
+            topk_blocks(Ranked<A, true, false>{u + b * G4, nullptr, 0}, G4, k, ib, ts);
           }
           for (int64_t j = 0; j < k; ++j) {
             vb[j] = u_at(b, ib[j]);

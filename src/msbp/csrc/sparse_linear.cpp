@@ -378,10 +378,9 @@ Out5 backward_impl(const Tensor& grad_out, const Tensor& x, const Tensor& weight
       idx = std::get<0>(at::sort(random_cols->to(at::kLong)));
     } else {
       idx = at::empty({k}, long_opts);  // ascending: the rows of dW in order
-      std::vector<A> bmax, bsel;
-      std::vector<Entry<A>> cand;
+      TopkScratch<A> scratch;
       topk_blocks(Ranked<A, false, false>{score.data_ptr<A>(), nullptr, 0}, out, k,
-                  idx.data_ptr<int64_t>(), bmax, bsel, cand);
+                  idx.data_ptr<int64_t>(), scratch);
     }
     const int64_t kk = idx.size(0);
     const int64_t* ip = idx.data_ptr<int64_t>();
@@ -478,12 +477,11 @@ Out5 backward_impl(const Tensor& grad_out, const Tensor& x, const Tensor& weight
       // by the maxima of blocks of |U| (topk.h), read in place: at the tagger's 800 rows of
       // 2,000 gate gradients, k = 5, the op took 3.8 ms with a threshold from a sample of each
       // row (a scalar scan of |U| copied out), 1.85 ms with this
-      std::vector<A> bmax, bsel;
-      std::vector<Entry<A>> cand;
+      TopkScratch<A> scratch;
       for (int64_t r = r0; r < r1; ++r) {
         const A* ur = up + r * out;
-        topk_blocks(Ranked<A, true, false>{ur, nullptr, 0}, out, k, ip + r * k, bmax, bsel,
-                    cand);  // ascending columns
+        topk_blocks(Ranked<A, true, false>{ur, nullptr, 0}, out, k, ip + r * k,
+                    scratch);  // ascending columns
         for (int64_t j = 0; j < k; ++j) vp[r * k + j] = ur[ip[r * k + j]];
         // U becomes the residual U - U_S, which the memory is made of
         if (use_memory)
