@@ -233,3 +233,44 @@ def test_native_and_reference_break_ties_alike(selection):
     torch.testing.assert_close(xr.grad, dx, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(w.grad, dW, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(memory, mem, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("selection", ["unified", "per_example"])
+@pytest.mark.parametrize(
+    ("out", "k", "levels", "dtype"),
+    [
+        (500, 20, 0, torch.float32),  # block maxima and candidates ranked by counting
+        (500, 20, 3, torch.float32),  # three magnitudes: over 128 candidates, nth_element
+        (2000, 5, 0, torch.float32),  # few kept of many blocks: nth_element on the maxima
+        (1200, 30, 7, torch.float64),
+        (4096, 164, 0, torch.float32),  # 512 blocks
+        (70, 9, 4, torch.float64),
+    ],
+)
+def test_native_topk_paths_match_reference(selection, out, k, levels, dtype):
+    """Each path of the native top-k (csrc/topk.h: ranks counted in registers for short lists,
+    nth_element for long ones) keeps exactly the reference's entries, ties (levels > 0: only
+    that many magnitudes) taken lowest index first."""
+    if not msbp.native.use_native():
+        pytest.skip("native kernels unavailable")
+    gen = torch.Generator().manual_seed(out + k)
+    n, d_in = 7, 5
+    if levels:
+        g = torch.randint(1, levels + 1, (n, out), generator=gen).to(dtype)
+    else:
+        g = torch.randn(n, out, generator=gen, dtype=dtype)
+    g = g * torch.where(torch.rand(n, out, generator=gen) < 0.5, -1.0, 1.0).to(dtype)
+    x = torch.randn(n, d_in, generator=gen, dtype=dtype)
+    w = torch.randn(out, d_in, generator=gen, dtype=dtype, requires_grad=True)
+    memory = torch.zeros(n, out, dtype=dtype)
+    cfg = msbp.SparseBackpropConfig(k=k, memory=1.0, selection=selection, memory_layout="slot")
+    xr = x.clone().requires_grad_(True)
+    msbp.functional.sparse_linear(xr, w, None, memory, config=cfg).backward(g)
+    dx, dW, _, mem = sparse_linear_backward_ref(
+        x, w.detach(), g, torch.zeros(n, out, dtype=dtype), k=k, selection=selection,
+        alpha=1.0, layout="slot",
+    )
+    assert torch.equal(memory == 0, mem == 0)  # the same entries kept
+    torch.testing.assert_close(memory, mem)
+    torch.testing.assert_close(w.grad, dW)
+    torch.testing.assert_close(xr.grad, dx)
