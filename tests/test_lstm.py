@@ -758,3 +758,22 @@ def test_a_failed_backward_over_the_activations_is_not_run_again(native_backend,
     assert calls == [True]
     with pytest.raises(RuntimeError, match="already ran once|backward through the graph"):
         y.backward(torch.ones_like(y))
+
+
+def test_reused_gradient_buffers_cleared_after_accumulation(backend):
+    """Three accumulated backward passes write more rows than the weights have (4 H = 20, 10
+    kept per row and step): after ``zero_grad(set_to_none=True)`` the next gradient is that
+    backward's alone (no memory: compared with a copy that ran only that backward)."""
+    torch.manual_seed(0)
+    cfg = SparseBackpropConfig(ratio=None, k=10, memory=0.0, selection="per_example")
+    lstm = SparseLSTM(4, 5, config=cfg, dtype=torch.float64)
+    fresh = copy.deepcopy(lstm)
+    gen = torch.Generator().manual_seed(1)
+    batches = [torch.randn(3, 2, 4, generator=gen, dtype=torch.float64) for _ in range(4)]
+    for x in batches[:3]:
+        lstm(x)[0].sin().sum().backward()
+    lstm.zero_grad(set_to_none=True)
+    lstm(batches[3])[0].sin().sum().backward()
+    fresh(batches[3])[0].sin().sum().backward()
+    for (name, p), q in zip(lstm.named_parameters(), fresh.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-12, atol=1e-12, msg=name)

@@ -576,3 +576,28 @@ def test_per_example_unit_memory_keeps_float32_precision(backend):
         k=k, selection="per_example", alpha=1.0,
     )[3]
     assert ((memory.double() - want).abs().max() / want.abs().max()).item() < 1e-6
+
+
+@pytest.mark.parametrize("layout", ["unit", "slot"])
+def test_reused_gradient_buffer_is_cleared_after_untracked_writes(backend, layout):
+    """The gradient buffer a layer puts back after ``zero_grad(set_to_none=True)`` is cleared
+    whole, not just in the rows last listed, once anything the layer cannot list went into it
+    since: more rows than it has over several accumulated backward passes, or the dense
+    gradient of a step skipped for a non-finite output gradient, followed by more rows."""
+    out, d_in, k = 8, 3, 4
+    cfg = make_cfg("unified", layout, 0.5, k=k, on_nonfinite="skip")
+    layer = make_layer(d_in, out, cfg)
+    gen = torch.Generator().manual_seed(3)
+    batches = [(randn(2, d_in, gen=gen), randn(2, out, gen=gen)) for _ in range(5)]
+    bad = randn(2, out, gen=gen)
+    bad[0, 0] = float("inf")
+    for steps in (batches[:4], [(batches[0][0], bad), batches[1]]):
+        layer.zero_grad(set_to_none=True)
+        for x, g in steps:  # accumulated: 16 rows of 8, or a dense gradient then 4 rows
+            layer(x).backward(g)
+        layer.zero_grad(set_to_none=True)
+        x, g = batches[4]
+        memory = layer.memory.clone()
+        layer(x).backward(g)
+        want = ref_step(cfg, x, layer.weight, g, memory)[1]
+        torch.testing.assert_close(layer.weight.grad, want, **tol(torch.float64))

@@ -748,29 +748,31 @@ Tensor grad_buffer(const Tensor& weight, const Tensor& kept, const Tensor& state
   } else {
     buf.zero_();
   }
+  st[0] = 0;  // clean: no row written since, at this version
+  st[1] = buf._version();
   Tensor w = weight;
   w.mutable_grad() = buf;
   return buf;
 }
 
 // After rows[0..r) (all rows: dense) went into `grad` by `route`: if that is the kept buffer,
-// the state lists them for the next grad_buffer to clear (a second call in this step adds its
-// rows to the first's), with the version the buffer will have once autograd added them.
+// the state lists them for the next grad_buffer to clear, with the version the buffer will have
+// once autograd added them. They are added to the rows listed only where the buffer is as the
+// state left it (clean from grad_buffer, or its rows' last add done or still pending in
+// autograd); where anything else may have written into it (a dense gradient, more rows than it
+// has, an in-place change), all of it is to be cleared, and stays so until grad_buffer clears it.
 void remember_rows(const Tensor& kept, const Tensor& state, const Tensor& grad, int route,
                    const int64_t* rows, int64_t r, bool dense, int64_t version_before) {
   if (route == 0 || !grad.is_same(kept)) return;
   int64_t* st = state.data_ptr<int64_t>();
   const int64_t out = kept.size(0);
-  if (dense) r = out;
   const int64_t expect = kept._version() + (route == 2 || dense ? 1 : 0);
-  // kept already holds rows of this step: its last add done, or still pending in autograd
-  const bool again = st[0] >= 0 && (st[1] == version_before || st[1] == version_before + 1);
-  const int64_t base = again ? st[0] : 0;
-  if (dense || base + r > out) {
+  const bool as_left = st[0] >= 0 && (st[1] == version_before || st[1] == version_before + 1);
+  if (dense || !as_left || st[0] + r > out) {
     st[0] = -1;
   } else {
-    std::memcpy(st + 2 + base, rows, r * sizeof(int64_t));
-    st[0] = base + r;
+    std::memcpy(st + 2 + st[0], rows, r * sizeof(int64_t));
+    st[0] += r;
   }
   st[1] = expect;
 }

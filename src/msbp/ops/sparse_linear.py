@@ -460,14 +460,21 @@ def prepare_grad_buffer(ctx, weight: Tensor, index: int) -> bool:
             buf.untyped_storage()._cdata
         ) <= 2
         if alone and buf.shape == weight.shape and buf.dtype == weight.dtype:
-            if buf._version == version:
+            if buf._version == version and rows is not None:
                 buf.index_fill_(0, rows, 0)
             else:
                 buf.zero_()
+            _remember_clean(weight, buf)
             weight.grad = buf
             return True
     weight.grad = torch.zeros_like(weight, memory_format=torch.contiguous_format)
+    _remember_clean(weight, weight.grad)
     return True
+
+
+def _remember_clean(weight: Tensor, buf: Tensor) -> None:
+    # no row written since, at this version (see row_sparse_grad)
+    weight.__dict__[_BUFFER] = (buf, buf._version, buf.new_empty(0, dtype=torch.long))
 
 
 def row_sparse_grad(weight: Tensor, rows: Tensor, values: Tensor) -> Tensor:
@@ -476,12 +483,16 @@ def row_sparse_grad(weight: Tensor, rows: Tensor, values: Tensor) -> Tensor:
     grad = weight.grad
     if grad is not None:
         kept = weight.__dict__.get(_BUFFER)
-        # called again in this step, in a later backward (its add done: version == expected) or
-        # in the same one (autograd sums both before its one add: version == expected - 1)
-        if kept is not None and kept[0] is grad and kept[1] - 1 <= grad._version <= kept[1]:
-            rows_all = torch.cat((kept[2], rows))
-        else:
-            rows_all = rows
+        # the rows are added to those listed only where the buffer is as the record left it:
+        # clean (prepare_grad_buffer), or its last rows added, in a later backward (version ==
+        # expected) or in the same one (autograd sums both before its one add: expected - 1);
+        # else anything may have written into it (a dense dW, an in-place change): None, the
+        # whole buffer is to be cleared
+        rows_all = None
+        if kept is not None and kept[0] is grad and kept[2] is not None and (
+            kept[1] - 1 <= grad._version <= kept[1]
+        ):
+            rows_all = torch.cat((kept[2], rows)) if kept[2].numel() else rows
         # AccumulateGrad's `grad += dW` will bump the version once
         weight.__dict__[_BUFFER] = (grad, grad._version + 1, rows_all)
     # distinct ascending rows: a valid coalesced tensor, no check needed
