@@ -288,3 +288,21 @@ def test_zero_masked_rows(dtype):
     odd0 = odd.clone()
     assert torch.ops.msbp.zero_masked_rows_([odd], [_mask(9, [1])], [_mask(9, [2])]) == [-1]
     assert torch.equal(odd, odd0)
+
+
+def test_dense_step_takes_a_gradient_laid_out_unlike_its_parameter(backend):
+    """A dense parameter whose .grad is transposed (strides unlike the parameter's): the step is
+    torch.optim.Adam's (the fused kernel alone reads such a gradient in the parameter's
+    layout: a wrong update)."""
+    torch.manual_seed(0)
+    p1 = torch.nn.Parameter(torch.randn(10, 12, dtype=torch.float64))
+    p2 = torch.nn.Parameter(p1.detach().clone())
+    opt1 = LazyRowAdam([p1], lr=0.1, weight_decay=0.01)
+    opt2 = torch.optim.Adam([p2], lr=0.1, weight_decay=0.01, foreach=False)
+    for step in range(3):
+        g = torch.randn(12, 10, dtype=torch.float64).t()
+        p1.grad, p2.grad = g.clone(), g.clone()
+        assert p1.grad.stride() != p1.stride()
+        opt1.step()
+        opt2.step()
+        torch.testing.assert_close(p1, p2, rtol=1e-12, atol=1e-12, msg=f"step {step}")

@@ -90,6 +90,14 @@ def _adam(group: dict, params, grads, exp_avgs, exp_avg_sqs, steps) -> None:
     ~10 us of checks), else the functional form, fused where it can be."""
     beta1, beta2 = group["betas"]
     lr, eps, weight_decay = group["lr"], group["eps"], group["weight_decay"]
+    # the fused kernels read a gradient as if laid out like its parameter (torch's own
+    # Adam(fused=True) updates wrongly from a transposed one): such a gradient is copied
+    grads = [
+        g if g.stride() == p.stride() else torch.empty_strided(
+            p.shape, p.stride(), dtype=g.dtype, device=g.device
+        ).copy_(g)
+        for p, g in zip(params, grads, strict=True)
+    ]
     first = params[0]
     if (
         first.device.type in ("cpu", "cuda")

@@ -411,7 +411,16 @@ std::vector<int64_t> lazy_row_adam_step_(
         step.add_(1);
       }
     }
-    at::_fused_adam_(dense_params, dense_grads, dense_exp_avgs, dense_exp_avg_sqs, {},
+    // the fused kernel reads a gradient as if laid out like its parameter (torch's own
+    // Adam(fused=True) updates wrongly from a transposed one): such a gradient is copied
+    std::vector<at::Tensor> grads_like(dense_grads.begin(), dense_grads.end());
+    for (size_t i = 0; i < grads_like.size(); ++i) {
+      const at::Tensor& param = dense_params[i];
+      if (grads_like[i].strides() != param.strides())
+        grads_like[i] = at::empty_strided(param.sizes(), param.strides(), param.options())
+                            .copy_(grads_like[i]);
+    }
+    at::_fused_adam_(dense_params, grads_like, dense_exp_avgs, dense_exp_avg_sqs, {},
                      dense_steps, lr, beta1, beta2, weight_decay, eps, /*amsgrad=*/false,
                      /*maximize=*/false, std::nullopt, std::nullopt);
   }
