@@ -601,3 +601,24 @@ def test_reused_gradient_buffer_is_cleared_after_untracked_writes(backend, layou
         layer(x).backward(g)
         want = ref_step(cfg, x, layer.weight, g, memory)[1]
         torch.testing.assert_close(layer.weight.grad, want, **tol(torch.float64))
+
+
+@pytest.mark.parametrize("how", ["detach", "data", "numpy"])
+def test_kept_alias_of_an_old_gradient_is_not_overwritten(backend, how):
+    """A .detach(), .data or NumPy view of an old .grad, kept after zero_grad(set_to_none=True),
+    shares the memory of the buffer the layer would put back: the next backward must leave it
+    as it was and still give the right gradient (the layer takes fresh memory)."""
+    cfg = make_cfg("unified", "unit", 0.0, k=2)
+    layer = make_layer(4, 8, cfg)
+    gen = torch.Generator().manual_seed(2)
+    x1, g1, x2, g2 = (randn(3, d, gen=gen) for d in (4, 8, 4, 8))
+    layer(x1).backward(g1)
+    grad = layer.weight.grad
+    old = grad.detach() if how == "detach" else grad.data if how == "data" else grad.numpy()
+    before = torch.as_tensor(old).clone()
+    layer.zero_grad(set_to_none=True)
+    del grad
+    layer(x2).backward(g2)
+    assert torch.equal(torch.as_tensor(old), before)
+    want = ref_step(cfg, x2, layer.weight, g2, None)[1]
+    torch.testing.assert_close(layer.weight.grad, want, **tol(torch.float64))

@@ -729,7 +729,8 @@ void clear_rows(Tensor& buf, const int64_t* rows, int64_t r) {
 
 // The buffer the rows of dW are added into for a route other than 0: weight.grad, or, where
 // that is None, `kept` put back as .grad with the rows written into it last time cleared (all of
-// it if anything changed it since; state: see SparseLinearFn). Undefined where neither serves
+// it if anything changed it since; fresh memory if another tensor shares its storage; state: see
+// SparseLinearFn). Undefined where neither serves
 // (a .grad of another layout, shape, dtype or strides; no buffer kept): then dW goes to autograd.
 Tensor grad_buffer(const Tensor& weight, const Tensor& kept, const Tensor& state) {
   Tensor grad = weight.grad();
@@ -742,7 +743,11 @@ Tensor grad_buffer(const Tensor& weight, const Tensor& kept, const Tensor& state
   if (kept.sizes() != weight.sizes()) return Tensor();
   Tensor buf = kept;
   int64_t* st = state.data_ptr<int64_t>();
-  if (st[0] >= 0 && kept._version() == st[1]) {
+  if (buf.storage().use_count() > 1) {
+    // another tensor shares its memory (a .detach(), .data or NumPy view of an old .grad that
+    // the caller kept): the buffer takes fresh memory, theirs stays as it was
+    buf.set_(at::zeros(buf.sizes(), buf.options()));
+  } else if (st[0] >= 0 && kept._version() == st[1]) {
     if (buf.is_contiguous()) clear_rows(buf, st + 2, st[0]);
     else if (st[0] > 0) buf.index_fill_(0, state.narrow(0, 2, st[0]), 0);
   } else {
