@@ -306,3 +306,27 @@ def test_dense_step_takes_a_gradient_laid_out_unlike_its_parameter(backend):
         opt1.step()
         opt2.step()
         torch.testing.assert_close(p1, p2, rtol=1e-12, atol=1e-12, msg=f"step {step}")
+
+
+@pytest.mark.parametrize("layer_kind", ["linear", "linear_no_inplace", "lstm"])
+def test_input_gradient_only_moves_no_rows(backend, layer_kind):
+    """torch.autograd.grad(..., [x]) writes no .grad: the sparse layers log no rows, and the
+    next step() moves nothing (saliency maps, adversarial examples between training steps)."""
+    torch.manual_seed(0)
+    if layer_kind == "lstm":
+        layer = msbp.SparseLSTM(6, 5, config=msbp.SparseBackpropConfig(k=4, memory=0.0))
+        run = lambda x: layer(x.unsqueeze(0))[0]  # noqa: E731
+    else:
+        cfg = msbp.SparseBackpropConfig(k=2, memory=0.0, grad_inplace=layer_kind == "linear")
+        layer = msbp.SparseLinear(6, 10, config=cfg)
+        run = layer
+    opt = LazyRowAdam(layer.parameters(), lr=0.1, weight_decay=0.01)
+    run(torch.randn(4, 6)).sum().backward()
+    opt.step()
+    opt.zero_grad()
+    x = torch.randn(4, 6, requires_grad=True)
+    torch.autograd.grad(run(x).pow(2).sum(), [x])
+    before = [p.detach().clone() for p in layer.parameters()]
+    opt.step()
+    for p, b in zip(layer.parameters(), before, strict=True):
+        assert torch.equal(p, b)

@@ -53,12 +53,31 @@ def log_touched_rows(weight: Tensor, rows: Tensor | None) -> None:
     Called by the sparse layers' backward; a no-op unless a live optimizer asked for it.
     """
     owner = weight.__dict__.get(TRACK_ROWS)
-    if owner is None or owner() is None:
+    if owner is None or owner() is None or not _accumulates(weight):
         return
     log = weight.__dict__.setdefault(ROWS_LOG, [])
     log.append(rows)
     if len(log) >= _FOLD_AT:
         log[:] = [fold_rows(log)]
+
+
+def _accumulates(weight: Tensor) -> bool:
+    # whether this backward pass runs the weight's AccumulateGrad node, i.e. writes .grad: not
+    # torch.autograd.grad(..., inputs=[x]), whose rows would otherwise be stepped on a gradient
+    # never written
+    if not (weight.is_leaf and weight.requires_grad) or _GRAPH_TASK_ID() < 0:
+        return True  # no node of its own, or not in a backward pass (a caller's own log)
+    try:
+        node = torch.autograd.graph.get_gradient_edge(weight).node
+        return bool(torch._C._will_engine_execute_node(node))
+    except RuntimeError:  # the gradient is captured (torch.autograd.grad), not accumulated
+        return False
+    except AttributeError:  # a torch without these: log, as before
+        return True
+
+
+# private (torch 2.x); absent: taken as inside a backward pass, the only place the layers log
+_GRAPH_TASK_ID = getattr(torch._C, "_current_graph_task_id", lambda: 0)
 
 
 def fold_rows(log: list[Tensor | None]) -> Tensor | None:
