@@ -308,10 +308,12 @@ def test_dense_step_takes_a_gradient_laid_out_unlike_its_parameter(backend):
         torch.testing.assert_close(p1, p2, rtol=1e-12, atol=1e-12, msg=f"step {step}")
 
 
+@pytest.mark.parametrize("wrt", ["x", "weight"])
 @pytest.mark.parametrize("layer_kind", ["linear", "linear_no_inplace", "lstm"])
-def test_input_gradient_only_moves_no_rows(backend, layer_kind):
-    """torch.autograd.grad(..., [x]) writes no .grad: the sparse layers log no rows, and the
-    next step() moves nothing (saliency maps, adversarial examples between training steps)."""
+def test_input_gradient_only_moves_no_rows(backend, layer_kind, wrt):
+    """torch.autograd.grad(..., [x]) or (..., [weight]) writes no .grad: the sparse layers log
+    no rows, and the next step() moves nothing (saliency maps, adversarial examples, gradient
+    probes between training steps)."""
     torch.manual_seed(0)
     if layer_kind == "lstm":
         layer = msbp.SparseLSTM(6, 5, config=msbp.SparseBackpropConfig(k=4, memory=0.0))
@@ -325,7 +327,7 @@ def test_input_gradient_only_moves_no_rows(backend, layer_kind):
     opt.step()
     opt.zero_grad()
     x = torch.randn(4, 6, requires_grad=True)
-    torch.autograd.grad(run(x).pow(2).sum(), [x])
+    torch.autograd.grad(run(x).pow(2).sum(), [x if wrt == "x" else next(layer.parameters())])
     before = [p.detach().clone() for p in layer.parameters()]
     opt.step()
     for p, b in zip(layer.parameters(), before, strict=True):

@@ -718,6 +718,19 @@ int grad_route(const Tensor& weight) {
   return acc->pre_hooks().empty() && acc->post_hooks().empty() ? 1 : 2;
 }
 
+// Whether this backward pass adds the weight's gradient into .grad (its AccumulateGrad node
+// runs): not under torch.autograd.grad(..., [weight]), whose result is captured. Where there is
+// no such node, whoever owns the gradient decides: true.
+bool writes_grad(const Tensor& weight) {
+  if (!weight.is_leaf() || !weight.requires_grad()) return true;
+  auto acc = torch::autograd::impl::try_get_grad_accumulator(weight);
+  if (!acc) return true;
+  const auto* info = torch::autograd::get_current_graph_task_exec_info();
+  if (info == nullptr || info->empty()) return true;  // .backward(): every node runs
+  auto it = info->find(acc.get());
+  return it != info->end() && it->second.needed_ && !it->second.captures_;
+}
+
 // Zero rows[0..r) of a contiguous (out, in) buffer; bumps its version like index_fill_.
 void clear_rows(Tensor& buf, const int64_t* rows, int64_t r) {
   if (r <= 0) return;
@@ -909,7 +922,7 @@ variable_list run_backward(AutogradContext* ctx, const variable_list& grad_outpu
   if (skipped) restore_memory();
   const bool dense = k >= out || skipped;
   if (need_w) {
-    if (mask.numel() > 0) {
+    if (mask.numel() > 0 && (route != 0 || writes_grad(weight))) {  // rows for LazyRowAdam
       if (dense) {
         mask.fill_(1);
       } else {
