@@ -697,18 +697,25 @@ Out5 sparse_linear_backward(
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
+// The weight's AccumulateGrad node (null for a non-leaf, or where it has none), and whether this
+// backward pass runs it to add into .grad: not under torch.autograd.grad(..., [weight]), whose
+// result is captured, nor under .backward(inputs=...) without the weight.
+std::pair<c10::intrusive_ptr<torch::autograd::Node>, bool> accumulator(const Tensor& weight) {
+  if (!weight.is_leaf() || !weight.requires_grad()) return {nullptr, false};
+  auto acc = torch::autograd::impl::try_get_grad_accumulator(weight);
+  if (!acc) return {nullptr, false};
+  const auto* info = torch::autograd::get_current_graph_task_exec_info();
+  if (info == nullptr || info->empty()) return {acc, true};  // .backward(): every node runs
+  auto it = info->find(acc.get());
+  return {acc, it != info->end() && it->second.needed_ && !it->second.captures_};
+}
+
 // Where the rows of dW go: 0 a dense dW for autograd; 1 added into .grad here, nothing for
 // autograd; 2 handed to autograd as a row-sparse gradient that AccumulateGrad adds into .grad,
 // so that hooks on that node see it.
 int grad_route(const Tensor& weight) {
-  if (!weight.is_leaf() || !weight.requires_grad()) return 0;
-  auto acc = torch::autograd::impl::try_get_grad_accumulator(weight);
-  if (!acc) return 0;
-  const auto* info = torch::autograd::get_current_graph_task_exec_info();
-  if (info != nullptr && !info->empty()) {  // .backward(inputs=...) or autograd.grad
-    auto it = info->find(acc.get());
-    if (it == info->end() || !it->second.needed_ || it->second.captures_) return 0;
-  }
+  auto [acc, runs] = accumulator(weight);
+  if (!acc || !runs) return 0;
   // the weight's own hooks (register_hook, post-accumulate hooks) get a dense gradient, as from
   // the PyTorch glue; hooks on the AccumulateGrad node get the row-sparse one
   if (!acc->tensor_pre_hooks().empty() || !acc->retains_grad_hooks().empty() ||
@@ -718,17 +725,11 @@ int grad_route(const Tensor& weight) {
   return acc->pre_hooks().empty() && acc->post_hooks().empty() ? 1 : 2;
 }
 
-// Whether this backward pass adds the weight's gradient into .grad (its AccumulateGrad node
-// runs): not under torch.autograd.grad(..., [weight]), whose result is captured. Where there is
-// no such node, whoever owns the gradient decides: true.
+// Whether this backward pass adds the weight's gradient into .grad; where it has no
+// AccumulateGrad node, whoever owns the gradient decides: true.
 bool writes_grad(const Tensor& weight) {
-  if (!weight.is_leaf() || !weight.requires_grad()) return true;
-  auto acc = torch::autograd::impl::try_get_grad_accumulator(weight);
-  if (!acc) return true;
-  const auto* info = torch::autograd::get_current_graph_task_exec_info();
-  if (info == nullptr || info->empty()) return true;  // .backward(): every node runs
-  auto it = info->find(acc.get());
-  return it != info->end() && it->second.needed_ && !it->second.captures_;
+  auto [acc, runs] = accumulator(weight);
+  return !acc || runs;
 }
 
 // Zero rows[0..r) of a contiguous (out, in) buffer; bumps its version like index_fill_.

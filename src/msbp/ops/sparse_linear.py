@@ -37,7 +37,7 @@ from msbp.ops.memory import (
     store_memory_,
 )
 from msbp.ops.selection import select
-from msbp.ops.touched_rows import log_touched_rows
+from msbp.ops.touched_rows import engine_runs, log_touched_rows
 
 SELECTION_CODES = {"unified": 0, "per_example": 1, "random": 2}
 NONFINITE_MARK = "msbp-nonfinite"
@@ -425,12 +425,7 @@ def _engine_will_accumulate(ctx, weight: Tensor, index: int) -> bool:
     if weight._backward_hooks or getattr(weight, "_post_accumulate_grad_hooks", None):
         return False
     node = ctx.next_functions[index][0]  # the weight's AccumulateGrad node
-    if node is None:
-        return False
-    try:
-        return bool(torch._C._will_engine_execute_node(node))
-    except RuntimeError:  # torch.autograd.grad(): the gradient is captured, not accumulated
-        return False
+    return node is not None and engine_runs(node)
 
 
 def prepare_grad_buffer(ctx, weight: Tensor, index: int) -> bool:

@@ -69,11 +69,18 @@ def _accumulates(weight: Tensor) -> bool:
         return True  # no node of its own, or not in a backward pass (a caller's own log)
     try:
         node = torch.autograd.graph.get_gradient_edge(weight).node
-        return bool(torch._C._will_engine_execute_node(node))
-    except RuntimeError:  # the gradient is captured (torch.autograd.grad), not accumulated
-        return False
-    except AttributeError:  # a torch without these: log, as before
+    except AttributeError:  # a torch without it: log, as before
         return True
+    return engine_runs(node)
+
+
+def engine_runs(node) -> bool:
+    """Whether the running backward pass executes autograd ``node`` (a weight's AccumulateGrad:
+    whether it adds into ``.grad``); False under ``torch.autograd.grad``, which captures."""
+    try:
+        return bool(torch._C._will_engine_execute_node(node))
+    except RuntimeError:  # torch.autograd.grad(): the gradient is captured, not accumulated
+        return False
 
 
 # private (torch 2.x); absent: taken as inside a backward pass, the only place the layers log
