@@ -777,3 +777,25 @@ def test_reused_gradient_buffers_cleared_after_accumulation(backend):
     fresh(batches[3])[0].sin().sum().backward()
     for (name, p), q in zip(lstm.named_parameters(), fresh.parameters(), strict=True):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-12, atol=1e-12, msg=name)
+
+
+def test_old_gradient_kept_after_the_forward_is_not_overwritten(backend):
+    """``loss = lstm(x); old = W_hh.grad; zero_grad(set_to_none=True); loss.backward()``: the
+    old .grad stays as it was and the new one is that backward's alone."""
+    torch.manual_seed(0)
+    cfg = SparseBackpropConfig(ratio=None, k=6, memory=0.0, selection="per_example")
+    lstm = SparseLSTM(4, 5, config=cfg, dtype=torch.float64)
+    fresh = copy.deepcopy(lstm)
+    gen = torch.Generator().manual_seed(2)
+    x1, x2 = (torch.randn(3, 2, 4, generator=gen, dtype=torch.float64) for _ in range(2))
+    lstm(x1)[0].sin().sum().backward()
+    loss = lstm(x2)[0].sin().sum()  # while .grad exists
+    old = lstm.weight_hh_l0.grad
+    before = old.clone()
+    lstm.zero_grad(set_to_none=True)
+    loss.backward()
+    fresh(x2)[0].sin().sum().backward()
+    assert torch.equal(old, before)
+    assert lstm.weight_hh_l0.grad is not old
+    for (name, p), q in zip(lstm.named_parameters(), fresh.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-12, atol=1e-12, msg=name)

@@ -603,6 +603,49 @@ def test_reused_gradient_buffer_is_cleared_after_untracked_writes(backend, layou
         torch.testing.assert_close(layer.weight.grad, want, **tol(torch.float64))
 
 
+def test_old_gradient_kept_after_the_forward_is_not_overwritten(backend):
+    """``loss = layer(x); old = p.grad; zero_grad(set_to_none=True); loss.backward()``: the old
+    .grad the caller kept must stay as it was and not become .grad again, however the layer
+    chose its buffer at the forward."""
+    cfg = make_cfg("unified", "unit", 0.0, k=2)
+    layer = make_layer(4, 8, cfg)
+    gen = torch.Generator().manual_seed(5)
+    x1, g1, x2, g2 = (randn(3, d, gen=gen) for d in (4, 8, 4, 8))
+    layer(x1).backward(g1)
+    y = layer(x2)  # while .grad exists
+    old = layer.weight.grad
+    before = old.clone()
+    layer.zero_grad(set_to_none=True)
+    y.backward(g2)
+    assert torch.equal(old, before)
+    assert layer.weight.grad is not old
+    want = ref_step(cfg, x2, layer.weight, g2, None)[1]
+    torch.testing.assert_close(layer.weight.grad, want, **tol(torch.float64))
+
+
+@pytest.mark.parametrize("hook", ["prehook", "posthook"])
+def test_two_calls_with_a_hook_on_the_accumulator_leave_no_stale_rows(backend, hook):
+    """A layer called twice in one graph while .grad is None, with a hook on the weight's
+    AccumulateGrad node (both calls' rows reach .grad in its one add): after
+    ``zero_grad(set_to_none=True)`` the next gradient holds that backward's rows alone."""
+    cfg = make_cfg("unified", "unit", 0.0, k=1)
+    layer = make_layer(7, 3, cfg)
+    acc = layer.weight.view_as(layer.weight).grad_fn.next_functions[0][0]
+    if hook == "prehook":
+        acc.register_prehook(lambda grad_outputs: None)
+    else:
+        acc.register_hook(lambda grad_inputs, grad_outputs: None)
+    gen = torch.Generator().manual_seed(6)
+    x, x2 = randn(8, 7, gen=gen), randn(8, 7, gen=gen)
+    g_a, g_b, g_c = (torch.zeros(8, 3, dtype=torch.float64) for _ in range(3))
+    g_a[:, 0], g_b[:, 2], g_c[:, 1] = 1.0, 1.0, 1.0  # each call keeps one row of its own
+    ((layer(x) * g_a).sum() + (layer(x) * g_b).sum()).backward()
+    layer.zero_grad(set_to_none=True)
+    layer(x2).backward(g_c)
+    want = ref_step(cfg, x2, layer.weight, g_c, None)[1]
+    torch.testing.assert_close(layer.weight.grad, want, **tol(torch.float64))
+
+
 @pytest.mark.parametrize("how", ["detach", "data", "numpy"])
 def test_kept_alias_of_an_old_gradient_is_not_overwritten(backend, how):
     """A .detach(), .data or NumPy view of an old .grad, kept after zero_grad(set_to_none=True),

@@ -160,7 +160,12 @@ def kept_grad_buffer(weight: Tensor) -> tuple[Tensor, Tensor]:
         if buf is None or sys.getrefcount(buf) > 3 or buf.shape != weight.shape or (
             buf.dtype != weight.dtype
         ):
-            kept = weight.__dict__[_FAST_BUFFER] = (torch.zeros_like(weight), state())
+            # one state per weight, shared with the buffers before: a graph not yet run
+            # backward may still add rows through an earlier one (see remember_rows)
+            st = kept[1] if kept is not None and kept[1].shape[0] == weight.shape[0] + 2 else None
+            kept = weight.__dict__[_FAST_BUFFER] = (
+                torch.zeros_like(weight), st.fill_(-1) if st is not None else state()
+            )
         del buf
     elif kept is None:  # .grad exists: the C++ path adds into it, no buffer needed
         kept = weight.__dict__[_FAST_BUFFER] = (weight.new_empty(0), state())

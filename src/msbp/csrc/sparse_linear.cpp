@@ -741,12 +741,30 @@ void clear_rows(Tensor& buf, const int64_t* rows, int64_t r) {
   buf.unsafeGetTensorImpl()->bump_version();
 }
 
+// Whether Python code holds `t` beyond msbp's own reference (the tuple in the weight's
+// __dict__, msbp.functional.kept_grad_buffer) and `arg_refs` more the caller knows of: an old
+// .grad the user kept after the forward (`loss = model(x); old = p.grad; opt.zero_grad();
+// loss.backward()`) must not be cleared and written into. The expected count is measured once on
+// a probe held the same way, as torch versions differ in the reference a C++ holder adds.
+bool held_in_python(const Tensor& t, int64_t arg_refs) {
+  pybind11::gil_scoped_acquire gil;
+  static const Py_ssize_t base = [] {
+    Tensor probe = at::empty({0});  // like `kept`: one C++ holder besides its Python object
+    pybind11::object own = pybind11::cast(probe), asked = pybind11::cast(probe);
+    return Py_REFCNT(asked.ptr());
+  }();
+  pybind11::object asked = pybind11::cast(t);
+  return Py_REFCNT(asked.ptr()) > base + arg_refs;
+}
+
 // The buffer the rows of dW are added into for a route other than 0: weight.grad, or, where
 // that is None, `kept` put back as .grad with the rows written into it last time cleared (all of
-// it if anything changed it since; fresh memory if another tensor shares its storage; state: see
+// it if anything changed it since; fresh memory if another tensor shares its storage; a new
+// buffer if Python code holds it: see held_in_python, with `arg_refs`; state: see
 // SparseLinearFn). Undefined where neither serves
 // (a .grad of another layout, shape, dtype or strides; no buffer kept): then dW goes to autograd.
-Tensor grad_buffer(const Tensor& weight, const Tensor& kept, const Tensor& state) {
+Tensor grad_buffer(const Tensor& weight, const Tensor& kept, const Tensor& state,
+                   int64_t arg_refs) {
   Tensor grad = weight.grad();
   if (grad.defined()) {
     if (grad.layout() != at::kStrided || grad.sizes() != weight.sizes() ||
@@ -755,6 +773,12 @@ Tensor grad_buffer(const Tensor& weight, const Tensor& kept, const Tensor& state
     return grad;
   }
   if (kept.sizes() != weight.sizes()) return Tensor();
+  Tensor w = weight;
+  if (held_in_python(kept, arg_refs)) {
+    // theirs stays as it is; the state keeps describing it, for when they let it go
+    w.mutable_grad() = at::zeros(weight.sizes(), weight.options());
+    return w.grad();
+  }
   Tensor buf = kept;
   int64_t* st = state.data_ptr<int64_t>();
   if (buf.storage().use_count() > 1) {
@@ -769,7 +793,6 @@ Tensor grad_buffer(const Tensor& weight, const Tensor& kept, const Tensor& state
   }
   st[0] = 0;  // clean: no row written since, at this version
   st[1] = buf._version();
-  Tensor w = weight;
   w.mutable_grad() = buf;
   return buf;
 }
@@ -780,10 +803,17 @@ Tensor grad_buffer(const Tensor& weight, const Tensor& kept, const Tensor& state
 // state left it (clean from grad_buffer, or its rows' last add done or still pending in
 // autograd); where anything else may have written into it (a dense gradient, more rows than it
 // has, an in-place change), all of it is to be cleared, and stays so until grad_buffer clears it.
+// The state is the weight's, shared by every buffer it had: rows that went into a .grad other
+// than this call's buffer (another call of the layer put its buffer back first) may be in the
+// buffer the state now describes, unlisted, so all of it is to be cleared.
 void remember_rows(const Tensor& kept, const Tensor& state, const Tensor& grad, int route,
                    const int64_t* rows, int64_t r, bool dense, int64_t version_before) {
-  if (route == 0 || !grad.is_same(kept)) return;
+  if (route == 0) return;
   int64_t* st = state.data_ptr<int64_t>();
+  if (!grad.is_same(kept)) {
+    if (kept.numel() > 0) st[0] = -1;
+    return;
+  }
   const int64_t out = kept.size(0);
   const int64_t expect = kept._version() + (route == 2 || dense ? 1 : 0);
   const bool as_left = st[0] >= 0 && (st[1] == version_before || st[1] == version_before + 1);
@@ -891,7 +921,7 @@ variable_list run_backward(AutogradContext* ctx, const variable_list& grad_outpu
   int route = need_w ? grad_route(weight) : 0;
   Tensor grad;
   if (route != 0) {
-    grad = grad_buffer(weight, kept, state);
+    grad = grad_buffer(weight, kept, state, 0);
     if (!grad.defined()) route = 0;  // a dense dW, as autograd would make
   }
   const int64_t version_before = kept.numel() > 0 ? kept._version() : -1;
@@ -1071,7 +1101,7 @@ int64_t place_grad_rows_(const Tensor& weight, const Tensor& kept, const Tensor&
                   values.scalar_type() == weight.scalar_type(),
               "place_grad_rows_: rows ", rows.sizes(), " and values ", values.sizes(),
               " do not fit the weight ", weight.sizes());
-  Tensor grad = grad_buffer(weight, kept, state);
+  Tensor grad = grad_buffer(weight, kept, state, 1);  // + the call's argument
   if (!grad.defined()) return 0;
   const int64_t version_before = kept.numel() > 0 ? kept._version() : -1;
   Tensor v = values.contiguous(), rw = rows.contiguous();
