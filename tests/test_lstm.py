@@ -219,11 +219,31 @@ def test_recurrence_sparse_weight_gradient_route(memory: float, backend: str) ->
                       k=1)
 
 
+@pytest.mark.parametrize("padded", [(), (2,)], ids=["all_rows", "zero_row"])
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("selection", SELECTIONS)
+def test_full_k_flushes_memory_left_by_a_smaller_k(
+    selection: str, layout: str, reverse: bool, padded: tuple[int, ...], backend: str
+) -> None:
+    """k = 4 H after two batches at k = 3 (a k schedule, a checkpoint saved at a smaller k): the
+    memory they left is added to the first processed step's gate gradient and propagated into
+    dh and dW_hh, then the memory is zero, as in the stepwise reference (not dropped).
+    "zero_row": the third batch's first row has no gradient, so its slot keeps its memory
+    (unit: M / 2 on the other rows); the fourth batch, of 2 rows, then flushes that 3-row slot
+    memory spread over its rows, or (no memory left) takes the dense path."""
+    _check_recurrence(selection, layout, 0.8, reverse, steps=4, batches=(3, 3, 3, 2), hidden=4,
+                      k=(3, 3, 16, 16), padded=padded)
+
+
 def _check_recurrence(
     selection: str, layout: str, memory: float, reverse: bool, *, steps: int,
-    batches: tuple[int, ...], hidden: int, k: int, dtype: torch.dtype = torch.float64,
+    batches: tuple[int, ...], hidden: int, k: int | tuple[int, ...],
+    dtype: torch.dtype = torch.float64, padded: tuple[int, ...] = (),
 ) -> None:
-    cfg = make_cfg(selection, layout, memory, k=k)
+    """``k``: one for all batches, or one per batch (a k schedule); ``padded``: the batches
+    whose first row gets no output gradient (a zero row of G at every step)."""
+    ks = k if isinstance(k, tuple) else (k,) * len(batches)
 
     def assert_near(fast: torch.Tensor, ref: torch.Tensor) -> None:
         if dtype == torch.float64:
@@ -239,12 +259,16 @@ def _check_recurrence(
     mem_fast = torch.zeros((4 * hidden,) if layout == "unit" else (0, 4 * hidden), dtype=dtype)
     box = [mem_fast.clone()]
     sel_fast, sel_ref = (torch.Generator().manual_seed(7) for _ in range(2))
-    options = dict(k=k, selection=selection, alpha=memory, layout=layout, generator=sel_ref)
-    for batch in batches:
+    for n, (batch, k_n) in enumerate(zip(batches, ks, strict=True)):
+        options = dict(k=k_n, selection=selection, alpha=memory, layout=layout, generator=sel_ref)
         gx, h0, c0 = _recurrence_inputs(gen, steps, batch, hidden, dtype)[:3]
         d_out, d_h, d_c = (torch.randn(s, generator=gen, dtype=dtype)
                            for s in ((steps, batch, hidden), (batch, hidden), (batch, hidden)))
-        plan = make_plan(cfg, 4 * hidden, generator=sel_fast)
+        if n in padded:
+            for d in (d_out[:, 0], d_h[0], d_c[0]):
+                d.zero_()
+        plan = make_plan(make_cfg(selection, layout, memory, k=k_n), 4 * hidden,
+                         generator=sel_fast)
         fast_memory = mem_fast if memory else None
         results = []
         for fused, w, b in ((True, w_fast, b_fast), (False, w_ref, b_ref)):
@@ -267,7 +291,9 @@ def _check_recurrence(
             assert not mem_fast.any()
 
 
-def test_full_k_recurrence_is_dense_and_clears_memory(backend: str) -> None:
+def test_full_k_recurrence_flushes_and_clears_memory(backend: str) -> None:
+    """At k = 4 H a memory that is not zero is propagated with the last step's gradient, not
+    dropped, and nothing is left in it (the reference, as SparseLinear at k = out)."""
     gen = torch.Generator().manual_seed(1)
     gx, h0, c0, w, b = _recurrence_inputs(gen, 4, 2, 3)
     memory = torch.ones(12, dtype=torch.float64)
@@ -277,25 +303,31 @@ def test_full_k_recurrence_is_dense_and_clears_memory(backend: str) -> None:
     got = [t.grad.clone() for t in (gx, h0, c0, w, b)]
     for t in (gx, h0, c0, w, b):
         t.grad = None
-    box = [torch.zeros(12, dtype=torch.float64)]
-    out, h_n, _ = lstm_recurrence_ref(gx, h0, c0, w, b, box, k=12)
+    box = [torch.ones(12, dtype=torch.float64)]
+    out, h_n, _ = lstm_recurrence_ref(gx, h0, c0, w, b, box, k=12, alpha=0.8)
     (out.sum() + h_n.sum()).backward()
     for a, t in zip(got, (gx, h0, c0, w, b), strict=True):
         torch.testing.assert_close(a, t.grad, **F64)
-    assert not memory.any()
+    assert not memory.any() and not box[0].any()
 
 
 def _memories(lstm: SparseLSTM) -> dict[str, torch.Tensor]:
     return {tag: getattr(lstm, f"memory_{tag}").clone() for tag in lstm.transform_tags()}
 
 
+@pytest.mark.parametrize("full_k", [False, True], ids=["same_k", "then_full_k"])
 @pytest.mark.parametrize("poison", [float("nan"), float("inf"), -float("inf")])
 @pytest.mark.parametrize("selection", SELECTIONS)
-def test_nonfinite_gradient_raise_or_skip(selection: str, poison: float, backend: str) -> None:
+def test_nonfinite_gradient_raise_or_skip(selection: str, poison: float, full_k: bool,
+                                          backend: str) -> None:
+    """With "then_full_k" the poisoned batches run at k = 4 H, where the memory is to be
+    flushed: a non-finite gradient still leaves it as it was."""
     torch.manual_seed(0)
     x = torch.randn(6, 2, 4)
     lstm = SparseLSTM(4, 5, config=make_cfg(selection, k=2, memory=0.8))
     lstm(x)[0].square().sum().backward()  # a first batch fills the memory
+    if full_k:
+        lstm.config = lstm.config.replace(k=20)
     before = _memories(lstm)
     poisoned = torch.ones(6, 2, 5)
     poisoned[2, 1, 3] = poison

@@ -155,10 +155,19 @@ Outputs backward_impl(const Tensor& act, const Tensor& cells, const Tensor& tanh
   const int64_t T = act.size(0), B = act.size(1), G4 = act.size(2), H = G4 / 4;
   const auto opts = act.options();
   const auto long_opts = opts.dtype(at::kLong);
-  const bool dense = raw || opt.k >= G4;
   const bool has_memory = memory.has_value() && opt.alpha > 0 && !raw;
+  // k >= 4H keeps every entry, but a memory left by calls at a smaller k (a k schedule, a loaded
+  // checkpoint) must still be added in and propagated (the reference; SparseLinear at k = out):
+  // the path with the memory does that at the first step, keeping all 4H columns. Only an empty
+  // memory allows the dense path. A NaN counts as not zero and is refused as a non-finite U.
+  const bool keep_all = opt.k >= G4;
+  const bool flush = keep_all && has_memory &&
+                     std::any_of(memory->data_ptr<A>(), memory->data_ptr<A>() + memory->numel(),
+                                 [](A v) { return v != A(0); });
+  const bool dense = raw || (keep_all && !flush);
   const bool use_memory = has_memory && !dense;
-  const bool per_example = opt.selection == kPerExample;
+  // all 4H columns are one set for the batch, whatever the selection
+  const bool per_example = opt.selection == kPerExample && !keep_all;
   const int64_t k = std::min(opt.k, G4);
 
   // overwrite_act: never with the skip path, which runs again from act after a non-finite step
@@ -289,7 +298,7 @@ Outputs backward_impl(const Tensor& act, const Tensor& cells, const Tensor& tanh
     A* g = dgates.data_ptr<A>() + t * B * G4;
     A* u = mem_kind == 2 ? ubuf.data_ptr<A>() : g;  // U where it is stored
     const A* dout = doutp ? doutp + t * dout_st : zeros_bh.data();
-    const bool scores = !dense && opt.selection == kUnified;
+    const bool scores = !dense && !keep_all && opt.selection == kUnified;
 
     at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
       for (int64_t c = c0; c < c1; ++c) {
@@ -389,9 +398,9 @@ Outputs backward_impl(const Tensor& act, const Tensor& cells, const Tensor& tanh
     for (int64_t b = 0; b < B; ++b) hprev[b] = hprev_base + b * H;
     if (!per_example) {
       // ---- one set of k columns for the batch ----
-      if (opt.selection == kRandom) {
+      if (opt.selection == kRandom && !keep_all) {  // none drawn at k >= 4H, as the reference
         std::copy(rand_p + s * k, rand_p + (s + 1) * k, sel.begin());
-      } else {
+      } else {  // at k >= 4H: all columns, in order (topk_blocks' k >= m case)
         topk_blocks(Ranked<A, false, false>{score.data(), nullptr, 0}, G4, k, sel.data(),
                      scratch);
       }

@@ -289,7 +289,15 @@ class SparseLSTMRecurrence(torch.autograd.Function):
         need_gx, need_h0, need_c0, need_w, need_b = ctx.needs_input_grad[:5]
         steps, batch, four_h = act.shape
         hidden = four_h // 4
-        use_memory = memory is not None and plan.alpha > 0 and plan.k < four_h
+        use_memory = memory is not None and plan.alpha > 0
+        # k >= 4H keeps every entry, but a memory left by backward passes at a smaller k (a k
+        # schedule, a loaded checkpoint) must still be added in and propagated, as SparseLinear
+        # does at k = out: the loop with the memory does that at its first step. Only an empty
+        # memory allows the dense loop. The host read is paid at k >= 4H only; a traced
+        # backward cannot read it and always takes the loop with the memory.
+        dense = plan.k >= four_h and not (
+            use_memory and (torch.compiler.is_compiling() or bool(memory.any()))
+        )
         zeros = out.new_zeros(batch, hidden)
         d_out = d_out if d_out is not None else out.new_zeros(out.shape)
         d_hn = _as(d_hn, out.dtype) if d_hn is not None else zeros
@@ -310,16 +318,16 @@ class SparseLSTMRecurrence(torch.autograd.Function):
         if batch == 0:  # an empty batch propagates nothing and leaves the memory as it is
             grads = _backward_steps(*parts, dense=True, raw=True)
         else:
-            saved = memory.clone() if use_memory else None
-            grads = _backward_steps(*parts, dense=plan.k >= four_h)
+            saved = memory.clone() if use_memory and not dense else None
+            grads = _backward_steps(*parts, dense=dense)
             if not _finite(grads.witness()):
                 if saved is not None:  # leave the memory as it was before this backward
                     memory.resize_(saved.shape).copy_(saved)
                 if plan.on_nonfinite == "raise" and ctx.scale is None:
                     raise nonfinite_error(plan, "gate gradient", act.shape)
                 grads = _backward_steps(*parts, dense=True, raw=True)
-            elif plan.k >= four_h and memory is not None and plan.alpha > 0:
-                # everything was propagated: nothing to remember (as SparseLinear at k = out)
+            elif dense and use_memory:
+                # an empty memory, everything propagated: it stays empty (slot: of this batch)
                 if plan.layout == "slot":
                     memory.resize_(batch, four_h)
                 memory.zero_()
@@ -428,7 +436,10 @@ def _backward_steps(
     use_memory = memory is not None and plan.alpha > 0 and not raw
     scale = getattr(ctx, "scale", None)
     dgates = d_out.new_empty(steps, batch, four_h)
-    per_example = plan.selection not in UNIFIED_SELECTIONS
+    # k >= 4H without the dense loop (a memory to flush): every column of every step is kept,
+    # whatever the selection, and random selection draws nothing (as the reference)
+    keep_all = k >= four_h
+    per_example = plan.selection not in UNIFIED_SELECTIONS and not keep_all
     grads = _StepGrads(dgates, dense, per_example, time_reversed=not ctx.reverse)
     fast_rows = w.device.type == "cpu" and w.dtype in _WIDE
     unit_memory = use_memory and plan.layout == "unit"
@@ -465,7 +476,10 @@ def _backward_steps(
             u = _add_memory_(gate.to(memory.dtype, copy=True), memory, plan.layout, active)
         else:
             u = gate
-        idx, witness = select(u, k, plan.selection, plan.generator)
+        if keep_all:
+            idx, witness = torch.arange(four_h, device=u.device), u
+        else:
+            idx, witness = select(u, k, plan.selection, plan.generator)
         if per_example:  # the kept |u|: a NaN or inf always wins a slot
             grads.witnesses.append(witness)
         else:  # u's extremes: a column score (a sum) may overflow where u does not
