@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -359,3 +360,38 @@ def test_task_specific_defaults():
     assert (mnist.selection, mnist.batch_size) == ("per_example", 10)
     assert parse_args(["train", "--task", "parse", "--selection", "per_example"]).selection == (
         "per_example")
+
+
+@pytest.mark.parametrize(
+    ("free", "processes", "want"),
+    [(2.0, 1, 2), (1.4, 1, 1), (0.2, 1, 1), (None, 1, 2), (2.0, 2, 1), (7.6, 1, 2)],
+)
+def test_auto_threads_leaves_busy_cores_alone(monkeypatch, free, processes, want):
+    """``--threads auto``: 2, fewer where other jobs keep cores busy (OpenMP threads waiting
+    for a held core slowed a dense step ~40x), each process's share under torchrun."""
+    from msbp import environment
+
+    monkeypatch.setattr(environment.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    monkeypatch.setattr(environment, "free_cores", lambda window=0.3: free)
+    assert environment.auto_threads(2, processes) == want
+
+
+def test_free_cores_reads_this_machine():
+    """On Linux, /proc/stat gives a count within [0, the cores this process may use]."""
+    from msbp.environment import free_cores
+
+    if not os.path.exists("/proc/stat") or not hasattr(os, "sched_getaffinity"):
+        pytest.skip("no /proc/stat here")
+    free = free_cores(0.05)
+    assert free is not None and 0 <= free <= len(os.sched_getaffinity(0)) + 1e-9
+
+
+def test_threads_auto_is_recorded_as_a_number(data_dir, tmp_path):
+    """The results JSON records the thread count ``auto`` chose, not the word."""
+    out = tmp_path / "r.json"
+    rc = cli.main(["train", "--data-dir", str(data_dir), "--dev-size", "50", "--hidden", "16",
+                   "--epochs", "1", "--limit-train", "60", "--quiet", "--out", str(out)])
+    assert rc == 0
+    results = json.loads(out.read_text())
+    assert results["config"]["threads"] in (1, 2)
+    assert results["environment"]["threads"] == results["config"]["threads"]

@@ -91,6 +91,7 @@ def assert_one_line(rc: int, err: str, status: int = 2) -> None:
         ("mnist", ["--momentum", "nan"], "--momentum must be finite and >= 0, got nan"),
         ("mnist", ["--limit-train", "-5"], "got -5; leave out --limit-train to use all"),
         ("mnist", ["--limit-train", "0"], "got 0; leave out --limit-train to use all"),
+        ("mnist", ["--threads", "0"], "--threads must be >= 1, got 0"),
         ("parse", ["--hidden-size", "0"], "--hidden-size must be >= 1, got 0"),
         ("parse", ["--embedding-dim", "0"], "--embedding-dim must be >= 1, got 0"),
         ("parse", ["--dropout", "1.5"], "--dropout must be in [0, 1), got 1.5"),
@@ -128,6 +129,14 @@ def a_file(tmp_path) -> Path:
     path = tmp_path / "a_file"
     path.write_text("not a folder\n")
     return path
+
+
+def test_threads_other_than_a_number_or_auto(data_dir, no_training, capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(mnist_argv(data_dir, "--threads", "two"))
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and err.count("\n") == 1
+    assert "--threads: expected a whole number or 'auto', got 'two'" in err
 
 
 @pytest.mark.parametrize(

@@ -39,6 +39,7 @@ from msbp.config import MEMORY_LAYOUTS, MEMORY_ROWS, SELECTIONS, SparseBackpropC
 from msbp.convert import dense_backward, sparsify
 from msbp.data.errors import DataError
 from msbp.distributed import wrap_ddp
+from msbp.environment import auto_threads
 from msbp.info import InfoLossMeter
 from msbp.nn import SparseLinear, SparseLSTM
 from msbp.nn.memory import MemoryMixin, gather_memory_state, load_memory_state
@@ -130,7 +131,11 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     opt.add_argument("--seed", type=int, default=1)
 
     run = parser.add_argument_group("run")
-    run.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    run.add_argument(
+        "--threads", type=_threads, default="auto",
+        help="torch threads; auto (default): 2, or 1 where another job keeps a core busy, and "
+        "each process's share under torchrun",
+    )
     run.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     run.add_argument("--out", default=None, metavar="PATH", help="write the results JSON here")
     run.add_argument(
@@ -266,10 +271,23 @@ def _from_rank0(obj: Any) -> Any:
     return box[0]
 
 
+def _threads(text: str) -> int | str:
+    """``--threads``: ``auto`` or a whole number (checked by ``check_args``)."""
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        msg = f"expected a whole number or 'auto', got {text!r}"
+        raise argparse.ArgumentTypeError(msg) from None
+
+
 def check_args(args: argparse.Namespace) -> None:
     """Raise ``UsageError`` for option values no run can use."""
-    for name in ("epochs", "batch_size", "threads", "info_every", "info_window"):
+    for name in ("epochs", "batch_size", "info_every", "info_window"):
         check_option(args, name, low=1)
+    if args.threads != "auto":
+        check_option(args, "threads", low=1)
     check_option(args, "lr", low=0, low_open=True)
     check_option(args, "momentum", low=0)
     check_option(args, "seed", low=0, high=MAX_SEED)
@@ -343,8 +361,14 @@ def check_paths(args: argparse.Namespace, checkpoints: list[str]) -> None:
 
 
 def setup_runtime(args: argparse.Namespace) -> None:
-    """Validate ``args`` and set the torch thread count."""
+    """Validate ``args`` and set the torch thread count (``auto``: see ``auto_threads``)."""
     check_args(args)
+    if args.threads == "auto":
+        local = os.environ.get("LOCAL_WORLD_SIZE", "1")
+        args.threads = auto_threads(2, int(local) if local.isdigit() else 1)
+        if args.threads < 2:
+            _log(args, f"--threads auto: {args.threads} (the cores free of other jobs, or this "
+                 "process's share of them)")
     torch.set_num_threads(args.threads)
 
 
