@@ -332,3 +332,26 @@ def test_input_gradient_only_moves_no_rows(backend, layer_kind, wrt):
     opt.step()
     for p, b in zip(layer.parameters(), before, strict=True):
         assert torch.equal(p, b)
+
+
+@pytest.mark.parametrize("layer_kind", ["linear", "linear_no_inplace", "lstm"])
+def test_discarded_first_backward_moves_nothing(backend, layer_kind):
+    """backward, zero_grad(), step() before any step: the log zero_grad took says these are
+    sparse layers' weights, which took no part in the step (not moved by weight decay, step
+    count and moments untouched), as after any later discarded backward."""
+    torch.manual_seed(0)
+    if layer_kind == "lstm":
+        layer = msbp.SparseLSTM(6, 5, bias=False, config=msbp.SparseBackpropConfig(k=4, memory=0.0))
+        run = lambda x: layer(x.unsqueeze(0))[0]  # noqa: E731
+    else:
+        cfg = msbp.SparseBackpropConfig(k=2, memory=0.0, grad_inplace=layer_kind == "linear")
+        layer = msbp.SparseLinear(6, 10, bias=False, config=cfg)
+        run = layer
+    opt = LazyRowAdam(layer.parameters(), lr=0.1, weight_decay=0.01)
+    sparse = layer.weight_hh_l0 if layer_kind == "lstm" else layer.weight
+    run(torch.randn(4, 6)).sum().backward()
+    opt.zero_grad(set_to_none=False)  # a discarded batch: the zeroed buffer stays
+    before = sparse.detach().clone()
+    opt.step()
+    assert torch.equal(sparse, before)
+    assert float(opt.state[sparse].get("step", 0)) == 0

@@ -619,6 +619,8 @@ class LazyRowAdam(Optimizer):
                 if mask is not None:  # rows listed by another path too: all go that way
                     pending = [mask.nonzero().view(-1)]
                     mask.zero_()
+                if any(rows.numel() for rows in pending):
+                    self._mark_row_sparse(p)
                 self._zero_rows(grad, track, pending, track.unchanged(grad))
         if not z_grads:
             return
@@ -632,12 +634,20 @@ class LazyRowAdam(Optimizer):
                 self._zero_rows(grad, track, [rows] if rows.numel() else [], unchanged)
                 continue
             track.marked = False
+            if count > 0:
+                self._mark_row_sparse(p)
             if count == 0 and not row_sparse:
                 _zero_whole(p, grad, set_to_none)  # a mask, but nothing sparse about it yet
             else:
                 if count == 0 and not unchanged:
                     grad.zero_()  # written by something that logs no rows: clear all of it
                 track.look(grad)
+
+    def _mark_row_sparse(self, p: Tensor) -> None:
+        """``p`` is a sparse layer's weight (rows were logged for it): from now on a step with
+        none logged leaves it alone, also before its first row-sparse step (zero_grad took the
+        log of a backward whose step did not come)."""
+        self.state[p]["row_sparse"] = True
 
     def _zero_rows(self, grad: Tensor, track: _Track, pending: list, unchanged: bool) -> None:
         """zero_grad of a sparse layer's weight from its log ``pending`` (the PyTorch path)."""
