@@ -373,7 +373,36 @@ def test_auto_threads_leaves_busy_cores_alone(monkeypatch, free, processes, want
 
     monkeypatch.setattr(environment.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
     monkeypatch.setattr(environment, "free_cores", lambda window=0.3: free)
+    monkeypatch.setattr(environment, "cpu_quota", lambda: None)
     assert environment.auto_threads(2, processes) == want
+
+
+@pytest.mark.parametrize(
+    ("files", "quota", "threads"),
+    [
+        ({"cpu.max": "max 100000\n"}, None, 2),
+        ({"cpu.max": "150000 100000\n"}, 1.5, 1),
+        ({"cpu.max": "400000 100000\n"}, 4.0, 2),
+        ({"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, None, 2),
+        ({"cpu/cpu.cfs_quota_us": "100000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 1.0, 1),
+        ({}, None, 2),
+    ],
+)
+def test_auto_threads_keeps_within_a_container_cpu_limit(monkeypatch, tmp_path, files, quota,
+                                                        threads):
+    """A container's CPU limit (cgroup v2 or v1) caps ``--threads auto`` like a busy core."""
+    from msbp import environment
+
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    assert environment.cpu_quota(str(tmp_path)) == quota
+    real = environment.cpu_quota
+    monkeypatch.setattr(environment, "cpu_quota", lambda: real(str(tmp_path)))
+    monkeypatch.setattr(environment.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3},
+                        raising=False)
+    monkeypatch.setattr(environment, "free_cores", lambda window=0.3: 4.0)
+    assert environment.auto_threads(2) == threads
 
 
 def test_free_cores_reads_this_machine():

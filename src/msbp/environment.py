@@ -55,11 +55,34 @@ def free_cores(window: float = 0.3) -> float | None:
     return len(cpus) * (after[0] - before[0]) / (after[1] - before[1])
 
 
+def cpu_quota(root: str = "/sys/fs/cgroup") -> float | None:
+    """The CPU limit of this process's cgroup in cores (a container's ``--cpus``): cgroup v2
+    ``cpu.max`` or v1 ``cpu.cfs_quota_us / cpu.cfs_period_us``; None where there is none."""
+    try:
+        with open(os.path.join(root, "cpu.max")) as f:
+            quota, period = f.read().split()[:2]
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError):
+        pass
+    try:
+        with open(os.path.join(root, "cpu", "cpu.cfs_quota_us")) as f:
+            quota = int(f.read())
+        with open(os.path.join(root, "cpu", "cpu.cfs_period_us")) as f:
+            period = int(f.read())
+        return None if quota <= 0 or period <= 0 else quota / period
+    except (OSError, ValueError):
+        return None
+
+
 def auto_threads(cap: int = 2, processes: int = 1) -> int:
     """Torch threads for a timed run: at most ``cap``, this process's share (of ``processes``
-    started together) of the cores, and no more than other processes leave free (OpenMP threads
-    waiting for a core another job holds made a dense MNIST step ~40x slower)."""
+    started together) of the cores it may use (affinity, and a container's CPU limit), and no
+    more than other processes leave free (OpenMP threads waiting for a core another job holds
+    made a dense MNIST step ~40x slower)."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    quota = cpu_quota()
+    if quota is not None:  # threads beyond it are throttled like threads on a busy core
+        cores = min(cores or 1, max(1, int(quota)))
     share = (cores or 1) // max(processes, 1)
     free = free_cores()
     if free is not None:
