@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import weakref
 
 import pytest
 import torch
@@ -831,3 +832,17 @@ def test_old_gradient_kept_after_the_forward_is_not_overwritten(backend):
     assert lstm.weight_hh_l0.grad is not old
     for (name, p), q in zip(lstm.named_parameters(), fresh.parameters(), strict=True):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-12, atol=1e-12, msg=name)
+
+
+def test_gradient_buffer_is_put_back_every_step(backend):
+    """The standard loop (zero_grad(set_to_none=True), forward, backward) reuses W_hh's
+    gradient buffer from the second step on."""
+    torch.manual_seed(0)
+    cfg = SparseBackpropConfig(ratio=None, k=6, memory=0.5)
+    lstm = SparseLSTM(4, 5, config=cfg, dtype=torch.float64)
+    grads = []
+    for _ in range(4):
+        lstm.zero_grad(set_to_none=True)
+        lstm(torch.randn(3, 2, 4, dtype=torch.float64))[0].sin().sum().backward()
+        grads.append(weakref.ref(lstm.weight_hh_l0.grad))  # no reference that would stop the reuse
+    assert all(ref() is lstm.weight_hh_l0.grad for ref in grads[1:])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import weakref
+
 import pytest
 import torch
 from _helpers import (
@@ -601,6 +603,29 @@ def test_reused_gradient_buffer_is_cleared_after_untracked_writes(backend, layou
         layer(x).backward(g)
         want = ref_step(cfg, x, layer.weight, g, memory)[1]
         torch.testing.assert_close(layer.weight.grad, want, **tol(torch.float64))
+
+
+@pytest.mark.parametrize("zero_before", [True, False])
+def test_gradient_buffer_is_put_back_every_step(backend, zero_before):
+    """``zero_grad(set_to_none=True)`` then backward, before or after the forward: the layer puts
+    back the same buffer every step (no fresh ``(out, in)`` allocation and zeroing), and the
+    gradient is that step's alone."""
+    cfg = make_cfg("unified", "unit", 0.0, k=2)
+    layer = make_layer(4, 8, cfg)
+    gen = torch.Generator().manual_seed(7)
+    grads = []
+    for _ in range(4):
+        x, g = randn(3, 4, gen=gen), randn(3, 8, gen=gen)
+        if zero_before:
+            layer.zero_grad(set_to_none=True)
+        y = layer(x)
+        if not zero_before:
+            layer.zero_grad(set_to_none=True)
+        y.backward(g)
+        grads.append(weakref.ref(layer.weight.grad))  # no reference that would stop the reuse
+        want = ref_step(cfg, x, layer.weight, g, None)[1]
+        torch.testing.assert_close(layer.weight.grad, want, **tol(torch.float64))
+    assert all(ref() is layer.weight.grad for ref in grads[1:])
 
 
 def test_old_gradient_kept_after_the_forward_is_not_overwritten(backend):
