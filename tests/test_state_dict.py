@@ -10,7 +10,7 @@ import torch
 from _helpers import LAYOUTS, fast_step, make_layer, memory_colsum, randn, ref_step, tol
 from torch import nn
 
-from msbp import SparseBackpropConfig, SparseLinear, sparsify
+from msbp import SparseBackpropConfig, SparseLinear, SparseLSTM, sparsify
 
 
 def _mlp(seed: int) -> nn.Sequential:
@@ -258,3 +258,45 @@ def test_assign_load_into_meta_model(layout):
     assert dst.weight.device.type == "cpu" and dst.memory.device.type == "cpu"
     assert dst.memory.dtype == torch.float64 and torch.equal(dst.memory, src.memory)
     dst.check_memory()
+
+
+@pytest.mark.parametrize("kind", ["mlp", "lstm"])
+def test_whole_model_pickles_without_msbp_bookkeeping(backend, kind):
+    """``torch.save(model)`` after training with LazyRowAdam: works (a weak reference to the
+    optimizer used to make it fail), leaves out the gradient buffers the layers keep (each as
+    large as its weight), and the loaded model trains on exactly like a copy of the original
+    with a fresh optimizer."""
+    from msbp.optim import LazyRowAdam
+
+    cfg = SparseBackpropConfig(k=3, memory=0.5)
+    if kind == "mlp":
+        model = sparsify(_mlp(0), cfg, exclude="4")
+        batches = _batches(6)
+        loss = lambda m, x, y: nn.functional.cross_entropy(m(x), y)  # noqa: E731
+    else:
+        torch.manual_seed(0)
+        model = SparseLSTM(6, 4, config=cfg).double()
+        batches = [(randn(3, 2, 6, gen=torch.Generator().manual_seed(i)), None) for i in range(6)]
+        loss = lambda m, x, y: m(x)[0].pow(2).sum()  # noqa: E731
+
+    opt = LazyRowAdam(model.parameters(), lr=0.01)
+    for x, y in batches[:3]:
+        opt.zero_grad()
+        loss(model, x, y).backward()
+        opt.step()
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    for p in loaded.parameters():  # no weight-sized gradient buffer came along
+        kept = [t for v in p.__dict__.values() for t in (v if isinstance(v, tuple) else (v,))]
+        assert not any(isinstance(t, torch.Tensor) and t.numel() >= p.numel() > 16 for t in kept)
+    twin = copy.deepcopy(model)
+    for m in (loaded, twin):
+        o = LazyRowAdam(m.parameters(), lr=0.01)
+        for x, y in batches[3:]:
+            o.zero_grad()
+            loss(m, x, y).backward()
+            o.step()
+    for (name, p), q in zip(loaded.state_dict().items(), twin.state_dict().values(), strict=True):
+        torch.testing.assert_close(p, q, rtol=0, atol=0, msg=name)

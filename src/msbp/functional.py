@@ -23,6 +23,7 @@ from msbp.ops.sparse_linear import (
     auto_keeps_sparse,
 )
 from msbp.ops.touched_rows import rows_mask
+from msbp.ops.transient import TransientTuple
 
 
 def memory_dtype(param_dtype: torch.dtype) -> torch.dtype:
@@ -163,12 +164,12 @@ def kept_grad_buffer(weight: Tensor) -> tuple[Tensor, Tensor]:
             # one state per weight, shared with the buffers before: a graph not yet run
             # backward may still add rows through an earlier one (see remember_rows)
             st = kept[1] if kept is not None and kept[1].shape[0] == weight.shape[0] + 2 else None
-            kept = weight.__dict__[_FAST_BUFFER] = (
-                torch.zeros_like(weight), st.fill_(-1) if st is not None else state()
+            kept = weight.__dict__[_FAST_BUFFER] = TransientTuple(
+                (torch.zeros_like(weight), st.fill_(-1) if st is not None else state())
             )
         del buf
     elif kept is None:  # .grad exists: the C++ path adds into it, no buffer needed
-        kept = weight.__dict__[_FAST_BUFFER] = (weight.new_empty(0), state())
+        kept = weight.__dict__[_FAST_BUFFER] = TransientTuple((weight.new_empty(0), state()))
     return kept
 
 

@@ -31,6 +31,7 @@ from msbp.ops.touched_rows import (
     take_touched_rows,
     touched_mask,
 )
+from msbp.ops.transient import Listener
 
 # A plan for a parameter in one step: skip it (it took no part: its state and value stay), the
 # ordinary dense Adam step, or a Tensor of the rows to update.
@@ -319,7 +320,7 @@ class LazyRowAdam(Optimizer):
 
     def _tag(self, params: Iterable[Tensor]) -> None:
         """Ask the sparse layers to log the rows they write into these parameters' gradients."""
-        me = weakref.ref(self)
+        me = Listener(self)  # pickles as a listener to nobody: torch.save(model) works
         for p in params:
             setattr(p, TRACK_ROWS, me)
 

@@ -38,6 +38,7 @@ from msbp.ops.memory import (
 )
 from msbp.ops.selection import select
 from msbp.ops.touched_rows import engine_runs, log_touched_rows
+from msbp.ops.transient import TransientTuple
 
 SELECTION_CODES = {"unified": 0, "per_example": 1, "random": 2}
 NONFINITE_MARK = "msbp-nonfinite"
@@ -469,7 +470,9 @@ def prepare_grad_buffer(ctx, weight: Tensor, index: int) -> bool:
 
 def _remember_clean(weight: Tensor, buf: Tensor) -> None:
     # no row written since, at this version (see row_sparse_grad)
-    weight.__dict__[_BUFFER] = (buf, buf._version, buf.new_empty(0, dtype=torch.long))
+    weight.__dict__[_BUFFER] = TransientTuple(
+        (buf, buf._version, buf.new_empty(0, dtype=torch.long))
+    )
 
 
 def row_sparse_grad(weight: Tensor, rows: Tensor, values: Tensor) -> Tensor:
@@ -489,7 +492,7 @@ def row_sparse_grad(weight: Tensor, rows: Tensor, values: Tensor) -> Tensor:
         ):
             rows_all = torch.cat((kept[2], rows)) if kept[2].numel() else rows
         # AccumulateGrad's `grad += dW` will bump the version once
-        weight.__dict__[_BUFFER] = (grad, grad._version + 1, rows_all)
+        weight.__dict__[_BUFFER] = TransientTuple((grad, grad._version + 1, rows_all))
     # distinct ascending rows: a valid coalesced tensor, no check needed
     return torch.sparse_coo_tensor(
         rows.unsqueeze(0), values, weight.shape, is_coalesced=True, check_invariants=False
