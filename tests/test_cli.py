@@ -216,7 +216,9 @@ def test_info(capsys):
     rc, out, _ = run_cli(["info"], capsys)
     assert rc == 0 and "torch" in out and "fast_paths" in out and "mnist" in out
     rc, out, _ = run_cli(["info", "--json"], capsys)
-    assert rc == 0 and json.loads(out)["fast_paths"]["cuda"] == torch.cuda.is_available()
+    found = json.loads(out)
+    assert rc == 0 and found["fast_paths"]["cuda"] == torch.cuda.is_available()
+    assert found["threads_auto"] in (1, 2)
 
 
 def test_python_m_msbp():

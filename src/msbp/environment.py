@@ -74,17 +74,18 @@ def cpu_quota(root: str = "/sys/fs/cgroup") -> float | None:
         return None
 
 
-def auto_threads(cap: int = 2, processes: int = 1) -> int:
+def auto_threads(cap: int = 2, processes: int = 1, free: float | None = None) -> int:
     """Torch threads for a timed run: at most ``cap``, this process's share (of ``processes``
     started together) of the cores it may use (affinity, and a container's CPU limit), and no
     more than other processes leave free (OpenMP threads waiting for a core another job holds
-    made a dense MNIST step ~40x slower)."""
+    made a dense MNIST step ~40x slower). ``free``: ``free_cores()`` if already measured."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     quota = cpu_quota()
     if quota is not None:  # threads beyond it are throttled like threads on a busy core
         cores = min(cores or 1, max(1, int(quota)))
     share = (cores or 1) // max(processes, 1)
-    free = free_cores()
+    if free is None:
+        free = free_cores()
     if free is not None:
         share = min(share, int(free + 0.5) // max(processes, 1))
     return max(1, min(cap, share))
@@ -144,6 +145,10 @@ def info() -> dict[str, Any]:
         "environment": environment("cuda" if cuda else "cpu"),
         "executable": sys.executable,
         "interop_threads": torch.get_num_interop_threads(),
+        # what `--threads auto` would take now, and the cores other jobs left idle just now
+        "threads_auto": auto_threads(free=(free := free_cores())),
+        "free_cores": None if free is None else round(free, 1),
+        "cpu_quota": cpu_quota(),
         "devices": ["cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())] if cuda
         else ["cpu"],
         "fast_paths": {
