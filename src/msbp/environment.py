@@ -7,6 +7,7 @@ import importlib.util
 import os
 import platform
 import sys
+import time
 from typing import Any
 
 import torch
@@ -41,12 +42,15 @@ def _cpu_times(cpus: set[int]) -> tuple[int, int] | None:
     return (idle, total) if total > 0 else None
 
 
+def _own_cpus() -> set[int]:
+    """The CPUs this process may run on (empty where the platform does not say)."""
+    return set(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else set()
+
+
 def free_cores(window: float = 0.3) -> float | None:
     """How many of this process's cores other processes left idle over the next ``window``
     seconds (this process sleeps meanwhile); None where /proc/stat cannot be read."""
-    import time
-
-    cpus = set(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else set()
+    cpus = _own_cpus()
     before = _cpu_times(cpus)
     time.sleep(window)
     after = _cpu_times(cpus)
@@ -79,11 +83,11 @@ def auto_threads(cap: int = 2, processes: int = 1, free: float | None = None) ->
     started together) of the cores it may use (affinity, and a container's CPU limit), and no
     more than other processes leave free (OpenMP threads waiting for a core another job holds
     made a dense MNIST step ~40x slower). ``free``: ``free_cores()`` if already measured."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cores = len(_own_cpus()) or os.cpu_count() or 1
     quota = cpu_quota()
     if quota is not None:  # threads beyond it are throttled like threads on a busy core
-        cores = min(cores or 1, max(1, int(quota)))
-    share = (cores or 1) // max(processes, 1)
+        cores = min(cores, max(1, int(quota)))
+    share = cores // max(processes, 1)
     if free is None:
         free = free_cores()
     if free is not None:

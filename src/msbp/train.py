@@ -203,8 +203,13 @@ def make_optimizer(
 
 def launched_world_size() -> int:
     """How many processes ``torchrun`` started for this run (``WORLD_SIZE``); 1 without it."""
+    return _env_count("WORLD_SIZE")
+
+
+def _env_count(name: str) -> int:
+    """A process count torchrun sets in the environment variable ``name``; 1 if unset or bad."""
     try:
-        return max(1, int(os.environ.get("WORLD_SIZE", "1")))
+        return max(1, int(os.environ.get(name, "1")))
     except ValueError:
         return 1
 
@@ -364,8 +369,7 @@ def setup_runtime(args: argparse.Namespace) -> None:
     """Validate ``args`` and set the torch thread count (``auto``: see ``auto_threads``)."""
     check_args(args)
     if args.threads == "auto":
-        local = os.environ.get("LOCAL_WORLD_SIZE", "1")
-        args.threads = auto_threads(2, int(local) if local.isdigit() else 1)
+        args.threads = auto_threads(2, _env_count("LOCAL_WORLD_SIZE"))
         if args.threads < 2:
             _log(args, f"--threads auto: {args.threads} (the cores free of other jobs, or this "
                  "process's share of them)")
