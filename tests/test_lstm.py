@@ -812,6 +812,29 @@ def test_reused_gradient_buffers_cleared_after_accumulation(backend):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-12, atol=1e-12, msg=name)
 
 
+def test_penalty_on_the_weights_does_not_stay_in_the_put_back_buffers(backend):
+    """An L2 penalty on the weights in the loss adds a dense gradient that autograd sums with
+    the recurrence's rows: after ``zero_grad(set_to_none=True)`` each step's gradient is that
+    step's alone (no memory and no optimizer: equal to a fresh copy's on the same batch)."""
+    torch.manual_seed(0)
+    cfg = SparseBackpropConfig(ratio=None, k=6, memory=0.0, selection="per_example")
+    lstm = SparseLSTM(4, 5, config=cfg, dtype=torch.float64)
+    gen = torch.Generator().manual_seed(3)
+
+    def loss(model, x):
+        return model(x)[0].sin().sum() + sum(0.3 * p.square().sum() for p in model.parameters())
+
+    for _ in range(3):
+        x = torch.randn(3, 2, 4, generator=gen, dtype=torch.float64)
+        fresh = copy.deepcopy(lstm)
+        fresh.zero_grad(set_to_none=True)
+        lstm.zero_grad(set_to_none=True)
+        loss(lstm, x).backward()
+        loss(fresh, x).backward()
+        for (name, p), q in zip(lstm.named_parameters(), fresh.parameters(), strict=True):
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-12, atol=1e-12, msg=name)
+
+
 def test_old_gradient_kept_after_the_forward_is_not_overwritten(backend):
     """``loss = lstm(x); old = W_hh.grad; zero_grad(set_to_none=True); loss.backward()``: the
     old .grad stays as it was and the new one is that backward's alone."""

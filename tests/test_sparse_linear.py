@@ -605,6 +605,43 @@ def test_reused_gradient_buffer_is_cleared_after_untracked_writes(backend, layou
         torch.testing.assert_close(layer.weight.grad, want, **tol(torch.float64))
 
 
+@pytest.mark.parametrize("other", ["penalty", "tie"])
+@pytest.mark.parametrize("hook", [None, "node_pre", "node_post"])
+def test_other_gradients_of_the_weight_do_not_stay_in_the_put_back_buffer(backend, other, hook):
+    """The weight also gets a dense gradient from elsewhere in the graph (an L2 penalty in the
+    loss, or weight tying with an embedding lookup), with ``zero_grad(set_to_none=True)``: each
+    step's gradient is that step's alone. Autograd sums both parts before its one add into the
+    buffer (always on the PyTorch path, natively with hooks on the AccumulateGrad node), so the
+    buffer must be cleared whole, not in the layer's rows only."""
+    cfg = make_cfg("unified", "unit", 0.5, k=2)
+    layer = make_layer(4, 8, cfg)
+    w = layer.weight
+    layer(randn(1, 4, gen=torch.Generator())).sum().backward()  # the AccumulateGrad node exists
+    node = torch.autograd.graph.get_gradient_edge(w).node
+    if hook == "node_pre":
+        node.register_prehook(lambda grads: None)
+    elif hook == "node_post":
+        node.register_hook(lambda grads_in, grads_out: None)
+    gen = torch.Generator().manual_seed(5)
+    for _ in range(4):
+        x, g = randn(3, 4, gen=gen), randn(3, 8, gen=gen)
+        ids = torch.randint(0, 8, (5,), generator=gen)
+        memory = layer.memory.clone()
+        layer.zero_grad(set_to_none=True)
+        loss = (layer(x) * g).sum()
+        free = w.detach().clone().requires_grad_(True)  # the dense part, by autograd
+        extra = free.square().sum() * 0.3 if other == "penalty" else (
+            torch.nn.functional.embedding(ids, free).sin().sum()
+        )
+        loss = loss + (w.square().sum() * 0.3 if other == "penalty" else (
+            torch.nn.functional.embedding(ids, w).sin().sum()
+        ))
+        loss.backward()
+        extra.backward()
+        want = ref_step(cfg, x, w, g, memory)[1] + free.grad
+        torch.testing.assert_close(w.grad, want, **tol(torch.float64))
+
+
 @pytest.mark.parametrize("zero_before", [True, False])
 def test_gradient_buffer_is_put_back_every_step(backend, zero_before):
     """``zero_grad(set_to_none=True)`` then backward, before or after the forward: the layer puts

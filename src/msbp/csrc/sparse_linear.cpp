@@ -805,7 +805,10 @@ Tensor grad_buffer(const Tensor& weight, const Tensor& kept, const Tensor& state
 // has, an in-place change), all of it is to be cleared, and stays so until grad_buffer clears it.
 // The state is the weight's, shared by every buffer it had: rows that went into a .grad other
 // than this call's buffer (another call of the layer put its buffer back first) may be in the
-// buffer the state now describes, unlisted, so all of it is to be cleared.
+// buffer the state now describes, unlisted, so all of it is to be cleared. So with route 2:
+// autograd sums every gradient of the weight before the node's one add, and the version cannot
+// tell a dense part (weight tying, a penalty on the weight in the loss) added with the rows (the
+// PyTorch path checks what the node receives; hooks on the node are rare: all of it cleared).
 void remember_rows(const Tensor& kept, const Tensor& state, const Tensor& grad, int route,
                    const int64_t* rows, int64_t r, bool dense, int64_t version_before) {
   if (route == 0) return;
@@ -817,7 +820,7 @@ void remember_rows(const Tensor& kept, const Tensor& state, const Tensor& grad, 
   const int64_t out = kept.size(0);
   const int64_t expect = kept._version() + (route == 2 || dense ? 1 : 0);
   const bool as_left = st[0] >= 0 && (st[1] == version_before || st[1] == version_before + 1);
-  if (dense || !as_left || st[0] + r > out) {
+  if (dense || route == 2 || !as_left || st[0] + r > out) {
     st[0] = -1;
   } else {
     std::memcpy(st + 2 + st[0], rows, r * sizeof(int64_t));

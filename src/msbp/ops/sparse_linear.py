@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import sys
 import warnings
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -37,8 +38,8 @@ from msbp.ops.memory import (
     store_memory_,
 )
 from msbp.ops.selection import select
-from msbp.ops.touched_rows import engine_runs, log_touched_rows
-from msbp.ops.transient import TransientTuple
+from msbp.ops.touched_rows import engine_runs, graph_task_id, log_touched_rows
+from msbp.ops.transient import TransientList, TransientTuple
 
 SELECTION_CODES = {"unified": 0, "per_example": 1, "random": 2}
 NONFINITE_MARK = "msbp-nonfinite"
@@ -475,7 +476,7 @@ def _remember_clean(weight: Tensor, buf: Tensor) -> None:
     )
 
 
-def row_sparse_grad(weight: Tensor, rows: Tensor, values: Tensor) -> Tensor:
+def row_sparse_grad(weight: Tensor, rows: Tensor, values: Tensor, node) -> Tensor:
     """dW as a coalesced sparse COO tensor: ``values`` (r, in) at the ascending ``rows`` (r,),
     remembered so that the next step can reuse ``weight.grad`` by clearing just these rows."""
     grad = weight.grad
@@ -493,10 +494,54 @@ def row_sparse_grad(weight: Tensor, rows: Tensor, values: Tensor) -> Tensor:
             rows_all = torch.cat((kept[2], rows)) if kept[2].numel() else rows
         # AccumulateGrad's `grad += dW` will bump the version once
         weight.__dict__[_BUFFER] = TransientTuple((grad, grad._version + 1, rows_all))
+        if rows_all is not None:
+            _watch_sole_rows(weight, node, rows.numel())
     # distinct ascending rows: a valid coalesced tensor, no check needed
     return torch.sparse_coo_tensor(
         rows.unsqueeze(0), values, weight.shape, is_coalesced=True, check_invariants=False
     )
+
+
+_WATCH = "_msbp_sole_rows_watch"
+
+
+def _watch_sole_rows(weight: Tensor, node, nnz: int) -> None:
+    """Check, as the weight's AccumulateGrad ``node`` runs, that what it adds is only the rows
+    sparse layers handed it in this backward pass (their row-sparse dWs, summed): autograd
+    sums every gradient of a weight before its one in-place add, so the version counter cannot
+    tell a dense part (weight tying, a penalty on the weight in the loss) from the rows, and a
+    reused buffer cleared row by row would keep that part into the next step."""
+    task = graph_task_id()
+    watch = weight.__dict__.get(_WATCH)
+    if watch is not None and watch[0] == task:
+        watch[1] += nnz  # another call of the layer in this pass: autograd sums both
+        return
+    if watch is not None:
+        watch[2].remove()  # left by a pass that stopped before the node ran
+    ref = weakref.ref(weight)
+    watch = TransientList([task, nnz, None])
+
+    def check(grad_inputs):
+        watch[2].remove()  # one pass only
+        w = ref()
+        if w is None or w.__dict__.get(_WATCH) is not watch:
+            return None
+        del w.__dict__[_WATCH]
+        grad = grad_inputs[0]
+        if watch[0] != graph_task_id() or (
+            grad is None or not grad.is_sparse or grad._nnz() != watch[1]
+        ):
+            _clear_whole_next_time(w)  # (another pass: the one that listed the rows stopped)
+        return None
+
+    watch[2] = node.register_prehook(check)
+    weight.__dict__[_WATCH] = watch
+
+
+def _clear_whole_next_time(weight: Tensor) -> None:
+    kept = weight.__dict__.get(_BUFFER)
+    if kept is not None:
+        weight.__dict__[_BUFFER] = TransientTuple((kept[0], kept[1], None))
 
 
 # --- autograd ----------------------------------------------------------------------------------
@@ -604,7 +649,9 @@ class SparseLinearFunction(torch.autograd.Function):
         else:
             dense_dw = k >= out or bool(skipped)
             log_touched_rows(weight, None if dense_dw else rows)
-            dW = row_sparse_grad(weight, rows, dW) if compact and not dense_dw else (
+            dW = row_sparse_grad(weight, rows, dW, ctx.next_functions[1][0]) if (
+                compact and not dense_dw
+            ) else (
                 _as(dW, weight.dtype)
             )
         dx = _as(dx.reshape(x_shape), ctx.x_dtype) if need_x else None
@@ -646,5 +693,5 @@ def place_weight_rows(
         return _place_rows(rows, src, weight, False)
     log_touched_rows(weight, rows)
     if grad_inplace and prepare_grad_buffer(ctx, weight, index):
-        return row_sparse_grad(weight, rows, _as(src, weight.dtype))
+        return row_sparse_grad(weight, rows, _as(src, weight.dtype), ctx.next_functions[index][0])
     return _place_rows(rows, src, weight, False)

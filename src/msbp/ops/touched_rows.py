@@ -65,7 +65,7 @@ def _accumulates(weight: Tensor) -> bool:
     # whether this backward pass runs the weight's AccumulateGrad node, i.e. writes .grad: not
     # torch.autograd.grad(..., inputs=[x]), whose rows would otherwise be stepped on a gradient
     # never written
-    if not (weight.is_leaf and weight.requires_grad) or _GRAPH_TASK_ID() < 0:
+    if not (weight.is_leaf and weight.requires_grad) or graph_task_id() < 0:
         return True  # no node of its own, or not in a backward pass (a caller's own log)
     try:
         node = torch.autograd.graph.get_gradient_edge(weight).node
@@ -83,8 +83,9 @@ def engine_runs(node) -> bool:
         return False
 
 
-# private (torch 2.x); absent: taken as inside a backward pass, the only place the layers log
-_GRAPH_TASK_ID = getattr(torch._C, "_current_graph_task_id", lambda: 0)
+#: the id of the backward pass running in this thread, -1 outside one (private in torch 2.x;
+#: absent: 0, taken as inside a backward pass, the only place the layers log)
+graph_task_id = getattr(torch._C, "_current_graph_task_id", lambda: 0)
 
 
 def fold_rows(log: list[Tensor | None]) -> Tensor | None:

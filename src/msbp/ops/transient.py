@@ -27,6 +27,15 @@ class TransientTuple(tuple):
         return (_dropped, ())
 
 
+class TransientList(list):
+    """A list of bookkeeping (a hook's handle and what it checks) that pickles as None."""
+
+    __slots__ = ()
+
+    def __reduce__(self) -> tuple:
+        return (_dropped, ())
+
+
 class Listener:
     """A weak reference to ``owner`` (called like ``weakref.ref``: the owner, or None once it
     is gone) that pickles as one to nobody."""
