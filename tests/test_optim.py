@@ -325,6 +325,59 @@ def test_unlogged_gradient_of_a_sparse_weight_takes_a_dense_step():
         opt.step()
 
 
+class _TiedLM(nn.Module):
+    """Embedding -> tanh -> head whose weight is the embedding table (a language model's tie)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = nn.Embedding(40, 8).double()
+        self.head = nn.Linear(8, 40).double()
+        self.head.weight = self.emb.weight
+
+    def forward(self, ids):
+        return self.head(torch.tanh(self.emb(ids)))
+
+
+@pytest.mark.parametrize("zero", ["optimizer", "keep_buffers", "model"])
+def test_weight_tied_to_an_embedding_steps_as_adam(zero):
+    # the embedding adds rows (its tokens') that no sparse layer logs: they must take the step
+    cfg = msbp.SparseBackpropConfig(k=3, memory=0.5)
+    a = msbp.sparsify(_TiedLM(), cfg)
+    b = copy.deepcopy(a)  # same memory, same tie; stepped by torch's Adam
+    assert a.head.weight_tied and b.head.weight_tied and b.head.weight is b.emb.weight
+    oa, ob = LazyRowAdam(a.parameters(), lr=1e-2), torch.optim.Adam(b.parameters(), lr=1e-2)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(4):
+        ids = torch.randint(0, 40, (3, 5), generator=gen)
+        weights = torch.randn(3, 5, 40, dtype=torch.float64, generator=gen)
+        for model, opt in ((a, oa), (b, ob)):
+            if zero == "model":
+                model.zero_grad()
+            else:
+                opt.zero_grad(set_to_none=zero == "optimizer")
+            (model(ids) * weights).sum().backward()
+            opt.step()
+    for (name, p), q in zip(a.named_parameters(), b.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-12, msg=name)
+
+
+def test_sparsify_marks_only_weights_tied_to_other_modules():
+    model = msbp.sparsify(_TiedLM(), msbp.SparseBackpropConfig(k=3))
+    assert "weight tied to emb (Embedding)" in model.sparsify_report.layers[0].detail
+    model.head.weight = nn.Parameter(model.emb.weight.detach().clone())  # untied
+    msbp.sparsify(model, msbp.SparseBackpropConfig(k=4))  # reconfigured: looked at again
+    assert not model.head.weight_tied and "tied" not in str(model.sparsify_report)
+    shared = nn.Sequential(nn.Linear(6, 6), nn.ReLU(), nn.Linear(6, 6))
+    shared[2].weight = shared[0].weight  # two sparse layers: both log their rows
+    msbp.sparsify(shared, msbp.SparseBackpropConfig(k=3))
+    assert not shared[0].weight_tied and not shared[2].weight_tied
+    msbp.sparsify(shared, msbp.SparseBackpropConfig(k=3), exclude="2")  # nothing changes
+    shared[2] = msbp.densify(shared[2])  # a dense layer writes the shared weight's rows now
+    msbp.sparsify(shared, msbp.SparseBackpropConfig(k=3), exclude="2")
+    assert shared[0].weight_tied
+
+
 def test_add_param_group_tracks_rows():
     model = msbp.sparsify(_mlp(), msbp.SparseBackpropConfig(k=3), exclude="2")
     opt = LazyRowAdam([model[2].weight, model[2].bias], lr=1e-2)

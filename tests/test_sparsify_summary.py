@@ -191,3 +191,26 @@ def test_gpt2_is_fully_converted():
     model(input_ids=ids).last_hidden_state.sum().backward()
     assert int((model.h[0].mlp.c_fc.weight.grad.abs().sum(0) > 0).sum()) == 2
     assert msbp.dense_state_dict(model).keys() == densify(model).state_dict().keys()
+
+
+def test_gpt2_lm_head_tied_to_the_embedding_is_stepped_whole():
+    """GPT-2's head is its input embedding (tied): the embedding's rows, which no sparse layer
+    logs, take LazyRowAdam's step too (the head counts as writing all rows)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(n_embd=16, n_layer=1, n_head=2, vocab_size=20, n_positions=8,
+                        bos_token_id=0, eos_token_id=0)
+    torch.manual_seed(0)
+    model = sparsify(GPT2LMHeadModel(config), CFG)
+    head, table = model.lm_head, model.transformer.wte.weight
+    assert head.weight is table and head.weight_tied
+    assert "weight tied to transformer.wte (Embedding)" in str(model.sparsify_report)
+    assert not model.transformer.h[0].mlp.c_fc.__dict__.get("weight_tied", False)
+    opt = msbp.optim.LazyRowAdam(model.parameters(), lr=1e-2)
+    ids = torch.tensor([[17, 18, 19]])
+    before = table.detach().clone()
+    model(input_ids=ids).logits.square().sum().backward()
+    opt.step()
+    moved = (table.detach() != before).any(1)
+    assert moved[ids.view(-1)].all()  # the embedding's rows (the head logged 2 others)
+    assert torch.equal(moved, table.grad.ne(0).any(1))  # as Adam's first step

@@ -361,6 +361,14 @@ def _sparsify(
             entries[id(module)] = LayerReport(
                 name, entries[id(module)].kind, "converted", _describe(new)
             )
+    for name, others in _mark_tied_weights(root).items():
+        for key, entry in entries.items():
+            if entry.name == name and entry.status in ("converted", "reconfigured"):
+                entries[key] = LayerReport(
+                    name, entry.kind, entry.status,
+                    f"{entry.detail}, weight tied to {', '.join(others)}: LazyRowAdam steps "
+                    "all of it",
+                )
     report = SparsifyReport(list(entries.values()))
     root.sparsify_report = report
     if hf_config is not None:
@@ -376,6 +384,32 @@ def _sparsify(
     if verbose:
         print(report)
     return root
+
+
+def _mark_tied_weights(model: nn.Module) -> dict[str, list[str]]:
+    """Set ``weight_tied`` on every ``SparseLinear`` of ``model`` whose weight is also a
+    parameter of a module that is not one (that module adds gradient rows no log names);
+    returns {sparse layer's name: the other modules' names (type)} for those tied."""
+    holders: dict[int, list[tuple[str, nn.Module]]] = {}
+    for name, module in model.named_modules():
+        for param in module._parameters.values():
+            if param is not None:
+                holders.setdefault(id(param), []).append((name, module))
+    tied: dict[str, list[str]] = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, SparseLinear):
+            continue
+        others = [
+            f"{other_name or '<root>'} ({type(other).__name__})"
+            for other_name, other in holders.get(id(module.weight), [])
+            if not isinstance(other, SparseLinear)
+        ]
+        if others:
+            module.weight_tied = True
+            tied[name] = others
+        elif "weight_tied" in module.__dict__:
+            del module.weight_tied  # back to the class default: untied
+    return tied
 
 
 def _names_of(model: nn.Module, kind: type | tuple[type, ...]) -> list[str]:

@@ -276,8 +276,11 @@ class LazyRowAdam(Optimizer):
       gradient buffers of sparse layers, so the next backward adds its k rows in place; other
       gradients are zeroed as by ``Optimizer.zero_grad``.
 
-    Assumes a sparse layer's weight receives gradient only from sparse layers (no weight tying
-    with a dense layer): rows written by anything else in the same step are ignored.
+    A weight that also gets gradient from a module that logs no rows (weight tying: a language
+    model's head and its input embedding) takes a whole step, as in ``torch.optim.Adam``: the
+    ``SparseLinear`` marked ``weight_tied`` by ``msbp.sparsify`` logs all rows. Other writes into
+    a sparse layer's weight gradient in the same step as its rows (e.g. ``p.grad.add_(...)`` by
+    hand) reach only the rows logged.
 
     Args:
         params: parameters or parameter groups, as for ``torch.optim.Adam``.
