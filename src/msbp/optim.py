@@ -280,7 +280,9 @@ class LazyRowAdam(Optimizer):
     model's head and its input embedding) takes a whole step, as in ``torch.optim.Adam``: the
     ``SparseLinear`` marked ``weight_tied`` by ``msbp.sparsify`` logs all rows. Other writes into
     a sparse layer's weight gradient in the same step as its rows (e.g. ``p.grad.add_(...)`` by
-    hand) reach only the rows logged.
+    hand, a penalty on the weight in the loss, a tie ``sparsify`` cannot see such as
+    ``F.linear(h, layer.weight.t())``) reach only the rows logged: use ``weight_decay`` for L2
+    on the rows stepped, or mark the layer ``weight_tied`` for a whole step.
 
     Args:
         params: parameters or parameter groups, as for ``torch.optim.Adam``.
