@@ -214,3 +214,41 @@ def test_gpt2_lm_head_tied_to_the_embedding_is_stepped_whole():
     moved = (table.detach() != before).any(1)
     assert moved[ids.view(-1)].all()  # the embedding's rows (the head logged 2 others)
     assert torch.equal(moved, table.grad.ne(0).any(1))  # as Adam's first step
+
+
+def test_gpt2_resize_token_embeddings_after_sparsify_trains():
+    """transformers' ``resize_token_embeddings`` on the sparsified LM re-ties a larger weight to
+    the head: its memory is refitted (the old tokens' entries kept, the new ones empty)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(n_embd=16, n_layer=1, n_head=2, vocab_size=20, n_positions=8,
+                        bos_token_id=0, eos_token_id=0)
+    torch.manual_seed(0)
+    model = sparsify(GPT2LMHeadModel(config), CFG)
+    model(input_ids=torch.tensor([[1, 2, 3]])).logits.square().sum().backward()
+    before = model.lm_head.memory.clone()
+    assert before.any()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.resize_token_embeddings(24, mean_resizing=False)
+    head = model.lm_head
+    assert isinstance(head, msbp.SparseLinear) and head.weight is model.transformer.wte.weight
+    assert head.memory.shape == (24,) and torch.equal(head.memory[:20], before)
+    assert not head.memory[20:].any()
+    model.zero_grad(set_to_none=True)
+    model(input_ids=torch.tensor([[21, 22, 23]])).logits.square().sum().backward()
+    assert head.weight.grad.shape == (24, 16)
+
+
+@pytest.mark.parametrize("layout", ["unit", "slot"])
+def test_new_weight_with_other_rows_refits_the_memory(layout):
+    layer = msbp.SparseLinear(3, 6, config=SparseBackpropConfig(ratio=None, k=2, memory=0.5,
+                                                                memory_layout=layout))
+    layer(torch.randn(4, 3)).square().sum().backward()
+    before = layer.memory.clone()
+    layer.weight = nn.Parameter(torch.randn(4, 3))  # fewer units: the first 4 kept
+    assert torch.equal(layer.memory, before[..., :4])
+    layer.weight = nn.Parameter(torch.randn(8, 3, dtype=torch.float64))  # more, another dtype
+    assert layer.memory.dtype == torch.float64 and layer.memory.shape[-1] == 8
+    assert torch.equal(layer.memory[..., :4], before[..., :4].double())
+    assert not layer.memory[..., 4:].any()

@@ -8,7 +8,7 @@ from torch import Tensor, nn
 from torch.nn.modules import module as torch_module
 
 from msbp.config import SparseBackpropConfig
-from msbp.functional import sparse_embedding_linear, sparse_linear
+from msbp.functional import memory_dtype, sparse_embedding_linear, sparse_linear
 from msbp.nn.memory import MemoryMixin
 from msbp.ops.touched_rows import log_touched_rows
 
@@ -60,6 +60,24 @@ class SparseLinear(MemoryMixin, nn.Linear):
 
     def _memory_names(self) -> list[tuple[str, str]]:
         return [("memory", "weight")]
+
+    def register_parameter(self, name: str, param: nn.Parameter | None) -> None:
+        """As ``nn.Module``'s; a new ``weight`` with another number of rows (transformers'
+        ``resize_token_embeddings`` on a sparsified language model's head) refits the memory:
+        the units it keeps by index keep what they remembered, new ones start empty."""
+        super().register_parameter(name, param)
+        memory = self.__dict__.get("memory")
+        if name != "weight" or param is None or memory is None or param.is_meta or (
+            memory.shape[-1] == param.shape[0]
+        ):
+            return
+        units = param.shape[0]
+        fitted = torch.zeros((*memory.shape[:-1], units), dtype=memory_dtype(param.dtype),
+                             device=param.device)
+        keep = min(units, memory.shape[-1])
+        if not memory.is_meta:
+            fitted[..., :keep] = memory[..., :keep]
+        self.memory = fitted
 
     def _memory_units(self) -> int:
         return self.out_features
