@@ -812,6 +812,28 @@ def test_reused_gradient_buffers_cleared_after_accumulation(backend):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-12, atol=1e-12, msg=name)
 
 
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non-reentrant", "reentrant"])
+def test_activation_checkpointing_same_as_plain(backend, reentrant):
+    """``torch.utils.checkpoint`` around the LSTM: the same gradients and memory as without
+    (the non-reentrant form allows one unpack of the saved tensors per backward)."""
+    from torch.utils.checkpoint import checkpoint
+
+    torch.manual_seed(0)
+    cfg = SparseBackpropConfig(ratio=None, k=6, memory=0.5)
+    plain = SparseLSTM(4, 5, config=cfg, dtype=torch.float64)
+    ckpt = copy.deepcopy(plain)
+    gen = torch.Generator().manual_seed(4)
+    for _ in range(2):
+        x = torch.randn(3, 2, 4, generator=gen, dtype=torch.float64)
+        xc = x.clone().requires_grad_(True)
+        plain(x)[0].sin().sum().backward()
+        checkpoint(ckpt, xc, use_reentrant=reentrant)[0].sin().sum().backward()
+    for (name, p), q in zip(plain.named_parameters(), ckpt.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-12, atol=1e-12, msg=name)
+    for (name, m), (_, n) in zip(plain.named_memories(), ckpt.named_memories(), strict=True):
+        torch.testing.assert_close(m, n, rtol=1e-12, atol=1e-12, msg=name)
+
+
 def test_penalty_on_the_weights_does_not_stay_in_the_put_back_buffers(backend):
     """An L2 penalty on the weights in the loss adds a dense gradient that autograd sums with
     the recurrence's rows: after ``zero_grad(set_to_none=True)`` each step's gradient is that

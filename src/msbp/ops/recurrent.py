@@ -152,11 +152,13 @@ def _may_overwrite_act(plan: BackwardPlan) -> bool:
     return not _keep_graph()
 
 
-def _native_backward(ctx, d_out: Tensor | None, d_hn: Tensor | None, d_cn: Tensor | None,
-                     buffer: tuple[Tensor, Tensor] | None = None):
-    """SparseLSTMRecurrence.backward as one native op (``msbp/csrc/recurrent.cpp``); ``buffer``:
-    W_hh's kept gradient buffer and state, for ``msbp::place_grad_rows_``."""
-    act, cells, tanh_c, out, h0, c0, w = ctx.saved_tensors
+def _native_backward(ctx, saved: tuple[Tensor, ...], d_out: Tensor | None, d_hn: Tensor | None,
+                     d_cn: Tensor | None, buffer: tuple[Tensor, Tensor] | None = None):
+    """SparseLSTMRecurrence.backward as one native op (``msbp/csrc/recurrent.cpp``); ``saved``:
+    ``ctx.saved_tensors``, unpacked once by the caller (``checkpoint(use_reentrant=False)``
+    allows one unpack per backward); ``buffer``: W_hh's kept gradient buffer and state, for
+    ``msbp::place_grad_rows_``."""
+    act, cells, tanh_c, out, h0, c0, w = saved
     plan: BackwardPlan = ctx.plan
     memory: Tensor | None = ctx.memory
     gx_dtype, h0_dtype, c0_dtype, b_dtype = ctx.dtypes
@@ -273,7 +275,8 @@ class SparseLSTMRecurrence(torch.autograd.Function):
                 "retain_graph=True (it wrote the gate gradients over its saved activations); "
                 "run the forward pass again"
             )
-        act, cells, tanh_c, out, h0, c0, w = ctx.saved_tensors
+        saved = ctx.saved_tensors
+        act, cells, tanh_c, out, h0, c0, w = saved
         plan: BackwardPlan = ctx.plan
         memory: Tensor | None = ctx.memory
         # the graph outlives this backward: it must not keep the buffer, or the next step sees
@@ -282,7 +285,7 @@ class SparseLSTMRecurrence(torch.autograd.Function):
         # under msbp.amp.GradScaler: the memory kept unscaled (the Python loop scales it)
         ctx.scale = None if torch.compiler.is_compiling() else scaling.current_scale()
         if ctx.scale is None and _native_fits(act, memory, plan):
-            return _native_backward(ctx, d_out, d_hn, d_cn, buffer)
+            return _native_backward(ctx, saved, d_out, d_hn, d_cn, buffer)
         if ctx.scale is not None and memory is not None and plan.alpha > 0:
             scaling.snapshot(memory)
         gx_dtype, h0_dtype, c0_dtype, b_dtype = ctx.dtypes
