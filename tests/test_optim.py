@@ -339,12 +339,15 @@ class _TiedLM(nn.Module):
         return self.head(torch.tanh(self.emb(ids)))
 
 
-@pytest.mark.parametrize("zero", ["optimizer", "keep_buffers", "model"])
-def test_weight_tied_to_an_embedding_steps_as_adam(zero):
+@pytest.mark.parametrize("zero", ["optimizer", "keep_buffers", "model", "after_forward"])
+@pytest.mark.parametrize("copied", [False, True], ids=["sparsified", "deepcopy"])
+def test_weight_tied_to_an_embedding_steps_as_adam(zero, copied):
     # the embedding adds rows (its tokens') that no sparse layer logs: they must take the step
     cfg = msbp.SparseBackpropConfig(k=3, memory=0.5)
     a = msbp.sparsify(_TiedLM(), cfg)
     b = copy.deepcopy(a)  # same memory, same tie; stepped by torch's Adam
+    if copied:  # the copy's Parameters lost msbp's marks: its forward puts them back
+        a, b = b, a
     assert a.head.weight_tied and b.head.weight_tied and b.head.weight is b.emb.weight
     oa, ob = LazyRowAdam(a.parameters(), lr=1e-2), torch.optim.Adam(b.parameters(), lr=1e-2)
     gen = torch.Generator().manual_seed(1)
@@ -354,9 +357,12 @@ def test_weight_tied_to_an_embedding_steps_as_adam(zero):
         for model, opt in ((a, oa), (b, ob)):
             if zero == "model":
                 model.zero_grad()
-            else:
+            elif zero != "after_forward":
                 opt.zero_grad(set_to_none=zero == "optimizer")
-            (model(ids) * weights).sum().backward()
+            loss = (model(ids) * weights).sum()
+            if zero == "after_forward":  # the forward's log must reach the step
+                opt.zero_grad()
+            loss.backward()
             opt.step()
     for (name, p), q in zip(a.named_parameters(), b.parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-12, msg=name)
@@ -376,6 +382,58 @@ def test_sparsify_marks_only_weights_tied_to_other_modules():
     shared[2] = msbp.densify(shared[2])  # a dense layer writes the shared weight's rows now
     msbp.sparsify(shared, msbp.SparseBackpropConfig(k=3), exclude="2")
     assert shared[0].weight_tied
+
+
+@pytest.mark.parametrize("order", ["penalty_first", "penalty_last"])
+@pytest.mark.parametrize("kind", ["linear", "lstm"])
+def test_zero_grad_clears_other_gradients_of_a_sparse_weight(kind, order):
+    """A penalty on the weights in the loss adds a dense gradient beside the layers' rows:
+    ``zero_grad`` must clear it with them (it clears only the rows written where the layers'
+    records show nothing else went in), so that each later gradient is that step's alone."""
+    torch.manual_seed(0)
+    cfg = msbp.SparseBackpropConfig(k=3, memory=0.5)
+    if kind == "linear":
+        model = msbp.sparsify(_mlp(), cfg, exclude="2")
+        batches = [torch.randn(4, 6, dtype=torch.float64) for _ in range(4)]
+    else:
+        model = msbp.sparsify(nn.LSTM(4, 5).double(), cfg)
+        batches = [torch.randn(3, 2, 4, dtype=torch.float64) for _ in range(4)]
+
+    def loss_of(m, x, penalty):
+        out = m(x)[0] if kind == "lstm" else m(x)
+        weights = [p for p in m.parameters() if p.dim() == 2]
+        extra = sum(w.square().sum() for w in weights) if penalty else 0.0
+        if order == "penalty_first":  # its backward runs last: added before or after the rows
+            return extra + out.sin().sum()
+        return out.sin().sum() + extra
+
+    opt = LazyRowAdam(model.parameters(), lr=0.0)  # lr 0: only the gradients are compared
+    for step, x in enumerate(batches):
+        opt.zero_grad()
+        fresh = copy.deepcopy(model)
+        loss_of(model, x, step % 2 == 0).backward()
+        loss_of(fresh, x, step % 2 == 0).backward()
+        for (name, p), q in zip(model.named_parameters(), fresh.parameters(), strict=True):
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-12, atol=1e-12, msg=name)
+        opt.step()
+
+
+def test_zero_grad_between_backward_and_step_takes_an_all_rows_log():
+    """k = out logs "all rows" (None): a backward whose gradient is discarded by ``zero_grad``
+    before the step leaves nothing behind, and the next step is Adam's."""
+    a = msbp.sparsify(_mlp(), msbp.SparseBackpropConfig(k=10), exclude="2")
+    b = _mlp()
+    oa, ob = LazyRowAdam(a.parameters(), lr=1e-2), torch.optim.Adam(b.parameters(), lr=1e-2)
+    x = torch.randn(4, 6, dtype=torch.float64)
+    a(x * 3).square().sum().backward()
+    oa.zero_grad()  # discarded
+    assert not a[0].weight.grad.any()
+    for model, opt in ((a, oa), (b, ob)):
+        opt.zero_grad()
+        model(x).square().sum().backward()
+        opt.step()
+    for p, q in zip(a.parameters(), b.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-12)
 
 
 def test_add_param_group_tracks_rows():

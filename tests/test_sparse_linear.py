@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import weakref
 
 import pytest
@@ -640,6 +641,29 @@ def test_other_gradients_of_the_weight_do_not_stay_in_the_put_back_buffer(backen
         extra.backward()
         want = ref_step(cfg, x, w, g, memory)[1] + free.grad
         torch.testing.assert_close(w.grad, want, **tol(torch.float64))
+
+
+def test_two_calls_and_a_sparse_gradient_from_elsewhere_leave_nothing_behind(backend):
+    """The layer twice in one graph, both calls keeping the same units (autograd merges their
+    row-sparse dWs into the union of their rows), and a sparse embedding lookup of the weight
+    adding as many other rows as the calls share: each step's gradient is that step's alone."""
+    layer = make_layer(3, 5, make_cfg("unified", "unit", 0.0, k=2), bias=False)
+    x = randn(2, 3, gen=torch.Generator().manual_seed(0))
+    g = torch.tensor([[5.0, 4.0, 0.1, 0.1, 0.1]] * 2, dtype=torch.float64)  # units 0 and 1
+
+    def loss_of(model, lookup):
+        loss = (model(x) * g).sum() + (model(x) * g).sum()
+        if lookup:  # rows 3 and 4: as many entries as the two calls share
+            ids = torch.tensor([3, 4])
+            loss = loss + nn.functional.embedding(ids, model.weight, sparse=True).sum()
+        return loss
+
+    for lookup in (True, False):
+        layer.zero_grad(set_to_none=True)
+        fresh = copy.deepcopy(layer)
+        loss_of(layer, lookup).backward()
+        loss_of(fresh, lookup).backward()
+        torch.testing.assert_close(layer.weight.grad, fresh.weight.grad, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("zero_before", [True, False])

@@ -23,6 +23,7 @@ from msbp.nn.linear import SparseLinear
 from msbp.nn.lstm import SparseLSTM
 from msbp.nn.memory import MemoryMixin
 from msbp.ops.sparse_conv import PER_EXAMPLE_ERROR
+from msbp.ops.touched_rows import WEIGHT_TIED
 
 Pattern = str | re.Pattern[str]
 Filter = Pattern | Iterable[Pattern] | Callable[[str, nn.Module], bool] | None
@@ -406,9 +407,11 @@ def _mark_tied_weights(model: nn.Module) -> dict[str, list[str]]:
         ]
         if others:
             module.weight_tied = True
+            module._mark_tied()
             tied[name] = others
         elif "weight_tied" in module.__dict__:
             del module.weight_tied  # back to the class default: untied
+            module.weight.__dict__.pop(WEIGHT_TIED, None)
     return tied
 
 

@@ -6,6 +6,7 @@ import functools
 import sys
 from collections.abc import Callable
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -21,6 +22,8 @@ from msbp.ops.sparse_linear import (
     BackwardPlan,
     SparseLinearFunction,
     auto_keeps_sparse,
+    buffer_rows_listed,
+    record_buffer_clean,
 )
 from msbp.ops.touched_rows import rows_mask
 from msbp.ops.transient import TransientTuple
@@ -144,15 +147,20 @@ def _dense_twin(config: SparseBackpropConfig) -> SparseBackpropConfig:
 _FAST_BUFFER = "_msbp_kept_grad_buffer"
 
 
-def kept_grad_buffer(weight: Tensor) -> tuple[Tensor, Tensor]:
-    """``(buffer, state)`` for ``msbp::sparse_linear_fast`` and ``msbp::place_grad_rows_``: the
-    gradient buffer the C++ path puts back as ``.grad`` when that is None (an empty tensor:
-    none), and its int64 state (out + 2,) [rows written (-1: unknown), the buffer's version
-    after that, the rows...]. Callers must not hold the buffer past their backward."""
-    state = lambda: torch.full((weight.shape[0] + 2,), -1, dtype=torch.long)  # noqa: E731
+def kept_grad_buffer(weight: Tensor) -> tuple[Tensor, Tensor, np.ndarray]:
+    """``(buffer, state, state.numpy())`` for ``msbp::sparse_linear_fast`` and
+    ``msbp::place_grad_rows_``: the gradient buffer the C++ path puts back as ``.grad`` when that
+    is None (an empty tensor: none), and its int64 state (out + 2,) [rows written (-1: unknown),
+    the buffer's version after that, the rows...], with a NumPy view of it for cheap reads.
+    Callers must not hold the buffer past their backward."""
+
+    def state() -> tuple[Tensor, np.ndarray]:
+        st = torch.full((weight.shape[0] + 2,), -1, dtype=torch.long)
+        return st, st.numpy()
+
     if not (weight.is_leaf and weight.requires_grad):
         # no .grad of its own (a view such as attention's in_proj slices): autograd gets dW
-        return weight.new_empty(0), state()
+        return TransientTuple((weight.new_empty(0), *state()))
     kept = weight.__dict__.get(_FAST_BUFFER)
     if weight.grad is None:
         # put back last step's buffer if nobody else holds it (references: the dict's tuple,
@@ -163,14 +171,42 @@ def kept_grad_buffer(weight: Tensor) -> tuple[Tensor, Tensor]:
         ):
             # one state per weight, shared with the buffers before: a graph not yet run
             # backward may still add rows through an earlier one (see remember_rows)
-            st = kept[1] if kept is not None and kept[1].shape[0] == weight.shape[0] + 2 else None
-            kept = weight.__dict__[_FAST_BUFFER] = TransientTuple(
-                (torch.zeros_like(weight), st.fill_(-1) if st is not None else state())
-            )
+            if kept is not None and kept[1].shape[0] == weight.shape[0] + 2:
+                kept[1].fill_(-1)
+                st = kept[1:]
+            else:
+                st = state()
+            kept = weight.__dict__[_FAST_BUFFER] = TransientTuple((torch.zeros_like(weight), *st))
         del buf
     elif kept is None:  # .grad exists: the C++ path adds into it, no buffer needed
-        kept = weight.__dict__[_FAST_BUFFER] = TransientTuple((weight.new_empty(0), state()))
+        kept = weight.__dict__[_FAST_BUFFER] = TransientTuple((weight.new_empty(0), *state()))
     return kept
+
+
+def grad_rows_listed(weight: Tensor, grad: Tensor) -> bool:
+    """Whether all that went into ``grad`` (``weight``'s gradient) since it was last recorded
+    clean were rows the sparse layers listed, by their records (either backend's): False where
+    anything else may have written into it (a gradient autograd summed with the rows, an
+    in-place change, a write the layers never saw) or nobody kept a record."""
+    kept = weight.__dict__.get(_FAST_BUFFER)
+    if kept is not None and kept[0] is grad:
+        view = kept[2]
+        if view[0] >= 0 and view[1] == grad._version:
+            return True
+    return buffer_rows_listed(weight, grad)
+
+
+def record_grad_clean(weight: Tensor, grad: Tensor) -> None:
+    """Record ``grad``, just zeroed and kept as ``weight``'s ``.grad`` (``LazyRowAdam``), as
+    holding no rows at its version, for both backends: the rows the layers add next are listed
+    from here, and it is the buffer they put back."""
+    kept = weight.__dict__.get(_FAST_BUFFER)
+    if kept is not None and kept[1].shape[0] == weight.shape[0] + 2:
+        if kept[0] is not grad:
+            kept = weight.__dict__[_FAST_BUFFER] = TransientTuple((grad, kept[1], kept[2]))
+        kept[2][0] = 0
+        kept[2][1] = grad._version
+    record_buffer_clean(weight, grad)
 
 
 _DIST = dist.is_available()

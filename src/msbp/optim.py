@@ -23,10 +23,12 @@ from torch.optim import Optimizer
 from torch.optim.adam import adam as adam_functional
 
 from msbp import native
+from msbp.functional import grad_rows_listed, record_grad_clean
 from msbp.ops.touched_rows import (
     ROWS_LOG,
     ROWS_MASK,
     TRACK_ROWS,
+    WEIGHT_TIED,
     fold_rows,
     take_touched_rows,
     touched_mask,
@@ -228,6 +230,12 @@ class _Track:
             self.rows.append(rows)
 
 
+def _taken_log(p: Tensor) -> list[Tensor | None]:
+    """``p``'s log of touched rows, taken; all rows for a weight another module also writes."""
+    log = take_touched_rows(p)
+    return [None] if WEIGHT_TIED in p.__dict__ else log
+
+
 def _zero_whole(p: Tensor, grad: Tensor, set_to_none: bool) -> None:
     """What ``Optimizer.zero_grad`` does to one gradient."""
     if set_to_none:
@@ -273,16 +281,18 @@ class LazyRowAdam(Optimizer):
       row mask per step, so that every replica makes the same update of the averaged gradient.
       Set ``sync_rows=False`` if gradients are not all-reduced (independent models per process).
     - ``zero_grad`` zeroes only the rows written since the last ``zero_grad`` and keeps the
-      gradient buffers of sparse layers, so the next backward adds its k rows in place; other
-      gradients are zeroed as by ``Optimizer.zero_grad``.
+      gradient buffers of sparse layers, so the next backward adds its k rows in place; all of
+      such a gradient where the layers' records show that something else went into it too (a
+      penalty on the weight in the loss, an in-place change); other gradients are zeroed as by
+      ``Optimizer.zero_grad``.
 
     A weight that also gets gradient from a module that logs no rows (weight tying: a language
-    model's head and its input embedding) takes a whole step, as in ``torch.optim.Adam``: the
-    ``SparseLinear`` marked ``weight_tied`` by ``msbp.sparsify`` logs all rows. Other writes into
-    a sparse layer's weight gradient in the same step as its rows (e.g. ``p.grad.add_(...)`` by
-    hand, a penalty on the weight in the loss, a tie ``sparsify`` cannot see such as
-    ``F.linear(h, layer.weight.t())``) reach only the rows logged: use ``weight_decay`` for L2
-    on the rows stepped, or mark the layer ``weight_tied`` for a whole step.
+    model's head and its input embedding) is stepped and zeroed whole, as by
+    ``torch.optim.Adam``: ``msbp.sparsify`` marks such a ``SparseLinear`` ``weight_tied``. Other
+    gradients of a sparse layer's weight that come with its rows (a penalty on the weight in the
+    loss, a tie ``sparsify`` cannot see such as ``F.linear(h, layer.weight.t())``, a
+    ``p.grad.add_(...)`` by hand) reach the step only in the rows logged: use ``weight_decay``
+    for L2 on the rows stepped, or set ``layer.weight_tied = True`` for whole steps.
 
     Args:
         params: parameters or parameter groups, as for ``torch.optim.Adam``.
@@ -381,6 +391,8 @@ class LazyRowAdam(Optimizer):
 
     def _plan_local(self, p: Tensor, grad: Tensor, state: dict, log: list) -> str | Tensor:
         """What ``p`` does in this step, from this process's log alone."""
+        if WEIGHT_TIED in p.__dict__:
+            return _DENSE
         if log:
             state["row_sparse"] = True
             rows = fold_rows(log)
@@ -450,7 +462,7 @@ class LazyRowAdam(Optimizer):
             sync = self._sync_group() if _DIST and dist.is_initialized() else None
             if sync is not None:
                 params = [p for group in self.param_groups for p in group["params"]]
-                logs = [take_touched_rows(p) for p in params]
+                logs = [_taken_log(p) for p in params]
                 plans = iter(self._plan_synced(params, logs, sync))
             native_cpu = native.use_native()
             for group in self.param_groups:
@@ -516,6 +528,11 @@ class LazyRowAdam(Optimizer):
             state = all_state.get(p)
             if state is None or "step" not in state:
                 state = self._state(p)
+            if WEIGHT_TIED in own:  # another module writes rows no log names: a whole step
+                if mask is not None:
+                    mask.zero_()
+                self._route(p, grad, state, _DENSE, rest, True)
+                continue
             if mask is None:
                 if state.get("row_sparse") or p.is_complex():
                     self._route(p, grad, state, self._plan_local(p, grad, state, []), rest, True)
@@ -603,6 +620,17 @@ class LazyRowAdam(Optimizer):
                 grad = p.grad
                 state = all_state.get(p)
                 row_sparse = state is not None and state.get("row_sparse", False)
+                if WEIGHT_TIED in p.__dict__:  # zeroed whole, as it was stepped whole
+                    if mask is not None:
+                        mask.zero_()
+                    track = self._tracks.get(id(p))
+                    if track is not None:
+                        track.rows = []
+                        if track.marked:
+                            track.taken()
+                    if grad is not None:
+                        _zero_whole(p, grad, set_to_none)
+                    continue
                 if mask is None and not pending and not row_sparse:
                     if grad is not None:
                         _zero_whole(p, grad, set_to_none)
@@ -616,28 +644,30 @@ class LazyRowAdam(Optimizer):
                     if mask is not None:
                         mask.zero_()
                     continue
+                # asked before any clearing: whether only the rows the layers listed went in
+                listed = grad_rows_listed(p, grad)
                 if mask is not None and not track.rows:
                     z_grads.append(grad)
                     z_dirty.append(track.dirty if track.marked else _NO_ROWS)
                     z_pending.append(mask)
-                    z_seen.append((p, grad, track, track.unchanged(grad), row_sparse, mask))
+                    z_seen.append((p, grad, track, listed, row_sparse, mask))
                     continue
                 if mask is not None:  # rows listed by another path too: all go that way
                     pending = [mask.nonzero().view(-1)]
                     mask.zero_()
-                if any(rows.numel() for rows in pending):
+                if any(rows is None or rows.numel() for rows in pending):
                     self._mark_row_sparse(p)
-                self._zero_rows(grad, track, pending, track.unchanged(grad))
+                self._zero_rows(p, grad, track, pending, listed)
         if not z_grads:
             return
         counts = native.eager_ops().zero_masked_rows_(z_grads, z_dirty, z_pending)
-        for (p, grad, track, unchanged, row_sparse, mask), count in zip(
+        for (p, grad, track, listed, row_sparse, mask), count in zip(
             z_seen, counts, strict=True
         ):
             if count < 0:  # tensors the kernel does not take: the PyTorch path
                 rows = mask.nonzero().view(-1)
                 mask.zero_()
-                self._zero_rows(grad, track, [rows] if rows.numel() else [], unchanged)
+                self._zero_rows(p, grad, track, [rows] if rows.numel() else [], listed)
                 continue
             track.marked = False
             if count > 0:
@@ -645,8 +675,9 @@ class LazyRowAdam(Optimizer):
             if count == 0 and not row_sparse:
                 _zero_whole(p, grad, set_to_none)  # a mask, but nothing sparse about it yet
             else:
-                if count == 0 and not unchanged:
-                    grad.zero_()  # written by something that logs no rows: clear all of it
+                if not listed:
+                    grad.zero_()  # something else wrote into it too: clear all of it
+                record_grad_clean(p, grad)
                 track.look(grad)
 
     def _mark_row_sparse(self, p: Tensor) -> None:
@@ -655,21 +686,24 @@ class LazyRowAdam(Optimizer):
         log of a backward whose step did not come)."""
         self.state[p]["row_sparse"] = True
 
-    def _zero_rows(self, grad: Tensor, track: _Track, pending: list, unchanged: bool) -> None:
-        """zero_grad of a sparse layer's weight from its log ``pending`` (the PyTorch path)."""
+    def _zero_rows(self, p: Tensor, grad: Tensor, track: _Track, pending: list,
+                   listed: bool) -> None:
+        """zero_grad of a sparse layer's weight from its log ``pending`` (the PyTorch path);
+        ``listed``: only rows the layers listed went into ``grad`` (``grad_rows_listed``)."""
         if track.marked:
             track.dirty_mask(grad)  # one of another shape or device: its rows listed
             if track.marked:
                 track.stepped(track.taken())
         written, track.rows = track.rows + pending, []
-        if not pending and not unchanged:
-            grad.zero_()  # written by something that logs no rows: clear all of it
+        if not listed:
+            grad.zero_()  # something else wrote into it too: clear all of it
         elif written:
             rows = fold_rows(written)
             if rows is None:
                 grad.zero_()
             else:
                 grad.index_fill_(0, rows.to(grad.device), 0)
+        record_grad_clean(p, grad)
         track.look(grad)
 
 

@@ -10,7 +10,7 @@ from torch.nn.modules import module as torch_module
 from msbp.config import SparseBackpropConfig
 from msbp.functional import memory_dtype, sparse_embedding_linear, sparse_linear
 from msbp.nn.memory import MemoryMixin
-from msbp.ops.touched_rows import log_touched_rows
+from msbp.ops.touched_rows import WEIGHT_TIED
 
 
 class SparseLinear(MemoryMixin, nn.Linear):
@@ -35,9 +35,9 @@ class SparseLinear(MemoryMixin, nn.Linear):
     dense_mode: bool = False
     #: set by ``msbp.sparsify`` where the weight is also a parameter of a module that is not a
     #: ``SparseLinear`` (weight tying, e.g. a language model's head and its input embedding):
-    #: its gradient then has rows written by that module too, which no log names, so every call
-    #: of this layer counts as writing all rows for ``LazyRowAdam`` (which then steps the weight
-    #: as ``torch.optim.Adam`` does). Set it by hand for a tie made after ``sparsify``.
+    #: its gradient then has rows written by that module too, which no log names, so the layer
+    #: marks its weight for ``LazyRowAdam`` to step and zero whole, as ``torch.optim.Adam`` and
+    #: ``Optimizer.zero_grad`` do. Set it by hand for a tie made after ``sparsify``.
     weight_tied: bool = False
 
     def __init__(
@@ -86,7 +86,7 @@ class SparseLinear(MemoryMixin, nn.Linear):
         if self.dense_mode:
             return F.linear(x, self.weight, self.bias)
         if self.weight_tied:
-            self._log_all_rows()
+            self._mark_tied()
         memory = self.memory if self.config.memory > 0 else None
         return sparse_linear(
             x, self.weight, self.bias, memory, config=self.config,
@@ -101,18 +101,18 @@ class SparseLinear(MemoryMixin, nn.Linear):
         if self.dense_mode or self._has_hooks():
             return self(F.embedding(ids, table).flatten(-2))
         if self.weight_tied:
-            self._log_all_rows()
+            self._mark_tied()
         memory = self.memory if self.config.memory > 0 else None
         return sparse_embedding_linear(
             ids, table, self.weight, self.bias, memory, config=self.config,
             generator=self.generator, name=self.name, probe=self.probe,
         )
 
-    def _log_all_rows(self) -> None:
-        # the other module logs none of the rows it writes: any row may be written
-        if (torch.is_grad_enabled() and self.weight.requires_grad
-                and not torch.compiler.is_compiling()):
-            log_touched_rows(self.weight, None)
+    def _mark_tied(self) -> None:
+        # on the Parameter, where the optimizer looks (again at every call: a deepcopy of the
+        # model copies this attribute, not the Parameter's __dict__)
+        if not torch.compiler.is_compiling():
+            self.weight.__dict__[WEIGHT_TIED] = True
 
     def _has_hooks(self) -> bool:
         return bool(

@@ -195,7 +195,7 @@ def _native_backward(ctx, saved: tuple[Tensor, ...], d_out: Tensor | None, d_hn:
             d_w = _as(dw, ctx.weight.dtype)
         elif buffer is not None and plan.grad_inplace and not torch.compiler.is_compiling() and (
             native.eager_ops().place_grad_rows_(
-                ctx.weight, *buffer, cols, _as(dw, ctx.weight.dtype)
+                ctx.weight, buffer[0], buffer[1], cols, _as(dw, ctx.weight.dtype)
             ) == 1
         ):  # the rows went straight into .grad: no dW for autograd
             log_touched_rows(ctx.weight, cols)

@@ -461,16 +461,26 @@ def prepare_grad_buffer(ctx, weight: Tensor, index: int) -> bool:
                 buf.index_fill_(0, rows, 0)
             else:
                 buf.zero_()
-            _remember_clean(weight, buf)
+            record_buffer_clean(weight, buf)
             weight.grad = buf
             return True
     weight.grad = torch.zeros_like(weight, memory_format=torch.contiguous_format)
-    _remember_clean(weight, weight.grad)
+    record_buffer_clean(weight, weight.grad)
     return True
 
 
-def _remember_clean(weight: Tensor, buf: Tensor) -> None:
-    # no row written since, at this version (see row_sparse_grad)
+def buffer_rows_listed(weight: Tensor, grad: Tensor) -> bool:
+    """Whether, by this path's record, only the rows it lists went into ``grad`` since the
+    record was clean (see ``msbp.functional.grad_rows_listed``)."""
+    kept = weight.__dict__.get(_BUFFER)
+    return kept is not None and kept[0] is grad and kept[2] is not None and (
+        kept[1] == grad._version
+    )
+
+
+def record_buffer_clean(weight: Tensor, buf: Tensor) -> None:
+    """Record ``buf`` (zeroed, ``weight``'s ``.grad``) as the buffer with no row written since,
+    at its version (see ``row_sparse_grad``)."""
     weight.__dict__[_BUFFER] = TransientTuple(
         (buf, buf._version, buf.new_empty(0, dtype=torch.long))
     )
@@ -495,7 +505,7 @@ def row_sparse_grad(weight: Tensor, rows: Tensor, values: Tensor, node) -> Tenso
         # AccumulateGrad's `grad += dW` will bump the version once
         weight.__dict__[_BUFFER] = TransientTuple((grad, grad._version + 1, rows_all))
         if rows_all is not None:
-            _watch_sole_rows(weight, node, rows.numel())
+            _watch_sole_rows(weight, node, rows)
     # distinct ascending rows: a valid coalesced tensor, no check needed
     return torch.sparse_coo_tensor(
         rows.unsqueeze(0), values, weight.shape, is_coalesced=True, check_invariants=False
@@ -505,7 +515,7 @@ def row_sparse_grad(weight: Tensor, rows: Tensor, values: Tensor, node) -> Tenso
 _WATCH = "_msbp_sole_rows_watch"
 
 
-def _watch_sole_rows(weight: Tensor, node, nnz: int) -> None:
+def _watch_sole_rows(weight: Tensor, node, rows: Tensor) -> None:
     """Check, as the weight's AccumulateGrad ``node`` runs, that what it adds is only the rows
     sparse layers handed it in this backward pass (their row-sparse dWs, summed): autograd
     sums every gradient of a weight before its one in-place add, so the version counter cannot
@@ -514,12 +524,12 @@ def _watch_sole_rows(weight: Tensor, node, nnz: int) -> None:
     task = graph_task_id()
     watch = weight.__dict__.get(_WATCH)
     if watch is not None and watch[0] == task:
-        watch[1] += nnz  # another call of the layer in this pass: autograd sums both
+        watch[1].append(rows)  # another call of the layer in this pass: autograd sums both
         return
     if watch is not None:
         watch[2].remove()  # left by a pass that stopped before the node ran
     ref = weakref.ref(weight)
-    watch = TransientList([task, nnz, None])
+    watch = TransientList([task, [rows], None])
 
     def check(grad_inputs):
         watch[2].remove()  # one pass only
@@ -527,15 +537,27 @@ def _watch_sole_rows(weight: Tensor, node, nnz: int) -> None:
         if w is None or w.__dict__.get(_WATCH) is not watch:
             return None
         del w.__dict__[_WATCH]
-        grad = grad_inputs[0]
-        if watch[0] != graph_task_id() or (
-            grad is None or not grad.is_sparse or grad._nnz() != watch[1]
-        ):
+        if watch[0] != graph_task_id() or not _only_rows(grad_inputs[0], watch[1]):
             _clear_whole_next_time(w)  # (another pass: the one that listed the rows stopped)
         return None
 
     watch[2] = node.register_prehook(check)
     weight.__dict__[_WATCH] = watch
+
+
+def _only_rows(grad: Tensor | None, rows: list[Tensor]) -> bool:
+    """Whether ``grad``, what AccumulateGrad received, holds entries in ``rows`` only (each the
+    distinct rows of one coalesced dW this pass handed it). One dW: it is that dW exactly iff
+    its entries are as many (anything summed in adds entries or makes it dense). Several:
+    autograd may merge them, so their entries are matched against the rows (a host read,
+    taken on the CPU only: elsewhere the buffer is cleared whole)."""
+    if grad is None or not grad.is_sparse:
+        return False
+    if len(rows) == 1:
+        return grad._nnz() == rows[0].numel()
+    if grad.device.type != "cpu":
+        return False
+    return bool(torch.isin(grad._indices()[0], torch.cat(rows)).all())
 
 
 def _clear_whole_next_time(weight: Tensor) -> None:

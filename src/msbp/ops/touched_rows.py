@@ -24,6 +24,10 @@ ROWS_LOG = "_msbp_rows"
 #: the C++ fast path of SparseLinear marks (it cannot append to a Python list)
 ROWS_MASK = "_msbp_row_mask"
 
+#: attribute on a Parameter: another module that logs no rows also writes its gradient (weight
+#: tying; set by ``SparseLinear`` with ``weight_tied``): a row-sparse optimizer steps it whole
+WEIGHT_TIED = "_msbp_weight_tied"
+
 # Entries kept before the log is folded into one: bounds its size if nobody takes it for a
 # while (e.g. many backward passes between two steps).
 _FOLD_AT = 64
