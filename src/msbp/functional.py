@@ -201,12 +201,13 @@ def record_grad_clean(weight: Tensor, grad: Tensor) -> None:
     holding no rows at its version, for both backends: the rows the layers add next are listed
     from here, and it is the buffer they put back."""
     kept = weight.__dict__.get(_FAST_BUFFER)
-    if kept is not None and kept[1].shape[0] == weight.shape[0] + 2:
+    if kept is not None and len(kept[2]) == weight.shape[0] + 2:
         if kept[0] is not grad:
             kept = weight.__dict__[_FAST_BUFFER] = TransientTuple((grad, kept[1], kept[2]))
-        kept[2][0] = 0
-        kept[2][1] = grad._version
-    record_buffer_clean(weight, grad)
+        view = kept[2]
+        view[0] = 0
+        view[1] = grad._version
+    record_buffer_clean(weight, grad, if_recorded=True)
 
 
 _DIST = dist.is_available()

@@ -17,6 +17,7 @@ against besides the reference).
 
 from __future__ import annotations
 
+import functools
 import sys
 import warnings
 import weakref
@@ -478,12 +479,19 @@ def buffer_rows_listed(weight: Tensor, grad: Tensor) -> bool:
     )
 
 
-def record_buffer_clean(weight: Tensor, buf: Tensor) -> None:
+def record_buffer_clean(weight: Tensor, buf: Tensor, *, if_recorded: bool = False) -> None:
     """Record ``buf`` (zeroed, ``weight``'s ``.grad``) as the buffer with no row written since,
-    at its version (see ``row_sparse_grad``)."""
-    weight.__dict__[_BUFFER] = TransientTuple(
-        (buf, buf._version, buf.new_empty(0, dtype=torch.long))
-    )
+    at its version (see ``row_sparse_grad``); with ``if_recorded``, only where this path keeps
+    a record for ``weight`` already."""
+    if if_recorded and _BUFFER not in weight.__dict__:
+        return
+    weight.__dict__[_BUFFER] = TransientTuple((buf, buf._version, _no_rows(buf.device)))
+
+
+@functools.cache
+def _no_rows(device: torch.device) -> Tensor:
+    # one empty row list per device, shared: records only read it
+    return torch.empty(0, dtype=torch.long, device=device)
 
 
 def row_sparse_grad(weight: Tensor, rows: Tensor, values: Tensor, node) -> Tensor:
