@@ -382,8 +382,9 @@ class LazyRowAdam(Optimizer):
             track.warned = True
             warnings.warn(
                 f"LazyRowAdam: the gradient of a sparse layer's weight (shape {tuple(p.shape)}) "
-                "was written without a log of its rows (e.g. the layer was converted back to a "
-                "dense one); it takes a dense Adam step",
+                "was written without a log of its rows (by something other than the layer: a "
+                "penalty on the weight in the loss, a module tied to it, or the layer converted "
+                "back to a dense one); it takes a dense Adam step",
                 RuntimeWarning,
                 stacklevel=4,
             )
