@@ -71,6 +71,36 @@ def test_skipped_step_leaves_every_memory_unchanged(backend):
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("kind", ["linear", "conv2d"])
+def test_skipped_step_restores_a_slot_memory_of_another_batch_size(backend, kind):
+    """A slot memory (one row per example) spread over a new batch size in a step the scaler
+    then skips comes back as it was, rows and all, not as the spread."""
+    cfg = msbp.SparseBackpropConfig(ratio=None, k=1, memory=0.5, memory_layout="slot")
+    torch.manual_seed(0)
+    if kind == "linear":
+        layer = msbp.SparseLinear(3, 4, config=cfg)
+        x3, x2 = torch.randn(3, 3), torch.randn(2, 3)
+    else:
+        layer = msbp.SparseConv2d(1, 4, 1, config=cfg)
+        x3, x2 = torch.randn(3, 1, 1, 1), torch.randn(2, 1, 1, 1)
+    opt = torch.optim.SGD(layer.parameters(), lr=0.1)
+    scaler = msbp.amp.GradScaler("cpu", init_scale=16.0)
+    scaler.scale(layer(x3).square().sum()).backward()
+    scaler.step(opt)
+    scaler.update()
+    before = layer.memory.clone()
+    assert before.shape == (3, 4) and before.any()
+    opt.zero_grad()
+    # the layer's own gradient is finite: only the bias' overflows, after the layer spread
+    loss = layer(x2).square().sum() + (layer.bias * 1e38).sum()
+    scaler.scale(loss).backward()
+    assert layer.memory.shape == (2, 4)
+    scaler.step(opt)
+    scaler.update()
+    assert scaler.get_scale() == 8.0  # skipped
+    assert torch.equal(layer.memory, before)
+
+
 def test_autocast_leaves_float64_alone(backend):
     """Under autocast a float64 layer runs in float64, as nn.Linear does."""
     layer = msbp.SparseLinear(5, 7, config=msbp.SparseBackpropConfig(k=2), dtype=torch.float64)

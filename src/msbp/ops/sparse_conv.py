@@ -203,11 +203,11 @@ class SparseConvFunction(torch.autograd.Function):
         dense = kg * geo.groups >= c
         use_memory = memory is not None and plan.alpha > 0
         slot = plan.layout == "slot"
-        # a new batch shape: the slot memory's sums spread over its rows (undone if no step)
-        before = spread_slot_memory_(memory, rows) if use_memory and slot else None
         scale = scaling.current_scale() if not torch.compiler.is_compiling() else None
         if use_memory and scale is not None:
-            scaling.snapshot(memory)
+            scaling.snapshot(memory)  # before the spread: a skipped step restores its shape
+        # a new batch shape: the slot memory's sums spread over its rows (undone if no step)
+        before = spread_slot_memory_(memory, rows) if use_memory and slot else None
         acc = memory.dtype if use_memory else torch.promote_types(grad_out.dtype, torch.float32)
         random_idx = None
         if not dense and plan.selection == "random":  # drawn whatever happens next, as linear

@@ -631,12 +631,12 @@ class SparseLinearFunction(torch.autograd.Function):
 
         use_memory = memory is not None and plan.alpha > 0
         slot = plan.layout == "slot"
-        # a new batch shape: the slot memory's sums spread over its rows (undone if no step)
-        before = spread_slot_memory_(memory, n) if use_memory and slot else None
         compiling = torch.compiler.is_compiling()
         scale = scaling.current_scale() if not compiling else None
         if use_memory and scale is not None:
-            scaling.snapshot(memory)
+            scaling.snapshot(memory)  # before the spread: a skipped step restores its shape
+        # a new batch shape: the slot memory's sums spread over its rows (undone if no step)
+        before = spread_slot_memory_(memory, n) if use_memory and slot else None
         skip = plan.on_nonfinite == "skip" or scale is not None
         random_cols = None
         if k < out and plan.selection == "random":
