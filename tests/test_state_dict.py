@@ -300,3 +300,46 @@ def test_whole_model_pickles_without_msbp_bookkeeping(backend, kind):
             o.step()
     for (name, p), q in zip(loaded.state_dict().items(), twin.state_dict().values(), strict=True):
         torch.testing.assert_close(p, q, rtol=0, atol=0, msg=name)
+
+
+@pytest.mark.parametrize("how", ["torch_save_model", "assign_loaded_state_dict"])
+@pytest.mark.parametrize("kind", ["linear", "lstm"])
+def test_loaded_slot_memory_grows_with_a_larger_batch(backend, kind, how):
+    """A ``slot`` memory that came from ``torch.load`` (the whole model, or a state dict loaded
+    with ``assign=True``) is resized in place at the next batch size: its storage must be one
+    that can grow (a loaded tensor's cannot). The run then equals one never saved."""
+    cfg = SparseBackpropConfig(k=2, memory=0.5, memory_layout="slot")
+    torch.manual_seed(0)
+    if kind == "linear":
+        model = SparseLinear(4, 6, config=cfg, dtype=torch.float64)
+        x2, x3 = torch.randn(2, 4, dtype=torch.float64), torch.randn(3, 4, dtype=torch.float64)
+
+        def run(m, x):
+            m(x).sin().sum().backward()
+    else:
+        model = SparseLSTM(4, 3, config=cfg).double()
+        x2 = torch.randn(5, 2, 4, dtype=torch.float64)
+        x3 = torch.randn(5, 3, 4, dtype=torch.float64)
+
+        def run(m, x):
+            m(x)[0].sin().sum().backward()
+
+    run(model, x2)
+    buf = io.BytesIO()
+    if how == "torch_save_model":
+        torch.save(model, buf)
+        buf.seek(0)
+        loaded = torch.load(buf, weights_only=False)
+    else:
+        torch.save(model.state_dict(), buf)
+        buf.seek(0)
+        loaded = copy.deepcopy(model)
+        loaded.load_state_dict(torch.load(buf), assign=True)
+    twin = copy.deepcopy(model)
+    for m in (loaded, twin):
+        m.zero_grad(set_to_none=True)
+        run(m, x3)  # 3 rows: the memory of 2 grows
+    for (name, p), q in zip(loaded.state_dict().items(), twin.state_dict().values(), strict=True):
+        torch.testing.assert_close(p, q, rtol=0, atol=0, msg=name)
+    for p, q in zip(loaded.parameters(), twin.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=0)

@@ -155,7 +155,7 @@ class MemoryMixin:
         if assign or buf.is_meta:
             weight = getattr(self, dict(self._memory_names())[mem])
             device = saved.device if weight.is_meta else weight.device
-            setattr(self, mem, saved.detach().to(device, memory_dtype(weight.dtype)))
+            setattr(self, mem, _resizable(saved.detach().to(device, memory_dtype(weight.dtype))))
             return None
         buf.resize_(saved.shape)  # a slot memory has the rows of the batch it was saved at
         buf.copy_(saved)
@@ -205,10 +205,19 @@ class MemoryMixin:
 
     def __setstate__(self, state):
         super().__setstate__(state)
-        # modules pickled whole by msbp <= 0.1 kept the memory as a buffer
         for mem, _ in self._memory_names():
+            # modules pickled whole by msbp <= 0.1 kept the memory as a buffer
             if mem in self._buffers:
                 setattr(self, mem, self._buffers.pop(mem))
+            memory = self.__dict__.get(mem)
+            if memory is not None:
+                setattr(self, mem, _resizable(memory))
+
+
+def _resizable(memory: Tensor) -> Tensor:
+    """``memory``, or a copy where its storage cannot grow (a tensor ``torch.load`` made, which a
+    slot memory would be resized in place from at the next batch size)."""
+    return memory if memory.untyped_storage().resizable() else memory.clone()
 
 
 # -- every rank's memory in one checkpoint -------------------------------------------------------
