@@ -101,6 +101,47 @@ def test_skipped_step_restores_a_slot_memory_of_another_batch_size(backend, kind
     assert torch.equal(layer.memory, before)
 
 
+def test_unscaled_backward_between_scale_and_update_stays_unscaled(backend):
+    """Another model's unscaled backward between ``scale()`` and ``update()`` keeps its memory
+    in its own units: the scale applies to the backward of the scaled outputs only."""
+    scaled, other = _mlp(), _mlp()
+    other_ref = copy.deepcopy(other)
+    x, y = torch.randn(5, 6), torch.randint(0, 3, (5,))
+    scaler = msbp.amp.GradScaler("cpu", init_scale=1024.0)
+    nn.functional.cross_entropy(other_ref(x), y).backward()
+    loss = scaler.scale(nn.functional.cross_entropy(scaled(x), y))
+    nn.functional.cross_entropy(other(x), y).backward()  # after scale(), before its backward
+    loss.backward()
+    nn.functional.cross_entropy(other(x), y).backward()  # and after it, before update()
+    nn.functional.cross_entropy(other_ref(x), y).backward()
+    scaler.step(torch.optim.SGD(scaled.parameters(), lr=0.0))
+    scaler.update()
+    for a, b in zip(_memories(other), _memories(other_ref), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("reentrant", [True, False], ids=["reentrant", "non-reentrant"])
+def test_scaled_backward_through_checkpointed_segments(backend, reentrant):
+    """A checkpointed segment's recomputed backward (a nested backward pass when reentrant)
+    still counts as part of the scaled backward: memory and gradients as unscaled."""
+    from torch.utils.checkpoint import checkpoint
+
+    plain, scaled = _mlp(), _mlp()
+    scaler = msbp.amp.GradScaler("cpu", init_scale=256.0)
+    x, y = torch.randn(5, 6), torch.randint(0, 3, (5,))
+
+    def run(model, x):
+        h = checkpoint(model[:2], x.requires_grad_(), use_reentrant=reentrant)
+        return nn.functional.cross_entropy(model[2:](h), y)
+
+    run(plain, x.clone()).backward()
+    scaler.scale(run(scaled, x.clone())).backward()
+    for a, b in zip(_memories(plain), _memories(scaled), strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+    for pa, pb in zip(plain.parameters(), scaled.parameters(), strict=True):
+        torch.testing.assert_close(pb.grad / 256.0, pa.grad, rtol=1e-5, atol=1e-6)
+
+
 def test_autocast_leaves_float64_alone(backend):
     """Under autocast a float64 layer runs in float64, as nn.Linear does."""
     layer = msbp.SparseLinear(5, 7, config=msbp.SparseBackpropConfig(k=2), dtype=torch.float64)

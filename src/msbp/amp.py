@@ -40,8 +40,15 @@ class GradScaler(torch.amp.GradScaler):
 
     def scale(self, outputs):  # type: ignore[override]
         scaled = super().scale(outputs)
-        if self._enabled:
-            scaling.activate(self)
+        if not self._enabled:
+            return scaled
+        # the scale applies to the backward passes of these outputs only: an unscaled backward
+        # run meanwhile (another model, an auxiliary loss) keeps its memory in its own units
+        if isinstance(scaled, Tensor):
+            return _ScaledRoot.apply(scaled, self)
+        if isinstance(scaled, list | tuple) and all(isinstance(t, Tensor) for t in scaled):
+            return type(scaled)(_ScaledRoot.apply(t, self) for t in scaled)
+        scaling.activate(self)  # other iterables: until update(), as before
         return scaled
 
     def get_scale_tensor(self) -> Tensor:
@@ -71,3 +78,23 @@ class GradScaler(torch.amp.GradScaler):
         self._msbp_snapshots.clear()
         scaling.deactivate(self)
         super().update(new_scale)
+
+
+class _ScaledRoot(torch.autograd.Function):
+    """Identity on a scaled output whose backward, the first node of a backward pass from it,
+    makes its scaler the active one until that pass ends (reentrant passes it runs, such as
+    checkpointed segments, included)."""
+
+    @staticmethod
+    def forward(ctx, scaled: Tensor, scaler: GradScaler) -> Tensor:
+        ctx.scaler = scaler
+        return scaled.clone()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        scaler = ctx.scaler
+        scaling.activate(scaler)
+        torch.autograd.Variable._execution_engine.queue_callback(
+            lambda: scaling.deactivate(scaler)
+        )
+        return grad, None

@@ -2,8 +2,9 @@
 
 Under loss scaling the output gradient arrives multiplied by the scale s; the memory must be kept
 in unscaled units (else it comes back at the wrong size when s changes), and must not advance on
-a step the scaler skips. The scaler publishes its scale here while a scaled backward may run, and
-the layers hand it a copy of their memory before changing it, so that it can restore them.
+a step the scaler skips. The scaler publishes its scale here while a backward pass of its scaled
+outputs runs (``msbp.amp``), and the layers hand it a copy of their memory before changing it,
+so that it can restore them.
 """
 
 from __future__ import annotations
