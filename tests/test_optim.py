@@ -436,6 +436,51 @@ def test_zero_grad_between_backward_and_step_takes_an_all_rows_log():
         torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("discard", ["model_zero_grad", "grad_none", "optimizer_zero_grad"])
+@pytest.mark.parametrize("kind", ["linear", "lstm"])
+def test_rows_of_a_discarded_backward_take_no_step(kind, discard):
+    """A backward whose gradient is thrown away (a dropped batch, a step GradScaler skipped)
+    before the next one: its rows take no step, whichever way the gradient was discarded
+    (``model.zero_grad()`` as transformers' Trainer does, ``.grad = None``, the optimizer's)."""
+    cfg = msbp.SparseBackpropConfig(k=2, memory=0.0)
+    gen = torch.Generator().manual_seed(3)
+    if kind == "linear":
+        base = msbp.sparsify(_mlp(), cfg, exclude="2")
+        batches = [torch.randn(4, 6, dtype=torch.float64, generator=gen) for _ in range(3)]
+    else:
+        torch.manual_seed(0)
+        base = msbp.sparsify(nn.LSTM(4, 5).double(), cfg)
+        batches = [torch.randn(3, 2, 4, dtype=torch.float64, generator=gen) for _ in range(3)]
+    batches[1] = batches[0]  # the dropped backward writes rows that have momentum
+
+    def loss_of(m, x):
+        return (m(x)[0] if kind == "lstm" else m(x)).sin().sum()
+
+    def zero(m, opt):
+        if discard == "model_zero_grad":
+            m.zero_grad()
+        elif discard == "grad_none":
+            for p in m.parameters():
+                p.grad = None
+        else:
+            opt.zero_grad()
+
+    runs = []
+    for with_dropped in (True, False):
+        model = copy.deepcopy(base)
+        opt = LazyRowAdam(model.parameters(), lr=1e-2)
+        for i, x in enumerate(batches):
+            if i == 1 and not with_dropped:
+                continue  # the twin never saw batch 1
+            zero(model, opt)
+            loss_of(model, x).backward()
+            if i != 1:
+                opt.step()  # batch 1's gradient is dropped: no step, zeroed next time round
+        runs.append(model)
+    for (name, p), q in zip(runs[0].named_parameters(), runs[1].parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=0, atol=0, msg=name)
+
+
 def test_add_param_group_tracks_rows():
     model = msbp.sparsify(_mlp(), msbp.SparseBackpropConfig(k=3), exclude="2")
     opt = LazyRowAdam([model[2].weight, model[2].bias], lr=1e-2)

@@ -264,9 +264,11 @@ class LazyRowAdam(Optimizer):
 
     - ``step()`` takes the log of touched rows, however the gradients were zeroed
       (``optimizer.zero_grad``, ``model.zero_grad``, ``set_to_none`` or not). Rows logged by a
-      backward whose gradient was zeroed by hand before the step still count (they take a step
-      with a zero gradient). Weight decay, like the rest of the update, reaches only the rows
-      updated.
+      backward whose gradient was then discarded (a batch dropped, a step ``GradScaler``
+      skipped) take no step when ``optimizer.zero_grad()`` discarded it, or when it was set to
+      None (``model.zero_grad()``, ``p.grad = None``) before the next backward; zeroed in place
+      by other means (``model.zero_grad(set_to_none=False)``) they still count (a step with a
+      zero gradient). Weight decay, like the rest of the update, reaches only the rows updated.
     - A sparse layer's weight with no rows logged since the last step took no part in it: it is
       not updated (its moments do not decay, it does not move, its step count stays), whether
       its ``.grad`` is None, zero, or left from an earlier step. If such a gradient was written

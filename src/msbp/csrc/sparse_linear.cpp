@@ -922,6 +922,8 @@ variable_list run_backward(AutogradContext* ctx, const variable_list& grad_outpu
     memory.copy_(mem_before);
   };
   int route = need_w ? grad_route(weight) : 0;
+  // .grad None: this backward starts a new gradient, the rows logged into the one discarded go
+  const bool discarded = need_w && weight.is_leaf() && !weight.grad().defined();
   Tensor grad;
   if (route != 0) {
     grad = grad_buffer(weight, kept, state, 0);
@@ -957,6 +959,8 @@ variable_list run_backward(AutogradContext* ctx, const variable_list& grad_outpu
   const bool dense = k >= out || skipped;
   if (need_w) {
     if (mask.numel() > 0 && (route != 0 || writes_grad(weight))) {  // rows for LazyRowAdam
+      // (with route 0 .grad stays None until autograd's add: another call may have marked)
+      if (discarded && route != 0) mask.zero_();
       if (dense) {
         mask.fill_(1);
       } else {

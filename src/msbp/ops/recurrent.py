@@ -59,7 +59,7 @@ from msbp.ops.sparse_linear import (
 )
 from msbp.ops.sparse_linear import autocast_dtype as _autocast_dtype
 from msbp.ops.sparse_linear import csr_pays as _csr_pays
-from msbp.ops.touched_rows import log_touched_rows
+from msbp.ops.touched_rows import forget_touched_rows, log_touched_rows
 
 _W_HH = 3  # position of w_hh among the inputs of SparseLSTMRecurrence.forward
 # grad * y (1 - y) and grad * (1 - y^2) for y = sigmoid(.), tanh(.): one op each
@@ -152,6 +152,20 @@ def _may_overwrite_act(plan: BackwardPlan) -> bool:
     return not _keep_graph()
 
 
+def _rows_placed(weight: Tensor, buffer: tuple, cols: Tensor, dw: Tensor) -> bool:
+    """``msbp::place_grad_rows_``: whether W_hh's rows (``cols``, values ``dw``) went straight
+    into its ``.grad``; if that was None, the log of the gradient discarded is dropped."""
+    discarded = weight.grad is None
+    placed = native.eager_ops().place_grad_rows_(
+        weight, buffer[0], buffer[1], cols, _as(dw, weight.dtype)
+    )
+    if placed != 1:
+        return False
+    if discarded:
+        forget_touched_rows(weight)
+    return True
+
+
 def _native_backward(ctx, saved: tuple[Tensor, ...], d_out: Tensor | None, d_hn: Tensor | None,
                      d_cn: Tensor | None, buffer: tuple[Tensor, Tensor] | None = None):
     """SparseLSTMRecurrence.backward as one native op (``msbp/csrc/recurrent.cpp``); ``saved``:
@@ -194,9 +208,7 @@ def _native_backward(ctx, saved: tuple[Tensor, ...], d_out: Tensor | None, d_hn:
                 log_touched_rows(ctx.weight, None)
             d_w = _as(dw, ctx.weight.dtype)
         elif buffer is not None and plan.grad_inplace and not torch.compiler.is_compiling() and (
-            native.eager_ops().place_grad_rows_(
-                ctx.weight, buffer[0], buffer[1], cols, _as(dw, ctx.weight.dtype)
-            ) == 1
+            _rows_placed(ctx.weight, buffer, cols, dw)
         ):  # the rows went straight into .grad: no dW for autograd
             log_touched_rows(ctx.weight, cols)
         else:  # k rows per step (all rows, in order, if a non-finite gradient was skipped)

@@ -39,7 +39,12 @@ from msbp.ops.memory import (
     store_memory_,
 )
 from msbp.ops.selection import select
-from msbp.ops.touched_rows import engine_runs, graph_task_id, log_touched_rows
+from msbp.ops.touched_rows import (
+    engine_runs,
+    forget_touched_rows,
+    graph_task_id,
+    log_touched_rows,
+)
 from msbp.ops.transient import TransientList, TransientTuple
 
 SELECTION_CODES = {"unified": 0, "per_example": 1, "random": 2}
@@ -449,6 +454,7 @@ def prepare_grad_buffer(ctx, weight: Tensor, index: int) -> bool:
         return grad.layout == torch.strided and grad.shape == weight.shape and (
             grad.dtype == weight.dtype
         )
+    forget_touched_rows(weight)  # the gradient they were written into was discarded
     kept = weight.__dict__.get(_BUFFER)
     if kept is not None:
         buf, version, rows = kept
@@ -721,7 +727,8 @@ def place_weight_rows(
     allowed (see ``prepare_grad_buffer``), else dense."""
     if torch.compiler.is_compiling():  # traced: a dense dW, no log (as the linear op does)
         return _place_rows(rows, src, weight, False)
+    compact = grad_inplace and prepare_grad_buffer(ctx, weight, index)  # may drop an old log
     log_touched_rows(weight, rows)
-    if grad_inplace and prepare_grad_buffer(ctx, weight, index):
+    if compact:
         return row_sparse_grad(weight, rows, _as(src, weight.dtype), ctx.next_functions[index][0])
     return _place_rows(rows, src, weight, False)

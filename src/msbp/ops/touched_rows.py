@@ -110,6 +110,16 @@ def pending_rows(weight: Tensor) -> list[Tensor | None]:
     return log
 
 
+def forget_touched_rows(weight: Tensor) -> None:
+    """Drop ``weight``'s log: a backward found its ``.grad`` None (set so by ``zero_grad`` or by
+    hand) and starts a new gradient, so the rows written into the one discarded take no step."""
+    state = weight.__dict__
+    state.pop(ROWS_LOG, None)
+    mask = state.get(ROWS_MASK)
+    if mask is not None:
+        mask.zero_()
+
+
 def take_touched_rows(weight: Tensor) -> list[Tensor | None]:
     """Remove and return ``weight``'s log (empty if nothing was logged since the last take),
     the rows marked in its mask included."""
