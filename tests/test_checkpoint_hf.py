@@ -155,3 +155,29 @@ def test_head_model_saved_base_model_loaded(tmp_path):
     saved = msbp.memory_state_dict(model)
     for key, memory in msbp.memory_state_dict(base).items():
         assert torch.equal(memory, saved["bert." + key]), key
+
+
+@pytest.mark.parametrize("writer", ["msbp", "plain"])
+def test_round_trip_of_a_model_whose_keys_transformers_renames(tmp_path, writer):
+    """transformers 5 saves ViT under its older key names, the memory keys of the renamed
+    modules with them; msbp.from_pretrained finds them under those names."""
+    from transformers import ViTConfig, ViTForImageClassification
+
+    torch.manual_seed(0)
+    config = ViTConfig(
+        image_size=8, patch_size=4, num_channels=3, hidden_size=16, num_hidden_layers=1,
+        num_attention_heads=2, intermediate_size=12, hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0, num_labels=3,
+    )
+    model = msbp.sparsify(ViTForImageClassification(config), CFG)
+    images = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    labels = torch.tensor([0, 2])
+    model(pixel_values=images, labels=labels).loss.backward()
+    save = msbp.save_pretrained if writer == "msbp" else ViTForImageClassification.save_pretrained
+    _quiet(save, model, tmp_path)
+    loaded = _quiet(msbp.from_pretrained, ViTForImageClassification, tmp_path)
+    memories = msbp.memory_state_dict(loaded)
+    assert memories.keys() == msbp.memory_state_dict(model).keys()
+    assert any(m.any() for m in memories.values())
+    for key, memory in msbp.memory_state_dict(model).items():
+        assert torch.equal(memories[key], memory), key

@@ -149,19 +149,50 @@ def _load_memories(
         new = rename(layer)
         return None if new is None else f"{new}.{mem}" if new else mem
 
-    saved = _read_memories(path, kwargs)
-    saved = {to_model(k): v for k, v in saved.items() if to_model(k) in owners}
+    found = _read_memories(path, kwargs)
+    saved = {to_model(k): v for k, v in found.items() if to_model(k) in owners}
     missing = sorted(set(owners) - set(saved))
+    if missing:  # perhaps written under the names transformers gives them on saving
+        for key, name in _saved_names(model, missing).items():
+            if name in found:
+                saved[key] = found[name]
+        missing = sorted(set(owners) - set(saved))
     if missing:
         raise ValueError(
             f"{os.fspath(path)!r} holds no memory for {missing[:5]}"
             + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
-            + f": neither {MEMORY_FILE} nor the weights have it"
+            + f": neither {MEMORY_FILE} nor the weights have it (if a layer was replaced "
+            "after msbp.sparsify, as transformers' resize_token_embeddings replaces an untied "
+            "output layer by a new nn.Linear, the layers recorded in config.json by sparsify "
+            "are out of date: msbp.save_pretrained records them as they are when saving)"
         )
     for key, (module, mem) in owners.items():
         error = module._load_memory(mem, saved[key])
         if error:
             raise ValueError(f"{key}: {error}")
+
+
+def _saved_names(model: nn.Module, keys: list[str]) -> dict[str, str]:
+    """The names that ``model.save_pretrained`` writes the state-dict entries ``keys`` under,
+    where transformers renames them on saving (transformers 5 writes some models' weights under
+    their older names, and the memory keys of the renamed modules with them: ViT's
+    ``vit.layers.0.attention.q_proj.memory`` as ``vit.encoder.layer.0.attention.attention.
+    query.memory``); only the keys it renames, {} where this transformers does not say."""
+    try:
+        from transformers.core_model_loading import revert_weight_conversion
+    except ImportError:  # transformers 4: keys are saved as they are
+        return {}
+    import torch
+
+    probes = {key: torch.zeros(1) for key in keys}
+    try:
+        renamed = revert_weight_conversion(model, dict(probes))
+    except (AttributeError, KeyError, RuntimeError, TypeError, ValueError):
+        return {}  # a private function of transformers: if it changed, no renaming is known
+    # matched by identity: the renaming hands each probe on as it is
+    key_of = {id(probe): key for key, probe in probes.items()}
+    return {key_of[id(v)]: name for name, v in renamed.items()
+            if id(v) in key_of and key_of[id(v)] != name}
 
 
 def _read_memories(path, kwargs) -> dict[str, Tensor]:
