@@ -436,12 +436,16 @@ def test_zero_grad_between_backward_and_step_takes_an_all_rows_log():
         torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("discard", ["model_zero_grad", "grad_none", "optimizer_zero_grad"])
+@pytest.mark.parametrize(
+    "discard", ["model_zero_grad", "grad_none", "optimizer_zero_grad", "zeroed_in_place"]
+)
 @pytest.mark.parametrize("kind", ["linear", "lstm"])
 def test_rows_of_a_discarded_backward_take_no_step(kind, discard):
     """A backward whose gradient is thrown away (a dropped batch, a step GradScaler skipped)
     before the next one: its rows take no step, whichever way the gradient was discarded
-    (``model.zero_grad()`` as transformers' Trainer does, ``.grad = None``, the optimizer's)."""
+    (``model.zero_grad()`` as transformers' Trainer does, ``.grad = None``, the optimizer's, or
+    zeroed in place by ``model.zero_grad(set_to_none=False)``: the rows are still logged, but
+    their gradient is zero)."""
     cfg = msbp.SparseBackpropConfig(k=2, memory=0.0)
     gen = torch.Generator().manual_seed(3)
     if kind == "linear":
@@ -459,6 +463,8 @@ def test_rows_of_a_discarded_backward_take_no_step(kind, discard):
     def zero(m, opt):
         if discard == "model_zero_grad":
             m.zero_grad()
+        elif discard == "zeroed_in_place":
+            m.zero_grad(set_to_none=False)
         elif discard == "grad_none":
             for p in m.parameters():
                 p.grad = None
@@ -576,3 +582,40 @@ def test_step_hooks_profiler_range_and_scheduler():
         _step(model, opt, x)
         sched.step()
     assert opt.param_groups[0]["lr"] == 5e-3
+
+
+@pytest.mark.parametrize("selection", ["unified", "per_example"])
+def test_rows_of_zero_gradient_take_no_step(backend, selection):
+    """Fewer units with a gradient than k (dead units after the layer): top-k fills up with
+    zero-gradient units, which ones by tie order (the backends differ). Their rows take no
+    step: only the rows with a gradient move, the same on both backends, and the other rows'
+    weights and moments stay as the step before left them."""
+    torch.manual_seed(0)
+    layer = msbp.SparseLinear.from_dense(
+        nn.Linear(6, 10).double(), msbp.SparseBackpropConfig(k=6, memory=0.0, selection=selection)
+    )
+    head = nn.Linear(10, 3).double()
+    opt = LazyRowAdam([*layer.parameters(), *head.parameters()], lr=1e-2)
+    gen = torch.Generator().manual_seed(1)
+
+    def step():
+        opt.zero_grad()
+        head(layer(torch.randn(4, 6, dtype=torch.float64, generator=gen))).sin().sum().backward()
+        opt.step()
+
+    for _ in range(3):
+        step()  # every unit has a gradient: the rows top-k kept have momentum
+    avg = opt.state[layer.weight]["exp_avg"].clone()
+    dead = avg.abs().sum(1) > 0  # the units with momentum get no gradient from now on
+    assert int(dead.sum()) >= 7  # so that fewer than k = 6 have one
+    with torch.no_grad():
+        head.weight[:, dead] = 0
+    head.weight.requires_grad_(False)
+    kept = layer.weight.detach().clone()
+    count = float(opt.state[layer.weight]["step"])
+    for _ in range(2):
+        step()
+    assert torch.equal(layer.weight[dead], kept[dead])
+    assert torch.equal(opt.state[layer.weight]["exp_avg"][dead], avg[dead])
+    assert (layer.weight[~dead] != kept[~dead]).all()
+    assert float(opt.state[layer.weight]["step"]) == count + 2

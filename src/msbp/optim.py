@@ -267,8 +267,12 @@ class LazyRowAdam(Optimizer):
       backward whose gradient was then discarded (a batch dropped, a step ``GradScaler``
       skipped) take no step when ``optimizer.zero_grad()`` discarded it, or when it was set to
       None (``model.zero_grad()``, ``p.grad = None``) before the next backward; zeroed in place
-      by other means (``model.zero_grad(set_to_none=False)``) they still count (a step with a
-      zero gradient). Weight decay, like the rest of the update, reaches only the rows updated.
+      by other means (``model.zero_grad(set_to_none=False)``) they take no step on the CPU,
+      where a logged row whose gradient row is all zero never does unless every row was
+      logged, as by a dense backward (top-k also fills up with zero-gradient units where fewer
+      than k have a gradient, and which ones is tie order), and a step with a zero gradient on
+      other devices (telling would cost a device sync). Weight decay, like the rest of the
+      update, reaches only the rows updated.
     - A sparse layer's weight with no rows logged since the last step took no part in it: it is
       not updated (its moments do not decay, it does not move, its step count stays), whether
       its ``.grad`` is None, zero, or left from an earlier step. If such a gradient was written
@@ -593,9 +597,23 @@ class LazyRowAdam(Optimizer):
             if not rows.is_contiguous():
                 rows = rows.contiguous()
             if native_cpu and p.is_cpu and _native_rows_ok(p, grad, state):
-                lists.rows(p, grad, state, rows)
+                lists.rows(p, grad, state, rows)  # its rows of zero gradient left out there
             else:
-                lists.gather(p, grad, state, rows.to(p.device))
+                rows = rows.to(p.device)
+                g_r = grad.index_select(0, rows)  # (r, ...)
+                # as the native step: no step for a row of zero gradient, unless every row
+                # was written (a dense backward: a dense step, as torch's Adam's)
+                if p.is_cpu and rows.numel() < p.shape[0]:
+                    live = torch.zeros(rows.numel(), dtype=torch.bool)  # rows of width 0
+                    if g_r.numel():  # (amax: ~30x faster here than any or aminmax)
+                        live = g_r.reshape(rows.numel(), -1).abs().amax(1) != 0  # NaN is live
+                    if not bool(live.all()):
+                        rows, g_r = rows[live], g_r[live]
+                        if not rows.numel():
+                            if state.get("row_sparse"):
+                                self._track(p).look(grad)
+                            return
+                lists.gather(p, g_r, state, rows)
         if state.get("row_sparse"):
             track = self._track(p)
             track.stepped(rows)
@@ -735,12 +753,14 @@ class _StepLists:
         self.r_rows.append(rows)
         self.r_steps.append(state["step"])
 
-    def gather(self, p: Tensor, grad: Tensor, state: dict, rows: Tensor) -> None:
+    def gather(self, p: Tensor, grad_rows: Tensor, state: dict, rows: Tensor) -> None:
+        """``p``'s ``rows`` (r,), whose gradient is ``grad_rows`` (r, ...), stepped by PyTorch's
+        Adam on copies gathered from ``p`` and its moments and put back by ``run``."""
         p_r = p.index_select(0, rows)  # (r, ...)
         m_r = state["exp_avg"].index_select(0, rows)
         v_r = state["exp_avg_sq"].index_select(0, rows)
         self.d_params.append(p_r)
-        self.d_grads.append(grad.index_select(0, rows))
+        self.d_grads.append(grad_rows)
         self.d_avgs.append(m_r)
         self.d_sqs.append(v_r)
         self.d_steps.append(state["step"])

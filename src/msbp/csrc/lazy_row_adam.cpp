@@ -4,8 +4,10 @@
 //                      eps, weight_decay)
 //
 // One call takes every row-sparse parameter of a parameter group, to pay the dispatcher once.
-// For each parameter i: steps[i] += 1, then for every row r in rows[i] (distinct indices into
-// dim 0) the elements of that row get the math of PyTorch's fused CPU Adam
+// For each parameter i: the rows r in rows[i] (distinct indices into dim 0) whose gradient row
+// is not all zero are stepped (every row where rows[i] names them all, as a dense step; none:
+// the parameter takes no step); steps[i] += 1, then the elements of each such row get the math
+// of PyTorch's fused CPU Adam
 // (aten/src/ATen/native/cpu/FusedAdamKernel.cpp, ADAM_MODE::ORIGINAL, no amsgrad), in the same
 // order of operations: weight decay as L2 added to the gradient, exp_avg by lerp, bias
 // corrections in double from the step count. 16-bit parameters and moments are computed in
@@ -17,9 +19,9 @@
 // msbp::zero_masked_rows_(grads, dirty, pending) -> counts
 //
 // A parameter group's whole step: the same row step with each parameter's rows given as the
-// uint8 row mask the sparse layers mark (consumed: cleared, its rows marked in `dirty`), and the
-// dense parameters by PyTorch's fused Adam; and the zeroing of the gradient rows such masks
-// mark. They are what LazyRowAdam's CPU path calls, so that its step() and zero_grad() run one
+// uint8 row mask the sparse layers mark (consumed: cleared, the rows stepped marked in `dirty`),
+// and the dense parameters by PyTorch's fused Adam; and the zeroing of the gradient rows such
+// masks mark. They are what LazyRowAdam's CPU path calls, so that its step() and zero_grad() run one
 // op and no tensor op per parameter from Python (at MNIST size that bookkeeping cost more than
 // the update itself).
 //
@@ -263,6 +265,21 @@ void check_one(const at::Tensor& param, const at::Tensor& exp_avg, const at::Ten
   }
 }
 
+// Whether row r of a contiguous gradient is all zero (-0 included; NaN is not zero). Such a row
+// takes no step although a layer logged it: top-k fills up with units of zero gradient where
+// fewer than k have any (which ones is tie order), and a gradient zeroed in place after its
+// backward was discarded keeps the rows that backward logged. Reads up to the first non-zero
+// element, which for a row with a gradient is almost always the first.
+bool row_is_zero(const at::Tensor& grad, int64_t r) {
+  const int64_t width = grad.numel() / grad.size(0);
+  bool zero = true;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, grad.scalar_type(), "row_is_zero", [&] {
+    const scalar_t* g = grad.const_data_ptr<scalar_t>() + r * width;
+    for (int64_t e = 0; e < width && zero; ++e) zero = !(g[e] != scalar_t(0));
+  });
+  return zero;
+}
+
 void lazy_row_adam_(at::TensorList params, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
                     at::TensorList grads, at::TensorList rows, at::TensorList steps, double lr,
                     double beta1, double beta2, double eps, double weight_decay) {
@@ -274,12 +291,19 @@ void lazy_row_adam_(at::TensorList params, at::TensorList exp_avgs, at::TensorLi
     check_one(params[i], exp_avgs[i], exp_avg_sqs[i], grads[i], rows[i]);
   }
   for (size_t i = 0; i < n; ++i) {
+    const int64_t* r = rows[i].const_data_ptr<int64_t>();
+    const bool all = rows[i].numel() == params[i].size(0);  // distinct: every row, as dense
+    std::vector<int64_t> live;
+    live.reserve(rows[i].numel());
+    for (int64_t j = 0; j < rows[i].numel(); ++j)
+      if (all || !row_is_zero(grads[i], r[j])) live.push_back(r[j]);
+    if (live.empty()) continue;  // no row with a gradient: no step, the count stays
     const double step = bump_step(steps[i]);
     AT_DISPATCH_FLOATING_TYPES_AND2(
         at::kBFloat16, at::kHalf, params[i].scalar_type(), "lazy_row_adam_", [&] {
-          row_adam_one<scalar_t>(params[i], exp_avgs[i], exp_avg_sqs[i], grads[i],
-                                 rows[i].const_data_ptr<int64_t>(), rows[i].numel(), step, lr,
-                                 beta1, beta2, eps, weight_decay);
+          row_adam_one<scalar_t>(params[i], exp_avgs[i], exp_avg_sqs[i], grads[i], live.data(),
+                                 static_cast<int64_t>(live.size()), step, lr, beta1, beta2, eps,
+                                 weight_decay);
         });
     bump_versions(params[i], exp_avgs[i], exp_avg_sqs[i], steps[i]);
   }
@@ -315,16 +339,22 @@ bool can_take(const at::Tensor& param, const at::Tensor& exp_avg, const at::Tens
          (step.scalar_type() == at::kFloat || step.scalar_type() == at::kDouble);
 }
 
-// The rows set in a mask, in increasing order; clears the mask and marks them in `dirty`.
-std::vector<int64_t> take_rows(const at::Tensor& mask, const at::Tensor& dirty) {
+// The rows set in a mask whose gradient row is not all zero, in increasing order; clears the
+// mask and marks those rows in `dirty`.
+std::vector<int64_t> take_rows(const at::Tensor& mask, const at::Tensor& dirty,
+                               const at::Tensor& grad) {
   uint8_t* m = mask.data_ptr<uint8_t>();
   uint8_t* d = dirty.data_ptr<uint8_t>();
   const int64_t n = mask.numel();
+  // every row marked (a dense backward: k >= out, a non-finite gradient sent through densely):
+  // every row is stepped, zero or not, as torch.optim.Adam steps them
+  const bool all = std::all_of(m, m + n, [](uint8_t v) { return v != 0; });
   std::vector<int64_t> rows;
   for (int64_t r = 0; r < n; ++r) {
     if (m[r]) {
-      rows.push_back(r);
       m[r] = 0;
+      if (!all && row_is_zero(grad, r)) continue;
+      rows.push_back(r);
       d[r] = 1;
     }
   }
@@ -357,9 +387,10 @@ namespace msbp {
 
 // One parameter group's step on the CPU, in one call from Python:
 // - the row-sparse parameters (params ... steps) with each one's rows given as a uint8 mask (out,),
-//   the form the sparse layers mark: the rows are its set entries, the mask is cleared in the
-//   same pass and the rows are marked in dirty[i] (those zero_grad must clear); a parameter with
-//   no row marked takes no step (its step count stays);
+//   the form the sparse layers mark: the rows are its set entries whose gradient row is not all
+//   zero (all rows where all are set), the mask is cleared in the same pass and the rows stepped are marked in dirty[i]
+//   (those zero_grad must clear); a parameter with no such row takes no step (its step count
+//   stays);
 // - the dense parameters (dense_*) by PyTorch's own fused Adam (at::_fused_adam_, after their
 //   step counts move by one), exactly as torch.optim.Adam(fused=True) steps them.
 // Returns, per row-sparse parameter, the number of rows stepped, or -1 where it cannot take the
@@ -391,7 +422,7 @@ std::vector<int64_t> lazy_row_adam_step_(
                   steps[i])) {
       continue;
     }
-    const std::vector<int64_t> rows = take_rows(masks[i], dirty[i]);
+    const std::vector<int64_t> rows = take_rows(masks[i], dirty[i], grads[i]);
     counts[i] = static_cast<int64_t>(rows.size());
     if (rows.empty()) continue;
     const double step = bump_step(steps[i]);
