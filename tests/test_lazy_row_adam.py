@@ -355,3 +355,39 @@ def test_discarded_first_backward_moves_nothing(backend, layer_kind):
     opt.step()
     assert torch.equal(sparse, before)
     assert float(opt.state[sparse].get("step", 0)) == 0
+
+
+@pytest.mark.parametrize("form", ["mask", "rows"])
+def test_rows_of_zero_gradient_take_no_step_unless_all_rows_are_given(form):
+    """Marked rows whose gradient row is all zero (-0 included) are left alone: no move, no
+    moment decay, not marked dirty; no step at all (count unchanged) if every marked row is
+    such. Where every row is given (a dense backward), every row steps, as torch's Adam."""
+    p, m, v = _tensors(6, 4, torch.float64, seed=12)
+    m += 0.5  # momentum: a step of a zero-gradient row would move it
+    v += 0.25
+    g = torch.randn(6, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(13))
+    g[1] = 0
+    g[3] = -0.0
+    g[4, :3] = 0  # one non-zero element is enough
+    s = torch.zeros(())
+    dirty = torch.zeros(6, dtype=torch.uint8)
+
+    def step(rows):
+        if form == "mask":
+            return _step_op([p], [m], [v], [g], [_mask(6, rows)], [dirty], [s])
+        _op(p, m, v, g, torch.tensor(rows), s)
+        return None
+
+    for rows, stepped in (([1, 3], []), ([0, 1, 3, 4], [0, 4]), (list(range(6)), list(range(6)))):
+        before = [t.clone() for t in (p, m, v)]
+        count_before = s.item()
+        counts = step(rows)
+        moved = [r for r in range(6) if not torch.equal(p[r], before[0][r])]
+        assert moved == stepped
+        for t, t0 in zip((m, v), before[1:], strict=True):
+            assert [r for r in range(6) if not torch.equal(t[r], t0[r])] == stepped
+        assert s.item() == count_before + (1 if stepped else 0)
+        if form == "mask":
+            assert counts == [len(rows)]  # the rows taken from the mask
+            assert dirty.nonzero().flatten().tolist() == stepped  # what zero_grad clears
+            dirty.zero_()

@@ -340,9 +340,9 @@ bool can_take(const at::Tensor& param, const at::Tensor& exp_avg, const at::Tens
 }
 
 // The rows set in a mask whose gradient row is not all zero, in increasing order; clears the
-// mask and marks those rows in `dirty`.
+// mask, marks those rows in `dirty` and counts every row that was set in `*taken`.
 std::vector<int64_t> take_rows(const at::Tensor& mask, const at::Tensor& dirty,
-                               const at::Tensor& grad) {
+                               const at::Tensor& grad, int64_t* taken) {
   uint8_t* m = mask.data_ptr<uint8_t>();
   uint8_t* d = dirty.data_ptr<uint8_t>();
   const int64_t n = mask.numel();
@@ -350,9 +350,11 @@ std::vector<int64_t> take_rows(const at::Tensor& mask, const at::Tensor& dirty,
   // every row is stepped, zero or not, as torch.optim.Adam steps them
   const bool all = std::all_of(m, m + n, [](uint8_t v) { return v != 0; });
   std::vector<int64_t> rows;
+  *taken = 0;
   for (int64_t r = 0; r < n; ++r) {
     if (m[r]) {
       m[r] = 0;
+      ++*taken;
       if (!all && row_is_zero(grad, r)) continue;
       rows.push_back(r);
       d[r] = 1;
@@ -393,7 +395,8 @@ namespace msbp {
 //   stays);
 // - the dense parameters (dense_*) by PyTorch's own fused Adam (at::_fused_adam_, after their
 //   step counts move by one), exactly as torch.optim.Adam(fused=True) steps them.
-// Returns, per row-sparse parameter, the number of rows stepped, or -1 where it cannot take the
+// Returns, per row-sparse parameter, the number of rows its mask had set (those of zero gradient
+// among them took no step; 0: the parameter took no part), or -1 where it cannot take the
 // tensors (not CPU, not contiguous, another dtype or shape...): that parameter is left entirely
 // alone, mask included, for the caller.
 std::vector<int64_t> lazy_row_adam_step_(
@@ -422,14 +425,14 @@ std::vector<int64_t> lazy_row_adam_step_(
                   steps[i])) {
       continue;
     }
-    const std::vector<int64_t> rows = take_rows(masks[i], dirty[i], grads[i]);
-    counts[i] = static_cast<int64_t>(rows.size());
+    const std::vector<int64_t> rows = take_rows(masks[i], dirty[i], grads[i], &counts[i]);
     if (rows.empty()) continue;
     const double step = bump_step(steps[i]);
     AT_DISPATCH_FLOATING_TYPES_AND2(
         at::kBFloat16, at::kHalf, params[i].scalar_type(), "lazy_row_adam_step_", [&] {
           row_adam_one<scalar_t>(params[i], exp_avgs[i], exp_avg_sqs[i], grads[i], rows.data(),
-                                 counts[i], step, lr, beta1, beta2, eps, weight_decay);
+                                 static_cast<int64_t>(rows.size()), step, lr, beta1, beta2, eps,
+                                 weight_decay);
         });
     bump_versions(params[i], exp_avgs[i], exp_avg_sqs[i], steps[i]);
   }
