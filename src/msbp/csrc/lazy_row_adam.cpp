@@ -21,9 +21,9 @@
 // A parameter group's whole step: the same row step with each parameter's rows given as the
 // uint8 row mask the sparse layers mark (consumed: cleared, the rows stepped marked in `dirty`),
 // and the dense parameters by PyTorch's fused Adam; and the zeroing of the gradient rows such
-// masks mark. They are what LazyRowAdam's CPU path calls, so that its step() and zero_grad() run one
-// op and no tensor op per parameter from Python (at MNIST size that bookkeeping cost more than
-// the update itself).
+// masks mark. They are what LazyRowAdam's CPU path calls, so that its step() and zero_grad()
+// run one op and no tensor op per parameter from Python (at MNIST size that bookkeeping cost
+// more than the update itself).
 //
 // Why ATen's Vectorized and not a plain loop for the compiler: std::sqrt may set errno, so
 // without -fno-math-errno GCC vectorises no loop that takes a square root. The build's flags are
@@ -273,10 +273,11 @@ void check_one(const at::Tensor& param, const at::Tensor& exp_avg, const at::Ten
 bool row_is_zero(const at::Tensor& grad, int64_t r) {
   const int64_t width = grad.numel() / grad.size(0);
   bool zero = true;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, grad.scalar_type(), "row_is_zero", [&] {
-    const scalar_t* g = grad.const_data_ptr<scalar_t>() + r * width;
-    for (int64_t e = 0; e < width && zero; ++e) zero = !(g[e] != scalar_t(0));
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kBFloat16, at::kHalf, grad.scalar_type(), "row_is_zero", [&] {
+        const scalar_t* g = grad.const_data_ptr<scalar_t>() + r * width;
+        for (int64_t e = 0; e < width && zero; ++e) zero = !(g[e] != scalar_t(0));
+      });
   return zero;
 }
 
@@ -390,9 +391,9 @@ namespace msbp {
 // One parameter group's step on the CPU, in one call from Python:
 // - the row-sparse parameters (params ... steps) with each one's rows given as a uint8 mask (out,),
 //   the form the sparse layers mark: the rows are its set entries whose gradient row is not all
-//   zero (all rows where all are set), the mask is cleared in the same pass and the rows stepped are marked in dirty[i]
-//   (those zero_grad must clear); a parameter with no such row takes no step (its step count
-//   stays);
+//   zero (all rows where all are set), the mask is cleared in the same pass and the rows
+//   stepped are marked in dirty[i] (those zero_grad must clear); a parameter with no such row
+//   takes no step (its step count stays);
 // - the dense parameters (dense_*) by PyTorch's own fused Adam (at::_fused_adam_, after their
 //   step counts move by one), exactly as torch.optim.Adam(fused=True) steps them.
 // Returns, per row-sparse parameter, the number of rows its mask had set (those of zero gradient
