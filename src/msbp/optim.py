@@ -236,6 +236,21 @@ def _taken_log(p: Tensor) -> list[Tensor | None]:
     return [None] if WEIGHT_TIED in p.__dict__ else log
 
 
+def _rows_with_gradient(p: Tensor, grad: Tensor, rows: Tensor) -> tuple[Tensor, Tensor]:
+    """``rows`` (r,) of ``p`` and their gradient ``grad[rows]``, less the rows whose gradient is
+    all zero, as the native step leaves them out: on the CPU, unless ``rows`` is every row (a
+    dense backward, stepped whole as by torch's Adam); elsewhere telling would cost a sync."""
+    grad_rows = grad.index_select(0, rows)  # (r, ...)
+    if not p.is_cpu or rows.numel() == p.shape[0]:
+        return rows, grad_rows
+    live = torch.zeros(rows.numel(), dtype=torch.bool)  # rows of width 0
+    if grad_rows.numel():  # (amax: ~30x faster here than any or aminmax)
+        live = grad_rows.reshape(rows.numel(), -1).abs().amax(1) != 0  # NaN is live
+    if bool(live.all()):
+        return rows, grad_rows
+    return rows[live], grad_rows[live]
+
+
 def _zero_whole(p: Tensor, grad: Tensor, set_to_none: bool) -> None:
     """What ``Optimizer.zero_grad`` does to one gradient."""
     if set_to_none:
@@ -585,35 +600,25 @@ class LazyRowAdam(Optimizer):
     def _route(self, p: Tensor, grad: Tensor, state: dict, plan: str | Tensor,
                lists: _StepLists, native_cpu: bool) -> None:
         """Put ``p`` on the list its plan says (or nowhere: skipped)."""
-        if plan is _SKIP:
-            if state.get("row_sparse"):
-                self._track(p).look(grad)
-            return
         if plan is _DENSE:
             rows = None
             lists.dense(p, grad, state)
-        else:
+        elif plan is not _SKIP:
             rows = plan if plan.dtype == torch.long else plan.long()
             if not rows.is_contiguous():
                 rows = rows.contiguous()
             if native_cpu and p.is_cpu and _native_rows_ok(p, grad, state):
                 lists.rows(p, grad, state, rows)  # its rows of zero gradient left out there
             else:
-                rows = rows.to(p.device)
-                g_r = grad.index_select(0, rows)  # (r, ...)
-                # as the native step: no step for a row of zero gradient, unless every row
-                # was written (a dense backward: a dense step, as torch's Adam's)
-                if p.is_cpu and rows.numel() < p.shape[0]:
-                    live = torch.zeros(rows.numel(), dtype=torch.bool)  # rows of width 0
-                    if g_r.numel():  # (amax: ~30x faster here than any or aminmax)
-                        live = g_r.reshape(rows.numel(), -1).abs().amax(1) != 0  # NaN is live
-                    if not bool(live.all()):
-                        rows, g_r = rows[live], g_r[live]
-                        if not rows.numel():
-                            if state.get("row_sparse"):
-                                self._track(p).look(grad)
-                            return
-                lists.gather(p, g_r, state, rows)
+                rows, grad_rows = _rows_with_gradient(p, grad, rows.to(p.device))
+                if rows.numel():
+                    lists.gather(p, grad_rows, state, rows)
+                else:
+                    plan = _SKIP
+        if plan is _SKIP:
+            if state.get("row_sparse"):
+                self._track(p).look(grad)
+            return
         if state.get("row_sparse"):
             track = self._track(p)
             track.stepped(rows)
