@@ -9,6 +9,7 @@ import fnmatch
 import re
 import sys
 import warnings
+import weakref
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
@@ -74,6 +75,10 @@ CONFIG_FN_NONE = "config_fn returned None"
 PROJ_SIZE = "proj_size is not supported: SparseLSTM has no projection"
 NO_COUNTERPART = "no sparse counterpart in msbp"
 LAZY = "lazy module not initialised: run one forward before sparsify"
+FORWARD_REPLACED = (
+    "its forward is replaced on the instance (e.g. by accelerate's hooks), which a new module "
+    "would not have"
+)
 _CHOSEN_DENSE = (EXCLUDED, NOT_INCLUDED, CONFIG_FN_NONE)
 
 #: layers with weights like a linear layer's for which msbp has no sparse module
@@ -170,6 +175,17 @@ def _unsupported(module: nn.Module) -> str | None:
         return LAZY
     if type(module) is nn.LSTM and module.proj_size:
         return PROJ_SIZE
+    if "forward" in vars(module) and _convertible(module):
+        return FORWARD_REPLACED
+    computed = [n for n in _weight_names(module) if not isinstance(
+        module._parameters.get(n), nn.Parameter
+    )]
+    if computed:
+        return (
+            f"{', '.join(computed)} not a Parameter of its own but computed (e.g. by the "
+            "deprecated torch.nn.utils.weight_norm / spectral_norm; their "
+            "torch.nn.utils.parametrizations versions are reported as subclasses)"
+        )
     for base in _FAMILIES:
         if isinstance(module, base) and type(module) is not base:
             cls = type(module)
@@ -184,6 +200,17 @@ def _unsupported(module: nn.Module) -> str | None:
     ):
         return NO_COUNTERPART
     return None
+
+
+def _weight_names(module: nn.Module) -> list[str]:
+    """The weights a sparse counterpart takes over as Parameters, for the types it converts."""
+    if type(module) is nn.LSTM:
+        return list(module._flat_weights_names)
+    if type(module) is nn.MultiheadAttention:
+        if module._qkv_same_embed_dim:
+            return ["in_proj_weight"]
+        return ["q_proj_weight", "k_proj_weight", "v_proj_weight"]
+    return ["weight"] if _convertible(module) else []
 
 
 def _convertible(module: nn.Module) -> bool:
@@ -341,20 +368,23 @@ def _sparsify(
     hf_config = _hf_config(model)
     if hf_config is not None and not restoring:
         _warn_if_saved_sparse(model, hf_config, [name for name, _ in chosen])
-    for key, (name, module) in sparse.items():
-        note = module.reconfigure(configs[key])
-        if isinstance(module, SparseMultiheadAttention) and isinstance(
-            module.out_proj, MemoryMixin
-        ):
-            module.out_proj.reconfigure(configs[key])
-        if not module.name:
-            module.name = name
-        entries[key] = LayerReport(name, entries[key].kind, "reconfigured",
-                                   f"{_describe(module)}, {note}")
+
+    def reconfigure() -> None:  # once every conversion has succeeded
+        for key, (name, module) in sparse.items():
+            note = module.reconfigure(configs[key])
+            if isinstance(module, SparseMultiheadAttention) and isinstance(
+                module.out_proj, MemoryMixin
+            ):
+                module.out_proj.reconfigure(configs[key])
+            if not module.name:
+                module.name = name
+            entries[key] = LayerReport(name, entries[key].kind, "reconfigured",
+                                       f"{_describe(module)}, {note}")
+
     root = _replace(
         model, chosen,
         lambda module: _sparse_class(module).from_dense(module, configs[id(module)]),
-        name_them=True,
+        name_them=True, before_swap=reconfigure,
     )
     for name, module in chosen:
         if entries[id(module)].status == "pending":
@@ -488,24 +518,57 @@ def _replace(
     chosen: list[tuple[str, nn.Module]],
     convert: Callable[[nn.Module], nn.Module],
     name_them: bool = False,
+    before_swap: Callable[[], None] | None = None,
 ) -> nn.Module:
     """Swap every chosen module for ``convert(module)`` in place; returns the (new) root.
 
-    A module shared under several names is converted once and stays shared.
+    A module shared under several names is converted once and stays shared. Every module is
+    converted before the first is swapped in (and ``before_swap`` runs between), so a
+    conversion that raises leaves the model as it was. Module hooks move to the new module.
     """
     converted: dict[int, nn.Module] = {}
-    root = model
     for name, module in chosen:
-        new = converted.get(id(module))
-        if new is None:
+        if id(module) not in converted:
             new = converted[id(module)] = convert(module)
             if name_them:
                 new.name = name
+    if before_swap is not None:
+        before_swap()
+    for module in {id(m): m for _, m in chosen}.values():
+        _carry_hooks(module, converted[id(module)])
+    root = model
+    for name, module in chosen:
         if name == "":
-            root = new
+            root = converted[id(module)]
         else:
-            _swap(model, name, new)
+            _swap(model, name, converted[id(module)])
     return root
+
+
+#: the hook registries of ``nn.Module`` (forward, backward, state dict)
+_HOOK_DICTS = (
+    "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks",
+    "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_backward_pre_hooks",
+    "_backward_hooks", "_state_dict_pre_hooks", "_state_dict_hooks",
+    "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks",
+)
+
+
+def _carry_hooks(old: nn.Module, new: nn.Module) -> None:
+    """Give ``new`` the hooks registered on ``old`` (the same registries: the handles their
+    owners hold still remove them), a ``with_module`` hook then called with ``new``."""
+    for attr in _HOOK_DICTS:
+        hooks = getattr(old, attr, None)
+        if not hooks:
+            continue
+        hooks.update(getattr(new, attr, {}))
+        setattr(new, attr, hooks)
+        for hook in hooks.values():
+            if getattr(hook, "with_module", False) and isinstance(hook.__dict__.get("module"),
+                                                                  weakref.ref):
+                hook.module = weakref.ref(new)
+    if old._backward_hooks:
+        new._is_full_backward_hook = old._is_full_backward_hook
 
 
 def densify(model: nn.Module) -> nn.Module:

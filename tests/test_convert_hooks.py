@@ -1,0 +1,204 @@
+"""sparsify / densify keep what users attached to a layer: module hooks move to the new module
+(their handles still remove them); a layer whose weight is computed, or whose forward was
+replaced on the instance, is left dense; a conversion that fails leaves the model as it was."""
+
+from __future__ import annotations
+
+import functools
+import gc
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import msbp
+from msbp import SparseBackpropConfig, SparseLinear, densify, sparsify
+from msbp.convert import FORWARD_REPLACED
+
+CFG = SparseBackpropConfig(k=3, memory=0.5)
+DT = torch.float64
+
+
+def mlp() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 5)).to(DT)
+
+
+def attach(model: nn.Sequential, log: list) -> dict:
+    """Hooks of every kind on model[2]; returns what they saw."""
+    seen: dict = {}
+    layer = model[2]
+
+    def pre(mod, args):
+        log.append("pre")
+        args[0].retain_grad()
+        seen["input"] = args[0]
+
+    def pre_kw(mod, args, kwargs):
+        log.append("pre_kw")
+
+    def fwd(mod, args, out):
+        log.append("fwd")
+        seen["output"] = out.detach().clone()
+
+    def fwd_kw(mod, args, kwargs, out):
+        log.append("fwd_kw")
+
+    def bwd_pre(mod, grad_output):
+        log.append("bwd_pre")
+
+    def bwd(mod, grad_input, grad_output):
+        log.append("bwd")
+        seen["grad_input"] = grad_input[0].clone()
+        seen["grad_output"] = grad_output[0].clone()
+
+    def sd(mod, state, prefix, local_metadata):
+        log.append("state_dict")
+
+    seen["handles"] = [
+        layer.register_forward_pre_hook(pre),
+        layer.register_forward_pre_hook(pre_kw, with_kwargs=True),
+        layer.register_forward_hook(fwd),
+        layer.register_forward_hook(fwd_kw, with_kwargs=True, always_call=True),
+        layer.register_full_backward_pre_hook(bwd_pre),
+        layer.register_full_backward_hook(bwd),
+        layer.register_state_dict_post_hook(sd) if hasattr(layer, "register_state_dict_post_hook")
+        else layer._register_state_dict_hook(sd),
+    ]
+    return seen
+
+
+def run(model: nn.Module) -> None:
+    torch.manual_seed(1)
+    x = torch.randn(4, 6, dtype=DT)
+    model(x).pow(2).sum().backward()
+    model.state_dict()
+
+
+def test_module_hooks_move_to_the_sparse_layer(backend):
+    dense, log_dense = mlp(), []
+    seen_dense = attach(dense, log_dense)
+    model, log = mlp(), []
+    seen = attach(model, log)
+    sparsify(model, CFG)
+    assert isinstance(model[2], SparseLinear)
+    run(dense)
+    run(model)
+    assert log == log_dense == [
+        "pre", "pre_kw", "fwd", "fwd_kw", "bwd_pre", "bwd", "state_dict"
+    ]
+    torch.testing.assert_close(seen["output"], seen_dense["output"], rtol=0, atol=0)
+    # the layer's own output gradient is exact; what it passes down is its sparse dx, which is
+    # what autograd delivered to its input
+    torch.testing.assert_close(seen["grad_output"], seen_dense["grad_output"], rtol=0, atol=0)
+    torch.testing.assert_close(seen["grad_input"], seen["input"].grad, rtol=0, atol=0)
+    assert not torch.equal(seen["grad_input"], seen_dense["grad_input"])  # k = 3 of 5
+
+
+def test_hook_handles_still_remove_them_and_densify_keeps_them(backend):
+    model, log = mlp(), []
+    seen = attach(model, log)
+    sparsify(model, CFG)
+    for handle in seen["handles"][1:]:
+        handle.remove()
+    run(model)
+    assert log == ["pre"]
+    densify(model)
+    assert type(model[2]) is nn.Linear
+    run(model)
+    assert log == ["pre", "pre"]
+    seen["handles"][0].remove()
+    run(model)
+    assert log == ["pre", "pre"]
+
+
+@pytest.mark.parametrize("family", ["conv1d", "conv2d", "lstm", "attention", "hf_conv1d"])
+def test_forward_hooks_move_for_every_family(family):
+    if family == "hf_conv1d":
+        pytest.importorskip("transformers")
+        from transformers.pytorch_utils import Conv1D
+    layer, x = {
+        "conv1d": (nn.Conv1d(3, 6, 3), torch.randn(2, 3, 7)),
+        "conv2d": (nn.Conv2d(3, 6, 3), torch.randn(2, 3, 7, 7)),
+        "lstm": (nn.LSTM(4, 8), torch.randn(5, 2, 4)),
+        "attention": (nn.MultiheadAttention(8, 2), torch.randn(5, 2, 8)),
+        "hf_conv1d": (Conv1D(6, 4), torch.randn(2, 4)) if family == "hf_conv1d" else (None, None),
+    }[family]
+    model = nn.Sequential(layer)
+    calls = []
+    layer.register_forward_hook(lambda mod, args, out: calls.append(type(mod).__name__))
+    sparsify(model, SparseBackpropConfig(k=2))
+    if family == "attention":
+        model[0](x, x, x)
+    else:
+        model(x)
+    assert calls == [type(model[0]).__name__] and calls[0].startswith("Sparse")
+
+
+def test_load_state_dict_pre_hook_is_called_with_the_new_module():
+    model = mlp()
+    got = []
+    model[0].register_load_state_dict_pre_hook(lambda mod, *args: got.append(mod))
+    sparsify(model, CFG)
+    gc.collect()  # the replaced nn.Linear is gone
+    model.load_state_dict(model.state_dict())
+    assert got == [model[0]]
+
+
+def test_layer_with_a_computed_weight_is_left_dense():
+    """The deprecated ``nn.utils.weight_norm`` makes ``weight`` a tensor computed by a forward
+    pre-hook from two Parameters; sparsify raised TypeError half way through converting."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        model = mlp()
+        model[0] = nn.utils.weight_norm(model[0])
+    with pytest.warns(UserWarning, match=r"sparsify left 1 layer.*0 \(weight not a Parameter"):
+        sparsify(model, CFG)
+    assert type(model[0]) is nn.Linear and isinstance(model[2], SparseLinear)
+    assert "weight not a Parameter of its own" in model.sparsify_report.dense["0"]
+    run(model)
+    assert model[0].weight_v.grad is not None and model[2].weight.grad is not None
+
+
+def test_layer_whose_forward_was_replaced_is_left_dense():
+    """As ``accelerate``'s hooks do: ``module.forward`` wraps the old module's bound forward,
+    which a new module would silently drop."""
+    model = mlp()
+    calls = []
+    old_forward = model[0].forward
+
+    def wrapped(module, *args):
+        calls.append(1)
+        return old_forward(*args)
+
+    model[0].forward = functools.partial(wrapped, model[0])
+    with pytest.warns(UserWarning, match="forward is replaced on the instance"):
+        sparsify(model, CFG)
+    assert model.sparsify_report.dense == {"0": FORWARD_REPLACED}
+    assert type(model[0]) is nn.Linear and isinstance(model[2], SparseLinear)
+    run(model)
+    assert calls == [1]
+
+
+def test_a_failed_conversion_leaves_the_model_as_it_was(monkeypatch):
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 5))
+    sparsify(model, SparseBackpropConfig(k=2), include="4")
+    before = [type(m) for m in model]
+    original = SparseLinear.from_dense.__func__
+    calls = []
+
+    def failing(cls, linear, config=None):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("conversion failed")
+        return original(cls, linear, config)
+
+    monkeypatch.setattr(SparseLinear, "from_dense", classmethod(failing))
+    with pytest.raises(RuntimeError, match="conversion failed"):
+        sparsify(model, SparseBackpropConfig(k=4))
+    assert [type(m) for m in model] == before
+    assert model[4].k == 2  # not reconfigured either
+    monkeypatch.undo()
+    msbp.sparsify(model, SparseBackpropConfig(k=4))
+    assert [m.k for m in model if isinstance(m, SparseLinear)] == [4, 4, 4]
