@@ -11,6 +11,7 @@ import warnings
 import pytest
 import torch
 from torch import nn
+from torch.nn.utils import prune
 
 import msbp
 from msbp import SparseBackpropConfig, SparseLinear, densify, sparsify
@@ -146,19 +147,24 @@ def test_load_state_dict_pre_hook_is_called_with_the_new_module():
     assert got == [model[0]]
 
 
-def test_layer_with_a_computed_weight_is_left_dense():
-    """The deprecated ``nn.utils.weight_norm`` makes ``weight`` a tensor computed by a forward
-    pre-hook from two Parameters; sparsify raised TypeError half way through converting."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        model = mlp()
-        model[0] = nn.utils.weight_norm(model[0])
+@pytest.mark.parametrize("how", ["weight_norm", "prune"])
+def test_layer_with_a_computed_weight_is_left_dense(how):
+    """The deprecated ``nn.utils.weight_norm`` and ``nn.utils.prune`` make ``weight`` a tensor
+    computed by a forward pre-hook; sparsify raised TypeError half way through converting."""
+    model = mlp()
+    if how == "prune":
+        prune.l1_unstructured(model[0], "weight", amount=0.5)
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            model[0] = nn.utils.weight_norm(model[0])
     with pytest.warns(UserWarning, match=r"sparsify left 1 layer.*0 \(weight not a Parameter"):
         sparsify(model, CFG)
     assert type(model[0]) is nn.Linear and isinstance(model[2], SparseLinear)
     assert "weight not a Parameter of its own" in model.sparsify_report.dense["0"]
     run(model)
-    assert model[0].weight_v.grad is not None and model[2].weight.grad is not None
+    original = model[0].weight_v if how == "weight_norm" else model[0].weight_orig
+    assert original.grad is not None and model[2].weight.grad is not None
 
 
 def test_layer_whose_forward_was_replaced_is_left_dense():

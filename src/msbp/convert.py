@@ -182,8 +182,8 @@ def _unsupported(module: nn.Module) -> str | None:
     )]
     if computed:
         return (
-            f"{', '.join(computed)} not a Parameter of its own but computed (e.g. by the "
-            "deprecated torch.nn.utils.weight_norm / spectral_norm; their "
+            f"{', '.join(computed)} not a Parameter of its own but computed (e.g. by "
+            "torch.nn.utils.prune or the deprecated weight_norm / spectral_norm; the "
             "torch.nn.utils.parametrizations versions are reported as subclasses)"
         )
     for base in _FAMILIES:
