@@ -128,6 +128,21 @@ def test_native_and_pytorch_paths_train_alike(order, optimizer):
                                        msg=f"step {step}: {key}")
 
 
+def test_gradient_checkpointing_gives_the_same_steps():
+    """peft needs the input embeddings to require grad for checkpointing; with that alone the
+    steps must be the same (without it layer 0's frozen layers run no backward at all, so their
+    memory stays empty while the trained weights' gradients are the same)."""
+    plain = _lora("before")
+    plain.enable_input_require_grads()
+    checkpointed = _lora("before")
+    checkpointed.gradient_checkpointing_enable()
+    checkpointed.enable_input_require_grads()
+    for want, got in zip(_train(plain), _train(checkpointed), strict=True):
+        assert want.keys() == got.keys()
+        for key, value in want.items():
+            torch.testing.assert_close(got[key], value, rtol=0, atol=0, msg=key)
+
+
 @pytest.mark.parametrize("order", ORDERS)
 def test_evaluation_merging_and_densify_are_the_dense_model(order):
     model = _lora(order)
