@@ -127,6 +127,39 @@ def test_densify_removes_the_record():
     assert "msbp" not in model.config.to_dict()
 
 
+class _Wrapper(torch.nn.Module):
+    """A module holding a transformers model, forwarding ``config`` and ``save_pretrained`` as
+    peft's ``PeftModel`` does (which holds it as ``base_model.model``)."""
+
+    def __init__(self, model: BertModel) -> None:
+        super().__init__()
+        self.inner = torch.nn.ModuleDict({"model": model})
+
+    @property
+    def config(self):
+        return self.inner["model"].config
+
+    def save_pretrained(self, path, **kwargs) -> None:
+        raise AssertionError("a peft model writes its adapters only, no config.json")
+
+
+def test_a_wrapped_model_records_under_its_own_names():
+    wrapper = msbp.sparsify(_Wrapper(_bert()), CFG, include="inner.model.encoder.layer.0.*")
+    layers = json.loads(wrapper.config.to_json_string())["msbp"]["layers"]
+    assert set(layers) == {n.removeprefix("inner.model.")
+                           for n in wrapper.sparsify_report.converted}
+    assert "encoder.layer.0.attention.self.query" in layers
+    msbp.densify(wrapper)  # a stale record would make plain from_pretrained + sparsify warn
+    assert "msbp" not in wrapper.config.to_dict()
+
+
+def test_msbp_save_of_a_wrapper_says_what_to_save(tmp_path):
+    wrapper = msbp.sparsify(_Wrapper(_bert()), CFG)
+    with pytest.raises(ValueError, match=r"_Wrapper, which holds BertModel as 'inner.model'"):
+        msbp.save_pretrained(wrapper, tmp_path)
+    assert not os.listdir(tmp_path)
+
+
 def test_readme_transformers_example_runs(tmp_path, monkeypatch):
     from test_checkpoint import _readme_blocks
 

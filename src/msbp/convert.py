@@ -365,9 +365,11 @@ def _sparsify(
                if (convs := _names_of(model, (nn.Conv1d, nn.Conv2d))) else "")
             + "\n" + str(report)
         )
-    hf_config = _hf_config(model)
-    if hf_config is not None and not restoring:
-        _warn_if_saved_sparse(model, hf_config, [name for name, _ in chosen])
+    owner = _hf_owner(model)
+    hf_config = owner[1].config if owner is not None else None
+    if owner is not None and not restoring:
+        inside = [_relative(name, owner[0]) for name, _ in chosen]
+        _warn_if_saved_sparse(owner[1], hf_config, [n for n in inside if n is not None])
 
     def reconfigure() -> None:  # once every conversion has succeeded
         for key, (name, module) in sparse.items():
@@ -455,12 +457,33 @@ def _names_of(model: nn.Module, kind: type | tuple[type, ...]) -> list[str]:
 HF_RECORD = "msbp"
 
 
-def _hf_config(model: nn.Module):
-    """The transformers config of ``model`` if it is a ``PreTrainedModel``, else None (imports
-    nothing: a model can only be one if transformers' modeling_utils is imported already)."""
+def _hf_owner(model: nn.Module) -> tuple[str, nn.Module] | None:
+    """(qualified name, module) of the outermost transformers ``PreTrainedModel`` in ``model``:
+    ``model`` itself, or the one a wrapper holds (peft's ``PeftModel`` holds it as
+    ``base_model.model``), so that its config records the sparse layers it holds whichever module
+    ``sparsify`` or ``densify`` was given; None without one (imports nothing: a model can only
+    hold one if transformers' modeling_utils is imported already)."""
     modeling = sys.modules.get("transformers.modeling_utils")
     base = getattr(modeling, "PreTrainedModel", None)
-    return model.config if base is not None and isinstance(model, base) else None
+    if base is None:
+        return None
+    for name, module in model.named_modules():
+        if isinstance(module, base):
+            return name, module
+    return None
+
+
+def _hf_config(model: nn.Module):
+    """The config of the transformers model ``model`` is or holds (``_hf_owner``), else None."""
+    owner = _hf_owner(model)
+    return owner[1].config if owner is not None else None
+
+
+def _relative(name: str, prefix: str) -> str | None:
+    """``name`` relative to the module named ``prefix``, None if it is not inside it."""
+    if not prefix:
+        return name
+    return name[len(prefix) + 1:] if name.startswith(prefix + ".") else None
 
 
 def sparse_layer_record(model: nn.Module) -> dict | None:
@@ -483,6 +506,12 @@ def sparse_layer_record(model: nn.Module) -> dict | None:
 
 
 def _record(model: nn.Module, hf_config) -> None:
+    """Record in ``hf_config`` the sparse layers of the transformers model that owns it: ``model``
+    itself or the one it holds (names relative to that model, as its ``save_pretrained`` writes
+    them)."""
+    owner = _hf_owner(model)
+    if owner is not None and owner[1].config is hf_config:
+        model = owner[1]
     record = sparse_layer_record(model)
     if record is None:
         if hasattr(hf_config, HF_RECORD):

@@ -21,7 +21,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from msbp.config import SparseBackpropConfig
-from msbp.convert import HF_RECORD, _record, _sparsify, sparse_layer_record
+from msbp.convert import HF_RECORD, _hf_owner, _record, _sparsify, sparse_layer_record
 from msbp.nn.memory import MemoryMixin, dense_state_dict, memory_state_dict
 
 #: the file ``save_pretrained`` writes the memories to, next to the weights
@@ -49,6 +49,18 @@ def save_pretrained(model: nn.Module, save_directory: str | os.PathLike, **kwarg
             f"msbp.save_pretrained needs a transformers PreTrainedModel, got "
             f"{type(model).__name__}; for other models save model.state_dict() (memory "
             "included) or msbp.dense_state_dict(model)"
+        )
+    owner = _hf_owner(model)
+    if owner is not None and owner[0]:
+        # a wrapper that forwards save_pretrained and config (peft's PeftModel): its
+        # save_pretrained writes the adapters only, without config.json, so from_pretrained
+        # could not load what this would write
+        raise ValueError(
+            f"msbp.save_pretrained needs a transformers PreTrainedModel, got "
+            f"{type(model).__name__}, which holds {type(owner[1]).__name__} as {owner[0]!r}; "
+            "for a peft model merge the adapters first (model.merge_and_unload()) and save the "
+            "merged model with msbp.save_pretrained, or save the adapters with "
+            "model.save_pretrained and the memories with msbp.memory_state_dict(model)"
         )
     _record(model, model.config)
     state = kwargs.pop("state_dict", None)
