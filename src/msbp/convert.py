@@ -79,7 +79,11 @@ FORWARD_REPLACED = (
     "its forward is replaced on the instance (e.g. by accelerate's hooks), which a new module "
     "would not have"
 )
-_CHOSEN_DENSE = (EXCLUDED, NOT_INCLUDED, CONFIG_FN_NONE)
+LORA_ADAPTER = (
+    "a peft LoRA adapter: rank-r products gain nothing from sparse backprop and lose gradient "
+    "rows (sparsify converts it only where include names it)"
+)
+_CHOSEN_DENSE = (EXCLUDED, NOT_INCLUDED, CONFIG_FN_NONE, LORA_ADAPTER)
 
 #: layers with weights like a linear layer's for which msbp has no sparse module
 _NO_COUNTERPART_TYPES: tuple[type[nn.Module], ...] = (
@@ -200,6 +204,15 @@ def _unsupported(module: nn.Module) -> str | None:
     ):
         return NO_COUNTERPART
     return None
+
+
+def _lora_adapter(model: nn.Module, name: str) -> bool:
+    """Whether ``name`` is one of peft's LoRA adapters (``<layer>.lora_A.<adapter>``)."""
+    parts = name.split(".")
+    if len(parts) < 3 or parts[-2] not in ("lora_A", "lora_B"):
+        return False
+    owner = model.get_submodule(".".join(parts[:-2]))
+    return type(owner).__module__.startswith("peft.")
 
 
 def _weight_names(module: nn.Module) -> list[str]:
@@ -324,6 +337,8 @@ def _sparsify(
         if not (is_sparse or _convertible(module) or why):
             continue  # not a layer sparsify knows
         filter_why = filtered(name, module)
+        if filter_why is None and keep is None and not is_sparse and _lora_adapter(model, name):
+            filter_why = LORA_ADAPTER
         if filter_why is not None:
             status = "unchanged" if is_sparse else "dense"
             entries[id(module)] = LayerReport(name, kind, status, filter_why)
