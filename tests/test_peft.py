@@ -204,3 +204,25 @@ def test_densify_of_a_peft_model_removes_the_record():
 def test_msbp_save_pretrained_of_a_peft_model_says_what_to_save(tmp_path):
     with pytest.raises(ValueError, match="merge_and_unload"):
         msbp.save_pretrained(_lora("after"), tmp_path)
+
+
+def test_merged_model_saved_plainly_loads_with_msbp_from_pretrained(tmp_path):
+    """Sparsified inside the PeftModel, its layers were recorded as ``...q_proj.base_layer``;
+    merge_and_unload puts them at ``...q_proj``, and a plain save_pretrained (HF Trainer's)
+    keeps the record as it was."""
+    model = _lora("after")
+    _train(model, steps=1)
+    merged = model.merge_and_unload()
+    memories = msbp.memory_state_dict(merged)
+    assert memories and not any("base_layer" in key for key in memories)
+    merged.save_pretrained(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loaded = msbp.from_pretrained(type(merged), tmp_path)
+    assert sorted(loaded.sparsify_report.converted) == sorted(
+        key.removesuffix(".memory") for key in memories
+    )
+    got = msbp.memory_state_dict(loaded)
+    assert got.keys() == memories.keys()
+    for key, value in memories.items():
+        assert torch.equal(got[key], value), key

@@ -124,17 +124,29 @@ def from_pretrained(model_cls: Any, path: str | os.PathLike, *args: Any, **kwarg
     return model
 
 
+_PEFT_BASE = "base_layer"
+
+
 def _renamer(
     saved: list[str], names: dict[str, nn.Module], prefix: str
 ) -> Callable[[str], str | None] | None:
     """Map the record's layer names onto the model's: as they are, or with the base model
     prefix removed (a head model saved, its base model loaded: the head's layers are dropped,
-    None) or added (the base model saved, a head model loaded)."""
+    None) or added (the base model saved, a head model loaded); each also without peft's
+    ``base_layer`` parts (a model sparsified inside a ``PeftModel``, then merged: peft put the
+    base layers where their LoRA wrappers were)."""
     candidates: list[Callable[[str], str | None]] = [lambda n: n]
     if prefix:
         candidates += [
             lambda n: n.removeprefix(prefix + ".") if n.startswith(prefix + ".") else None,
             lambda n: f"{prefix}.{n}",
+        ]
+    if any(_PEFT_BASE in n.split(".") for n in saved):
+        candidates += [
+            lambda n, rename=rename: rename(
+                ".".join(part for part in n.split(".") if part != _PEFT_BASE)
+            )
+            for rename in candidates
         ]
     for rename in candidates:
         mapped = [rename(n) for n in saved]
