@@ -38,9 +38,14 @@ def _timm_swinv2():
     # its position-bias MLP is Linear -> ReLU(inplace=True) on a 4-d input; its qkv layer,
     # with q and v biases, runs as F.linear(x, qkv.weight, bias): converted, but its sparse
     # forward never runs and it trains dense (README, "Saving, loading and reconfiguring")
-    return timm.create_model("swinv2_tiny_window8_256", pretrained=False, num_classes=CLASSES,
-                             img_size=SIZE, patch_size=4, window_size=4, embed_dim=8,
-                             depths=(1, 1), num_heads=(1, 2))
+    model = timm.create_model("swinv2_tiny_window8_256", pretrained=False, num_classes=CLASSES,
+                              img_size=SIZE, patch_size=4, window_size=4, embed_dim=8,
+                              depths=(1, 1), num_heads=(1, 2))
+    # its residual post-norms start at zero, which leaves attention without a gradient
+    for name, module in model.named_modules():
+        if name.endswith((".norm1", ".norm2")):
+            nn.init.ones_(module.weight)
+    return model
 
 
 def _tv_vit():
