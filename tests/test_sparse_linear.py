@@ -751,3 +751,19 @@ def test_kept_alias_of_an_old_gradient_is_not_overwritten(backend, how):
     assert torch.equal(torch.as_tensor(old), before)
     want = ref_step(cfg, x2, layer.weight, g2, None)[1]
     torch.testing.assert_close(layer.weight.grad, want, **tol(torch.float64))
+
+
+@pytest.mark.parametrize("shape", [(3, 4, D_IN), (1, 2, 3, D_IN)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_output_of_a_batched_input_can_be_modified_in_place(backend, shape, bias):
+    """F.linear returns a view of its 2-d result for a (*, in) input with more than one batch
+    dim; a custom autograd function's output that is such a view cannot be modified in place,
+    so `Linear -> ReLU(inplace=True)` (timm SwinV2's position-bias MLP) raised."""
+    layer = make_layer(D_IN, D_OUT, make_cfg(k=3, memory=0.8), bias=bias)
+    twin = copy.deepcopy(layer)
+    x = randn(*shape, gen=torch.Generator().manual_seed(1))
+    torch.relu_(layer(x)).square().sum().backward()
+    torch.relu(twin(x)).square().sum().backward()  # the out-of-place twin as the reference
+    torch.testing.assert_close(layer.weight.grad, twin.weight.grad, rtol=0, atol=0)
+    torch.testing.assert_close(layer.memory, twin.memory, rtol=0, atol=0)
+    assert layer.memory.any()

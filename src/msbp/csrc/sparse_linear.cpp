@@ -864,7 +864,11 @@ Tensor layer_forward(AutogradContext* ctx, const Tensor& x, const Tensor& weight
   ctx->saved_data["all_rows"] = all_rows;
   ctx->saved_data["has_memory"] = memory.numel() > 0;
   ctx->saved_data["has_bias"] = has_bias;
-  return at::linear(x, weight, has_bias ? std::optional<Tensor>(bias) : std::nullopt);
+  Tensor y = at::linear(x, weight, has_bias ? std::optional<Tensor>(bias) : std::nullopt);
+  // at::linear of a (*, in) input with a bias returns a view of its 2-d result, and a Function's
+  // output that is a view of a tensor made inside it cannot be modified in place
+  // (`Linear -> ReLU(inplace=True)` raised); detach is a free alias that is no view
+  return y.is_view() ? y.detach() : y;
 }
 
 // The backward of the layer y = x W^T + b (x: saved variable 0, W: 1; W at input w_at, b at

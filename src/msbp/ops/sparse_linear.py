@@ -594,6 +594,11 @@ def forward_and_save(ctx, op, x, weight, bias, memory, plan, *args):
         xc, wc, bc = autocast_arg(x, cast), autocast_arg(weight, cast), autocast_arg(bias, cast)
         with torch.autocast(x.device.type, enabled=False):
             y = op(xc, wc, bc, *args)
+    # F.linear of a (*, in) input with a bias returns a view of its 2-d result, and an autograd
+    # Function's output that is a view of a tensor made inside it cannot be modified in place
+    # (`Linear -> ReLU(inplace=True)` raised); detach is a free alias that is no view (always:
+    # dynamo cannot trace _is_view)
+    y = y.detach()
     ctx.save_for_backward(xc, wc)
     # The memory is state, not an input of the graph: it is mutated in backward, so it must not
     # go through save_for_backward (whose version check would trip on that).

@@ -1,0 +1,164 @@
+"""timm and torchvision vision families train sparsified as they come: `sparsify` converts every
+linear layer and convolution (grouped and depthwise ones too, and torchvision's
+`nn.MultiheadAttention`), at k = out the sparsified model trains exactly as the dense one, the
+native kernels and the PyTorch path compute the same step, and evaluation is the dense model's.
+Runs only where timm and torchvision are installed (not in CI)."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import msbp
+from msbp import SparseBackpropConfig
+
+try:
+    import timm
+    import torchvision
+except Exception as error:  # noqa: BLE001  not installed, or (RuntimeError) a torchvision
+    # built for another torch (PyPI's CUDA wheel beside a CPU torch fails to register its ops)
+    pytest.skip(f"timm and torchvision not importable: {error!r}", allow_module_level=True)
+
+CFG = SparseBackpropConfig(ratio=0.25, memory=0.8)
+CLASSES = 3
+SIZE = 32
+
+
+def _timm_vit():
+    return timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=CLASSES,
+                             img_size=SIZE, patch_size=8, depth=1, embed_dim=16, num_heads=2)
+
+
+def _timm_convnext():
+    # depthwise 7x7 convolutions, channels-last linear layers
+    return timm.create_model("convnext_atto", pretrained=False, num_classes=CLASSES,
+                             depths=(1, 1, 1, 1), dims=(8, 8, 16, 16))
+
+
+def _timm_swinv2():
+    # its position-bias MLP is Linear -> ReLU(inplace=True) on a 4-d input; its qkv layer,
+    # with q and v biases, runs as F.linear(x, qkv.weight, bias): converted, but its sparse
+    # forward never runs and it trains dense (README, "Saving, loading and reconfiguring")
+    model = timm.create_model("swinv2_tiny_window8_256", pretrained=False, num_classes=CLASSES,
+                              img_size=SIZE, patch_size=4, window_size=4, embed_dim=8,
+                              depths=(1, 1), num_heads=(1, 2))
+    # its residual post-norms start at zero, which leaves attention without a gradient
+    for name, module in model.named_modules():
+        if name.endswith((".norm1", ".norm2")):
+            nn.init.ones_(module.weight)
+    return model
+
+
+def _tv_vit():
+    # nn.MultiheadAttention (batch_first) becomes a SparseMultiheadAttention
+    return torchvision.models.VisionTransformer(
+        image_size=SIZE, patch_size=8, num_layers=1, num_heads=2, hidden_dim=16, mlp_dim=24,
+        num_classes=CLASSES,
+    )
+
+
+def _tv_mobilenet():
+    # grouped / depthwise convolutions, squeeze-excitation 1x1 convolutions, Hardswish
+    return torchvision.models.mobilenet_v3_small(weights=None, num_classes=CLASSES, width_mult=0.25)
+
+
+FAMILIES = {
+    "timm_vit": _timm_vit,
+    "timm_convnext": _timm_convnext,
+    "timm_swinv2": _timm_swinv2,
+    "torchvision_vit": _tv_vit,
+    "torchvision_mobilenet_v3": _tv_mobilenet,
+}
+KINDS = (nn.Linear, nn.Conv2d, nn.MultiheadAttention)
+
+
+def _model(name: str) -> nn.Module:
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = FAMILIES[name]().double()
+    return model.train()
+
+
+def _batch(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return (torch.randn(4, 3, SIZE, SIZE, generator=gen, dtype=torch.float64),
+            torch.randint(0, CLASSES, (4,), generator=gen))
+
+
+def _train(model: nn.Module, steps: int = 2, optimizer=torch.optim.Adam) -> list[dict]:
+    """Steps on fixed batches; the gradients and memories after each backward."""
+    torch.manual_seed(1)  # stochastic depth draws the same masks for every model
+    opt = optimizer(model.parameters(), lr=1e-2)
+    seen = []
+    for step in range(steps):
+        opt.zero_grad(set_to_none=True)
+        x, y = _batch(step)
+        nn.functional.cross_entropy(model(x), y).backward()
+        state = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        state.update({n: m.clone() for n, m in msbp.memory_state_dict(model).items()})
+        seen.append(state)
+        opt.step()
+    return seen
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_every_linear_layer_and_convolution_is_converted(name):
+    model = _model(name)
+    attention = [n for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)]
+    layers = {
+        n for n, m in model.named_modules()
+        if isinstance(m, KINDS) and not any(n.startswith(a + ".") for a in attention)
+    }
+    msbp.sparsify(model, CFG)
+    assert set(model.sparsify_report.converted) == layers
+    assert not model.sparsify_report.dense
+    assert not any(type(m) in KINDS for m in model.modules())
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_k_equal_to_out_trains_as_the_dense_model(name):
+    dense, sparse = _model(name), msbp.sparsify(_model(name), CFG.replace(ratio=1.0))
+    for want, got in zip(_train(dense), _train(sparse), strict=True):
+        for key, grad in want.items():
+            torch.testing.assert_close(got[key], grad, rtol=1e-12, atol=1e-12, msg=key)
+        assert all(not m.any() for k, m in got.items() if k.endswith("memory"))
+    for (key, p), q in zip(dense.named_parameters(), sparse.parameters(), strict=True):
+        torch.testing.assert_close(q, p, rtol=1e-12, atol=1e-12, msg=key)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_native_and_pytorch_paths_train_alike(name):
+    if not msbp.native.use_native():
+        pytest.skip("native kernels unavailable")
+    before = msbp.native._requested()
+    runs = []
+    try:
+        for backend in ("native", "python"):
+            msbp.native.set_backend(backend)
+            model = msbp.sparsify(_model(name), CFG.replace(memory_rows="all"))
+            runs.append(_train(model, optimizer=msbp.optim.LazyRowAdam))
+    finally:
+        msbp.native.set_backend(before)
+    for step, (native, python) in enumerate(zip(*runs, strict=True)):
+        assert native.keys() == python.keys()
+        assert any(m.any() for k, m in native.items() if k.endswith("memory"))
+        for key, value in native.items():
+            torch.testing.assert_close(python[key], value, rtol=1e-9, atol=1e-12,
+                                       msg=f"step {step}: {key}")
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_evaluation_is_the_dense_model_and_densify_loads_into_a_fresh_one(name):
+    model = msbp.sparsify(_model(name), CFG)
+    _train(model, steps=1, optimizer=msbp.optim.LazyRowAdam)
+    model.eval()
+    x, _ = _batch(5)
+    with torch.no_grad():
+        sparse_out = model(x)
+        fresh = _model(name).eval()
+        fresh.load_state_dict(msbp.densify(model).state_dict())
+        assert torch.equal(sparse_out, fresh(x))
