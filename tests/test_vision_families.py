@@ -40,8 +40,8 @@ def _timm_convnext():
 
 def _timm_swinv2():
     # its position-bias MLP is Linear -> ReLU(inplace=True) on a 4-d input; its qkv layer,
-    # with q and v biases, runs as F.linear(x, qkv.weight, bias): converted, but its sparse
-    # forward never runs and it trains dense (README, "Saving, loading and reconfiguring")
+    # with q and v biases, runs as F.linear(x, qkv.weight, bias) unless sparsify sets timm's
+    # qkv_bias_separate
     model = timm.create_model("swinv2_tiny_window8_256", pretrained=False, num_classes=CLASSES,
                               img_size=SIZE, patch_size=4, window_size=4, embed_dim=8,
                               depths=(1, 1), num_heads=(1, 2))
@@ -160,5 +160,54 @@ def test_evaluation_is_the_dense_model_and_densify_loads_into_a_fresh_one(name):
     with torch.no_grad():
         sparse_out = model(x)
         fresh = _model(name).eval()
+        for module in fresh.modules():  # as sparsify set it (the bias added after qkv)
+            if hasattr(module, "qkv_bias_separate"):
+                module.qkv_bias_separate = True
         fresh.load_state_dict(msbp.densify(model).state_dict())
         assert torch.equal(sparse_out, fresh(x))
+
+
+def _timm_beit():
+    return timm.create_model("beit_base_patch16_224", pretrained=False, num_classes=CLASSES,
+                             img_size=SIZE, patch_size=8, depth=1, embed_dim=16, num_heads=2)
+
+
+def _timm_eva():
+    return timm.create_model("eva02_tiny_patch14_224", pretrained=False, num_classes=CLASSES,
+                             img_size=28, patch_size=14, depth=1, embed_dim=16, num_heads=2)
+
+
+def _timm_mobilenet():
+    # its classifier is a timm.layers.Linear
+    return timm.create_model("mobilenetv3_small_050", pretrained=False, num_classes=CLASSES)
+
+
+def _tv_swin():
+    return torchvision.models.SwinTransformer(
+        patch_size=[4, 4], embed_dim=8, depths=[1, 1], num_heads=[1, 2], window_size=[4, 4],
+        num_classes=CLASSES,
+    )
+
+
+@pytest.mark.parametrize("make", [_timm_swinv2, _timm_beit, _timm_eva, _timm_mobilenet, _tv_swin])
+def test_no_converted_linear_layer_trains_dense_unseen(make):
+    """A layer whose weight its model hands to a functional call never runs sparse: sparsify
+    sets timm's qkv_bias_separate so that it does, and leaves torchvision Swin's dense. With
+    unified selection every converted linear layer writes at most k rows of its gradient."""
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = make().double().train()
+        msbp.sparsify(model, CFG)
+    size = 28 if make is _timm_eva else SIZE
+    model(torch.randn(2, 3, size, size, dtype=torch.float64)).logsumexp(-1).sum().backward()
+    linear = {n: m for n, m in model.named_modules() if isinstance(m, msbp.SparseLinear)}
+    assert linear
+    for name, layer in linear.items():
+        if layer.weight.grad is not None:
+            rows = int((layer.weight.grad != 0).any(1).sum())
+            assert rows <= layer.k, f"{name}: {rows} rows written, k = {layer.k}"
+    if make is _tv_swin:
+        assert {n.rsplit(".", 1)[-1] for n in model.sparsify_report.unsupported} == {"qkv", "proj"}
+    else:
+        assert not model.sparsify_report.dense

@@ -93,6 +93,40 @@ _NO_COUNTERPART_TYPES: tuple[type[nn.Module], ...] = (
 #: the dense types sparsify converts (exact types), for naming the base of a skipped subclass
 _FAMILIES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.LSTM, nn.MultiheadAttention)
 
+# Model libraries, by qualified class name (nothing imported):
+#: subclasses whose forward is their base's, converted like it (densify gives the base back);
+#: timm's Linear differs only under TorchScript
+_SAME_FORWARD_AS: dict[str, type[nn.Module]] = {"timm.layers.linear.Linear": nn.Linear}
+#: modules that hand these children's weights to a functional call instead of calling them: the
+#: children would be reported converted and never run sparse
+_FUNCTIONAL_CHILDREN: dict[str, tuple[str, ...]] = {
+    "torchvision.models.swin_transformer.ShiftedWindowAttention": ("qkv", "proj"),
+    "torchvision.models.swin_transformer.ShiftedWindowAttentionV2": ("qkv", "proj"),
+}
+#: timm attention modules (BEiT, EVA, SwinV2) compute ``F.linear(x, qkv.weight, qkv_bias)``
+#: unless this switch of theirs is set, which calls ``qkv(x)`` and adds the bias after
+_TIMM_QKV_SWITCH = "qkv_bias_separate"
+
+
+def _qualname(module: nn.Module) -> str:
+    return f"{type(module).__module__}.{type(module).__qualname__}"
+
+
+def _same_forward_base(module: nn.Module) -> type[nn.Module] | None:
+    return _SAME_FORWARD_AS.get(_qualname(module))
+
+
+def _functional_children(model: nn.Module) -> dict[str, str]:
+    """{qualified name: why} of the layers whose weight their parent uses without calling them."""
+    out = {}
+    for name, module in model.named_modules():
+        for child in _FUNCTIONAL_CHILDREN.get(_qualname(module), ()):
+            out[f"{name}.{child}" if name else child] = (
+                f"{type(module).__qualname__} passes its weight to a functional call and never "
+                "calls the layer: a sparse one would never run"
+            )
+    return out
+
 
 @dataclass(frozen=True)
 class LayerReport:
@@ -191,7 +225,9 @@ def _unsupported(module: nn.Module) -> str | None:
             "torch.nn.utils.parametrizations versions are reported as subclasses)"
         )
     for base in _FAMILIES:
-        if isinstance(module, base) and type(module) is not base:
+        if isinstance(module, base) and type(module) is not base and not (
+            _same_forward_base(module)
+        ):
             cls = type(module)
             return (
                 f"subclass {cls.__module__}.{cls.__qualname__} of nn.{base.__name__}: not "
@@ -227,11 +263,13 @@ def _weight_names(module: nn.Module) -> list[str]:
 
 
 def _convertible(module: nn.Module) -> bool:
-    return type(module) in _SPARSE_OF or is_hf_conv1d(module)
+    return type(module) in _SPARSE_OF or is_hf_conv1d(module) or bool(_same_forward_base(module))
 
 
 def _sparse_class(module: nn.Module) -> type[nn.Module]:
-    return SparseHFConv1D if is_hf_conv1d(module) else _SPARSE_OF[type(module)]
+    if is_hf_conv1d(module):
+        return SparseHFConv1D
+    return _SPARSE_OF[_same_forward_base(module) or type(module)]
 
 
 def sparsify(
@@ -320,6 +358,7 @@ def _sparsify(
     chosen: list[tuple[str, nn.Module]] = []  # every name of a module to convert
     sparse: dict[int, tuple[str, nn.Module]] = {}  # already sparse modules to reconfigure
     attention: list[str] = []
+    functional = _functional_children(model)
     for name, module in model.named_modules(remove_duplicate=False):
         # the projections of an attention module are converted (or not) with it
         if any(a == "" or name.startswith(a + ".") for a in attention):
@@ -333,7 +372,7 @@ def _sparsify(
             continue
         kind = type(module).__name__
         is_sparse = isinstance(module, MemoryMixin)
-        why = None if is_sparse else _unsupported(module)
+        why = None if is_sparse else _unsupported(module) or functional.get(name)
         if not (is_sparse or _convertible(module) or why):
             continue  # not a layer sparsify knows
         filter_why = filtered(name, module)
@@ -409,6 +448,14 @@ def _sparsify(
             entries[id(module)] = LayerReport(
                 name, entries[id(module)].kind, "converted", _describe(new)
             )
+    switched = _switch_timm_qkv(root)
+    for key, entry in entries.items():
+        if entry.name in switched and entry.status in ("converted", "reconfigured"):
+            entries[key] = LayerReport(
+                entry.name, entry.kind, entry.status,
+                f"{entry.detail}, {_TIMM_QKV_SWITCH} set on its attention module so that it "
+                "runs (the bias added after it)",
+            )
     for name, others in _mark_tied_weights(root).items():
         for key, entry in entries.items():
             if entry.name == name and entry.status in ("converted", "reconfigured"):
@@ -432,6 +479,20 @@ def _sparsify(
     if verbose:
         print(report)
     return root
+
+
+def _switch_timm_qkv(model: nn.Module) -> list[str]:
+    """Set timm's ``qkv_bias_separate`` where an attention module's ``qkv`` layer is sparse
+    (with it unset the module computes ``F.linear(x, qkv.weight, bias)`` and the sparse layer
+    never runs); returns the names of those layers."""
+    names = []
+    for name, module in model.named_modules():
+        if getattr(module, _TIMM_QKV_SWITCH, None) is False and isinstance(
+            getattr(module, "qkv", None), MemoryMixin
+        ):
+            setattr(module, _TIMM_QKV_SWITCH, True)
+            names.append(f"{name}.qkv" if name else "qkv")
+    return names
 
 
 def _mark_tied_weights(model: nn.Module) -> dict[str, list[str]]:
