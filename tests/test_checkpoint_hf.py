@@ -214,3 +214,38 @@ def test_round_trip_of_a_model_whose_keys_transformers_renames(tmp_path, writer)
     assert any(m.any() for m in memories.values())
     for key, memory in msbp.memory_state_dict(model).items():
         assert torch.equal(memories[key], memory), key
+
+
+def test_plain_checkpoint_loads_without_reporting_its_memories_as_unexpected(tmp_path):
+    """transformers 5 reports keys it does not know as UNEXPECTED ("not ok if you expect
+    identical arch"); the memories among the weights of a plain save_pretrained are msbp's to
+    read. The dense model loaded by transformers alone still reports them."""
+    import logging
+
+    class Collect(logging.Handler):
+        def __init__(self) -> None:
+            super().__init__()
+            self.messages: list[str] = []
+
+        def emit(self, record: logging.LogRecord) -> None:
+            self.messages.append(record.getMessage())
+
+    model = _sparse_trained()
+    _quiet(model.save_pretrained, tmp_path)
+    collect = Collect()
+    root = logging.getLogger("transformers")
+    root.addHandler(collect)
+    adjust = transformers.PreTrainedModel.__dict__.get("_adjust_missing_and_unexpected_keys")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            msbp.from_pretrained(BertModel, tmp_path)
+            assert not [m for m in collect.messages if ".memory" in m]
+            BertModel.from_pretrained(tmp_path)
+    finally:
+        root.removeHandler(collect)
+    assert transformers.PreTrainedModel.__dict__.get("_adjust_missing_and_unexpected_keys") is (
+        adjust
+    )
+    if adjust is not None:  # transformers 5: the control shows the capture works
+        assert [m for m in collect.messages if ".memory" in m and "UNEXPECTED" in m]

@@ -13,16 +13,18 @@ configs in ``config.json`` since ``sparsify`` records them in ``model.config``).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-from collections.abc import Callable
+import sys
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from torch import Tensor, nn
 
 from msbp.config import SparseBackpropConfig
 from msbp.convert import HF_RECORD, _hf_owner, _record, _sparsify, sparse_layer_record
-from msbp.nn.memory import MemoryMixin, dense_state_dict, memory_state_dict
+from msbp.nn.memory import _MEMORY_KEY, MemoryMixin, dense_state_dict, memory_state_dict
 
 #: the file ``save_pretrained`` writes the memories to, next to the weights
 MEMORY_FILE = "msbp_memory.safetensors"
@@ -94,7 +96,8 @@ def from_pretrained(model_cls: Any, path: str | os.PathLike, *args: Any, **kwarg
     """
     if kwargs.get("output_loading_info"):
         raise ValueError("msbp.from_pretrained does not take output_loading_info")
-    model = model_cls.from_pretrained(path, *args, **kwargs)
+    with _memory_keys_expected():
+        model = model_cls.from_pretrained(path, *args, **kwargs)
     record = getattr(model.config, HF_RECORD, None)
     if not isinstance(record, dict) or not record.get("layers"):
         raise ValueError(
@@ -122,6 +125,32 @@ def from_pretrained(model_cls: Any, path: str | os.PathLike, *args: Any, **kwarg
     )
     _load_memories(model, path, rename, kwargs)
     return model
+
+
+@contextlib.contextmanager
+def _memory_keys_expected() -> Iterator[None]:
+    """The memory keys among the weights of a plain ``save_pretrained``, which this module reads
+    itself, left out of the keys transformers 5 reports as UNEXPECTED ("not ok if you expect
+    identical arch") while loading (through its private ``_adjust_missing_and_unexpected_keys``;
+    where that is missing, as in transformers 4, the report is as it was)."""
+    modeling = sys.modules.get("transformers.modeling_utils")
+    base = getattr(modeling, "PreTrainedModel", None)
+    adjust = getattr(base, "_adjust_missing_and_unexpected_keys", None)
+    if adjust is None:
+        yield
+        return
+
+    def adjusted(self, loading_info, *args, **kwargs):
+        adjust(self, loading_info, *args, **kwargs)
+        unexpected = getattr(loading_info, "unexpected_keys", None)
+        if isinstance(unexpected, set):
+            loading_info.unexpected_keys = {k for k in unexpected if not _MEMORY_KEY.fullmatch(k)}
+
+    base._adjust_missing_and_unexpected_keys = adjusted
+    try:
+        yield
+    finally:
+        base._adjust_missing_and_unexpected_keys = adjust
 
 
 _PEFT_BASE = "base_layer"
