@@ -123,6 +123,27 @@ def test_matches_plain_loop(backend, opt, where, accumulate, clip):
     _assert_same(module.net, ref)
 
 
+@pytest.mark.parametrize("precision", ["bf16-mixed", "bf16-true"])
+def test_bf16_matches_plain_loop(backend, precision):
+    """bf16-mixed is the loop under torch.autocast; bf16-true the loop on the model cast to
+    bfloat16 (memories stay float32): bit-identical either way."""
+    ref = msbp.sparsify(_net(), CFG)
+    if precision == "bf16-true":
+        ref.to(torch.bfloat16)
+    opt = LazyRowAdam(ref.parameters(), lr=1e-2)
+    for x, y in _loader():
+        opt.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16-mixed"):
+            # Lightning runs the whole training_step, loss included, under autocast
+            loss = F.cross_entropy(ref(x.to(torch.bfloat16) if precision == "bf16-true" else x), y)
+        loss.backward()
+        opt.step()
+    module = _Module(_net())
+    _fit(module, epochs=1, precision=precision)
+    assert module.net[2].memory.dtype == torch.float32
+    _assert_same(module.net, ref)
+
+
 @pytest.mark.parametrize("layout", ["unit", "slot"])
 def test_resume_from_checkpoint_is_exact(backend, tmp_path, layout):
     """The memories are in the LightningModule's state_dict and LazyRowAdam's row state in the
