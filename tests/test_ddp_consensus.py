@@ -15,7 +15,7 @@ from _dist import all_done, init_group
 from torch import nn
 
 import msbp
-from msbp.distributed import RowSparseState, wrap_ddp
+from msbp.distributed import RowSparseState, register_row_sparse_hook, wrap_ddp
 from msbp.ops import consensus
 from msbp.optim import LazyRowAdam
 
@@ -35,6 +35,8 @@ VARIANTS = {
     "sbp": (SBP, "sgd", True),
     "msbp": (MSBP, "sgd", True),
     "msbp_plain_ddp": (MSBP, "sgd", False),  # consensus, DDP's own all-reduce
+    # a DDP built by someone else (PyTorch Lightning), the hook registered afterwards
+    "msbp_registered": (MSBP, "sgd", "registered"),
     "msbp_k_out": (MSBP.replace(k=0), "sgd", True),  # k = out: nothing sparse, all dense
     "msbp_random": (MSBP.replace(selection="random"), "sgd", True),
     "msbp_lazy_adam": (MSBP, "lazy_adam", True),
@@ -82,7 +84,10 @@ def _run(variant: str, world: int, rank: int | None, group=None) -> dict:
     cfg, opt_kind, hook = {**VARIANTS, **SLOW_VARIANTS}[variant]
     model = _model(cfg)
     net = model
-    if hook and rank is not None:
+    if hook == "registered" and rank is not None:
+        net = nn.parallel.DistributedDataParallel(model, process_group=group)
+        register_row_sparse_hook(net)
+    elif hook and rank is not None:
         net = wrap_ddp(model, process_group=group, gradient_as_bucket_view=hook == "view")
     elif rank is not None:
         consensus.set_group(group)  # what wrap_ddp does besides the hook
@@ -225,6 +230,8 @@ def test_two_and_three_ranks_equal_one_process_and_send_k_rows(tmp_path):
         assert state["bytes"] == state["dense_bytes"] - STEPS * (
             per_step_sparse_dense - per_step_sparse
         )
+    for got in (r0, r1):  # registered on a DDP built elsewhere: wrap_ddp's exchange
+        assert got[2, "msbp_registered"]["state"] == got[2, "msbp"]["state"]
     acc = r0[2, "msbp_accumulate"]["state"]  # up to 2 k rows of each sparse weight
     assert STEPS * per_step_sparse < acc["sparse_bytes"] <= 2 * STEPS * per_step_sparse
     k_out = r0[2, "msbp_k_out"]["state"]  # k = out: the hook is the dense exchange

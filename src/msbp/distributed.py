@@ -35,6 +35,7 @@ __all__ = [
     "consensus_weights",
     "load_memory_dcp_state",
     "memory_dcp_state",
+    "register_row_sparse_hook",
     "row_sparse_allreduce_hook",
     "wrap_ddp",
 ]
@@ -151,9 +152,27 @@ def wrap_ddp(model: nn.Module, **ddp_kwargs: Any) -> DistributedDataParallel:
     Raises ``ValueError`` if a consensus layer's ``grad_inplace`` matters (it does not under
     DDP: the in-place path steps aside) or ``comm_hook`` is passed.
     """
-    group = ddp_kwargs.get("process_group")
     ddp = DistributedDataParallel(model, **ddp_kwargs)
-    weights = consensus_weights(model)
+    register_row_sparse_hook(ddp, ddp_kwargs.get("process_group"))
+    return ddp
+
+
+def register_row_sparse_hook(
+    ddp: DistributedDataParallel, process_group: Any = None
+) -> RowSparseState | None:
+    """What ``wrap_ddp`` does to a ``DistributedDataParallel`` someone else built (PyTorch
+    Lightning's ``trainer.strategy.model``, in ``on_fit_start``): register
+    ``row_sparse_allreduce_hook`` when some sparse layer has ``consensus=True``, and ask those
+    layers to keep their rows for it (without that the hook sends every gradient whole).
+
+    Call it before the first backward. Consensus runs over ``process_group`` (default: DDP's
+    own). Returns the hook's ``RowSparseState``, also ``ddp.msbp_comm_state`` (None without a
+    consensus layer).
+    """
+    group = process_group
+    if group is None and ddp.process_group is not dist.group.WORLD:
+        group = ddp.process_group  # None stands for the world (a group made later, too)
+    weights = consensus_weights(ddp.module)
     state = None
     if weights:
         consensus.set_group(group)
@@ -162,7 +181,7 @@ def wrap_ddp(model: nn.Module, **ddp_kwargs: Any) -> DistributedDataParallel:
         state = RowSparseState(process_group=group)
         ddp.register_comm_hook(state, row_sparse_allreduce_hook)
     ddp.msbp_comm_state = state
-    return ddp
+    return state
 
 
 # -- every rank's memory in a distributed checkpoint (FSDP) ---------------------------------------
