@@ -123,6 +123,21 @@ def test_matches_plain_loop(backend, opt, where, accumulate, clip):
     _assert_same(module.net, ref)
 
 
+def test_k_out_memory_0_is_the_dense_model(backend):
+    """k = out with memory 0 under Lightning: the dense model's run bit for bit (AdamW)."""
+    sparse = _Module(_net(), "adamw", cfg=SparseBackpropConfig(ratio=1.0, memory=0.0))
+    _fit(sparse)
+    dense = _Module(_net(), "adamw", where="nowhere")
+    _fit(dense)
+    assert isinstance(sparse.net[0], msbp.SparseLinear)
+    assert not isinstance(dense.net[0], msbp.SparseLinear)
+    want = dense.net.state_dict()
+    got = msbp.dense_state_dict(sparse.net)
+    assert got.keys() == want.keys()
+    for key in want:
+        assert torch.equal(got[key], want[key]), key
+
+
 @pytest.mark.parametrize("precision", ["bf16-mixed", "bf16-true"])
 def test_bf16_matches_plain_loop(backend, precision):
     """bf16-mixed is the loop under torch.autocast; bf16-true the loop on the model cast to
