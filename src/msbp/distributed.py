@@ -27,14 +27,16 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
-from msbp.nn.memory import MemoryMixin
+from msbp.nn.memory import MemoryMixin, gather_memory_state, load_memory_state
 from msbp.ops import consensus
 
 __all__ = [
+    "RankMemories",
     "RowSparseState",
     "consensus_weights",
     "load_memory_dcp_state",
     "memory_dcp_state",
+    "register_row_sparse_hook",
     "row_sparse_allreduce_hook",
     "wrap_ddp",
 ]
@@ -153,16 +155,32 @@ def wrap_ddp(model: nn.Module, **ddp_kwargs: Any) -> DistributedDataParallel:
     """
     group = ddp_kwargs.get("process_group")
     ddp = DistributedDataParallel(model, **ddp_kwargs)
-    weights = consensus_weights(model)
+    register_row_sparse_hook(ddp, process_group=group)
+    return ddp
+
+
+def register_row_sparse_hook(
+    ddp: DistributedDataParallel, process_group: Any = None
+) -> RowSparseState | None:
+    """What ``wrap_ddp`` adds to a ``DistributedDataParallel`` wrapper, for one built elsewhere
+    (``accelerate.Accelerator.prepare``): registers ``row_sparse_allreduce_hook`` when some
+    sparse layer of ``ddp.module`` has ``consensus=True`` and returns its ``RowSparseState``
+    (also ``ddp.msbp_comm_state``; None without a consensus layer, nothing registered).
+
+    Call it before the first backward, on every rank; ``process_group`` is the one ``ddp``
+    was built with (None: the world). Without the hook consensus still selects the same units on
+    every rank, but DDP's default all-reduce ships every row.
+    """
+    weights = consensus_weights(ddp.module)
     state = None
     if weights:
-        consensus.set_group(group)
+        consensus.set_group(process_group)
         for weight in weights:
             weight.__dict__[consensus.WANTED] = True
-        state = RowSparseState(process_group=group)
+        state = RowSparseState(process_group=process_group)
         ddp.register_comm_hook(state, row_sparse_allreduce_hook)
     ddp.msbp_comm_state = state
-    return ddp
+    return state
 
 
 # -- every rank's memory in a distributed checkpoint (FSDP) ---------------------------------------
@@ -234,3 +252,41 @@ def load_memory_dcp_state(model: nn.Module, state: dict[str, Tensor]) -> None:
         error = module._load_memory(mem, local)
         if error:
             raise ValueError(f"{key}: {error}")
+
+
+# -- every rank's memory as a checkpointable object (accelerate) -----------------------------------
+
+
+class RankMemories:
+    """Every rank's sparse-layer memories as one object with ``state_dict()`` /
+    ``load_state_dict()``, for checkpointing code that saves objects from the main process only,
+    such as ``accelerate.Accelerator.register_for_checkpointing``.
+
+    ``Accelerator.save_state`` writes the model's state dict from rank 0 alone, so its memories
+    are rank 0's, and ``load_state`` gives them to every rank. Registered after ``prepare``,
+    this object puts every rank's memories in the checkpoint (``state_dict`` is
+    ``gather_memory_state``, a collective that ``save_state`` runs on every rank) and gives each
+    rank its own back after the model is loaded (``load_memory_state``). Without a process group
+    it holds this process's memories, which the model's state dict already has.
+
+    Example (every rank)::
+
+        model, opt, loader = accelerator.prepare(model, opt, loader)
+        accelerator.register_for_checkpointing(msbp.distributed.RankMemories(model))
+    """
+
+    def __init__(self, model: nn.Module, group: Any = None) -> None:
+        self.model = model
+        self.group = group
+
+    def state_dict(self) -> dict[str, Any]:
+        """``{"memories": [rank 0's memory state dict, rank 1's, ...]}`` (CPU tensors)."""
+        return {"memories": gather_memory_state(self.model, self.group)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load this rank's entry of ``state_dict["memories"]`` into the model's memories."""
+        if "memories" not in state_dict:
+            raise ValueError(
+                f"not a RankMemories state: keys {sorted(state_dict)}, expected ['memories']"
+            )
+        load_memory_state(self.model, state_dict["memories"], group=self.group)
