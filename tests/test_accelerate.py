@@ -365,3 +365,44 @@ def test_two_processes_consensus_with_the_row_sparse_hook(tmp_path):
         diff, sparse, dense = (tmp_path / f"result.{rank}").read_text().split()
         assert float(diff) < 1e-12
         assert int(sparse) * 8 == int(dense) > 0
+
+
+def test_tied_llama_in_bf16_resumes_exactly(tmp_path):
+    """A transformers model whose output layer shares the embedding's weight (safetensors keeps
+    one copy, accelerate reloads it), bf16 autocast, accumulation, LazyRowAdam: save_state after
+    2 of 4 steps, load_state, continue; equal to the run never interrupted."""
+    transformers = pytest.importorskip("transformers")
+    ids = torch.randint(3, 24, (8, 4, 8), generator=torch.Generator().manual_seed(3))
+
+    def fresh():
+        AcceleratorState._reset_state(True)
+        accelerator = accelerate.Accelerator(cpu=True, gradient_accumulation_steps=2,
+                                             mixed_precision="bf16")
+        torch.manual_seed(0)
+        config = transformers.LlamaConfig(
+            vocab_size=24, hidden_size=16, intermediate_size=24, num_hidden_layers=1,
+            num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=16,
+            pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=True)
+        model = msbp.sparsify(transformers.LlamaForCausalLM(config),
+                              msbp.SparseBackpropConfig(ratio=0.25, memory=0.8))
+        assert model.lm_head.weight_tied
+        model, opt = accelerator.prepare(model, LazyRowAdam(model.parameters(), lr=1e-2))
+        return accelerator, model, opt
+
+    def train(accelerator, model, opt, steps):
+        for i in steps:
+            with accelerator.accumulate(model):
+                accelerator.backward(model(input_ids=ids[i], labels=ids[i]).loss)
+                opt.step()
+                opt.zero_grad()
+
+    accelerator, model, opt = fresh()
+    train(accelerator, model, opt, range(8))
+    want = _state(accelerator.unwrap_model(model))
+    accelerator, model, opt = fresh()
+    train(accelerator, model, opt, range(4))
+    accelerator.save_state(str(tmp_path))
+    accelerator, model, opt = fresh()
+    accelerator.load_state(str(tmp_path))
+    train(accelerator, model, opt, range(4, 8))
+    _assert_equal(_state(accelerator.unwrap_model(model)), want)
