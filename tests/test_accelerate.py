@@ -406,3 +406,19 @@ def test_tied_llama_in_bf16_resumes_exactly(tmp_path):
     accelerator.load_state(str(tmp_path))
     train(accelerator, model, opt, range(4, 8))
     _assert_equal(_state(accelerator.unwrap_model(model)), want)
+
+
+@pytest.mark.slow
+def test_dynamo_backend_inductor_trains_as_eager():
+    """Accelerator(dynamo_backend="inductor") compiles the model in prepare: with AdamW the run
+    is the eager run bit for bit (LazyRowAdam is not: under torch.compile it gets no row log)."""
+    batches = _batches()
+    states = []
+    for dynamo in ("no", "inductor"):
+        AcceleratorState._reset_state(True)
+        accelerator = accelerate.Accelerator(cpu=True, dynamo_backend=dynamo)
+        model = _model()
+        model, opt = accelerator.prepare(model, _optimizer("adamw", model))
+        _accelerated(accelerator, model, opt, batches)
+        states.append(_state(accelerator.unwrap_model(model, keep_torch_compile=False)))
+    _assert_equal(*states)
