@@ -423,3 +423,10 @@ def test_dynamo_backend_inductor_trains_as_eager():
         _accelerated(accelerator, model, opt, batches)
         states.append(_state(accelerator.unwrap_model(model, keep_torch_compile=False)))
     _assert_equal(*states)
+
+
+def test_register_row_sparse_hook_in_one_process_leaves_the_model_alone():
+    """In one process prepare returns the model itself, not a DDP wrapper: nothing to hook."""
+    accelerator = accelerate.Accelerator(cpu=True)
+    model = accelerator.prepare(_model(msbp.SparseBackpropConfig(k=4, consensus=True)))
+    assert msbp.distributed.register_row_sparse_hook(model) is None

@@ -169,8 +169,11 @@ def register_row_sparse_hook(
 
     Call it before the first backward, on every rank; ``process_group`` is the one ``ddp``
     was built with (None: the world). Without the hook consensus still selects the same units on
-    every rank, but DDP's default all-reduce ships every row.
+    every rank, but DDP's default all-reduce ships every row. A model that is not a
+    ``DistributedDataParallel`` (what ``prepare`` returns in one process) is left alone: None.
     """
+    if not isinstance(ddp, DistributedDataParallel):
+        return None
     weights = consensus_weights(ddp.module)
     state = None
     if weights:
