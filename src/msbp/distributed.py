@@ -27,10 +27,11 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
-from msbp.nn.memory import MemoryMixin
+from msbp.nn.memory import MemoryMixin, gather_memory_state, load_memory_state
 from msbp.ops import consensus
 
 __all__ = [
+    "RankMemories",
     "RowSparseState",
     "consensus_weights",
     "load_memory_dcp_state",
@@ -160,15 +161,19 @@ def wrap_ddp(model: nn.Module, **ddp_kwargs: Any) -> DistributedDataParallel:
 def register_row_sparse_hook(
     ddp: DistributedDataParallel, process_group: Any = None
 ) -> RowSparseState | None:
-    """What ``wrap_ddp`` does to a ``DistributedDataParallel`` someone else built (PyTorch
-    Lightning's ``trainer.strategy.model``, in ``on_fit_start``): register
-    ``row_sparse_allreduce_hook`` when some sparse layer has ``consensus=True``, and ask those
-    layers to keep their rows for it (without that the hook sends every gradient whole).
+    """What ``wrap_ddp`` does to a ``DistributedDataParallel`` someone else built
+    (``accelerate.Accelerator.prepare``, PyTorch Lightning's ``trainer.strategy.model`` in
+    ``on_fit_start``): register ``row_sparse_allreduce_hook`` when some sparse layer of
+    ``ddp.module`` has ``consensus=True``, and ask those layers to keep their rows for it
+    (without that the hook sends every gradient whole).
 
-    Call it before the first backward. Consensus runs over ``process_group`` (default: DDP's
-    own). Returns the hook's ``RowSparseState``, also ``ddp.msbp_comm_state`` (None without a
-    consensus layer).
+    Call it on every rank before the first backward. Consensus runs over ``process_group``
+    (default: DDP's own). Returns the hook's ``RowSparseState``, also ``ddp.msbp_comm_state``
+    (None without a consensus layer, nothing registered); a model that is not a
+    ``DistributedDataParallel`` (what ``prepare`` returns in one process) is left alone: None.
     """
+    if not isinstance(ddp, DistributedDataParallel):
+        return None
     group = process_group
     if group is None and ddp.process_group is not dist.group.WORLD:
         group = ddp.process_group  # None stands for the world (a group made later, too)
@@ -253,3 +258,41 @@ def load_memory_dcp_state(model: nn.Module, state: dict[str, Tensor]) -> None:
         error = module._load_memory(mem, local)
         if error:
             raise ValueError(f"{key}: {error}")
+
+
+# -- every rank's memory as a checkpointable object (accelerate) -----------------------------------
+
+
+class RankMemories:
+    """Every rank's sparse-layer memories as one object with ``state_dict()`` /
+    ``load_state_dict()``, for checkpointing code that saves objects from the main process only,
+    such as ``accelerate.Accelerator.register_for_checkpointing``.
+
+    ``Accelerator.save_state`` writes the model's state dict from rank 0 alone, so its memories
+    are rank 0's, and ``load_state`` gives them to every rank. Registered after ``prepare``,
+    this object puts every rank's memories in the checkpoint (``state_dict`` is
+    ``gather_memory_state``, a collective that ``save_state`` runs on every rank) and gives each
+    rank its own back after the model is loaded (``load_memory_state``). Without a process group
+    it holds this process's memories, which the model's state dict already has.
+
+    Example (every rank)::
+
+        model, opt, loader = accelerator.prepare(model, opt, loader)
+        accelerator.register_for_checkpointing(msbp.distributed.RankMemories(model))
+    """
+
+    def __init__(self, model: nn.Module, group: Any = None) -> None:
+        self.model = model
+        self.group = group
+
+    def state_dict(self) -> dict[str, Any]:
+        """``{"memories": [rank 0's memory state dict, rank 1's, ...]}`` (CPU tensors)."""
+        return {"memories": gather_memory_state(self.model, self.group)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load this rank's entry of ``state_dict["memories"]`` into the model's memories."""
+        if "memories" not in state_dict:
+            raise ValueError(
+                f"not a RankMemories state: keys {sorted(state_dict)}, expected ['memories']"
+            )
+        load_memory_state(self.model, state_dict["memories"], group=self.group)
