@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import TypeVar
+
+import pytest
 import torch
 from torch import Tensor
 
+import msbp
 from msbp import SparseBackpropConfig, SparseLinear
 from msbp.ops.reference import sparse_linear_backward_ref
 
@@ -118,3 +123,32 @@ def make_cfg(selection="unified", layout="unit", memory=0.8, k=2, **kw) -> Spars
     return SparseBackpropConfig(
         ratio=None, k=k, selection=selection, memory=memory, memory_layout=layout, **kw
     )
+
+
+T = TypeVar("T")
+
+
+def on_both_backends(run: Callable[[], T]) -> list[T]:
+    """[run() on the native kernels, run() on the PyTorch path]; skips without native kernels."""
+    if not msbp.native.use_native():
+        pytest.skip("native kernels unavailable")
+    before = msbp.native._requested()
+    out = []
+    try:
+        for backend in ("native", "python"):
+            msbp.native.set_backend(backend)
+            out.append(run())
+    finally:
+        msbp.native.set_backend(before)
+    return out
+
+
+def assert_steps_alike(native: list[dict[str, Tensor]], python: list[dict[str, Tensor]]) -> None:
+    """Two runs' per-step records (gradients, memories, ...) equal to rounding, with some memory
+    not empty at every step (else the comparison would not reach the memory)."""
+    for step, (a, b) in enumerate(zip(native, python, strict=True)):
+        assert a.keys() == b.keys()
+        assert any(m.any() for k, m in a.items() if k.endswith("memory"))
+        for key, value in a.items():
+            torch.testing.assert_close(b[key], value, rtol=1e-9, atol=1e-12,
+                                       msg=f"step {step}: {key}")

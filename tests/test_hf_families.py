@@ -9,6 +9,7 @@ import warnings
 
 import pytest
 import torch
+from _helpers import assert_steps_alike, on_both_backends
 from torch import nn
 
 import msbp
@@ -146,23 +147,10 @@ def test_native_and_pytorch_paths_train_alike(name):
     """memory_rows="all": with "active", a causal LM's first query row, zero in exact
     arithmetic, is zero or rounding noise depending on the bits upstream (README, "Padding"),
     which moves the memory's share of every row by more than rounding."""
-    if not msbp.native.use_native():
-        pytest.skip("native kernels unavailable")
-    before = msbp.native._requested()
-    runs = []
-    try:
-        for backend in ("native", "python"):
-            msbp.native.set_backend(backend)
-            config = CFG.replace(memory_rows="all")
-            runs.append(_train(msbp.sparsify(_model(name), config), name))
-    finally:
-        msbp.native.set_backend(before)
-    for step, (native, python) in enumerate(zip(*runs, strict=True)):
-        assert native.keys() == python.keys()
-        assert any(m.any() for k, m in native.items() if k.endswith("memory"))
-        for key, value in native.items():
-            torch.testing.assert_close(python[key], value, rtol=1e-9, atol=1e-12,
-                                       msg=f"step {step}: {key}")
+    config = CFG.replace(memory_rows="all")
+    assert_steps_alike(*on_both_backends(
+        lambda: _train(msbp.sparsify(_model(name), config), name)
+    ))
 
 
 @pytest.mark.parametrize("name", FAMILIES)

@@ -11,6 +11,7 @@ import warnings
 
 import pytest
 import torch
+from _helpers import assert_steps_alike, on_both_backends
 
 import msbp
 from msbp import SparseBackpropConfig
@@ -105,30 +106,19 @@ def test_native_and_pytorch_paths_train_alike(order, optimizer):
     """memory_rows="all", as in test_hf_families: a causal LM's first query row is zero or
     rounding noise depending on the bits upstream. "after" sparsifies every layer, the adapters
     too (include="*"), so that trained sparse layers take row-sparse steps."""
-    if not msbp.native.use_native():
-        pytest.skip("native kernels unavailable")
-    before = msbp.native._requested()
-    runs = []
-    try:
-        for backend in ("native", "python"):
-            msbp.native.set_backend(backend)
-            model = _lora(order, CFG.replace(memory_rows="all"),
-                          **({"include": "*"} if order == "after" else {}))
-            frozen = {n: p.detach().clone() for n, p in model.named_parameters()
-                      if not p.requires_grad}
-            runs.append(_train(model, steps=3, optimizer=optimizer))
-            for name, p in model.named_parameters():
-                if not p.requires_grad:  # no step, and no gradient computed for nothing
-                    assert torch.equal(p, frozen[name]) and p.grad is None, name
-            assert all(math.isfinite(step["loss"]) for step in runs[-1])
-    finally:
-        msbp.native.set_backend(before)
-    for step, (native, python) in enumerate(zip(*runs, strict=True)):
-        assert native.keys() == python.keys()
-        assert any(m.any() for k, m in native.items() if k.endswith("memory"))
-        for key, value in native.items():
-            torch.testing.assert_close(python[key], value, rtol=1e-9, atol=1e-12,
-                                       msg=f"step {step}: {key}")
+    def run() -> list[dict[str, torch.Tensor]]:
+        model = _lora(order, CFG.replace(memory_rows="all"),
+                      **({"include": "*"} if order == "after" else {}))
+        frozen = {n: p.detach().clone() for n, p in model.named_parameters()
+                  if not p.requires_grad}
+        steps = _train(model, steps=3, optimizer=optimizer)
+        for name, p in model.named_parameters():
+            if not p.requires_grad:  # no step, and no gradient computed for nothing
+                assert torch.equal(p, frozen[name]) and p.grad is None, name
+        assert all(math.isfinite(step["loss"]) for step in steps)
+        return steps
+
+    assert_steps_alike(*on_both_backends(run))
 
 
 def test_gradient_checkpointing_gives_the_same_steps():

@@ -10,6 +10,7 @@ import warnings
 
 import pytest
 import torch
+from _helpers import assert_steps_alike, on_both_backends
 from torch import nn
 
 import msbp
@@ -132,23 +133,10 @@ def test_k_equal_to_out_trains_as_the_dense_model(name):
 
 @pytest.mark.parametrize("name", FAMILIES)
 def test_native_and_pytorch_paths_train_alike(name):
-    if not msbp.native.use_native():
-        pytest.skip("native kernels unavailable")
-    before = msbp.native._requested()
-    runs = []
-    try:
-        for backend in ("native", "python"):
-            msbp.native.set_backend(backend)
-            model = msbp.sparsify(_model(name), CFG.replace(memory_rows="all"))
-            runs.append(_train(model, optimizer=msbp.optim.LazyRowAdam))
-    finally:
-        msbp.native.set_backend(before)
-    for step, (native, python) in enumerate(zip(*runs, strict=True)):
-        assert native.keys() == python.keys()
-        assert any(m.any() for k, m in native.items() if k.endswith("memory"))
-        for key, value in native.items():
-            torch.testing.assert_close(python[key], value, rtol=1e-9, atol=1e-12,
-                                       msg=f"step {step}: {key}")
+    config = CFG.replace(memory_rows="all")
+    assert_steps_alike(*on_both_backends(lambda: _train(
+        msbp.sparsify(_model(name), config), optimizer=msbp.optim.LazyRowAdam
+    )))
 
 
 @pytest.mark.parametrize("name", FAMILIES)
