@@ -152,3 +152,37 @@ def assert_steps_alike(native: list[dict[str, Tensor]], python: list[dict[str, T
         for key, value in a.items():
             torch.testing.assert_close(b[key], value, rtol=1e-9, atol=1e-12,
                                        msg=f"step {step}: {key}")
+
+
+def train_records(
+    model: torch.nn.Module, loss_at: Callable[[int], Tensor], steps: int, optimizer
+) -> list[dict[str, Tensor]]:
+    """``steps`` steps of ``optimizer`` (a class, lr 1e-2, on the parameters that require grad)
+    on ``loss_at(step)``; after each backward, every gradient and memory by name, and "loss"."""
+    opt = optimizer([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    seen = []
+    for step in range(steps):
+        opt.zero_grad(set_to_none=True)
+        loss = loss_at(step)
+        loss.backward()
+        state = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        state.update({n: m.clone() for n, m in msbp.memory_state_dict(model).items()})
+        state["loss"] = loss.detach().clone()
+        seen.append(state)
+        opt.step()
+    return seen
+
+
+def assert_trains_as_dense(
+    dense: torch.nn.Module, sparse: torch.nn.Module,
+    want: list[dict[str, Tensor]], got: list[dict[str, Tensor]],
+) -> None:
+    """At k = out: ``sparse``'s per-step records (``train_records``) are ``dense``'s to 1e-12,
+    its memories stay empty, and its parameters end where ``dense``'s do."""
+    for w, g in zip(want, got, strict=True):
+        assert set(w) <= set(g)
+        for key, value in w.items():
+            torch.testing.assert_close(g[key], value, rtol=1e-12, atol=1e-12, msg=key)
+        assert all(not m.any() for k, m in g.items() if k.endswith("memory"))
+    for (key, p), q in zip(dense.named_parameters(), sparse.parameters(), strict=True):
+        torch.testing.assert_close(q, p, rtol=1e-12, atol=1e-12, msg=key)

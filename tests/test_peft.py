@@ -11,7 +11,7 @@ import warnings
 
 import pytest
 import torch
-from _helpers import assert_steps_alike, on_both_backends
+from _helpers import assert_steps_alike, assert_trains_as_dense, on_both_backends, train_records
 
 import msbp
 from msbp import SparseBackpropConfig
@@ -69,18 +69,7 @@ def _batch(seed: int) -> dict:
 
 def _train(model, steps: int = 2, optimizer=torch.optim.AdamW) -> list[dict[str, torch.Tensor]]:
     """Steps on the trainable parameters; the loss, gradients and memories after each backward."""
-    opt = optimizer([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    seen = []
-    for step in range(steps):
-        opt.zero_grad(set_to_none=True)
-        loss = model(**_batch(step)).loss
-        loss.backward()
-        state = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-        state.update({n: m.clone() for n, m in msbp.memory_state_dict(model).items()})
-        state["loss"] = loss.detach().clone()
-        seen.append(state)
-        opt.step()
-    return seen
+    return train_records(model, lambda step: model(**_batch(step)).loss, steps, optimizer)
 
 
 def _trained(model) -> set[str]:
@@ -92,12 +81,7 @@ def test_k_equal_to_out_trains_as_dense_lora(order):
     dense = _lora(None)
     sparse = _lora(order, SparseBackpropConfig(ratio=1.0, memory=0.0))
     assert _trained(sparse) == _trained(dense) and all("lora_" in n for n in _trained(dense))
-    for want, got in zip(_train(dense), _train(sparse), strict=True):
-        assert set(want) <= set(got)
-        for key, value in want.items():
-            torch.testing.assert_close(got[key], value, rtol=1e-12, atol=1e-12, msg=key)
-    for (key, p), q in zip(dense.named_parameters(), sparse.parameters(), strict=True):
-        torch.testing.assert_close(q, p, rtol=1e-12, atol=1e-12, msg=key)
+    assert_trains_as_dense(dense, sparse, _train(dense), _train(sparse))
 
 
 @pytest.mark.parametrize(("order", "optimizer"), [("before", torch.optim.AdamW),

@@ -10,7 +10,7 @@ import warnings
 
 import pytest
 import torch
-from _helpers import assert_steps_alike, on_both_backends
+from _helpers import assert_steps_alike, assert_trains_as_dense, on_both_backends, train_records
 from torch import nn
 
 import msbp
@@ -91,19 +91,14 @@ def _batch(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _train(model: nn.Module, steps: int = 2, optimizer=torch.optim.Adam) -> list[dict]:
-    """Steps on fixed batches; the gradients and memories after each backward."""
+    """Steps on fixed batches; the loss, gradients and memories after each backward."""
     torch.manual_seed(1)  # stochastic depth draws the same masks for every model
-    opt = optimizer(model.parameters(), lr=1e-2)
-    seen = []
-    for step in range(steps):
-        opt.zero_grad(set_to_none=True)
+
+    def loss_at(step: int) -> torch.Tensor:
         x, y = _batch(step)
-        nn.functional.cross_entropy(model(x), y).backward()
-        state = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-        state.update({n: m.clone() for n, m in msbp.memory_state_dict(model).items()})
-        seen.append(state)
-        opt.step()
-    return seen
+        return nn.functional.cross_entropy(model(x), y)
+
+    return train_records(model, loss_at, steps, optimizer)
 
 
 @pytest.mark.parametrize("name", FAMILIES)
@@ -123,12 +118,7 @@ def test_every_linear_layer_and_convolution_is_converted(name):
 @pytest.mark.parametrize("name", FAMILIES)
 def test_k_equal_to_out_trains_as_the_dense_model(name):
     dense, sparse = _model(name), msbp.sparsify(_model(name), CFG.replace(ratio=1.0))
-    for want, got in zip(_train(dense), _train(sparse), strict=True):
-        for key, grad in want.items():
-            torch.testing.assert_close(got[key], grad, rtol=1e-12, atol=1e-12, msg=key)
-        assert all(not m.any() for k, m in got.items() if k.endswith("memory"))
-    for (key, p), q in zip(dense.named_parameters(), sparse.parameters(), strict=True):
-        torch.testing.assert_close(q, p, rtol=1e-12, atol=1e-12, msg=key)
+    assert_trains_as_dense(dense, sparse, _train(dense), _train(sparse))
 
 
 @pytest.mark.parametrize("name", FAMILIES)
