@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _helpers import LAYOUTS, SELECTIONS, randn
+from _helpers import LAYOUTS, SELECTIONS, randn, tol
 
 import msbp
 from msbp.ops import selection as sel_ops
@@ -271,6 +271,7 @@ def test_native_topk_paths_match_reference(selection, out, k, levels, dtype):
         alpha=1.0, layout="slot",
     )
     assert torch.equal(memory == 0, mem == 0)  # the same entries kept
-    torch.testing.assert_close(memory, mem)
-    torch.testing.assert_close(w.grad, dW)
-    torch.testing.assert_close(xr.grad, dx)
+    # products summed in another order (MKL's kernel depends on the CPU: AVX-512 rounds apart)
+    torch.testing.assert_close(memory, mem, **tol(dtype))
+    torch.testing.assert_close(w.grad, dW, **tol(dtype))
+    torch.testing.assert_close(xr.grad, dx, **tol(dtype))
