@@ -89,6 +89,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default=None, help="write the results as JSON here (and .md)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    torch.set_flush_denormal(True)  # as `msbp train` does: see msbp.environment.denormals
     layers = [s.strip() for s in args.layers.split(",") if s.strip()]
     for layer in layers:
         if layer not in LAYERS:

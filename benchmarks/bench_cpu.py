@@ -101,6 +101,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="skip the pure-PyTorch variants")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    torch.set_flush_denormal(True)  # as `msbp train` does: see msbp.environment.denormals
     shapes = SHAPES if not args.shapes else [
         tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
     kernels = (["native"] if msbp.native.use_native() else []) + (

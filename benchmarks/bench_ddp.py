@@ -68,6 +68,7 @@ def _wrap(model: nn.Module) -> tuple[nn.Module, RowSparseState]:
 
 def _worker(rank: int, world: int, store: str, args, out: str) -> None:
     torch.set_num_threads(1)
+    torch.set_flush_denormal(True)  # as `msbp train` does: see msbp.environment.denormals
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     try:
         gen = torch.Generator().manual_seed(rank)

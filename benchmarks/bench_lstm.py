@@ -99,6 +99,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="backends of msbp.native to run the SparseLSTM variants on")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    torch.set_flush_denormal(True)  # as `msbp train` does: see msbp.environment.denormals
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]
     for backend in backends:
         if backend not in BACKENDS:

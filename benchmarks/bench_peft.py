@@ -82,6 +82,7 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=128)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    torch.set_flush_denormal(True)  # as `msbp train` does: see msbp.environment.denormals
     variants = {
         "dense LoRA": ("dense", 0.0),
         f"base sparse, SBP ({args.ratio})": ("base sparse", 0.0),

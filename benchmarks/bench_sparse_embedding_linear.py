@@ -43,6 +43,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=3, help="steps per variant and round")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    torch.set_flush_denormal(True)  # as `msbp train` does: see msbp.environment.denormals
     gen = torch.Generator().manual_seed(0)
     feats = torch.randint(0, 40, (args.batch_size, 48), generator=gen)
     gold = torch.randint(0, 81, (args.batch_size,), generator=gen)

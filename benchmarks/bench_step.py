@@ -71,6 +71,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    torch.set_flush_denormal(True)  # as `msbp train` does: see msbp.environment.denormals
     gen = torch.Generator().manual_seed(0)
     xs = torch.rand(args.steps, args.batch_size, 784, generator=gen)
     ys = torch.randint(0, 10, (args.steps, args.batch_size), generator=gen)

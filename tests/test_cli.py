@@ -15,8 +15,11 @@ from conllx_fixtures import DEV, TEST, TRAIN, punct_counts, write_treebank
 from mnist_fixtures import synthetic_mnist, write_mnist_dir
 
 from msbp import cli
+from msbp import train as training
+from msbp.environment import flushing_denormals
 from msbp.info import InfoLossMeter
 from msbp.nn import SparseLinear
+from msbp.tasks.base import content_digest
 from msbp.train import format_table
 
 HIDDEN = 16
@@ -167,6 +170,60 @@ def test_resume_equals_uninterrupted(data_dir, tmp_path, capsys):
     # a checkpoint made with other options is refused
     rc, _, err = run_cli([*args, "--k", "5", "--checkpoint", str(part), "--resume"], capsys)
     assert rc == 2 and "differs in ['k']" in err
+
+
+def _flush_supported() -> bool:
+    supported = torch.set_flush_denormal(True)
+    torch.set_flush_denormal(False)
+    return supported
+
+
+@pytest.mark.skipif(not _flush_supported(), reason="this CPU cannot flush denormals")
+def test_denormals_flushed_for_the_run_only(data_dir, tmp_path, capsys, monkeypatch):
+    """Every method trains with denormals flushed (dense Adam slows on them, not LazyRowAdam's
+    skipped rows), ``--denormals keep`` trains without; the caller's setting comes back."""
+    seen = []
+    real = training.train_run
+
+    def spy(task, method, args):
+        seen.append(flushing_denormals())
+        return real(task, method, args)
+
+    monkeypatch.setattr(training, "train_run", spy)
+    argv = ["compare", *base_args(data_dir, "--k", "4", "--epochs", "1")]
+    out = tmp_path / "r.json"
+    assert not flushing_denormals()
+    assert cli.main([*argv, "--out", str(out)]) == 0
+    assert seen == [True, True, True] and not flushing_denormals()
+    results = json.loads(out.read_text())
+    assert results["config"]["denormals"] == "flush" and results["environment"]["flush_denormal"]
+    torch.set_flush_denormal(True)
+    try:
+        assert cli.main(["train", *base_args(data_dir, "--epochs", "1"), "--denormals", "keep",
+                         "--out", str(out)]) == 0
+        assert seen[3:] == [False] and flushing_denormals()
+    finally:
+        torch.set_flush_denormal(False)
+    assert not json.loads(out.read_text())["environment"]["flush_denormal"]
+    capsys.readouterr()
+
+
+def test_checkpoint_resumes_only_with_its_denormals(data_dir, tmp_path, capsys):
+    """A checkpoint resumes under the setting it was made with; one from before the option
+    kept denormals."""
+    path = tmp_path / "keep.pt"
+    args = ["train", "--method", "msbp", *base_args(data_dir, "--k", "3")]
+    assert cli.main([*args, "--epochs", "1", "--denormals", "keep", "--checkpoint", str(path)]) == 0
+    rc, _, err = run_cli([*args, "--checkpoint", str(path), "--resume"], capsys)
+    assert rc == 2 and "differs in ['denormals']" in err
+    ckpt = torch.load(path, weights_only=False)
+    state = {k: v for k, v in ckpt.items() if k not in ("format", "version", "sha256")}
+    del state["args"]["denormals"]  # as written before the option existed
+    old = tmp_path / "old.pt"
+    torch.save({**ckpt, "args": state["args"], "sha256": content_digest(state)}, old)
+    assert cli.main([*args, "--denormals", "keep", "--checkpoint", str(old), "--resume"]) == 0
+    rc, _, err = run_cli([*args, "--checkpoint", str(old), "--resume"], capsys)
+    assert rc == 2 and "differs in ['denormals']" in err
 
 
 def test_eval_test_best_matches_every(data_dir, tmp_path, capsys):

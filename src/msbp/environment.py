@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import importlib.util
 import os
 import platform
 import sys
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -23,6 +25,31 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def flushing_denormals() -> bool:
+    """Whether this thread flushes denormal floats to zero (``torch.set_flush_denormal``)."""
+    return torch.tensor([1e-39]).mul_(1.0).item() == 0.0
+
+
+@contextlib.contextmanager
+def denormals(mode: str) -> Iterator[None]:
+    """Flush denormal floats to zero (``"flush"``) or keep them (``"keep"``) inside the block;
+    the thread's setting before it comes back after.
+
+    On Intel x86 CPUs arithmetic on denormals is 20-100x slower than on normal floats (a fused
+    Adam step over a state of denormals: 42 ms against 1.7 ms flushed). Adam's moments pass
+    through them wherever a gradient stays zero (MNIST's border pixels), which slows a dense
+    run and not a run whose optimizer skips those rows: a comparison of the two must flush.
+    """
+    if mode not in ("flush", "keep"):
+        raise ValueError(f"denormals mode {mode!r}: choose 'flush' or 'keep'")
+    before = flushing_denormals()
+    torch.set_flush_denormal(mode == "flush")  # False (a no-op) where the CPU cannot
+    try:
+        yield
+    finally:
+        torch.set_flush_denormal(before)
 
 
 def _cpu_times(cpus: set[int]) -> tuple[int, int] | None:
@@ -112,6 +139,7 @@ def environment(device: torch.device | str = "cpu", world_size: int = 1) -> dict
         "cpu": cpu_name(),
         "cpu_count": os.cpu_count(),
         "threads": torch.get_num_threads(),
+        "flush_denormal": flushing_denormals(),
         "device": str(device),
         "device_name": cpu_name(),
         "cuda": torch.version.cuda,
