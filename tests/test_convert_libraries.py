@@ -104,6 +104,19 @@ def test_timm_attention_runs_its_sparse_qkv(backend):
     assert model[0].q_bias.grad is not None
 
 
+def test_densify_unsets_the_qkv_switch_it_set(backend):
+    """Before: densify left qkv_bias_separate set, so the dense model no longer ran timm's fused
+    F.linear (the bias added after the product: other rounding). A switch the user set stays."""
+    dense = _model(TimmAttention)
+    model = densify(sparsify(copy.deepcopy(dense), SparseBackpropConfig(k=4, memory=0.5)))
+    assert model[0].qkv_bias_separate is False and type(model[0].qkv) is nn.Linear
+    for (name, want), got in zip(_step(dense).items(), _step(model).values(), strict=True):
+        assert torch.equal(got, want), name
+    mine = _model(TimmAttention)
+    mine[0].qkv_bias_separate = True
+    assert densify(sparsify(mine, SparseBackpropConfig(k=4)))[0].qkv_bias_separate is True
+
+
 def test_timm_attention_at_k_equal_to_out_trains_as_dense(backend):
     dense = _model(TimmAttention)
     model = sparsify(copy.deepcopy(dense), SparseBackpropConfig(ratio=1.0, memory=0.0))

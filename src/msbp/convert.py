@@ -106,6 +106,8 @@ _FUNCTIONAL_CHILDREN: dict[str, tuple[str, ...]] = {
 #: timm attention modules (BEiT, EVA, SwinV2) compute ``F.linear(x, qkv.weight, qkv_bias)``
 #: unless this switch of theirs is set, which calls ``qkv(x)`` and adds the bias after
 _TIMM_QKV_SWITCH = "qkv_bias_separate"
+#: on an attention module whose switch sparsify set (densify unsets it)
+_QKV_SWITCHED = "_msbp_set_qkv_bias_separate"
 
 
 def _qualname(module: nn.Module) -> str:
@@ -491,8 +493,20 @@ def _switch_timm_qkv(model: nn.Module) -> list[str]:
             getattr(module, "qkv", None), MemoryMixin
         ):
             setattr(module, _TIMM_QKV_SWITCH, True)
+            setattr(module, _QKV_SWITCHED, True)
             names.append(f"{name}.qkv" if name else "qkv")
     return names
+
+
+def _unswitch_timm_qkv(model: nn.Module) -> None:
+    """Unset the ``qkv_bias_separate`` that ``_switch_timm_qkv`` set where ``qkv`` is dense again:
+    the module's own (fused) ``F.linear`` runs as before sparsify."""
+    for module in model.modules():
+        if getattr(module, _QKV_SWITCHED, False) and not isinstance(
+            getattr(module, "qkv", None), MemoryMixin
+        ):
+            setattr(module, _TIMM_QKV_SWITCH, False)
+            delattr(module, _QKV_SWITCHED)
 
 
 def _mark_tied_weights(model: nn.Module) -> dict[str, list[str]]:
@@ -696,6 +710,7 @@ def densify(model: nn.Module) -> nn.Module:
 
     chosen = [(n, m) for n, m in chosen if not inside_attention(n)]
     root = _replace(model, chosen, lambda module: module.to_dense())
+    _unswitch_timm_qkv(root)
     hf_config = _hf_config(root)
     if hf_config is not None:
         _record(root, hf_config)
