@@ -1,6 +1,7 @@
 """msbp: sparse backpropagation with memory (MSBP) and meProp for PyTorch."""
 
 from msbp import amp, distributed, functional, native, ops, optim
+from msbp.check import SparsifyCheck, check_sparsified
 from msbp.config import SparseBackpropConfig
 from msbp.convert import LayerReport, SparsifyReport, dense_backward, densify, sparsify
 from msbp.hub import from_pretrained, save_pretrained
@@ -30,8 +31,10 @@ __all__ = [
     "SparseLSTM",
     "SparseLinear",
     "SparseMultiheadAttention",
+    "SparsifyCheck",
     "SparsifyReport",
     "amp",
+    "check_sparsified",
     "dense_backward",
     "dense_state_dict",
     "densify",
