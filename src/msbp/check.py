@@ -93,7 +93,8 @@ def check_sparsified(model: nn.Module, *args: Any, **kwargs: Any) -> SparsifyChe
 
     The forward runs under ``torch.no_grad()`` in eval mode (the modules' training flags are
     restored after), so no memory, gradient or running statistic changes; a layer used only in
-    training mode is reported unused.
+    training mode is reported unused. Pass the eager model, not a ``torch.compile`` wrapper
+    (compiled code does not call the modules one by one).
 
     Example:
         >>> model = msbp.sparsify(MyModel(), msbp.SparseBackpropConfig(ratio=0.05))
