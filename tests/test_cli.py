@@ -70,6 +70,7 @@ def test_train_writes_results_json(data_dir, tmp_path, capsys):
     assert 0.0 <= run["test_accuracy"] <= 100.0
     assert 0.0 < run["backprop_seconds"] < run["total_seconds"]
     assert {"torch", "threads", "cpu", "device"} <= set(results["environment"])
+    assert results["environment"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
 
 
 def test_compare_k_out_is_dense(data_dir, tmp_path, capsys):
