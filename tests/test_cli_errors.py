@@ -11,6 +11,8 @@ import errno
 import json
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -435,3 +437,15 @@ def test_diverged_compare_keeps_finished_runs(data_dir, tmp_path, monkeypatch, c
     assert_one_line(rc, err, status=3)
     assert "sbp diverged at epoch 1, step 1: the loss is nan" in err
     assert [r["method"] for r in json.loads(out.read_text())["runs"]] == ["dense"]
+
+
+@pytest.mark.parametrize("argv", [["info"], ["info", "--json"]])
+def test_closed_stdout_ends_quietly(argv):
+    """`msbp info | head -3`: the reader goes away before msbp writes; before, a
+    BrokenPipeError traceback."""
+    proc = subprocess.Popen([sys.executable, "-m", "msbp", *argv], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    proc.stdout.close()
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err.decode()
+    assert b"Traceback" not in err and b"BrokenPipe" not in err

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from typing import NoReturn
@@ -92,6 +93,13 @@ def _print_info(as_json: bool) -> None:
         print(f"{key:16} {value}")
 
 
+def _stdout_closed() -> int:
+    """The reader of stdout went away (``msbp info | head -3``): end quietly, as Unix tools do,
+    with Python's flush at exit pointed at /dev/null instead of the closed pipe."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``msbp`` console script; returns the exit status."""
     from msbp.data.errors import DataError
@@ -102,7 +110,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         build_parser().print_help(sys.stderr)
         return 2
     if args.command == "info":
-        _print_info(args.json)
+        try:
+            _print_info(args.json)
+        except BrokenPipeError:
+            return _stdout_closed()
         return 0
 
     from msbp import train as training
@@ -130,7 +141,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_INTERRUPTED
     if not main:
         return 0
-    print(format_table(results))
+    try:
+        print(format_table(results))
+    except BrokenPipeError:  # the results JSON is written already
+        return _stdout_closed()
     if args.out:
         print(f"results: {args.out}", file=sys.stderr)
     return 0
