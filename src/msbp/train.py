@@ -39,7 +39,7 @@ from msbp.config import MEMORY_LAYOUTS, MEMORY_ROWS, SELECTIONS, SparseBackpropC
 from msbp.convert import dense_backward, sparsify
 from msbp.data.errors import DataError
 from msbp.distributed import wrap_ddp
-from msbp.environment import auto_threads, denormals
+from msbp.environment import DENORMAL_MODES, auto_threads, denormals
 from msbp.info import InfoLossMeter
 from msbp.nn import SparseLinear, SparseLSTM
 from msbp.nn.memory import MemoryMixin, gather_memory_state, load_memory_state
@@ -137,9 +137,9 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
         "each process's share under torchrun",
     )
     run.add_argument(
-        "--denormals", choices=("flush", "keep"), default="flush",
-        help="flush (default): denormal floats become zero, for every method alike (on Intel "
-        "CPUs they slow dense Adam's step up to 20x where a gradient stays zero, which would "
+        "--denormals", choices=DENORMAL_MODES, default="flush",
+        help="flush (default): denormal floats become zero, for every method alike (on an Intel "
+        "Xeon they slowed dense Adam's step 25x where a gradient stays zero, which would "
         "flatter sparse runs); keep: IEEE arithmetic (PyTorch's default, and this command's "
         "before 2026-12)",
     )
