@@ -244,6 +244,7 @@ def test_native_and_reference_break_ties_alike(selection):
         (2000, 5, 0, torch.float32),  # few kept of many blocks: nth_element on the maxima
         (1200, 30, 7, torch.float64),
         (4096, 164, 0, torch.float32),  # 512 blocks
+        (4096, 164, 5, torch.float32),  # 512 blocks, ties among ~4,000 candidates
         (70, 9, 4, torch.float64),
     ],
 )
