@@ -176,7 +176,8 @@ void topk_blocks(const Ranked<A, Abs, Add>& r, int64_t m, int64_t k, int64_t* ou
   }
   // the k-th best value among the candidates, then one pass in index order: every candidate
   // above it, and as many equal to it as are left, lowest index first. No sort of the k
-  // indices, no (value, index) pairs: at 4,096 values, k = 164 (c ~ 190) 14 -> 5 us a row.
+  // indices, no (value, index) pairs: a row of 4,096 values, k = 164 (~190 candidates), took
+  // 27 us with those, 15 us so (the whole selection, 1 thread, the Xeon).
   s.sel.assign(cv, cv + c);
   std::nth_element(s.sel.begin(), s.sel.begin() + (k - 1), s.sel.end(), std::greater<A>());
   const A kth = s.sel[k - 1];
