@@ -31,6 +31,7 @@ from msbp.tasks.parse import (
     State,
     Vocab,
     attachment_scores,
+    cube,
     features,
     oracle_transitions,
     parse,
@@ -353,3 +354,24 @@ def test_stacked_lookup_equals_three_tables() -> None:
     assert model.label_embedding.weight.grad[feats[:, 36:].unique()].abs().sum() > 0
     assert not model.tag_embedding.weight.grad[3:].any()
     assert model.tag_embedding.weight.grad[:3].abs().sum(1).gt(0).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_cube_gives_pows_values_and_gradient_bit_for_bit(dtype) -> None:
+    """The parser's cube (one buffer in its backward) equals ``h.pow(3)`` and its autograd
+    gradient exactly, so results made with ``pow`` reproduce; the model uses it."""
+    gen = torch.Generator().manual_seed(0)
+    h = torch.randn(37, 23, generator=gen).to(dtype)
+    g = torch.randn(37, 23, generator=gen).to(dtype)
+    a = h.clone().requires_grad_(True)
+    a.pow(3).backward(g)
+    b = h.clone().requires_grad_(True)
+    y = cube(b)
+    y.backward(g)
+    assert torch.equal(y, h.pow(3))
+    assert torch.equal(b.grad, a.grad)
+    model = ParserMLP(7, 5, 3, embedding_dim=4, hidden_size=6, activation="cube")
+    seen = []
+    model.output.register_forward_hook(lambda m, inputs, out: seen.append(inputs[0].grad_fn))
+    model(torch.randint(0, 3, (4, N_FEATS), generator=gen))
+    assert type(seen[0]).__name__ == "_CubeBackward"

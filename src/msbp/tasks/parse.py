@@ -262,6 +262,28 @@ def training_examples(
 # ----------------------------------------------------------------------------- model
 
 
+class _Cube(torch.autograd.Function):
+    """``h.pow(3)`` whose backward gives PyTorch's gradient bit for bit, ``g * (3 * h.pow(2))``,
+    in one buffer where ``pow``'s backward makes three: at the parser's 10,000 x 500 that
+    backward took ~24 ms a step (three fresh 20 MB tensors; ~12 ms so), in the dense and the
+    sparse runs alike."""
+
+    @staticmethod
+    def forward(ctx, h: Tensor) -> Tensor:
+        ctx.save_for_backward(h)
+        return h.pow(3)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        (h,) = ctx.saved_tensors
+        return h.pow(2.0).mul_(3.0).mul_(grad)
+
+
+def cube(h: Tensor) -> Tensor:
+    """``h ** 3`` (any shape), with a leaner backward of the same values (``_Cube``)."""
+    return _Cube.apply(h)
+
+
 class ParserMLP(nn.Module):
     """Chen & Manning's network: embeddings (48 x dim) -> ``hidden`` -> act -> ``output``.
 
@@ -302,7 +324,7 @@ class ParserMLP(nn.Module):
         else:
             h = self.hidden(F.embedding(ids, table).flatten(1))  # (B, 48 d) -> (B, hidden)
         if self.activation == "cube":
-            h = h.pow(3)  # one op each way, where h * h * h takes two forward and four back
+            h = cube(h)
         elif self.activation == "relu":
             h = torch.relu(h)
         else:
