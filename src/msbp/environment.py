@@ -49,7 +49,8 @@ def denormals(mode: str) -> Iterator[None]:
     run and not a run whose optimizer skips those rows: a comparison of the two must flush.
     """
     if mode not in DENORMAL_MODES:
-        raise ValueError(f"denormals mode {mode!r}: choose 'flush' or 'keep'")
+        choices = " or ".join(map(repr, DENORMAL_MODES))
+        raise ValueError(f"denormals mode {mode!r}: choose {choices}")
     before = flushing_denormals()
     workers = _worker_threads()
     torch.set_flush_denormal(mode == "flush")  # False (a no-op) where the CPU cannot
