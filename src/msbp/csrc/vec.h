@@ -3,6 +3,7 @@
 #pragma once
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <type_traits>
 
 namespace msbp {
@@ -47,7 +48,12 @@ inline V vabs(V x) {
   if constexpr (std::is_floating_point_v<V>) {
     return std::abs(x);
   } else {
-    return x < V{} ? -x : x;  // lane-wise; a NaN stays a NaN
+    // the sign bit cleared, as std::abs does (a NaN stays a NaN): one AND, where the compare
+    // and blend of `x < 0 ? -x : x` took three or four instructions of the scoring passes
+    using E = std::remove_cv_t<std::remove_reference_t<decltype(x[0])>>;
+    using IE = std::conditional_t<sizeof(E) == 8, int64_t, int32_t>;
+    typedef IE I __attribute__((vector_size(sizeof(V))));
+    return (V)((I)x & (I{} + std::numeric_limits<IE>::max()));
   }
 }
 
