@@ -15,7 +15,7 @@ markdown table.
 
     python benchmarks/bench_gpu.py                      # on a GPU: everything (~5-8 minutes)
     python benchmarks/bench_gpu.py --quick              # the acceptance shapes only
-    python benchmarks/bench_gpu.py --dry-run            # tiny shapes on the CPU: checks the script
+    python benchmarks/bench_gpu.py --dry-run            # tiny shapes on the CPU, table printed only
 """
 
 from __future__ import annotations
@@ -290,7 +290,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--no-mlp", action="store_true")
-    ap.add_argument("--out", default="benchmarks/results/bench_gpu.json")
+    ap.add_argument("--out", default=None,
+                    help="JSON results (default: benchmarks/results/bench_gpu.json; with "
+                    "--dry-run, none: CPU timings of tiny shapes must not stand where GPU "
+                    "results are looked for)")
     ap.add_argument("--md", default=None, help="markdown table (default: --out with .md)")
     args = ap.parse_args(argv)
 
@@ -336,7 +339,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"MLP step {dtype_name}: " + ", ".join(
                 f"{k} {v['step']['x_dense']:.2f}x" for k, v in row["variants"].items()),
                 flush=True)
-    out = Path(args.out)
+    if args.out is None and args.dry_run:
+        print(markdown(result))
+        return 0
+    out = Path(args.out or "benchmarks/results/bench_gpu.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))
     md = Path(args.md) if args.md else out.with_suffix(".md")

@@ -33,6 +33,14 @@ def test_bench_gpu_dry_run(tmp_path):
     assert "| 16 x 32 x 64 | fp32 | 0.1 | MSBP |" in table
 
 
+def test_bench_gpu_dry_run_writes_no_results_unless_asked(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert _bench().main(["--dry-run", "--device", "cpu", "--dtypes", "fp32", "--fracs", "0.1",
+                          "--no-mlp"]) == 0
+    assert list(tmp_path.iterdir()) == []
+    assert "| 16 x 32 x 64 | fp32 | 0.1 | MSBP |" in capsys.readouterr().out
+
+
 def test_bench_gpu_without_gpu_says_so(capsys):
     if torch.cuda.is_available():
         return
