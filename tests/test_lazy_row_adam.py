@@ -391,3 +391,30 @@ def test_rows_of_zero_gradient_take_no_step_unless_all_rows_are_given(form):
             assert counts == [len(rows)]  # the rows taken from the mask
             assert dirty.nonzero().flatten().tolist() == stepped  # what zero_grad clears
             dirty.zero_()
+
+
+def test_both_backends_train_alike_where_top_k_fills_up_with_zeros():
+    # small ReLU layers whose gradient rows have fewer than k non-zero entries: per-example
+    # top-k takes zero units too, and where these complete the set of rows a step logs,
+    # LazyRowAdam steps every row (a dense step: rows of zero gradient move by their moments);
+    # the two backends must take the same zero units for the steps to agree (they differed by
+    # whole steps). Unified top-k logs k rows whichever it takes: no such case.
+    torch.manual_seed(67)
+    net = torch.nn.Sequential(
+        torch.nn.Linear(64, 5), torch.nn.ReLU(), torch.nn.Linear(5, 5), torch.nn.Tanh(),
+        torch.nn.Linear(5, 7),
+    ).to(torch.float64)
+    cfg = msbp.SparseBackpropConfig(k=3, memory=0.0, selection="per_example", memory_layout="slot")
+    models = {b: msbp.sparsify(copy.deepcopy(net), cfg, exclude="4") for b in ("native", "python")}
+    opts = {b: LazyRowAdam(m.parameters(), lr=1e-2) for b, m in models.items()}
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(30):
+        x = torch.randn(2, 64, generator=gen, dtype=torch.float64)
+        y = torch.randint(0, 7, (2,), generator=gen)
+        for b in ("native", "python"):
+            native.set_backend(b)
+            opts[b].zero_grad(set_to_none=False)
+            torch.nn.functional.cross_entropy(models[b](x), y).backward()
+            opts[b].step()
+    for p, q in zip(models["native"].parameters(), models["python"].parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-12)

@@ -276,3 +276,31 @@ def test_native_topk_paths_match_reference(selection, out, k, levels, dtype):
     torch.testing.assert_close(memory, mem, **tol(dtype))
     torch.testing.assert_close(w.grad, dW, **tol(dtype))
     torch.testing.assert_close(xr.grad, dx, **tol(dtype))
+
+
+@pytest.mark.parametrize("what", ["unified", "per_example", "channels"])
+def test_pytorch_path_takes_zero_scores_lowest_index_first(what):
+    # ReLU and padding make exact zeros common; where fewer than k scores are non-zero top-k
+    # fills up with them, and which ones decides the rows a backward logs for LazyRowAdam: the
+    # PyTorch path must take them as the native kernels and the reference do
+    from msbp.ops.reference import topk_ref
+    from msbp.ops.sparse_conv import select_channels
+
+    gen = torch.Generator().manual_seed(0)
+    n, out, k = 40, 300, 30
+    u = torch.randn(n, out, generator=gen)
+    u[torch.rand(n, out, generator=gen) < 0.95] = 0  # ~15 non-zero entries per row
+    if what == "per_example":
+        got = sel_ops.select(u, k, "per_example")[0].sort(1).values
+        want = topk_ref(u.abs(), k, dim=1).sort(1).values
+    elif what == "unified":
+        u[:, 100:] = 0  # ~100 columns with a non-zero sum
+        got = sel_ops.select(u, 150, "unified")[0].sort().values
+        want = topk_ref(u.abs().sum(0), 150).sort().values
+    else:
+        u4 = u[:, :100].reshape(n, 100, 1, 1).clone()
+        u4[:, 40:] = 0
+        got = select_channels(u4, 30, "unified", 2, None)  # 30 of 50 per group
+        scores = u4.abs().sum((0, 2, 3)).view(2, 50)
+        want = (topk_ref(scores, 30, dim=1) + torch.tensor([[0], [50]])).reshape(-1).sort().values
+    assert torch.equal(got, want)

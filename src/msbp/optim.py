@@ -285,9 +285,9 @@ class LazyRowAdam(Optimizer):
       by other means (``model.zero_grad(set_to_none=False)``) they take no step on the CPU,
       where a logged row whose gradient row is all zero never does unless every row was
       logged, as by a dense backward (top-k also fills up with zero-gradient units where fewer
-      than k have a gradient, and which ones is tie order), and a step with a zero gradient on
-      other devices (telling would cost a device sync). Weight decay, like the rest of the
-      update, reaches only the rows updated.
+      than k have a gradient, lowest index first on either backend), and a step with a zero
+      gradient on other devices (telling would cost a device sync). Weight decay, like the rest
+      of the update, reaches only the rows updated.
     - A sparse layer's weight with no rows logged since the last step took no part in it: it is
       not updated (its moments do not decay, it does not move, its step count stays), whether
       its ``.grad`` is None, zero, or left from an earlier step. If such a gradient was written

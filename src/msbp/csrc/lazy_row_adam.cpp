@@ -267,7 +267,7 @@ void check_one(const at::Tensor& param, const at::Tensor& exp_avg, const at::Ten
 
 // Whether row r of a contiguous gradient is all zero (-0 included; NaN is not zero). Such a row
 // takes no step although a layer logged it: top-k fills up with units of zero gradient where
-// fewer than k have any (which ones is tie order), and a gradient zeroed in place after its
+// fewer than k have any (lowest index first), and a gradient zeroed in place after its
 // backward was discarded keeps the rows that backward logged. Reads up to the first non-zero
 // element, which for a row with a gradient is almost always the first.
 bool row_is_zero(const at::Tensor& grad, int64_t r) {

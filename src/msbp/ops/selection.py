@@ -21,18 +21,46 @@ def column_scores(u: Tensor) -> Tensor:
     return u.abs().sum(0, dtype=acc)
 
 
+def zeros_ranked_by_index_(scores: Tensor) -> Tensor:
+    """``scores`` (..., out), each >= 0 or NaN, float32 or wider, with every exact zero replaced
+    in place by -1 - its index along the last dimension: ``torch.topk`` of the result takes zero
+    scores lowest index first, the rule of the native kernels and of the reference
+    (``reference.topk_ref``); its order among equal non-zero scores stays unspecified. Zero is
+    the tie that matters in practice: ReLU and padding make exact zeros common, top-k fills up
+    with them where fewer than k scores are non-zero, and which ones it takes decides the rows a
+    backward logs for ``LazyRowAdam`` (which on the CPU steps every row of zero gradient that a
+    backward logged where it logged every row, as a dense step; elsewhere it steps them always:
+    so the selections apply this on the CPU only, sparing a GPU its extra kernels). Exact while
+    out <= 2**24; ``clamp_min(0)`` of a taken value gives its score back."""
+    rank = torch.arange(-1, -scores.shape[-1] - 1, -1, dtype=scores.dtype, device=scores.device)
+    # + (1 - sign) * rank: + an exact 0 where positive, rank where zero, NaN stays NaN (a
+    # comparison and torch.where cost ten times as much on the CPU: 32 x 2000, 37 against 420 us)
+    return scores.addcmul_(scores.sign().neg_().add_(1), rank)
+
+
+def topk_zeros_by_index(scores: Tensor, k: int, dim: int = -1) -> tuple[Tensor, Tensor]:
+    """``torch.topk(scores, k, dim, sorted=False)`` as (indices, values), zero scores taken
+    lowest index first on the CPU (``zeros_ranked_by_index_``, which changes ``scores``: pass a
+    tensor of your own). ``scores`` >= 0 or NaN; ``dim`` must be the last."""
+    if not scores.is_cpu:
+        top = torch.topk(scores, k, dim=dim, sorted=False)
+        return top.indices, top.values
+    if scores.dtype not in (torch.float32, torch.float64):
+        scores = scores.float()  # ranks need float32's integers
+    top = torch.topk(zeros_ranked_by_index_(scores), k, dim=dim, sorted=False)
+    return top.indices, top.values.clamp_min(0)
+
+
 def select_topk_unified(u: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """The k columns of ``u`` (n, out) with the largest column sum of ``|u|``, and those sums:
-    (k,), (k,)."""
-    top = torch.topk(column_scores(u), k, sorted=False)
-    return top.indices, top.values
+    (k,), (k,). On the CPU columns of zero sum are taken lowest index first."""
+    return topk_zeros_by_index(column_scores(u), k)
 
 
 def select_topk_per_example(u: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """For every row of ``u`` (n, out) the k entries of largest ``|u|``, and their ``|u|``:
-    (n, k), (n, k)."""
-    top = torch.topk(u.abs(), k, dim=1, sorted=False)
-    return top.indices, top.values
+    (n, k), (n, k). On the CPU zero entries are taken lowest index first."""
+    return topk_zeros_by_index(u.abs(), k)
 
 
 def select_random(u: Tensor, k: int, generator: torch.Generator | None = None) -> Tensor:

@@ -28,6 +28,7 @@ from torch.autograd.function import once_differentiable
 from msbp import native
 from msbp.ops import scaling
 from msbp.ops.memory import restore_memory_, spread_slot_memory_, store_memory_
+from msbp.ops.selection import topk_zeros_by_index
 from msbp.ops.sparse_linear import BackwardPlan, forward_and_save, nonfinite_error
 from msbp.ops.touched_rows import log_touched_rows
 
@@ -77,7 +78,8 @@ def select_channels(
     else:
         if scores is None:
             scores = channel_scores(u)  # (C_out,) in u's dtype (float32 or wider)
-        top = scores.view(groups, per).topk(kg, dim=1, sorted=False).indices  # (groups, kg)
+        # on a copy: the caller's scores stay as they are
+        top = topk_zeros_by_index(scores.view(groups, per).clone(), kg)[0]  # (groups, kg)
         if groups > 1:
             top = top + torch.arange(groups, device=u.device).unsqueeze(1) * per
         idx = top.reshape(-1)
