@@ -38,16 +38,16 @@ def zeros_ranked_by_index_(scores: Tensor) -> Tensor:
     return scores.addcmul_(scores.sign().neg_().add_(1), rank)
 
 
-def topk_zeros_by_index(scores: Tensor, k: int, dim: int = -1) -> tuple[Tensor, Tensor]:
-    """``torch.topk(scores, k, dim, sorted=False)`` as (indices, values), zero scores taken
-    lowest index first on the CPU (``zeros_ranked_by_index_``, which changes ``scores``: pass a
-    tensor of your own). ``scores`` >= 0 or NaN; ``dim`` must be the last."""
+def topk_zeros_by_index(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """``torch.topk(scores, k, sorted=False)`` over the last dimension as (indices, values), zero
+    scores taken lowest index first on the CPU (``zeros_ranked_by_index_``, which changes
+    ``scores``: pass a tensor of your own). ``scores`` (..., out), each >= 0 or NaN."""
     if not scores.is_cpu:
-        top = torch.topk(scores, k, dim=dim, sorted=False)
+        top = torch.topk(scores, k, sorted=False)
         return top.indices, top.values
     if scores.dtype not in (torch.float32, torch.float64):
         scores = scores.float()  # ranks need float32's integers
-    top = torch.topk(zeros_ranked_by_index_(scores), k, dim=dim, sorted=False)
+    top = torch.topk(zeros_ranked_by_index_(scores), k, sorted=False)
     return top.indices, top.values.clamp_min(0)
 
 
