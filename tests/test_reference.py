@@ -279,19 +279,23 @@ def test_native_topk_paths_match_reference(selection, out, k, levels, dtype):
 
 
 @pytest.mark.parametrize("what", ["unified", "per_example", "channels"])
-def test_pytorch_path_takes_zero_scores_lowest_index_first(what):
-    # ReLU and padding make exact zeros common; where fewer than k scores are non-zero top-k
-    # fills up with them, and which ones decides the rows a backward logs for LazyRowAdam: the
-    # PyTorch path must take them as the native kernels and the reference do
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_pytorch_path_breaks_ties_lowest_index_first(what, dtype):
+    # ReLU and padding make exact zeros common, bfloat16 equal values: the PyTorch path (on the
+    # CPU) must keep the tied units the native kernels and the reference keep, whatever
+    # torch.topk's own order among ties; zeros decide the rows a backward logs for LazyRowAdam
     from msbp.ops.reference import topk_ref
     from msbp.ops.sparse_conv import select_channels
 
     gen = torch.Generator().manual_seed(0)
     n, out, k = 40, 300, 30
-    u = torch.randn(n, out, generator=gen)
-    u[torch.rand(n, out, generator=gen) < 0.95] = 0  # ~15 non-zero entries per row
+    u = (torch.randn(n, out, generator=gen) * 3).round().to(dtype)  # a few values, many ties
+    u[torch.rand(n, out, generator=gen) < 0.9] = 0  # ~30 non-zero entries per row: ties at k
+    u = u.float()  # the scores' type on the CPU path (float32 for 16-bit gradients)
     if what == "per_example":
-        got = sel_ops.select(u, k, "per_example")[0].sort(1).values
+        idx, vals = sel_ops.select(u, k, "per_example")
+        assert torch.equal(vals, u.abs().gather(1, idx))
+        got = idx.sort(1).values
         want = topk_ref(u.abs(), k, dim=1).sort(1).values
     elif what == "unified":
         u[:, 100:] = 0  # ~100 columns with a non-zero sum

@@ -795,19 +795,6 @@ _EDGE_CASES = [
 ]
 
 
-def _tie_free(lead: tuple, out: int, dtype: torch.dtype, gen: torch.Generator) -> torch.Tensor:
-    """A gradient (*lead, out) whose rows hold distinct magnitudes, random signs: in 16 bits
-    random values tie often, and the PyTorch path's ``torch.topk`` may keep another of the tied
-    units than the reference (see the README), which is not what this test is about."""
-    if dtype not in (torch.bfloat16, torch.float16):
-        return torch.randn(*lead, out, generator=gen).to(dtype)
-    lo, hi = (0x3C80, 0x4280) if dtype == torch.bfloat16 else (0x2400, 0x5800)  # 2^-6 .. 2^6
-    pool = torch.arange(lo, hi, dtype=torch.int16).view(dtype)
-    picks = torch.rand(*lead, pool.numel(), generator=gen).argsort(-1)[..., :out]  # distinct
-    signs = torch.where(torch.rand(*lead, out, generator=gen) < 0.5, -1.0, 1.0).to(dtype)
-    return pool[picks] * signs
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16],
                          ids=dtype_id)
 @pytest.mark.parametrize("layout", ["unit", "slot"])
@@ -815,8 +802,7 @@ def _tie_free(lead: tuple, out: int, dtype: torch.dtype, gen: torch.Generator) -
 def test_functional_corner_cases_match_reference(selection, layout, dtype):
     """Empty batches, a zero dimension, in / out = 1, k = out, non-contiguous inputs, no bias or
     memory, one operand requiring grad, zero rows, tiny gradients, 16-bit dtypes: the active
-    backend equals the oracle, over two steps (the memory carried from the first; one in 16
-    bits)."""
+    backend equals the oracle, over two steps (the memory carried from the first)."""
     low = dtype in (torch.bfloat16, torch.float16)
     close = {"rtol": 1e-2, "atol": 1e-2} if low else tol(dtype)
     gen = torch.Generator().manual_seed(0)
@@ -835,14 +821,14 @@ def test_functional_corner_cases_match_reference(selection, layout, dtype):
         cfg = msbp.SparseBackpropConfig(k=k, memory=alpha, selection=selection,
                                         memory_layout=layout,
                                         memory_rows=opts.get("rows", "active"))
-        # 16 bits: one step, where |U| = |G| has no ties; after it U = G + M sums values of a
-        # few mantissa bits, and exact ties there are common again
-        for _ in range(1 if low else 2):
+        # in 16 bits exact ties are common (at the k-th place in most rows of 64 x 700): every
+        # backend keeps the tied units of lowest index, as the reference does
+        for _ in range(2):
             if opts.get("noncontig"):
                 x0 = torch.randn(*shape[:-1], 2 * d_in, generator=gen).to(dtype)[..., ::2]
             else:
                 x0 = torch.randn(*shape, generator=gen).to(dtype)
-            g = _tie_free(shape[:-1], out, dtype, gen) * opts.get("gscale", 1.0)
+            g = torch.randn(*shape[:-1], out, generator=gen).to(dtype) * opts.get("gscale", 1.0)
             for r in opts.get("zero_rows", ()):
                 g.view(-1, out)[r] = 0
             # (a clone of the strided view would be contiguous)

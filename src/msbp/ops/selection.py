@@ -21,46 +21,65 @@ def column_scores(u: Tensor) -> Tensor:
     return u.abs().sum(0, dtype=acc)
 
 
-def zeros_ranked_by_index_(scores: Tensor) -> Tensor:
-    """``scores`` (..., out), each >= 0 or NaN, float32 or wider, with every exact zero replaced
-    in place by -1 - its index along the last dimension: ``torch.topk`` of the result takes zero
-    scores lowest index first, the rule of the native kernels and of the reference
-    (``reference.topk_ref``); its order among equal non-zero scores stays unspecified. Zero is
-    the tie that matters in practice: ReLU and padding make exact zeros common, top-k fills up
-    with them where fewer than k scores are non-zero, and which ones it takes decides the rows a
-    backward logs for ``LazyRowAdam`` (which on the CPU steps every row of zero gradient that a
-    backward logged where it logged every row, as a dense step; elsewhere it steps them always:
-    so the selections apply this on the CPU only, sparing a GPU its extra kernels). Exact while
-    out <= 2**24; ``clamp_min(0)`` of a taken value gives its score back."""
-    rank = torch.arange(-1, -scores.shape[-1] - 1, -1, dtype=scores.dtype, device=scores.device)
-    # + (1 - sign) * rank: + an exact 0 where positive, rank where zero, NaN stays NaN (a
-    # comparison and torch.where cost ten times as much on the CPU: 32 x 2000, 37 against 420 us)
-    return scores.addcmul_(scores.sign().neg_().add_(1), rank)
+def ranking_keys(scores: Tensor) -> Tensor:
+    """Keys (..., out), float64, whose ``torch.topk`` over the last dimension takes what the native
+    kernels and the reference (``reference.topk_ref``) take from ``scores`` (..., out), each >= 0
+    or NaN: equal scores lowest index first, whatever ``torch.topk``'s own order among ties
+    (unspecified). Zeros (ReLU and padding make them common; top-k fills up with them where
+    fewer than k scores are non-zero, and which ones decides the rows a backward logs for
+    ``LazyRowAdam``) become -1 - their index, below every positive score. Other ties (common in
+    bfloat16) are broken by scaling score i by 1 - i 2**-50, exact in float64, which keeps the
+    order of distinct float32 (or narrower) scores: these are at least 2**-24 apart, relatively,
+    and the scaling moves none by more than 2**-26 while out <= 2**24. Distinct float64 scores
+    may be closer than that: there only zeros are ranked."""
+    out = scores.shape[-1]
+    index = torch.arange(out, dtype=torch.float64, device=scores.device)
+    keys = scores.to(torch.float64, copy=True)
+    if scores.dtype != torch.float64 and out <= 2**24:
+        keys.mul_(index.mul(-(2.0**-50)).add_(1))
+    # + (1 - sign) (-1 - index): + an exact 0 where positive, -1 - index where zero, NaN stays
+    # NaN (a comparison and torch.where cost ten times as much on the CPU here)
+    return keys.addcmul_(keys.sign().neg_().add_(1), index.add_(1).neg_())
 
 
-def topk_zeros_by_index(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """``torch.topk(scores, k, sorted=False)`` over the last dimension as (indices, values), zero
-    scores taken lowest index first on the CPU (``zeros_ranked_by_index_``, which changes
-    ``scores``: pass a tensor of your own). ``scores`` (..., out), each >= 0 or NaN."""
-    if not scores.is_cpu:
+def topk_by_index(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """``torch.topk(scores, k, sorted=False)`` over the last dimension as (indices, values), ties
+    taken lowest index first on the CPU (``ranking_keys``); elsewhere ``torch.topk``'s order
+    (the extra passes would cost a GPU kernels for rows ``LazyRowAdam`` steps there anyway).
+    ``scores`` (..., out), each >= 0 or NaN."""
+    out = scores.shape[-1]
+    if not scores.is_cpu or k >= out or k == 0:
         top = torch.topk(scores, k, sorted=False)
         return top.indices, top.values
-    if scores.dtype not in (torch.float32, torch.float64):
-        scores = scores.float()  # ranks need float32's integers
-    top = torch.topk(zeros_ranked_by_index_(scores), k, sorted=False)
-    return top.indices, top.values.clamp_min(0)
+    # only where a tie straddles the k-th place can another set be taken: those rows are ranked
+    # again by their keys (at 1024 x 4096, k = 164, keys for every row cost 2.3x the topk)
+    top = torch.topk(scores, k + 1, sorted=True)
+    idx, vals = top.indices[..., :k].contiguous(), top.values[..., :k].contiguous()
+    if scores.dim() == 1:  # (two reads cost less than the ops on tensors below)
+        if top.values[k - 1].item() != top.values[k].item():
+            return idx, vals
+        idx = torch.topk(ranking_keys(scores), k, sorted=False).indices
+        return idx, scores.gather(-1, idx)
+    straddles = top.values[..., k - 1] == top.values[..., k]  # (...)
+    if not bool(straddles.any()):
+        return idx, vals
+    flat, flat_idx = scores.reshape(-1, out), idx.reshape(-1, k).clone()
+    rows = straddles.reshape(-1).nonzero().squeeze(1)
+    flat_idx[rows] = torch.topk(ranking_keys(flat[rows]), k, sorted=False).indices
+    idx = flat_idx.view(idx.shape)
+    return idx, scores.gather(-1, idx)
 
 
 def select_topk_unified(u: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """The k columns of ``u`` (n, out) with the largest column sum of ``|u|``, and those sums:
-    (k,), (k,). On the CPU columns of zero sum are taken lowest index first."""
-    return topk_zeros_by_index(column_scores(u), k)
+    (k,), (k,). On the CPU equal sums are taken lowest index first."""
+    return topk_by_index(column_scores(u), k)
 
 
 def select_topk_per_example(u: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """For every row of ``u`` (n, out) the k entries of largest ``|u|``, and their ``|u|``:
-    (n, k), (n, k). On the CPU zero entries are taken lowest index first."""
-    return topk_zeros_by_index(u.abs(), k)
+    (n, k), (n, k). On the CPU equal entries are taken lowest index first."""
+    return topk_by_index(u.abs(), k)
 
 
 def select_random(u: Tensor, k: int, generator: torch.Generator | None = None) -> Tensor:

@@ -28,7 +28,7 @@ from torch.autograd.function import once_differentiable
 from msbp import native
 from msbp.ops import scaling
 from msbp.ops.memory import restore_memory_, spread_slot_memory_, store_memory_
-from msbp.ops.selection import topk_zeros_by_index
+from msbp.ops.selection import topk_by_index
 from msbp.ops.sparse_linear import BackwardPlan, forward_and_save, nonfinite_error
 from msbp.ops.touched_rows import log_touched_rows
 
@@ -78,8 +78,7 @@ def select_channels(
     else:
         if scores is None:
             scores = channel_scores(u)  # (C_out,) in u's dtype (float32 or wider)
-        # on a copy: the caller's scores stay as they are
-        top = topk_zeros_by_index(scores.view(groups, per).clone(), kg)[0]  # (groups, kg)
+        top = topk_by_index(scores.view(groups, per), kg)[0]  # (groups, kg)
         if groups > 1:
             top = top + torch.arange(groups, device=u.device).unsqueeze(1) * per
         idx = top.reshape(-1)
