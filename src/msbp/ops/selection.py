@@ -44,9 +44,8 @@ def ranking_keys(scores: Tensor) -> Tensor:
 
 def topk_by_index(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """``torch.topk(scores, k, sorted=False)`` over the last dimension as (indices, values), ties
-    taken lowest index first on the CPU (``ranking_keys``); elsewhere ``torch.topk``'s order
-    (the extra passes would cost a GPU kernels for rows ``LazyRowAdam`` steps there anyway).
-    ``scores`` (..., out), each >= 0 or NaN."""
+    taken lowest index first on the CPU (``ranking_keys``); elsewhere in ``torch.topk``'s own
+    order, sparing a GPU the extra kernels. ``scores`` (..., out), each >= 0 or NaN."""
     out = scores.shape[-1]
     if not scores.is_cpu or k >= out or k == 0:
         top = torch.topk(scores, k, sorted=False)
@@ -55,11 +54,6 @@ def topk_by_index(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
     # again by their keys (at 1024 x 4096, k = 164, keys for every row cost 2.3x the topk)
     top = torch.topk(scores, k + 1, sorted=True)
     idx, vals = top.indices[..., :k].contiguous(), top.values[..., :k].contiguous()
-    if scores.dim() == 1:  # (two reads cost less than the ops on tensors below)
-        if top.values[k - 1].item() != top.values[k].item():
-            return idx, vals
-        idx = torch.topk(ranking_keys(scores), k, sorted=False).indices
-        return idx, scores.gather(-1, idx)
     straddles = top.values[..., k - 1] == top.values[..., k]  # (...)
     if not bool(straddles.any()):
         return idx, vals
