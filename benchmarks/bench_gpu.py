@@ -44,6 +44,7 @@ FRACS = (0.01, 0.04, 0.1)
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 MLP = dict(tokens=8192, width=8192, layers=4)
 DRY_MLP = dict(tokens=16, width=64, layers=4)
+RESULTS = "benchmarks/results/bench_gpu.json"  # where a GPU run writes (--out)
 
 # name: (memory alpha or None for dense, kernel backend)
 LAYER_VARIANTS = {
@@ -291,9 +292,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--no-mlp", action="store_true")
     ap.add_argument("--out", default=None,
-                    help="JSON results (default: benchmarks/results/bench_gpu.json; with "
-                    "--dry-run, none: CPU timings of tiny shapes must not stand where GPU "
-                    "results are looked for)")
+                    help=f"JSON results (default: {RESULTS}; with --dry-run, none: CPU timings "
+                    "of tiny shapes must not stand where GPU results are looked for)")
     ap.add_argument("--md", default=None, help="markdown table (default: --out with .md)")
     args = ap.parse_args(argv)
 
@@ -342,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.out is None and args.dry_run:
         print(markdown(result))
         return 0
-    out = Path(args.out or "benchmarks/results/bench_gpu.json")
+    out = Path(args.out or RESULTS)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))
     md = Path(args.md) if args.md else out.with_suffix(".md")

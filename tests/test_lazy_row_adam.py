@@ -395,6 +395,35 @@ def test_rows_of_zero_gradient_take_no_step_unless_all_rows_are_given(form):
             dirty.zero_()
 
 
+def _assert_backends_train_alike(net, cfg, steps, *, seed, zero="none", weight_decay=0.0,
+                                 rtol=1e-9, atol=1e-12):
+    """Train copies of ``net`` (float64, last module dense), sparsified with ``cfg``, on the native
+    kernels and on the PyTorch path, backward and ``LazyRowAdam`` step each; ``steps`` holds
+    each step's batch sizes (one backward each); the weights must agree after every step
+    (rounding apart: a row stepped on one backend only is a whole Adam step)."""
+    last = str(len(net) - 1)
+    d0, d2 = net[0].in_features, net[-1].out_features
+    models = {b: msbp.sparsify(copy.deepcopy(net), cfg, exclude=last) for b in ("native", "python")}
+    opts = {b: LazyRowAdam(m.parameters(), lr=1e-2, weight_decay=weight_decay)
+            for b, m in models.items()}
+    gen = torch.Generator().manual_seed(seed)
+    for batches in steps:
+        data = [(torch.randn(n, d0, generator=gen, dtype=torch.float64),
+                 torch.randint(0, d2, (n,), generator=gen)) for n in batches]
+        for b in ("native", "python"):
+            native.set_backend(b)
+            if zero == "model":
+                models[b].zero_grad()
+            else:
+                opts[b].zero_grad(set_to_none=zero == "none")
+            for x, y in data:
+                torch.nn.functional.cross_entropy(models[b](x), y).backward()
+            opts[b].step()
+        for p, q in zip(models["native"].parameters(), models["python"].parameters(),
+                        strict=True):
+            torch.testing.assert_close(p, q, rtol=rtol, atol=atol)
+
+
 def test_both_backends_train_alike_where_top_k_fills_up_with_zeros():
     # small ReLU layers whose gradient rows have fewer than k non-zero entries: per-example
     # top-k takes zero units too, and where these complete the set of rows a step logs,
@@ -407,19 +436,7 @@ def test_both_backends_train_alike_where_top_k_fills_up_with_zeros():
         torch.nn.Linear(5, 7),
     ).to(torch.float64)
     cfg = msbp.SparseBackpropConfig(k=3, memory=0.0, selection="per_example", memory_layout="slot")
-    models = {b: msbp.sparsify(copy.deepcopy(net), cfg, exclude="4") for b in ("native", "python")}
-    opts = {b: LazyRowAdam(m.parameters(), lr=1e-2) for b, m in models.items()}
-    gen = torch.Generator().manual_seed(1)
-    for _ in range(30):
-        x = torch.randn(2, 64, generator=gen, dtype=torch.float64)
-        y = torch.randint(0, 7, (2,), generator=gen)
-        for b in ("native", "python"):
-            native.set_backend(b)
-            opts[b].zero_grad(set_to_none=False)
-            torch.nn.functional.cross_entropy(models[b](x), y).backward()
-            opts[b].step()
-    for p, q in zip(models["native"].parameters(), models["python"].parameters(), strict=True):
-        torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-12)
+    _assert_backends_train_alike(net, cfg, [[2]] * 30, seed=1, zero="zero", rtol=1e-12)
 
 
 @st.composite
@@ -441,8 +458,6 @@ def _small_training(draw):
 
 @given(_small_training())
 def test_both_backends_train_small_relu_networks_alike(c):
-    # the native kernels and the PyTorch path, backward and step each: the same weights after
-    # every step (float64: rounding apart, a row stepped on one backend only is a whole step)
     d0, d1, d2 = c["sizes"]
     torch.manual_seed(c["seed"])
     net = torch.nn.Sequential(
@@ -451,22 +466,5 @@ def test_both_backends_train_small_relu_networks_alike(c):
     ).to(torch.float64)
     cfg = msbp.SparseBackpropConfig(k=c["k"], memory=c["memory"], selection=c["selection"],
                                     memory_layout=c["layout"])
-    models = {b: msbp.sparsify(copy.deepcopy(net), cfg, exclude="4") for b in ("native", "python")}
-    opts = {b: LazyRowAdam(m.parameters(), lr=1e-2, weight_decay=c["weight_decay"])
-            for b, m in models.items()}
-    gen = torch.Generator().manual_seed(c["seed"])
-    for batches in c["steps"]:
-        data = [(torch.randn(n, d0, generator=gen, dtype=torch.float64),
-                 torch.randint(0, d2, (n,), generator=gen)) for n in batches]
-        for b in ("native", "python"):
-            native.set_backend(b)
-            if c["zero"] == "model":
-                models[b].zero_grad()
-            else:
-                opts[b].zero_grad(set_to_none=c["zero"] == "none")
-            for x, y in data:
-                torch.nn.functional.cross_entropy(models[b](x), y).backward()
-            opts[b].step()
-        for p, q in zip(models["native"].parameters(), models["python"].parameters(),
-                        strict=True):
-            torch.testing.assert_close(p, q, rtol=1e-9, atol=1e-12)
+    _assert_backends_train_alike(net, cfg, c["steps"], seed=c["seed"], zero=c["zero"],
+                                 weight_decay=c["weight_decay"])

@@ -27,7 +27,7 @@ from torch import nn
 
 import msbp
 from msbp import SparseLinear
-from msbp.functional import sparse_linear
+from msbp.functional import memory_dtype, sparse_linear
 from msbp.ops.reference import sparse_linear_backward_ref
 
 D_IN, D_OUT = 5, 9
@@ -806,7 +806,7 @@ def test_functional_corner_cases_match_reference(selection, layout, dtype):
     low = dtype in (torch.bfloat16, torch.float16)
     close = {"rtol": 1e-2, "atol": 1e-2} if low else tol(dtype)
     gen = torch.Generator().manual_seed(0)
-    mem_dtype = torch.promote_types(dtype, torch.float32)
+    mem_dtype = memory_dtype(dtype)
     for shape, out, k, opts in _EDGE_CASES:
         alpha = opts.get("alpha", 0.8)
         d_in, rows = shape[-1], math.prod(shape[:-1])
