@@ -279,7 +279,7 @@ def test_native_topk_paths_match_reference(selection, out, k, levels, dtype):
 
 
 @pytest.mark.parametrize("what", ["unified", "per_example", "channels"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
 def test_pytorch_path_breaks_ties_lowest_index_first(what, dtype):
     # ReLU and padding make exact zeros common, bfloat16 equal values: the PyTorch path (on the
     # CPU) must keep the tied units the native kernels and the reference keep, whatever
@@ -291,16 +291,17 @@ def test_pytorch_path_breaks_ties_lowest_index_first(what, dtype):
     n, out, k = 40, 300, 30
     u = (torch.randn(n, out, generator=gen) * 3).round().to(dtype)  # a few values, many ties
     u[torch.rand(n, out, generator=gen) < 0.9] = 0  # ~30 non-zero entries per row: ties at k
-    u = u.float()  # the scores' type on the CPU path (float32 for 16-bit gradients)
+    # the scores' type on the CPU path (float32 for 16-bit gradients)
+    u = u.double() if dtype == torch.float64 else u.float()
     if what == "per_example":
         idx, vals = sel_ops.select(u, k, "per_example")
         assert torch.equal(vals, u.abs().gather(1, idx))
         got = idx.sort(1).values
         want = topk_ref(u.abs(), k, dim=1).sort(1).values
     elif what == "unified":
-        u[:, 100:] = 0  # ~100 columns with a non-zero sum
-        got = sel_ops.select(u, 150, "unified")[0].sort().values
-        want = topk_ref(u.abs().sum(0), 150).sort().values
+        u[:, 100:] = 0  # ~100 columns with a non-zero sum: ties at zero (k = 150) or not
+        got = torch.cat([sel_ops.select(u, kk, "unified")[0].sort().values for kk in (30, 150)])
+        want = torch.cat([topk_ref(u.abs().sum(0), kk).sort().values for kk in (30, 150)])
     else:
         u4 = u[:, :100].reshape(n, 100, 1, 1).clone()
         u4[:, 40:] = 0

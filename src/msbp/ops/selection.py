@@ -21,37 +21,20 @@ def column_scores(u: Tensor) -> Tensor:
     return u.abs().sum(0, dtype=acc)
 
 
-def ranking_keys(scores: Tensor) -> Tensor:
-    """Keys (..., out), float64, whose ``torch.topk`` over the last dimension takes what the native
-    kernels and the reference (``reference.topk_ref``) take from ``scores`` (..., out), each >= 0
-    or NaN: equal scores lowest index first, whatever ``torch.topk``'s own order among ties
-    (unspecified). Zeros (ReLU and padding make them common; top-k fills up with them where
-    fewer than k scores are non-zero, and which ones decides the rows a backward logs for
-    ``LazyRowAdam``) become -1 - their index, below every positive score. Other ties (common in
-    bfloat16) are broken by scaling score i by 1 - i 2**-50, exact in float64, which keeps the
-    order of distinct float32 (or narrower) scores: these are at least 2**-24 apart, relatively,
-    and the scaling moves none by more than 2**-26 while out <= 2**24. Distinct float64 scores
-    may be closer than that: there only zeros are ranked."""
-    out = scores.shape[-1]
-    index = torch.arange(out, dtype=torch.float64, device=scores.device)
-    keys = scores.to(torch.float64, copy=True)
-    if scores.dtype != torch.float64 and out <= 2**24:
-        keys.mul_(index.mul(-(2.0**-50)).add_(1))
-    # + (1 - sign) (-1 - index): + an exact 0 where positive, -1 - index where zero, NaN stays
-    # NaN (a comparison and torch.where cost ten times as much on the CPU here)
-    return keys.addcmul_(keys.sign().neg_().add_(1), index.add_(1).neg_())
-
-
 def topk_by_index(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """``torch.topk(scores, k, sorted=False)`` over the last dimension as (indices, values), ties
-    taken lowest index first on the CPU (``ranking_keys``); elsewhere in ``torch.topk``'s own
-    order, sparing a GPU the extra kernels. ``scores`` (..., out), each >= 0 or NaN."""
+    taken lowest index first on the CPU, as the native kernels and the reference
+    (``reference.topk_ref``) take them, whatever ``torch.topk``'s own order among ties
+    (unspecified): ReLU and padding make zeros common (top-k fills up with them where fewer than
+    k scores are non-zero, and which ones decides the rows a backward logs for ``LazyRowAdam``),
+    bfloat16 equal values. Elsewhere in ``torch.topk``'s order, sparing a GPU the extra kernels.
+    ``scores`` (..., out), each >= 0 or NaN (NaN ranks above every number, as in topk)."""
     out = scores.shape[-1]
     if not scores.is_cpu or k >= out or k == 0:
         top = torch.topk(scores, k, sorted=False)
         return top.indices, top.values
     # only where a tie straddles the k-th place can another set be taken: those rows are ranked
-    # again by their keys (at 1024 x 4096, k = 164, keys for every row cost 2.3x the topk)
+    # again (at 1024 x 4096, k = 164, ranking every row would cost more than the topk)
     top = torch.topk(scores, k + 1, sorted=True)
     idx, vals = top.indices[..., :k].contiguous(), top.values[..., :k].contiguous()
     straddles = top.values[..., k - 1] == top.values[..., k]  # (...)
@@ -59,7 +42,18 @@ def topk_by_index(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
         return idx, vals
     flat, flat_idx = scores.reshape(-1, out), idx.reshape(-1, k).clone()
     rows = straddles.reshape(-1).nonzero().squeeze(1)
-    flat_idx[rows] = torch.topk(ranking_keys(flat[rows]), k, sorted=False).indices
+    sub = flat[rows]  # (r, out)
+    if sub.dtype == torch.float64 or out >= 2**31:
+        # no room for an index beside 63 bits: a stable sort (ties are rare in float64)
+        flat_idx[rows] = torch.sort(sub, dim=1, descending=True, stable=True).indices[:, :k]
+    else:
+        # keys (|score| bits, 2**31 - 1 - index): as integers, the bits of a float >= 0 order as
+        # the floats do (a NaN above inf, whatever its sign), so the keys order as (score desc,
+        # index asc), exactly (`sub` is a copy: the scores are not touched)
+        bits = sub.float().view(torch.int32).bitwise_and_(0x7FFFFFFF).to(torch.int64)
+        low = torch.arange(2**31 - 1, 2**31 - 1 - out, -1, device=sub.device)
+        keys = bits.bitwise_left_shift_(31).add_(low)
+        flat_idx[rows] = torch.topk(keys, k, sorted=False).indices
     idx = flat_idx.view(idx.shape)
     return idx, scores.gather(-1, idx)
 
