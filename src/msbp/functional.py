@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import sys
 from collections.abc import Callable
 
 import numpy as np
@@ -26,7 +25,7 @@ from msbp.ops.sparse_linear import (
     record_buffer_clean,
 )
 from msbp.ops.touched_rows import rows_mask
-from msbp.ops.transient import TransientTuple
+from msbp.ops.transient import TransientTuple, first_item_held_elsewhere
 
 
 def memory_dtype(param_dtype: torch.dtype) -> torch.dtype:
@@ -163,11 +162,9 @@ def kept_grad_buffer(weight: Tensor) -> tuple[Tensor, Tensor, np.ndarray]:
         return TransientTuple((weight.new_empty(0), *state()))
     kept = weight.__dict__.get(_FAST_BUFFER)
     if weight.grad is None:
-        # put back last step's buffer if nobody else holds it (references: the dict's tuple,
-        # `buf` and getrefcount's argument), else a new one
-        buf = kept[0] if kept is not None else None
-        if buf is None or sys.getrefcount(buf) > 3 or buf.shape != weight.shape or (
-            buf.dtype != weight.dtype
+        # put back last step's buffer if nobody else holds it, else a new one
+        if kept is None or first_item_held_elsewhere(kept) or kept[0].shape != weight.shape or (
+            kept[0].dtype != weight.dtype
         ):
             # one state per weight, shared with the buffers before: a graph not yet run
             # backward may still add rows through an earlier one (see remember_rows)
@@ -177,7 +174,6 @@ def kept_grad_buffer(weight: Tensor) -> tuple[Tensor, Tensor, np.ndarray]:
             else:
                 st = state()
             kept = weight.__dict__[_FAST_BUFFER] = TransientTuple((torch.zeros_like(weight), *st))
-        del buf
     elif kept is None:  # .grad exists: the C++ path adds into it, no buffer needed
         kept = weight.__dict__[_FAST_BUFFER] = TransientTuple((weight.new_empty(0), *state()))
     return kept

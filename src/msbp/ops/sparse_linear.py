@@ -18,7 +18,6 @@ against besides the reference).
 from __future__ import annotations
 
 import functools
-import sys
 import warnings
 import weakref
 from collections.abc import Callable
@@ -45,7 +44,7 @@ from msbp.ops.touched_rows import (
     graph_task_id,
     log_touched_rows,
 )
-from msbp.ops.transient import TransientList, TransientTuple
+from msbp.ops.transient import TransientList, TransientTuple, first_item_held_elsewhere
 
 SELECTION_CODES = {"unified": 0, "per_example": 1, "random": 2}
 NONFINITE_MARK = "msbp-nonfinite"
@@ -457,12 +456,11 @@ def prepare_grad_buffer(ctx, weight: Tensor, index: int) -> bool:
     forget_touched_rows(weight)  # the gradient they were written into was discarded
     kept = weight.__dict__.get(_BUFFER)
     if kept is not None:
+        alone = not first_item_held_elsewhere(kept)
         buf, version, rows = kept
-        # references: the tuple, `buf`, getrefcount's argument; storage: buf and the temporary
-        # storage object asked for the count
-        alone = sys.getrefcount(buf) <= 3 and torch._C._storage_Use_Count(
-            buf.untyped_storage()._cdata
-        ) <= 2
+        # storage: buf and the temporary storage object asked for the count (more: another
+        # tensor shares it, a view or .data of an old gradient)
+        alone = alone and torch._C._storage_Use_Count(buf.untyped_storage()._cdata) <= 2
         if alone and buf.shape == weight.shape and buf.dtype == weight.dtype:
             if buf._version == version and rows is not None:
                 buf.index_fill_(0, rows, 0)

@@ -9,6 +9,7 @@ as nothing (the entry reads as absent after loading) or as a listener that liste
 
 from __future__ import annotations
 
+import sys
 import weakref
 from typing import Any
 
@@ -50,3 +51,28 @@ class Listener:
 
     def __reduce__(self) -> tuple:
         return (Listener, ())
+
+
+def _item_refs(entry: tuple) -> int:
+    return sys.getrefcount(entry[0])
+
+
+def _refs_when_alone() -> int:
+    """What ``_item_refs`` counts for an item that only its tuple holds: measured, not assumed,
+    as what ``sys.getrefcount`` counts differs between Python versions (3.14 borrows references
+    to local variables, so a count taken through one came out one lower)."""
+    import torch  # a Tensor, as the entries hold: its Python object may count otherwise
+
+    return _item_refs(TransientTuple((torch.empty(0),)))
+
+
+_ALONE: int | None = None
+
+
+def first_item_held_elsewhere(entry: tuple) -> bool:
+    """Whether any Python reference besides ``entry``'s own holds ``entry[0]`` (a gradient
+    buffer the caller kept, ``old = p.grad``): such a buffer must not be cleared and reused."""
+    global _ALONE
+    if _ALONE is None:
+        _ALONE = _refs_when_alone()
+    return _item_refs(entry) > _ALONE
