@@ -855,3 +855,119 @@ def test_functional_corner_cases_match_reference(selection, layout, dtype):
                 torch.testing.assert_close(b.grad, db.to(dtype), **close, msg=msg)
             if memory is not None and alpha > 0:
                 torch.testing.assert_close(memory, ref_memory, **close, msg=msg)
+
+
+# --- the short path of a repeated call (SparseLinear.forward) ------------------------------------
+
+
+def _calls_of_checked_path(monkeypatch) -> list:
+    import msbp.nn.linear as linear_mod
+
+    calls = []
+    checked = linear_mod.sparse_linear
+
+    def spy(*args, **kwargs):
+        calls.append(1)
+        return checked(*args, **kwargs)
+
+    monkeypatch.setattr(linear_mod, "sparse_linear", spy)
+    return calls
+
+
+def test_repeated_calls_take_the_short_path_with_the_same_results(monkeypatch):
+    """After one checked call the layer's later calls skip the checks (native backend; the
+    PyTorch path always checks) and train exactly as calls through ``sparse_linear`` do."""
+    if not msbp.native.use_native():
+        pytest.skip("the short path is the C++ path's")
+    calls = _calls_of_checked_path(monkeypatch)
+    cfg = msbp.SparseBackpropConfig(k=3, memory=0.8, selection="per_example")
+    layer = SparseLinear(D_IN, D_OUT, config=cfg)
+    twin = copy.deepcopy(layer)
+    assert twin._fast is None  # a copy finds its own objects again
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(4):
+        x, g = torch.randn(6, D_IN, generator=gen), torch.randn(6, D_OUT, generator=gen)
+        for p in (*layer.parameters(), *twin.parameters()):
+            p.grad = None
+        layer(x).backward(g)
+        sparse_linear(x, twin.weight, twin.bias, twin.memory, config=cfg).backward(g)
+        assert torch.equal(layer.weight.grad, twin.weight.grad)
+        assert torch.equal(layer.bias.grad, twin.bias.grad)
+        assert torch.equal(layer.memory, twin.memory)
+    assert len(calls) == 1  # the first call only
+
+
+def _change_config(layer):
+    layer.config = layer.config.replace(k=5)
+
+
+def _change_memory(layer):
+    layer.memory = torch.full_like(layer.memory, 0.5)
+
+
+def _change_name(layer):
+    layer.name = "renamed"
+
+
+def _change_probe(layer):
+    layer.probe = lambda g, x, propagated: layer.__dict__.setdefault("probed", []).append(1)
+
+
+def _change_weight(layer):
+    layer.weight = nn.Parameter(layer.weight.detach() * 2)
+
+
+def _change_bias(layer):
+    layer.bias = None
+
+
+def _freeze_weight(layer):
+    layer.weight.requires_grad_(False)
+
+
+@pytest.mark.parametrize("change", [
+    _change_config, _change_memory, _change_name, _change_probe, _change_weight, _change_bias,
+    _freeze_weight,
+], ids=lambda f: f.__name__[1:])
+def test_repeated_call_sees_what_changed(change, backend):
+    """A change to the layer between calls is honoured: its result equals a fresh layer's in
+    the same state (k, memory, weight, bias, requires_grad), and the call records the new state
+    for the next one."""
+    cfg = msbp.SparseBackpropConfig(k=3, memory=0.8)
+    layer = SparseLinear(D_IN, D_OUT, config=cfg)
+    gen = torch.Generator().manual_seed(0)
+    layer(torch.randn(4, D_IN, generator=gen)).sum().backward()  # checked, then recorded
+    change(layer)
+    fresh = copy.deepcopy(layer)
+    x, g = torch.randn(4, D_IN, generator=gen), torch.randn(4, D_OUT, generator=gen)
+    outs = []
+    for m in (layer, fresh):
+        m.zero_grad(set_to_none=True)
+        xr = x.clone().requires_grad_(True)
+        y = m(xr)
+        y.backward(g)
+        outs.append((y, xr.grad))
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+    for got, want in ((layer.weight.grad, fresh.weight.grad), (layer.memory, fresh.memory)):
+        assert (got is None and want is None) or torch.equal(got, want)
+    if layer.bias is not None:
+        assert torch.equal(layer.bias.grad, fresh.bias.grad)
+    if change is _change_config:  # the new k reached the backward: 5 rows of dW
+        assert int((layer.weight.grad.abs().sum(1) > 0).sum()) == 5
+    if change is _change_probe:  # the copy shares the probe: called by both layers
+        assert layer.probed == [1, 1]
+    if change is _change_name:  # the backward's errors name the layer as it is called now
+        g_bad = torch.full((4, D_OUT), float("nan"))
+        with pytest.raises(FloatingPointError, match="'renamed'"):
+            layer(x).backward(g_bad)
+
+
+def test_repeated_call_still_rejects_bad_input():
+    layer = SparseLinear(D_IN, D_OUT, config=msbp.SparseBackpropConfig(k=3, memory=0.8))
+    layer(torch.randn(4, D_IN)).sum().backward()
+    with pytest.raises(ValueError, match=r"input of shape \(4, 7\) does not match weight"):
+        layer(torch.randn(4, 7))
+    with torch.no_grad():  # the plain product, no graph
+        assert not layer(torch.randn(4, D_IN)).requires_grad
+    with pytest.raises(RuntimeError, match="torch.func"):
+        torch.func.grad(lambda x: layer(x).sum())(torch.randn(4, D_IN))

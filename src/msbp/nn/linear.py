@@ -8,9 +8,16 @@ from torch import Tensor, nn
 from torch.nn.modules import module as torch_module
 
 from msbp.config import SparseBackpropConfig
-from msbp.functional import memory_dtype, sparse_embedding_linear, sparse_linear
+from msbp.functional import (
+    fast_call_settings,
+    memory_dtype,
+    sparse_embedding_linear,
+    sparse_linear,
+    sparse_linear_fast_call,
+)
 from msbp.nn.memory import MemoryMixin
 from msbp.ops.touched_rows import WEIGHT_TIED
+from msbp.ops.transient import TransientTuple
 
 
 class SparseLinear(MemoryMixin, nn.Linear):
@@ -33,6 +40,9 @@ class SparseLinear(MemoryMixin, nn.Linear):
     memory: Tensor
     #: set by ``msbp.dense_backward``: run as a plain ``nn.Linear`` (see there)
     dense_mode: bool = False
+    # (config, weight, bias, memory, name, settings) of the last call that may take the short
+    # path (see msbp.functional.sparse_linear_fast_call), or None
+    _fast: tuple | None = None
     #: set by ``msbp.sparsify`` where the weight is also a parameter of a module that is not a
     #: ``SparseLinear`` (weight tying, e.g. a language model's head and its input embedding):
     #: its gradient then has rows written by that module too, which no log names, so the layer
@@ -87,11 +97,38 @@ class SparseLinear(MemoryMixin, nn.Linear):
             return F.linear(x, self.weight, self.bias)
         if self.weight_tied:
             self._mark_tied()
-        memory = self.memory if self.config.memory > 0 else None
-        return sparse_linear(
-            x, self.weight, self.bias, memory, config=self.config,
-            generator=self.generator, name=self.name, probe=self.probe,
+        params = self._parameters
+        config = self.config
+        memory = self.memory if config.memory > 0 else None
+        if "weight" not in params or "bias" not in params or torch.compiler.is_compiling():
+            # parametrized (weight_norm: each forward makes the weight anew), or traced
+            return sparse_linear(
+                x, self.weight, self.bias, memory, config=config,
+                generator=self.generator, name=self.name, probe=self.probe,
+            )
+        weight, bias, name, probe = params["weight"], params["bias"], self.name, self.probe
+        # the objects of the last call that passed every check: only what may differ between
+        # calls is checked again (about a third of the Python work of a call at MNIST's size)
+        fast = self._fast
+        if fast is not None and fast[0] is config and fast[1] is weight and fast[2] is bias and (
+            fast[3] is memory and fast[4] == name and probe is None
+        ):
+            y = sparse_linear_fast_call(x, weight, bias, memory, fast[5])
+            if y is not None:
+                return y
+        y = sparse_linear(
+            x, weight, bias, memory, config=config, generator=self.generator, name=name,
+            probe=probe,
         )
+        settings = None if probe is not None else fast_call_settings(
+            x, weight, bias, memory, config, name
+        )
+        # (in __dict__ directly: nn.Module.__setattr__ costs microseconds; transient: a copy or
+        # a pickle of the layer finds its own objects again)
+        self.__dict__["_fast"] = None if settings is None else TransientTuple(
+            (config, weight, bias, memory, name, settings)
+        )
+        return y
 
     def forward_embedded(self, ids: Tensor, table: Tensor) -> Tensor:
         """``self(F.embedding(ids, table).flatten(-2))`` with the fused backward of
