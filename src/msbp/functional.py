@@ -257,7 +257,8 @@ def sparse_linear_fast_call(
     that passed every check once with ``settings`` (``fast_call_settings``), checking only what
     may differ between calls: x, the grad mode and the global state. None where the full
     ``sparse_linear`` must run (it may raise, or take another path); the same result otherwise.
-    About a third of the Python work of a checked call (the paper's MNIST layer is ~60 us)."""
+    (An 8 x 8 layer's call, all overhead: 16 us against 22 checked, nn.Linear's 8; 10-20 us a
+    layer less in an MNIST training step on the Xeon.)"""
     if not (x.is_cpu and x.dtype is weight.dtype and x.dim() >= 1) or (
         x.shape[-1] != weight.shape[1]
     ):

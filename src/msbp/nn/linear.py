@@ -108,7 +108,7 @@ class SparseLinear(MemoryMixin, nn.Linear):
             )
         weight, bias, name, probe = params["weight"], params["bias"], self.name, self.probe
         # the objects of the last call that passed every check: only what may differ between
-        # calls is checked again (about a third of the Python work of a call at MNIST's size)
+        # calls is checked again (see sparse_linear_fast_call)
         fast = self._fast
         if fast is not None and fast[0] is config and fast[1] is weight and fast[2] is bias and (
             fast[3] is memory and fast[4] == name and probe is None
