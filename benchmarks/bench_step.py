@@ -5,6 +5,7 @@ PyTorch's fused Adam, MSBP ``LazyRowAdam``. Times are medians per step (microsec
 interleaved rounds in one process, on random data.
 
     python benchmarks/bench_step.py --batch-size 10 --threads 2
+    python benchmarks/bench_step.py --threads 1 --floor   # + the dense model, hidden layers frozen
 """
 
 from __future__ import annotations
@@ -33,11 +34,21 @@ VARIANTS = {
 }
 
 
+# --floor: the dense model with its hidden layers frozen, the part of a step no sparse layer
+# changes (engine, loss, activations, output layer): its ratios bound what free layers could reach
+FLOOR = {"dense, hidden layers frozen (--floor)": ("frozen", "adam", "python")}
+
+
 def make(selection: str | None, optimizer: str) -> tuple[nn.Module, torch.optim.Optimizer]:
     torch.manual_seed(0)
     model = nn.Sequential(
         nn.Linear(784, 500), nn.ReLU(), nn.Linear(500, 500), nn.ReLU(), nn.Linear(500, 10)
     )
+    if selection == "frozen":
+        for p in (*model[0].parameters(), *model[2].parameters()):
+            p.requires_grad_(False)
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        return model, torch.optim.Adam(trainable, lr=1e-3, fused=True)
     if selection is not None:
         config = msbp.SparseBackpropConfig(k=20, memory=0.8, selection=selection)
         msbp.sparsify(model, config, exclude="4")
@@ -69,13 +80,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--floor", action="store_true",
+                        help="also time the dense model with its hidden layers frozen")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)  # as `msbp train` does: see msbp.environment.denormals
     gen = torch.Generator().manual_seed(0)
     xs = torch.rand(args.steps, args.batch_size, 784, generator=gen)
     ys = torch.randint(0, 10, (args.steps, args.batch_size), generator=gen)
-    variants = {name: (*make(sel, opt), backend) for name, (sel, opt, backend) in VARIANTS.items()}
+    chosen = {**VARIANTS, **(FLOOR if args.floor else {})}
+    variants = {name: (*make(sel, opt), backend) for name, (sel, opt, backend) in chosen.items()}
     if not msbp.native.use_native():
         variants = {n: v for n, v in variants.items() if v[2] == "python"}
     samples: dict[str, list[list[float]]] = {m: [] for m in variants}
