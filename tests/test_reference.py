@@ -278,6 +278,21 @@ def test_native_topk_paths_match_reference(selection, out, k, levels, dtype):
     torch.testing.assert_close(xr.grad, dx, **tol(dtype))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_tie_ranking_keeps_nans_and_leaves_scores_alone(dtype):
+    # a NaN score (of either sign bit) always wins a slot, as in torch.topk, also in a row whose
+    # ties are ranked again: the selected scores are the finiteness check's witness
+    nan = float("nan")
+    scores = torch.tensor([[1.0, nan, 1.0, 1.0, 0.0, -nan, 1.0],
+                           [2.0, 1.0, 1.0, 1.0, 0.0, 0.0, 1.0]], dtype=dtype)
+    before = scores.clone()
+    idx, vals = sel_ops.topk_by_index(scores, 3)
+    assert idx[0].sort().values.tolist() == [0, 1, 5]  # both NaNs, then the first tied 1.0
+    assert idx[1].sort().values.tolist() == [0, 1, 2]
+    torch.testing.assert_close(vals, scores.gather(1, idx), equal_nan=True, rtol=0, atol=0)
+    torch.testing.assert_close(scores, before, equal_nan=True, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("what", ["unified", "per_example", "channels"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
 def test_pytorch_path_breaks_ties_lowest_index_first(what, dtype):
