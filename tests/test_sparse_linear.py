@@ -962,6 +962,25 @@ def test_repeated_call_sees_what_changed(change, backend):
             layer(x).backward(g_bad)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64], ids=str)
+def test_repeated_call_after_an_in_place_dtype_change_is_checked(dtype, monkeypatch):
+    """``layer.to(dtype)`` converts the Parameters in place (the same objects): the next call
+    must take the path a first call in that dtype takes (16-bit: not the C++ function)."""
+    calls = _calls_of_checked_path(monkeypatch)
+    layer = SparseLinear(D_IN, D_OUT, config=msbp.SparseBackpropConfig(k=3, memory=0.8))
+    layer(torch.randn(4, D_IN)).sum().backward()
+    layer.to(dtype)
+    x, g = torch.randn(4, D_IN, dtype=dtype), torch.randn(4, D_OUT, dtype=dtype)
+    twin = copy.deepcopy(layer)
+    for m in (layer, twin):
+        m.zero_grad(set_to_none=True)
+    layer(x).backward(g)
+    sparse_linear(x, twin.weight, twin.bias, twin.memory, config=twin.config).backward(g)
+    assert len(calls) == 2  # checked again after the change
+    assert torch.equal(layer.weight.grad, twin.weight.grad)
+    assert torch.equal(layer.memory, twin.memory)
+
+
 def test_repeated_call_still_rejects_bad_input():
     layer = SparseLinear(D_IN, D_OUT, config=msbp.SparseBackpropConfig(k=3, memory=0.8))
     layer(torch.randn(4, D_IN)).sum().backward()

@@ -259,8 +259,9 @@ def sparse_linear_fast_call(
     ``sparse_linear`` must run (it may raise, or take another path); the same result otherwise.
     (An 8 x 8 layer's call, all overhead: 16 us against 22 checked, nn.Linear's 8; 10-20 us a
     layer less in an MNIST training step on the Xeon.)"""
-    if not (x.is_cpu and x.dtype is weight.dtype and x.dim() >= 1) or (
-        x.shape[-1] != weight.shape[1]
+    # the weight's dtype and device too: .to() / .bfloat16() convert a Parameter in place
+    if not (x.is_cpu and weight.is_cpu and x.dtype is weight.dtype and x.dtype in _WIDE) or (
+        x.dim() < 1 or x.shape[-1] != weight.shape[1]
     ):
         return None
     if not torch.is_grad_enabled() or not (
