@@ -22,7 +22,7 @@ from torch import nn
 
 import msbp
 from msbp import native
-from msbp.functional import _fast_args, kept_grad_buffer
+from msbp.functional import _call_settings, _fast_args, kept_grad_buffer
 from msbp.ops.touched_rows import rows_mask
 
 
@@ -48,7 +48,8 @@ def main(argv: list[str] | None = None) -> None:
     ys = torch.randint(0, 10, (300, args.batch_size), generator=gen)
 
     def args_of():
-        return _fast_args(layer.weight, layer.bias, layer.memory, layer.config, "")
+        settings = _call_settings(layer.config, layer.out_features, "")
+        return _fast_args(layer.weight, layer.bias, layer.memory, settings)
 
     variants = {
         "SparseLinear module": lambda x: layer(x),

@@ -864,13 +864,13 @@ def _calls_of_checked_path(monkeypatch) -> list:
     import msbp.nn.linear as linear_mod
 
     calls = []
-    checked = linear_mod.sparse_linear
+    checked = linear_mod.sparse_linear_checked
 
     def spy(*args, **kwargs):
         calls.append(1)
         return checked(*args, **kwargs)
 
-    monkeypatch.setattr(linear_mod, "sparse_linear", spy)
+    monkeypatch.setattr(linear_mod, "sparse_linear_checked", spy)
     return calls
 
 

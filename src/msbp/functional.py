@@ -108,6 +108,19 @@ def sparse_linear(
         >>> int((w.grad.abs().sum(1) > 0).sum())
         2
     """
+    return sparse_linear_checked(x, weight, bias, memory, config, generator, name, probe)[0]
+
+
+def sparse_linear_checked(
+    x: Tensor, weight: Tensor, bias: Tensor | None, memory: Tensor | None,
+    config: SparseBackpropConfig, generator: torch.Generator | None, name: str,
+    probe: Callable[[Tensor, Tensor, Tensor], None] | None,
+) -> tuple[Tensor, tuple | None]:
+    """``sparse_linear``'s result (same arguments, all given), and the settings with which a
+    later call with the same weight, bias, memory, config and name may take the short path
+    (``sparse_linear_fast_call``; the caller keeps them, and drops them when any of those
+    objects changes), or None where later calls need every check again (the PyTorch path,
+    ``backend="auto"``, a probe, a slot memory, whose rows follow the batch)."""
     if weight.dim() != 2:
         raise ValueError(f"weight must be 2-D (out, in), got shape {tuple(weight.shape)}")
     out_features, in_features = weight.shape
@@ -119,23 +132,30 @@ def sparse_linear(
     check_bias(bias, weight)
     if memory is not None:
         check_memory(memory, out_features, config.memory_layout, weight)
-    needs_grad = x.requires_grad or weight.requires_grad or (
-        bias is not None and bias.requires_grad
-    )
-    if not (torch.is_grad_enabled() and needs_grad):
-        return F.linear(x, weight, bias)
+    if not (torch.is_grad_enabled() and _wants_grad(x, weight, bias)):
+        return F.linear(x, weight, bias), None
     check_no_functorch(f"sparse layer {name!r}" if name else "sparse_linear")
+    run = config
     if config.backend == "auto" and probe is None and not torch.compiler.is_compiling():
         if not auto_keeps_sparse(x, weight, memory, config):
             # dense is faster here: k = out, which flushes what the memory holds; with nothing
             # remembered that is exactly the plain layer
             if memory is None or not bool(memory.any()):
-                return F.linear(x, weight, bias)
-            config = _dense_twin(config)
-    if probe is None and _fast_path_ok(x, weight, memory, config):
-        return _sparse_linear_fast(x, weight, bias, memory, config, name)
-    plan = make_plan(config, out_features, generator=generator, name=name, probe=probe)
-    return SparseLinearFunction.apply(x, weight, bias, memory, plan)
+                return F.linear(x, weight, bias), None
+            run = _dense_twin(config)
+    if probe is None and _fast_path_ok(x, weight, memory, run):
+        settings = _call_settings(run, out_features, name)
+        y = native.eager_ops().sparse_linear_fast(x, *_fast_args(weight, bias, memory, settings))
+        repeatable = config.backend == "sparse" and not (
+            memory is not None and config.memory_layout == "slot"
+        )
+        return y, settings if repeatable else None
+    plan = make_plan(run, out_features, generator=generator, name=name, probe=probe)
+    return SparseLinearFunction.apply(x, weight, bias, memory, plan), None
+
+
+def _wants_grad(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
+    return x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
 
 
 @functools.lru_cache(maxsize=64)
@@ -213,7 +233,7 @@ def _fast_path_ok(x: Tensor, weight: Tensor, memory: Tensor | None, config) -> b
     """Whether the C++ autograd function (``msbp::sparse_linear_fast``) is exactly
     ``SparseLinearFunction`` here: eager CPU, no autocast, no scaler, no torch.distributed.
     (Asked at every call: each check in its cheapest form, ``x.is_cpu`` not ``x.device``.)"""
-    if not x.is_cpu or x.dtype != weight.dtype or x.dtype not in _WIDE:
+    if not _cpu_wide(x, weight):
         return False
     if config.selection == "random" or not config.grad_inplace:
         return False
@@ -222,6 +242,11 @@ def _fast_path_ok(x: Tensor, weight: Tensor, memory: Tensor | None, config) -> b
     ):
         return False  # a new batch shape: the PyTorch glue spreads the memory first
     return _fast_now()
+
+
+def _cpu_wide(x: Tensor, weight: Tensor) -> bool:
+    # the weight's dtype and device too: .to() / .bfloat16() convert a Parameter in place
+    return x.is_cpu and weight.is_cpu and x.dtype is weight.dtype and x.dtype in _WIDE
 
 
 def _fast_now() -> bool:
@@ -234,71 +259,43 @@ def _fast_now() -> bool:
     return native.use_native()
 
 
-def fast_call_settings(
-    x: Tensor, weight: Tensor, bias: Tensor | None, memory: Tensor | None,
-    config: SparseBackpropConfig, name: str,
-) -> tuple | None:
-    """After a ``sparse_linear`` call with these arguments went through every check: the
-    settings of ``sparse_linear_fast_call`` for later calls with the same weight, bias, memory,
-    config and name (the caller keeps them, and drops them when any of those changes), or None
-    where later calls need the checks again (the PyTorch path, ``backend="auto"``, a slot
-    memory, whose rows follow the batch)."""
-    if config.backend != "sparse" or (memory is not None and config.memory_layout == "slot"):
-        return None
-    if not (torch.is_grad_enabled() and _fast_path_ok(x, weight, memory, config)):
-        return None
-    return _fast_settings(config, weight.shape[0]) + (name, config.memory_rows == "all")
-
-
 def sparse_linear_fast_call(
     x: Tensor, weight: Tensor, bias: Tensor | None, memory: Tensor | None, settings: tuple
 ) -> Tensor | None:
     """``sparse_linear(x, weight, bias, memory, config=...)`` through the C++ path, for arguments
-    that passed every check once with ``settings`` (``fast_call_settings``), checking only what
-    may differ between calls: x, the grad mode and the global state. None where the full
-    ``sparse_linear`` must run (it may raise, or take another path); the same result otherwise.
-    (An 8 x 8 layer's call, all overhead: 16 us against 22 checked, nn.Linear's 8; 10-20 us a
-    layer less in an MNIST training step on the Xeon.)"""
-    # the weight's dtype and device too: .to() / .bfloat16() convert a Parameter in place
-    if not (x.is_cpu and weight.is_cpu and x.dtype is weight.dtype and x.dtype in _WIDE) or (
-        x.dim() < 1 or x.shape[-1] != weight.shape[1]
-    ):
+    that passed every check once with ``settings`` (``sparse_linear_checked``), checking only
+    what may differ between calls: x, the weight's dtype and device, the grad mode and the
+    global state. None where the full ``sparse_linear`` must run (it may raise, or take another
+    path); the same result otherwise. (An 8 x 8 layer's call, all overhead: 16 us against 22
+    checked, nn.Linear's 8; 10-20 us a layer less in an MNIST training step on the Xeon.)"""
+    if not _cpu_wide(x, weight) or x.dim() < 1 or x.shape[-1] != weight.shape[1]:
         return None
-    if not torch.is_grad_enabled() or not (
-        x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
-    ):
+    if not (torch.is_grad_enabled() and _wants_grad(x, weight, bias)):
         return None
     if torch._C._are_functorch_transforms_active() or not _fast_now():
         return None
-    kept = kept_grad_buffer(weight)
-    return native.eager_ops().sparse_linear_fast(
-        x, weight, bias, memory, kept[0], kept[1], rows_mask(weight), *settings
-    )
+    return native.eager_ops().sparse_linear_fast(x, *_fast_args(weight, bias, memory, settings))
 
 
 @functools.lru_cache(maxsize=256)
 def _fast_settings(config: SparseBackpropConfig, out_features: int) -> tuple:
     """The arguments of ``msbp::sparse_linear_fast`` that ``config`` fixes: k, selection, alpha,
-    slot, skip_nonfinite, csr_ratio (then name, all_rows: see ``_fast_args``)."""
+    slot, skip_nonfinite, csr_ratio (then name, all_rows: see ``_call_settings``)."""
     return (
         config.k_for(out_features), SELECTION_CODES[config.selection], float(config.memory),
         config.memory_layout == "slot", config.on_nonfinite == "skip", NATIVE_SPARSE_RATIO,
     )
 
 
-def _fast_args(weight, bias, memory, config, name) -> tuple:
-    """The arguments of ``msbp::sparse_linear_fast`` after its input."""
+def _call_settings(config: SparseBackpropConfig, out_features: int, name: str) -> tuple:
+    """The arguments of ``msbp::sparse_linear_fast`` after its tensors."""
+    return _fast_settings(config, out_features) + (name, config.memory_rows == "all")
+
+
+def _fast_args(weight, bias, memory, settings: tuple) -> tuple:
+    """The arguments of ``msbp::sparse_linear_fast`` after its input, from ``_call_settings``."""
     kept = kept_grad_buffer(weight)
-    return (
-        weight, bias, memory, kept[0], kept[1], rows_mask(weight),
-        *_fast_settings(config, weight.shape[0]), name, config.memory_rows == "all",
-    )
-
-
-def _sparse_linear_fast(x, weight, bias, memory, config, name) -> Tensor:
-    return native.eager_ops().sparse_linear_fast(
-        x, *_fast_args(weight, bias, memory, config, name)
-    )
+    return (weight, bias, memory, kept[0], kept[1], rows_mask(weight), *settings)
 
 
 def sparse_embedding_linear(
@@ -343,7 +340,8 @@ def sparse_embedding_linear(
             check_memory(memory, weight.shape[0], config.memory_layout, weight)
         check_no_functorch(f"sparse layer {name!r}" if name else "sparse_embedding_linear")
         return native.eager_ops().sparse_embedding_linear_fast(
-            ids.long(), table, *_fast_args(weight, bias, memory, config, name)
+            ids.long(), table,
+            *_fast_args(weight, bias, memory, _call_settings(config, weight.shape[0], name)),
         )
     x = F.embedding(ids, table).flatten(-2)
     return sparse_linear(

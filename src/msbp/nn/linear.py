@@ -9,10 +9,9 @@ from torch.nn.modules import module as torch_module
 
 from msbp.config import SparseBackpropConfig
 from msbp.functional import (
-    fast_call_settings,
     memory_dtype,
     sparse_embedding_linear,
-    sparse_linear,
+    sparse_linear_checked,
     sparse_linear_fast_call,
 )
 from msbp.nn.memory import MemoryMixin
@@ -98,36 +97,33 @@ class SparseLinear(MemoryMixin, nn.Linear):
         if self.weight_tied:
             self._mark_tied()
         params = self._parameters
-        config = self.config
+        config, name, probe = self.config, self.name, self.probe
         memory = self.memory if config.memory > 0 else None
-        if "weight" not in params or "bias" not in params or torch.compiler.is_compiling():
-            # parametrized (weight_norm: each forward makes the weight anew), or traced
-            return sparse_linear(
-                x, self.weight, self.bias, memory, config=config,
-                generator=self.generator, name=self.name, probe=self.probe,
-            )
-        weight, bias, name, probe = params["weight"], params["bias"], self.name, self.probe
+        # not for a parametrized weight (weight_norm: each forward makes it anew) nor traced
+        repeatable = "weight" in params and "bias" in params and (
+            not torch.compiler.is_compiling()
+        )
+        weight, bias = (params["weight"], params["bias"]) if repeatable else (
+            self.weight, self.bias
+        )
         # the objects of the last call that passed every check: only what may differ between
         # calls is checked again (see sparse_linear_fast_call)
-        fast = self._fast
+        fast = self._fast if repeatable else None
         if fast is not None and fast[0] is config and fast[1] is weight and fast[2] is bias and (
             fast[3] is memory and fast[4] == name and probe is None
         ):
             y = sparse_linear_fast_call(x, weight, bias, memory, fast[5])
             if y is not None:
                 return y
-        y = sparse_linear(
-            x, weight, bias, memory, config=config, generator=self.generator, name=name,
-            probe=probe,
+        y, settings = sparse_linear_checked(
+            x, weight, bias, memory, config, self.generator, name, probe
         )
-        settings = None if probe is not None else fast_call_settings(
-            x, weight, bias, memory, config, name
-        )
-        # (in __dict__ directly: nn.Module.__setattr__ costs microseconds; transient: a copy or
-        # a pickle of the layer finds its own objects again)
-        self.__dict__["_fast"] = None if settings is None else TransientTuple(
-            (config, weight, bias, memory, name, settings)
-        )
+        if repeatable:
+            # (in __dict__ directly: nn.Module.__setattr__ costs microseconds; transient: a copy
+            # or a pickle of the layer finds its own objects again)
+            self.__dict__["_fast"] = None if settings is None else TransientTuple(
+                (config, weight, bias, memory, name, settings)
+            )
         return y
 
     def forward_embedded(self, ids: Tensor, table: Tensor) -> Tensor:
