@@ -359,6 +359,29 @@ def test_discarded_first_backward_moves_nothing(backend, layer_kind):
     assert float(opt.state[sparse].get("step", 0)) == 0
 
 
+@pytest.mark.parametrize("layer_kind", ["linear", "lstm"])
+def test_first_step_with_no_row_selected_moves_nothing(backend, layer_kind):
+    """A first backward that selects no row (per-example top-k of an all-zero output gradient):
+    the weight takes no step, weight decay included, as the PyTorch path's empty log says (the
+    native path's mask, made by the layer and left empty, once took a dense step)."""
+    torch.manual_seed(0)
+    cfg = msbp.SparseBackpropConfig(k=2, selection="per_example", memory=0.0)
+    if layer_kind == "lstm":
+        layer = msbp.SparseLSTM(3, 4, bias=False, config=cfg, dtype=torch.float64)
+        run = lambda x: layer(x.unsqueeze(1))[0].squeeze(1)  # noqa: E731
+        sparse = layer.weight_hh_l0
+    else:
+        layer = msbp.SparseLinear(3, 4, bias=False, config=cfg, dtype=torch.float64)
+        run = layer
+        sparse = layer.weight
+    opt = LazyRowAdam(layer.parameters(), lr=0.01, weight_decay=0.1)
+    before = sparse.detach().clone()
+    (run(torch.randn(5, 3, dtype=torch.float64)) * 0).sum().backward()
+    opt.step()
+    assert torch.equal(sparse, before)
+    assert float(opt.state[sparse].get("step", 0)) == 0
+
+
 @pytest.mark.parametrize("form", ["mask", "rows"])
 def test_rows_of_zero_gradient_take_no_step_unless_all_rows_are_given(form):
     """Marked rows whose gradient row is all zero (-0 included) are left alone: no move, no

@@ -92,3 +92,44 @@ def test_ddp_replicas_identical_and_equal_single_process(tmp_path):
     b_runs = sum("b" in (BRANCHES[0][s], BRANCHES[1][s]) for s in range(STEPS))
     names = [n for n, _ in _TwoBranch().named_parameters()]
     assert int(r0["steps"][names.index("b.weight")]) == b_runs == 4
+
+
+class _SparseOrScale(nn.Module):
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__()
+        self.layer, self.scale = layer, nn.Parameter(torch.ones((), dtype=torch.float64))
+
+    def forward(self, x, use_layer):
+        return (self.layer(x) * 0).sum() if use_layer else self.scale * x.sum()
+
+
+def _empty_first_worker(rank: int, world: int, out_dir: str, both: bool) -> None:
+    init_group(rank, world, out_dir)
+    try:
+        torch.manual_seed(0)
+        cfg = msbp.SparseBackpropConfig(k=2, selection="per_example", memory=0.0)
+        model = _SparseOrScale(msbp.SparseLinear(6, 8, config=cfg, dtype=torch.float64))
+        layer = model.layer
+        ddp = nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
+        opt = LazyRowAdam(ddp.parameters(), lr=1e-2, weight_decay=0.1)
+        before = layer.weight.detach().clone()
+        # every output-gradient row zero: per-example top-k selects no row (in the second
+        # form, only rank 0 runs the layer)
+        ddp(_batch(rank, 0), both or rank == 0).backward()
+        opt.step()
+        torch.save({"moved": not torch.equal(layer.weight, before),
+                    "step": float(opt.state[layer.weight].get("step", 0))},
+                   os.path.join(out_dir, f"empty{rank}.pt"))
+        all_done()
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("both", [True, False], ids=["both_ranks", "one_rank"])
+def test_ddp_first_step_with_no_row_selected_moves_nothing(tmp_path, both):
+    """The union of no rows over the processes is no row, also at a layer's first step (its row
+    mask, made by the native backward, marks none, or the log has an empty entry): no
+    weight-decay step and step count 0 on every process, whichever ran the layer."""
+    mp.spawn(_empty_first_worker, args=(2, str(tmp_path), both), nprocs=2, join=True)
+    for rank in range(2):
+        assert torch.load(tmp_path / f"empty{rank}.pt") == {"moved": False, "step": 0.0}

@@ -48,6 +48,16 @@ _DIRTY_MAX = 8
 _NO_ROWS = torch.empty(0, dtype=torch.uint8)
 
 
+def _row_sparse(p: Tensor, state: dict) -> bool:
+    """Whether ``p`` is a sparse layer's weight, whose rows take a step only where logged: known
+    from an earlier log, or from the row mask, which only a sparse layer's backward makes (and
+    which may have no row marked yet: per-example top-k of all-zero gradient rows marks none;
+    the PyTorch path logs an empty entry then)."""
+    if not state.get("row_sparse") and ROWS_MASK in p.__dict__:
+        state["row_sparse"] = True
+    return bool(state.get("row_sparse"))
+
+
 def _sparse_grad_error(p: Tensor) -> ValueError:
     return ValueError(
         f"LazyRowAdam does not take torch.sparse gradients (parameter of shape {tuple(p.shape)})"
@@ -421,7 +431,7 @@ class LazyRowAdam(Optimizer):
             if rows is None:
                 return _DENSE
             return rows if rows.numel() else _SKIP
-        if state.get("row_sparse"):
+        if _row_sparse(p, state):
             return _SKIP if self._untouched(p, grad, self._track(p), trust_seen=True) else _DENSE
         return _DENSE
 
@@ -439,8 +449,16 @@ class LazyRowAdam(Optimizer):
         if "nccl" in str(dist.get_backend(group)).lower():
             device = torch.device("cuda", torch.cuda.current_device())
         sizes = [p.shape[0] if p.dim() >= 1 else 0 for p in params]
-        mask = torch.zeros(sum(sizes), dtype=torch.uint8, device=device)
-        parts = mask.split(sizes)
+        # the rows of every parameter, then a flag each: whether some process knows it as a
+        # sparse layer's weight (a log, even of no row, or its mask), so that every process
+        # decides alike where no row was logged anywhere
+        mask = torch.zeros(sum(sizes) + len(params), dtype=torch.uint8, device=device)
+        parts = mask[: sum(sizes)].split(sizes)
+        known = [
+            bool(log) or _row_sparse(p, self.state.get(p, {}))
+            for p, log in zip(params, logs, strict=True)
+        ]
+        mask[sum(sizes) :] = torch.tensor(known, dtype=torch.uint8)
         for log, part in zip(logs, parts, strict=True):
             if log and part.numel():
                 rows = fold_rows(log)
@@ -449,9 +467,10 @@ class LazyRowAdam(Optimizer):
                 else:
                     part.index_fill_(0, rows.to(device), 1)
         dist.all_reduce(mask, op=dist.ReduceOp.MAX, group=group)
-        counts = torch.stack([part.sum() for part in parts]).tolist()
+        counts = torch.stack([part.sum() for part in parts]).tolist() if parts else []
+        sparse_anywhere = mask[sum(sizes) :].tolist()
         plans: list[str | Tensor] = []
-        for p, part, count in zip(params, parts, counts, strict=True):
+        for p, part, count, flag in zip(params, parts, counts, sparse_anywhere, strict=True):
             grad = p.grad
             if grad is None:
                 plans.append(_SKIP)
@@ -460,7 +479,8 @@ class LazyRowAdam(Optimizer):
             if count:
                 state["row_sparse"] = True
                 plans.append(_DENSE if count == part.numel() else part.nonzero().view(-1))
-            elif state.get("row_sparse"):
+            elif flag:
+                state["row_sparse"] = True
                 # the all-reduced gradient is the same everywhere, the local history may not be
                 skip = self._untouched(p, grad, self._track(p), trust_seen=False)
                 plans.append(_SKIP if skip else _DENSE)
