@@ -63,6 +63,48 @@ def test_flags_never_target_the_build_machine():
     assert not any("march=native" in f or "mtune=native" in f for f in native.cpu_flags())
 
 
+@pytest.mark.parametrize("level", ["DEFAULT", "AVX2", "AVX512"])
+def test_flags_follow_pytorchs_isa_level(monkeypatch, level):
+    monkeypatch.setattr(native.torch.backends.cpu, "get_cpu_capability", lambda: level)
+    flags = native.cpu_flags()
+    assert ("-mavx2" in flags) == (level != "DEFAULT")
+    assert ("-mavx512f" in flags) == (level == "AVX512")
+    # a machine of another level sharing the cache must not load this build
+    keys = set()
+    for other in ("DEFAULT", "AVX2", "AVX512"):
+        monkeypatch.setattr(native.torch.backends.cpu, "get_cpu_capability", lambda o=other: o)
+        keys.add(native._build_key(native.sources(), native.cpu_flags()))
+    assert len(keys) == 3
+
+
+@pytest.mark.slow
+def test_a_build_for_a_lower_isa_level_equals_the_reference(tmp_path):
+    """The kernels' vector width follows the ISA level (64-byte vectors under AVX-512, 32 under
+    AVX2, SSE pairs below): the oracle tests of the products, the selections and the LSTM, run
+    against a build one level below this machine's."""
+    import torch
+
+    lower = {"AVX512": "avx2", "AVX2": "default"}.get(torch.backends.cpu.get_cpu_capability())
+    if lower is None:
+        pytest.skip("this machine runs the baseline level only")
+    # inductor's own cache too: its compiled kernels from this machine's level, reused under
+    # ATEN_CPU_CAPABILITY=avx2, gave the compiled tagger NaN activations (torch 2.13)
+    env = {**os.environ, "MSBP_CACHE_DIR": str(tmp_path / "cache"), "MSBP_BACKEND": "native",
+           "ATEN_CPU_CAPABILITY": lower, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}
+    flags = subprocess.run([sys.executable, "-c", "import msbp; print(msbp.native.cpu_flags())"],
+                           env=env, capture_output=True, text=True, timeout=60)
+    assert flags.returncode == 0, flags.stderr
+    assert "-mavx512f" not in flags.stdout and ("-mavx2" in flags.stdout) == (lower == "avx2")
+    here = os.path.dirname(os.path.abspath(__file__))
+    out = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
+         os.path.join(here, "test_properties.py"), os.path.join(here, "test_sparse_linear_op.py"),
+         os.path.join(here, "test_lstm.py")],
+        env=env, capture_output=True, text=True, timeout=1500)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
+    assert " passed" in out.stdout.splitlines()[-1]
+
+
 def test_info_names_the_active_backend():
     from msbp.environment import info as env_info
 

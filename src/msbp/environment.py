@@ -162,8 +162,8 @@ def environment(device: torch.device | str = "cpu", world_size: int = 1) -> dict
         "numpy": numpy.__version__,
         "platform": platform.platform(),
         "cpu": cpu_name(),
-        # the vector ISA PyTorch's kernels (and MKL's) run here: AVX512 makes the dense GEMMs
-        # about twice as fast as AVX2 against msbp's AVX2 kernels (README, "Performance")
+        # the vector ISA PyTorch's kernels (and MKL's) run here, and msbp's kernels are built
+        # for (native.cpu_flags): dense timings differ by up to 2x between AVX2 and AVX512
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "cpu_count": os.cpu_count(),
         "threads": torch.get_num_threads(),

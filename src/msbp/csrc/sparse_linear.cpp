@@ -174,8 +174,8 @@ inline int64_t grain(int64_t work_per_item) {
 // Width of the column blocks of the sparse products: the gathered operand's block (rows x
 // width) should stay in a core's L2 (512 KiB of it) while every output row is computed from it;
 // without blocking each output row streamed k full rows from memory (2x at 1024 x 4096 x 4096
-// against 5-6x blocked). A multiple of the axpy kernel's 64-float block (16 or 32 floats, with
-// packed blocks, measured no faster).
+// against 5-6x blocked). A multiple of the axpy kernel's block of kBlockVecs vectors (narrower
+// blocks, packed, measured no faster with AVX2).
 template <typename T>
 int64_t column_block(int64_t operand_rows, int64_t d_in) {
   constexpr int64_t B = Vec<T>::width * kBlockVecs;
