@@ -962,6 +962,21 @@ def test_repeated_call_sees_what_changed(change, backend):
             layer(x).backward(g_bad)
 
 
+@pytest.mark.parametrize("what", ["bias", "memory", "weight"])
+def test_repeated_call_after_an_in_place_reshape_raises_value_error(what, backend):
+    """A tensor of the layer reshaped in place (``.data = ...``: the same object) between calls
+    gets the ValueError a first call gives, in the forward (the bias and memory once raised
+    at::linear's or the backward kernel's RuntimeError)."""
+    layer = SparseLinear(D_IN, D_OUT, config=msbp.SparseBackpropConfig(k=3, memory=0.8))
+    x = torch.randn(4, D_IN)
+    for _ in range(2):
+        layer(x).sum().backward()
+    tensor = getattr(layer, what)
+    tensor.data = torch.zeros(*tensor.shape[:-1], tensor.shape[-1] - 1)
+    with pytest.raises(ValueError, match=f"{what} of shape"):
+        layer(x)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64], ids=str)
 def test_repeated_call_after_an_in_place_dtype_change_is_checked(dtype, monkeypatch):
     """``layer.to(dtype)`` converts the Parameters in place (the same objects): the next call

@@ -1151,6 +1151,21 @@ Tensor sparse_linear_fast(const Tensor& x, const Tensor& weight, const std::opti
                           const Tensor& state, const std::optional<Tensor>& mask, int64_t k,
                           int64_t selection, double alpha, bool slot, bool skip_nonfinite,
                           double csr_ratio, std::string name, bool all_rows) {
+  // msbp.functional checks these before its first call; a layer's repeated call does not (its
+  // objects are the same), but a tensor reshaped in place (`.data = ...`) is the same object:
+  // the ValueError that msbp.functional.check_bias / check_memory would raise, at no cost
+  TORCH_CHECK_VALUE(weight.dim() == 2, "weight must be 2-D (out, in), got shape ",
+                    weight.sizes());
+  const int64_t out = weight.size(0);
+  TORCH_CHECK_VALUE(!bias.has_value() || bias->sizes() == at::IntArrayRef({out}), "bias of shape ",
+                    bias->sizes(), " does not match weight of shape ", weight.sizes(),
+                    ": expected (", out, ",)");
+  TORCH_CHECK_VALUE(
+      !memory.has_value() || (slot ? memory->dim() == 2 && memory->size(1) == out
+                                   : memory->sizes() == at::IntArrayRef({out})),
+      "memory of shape ", memory->sizes(), " does not fit memory_layout='",
+      slot ? "slot" : "unit", "' with out_features=", out, ": expected (",
+      slot ? "rows, " : "", out, slot ? ")" : ",)");
   return SparseLinearFn::apply(x, weight, or_empty(bias, x.options()),
                                or_empty(memory, x.options()), kept, state,
                                or_empty(mask, x.options().dtype(at::kByte)), k, selection, alpha,
