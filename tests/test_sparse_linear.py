@@ -1005,3 +1005,49 @@ def test_repeated_call_still_rejects_bad_input():
         assert not layer(torch.randn(4, D_IN)).requires_grad
     with pytest.raises(RuntimeError, match="torch.func"):
         torch.func.grad(lambda x: layer(x).sum())(torch.randn(4, D_IN))
+
+
+@pytest.mark.parametrize("shape", [(6, 5, 7, 3), (64, 128, 600, 150), (40, 96, 300, 300)],
+                         ids=["loops", "gemm", "dense_k"])
+@pytest.mark.parametrize("selection", ["unified", "per_example", "random"])
+@pytest.mark.parametrize("memory", [0.0, 0.8])
+def test_transposed_weight_equals_the_contiguous_one(shape, selection, memory, backend):
+    """transformers' Conv1D stores W^T, and SparseHFConv1D passes weight.t() (strides (1, out)):
+    outputs, gradients and memory over three steps (.grad kept or set to None) equal those of a
+    SparseLinear on a contiguous copy of the weight, and the gradient reaches W^T contiguous
+    (the native backward makes dW in the weight's layout: copying the weight whole and adding
+    a transposed dW into .grad had made a 768 x 3072 layer's backward slower than dense)."""
+    from msbp.nn.hf_conv1d import SparseHFConv1D
+
+    n, d_in, out, k = shape
+    cfg = msbp.SparseBackpropConfig(k=k, memory=memory, selection=selection)
+    conv = SparseHFConv1D(out, d_in, config=cfg, dtype=torch.float64)
+    lin = SparseLinear(d_in, out, config=cfg, dtype=torch.float64)
+    with torch.no_grad():
+        conv.bias.normal_()
+        lin.weight.copy_(conv.weight.t())
+        lin.bias.copy_(conv.bias)
+    gens = [torch.Generator().manual_seed(5) for _ in range(2)]
+    if selection == "random":
+        conv.generator, lin.generator = gens
+    data = torch.Generator().manual_seed(1)
+    for step in range(3):
+        x = torch.randn(n, d_in, generator=data, dtype=torch.float64)
+        g = torch.randn(n, out, generator=data, dtype=torch.float64)
+        results = []
+        for m in (conv, lin):
+            m.zero_grad(set_to_none=step == 1)
+            xr = x.clone().requires_grad_(True)
+            y = m(xr)
+            y.backward(g)
+            results.append((y, xr.grad, m.bias.grad, m.memory))
+        for a, b in zip(*results, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(conv.weight.grad, lin.weight.grad.t(), rtol=1e-12, atol=1e-12)
+    # the gradient as autograd hands it over, before AccumulateGrad lays it out like .grad
+    w = conv.weight.detach().clone().requires_grad_(True)
+    y = msbp.functional.sparse_linear(x, w.t(), None, None, config=cfg)
+    (gw,) = torch.autograd.grad(y, w, g)
+    kept = int((gw.abs().sum(0) > 0).sum())
+    # (where most rows are kept, per-example, a contiguous dW and autograd's transposing copy)
+    assert gw.is_contiguous() or 2 * kept >= out
