@@ -72,17 +72,59 @@ def run_round(model, opt, batches) -> list[float]:
     return [t / len(batches) for t in totals]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def step_args(doc: str, ratio: float) -> argparse.Namespace:
+    """The command line of a step benchmark (threads, rounds, steps, ratio, batch, sequence),
+    parsed, with the thread count and the denormal flush set."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--steps", type=int, default=2, help="steps per variant per round")
-    parser.add_argument("--ratio", type=float, default=0.1)
+    parser.add_argument("--ratio", type=float, default=ratio)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--seq", type=int, default=128)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)  # as `msbp train` does: see msbp.environment.denormals
+    return args
+
+
+def time_variants(built: dict, args: argparse.Namespace, vocab: int) -> dict[str, list]:
+    """Per variant, one [forward, backward, step] list of seconds per round: random batches of
+    token ids below ``vocab``, a warm-up step each, then the variants interleaved round by
+    round."""
+    gen = torch.Generator().manual_seed(1)
+    batches = [torch.randint(3, vocab, (args.batch_size, args.seq), generator=gen)
+               for _ in range(args.steps)]
+    for model, opt in built.values():  # warm-up: kernels built, buffers allocated
+        run_round(model, opt, batches[:1])
+    times: dict[str, list[list[float]]] = {name: [] for name in built}
+    for _ in range(args.rounds):
+        for name, (model, opt) in built.items():
+            times[name].append(run_round(model, opt, batches))
+    return times
+
+
+def print_table(times: dict[str, list], args: argparse.Namespace, baseline: str) -> None:
+    """Medians per phase (ms), the total with its spread, and the backward's and the whole
+    step's speed-up over ``baseline``."""
+    base = [statistics.median(r[i] for r in times[baseline]) for i in range(len(PHASES))]
+    base_total = statistics.median(sum(t) for t in times[baseline])
+    width = max(len(name) for name in times) + 2
+    print(f"threads {args.threads}, {args.rounds} rounds x {args.steps} steps, batch "
+          f"{args.batch_size} x {args.seq}; ms per step, median (min-max over rounds)")
+    print(f"{'variant':<{width}} {'forward':>8} {'backward':>9} {'step':>7} {'total':>16} "
+          f"{'bwd x':>6} {'x dense':>8}")
+    for name, rounds in times.items():
+        med = [statistics.median(r[i] for r in rounds) * 1e3 for i in range(len(PHASES))]
+        totals = [sum(r) * 1e3 for r in rounds]
+        total = statistics.median(totals)
+        print(f"{name:<{width}} {med[0]:8.1f} {med[1]:9.1f} {med[2]:7.1f} "
+              f"{total:7.1f} ({min(totals):.0f}-{max(totals):.0f}) "
+              f"{base[1] * 1e3 / med[1]:6.2f} {base_total * 1e3 / total:8.2f}")
+
+
+def main() -> None:
+    args = step_args(__doc__, 0.1)
     variants = {
         "dense LoRA": ("dense", 0.0),
         f"base sparse, SBP ({args.ratio})": ("base sparse", 0.0),
@@ -92,26 +134,7 @@ def main() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         built = {name: make(v, args.ratio, mem) for name, (v, mem) in variants.items()}
-    gen = torch.Generator().manual_seed(1)
-    batches = [torch.randint(3, 4096, (args.batch_size, args.seq), generator=gen)
-               for _ in range(args.steps)]
-    for model, opt in built.values():  # warm-up: kernels built, buffers allocated
-        run_round(model, opt, batches[:1])
-    times: dict[str, list[list[float]]] = {name: [] for name in built}
-    for _ in range(args.rounds):
-        for name, (model, opt) in built.items():
-            times[name].append(run_round(model, opt, batches))
-    base = statistics.median(sum(t) for t in times["dense LoRA"])
-    print(f"threads {args.threads}, {args.rounds} rounds x {args.steps} steps, batch "
-          f"{args.batch_size} x {args.seq}; ms per step, median (min-max over rounds)")
-    print(f"{'variant':<36} {'forward':>8} {'backward':>9} {'step':>7} {'total':>16} "
-          f"{'x dense':>8}")
-    for name, rounds in times.items():
-        med = [statistics.median(r[i] for r in rounds) * 1e3 for i in range(len(PHASES))]
-        totals = [sum(r) * 1e3 for r in rounds]
-        total = statistics.median(totals)
-        print(f"{name:<36} {med[0]:8.1f} {med[1]:9.1f} {med[2]:7.1f} "
-              f"{total:7.1f} ({min(totals):.0f}-{max(totals):.0f}) {base * 1e3 / total:8.2f}")
+    print_table(time_variants(built, args, 4096), args, "dense LoRA")
 
 
 if __name__ == "__main__":
