@@ -41,6 +41,64 @@ def _backward_seconds(conv: nn.Module, x: torch.Tensor, g: torch.Tensor) -> floa
     return time.perf_counter() - start
 
 
+def time_layers(variants: dict[str, nn.Module], x: torch.Tensor, g: torch.Tensor, rounds: int,
+                baseline: str, out: int, **fields) -> list[dict]:
+    """Backward times of ``variants`` (2 warm-up calls each, then ``rounds`` interleaved), one
+    row each: median and min-max in ms, k (``out``, the output units, where a layer has none),
+    the speed-up over ``baseline``'s median, and ``fields``."""
+    times: dict[str, list[float]] = {v: [] for v in variants}
+    for layer in variants.values():  # warm-up (allocator, kernels, primitives); memory filled
+        for _ in range(2):
+            _backward_seconds(layer, x, g)
+    for _ in range(rounds):
+        for v, layer in variants.items():
+            times[v].append(_backward_seconds(layer, x, g))
+    base = statistics.median(times[baseline])
+    rows = []
+    for v, ts in times.items():
+        med = statistics.median(ts)
+        k = getattr(variants[v], "k", out)
+        rows.append(dict(**fields, variant=v, k=k, k_ratio=k / out, backward_ms=med * 1e3,
+                         min_ms=min(ts) * 1e3, max_ms=max(ts) * 1e3, speedup=base / med))
+    return rows
+
+
+def layer_names(parser: argparse.ArgumentParser, spec: str, known: dict) -> list[str]:
+    """The comma-separated ``--layers`` of ``spec``, each one of ``known`` (else a usage error)."""
+    layers = [s.strip() for s in spec.split(",") if s.strip()]
+    for layer in layers:
+        if layer not in known:
+            parser.error(f"--layers: {layer!r} is not one of {sorted(known)}")
+    return layers
+
+
+def write_table(rows: list[dict], caption: str, baseline: str, args: argparse.Namespace,
+                argv: list[str] | None, script: str) -> None:
+    """Print the rows as a markdown table under ``caption``; with ``--out``, write them as JSON
+    (with the environment) and the table as .md beside it, headed by the command."""
+    lines = [
+        caption,
+        "",
+        f"| layer | shape | variant | k | backward (ms) | min-max (ms) | speedup vs {baseline} |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['layer']} | {r['shape']} | {r['variant']} | {r['k']} | {r['backward_ms']:.2f} "
+            f"| {r['min_ms']:.2f}-{r['max_ms']:.2f} | {r['speedup']:.2f}x |"
+        )
+    print("\n".join(lines))
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(dict(environment=environment(), args=vars(args),
+                                       results=rows), indent=2) + "\n")
+        command = " ".join(sys.argv[1:] if argv is None else argv)
+        out.with_suffix(".md").write_text(
+            f"    python benchmarks/{script} {command}\n\n" + "\n".join(lines) + "\n"
+        )
+
+
 def bench_layer(name: str, batch: int, rounds: int, ratios: list[float],
                 channels_last: bool) -> list[dict]:
     c_in, c_out, hw = LAYERS[name]
@@ -56,24 +114,8 @@ def bench_layer(name: str, batch: int, rounds: int, ratios: list[float],
             variants[f"{method} {ratio:g}"] = msbp.SparseConv2d.from_dense(dense, cfg)
     x = torch.randn(batch, c_in, hw, hw).to(memory_format=fmt).requires_grad_()
     g = torch.randn(batch, c_out, hw, hw).to(memory_format=fmt)
-    times: dict[str, list[float]] = {v: [] for v in variants}
-    for conv in variants.values():  # warm-up (allocator, oneDNN primitives); memory filled
-        for _ in range(2):
-            _backward_seconds(conv, x, g)
-    for _ in range(rounds):
-        for v, conv in variants.items():
-            times[v].append(_backward_seconds(conv, x, g))
-    base = statistics.median(times["nn.Conv2d"])
-    rows = []
-    for v, ts in times.items():
-        med = statistics.median(ts)
-        rows.append(dict(
-            layer=name, shape=f"{batch}x{c_in}x{hw}x{hw} -> {c_out}", variant=v,
-            k=getattr(variants[v], "k", c_out), k_ratio=getattr(variants[v], "k", c_out) / c_out,
-            backward_ms=med * 1e3, min_ms=min(ts) * 1e3, max_ms=max(ts) * 1e3,
-            speedup=base / med, channels_last=channels_last,
-        ))
-    return rows
+    return time_layers(variants, x, g, rounds, "nn.Conv2d", c_out, layer=name,
+                       shape=f"{batch}x{c_in}x{hw}x{hw} -> {c_out}", channels_last=channels_last)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -90,40 +132,19 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)  # as `msbp train` does: see msbp.environment.denormals
-    layers = [s.strip() for s in args.layers.split(",") if s.strip()]
-    for layer in layers:
-        if layer not in LAYERS:
-            parser.error(f"--layers: {layer!r} is not one of {sorted(LAYERS)}")
+    layers = layer_names(parser, args.layers, LAYERS)
     ratios = [float(r) for r in args.ratios.split(",") if r.strip()]
     rows = []
     for layer in layers:
         rows += bench_layer(layer, args.batch, args.rounds, ratios, args.channels_last)
-    lines = [
+    caption = (
         f"one convolution (3x3, padding 1, no bias) of the CIFAR-10 network, backward only "
         f"(dx and dW), batch {args.batch}, {args.threads} thread(s), {args.rounds} interleaved "
         f"rounds, {'channels-last' if args.channels_last else 'contiguous'} tensors, torch "
         f"{torch.__version__}, {cpu_name()} (a shared machine); median and min-max; speedup = "
-        "nn.Conv2d's median / the variant's",
-        "",
-        "| layer | shape | variant | k | backward (ms) | min-max (ms) | speedup vs nn.Conv2d |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        lines.append(
-            f"| {r['layer']} | {r['shape']} | {r['variant']} | {r['k']} | {r['backward_ms']:.2f} "
-            f"| {r['min_ms']:.2f}-{r['max_ms']:.2f} | {r['speedup']:.2f}x |"
-        )
-    print("\n".join(lines))
-    if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(dict(environment=environment(), args=vars(args),
-                                       results=rows), indent=2) + "\n")
-        command = " ".join(sys.argv[1:] if argv is None else argv)
-        out.with_suffix(".md").write_text(
-            f"    python benchmarks/bench_conv.py {command}\n\n" + "\n".join(lines) + "\n"
-        )
-
+        "nn.Conv2d's median / the variant's"
+    )
+    write_table(rows, caption, "nn.Conv2d", args, argv, "bench_conv.py")
 
 if __name__ == "__main__":
     main()

@@ -15,17 +15,13 @@ the rounds); the forward is not timed.
 from __future__ import annotations
 
 import argparse
-import json
-import statistics
-import sys
-import time
-from pathlib import Path
 
 import torch
+from bench_conv import layer_names, time_layers, write_table
 from torch import nn
 
 import msbp
-from msbp.environment import cpu_name, environment
+from msbp.environment import cpu_name
 from msbp.nn.hf_conv1d import SparseHFConv1D
 
 # name -> (nx, nf): the Conv1D layers of a GPT-2 small block
@@ -54,15 +50,6 @@ def _dense_conv1d(nf: int, nx: int) -> nn.Module:
     return Conv1D(nf, nx)
 
 
-def _backward_seconds(layer: nn.Module, x: torch.Tensor, g: torch.Tensor) -> float:
-    layer.zero_grad(set_to_none=True)
-    x.grad = None
-    out = layer(x)
-    start = time.perf_counter()
-    out.backward(g)
-    return time.perf_counter() - start
-
-
 def bench_layer(name: str, tokens: int, rounds: int, ratio: float) -> list[dict]:
     nx, nf = LAYERS[name]
     torch.manual_seed(0)
@@ -76,24 +63,8 @@ def bench_layer(name: str, tokens: int, rounds: int, ratio: float) -> list[dict]
             variants[f"{method} {selection}"] = layer
     x = torch.randn(tokens, nx).requires_grad_()
     g = torch.randn(tokens, nf)
-    times: dict[str, list[float]] = {v: [] for v in variants}
-    for layer in variants.values():  # warm-up (allocator, kernels); memory filled
-        for _ in range(2):
-            _backward_seconds(layer, x, g)
-    for _ in range(rounds):
-        for v, layer in variants.items():
-            times[v].append(_backward_seconds(layer, x, g))
-    base = statistics.median(times["Conv1D (dense)"])
-    rows = []
-    for v, ts in times.items():
-        med = statistics.median(ts)
-        rows.append(dict(
-            layer=name, shape=f"{tokens}x{nx} -> {nf}", variant=v,
-            k=getattr(variants[v], "k", nf) if v != "Conv1D (dense)" else nf,
-            backward_ms=med * 1e3, min_ms=min(ts) * 1e3, max_ms=max(ts) * 1e3,
-            speedup=base / med,
-        ))
-    return rows
+    return time_layers(variants, x, g, rounds, "Conv1D (dense)", nf, layer=name,
+                       shape=f"{tokens}x{nx} -> {nf}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -108,38 +79,16 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)  # as `msbp train` does: see msbp.environment.denormals
-    layers = [s.strip() for s in args.layers.split(",") if s.strip()]
-    for layer in layers:
-        if layer not in LAYERS:
-            parser.error(f"--layers: {layer!r} is not one of {sorted(LAYERS)}")
     rows = []
-    for layer in layers:
+    for layer in layer_names(parser, args.layers, LAYERS):
         rows += bench_layer(layer, args.tokens, args.rounds, args.ratio)
-    lines = [
+    caption = (
         f"one Conv1D layer of GPT-2 small, backward only (dx, dW, db), {args.tokens} tokens, "
         f"k / out = {args.ratio:g}, {args.threads} thread(s), {args.rounds} interleaved rounds, "
         f"torch {torch.__version__}, {cpu_name()} (a shared machine); median and min-max; "
-        "speedup = the dense Conv1D's median / the variant's",
-        "",
-        "| layer | shape | variant | k | backward (ms) | min-max (ms) | speedup vs Conv1D |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        lines.append(
-            f"| {r['layer']} | {r['shape']} | {r['variant']} | {r['k']} | {r['backward_ms']:.2f} "
-            f"| {r['min_ms']:.2f}-{r['max_ms']:.2f} | {r['speedup']:.2f}x |"
-        )
-    print("\n".join(lines))
-    if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(dict(environment=environment(), args=vars(args),
-                                       results=rows), indent=2) + "\n")
-        command = " ".join(sys.argv[1:] if argv is None else argv)
-        out.with_suffix(".md").write_text(
-            f"    python benchmarks/bench_hf_conv1d.py {command}\n\n" + "\n".join(lines) + "\n"
-        )
-
+        "speedup = the dense Conv1D's median / the variant's"
+    )
+    write_table(rows, caption, "Conv1D", args, argv, "bench_hf_conv1d.py")
 
 if __name__ == "__main__":
     main()
