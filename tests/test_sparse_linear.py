@@ -1051,3 +1051,38 @@ def test_transposed_weight_equals_the_contiguous_one(shape, selection, memory, b
     kept = int((gw.abs().sum(0) > 0).sum())
     # (where most rows are kept, per-example, a contiguous dW and autograd's transposing copy)
     assert gw.is_contiguous() or 2 * kept >= out
+
+
+@pytest.mark.parametrize("hot", [None, 60, 4], ids=["copy", "gather", "gemm"])
+@pytest.mark.parametrize("n", [6, 200], ids=["few_rows", "many_rows"])
+def test_transposed_weight_per_example_routes(hot, n, backend):
+    """Per-example top-k on a transposed weight takes one of four native routes by the rows and
+    the kept columns: GEMMs over the scattered entries (few rows), or, from 129 rows on, loops
+    on a copy of W, loops on its gathered kept rows (few distinct columns) or GEMMs over them
+    (fewer still). The gradient's large entries in `hot` of 600 columns steer the columns. Each
+    equals a SparseLinear on the contiguous weight, as in the test above."""
+    from msbp.nn.hf_conv1d import SparseHFConv1D
+
+    d_in, out, k = 40, 600, 2
+    cfg = msbp.SparseBackpropConfig(k=k, memory=0.8, selection="per_example")
+    conv = SparseHFConv1D(out, d_in, config=cfg, dtype=torch.float64)
+    lin = SparseLinear(d_in, out, config=cfg, dtype=torch.float64)
+    with torch.no_grad():
+        lin.weight.copy_(conv.weight.t())
+        lin.bias.copy_(conv.bias)
+    data = torch.Generator().manual_seed(3)
+    for _ in range(2):
+        x = torch.randn(n, d_in, generator=data, dtype=torch.float64)
+        g = torch.randn(n, out, generator=data, dtype=torch.float64)
+        if hot is not None:
+            g[:, hot:] *= 1e-3
+        grads = []
+        for m in (conv, lin):
+            m.zero_grad(set_to_none=True)
+            xr = x.clone().requires_grad_(True)
+            m(xr).backward(g)
+            grads.append((xr.grad, m.bias.grad, m.memory))
+        for a, b in zip(*grads, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(conv.weight.grad, lin.weight.grad.t(), rtol=1e-12, atol=1e-12)
+        assert conv.weight.grad.is_contiguous()

@@ -266,32 +266,87 @@ void columns_product(const int64_t* cols, int64_t c, const int64_t* start, const
   TORCH_CHECK(false, "msbp-nonfinite: non-finite output gradient; the memory was left unchanged");
 }
 
+// The two transposing kernels below move 16 x 16 tiles (16 of W^T's rows by 16 of the listed
+// columns) through a buffer in registers / L1: each cache line of W^T is then read or written
+// whole at once. Strided loops touching one column of 16 or 64 rows at a time re-read each line
+// once per column, and at 3,072 columns (a stride of three pages) those rows fall into one L1
+// set: placing 2,240 rows of 768 took 13 ms that way, ~7 ns an element.
+constexpr int64_t kTile = 16;
+
 // A zero (out, d_in) tensor laid out as W^T (strides (1, out)) with rows `rows` (c,) set to
-// the rows of v (c, d_in): the dense dW of a transposed weight. Blocks of 64 of W^T's rows, so
-// that the columns written stay in L1 while every kept row adds its entries (index_copy_ into
-// that layout took 25 ms at 3072 x 768, every row kept).
+// the rows of v (c, d_in): the dense dW of a transposed weight, written a block of W^T's rows
+// at a time (index_copy_ into that layout took 25 ms at 3072 x 768, every row kept).
 Tensor place_rows_transposed(const Tensor& weight, const Tensor& rows, const Tensor& v) {
   const int64_t out = weight.size(0), d_in = weight.size(1), c = rows.size(0);
-  Tensor dst_t = at::zeros({d_in, out}, v.options());  // W^T's storage, contiguous
+  Tensor dst_t = at::empty({d_in, out}, v.options());  // W^T's storage, contiguous
   Tensor vc = v.contiguous(), rc = rows.contiguous();
   const int64_t* rp = rc.data_ptr<int64_t>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, v.scalar_type(), "msbp_rows_t", [&] {
     const scalar_t* vp = vc.data_ptr<scalar_t>();
     scalar_t* dp = dst_t.data_ptr<scalar_t>();
-    constexpr int64_t kB = 64;
-    at::parallel_for(0, (d_in + kB - 1) / kB, std::max<int64_t>(1, 4096 / std::max<int64_t>(c, 1)),
-                     [&](int64_t b0, int64_t b1) {
+    at::parallel_for(0, (d_in + kTile - 1) / kTile, grain(kTile * out), [&](int64_t b0, int64_t b1) {
+      scalar_t tile[kTile][kTile];
       for (int64_t b = b0; b < b1; ++b) {
-        const int64_t i0 = b * kB, i1 = std::min(d_in, i0 + kB);
-        for (int64_t q = 0; q < c; ++q) {
-          const scalar_t* src = vp + q * d_in;
-          scalar_t* col = dp + rp[q];
-          for (int64_t i = i0; i < i1; ++i) col[i * out] = src[i];
+        const int64_t i0 = b * kTile, ni = std::min(kTile, d_in - i0);
+        std::memset(dp + i0 * out, 0, ni * out * sizeof(scalar_t));
+        for (int64_t q0 = 0; q0 < c; q0 += kTile) {
+          const int64_t nq = std::min(kTile, c - q0);
+          for (int64_t m = 0; m < nq; ++m)
+            for (int64_t l = 0; l < ni; ++l) tile[l][m] = vp[(q0 + m) * d_in + i0 + l];
+          for (int64_t l = 0; l < ni; ++l) {
+            scalar_t* row = dp + (i0 + l) * out;
+            for (int64_t m = 0; m < nq; ++m) row[rp[q0 + m]] = tile[l][m];
+          }
         }
       }
     });
   });
   return dst_t.t();
+}
+
+// The rows `rows` (c,) of a transposed weight (out, d_in) (W^T's storage contiguous), as a
+// contiguous (c, d_in) tensor: only the rows the products read (ATen's index_select on the
+// transposed view took 7.7 ms for 2,240 of 3,072 rows at 768 inputs, .contiguous() of all of
+// it 2.5-9 ms).
+Tensor gather_rows_transposed(const Tensor& weight, const int64_t* rows, int64_t c) {
+  const int64_t out = weight.size(0), d_in = weight.size(1);
+  Tensor dst = at::empty({c, d_in}, weight.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, weight.scalar_type(), "msbp_gather_t",
+                                  [&] {
+    const scalar_t* wt = weight.data_ptr<scalar_t>();  // W^T (d_in, out), contiguous
+    scalar_t* dp = dst.data_ptr<scalar_t>();
+    at::parallel_for(0, (d_in + kTile - 1) / kTile, grain(kTile * c), [&](int64_t b0, int64_t b1) {
+      scalar_t tile[kTile][kTile];
+      for (int64_t b = b0; b < b1; ++b) {
+        const int64_t i0 = b * kTile, ni = std::min(kTile, d_in - i0);
+        for (int64_t q0 = 0; q0 < c; q0 += kTile) {
+          const int64_t nq = std::min(kTile, c - q0);
+          for (int64_t l = 0; l < ni; ++l) {
+            const scalar_t* row = wt + (i0 + l) * out;
+            for (int64_t m = 0; m < nq; ++m) tile[m][l] = row[rows[q0 + m]];
+          }
+          for (int64_t m = 0; m < nq; ++m)
+            std::memcpy(dp + (q0 + m) * d_in + i0, tile[m], ni * sizeof(scalar_t));
+        }
+      }
+    });
+  });
+  return dst;
+}
+
+// Per-example top-k on a transposed weight (W^T's storage) runs its products as two GEMMs over
+// the scattered kept entries, at a dense layer's cost, up to this many rows. The loops need W's
+// rows contiguous and hand back dW in W's layout: copying W and transposing dW cost a fixed
+// 5-10 ms at 768 x 3072 (a few ns an element), which the n k in multiply-adds they save repay
+// only from a few hundred rows on (GPT-2's c_fc at 32 tokens: 0.2x of the dense Conv1D by the
+// loops, 0.9x by the GEMMs; at 512, 1.1x by the loops; benchmarks/bench_hf_conv1d.py --tokens).
+constexpr int64_t kTransposedGemmRows = 128;
+
+// The rows `rows` (c,) of W (out, d_in), contiguous or W^T's storage, as a (c, d_in) tensor.
+Tensor weight_rows(const Tensor& weight, const Tensor& rows) {
+  if (weight.is_contiguous()) return weight.index_select(0, rows);
+  Tensor rc = rows.contiguous();
+  return gather_rows_transposed(weight, rc.data_ptr<int64_t>(), rc.size(0));
 }
 
 template <typename A>
@@ -392,7 +447,8 @@ Out5 backward_impl(const Tensor& grad_out, const Tensor& x, const Tensor& weight
     }
     // a transposed weight's dW in its layout where few rows are kept; where most are (per-
     // example top-k over many rows) a contiguous one, which AccumulateGrad's transposing copy
-    // takes for less than placing the rows (35 against 50 ms at 512 x 768 x 3072)
+    // takes for less than placing the rows (35 against 50 ms at 512 x 768 x 3072, measured
+    // before place_rows_transposed moved tiles)
     const bool compact = compact_dw || (!weight.is_contiguous() && 2 * c < out);
     std::vector<int64_t> dst_rows(c);
     for (int64_t q = 0; q < c; ++q) dst_rows[q] = compact ? q : cols[q];
@@ -455,11 +511,19 @@ Out5 backward_impl(const Tensor& grad_out, const Tensor& x, const Tensor& weight
       // 10 x 784 x 500 those ATen calls cost more than the arithmetic)
       const A* sp = u_k.data_ptr<A>();
       if (want_dx) {
-        const std::vector<int64_t> row_cols = same_cols(ip, kk, n);
         dx = at::empty({n, d_in}, x_opts);
-        const Tensor wr = weight.contiguous();
-        rows_product<A>(row_cols.data(), sp, wr.data_ptr<A>(), dx.data_ptr<A>(), n, kk, out,
-                        d_in);
+        if (weight.is_contiguous()) {
+          const std::vector<int64_t> row_cols = same_cols(ip, kk, n);
+          rows_product<A>(row_cols.data(), sp, weight.data_ptr<A>(), dx.data_ptr<A>(), n, kk,
+                          out, d_in);
+        } else {  // W^T's storage: its kk rows gathered, numbered 0..kk-1
+          const Tensor wr = gather_rows_transposed(weight, ip, kk);
+          std::vector<int64_t> iota(kk);
+          for (int64_t j = 0; j < kk; ++j) iota[j] = j;
+          const std::vector<int64_t> row_cols = same_cols(iota.data(), kk, n);
+          rows_product<A>(row_cols.data(), sp, wr.data_ptr<A>(), dx.data_ptr<A>(), n, kk, kk,
+                          d_in);
+        }
       }
       if (need_w) {
         // CSC of U_S: column j holds every row
@@ -474,7 +538,7 @@ Out5 backward_impl(const Tensor& grad_out, const Tensor& x, const Tensor& weight
         dW = loop_dw(ip, kk, start.data(), csc_rows.data(), csc_vals.data());
       }
     } else {
-      if (want_dx) dx = at::mm(u_k, dense ? weight : weight.index_select(0, idx));
+      if (want_dx) dx = at::mm(u_k, dense ? weight : weight_rows(weight, idx));
       if (need_w) {
         if (dense && !weight.is_contiguous()) {
           dW = at::mm(x.t(), u_k).t().to(weight.scalar_type());  // (out, in), W^T's layout
@@ -556,12 +620,35 @@ Out5 backward_impl(const Tensor& grad_out, const Tensor& x, const Tensor& weight
     std::copy(cols_v.begin(), cols_v.end(), rows.data_ptr<int64_t>());
 
     const bool loops = same_type && static_cast<double>(c) >= csr_ratio * static_cast<double>(k);
-    if (loops) {
+    if (!weight.is_contiguous() && !compact_dw && n <= kTransposedGemmRows) {
+      // A transposed weight and few rows: the two products as GEMMs over G_S scattered into
+      // (n, out), on W^T's storage as it is, dW in its layout (see kTransposedGemmRows)
+      Tensor g_s = at::zeros({n, out}, acc_opts);
+      A* gp = g_s.data_ptr<A>();
+      for (int64_t e = 0; e < n * k; ++e) gp[(e / k) * out + ip[e]] = vp[e];
+      Tensor g_sx = g_s.to(x.scalar_type());
+      if (need_x) dx = at::mm(g_sx, weight);
+      if (need_w) dW = at::mm(x.t(), g_sx).t().to(weight.scalar_type());
+    } else if (loops) {
       // Blocked loops over the kept entries: n k in multiply-adds for each product.
-      Tensor wc = weight.contiguous();
       if (need_x) {
         dx = at::empty({n, d_in}, x_opts);
-        rows_product<A>(ip, vp, wc.data_ptr<A>(), dx.data_ptr<A>(), n, k, out, d_in);
+        if (weight.is_contiguous()) {
+          rows_product<A>(ip, vp, weight.data_ptr<A>(), dx.data_ptr<A>(), n, k, out, d_in);
+        } else {
+          // W^T's storage: its c kept rows gathered where they are few, the entries renumbered
+          // to them; else all of it copied (ATen's copy is the faster where most rows are read)
+          const bool few = 8 * c <= out;
+          const Tensor wr = few ? gather_rows_transposed(weight, cols_v.data(), c)
+                                : weight.contiguous();
+          std::vector<int64_t> ic;
+          if (few) {
+            ic.resize(n * k);
+            for (int64_t e = 0; e < n * k; ++e) ic[e] = col_of[ip[e]];
+          }
+          rows_product<A>(few ? ic.data() : ip, vp, wr.data_ptr<A>(), dx.data_ptr<A>(), n, k,
+                          few ? c : out, d_in);
+        }
       }
       if (need_w) dW = loop_dw(cols_v.data(), c, start_v.data(), csc_rows.data(), csc_vals.data());
     } else {
@@ -571,7 +658,7 @@ Out5 backward_impl(const Tensor& grad_out, const Tensor& x, const Tensor& weight
       for (int64_t r = 0; r < n; ++r)
         for (int64_t j = 0; j < k; ++j) gp[r * c + col_of[ip[r * k + j]]] = vp[r * k + j];
       Tensor g_cx = g_c.to(x.scalar_type());
-      if (need_x) dx = at::mm(g_cx, weight.index_select(0, rows));
+      if (need_x) dx = at::mm(g_cx, weight_rows(weight, rows));
       if (need_w) {
         dW = place_rows(rows, at::mm(g_cx.t(), x));
       }
