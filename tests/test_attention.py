@@ -178,3 +178,46 @@ def test_sparsify_densify_state_dict_and_transformer_layer():
     again = msbp.sparsify(dense, SparseBackpropConfig(k=2))
     again.load_state_dict(state)
     torch.testing.assert_close(again.self_attn.memory_q, state["self_attn.memory_q"])
+
+
+def test_in_proj_rows_go_into_the_parameters_grad(backend):
+    """The q, k and v projections are row blocks of in_proj_weight: their kept rows go into
+    that Parameter's .grad (the native path adds them in place) and into its row log, shifted
+    to their block. Over steps with .grad set to None, kept, and added to by a dense penalty,
+    the gradients equal the reference's, and the logged rows are those where the projections
+    wrote. (test_sparse_linear's row-block test covers a buffer reused from step to step.)"""
+    from msbp.ops.touched_rows import TRACK_ROWS, pending_rows, take_touched_rows
+
+    config = SparseBackpropConfig(k=3, memory=0.8)
+    _, sparse = make_pair(config)
+    mha_ref = nn.MultiheadAttention(E, HEADS, dtype=torch.float64)
+    mha_ref.load_state_dict({k: v for k, v in sparse.state_dict().items() if "memory" not in k})
+    boxes = [[torch.zeros(E, dtype=torch.float64)] for _ in range(4)]
+    options = dict(k=3, selection="unified", alpha=0.8, layout="unit")
+    w = sparse.in_proj_weight
+    owner = nn.Linear(1, 1)  # any live object: the log is kept while it lives
+    w.__dict__[TRACK_ROWS] = lambda: owner
+    kpm = torch.zeros(N, L, dtype=torch.bool)
+    gen = torch.Generator().manual_seed(4)
+    for step, (none, penalty) in enumerate([(True, 0), (False, 0), (True, 0), (False, 1),
+                                            (True, 0), (True, 0)]):
+        x = torch.randn(L, N, E, generator=gen, dtype=torch.float64)
+        g = torch.randn(L, N, E, generator=gen, dtype=torch.float64)
+        for m in (sparse, mha_ref):
+            m.zero_grad(set_to_none=none)
+        if none:
+            take_touched_rows(w)
+        loss = (sparse(x, x, x, key_padding_mask=kpm, need_weights=False)[0] * g).sum()
+        ref = (reference_attention(x, mha_ref, boxes, options, kpm) * g).sum()
+        if penalty:  # (a term of weight 0 would still add a dense gradient)
+            loss, ref = loss + w.square().sum(), ref + mha_ref.in_proj_weight.square().sum()
+        loss.backward()
+        ref.backward()
+        for name, p in mha_ref.named_parameters():
+            got = dict(sparse.named_parameters())[name].grad
+            torch.testing.assert_close(got, p.grad, **F64, msg=f"step {step}: {name}")
+        if none:
+            logged = torch.unique(torch.cat([r for r in pending_rows(w) if r is not None]))
+            written = (w.grad.abs().sum(1) > 0).nonzero().flatten()
+            assert logged.tolist() == written.tolist(), step
+            assert logged.numel() == 9  # k rows in each of the three blocks

@@ -1086,3 +1086,51 @@ def test_transposed_weight_per_example_routes(hot, n, backend):
             torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(conv.weight.grad, lin.weight.grad.t(), rtol=1e-12, atol=1e-12)
         assert conv.weight.grad.is_contiguous()
+
+
+@pytest.mark.parametrize("selection", ["unified", "per_example"])
+def test_a_block_of_a_parameters_rows_adds_into_its_grad(selection, backend):
+    """A weight that is the rows [8, 14) of a leaf Parameter (as attention's in_proj slices):
+    its kept rows go into the Parameter's .grad and row log, shifted by 8, and the native path
+    adds them in place, into a buffer it reuses from step to step, clearing only the rows it
+    wrote where nothing else did. Over steps with .grad set to None, kept, and added to by a
+    dense penalty, the gradient is a SparseLinear's on a copy of the block, at the block's rows."""
+    from msbp.ops.touched_rows import TRACK_ROWS, pending_rows, take_touched_rows
+
+    cfg = msbp.SparseBackpropConfig(k=2, memory=0.8, selection=selection)
+    big = nn.Parameter(torch.randn(20, 5, dtype=torch.float64))
+    lin = SparseLinear(5, 6, bias=False, config=cfg, dtype=torch.float64)
+    with torch.no_grad():
+        lin.weight.copy_(big[8:14])
+    memory = torch.zeros(6, dtype=torch.float64)
+    owner = nn.Linear(1, 1)  # any live object: the log is kept while it lives
+    big.__dict__[TRACK_ROWS] = lambda: owner
+    gen = torch.Generator().manual_seed(2)
+    pointers = []
+    for step, (none, penalty) in enumerate([(True, 0), (False, 0), (True, 0), (False, 1),
+                                            (True, 0), (True, 0)]):
+        x = torch.randn(4, 5, generator=gen, dtype=torch.float64)
+        g = torch.randn(4, 6, generator=gen, dtype=torch.float64)
+        for p in (big, lin.weight):
+            if none:
+                p.grad = None
+            elif p.grad is not None:
+                p.grad.zero_()
+        if none:
+            take_touched_rows(big)
+        loss = (sparse_linear(x, big[8:14], None, memory, config=cfg) * g).sum()
+        twin = (lin(x) * g).sum()
+        if penalty:  # (a term of weight 0 would still add a dense gradient)
+            loss, twin = loss + big[8:14].square().sum(), twin + lin.weight.square().sum()
+        loss.backward()
+        twin.backward()
+        want = torch.zeros_like(big)
+        want[8:14] = lin.weight.grad
+        torch.testing.assert_close(big.grad, want, rtol=1e-12, atol=1e-12, msg=f"step {step}")
+        torch.testing.assert_close(memory, lin.memory, rtol=1e-12, atol=1e-12)
+        if none:
+            logged = torch.unique(torch.cat([r for r in pending_rows(big) if r is not None]))
+            assert logged.tolist() == (big.grad.abs().sum(1) > 0).nonzero().flatten().tolist()
+        pointers.append(big.grad.data_ptr())
+    if backend == "native":
+        assert len(set(pointers)) == 1  # one buffer throughout

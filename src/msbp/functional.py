@@ -24,7 +24,7 @@ from msbp.ops.sparse_linear import (
     buffer_rows_listed,
     record_buffer_clean,
 )
-from msbp.ops.touched_rows import rows_mask
+from msbp.ops.touched_rows import row_block_of, rows_mask
 from msbp.ops.transient import TransientTuple, first_item_held_elsewhere
 
 
@@ -293,9 +293,14 @@ def _call_settings(config: SparseBackpropConfig, out_features: int, name: str) -
 
 
 def _fast_args(weight, bias, memory, settings: tuple) -> tuple:
-    """The arguments of ``msbp::sparse_linear_fast`` after its input, from ``_call_settings``."""
-    kept = kept_grad_buffer(weight)
-    return (weight, bias, memory, kept[0], kept[1], rows_mask(weight), *settings)
+    """The arguments of ``msbp::sparse_linear_fast`` after its input, from ``_call_settings``:
+    the buffer, state and row mask are those of the Parameter whose ``.grad`` gets the rows,
+    the weight's own or, for a block of a Parameter's rows, the Parameter's (the owner)."""
+    block = row_block_of(weight) if weight._base is not None else None
+    owner = weight if block is None else block[0]
+    kept = kept_grad_buffer(owner)
+    return (weight, bias, memory, kept[0], kept[1], rows_mask(owner), *settings,
+            None if block is None else owner)
 
 
 def sparse_embedding_linear(

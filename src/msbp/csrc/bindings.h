@@ -19,14 +19,14 @@ at::Tensor sparse_linear_fast(const at::Tensor& x, const at::Tensor& weight,
                               const at::Tensor& state, const std::optional<at::Tensor>& mask,
                               int64_t k, int64_t selection, double alpha, bool slot,
                               bool skip_nonfinite, double csr_ratio, std::string name,
-                              bool all_rows);
+                              bool all_rows, const std::optional<at::Tensor>& owner);
 
 at::Tensor sparse_embedding_linear_fast(
     const at::Tensor& ids, const at::Tensor& table, const at::Tensor& weight,
     const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& memory,
     const at::Tensor& kept, const at::Tensor& state, const std::optional<at::Tensor>& mask,
     int64_t k, int64_t selection, double alpha, bool slot, bool skip_nonfinite, double csr_ratio,
-    std::string name, bool all_rows);
+    std::string name, bool all_rows, const std::optional<at::Tensor>& owner);
 
 int64_t place_grad_rows_(const at::Tensor& weight, const at::Tensor& kept,
                          const at::Tensor& state, const at::Tensor& rows,

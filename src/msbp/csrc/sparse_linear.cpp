@@ -978,11 +978,14 @@ Tensor layer_forward(AutogradContext* ctx, const Tensor& x, const Tensor& weight
                      const Tensor& bias, const Tensor& memory, const Tensor& kept,
                      const Tensor& state, const Tensor& mask, int64_t k, int64_t selection,
                      double alpha, bool slot, bool skip_nonfinite, double csr_ratio,
-                     std::string name, bool all_rows) {
+                     std::string name, bool all_rows, const c10::IValue& owner,
+                     int64_t row_offset) {
   const bool has_bias = bias.numel() > 0;
   // the Parameter itself, for its .grad: a saved variable may come back as another tensor
-  // (activation checkpointing's recomputation, saved-tensor hooks)
-  ctx->saved_data["param"] = weight;
+  // (activation checkpointing's recomputation, saved-tensor hooks); or the Parameter whose
+  // rows [row_offset, row_offset + out) the weight is (attention's in_proj slices)
+  ctx->saved_data["param"] = owner.isTensor() ? owner.toTensor() : weight;
+  ctx->saved_data["row_offset"] = owner.isTensor() ? row_offset : int64_t(-1);
   ctx->saved_data["memory"] = memory;
   ctx->saved_data["kept"] = kept;
   ctx->saved_data["state"] = state;
@@ -1013,7 +1016,11 @@ variable_list run_backward(AutogradContext* ctx, const variable_list& grad_outpu
               "msbp: the sparse backward is not differentiable (create_graph=True)");
   auto saved = ctx->get_saved_variables();
   Tensor x = saved[0], w = saved[1];
+  // the Parameter whose .grad the rows go into: the weight, or the one whose rows
+  // [off, off + out) it is
   Tensor weight = ctx->saved_data["param"].toTensor();
+  const bool block = ctx->saved_data["row_offset"].toInt() >= 0;
+  const int64_t off = block ? ctx->saved_data["row_offset"].toInt() : 0;
   Tensor memory = ctx->saved_data["memory"].toTensor();
   // the graph outlives this backward while its output lives; the buffer must not stay
   // referenced from it, or the next step sees it held and cannot put it back
@@ -1026,7 +1033,7 @@ variable_list run_backward(AutogradContext* ctx, const variable_list& grad_outpu
   }
   Tensor state = ctx->saved_data["state"].toTensor();
   Tensor mask = ctx->saved_data["mask"].toTensor();
-  const int64_t out = weight.size(0), d_in = weight.size(1);
+  const int64_t out = w.size(0), d_in = w.size(1);
   const bool need_w = ctx->needs_input_grad(w_at), need_b =
       ctx->saved_data["has_bias"].toBool() && ctx->needs_input_grad(w_at + 1);
   Tensor g = grad_outputs[0].reshape({-1, out});
@@ -1036,8 +1043,8 @@ variable_list run_backward(AutogradContext* ctx, const variable_list& grad_outpu
   variable_list result(3);
   if (n == 0) {
     if (need_x) result[0] = at::zeros_like(x);
-    if (need_w) result[1] = at::zeros_like(weight);
-    if (need_b) result[2] = at::zeros({out}, weight.options());
+    if (need_w) result[1] = at::zeros_like(w);
+    if (need_b) result[2] = at::zeros({out}, w.options());
     return result;
   }
   const int64_t k = std::min(ctx->saved_data["k"].toInt(), out);
@@ -1059,12 +1066,14 @@ variable_list run_backward(AutogradContext* ctx, const variable_list& grad_outpu
     memory.copy_(mem_before);
   };
   int route = need_w ? grad_route(weight) : 0;
+  if (block && route == 2) route = 0;  // a row-sparse dW of the block cannot pass its slice
   // .grad None: this backward starts a new gradient, the rows logged into the one discarded go
   const bool discarded = need_w && weight.is_leaf() && !weight.grad().defined();
-  Tensor grad;
+  Tensor grad, grad_rows;  // grad_rows: the block of .grad that is this layer's dW
   if (route != 0) {
     grad = grad_buffer(weight, kept, state, 0);
     if (!grad.defined()) route = 0;  // a dense dW, as autograd would make
+    else grad_rows = block ? grad.narrow(0, off, out) : grad;
   }
   const int64_t version_before = kept.numel() > 0 ? kept._version() : -1;
   Out5 outs;
@@ -1075,7 +1084,7 @@ variable_list run_backward(AutogradContext* ctx, const variable_list& grad_outpu
         ctx->saved_data["alpha"].toDouble(), ctx->saved_data["slot"].toBool(), need_x, need_w,
         need_b, route != 0, ctx->saved_data["skip"].toBool(),
         ctx->saved_data["csr_ratio"].toDouble(), ctx->saved_data["all_rows"].toBool(),
-        route == 1 && grad.is_contiguous() ? &grad : nullptr, u_out);
+        route == 1 && grad.is_contiguous() ? &grad_rows : nullptr, u_out);
   } catch (const c10::Error& e) {
     restore_memory();
     const std::string what = e.what_without_backtrace();
@@ -1099,9 +1108,9 @@ variable_list run_backward(AutogradContext* ctx, const variable_list& grad_outpu
       // (with route 0 .grad stays None until autograd's add: another call may have marked)
       if (discarded && route != 0) mask.zero_();
       if (dense) {
-        mask.fill_(1);
+        mask.narrow(0, off, out).fill_(1);
       } else {
-        uint8_t* mp = mask.data_ptr<uint8_t>();
+        uint8_t* mp = mask.data_ptr<uint8_t>() + off;
         const int64_t* rp = rows.data_ptr<int64_t>();
         for (int64_t i = 0; i < rows.size(0); ++i) mp[rp[i]] = 1;
       }
@@ -1109,15 +1118,21 @@ variable_list run_backward(AutogradContext* ctx, const variable_list& grad_outpu
     if (route == 0 || dense) {
       result[1] = dW;  // dense (out, in): autograd accumulates it
     } else if (route == 1) {
-      if (dW.defined()) grad.index_add_(0, rows, dW);  // else the kernel added the rows
+      if (dW.defined()) grad_rows.index_add_(0, rows, dW);  // else the kernel added them
       result[1] = Tensor();
     } else {
       result[1] = at::_sparse_coo_tensor_unsafe(rows.unsqueeze(0), dW, {out, d_in},
                                                 dW.options().layout(at::kSparse))
                       ._coalesced_(true);
     }
-    remember_rows(kept, state, grad, route, rows.data_ptr<int64_t>(), rows.size(0), dense,
-                  version_before);
+    std::vector<int64_t> param_rows;  // the rows as the Parameter's
+    const int64_t* rp = rows.data_ptr<int64_t>();
+    if (off > 0 && !dense) {
+      param_rows.resize(rows.size(0));
+      for (int64_t i = 0; i < rows.size(0); ++i) param_rows[i] = rp[i] + off;
+      rp = param_rows.data();
+    }
+    remember_rows(kept, state, grad, route, rp, rows.size(0), dense, version_before);
   }
   if (need_x && !(u_out != nullptr && u_out->defined()))
     result[0] = dx.reshape(x_shape).to(x.scalar_type());
@@ -1132,15 +1147,17 @@ struct SparseLinearFn : public torch::autograd::Function<SparseLinearFn> {
   static Tensor forward(AutogradContext* ctx, Tensor x, Tensor weight, Tensor bias,
                         Tensor memory, Tensor kept, Tensor state, Tensor mask, int64_t k,
                         int64_t selection, double alpha, bool slot, bool skip_nonfinite,
-                        double csr_ratio, std::string name, bool all_rows) {
+                        double csr_ratio, std::string name, bool all_rows, c10::IValue owner,
+                        int64_t row_offset) {
     ctx->save_for_backward({x, weight});
     return layer_forward(ctx, x, weight, bias, memory, kept, state, mask, k, selection, alpha,
-                         slot, skip_nonfinite, csr_ratio, std::move(name), all_rows);
+                         slot, skip_nonfinite, csr_ratio, std::move(name), all_rows, owner,
+                         row_offset);
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
     variable_list r = run_backward(ctx, grad_outputs, ctx->needs_input_grad(0), 1);
-    r.resize(15);
+    r.resize(17);
     return r;
   }
 };
@@ -1188,21 +1205,23 @@ struct SparseEmbeddingLinearFn : public torch::autograd::Function<SparseEmbeddin
   static Tensor forward(AutogradContext* ctx, Tensor ids, Tensor table, Tensor weight,
                         Tensor bias, Tensor memory, Tensor kept, Tensor state, Tensor mask,
                         int64_t k, int64_t selection, double alpha, bool slot,
-                        bool skip_nonfinite, double csr_ratio, std::string name, bool all_rows) {
+                        bool skip_nonfinite, double csr_ratio, std::string name, bool all_rows,
+                        c10::IValue owner, int64_t row_offset) {
     auto shape = ids.sizes().vec();
     shape.back() *= table.size(1);
     Tensor x = at::embedding(table, ids).view(shape);  // (*, nf d)
     ctx->save_for_backward({x, weight, ids});
     ctx->saved_data["table_rows"] = table.size(0);
     return layer_forward(ctx, x, weight, bias, memory, kept, state, mask, k, selection, alpha,
-                         slot, skip_nonfinite, csr_ratio, std::move(name), all_rows);
+                         slot, skip_nonfinite, csr_ratio, std::move(name), all_rows, owner,
+                         row_offset);
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
     const bool need_t = ctx->needs_input_grad(1);
     Tensor u_s, rows;
     variable_list r = run_backward(ctx, grad_outputs, need_t, 2, need_t ? &u_s : nullptr, &rows);
-    variable_list result(16);
+    variable_list result(18);
     result[2] = r[1];
     result[3] = r[2];
     if (!need_t) return result;
@@ -1265,25 +1284,46 @@ int64_t place_grad_rows_(const Tensor& weight, const Tensor& kept, const Tensor&
   return 1;
 }
 
+// The Parameter that gets the weight's rows (none: the weight itself) and where they start in
+// it, for the Functions above: `owner` must be a contiguous (rows, in) tensor of which the
+// weight is the contiguous block of rows [offset, offset + out) (msbp.ops.touched_rows.
+// row_block_of finds it); passed as an IValue, so that it is no input of the autograd node.
+std::pair<c10::IValue, int64_t> owner_rows(const Tensor& weight,
+                                           const std::optional<Tensor>& owner) {
+  if (!owner.has_value() || !owner->defined()) return {c10::IValue(), 0};
+  const Tensor& base = *owner;
+  const int64_t delta = weight.storage_offset() - base.storage_offset();
+  TORCH_CHECK(base.dim() == 2 && base.is_contiguous() && weight.is_contiguous() &&
+                  base.size(1) == weight.size(1) && weight.is_alias_of(base) && delta >= 0 &&
+                  delta % std::max<int64_t>(base.stride(0), 1) == 0 &&
+                  delta / std::max<int64_t>(base.stride(0), 1) + weight.size(0) <= base.size(0),
+              "sparse_linear_fast: the weight ", weight.sizes(),
+              " is no block of rows of its owner ", base.sizes());
+  return {c10::IValue(base), delta / std::max<int64_t>(base.stride(0), 1)};
+}
+
 // The eager entry points, also bound directly to Python (bindings.cpp).
 Tensor sparse_embedding_linear_fast(
     const Tensor& ids, const Tensor& table, const Tensor& weight, const std::optional<Tensor>& bias,
     const std::optional<Tensor>& memory, const Tensor& kept, const Tensor& state,
     const std::optional<Tensor>& mask, int64_t k, int64_t selection, double alpha, bool slot,
-    bool skip_nonfinite, double csr_ratio, std::string name, bool all_rows) {
+    bool skip_nonfinite, double csr_ratio, std::string name, bool all_rows,
+    const std::optional<Tensor>& owner) {
   TORCH_CHECK(ids.dim() >= 1 && ids.scalar_type() == at::kLong && table.dim() == 2,
               "sparse_embedding_linear: ids must be int64 (*, features), table (rows, dim)");
+  auto [param, offset] = owner_rows(weight, owner);
   return SparseEmbeddingLinearFn::apply(
       ids, table, weight, or_empty(bias, weight.options()), or_empty(memory, weight.options()),
       kept, state, or_empty(mask, weight.options().dtype(at::kByte)), k, selection, alpha, slot,
-      skip_nonfinite, csr_ratio, std::move(name), all_rows);
+      skip_nonfinite, csr_ratio, std::move(name), all_rows, param, offset);
 }
 
 Tensor sparse_linear_fast(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias,
                           const std::optional<Tensor>& memory, const Tensor& kept,
                           const Tensor& state, const std::optional<Tensor>& mask, int64_t k,
                           int64_t selection, double alpha, bool slot, bool skip_nonfinite,
-                          double csr_ratio, std::string name, bool all_rows) {
+                          double csr_ratio, std::string name, bool all_rows,
+                          const std::optional<Tensor>& owner) {
   // msbp.functional checks these before its first call; a layer's repeated call does not (its
   // objects are the same), but a tensor reshaped in place (`.data = ...`) is the same object:
   // the ValueError that msbp.functional.check_bias / check_memory would raise, at no cost
@@ -1299,10 +1339,12 @@ Tensor sparse_linear_fast(const Tensor& x, const Tensor& weight, const std::opti
       "memory of shape ", memory->sizes(), " does not fit memory_layout='",
       slot ? "slot" : "unit", "' with out_features=", out, ": expected (",
       slot ? "rows, " : "", out, slot ? ")" : ",)");
+  auto [param, offset] = owner_rows(weight, owner);
   return SparseLinearFn::apply(x, weight, or_empty(bias, x.options()),
                                or_empty(memory, x.options()), kept, state,
                                or_empty(mask, x.options().dtype(at::kByte)), k, selection, alpha,
-                               slot, skip_nonfinite, csr_ratio, std::move(name), all_rows);
+                               slot, skip_nonfinite, csr_ratio, std::move(name), all_rows,
+                               param, offset);
 }
 
 
@@ -1311,12 +1353,13 @@ TORCH_LIBRARY_FRAGMENT(msbp, m) {
   m.def(
       "sparse_linear_fast(Tensor x, Tensor weight, Tensor? bias, Tensor? memory, Tensor kept, "
       "Tensor state, Tensor? mask, int k, int selection, float alpha, bool slot, "
-      "bool skip_nonfinite, float csr_ratio, str name, bool all_rows=False) -> Tensor");
+      "bool skip_nonfinite, float csr_ratio, str name, bool all_rows=False, "
+      "Tensor? owner=None) -> Tensor");
   m.def(
       "sparse_embedding_linear_fast(Tensor ids, Tensor table, Tensor weight, Tensor? bias, "
       "Tensor? memory, Tensor kept, Tensor state, Tensor? mask, int k, int selection, "
       "float alpha, bool slot, bool skip_nonfinite, float csr_ratio, str name, "
-      "bool all_rows=False) -> Tensor");
+      "bool all_rows=False, Tensor? owner=None) -> Tensor");
   m.def(
       "sparse_linear_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor(a!)? memory, "
       "Tensor? random_cols, Tensor? scale, int k, int selection, float alpha, bool slot, "

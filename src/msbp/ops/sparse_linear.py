@@ -43,6 +43,7 @@ from msbp.ops.touched_rows import (
     forget_touched_rows,
     graph_task_id,
     log_touched_rows,
+    log_weight_rows,
 )
 from msbp.ops.transient import TransientList, TransientTuple, first_item_held_elsewhere
 
@@ -687,7 +688,7 @@ class SparseLinearFunction(torch.autograd.Function):
             dW = _as(dW, weight.dtype)
         else:
             dense_dw = k >= out or bool(skipped)
-            log_touched_rows(weight, None if dense_dw else rows)
+            log_weight_rows(weight, None if dense_dw else rows)
             dW = row_sparse_grad(weight, rows, dW, ctx.next_functions[1][0]) if (
                 compact and not dense_dw
             ) else (
@@ -714,7 +715,7 @@ def _consensus_backward(ctx, g, x2, w, memory, random_cols, scale, k, slot, skip
         raise
     weight = ctx.weight
     if need_w:
-        log_touched_rows(weight, rows)
+        log_weight_rows(weight, rows)
         consensus.record_rows(weight, rows)
         dW = _as(dW, weight.dtype)
     dx = _as(dx.reshape(x_shape), ctx.x_dtype) if need_x else None

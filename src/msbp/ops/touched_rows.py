@@ -39,6 +39,23 @@ def tracked(weight: Tensor) -> bool:
     return owner is not None and owner() is not None
 
 
+def row_block_of(weight: Tensor) -> tuple[Tensor, int] | None:
+    """``(param, offset)`` where ``weight`` (out, in) is the contiguous block of rows
+    ``[offset, offset + out)`` of a leaf ``param`` that requires grad (attention's
+    ``in_proj_weight[i * E:(i + 1) * E]``), so that its rows are ``param``'s to log and to add
+    into ``param.grad``; None for any other tensor (a Parameter itself, a transposed view)."""
+    base = weight._base
+    if base is None or not (base.is_leaf and base.requires_grad) or base.dim() != 2:
+        return None
+    if not (base.is_contiguous() and weight.is_contiguous()) or base.shape[1] != weight.shape[1]:
+        return None
+    delta = weight.storage_offset() - base.storage_offset()
+    stride = max(base.stride(0), 1)
+    if delta < 0 or delta % stride or delta // stride + weight.shape[0] > base.shape[0]:
+        return None
+    return base, delta // stride
+
+
 def rows_mask(weight: Tensor) -> Tensor | None:
     """The mask the fast path marks, made on first use, or None if nobody tracks ``weight``."""
     if not tracked(weight):
@@ -63,6 +80,19 @@ def log_touched_rows(weight: Tensor, rows: Tensor | None) -> None:
     log.append(rows)
     if len(log) >= _FOLD_AT:
         log[:] = [fold_rows(log)]
+
+
+def log_weight_rows(weight: Tensor, rows: Tensor | None) -> None:
+    """``log_touched_rows`` for a layer's weight: into the Parameter it is a block of rows of
+    (``row_block_of``), shifted to that block, if it is one (rows None: the whole block)."""
+    block = row_block_of(weight) if weight._base is not None else None
+    if block is None:
+        log_touched_rows(weight, rows)
+        return
+    param, offset = block
+    if rows is None:
+        rows = torch.arange(offset, offset + weight.shape[0], device=param.device)
+    log_touched_rows(param, rows + offset if offset else rows)
 
 
 def _accumulates(weight: Tensor) -> bool:
