@@ -184,8 +184,9 @@ def test_in_proj_rows_go_into_the_parameters_grad(backend):
     """The q, k and v projections are row blocks of in_proj_weight: their kept rows go into
     that Parameter's .grad (the native path adds them in place) and into its row log, shifted
     to their block. Over steps with .grad set to None, kept, and added to by a dense penalty,
-    the gradients equal the reference's, and the logged rows are those where the projections
-    wrote. (test_sparse_linear's row-block test covers a buffer reused from step to step.)"""
+    the gradients equal the reference's, the logged rows are those where the projections
+    wrote, and the native path reuses one buffer (each call's node holds it weakly: held
+    strongly, the later calls of a forward had seen it held and each made a new one)."""
     from msbp.ops.touched_rows import TRACK_ROWS, pending_rows, take_touched_rows
 
     config = SparseBackpropConfig(k=3, memory=0.8)
@@ -199,6 +200,7 @@ def test_in_proj_rows_go_into_the_parameters_grad(backend):
     w.__dict__[TRACK_ROWS] = lambda: owner
     kpm = torch.zeros(N, L, dtype=torch.bool)
     gen = torch.Generator().manual_seed(4)
+    pointers = []
     for step, (none, penalty) in enumerate([(True, 0), (False, 0), (True, 0), (False, 1),
                                             (True, 0), (True, 0)]):
         x = torch.randn(L, N, E, generator=gen, dtype=torch.float64)
@@ -216,8 +218,12 @@ def test_in_proj_rows_go_into_the_parameters_grad(backend):
         for name, p in mha_ref.named_parameters():
             got = dict(sparse.named_parameters())[name].grad
             torch.testing.assert_close(got, p.grad, **F64, msg=f"step {step}: {name}")
+        del got  # (a .grad held elsewhere is not reused)
         if none:
             logged = torch.unique(torch.cat([r for r in pending_rows(w) if r is not None]))
             written = (w.grad.abs().sum(1) > 0).nonzero().flatten()
             assert logged.tolist() == written.tolist(), step
             assert logged.numel() == 9  # k rows in each of the three blocks
+        pointers.append(w.grad.data_ptr())
+    if backend == "native":  # one buffer throughout, put back by the first of the three calls
+        assert len(set(pointers)) == 1

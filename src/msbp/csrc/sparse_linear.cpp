@@ -962,6 +962,27 @@ void remember_rows(const Tensor& kept, const Tensor& state, const Tensor& grad, 
   st[1] = expect;
 }
 
+// The kept buffer as a node holds it between forward and backward: weakly. A strong reference
+// counts as a Python one (PyTorch keeps a tensor's Python object alive while C++ holds it), so
+// a weight with several calls in one forward (attention's q, k and v blocks of in_proj_weight,
+// weight sharing) saw its buffer held by the earlier calls' nodes at every later call and made
+// a new zero buffer for each (3 x 7 MB a step at E = 768), and the graph, which outlives the
+// backward while its output lives, kept the buffer from being put back the next step.
+struct WeakKept : torch::CustomClassHolder {
+  c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl> impl;
+  explicit WeakKept(const Tensor& t) : impl(t.getIntrusivePtr()) {}
+};
+
+c10::IValue weak_kept(const Tensor& kept) {
+  return c10::IValue::make_capsule(c10::make_intrusive<WeakKept>(kept));
+}
+
+// The buffer behind weak_kept's value, or an empty tensor of `options` where it is gone.
+Tensor lock_kept(const c10::IValue& v, const at::TensorOptions& options) {
+  auto impl = c10::static_intrusive_pointer_cast<WeakKept>(v.toCapsule())->impl.lock();
+  return impl ? Tensor(std::move(impl)) : at::empty({0}, options);
+}
+
 [[noreturn]] void raise_floating_point_error(const std::string& msg) {
   {
     pybind11::gil_scoped_acquire gil;
@@ -987,7 +1008,7 @@ Tensor layer_forward(AutogradContext* ctx, const Tensor& x, const Tensor& weight
   ctx->saved_data["param"] = owner.isTensor() ? owner.toTensor() : weight;
   ctx->saved_data["row_offset"] = owner.isTensor() ? row_offset : int64_t(-1);
   ctx->saved_data["memory"] = memory;
-  ctx->saved_data["kept"] = kept;
+  ctx->saved_data["kept"] = weak_kept(kept);
   ctx->saved_data["state"] = state;
   ctx->saved_data["mask"] = mask;
   ctx->saved_data["k"] = k;
@@ -1022,15 +1043,7 @@ variable_list run_backward(AutogradContext* ctx, const variable_list& grad_outpu
   const bool block = ctx->saved_data["row_offset"].toInt() >= 0;
   const int64_t off = block ? ctx->saved_data["row_offset"].toInt() : 0;
   Tensor memory = ctx->saved_data["memory"].toTensor();
-  // the graph outlives this backward while its output lives; the buffer must not stay
-  // referenced from it, or the next step sees it held and cannot put it back
-  Tensor kept;
-  if (auto it = ctx->saved_data.find("kept"); it != ctx->saved_data.end()) {
-    kept = it->second.toTensor();
-    ctx->saved_data.erase(it);
-  } else {
-    kept = at::empty({0}, w.options());  // a second backward (retain_graph): no buffer
-  }
+  Tensor kept = lock_kept(ctx->saved_data["kept"], w.options());
   Tensor state = ctx->saved_data["state"].toTensor();
   Tensor mask = ctx->saved_data["mask"].toTensor();
   const int64_t out = w.size(0), d_in = w.size(1);
