@@ -1054,13 +1054,14 @@ def test_transposed_weight_equals_the_contiguous_one(shape, selection, memory, b
 
 
 @pytest.mark.parametrize("hot", [None, 60, 4], ids=["copy", "gather", "gemm"])
-@pytest.mark.parametrize("n", [6, 200], ids=["few_rows", "many_rows"])
+@pytest.mark.parametrize("n", [100, 200], ids=["few_rows", "many_rows"])
 def test_transposed_weight_per_example_routes(hot, n, backend):
     """Per-example top-k on a transposed weight takes one of four native routes by the rows and
-    the kept columns: GEMMs over the scattered entries (few rows), or, from 129 rows on, loops
-    on a copy of W, loops on its gathered kept rows (few distinct columns) or GEMMs over them
-    (fewer still). The gradient's large entries in `hot` of 600 columns steer the columns. Each
-    equals a SparseLinear on the contiguous weight, as in the test above."""
+    the kept columns: with more than an eighth of the columns kept, GEMMs over the scattered
+    entries (up to 128 rows) or loops on a copy of W; with fewer, loops on its gathered kept
+    rows, or GEMMs over them (fewer than 3k columns). The gradient's large entries in `hot` of
+    600 columns steer the columns. Each equals a SparseLinear on the contiguous weight, as in
+    the test above."""
     from msbp.nn.hf_conv1d import SparseHFConv1D
 
     d_in, out, k = 40, 600, 2

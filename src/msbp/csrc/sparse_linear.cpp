@@ -335,7 +335,8 @@ Tensor gather_rows_transposed(const Tensor& weight, const int64_t* rows, int64_t
 }
 
 // Per-example top-k on a transposed weight (W^T's storage) runs its products as two GEMMs over
-// the scattered kept entries, at a dense layer's cost, up to this many rows. The loops need W's
+// the scattered kept entries, at a dense layer's cost, up to this many rows (where more than an
+// eighth of the columns are kept: fewer are gathered for the loops or the GEMMs of width c). The loops need W's
 // rows contiguous and hand back dW in W's layout: copying W and transposing dW cost a fixed
 // 5-10 ms at 768 x 3072 (a few ns an element), which the n k in multiply-adds they save repay
 // only from a few hundred rows on (GPT-2's c_fc at 32 tokens: 0.2x of the dense Conv1D by the
@@ -620,9 +621,10 @@ Out5 backward_impl(const Tensor& grad_out, const Tensor& x, const Tensor& weight
     std::copy(cols_v.begin(), cols_v.end(), rows.data_ptr<int64_t>());
 
     const bool loops = same_type && static_cast<double>(c) >= csr_ratio * static_cast<double>(k);
-    if (!weight.is_contiguous() && !compact_dw && n <= kTransposedGemmRows) {
-      // A transposed weight and few rows: the two products as GEMMs over G_S scattered into
-      // (n, out), on W^T's storage as it is, dW in its layout (see kTransposedGemmRows)
+    if (!weight.is_contiguous() && !compact_dw && n <= kTransposedGemmRows && 8 * c > out) {
+      // A transposed weight, few rows, many columns kept: the two products as GEMMs over G_S
+      // scattered into (n, out), on W^T's storage as it is, dW in its layout (see
+      // kTransposedGemmRows); with few columns the routes below gather them cheaply
       Tensor g_s = at::zeros({n, out}, acc_opts);
       A* gp = g_s.data_ptr<A>();
       for (int64_t e = 0; e < n * k; ++e) gp[(e / k) * out + ip[e]] = vp[e];
@@ -966,8 +968,8 @@ void remember_rows(const Tensor& kept, const Tensor& state, const Tensor& grad, 
 // counts as a Python one (PyTorch keeps a tensor's Python object alive while C++ holds it), so
 // a weight with several calls in one forward (attention's q, k and v blocks of in_proj_weight,
 // weight sharing) saw its buffer held by the earlier calls' nodes at every later call and made
-// a new zero buffer for each (3 x 7 MB a step at E = 768), and the graph, which outlives the
-// backward while its output lives, kept the buffer from being put back the next step.
+// a new zero buffer for each (3 x 7 MB a step at E = 768). (A strong hold also had to end at
+// the backward: the graph outlives it while its output lives.)
 struct WeakKept : torch::CustomClassHolder {
   c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl> impl;
   explicit WeakKept(const Tensor& t) : impl(t.getIntrusivePtr()) {}
