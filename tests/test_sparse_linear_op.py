@@ -238,3 +238,28 @@ def test_backend_auto_measures_once_without_side_effects(backend):
     assert len(sl.auto_decisions()) == 1
     assert sl.sparse_pays(backend == "native", args, 7) == first  # 7 rows: the same bucket
     assert len(sl.auto_decisions()) == 1
+
+
+def test_backend_auto_measures_a_transposed_weight_as_its_own_case(backend, monkeypatch):
+    """backend="auto" on GPT-2's Conv1D (a transposed weight view): decided apart from a
+    SparseLinear of the same shape (its routes differ), and measured as its call runs, with dW
+    handed to autograd dense in W^T's layout (not the compact rows a Parameter's call adds
+    into .grad, which had made the sparse path look cheaper than it is there)."""
+    from msbp.nn.hf_conv1d import SparseHFConv1D
+    from msbp.ops import sparse_linear as sl
+
+    monkeypatch.setattr(sl, "_AUTO_DECISIONS", {})
+    compact = []
+    run = sl.run_backward
+
+    def record(native_ok, *args, **kwargs):
+        compact.append(args[13])
+        return run(native_ok, *args, **kwargs)
+
+    monkeypatch.setattr(sl, "run_backward", record)
+    cfg = msbp.SparseBackpropConfig(k=3, memory=0.8, backend="auto")
+    for layer in (msbp.SparseLinear(20, 30, config=cfg), SparseHFConv1D(30, 20, config=cfg)):
+        compact.clear()
+        layer(torch.randn(8, 20)).sum().backward()
+        assert compact[:2] == [isinstance(layer, msbp.SparseLinear)] * 2  # the measured calls
+    assert len(sl.auto_decisions()) == 2

@@ -44,6 +44,7 @@ from msbp.ops.touched_rows import (
     graph_task_id,
     log_touched_rows,
     log_weight_rows,
+    row_block_of,
 )
 from msbp.ops.transient import TransientList, TransientTuple, first_item_held_elsewhere
 
@@ -354,10 +355,11 @@ def auto_decisions() -> dict[tuple, bool]:
     return dict(_AUTO_DECISIONS)
 
 
-def _auto_key(w_shape, n, x_dtype, g_dtype, device, selection, k, has_memory, slot, need_x,
+def _auto_key(w, n, x_dtype, g_dtype, device, selection, k, has_memory, slot, need_x,
               need_w) -> tuple:
-    return (w_shape[0], w_shape[1], 1 << max(0, n - 1).bit_length(), x_dtype, g_dtype,
-            str(device), selection, k, has_memory, slot, need_x, need_w)
+    # the weight's layout too: a transposed one (GPT-2's W^T) takes other routes
+    return (w.shape[0], w.shape[1], w.is_contiguous(), 1 << max(0, n - 1).bit_length(), x_dtype,
+            g_dtype, str(device), selection, k, has_memory, slot, need_x, need_w)
 
 
 def sparse_pays(native_ok: bool, args: tuple, n: int) -> bool:
@@ -366,7 +368,7 @@ def sparse_pays(native_ok: bool, args: tuple, n: int) -> bool:
     import time
 
     g, x, w, memory, random_cols, scale, k, selection, alpha, slot, need_x, need_w = args[:12]
-    key = _auto_key(w.shape, n, x.dtype, g.dtype, g.device, selection, k, memory is not None,
+    key = _auto_key(w, n, x.dtype, g.dtype, g.device, selection, k, memory is not None,
                     slot, need_x, need_w)
     decision = _AUTO_DECISIONS.get(key)
     if decision is not None:
@@ -401,7 +403,7 @@ def auto_keeps_sparse(x: Tensor, weight: Tensor, memory: Tensor | None, config) 
     selection = SELECTION_CODES[config.selection]
     slot = config.memory_layout == "slot"
     decided = _AUTO_DECISIONS.get(_auto_key(
-        weight.shape, n, x.dtype, x.dtype, x.device, selection, k, use_memory, slot, True, True
+        weight, n, x.dtype, x.dtype, x.device, selection, k, use_memory, slot, True, True
     ))
     if decided is not None:  # asked at every forward: the probe's inputs only on a first call
         return decided
@@ -412,8 +414,11 @@ def auto_keeps_sparse(x: Tensor, weight: Tensor, memory: Tensor | None, config) 
     cols = None
     if config.selection == "random":
         cols = torch.randperm(out, device=x2.device)[:k]
+    # dW's rows go into .grad (compact) as the layer's call would: for a Parameter or a block of
+    # one's rows, not for another view (a transposed weight: a dense dW in its layout)
+    compact = weight.is_leaf or row_block_of(weight) is not None
     args = (g, x2, weight.detach(), memory if use_memory else None, cols, None, k, selection,
-            float(config.memory), slot, True, True, True, True, True, NATIVE_SPARSE_RATIO)
+            float(config.memory), slot, True, True, True, compact, True, NATIVE_SPARSE_RATIO)
     return sparse_pays(native.use_native(x2.device, "sparse_linear_backward"), args, n)
 
 
