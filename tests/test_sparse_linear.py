@@ -1135,3 +1135,49 @@ def test_a_block_of_a_parameters_rows_adds_into_its_grad(selection, backend):
         pointers.append(big.grad.data_ptr())
     if backend == "native":
         assert len(set(pointers)) == 1  # one buffer throughout
+
+
+def _logged(weight):
+    from msbp.ops.touched_rows import pending_rows
+
+    rows = pending_rows(weight)
+    if any(r is None for r in rows):  # every row
+        return list(range(weight.shape[0]))
+    return sorted(set(torch.cat(rows).tolist()))
+
+
+def _written(weight):
+    return (weight.grad.abs().sum(1) > 0).nonzero().flatten().tolist()
+
+
+@pytest.mark.parametrize("k", [0, 1, 5], ids=["k0", "k1", "k_out"])
+def test_a_block_of_rows_logs_what_it_writes(k, backend):
+    """The rows logged for a block P[a:b] of a Parameter are those its backward wrote: shifted
+    by a once, also where it runs dense (k = 0 or k >= out: they had been shifted twice, past
+    the end of P for its last block); a backward that finds P.grad None drops the rows logged
+    into the discarded gradient (the PyTorch path had kept them); and one that uses P whole and
+    a block of it keeps both calls' rows (the whole call had dropped the block's, logged first
+    in the same backward)."""
+    from msbp.ops.touched_rows import TRACK_ROWS
+
+    owner = nn.Linear(1, 1)  # any live object: the log is kept while it lives
+    cfg = msbp.SparseBackpropConfig(k=k, memory=0.8)
+    gen = torch.Generator().manual_seed(0)
+    P = nn.Parameter(torch.randn(8, 3, dtype=torch.float64, generator=gen))
+    P.__dict__[TRACK_ROWS] = lambda: owner
+    for _ in range(3):
+        P.grad = None
+        x = torch.randn(4, 3, dtype=torch.float64, generator=gen)
+        g = torch.randn(4, 3, dtype=torch.float64, generator=gen)
+        (sparse_linear(x, P[5:8], None, torch.zeros(3, dtype=torch.float64), config=cfg)
+         * g).sum().backward()
+        assert _logged(P) == _written(P)
+        assert set(_written(P)) <= {5, 6, 7}
+    P.grad = None
+    x = torch.randn(4, 3, dtype=torch.float64, generator=gen)
+    g1 = torch.randn(4, 8, dtype=torch.float64, generator=gen)
+    g2 = torch.randn(4, 2, dtype=torch.float64, generator=gen)
+    whole = sparse_linear(x, P, None, None, config=cfg)
+    block = sparse_linear(x, P[0:2], None, None, config=cfg)
+    ((whole * g1).sum() + (block * g2).sum()).backward()
+    assert _logged(P) == _written(P)

@@ -19,6 +19,8 @@ from torch import Tensor
 TRACK_ROWS = "_msbp_track_rows"
 #: attribute on a Parameter: row indices (or None = all rows) touched since the last step
 ROWS_LOG = "_msbp_rows"
+#: attribute on a Parameter: the backward pass (graph task id) that last appended to its log
+ROWS_TASK = "_msbp_rows_task"
 
 #: attribute on a Parameter: a uint8 (out,) mask of the rows touched since the last take, which
 #: the C++ fast path of SparseLinear marks (it cannot append to a Python list)
@@ -78,6 +80,7 @@ def log_touched_rows(weight: Tensor, rows: Tensor | None) -> None:
         return
     log = weight.__dict__.setdefault(ROWS_LOG, [])
     log.append(rows)
+    weight.__dict__[ROWS_TASK] = graph_task_id()
     if len(log) >= _FOLD_AT:
         log[:] = [fold_rows(log)]
 
@@ -90,9 +93,14 @@ def log_weight_rows(weight: Tensor, rows: Tensor | None) -> None:
         log_touched_rows(weight, rows)
         return
     param, offset = block
+    if param.grad is None:
+        # this backward starts a new gradient (autograd writes .grad after the block's calls):
+        # the rows logged into the discarded one go, as for a Parameter (prepare_grad_buffer)
+        forget_touched_rows(param)
     if rows is None:
-        rows = torch.arange(offset, offset + weight.shape[0], device=param.device)
-    log_touched_rows(param, rows + offset if offset else rows)
+        log_touched_rows(param, torch.arange(offset, offset + weight.shape[0], device=param.device))
+    else:
+        log_touched_rows(param, rows + offset if offset else rows)
 
 
 def _accumulates(weight: Tensor) -> bool:
@@ -120,6 +128,12 @@ def engine_runs(node) -> bool:
 #: the id of the backward pass running in this thread, -1 outside one (private in torch 2.x;
 #: absent: 0, taken as inside a backward pass, the only place the layers log)
 graph_task_id = getattr(torch._C, "_current_graph_task_id", lambda: 0)
+_TASK_IDS = hasattr(torch._C, "_current_graph_task_id")
+
+
+def _logged_in_this_pass(state: dict) -> bool:
+    task = graph_task_id()
+    return _TASK_IDS and task >= 0 and state.get(ROWS_TASK) == task and bool(state.get(ROWS_LOG))
 
 
 def fold_rows(log: list[Tensor | None]) -> Tensor | None:
@@ -142,8 +156,12 @@ def pending_rows(weight: Tensor) -> list[Tensor | None]:
 
 def forget_touched_rows(weight: Tensor) -> None:
     """Drop ``weight``'s log: a backward found its ``.grad`` None (set so by ``zero_grad`` or by
-    hand) and starts a new gradient, so the rows written into the one discarded take no step."""
+    hand) and starts a new gradient, so the rows written into the one discarded take no step.
+    What this backward pass logged stays: another call of the weight (or of another block of
+    its rows) ran first, and autograd writes ``.grad`` only after all of them."""
     state = weight.__dict__
+    if _logged_in_this_pass(state):
+        return
     state.pop(ROWS_LOG, None)
     mask = state.get(ROWS_MASK)
     if mask is not None:
