@@ -525,3 +525,30 @@ def test_attention_in_proj_steps_only_its_kept_rows_on_both_backends(zero):
             assert (w != before).any(1).nonzero().flatten().tolist() == written
     for p, q in zip(models["native"].parameters(), models["python"].parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=1e-9, atol=1e-12)
+
+
+def test_rows_the_pytorch_path_logged_into_a_discarded_gradient_take_no_native_step():
+    """A weight whose backward ran on the PyTorch path (which logs a list: here forced, as a
+    slot memory's first batch or a random selection would) and whose gradient was then
+    discarded (.grad = None, no step): the next backward on the native path logs only its own
+    rows; the list had stayed, and LazyRowAdam would have stepped its rows too."""
+    from msbp.ops.touched_rows import TRACK_ROWS, pending_rows
+
+    if not native.use_native():
+        pytest.skip("native kernels unavailable")
+    before = native._requested()
+    torch.manual_seed(0)
+    layer = msbp.SparseLinear(3, 12, config=msbp.SparseBackpropConfig(k=2, memory=0.8),
+                              dtype=torch.float64)
+    owner = torch.nn.Linear(1, 1)  # any live object: the log is kept while it lives
+    layer.weight.__dict__[TRACK_ROWS] = lambda: owner
+    try:
+        for b in ("python", "native"):
+            native.set_backend(b)
+            layer.weight.grad = None
+            layer(torch.randn(5, 3, dtype=torch.float64)).square().sum().backward()
+    finally:
+        native.set_backend(before)
+    logged = set(torch.cat(pending_rows(layer.weight)).tolist())
+    assert logged == set((layer.weight.grad.abs().sum(1) > 0).nonzero().flatten().tolist())
+    assert len(logged) == 2

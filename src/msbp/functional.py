@@ -24,7 +24,7 @@ from msbp.ops.sparse_linear import (
     buffer_rows_listed,
     record_buffer_clean,
 )
-from msbp.ops.touched_rows import row_block_of, rows_mask
+from msbp.ops.touched_rows import drop_discarded_log, row_block_of, rows_mask
 from msbp.ops.transient import TransientTuple, first_item_held_elsewhere
 
 
@@ -178,10 +178,12 @@ def kept_grad_buffer(weight: Tensor) -> tuple[Tensor, Tensor, np.ndarray]:
         return st, st.numpy()
 
     if not (weight.is_leaf and weight.requires_grad):
-        # no .grad of its own (a view such as attention's in_proj slices): autograd gets dW
+        # no .grad of its own (a view such as GPT-2's W^T.t(); a block of a Parameter's rows
+        # comes here as that Parameter, see _fast_args): autograd gets dW
         return TransientTuple((weight.new_empty(0), *state()))
     kept = weight.__dict__.get(_FAST_BUFFER)
     if weight.grad is None:
+        drop_discarded_log(weight)
         # put back last step's buffer if nobody else holds it, else a new one
         if kept is None or first_item_held_elsewhere(kept) or kept[0].shape != weight.shape or (
             kept[0].dtype != weight.dtype

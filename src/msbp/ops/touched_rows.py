@@ -168,6 +168,17 @@ def forget_touched_rows(weight: Tensor) -> None:
         mask.zero_()
 
 
+def drop_discarded_log(weight: Tensor) -> None:
+    """For a call of the C++ path that finds ``weight.grad`` None: the rows the PyTorch path
+    logged into a gradient since discarded (``.grad`` set to None with no optimizer step in
+    between) take no step. Only the list: the C++ path clears its own mask when its backward
+    finds ``.grad`` None; and what the running backward pass logged stays (a forward run inside
+    one, as activation checkpointing does)."""
+    state = weight.__dict__
+    if ROWS_LOG in state and not _logged_in_this_pass(state):
+        del state[ROWS_LOG]
+
+
 def take_touched_rows(weight: Tensor) -> list[Tensor | None]:
     """Remove and return ``weight``'s log (empty if nothing was logged since the last take),
     the rows marked in its mask included."""
