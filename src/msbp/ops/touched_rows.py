@@ -93,7 +93,7 @@ def log_weight_rows(weight: Tensor, rows: Tensor | None) -> None:
         log_touched_rows(weight, rows)
         return
     param, offset = block
-    if param.grad is None:
+    if param.grad is None and _accumulates(param):
         # this backward starts a new gradient (autograd writes .grad after the block's calls):
         # the rows logged into the discarded one go, as for a Parameter (prepare_grad_buffer)
         forget_touched_rows(param)
