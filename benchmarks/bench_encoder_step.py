@@ -14,11 +14,10 @@ Medians per step (ms) over interleaved rounds in one process, random tokens.
 
 from __future__ import annotations
 
-import warnings
 from types import SimpleNamespace
 
 import torch
-from bench_peft import print_table, step_args, time_variants
+from bench_peft import compare_sparse_steps, with_optimizer
 from torch import nn
 
 import msbp
@@ -53,23 +52,11 @@ def make(sparse: bool, optimizer: str, ratio: float, memory: float):
     if sparse:
         cfg = msbp.SparseBackpropConfig(ratio=ratio, memory=memory, selection="unified")
         msbp.sparsify(model, cfg, include="encoder.*")
-    if optimizer == "lazy":
-        return model, msbp.optim.LazyRowAdam(model.parameters(), lr=1e-4)
-    return model, torch.optim.Adam(model.parameters(), lr=1e-4, fused=True)
+    return with_optimizer(model, optimizer)
 
 
 def main() -> None:
-    args = step_args(__doc__, 0.04)
-    variants = {
-        "dense, fused Adam": (False, "adam", 0.0),
-        f"MSBP 0.8 ({args.ratio}), fused Adam": (True, "adam", 0.8),
-        f"MSBP 0.8 ({args.ratio}), LazyRowAdam": (True, "lazy", 0.8),
-        f"SBP ({args.ratio}), fused Adam": (True, "adam", 0.0),
-    }
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        built = {name: make(s, o, args.ratio, m) for name, (s, o, m) in variants.items()}
-    print_table(time_variants(built, args, VOCAB), args, "dense, fused Adam")
+    compare_sparse_steps(__doc__, make, VOCAB)
 
 
 if __name__ == "__main__":

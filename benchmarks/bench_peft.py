@@ -123,6 +123,30 @@ def print_table(times: dict[str, list], args: argparse.Namespace, baseline: str)
               f"{base[1] * 1e3 / med[1]:6.2f} {base_total * 1e3 / total:8.2f}")
 
 
+def with_optimizer(model, optimizer: str):
+    """``(model, its optimizer)``: ``LazyRowAdam`` for "lazy", else fused Adam; lr 1e-4."""
+    if optimizer == "lazy":
+        return model, msbp.optim.LazyRowAdam(model.parameters(), lr=1e-4)
+    return model, torch.optim.Adam(model.parameters(), lr=1e-4, fused=True)
+
+
+def compare_sparse_steps(doc: str, make, vocab: int) -> None:
+    """A whole-step benchmark's main: dense with fused Adam against the model with layers
+    sparse at ``--ratio`` (MSBP with fused Adam or ``LazyRowAdam``, SBP with fused Adam), each
+    built by ``make(sparse, optimizer, ratio, memory)``, on random tokens below ``vocab``."""
+    args = step_args(doc, 0.04)
+    variants = {
+        "dense, fused Adam": (False, "adam", 0.0),
+        f"MSBP 0.8 ({args.ratio}), fused Adam": (True, "adam", 0.8),
+        f"MSBP 0.8 ({args.ratio}), LazyRowAdam": (True, "lazy", 0.8),
+        f"SBP ({args.ratio}), fused Adam": (True, "adam", 0.0),
+    }
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        built = {name: make(s, o, args.ratio, m) for name, (s, o, m) in variants.items()}
+    print_table(time_variants(built, args, vocab), args, "dense, fused Adam")
+
+
 def main() -> None:
     args = step_args(__doc__, 0.1)
     variants = {
