@@ -14,6 +14,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from msbp.ops.transient import TransientTuple
+
 #: attribute on a Parameter: a weak reference to the optimizer that wants the touched rows
 #: recorded (any callable returning a live object works; the log stops when it returns None)
 TRACK_ROWS = "_msbp_track_rows"
@@ -80,7 +82,8 @@ def log_touched_rows(weight: Tensor, rows: Tensor | None) -> None:
         return
     log = weight.__dict__.setdefault(ROWS_LOG, [])
     log.append(rows)
-    weight.__dict__[ROWS_TASK] = graph_task_id()
+    # transient: a saved or copied model must not carry a pass id another process may reuse
+    weight.__dict__[ROWS_TASK] = TransientTuple((graph_task_id(),))
     if len(log) >= _FOLD_AT:
         log[:] = [fold_rows(log)]
 
@@ -133,7 +136,10 @@ _TASK_IDS = hasattr(torch._C, "_current_graph_task_id")
 
 def _logged_in_this_pass(state: dict) -> bool:
     task = graph_task_id()
-    return _TASK_IDS and task >= 0 and state.get(ROWS_TASK) == task and bool(state.get(ROWS_LOG))
+    mark = state.get(ROWS_TASK)
+    return _TASK_IDS and task >= 0 and mark is not None and mark[0] == task and bool(
+        state.get(ROWS_LOG)
+    )
 
 
 def fold_rows(log: list[Tensor | None]) -> Tensor | None:
