@@ -128,6 +128,29 @@ def make_cfg(selection="unified", layout="unit", memory=0.8, k=2, **kw) -> Spars
 T = TypeVar("T")
 
 
+def track_rows(weight: Tensor) -> None:
+    """Have ``weight``'s touched rows logged, as a ``LazyRowAdam`` over it asks (for good)."""
+    from msbp.ops.touched_rows import TRACK_ROWS
+
+    weight.__dict__[TRACK_ROWS] = lambda: True  # the log is kept while this returns an object
+
+
+def logged_rows(weight: Tensor) -> list[int]:
+    """The distinct rows logged for ``weight`` since the last take (every row for an entry
+    None), ascending."""
+    from msbp.ops.touched_rows import pending_rows
+
+    rows = pending_rows(weight)
+    if any(r is None for r in rows):
+        return list(range(weight.shape[0]))
+    return sorted(set(torch.cat(rows).tolist())) if rows else []
+
+
+def written_rows(weight: Tensor) -> list[int]:
+    """The rows of ``weight.grad`` that are not all zero, ascending."""
+    return (weight.grad.abs().sum(1) > 0).nonzero().flatten().tolist()
+
+
 def on_both_backends(run: Callable[[], T]) -> list[T]:
     """[run() on the native kernels, run() on the PyTorch path]; skips without native kernels."""
     if not msbp.native.use_native():

@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from _helpers import logged_rows, track_rows, written_rows
 from torch import nn
 
 import msbp
@@ -187,7 +188,7 @@ def test_in_proj_rows_go_into_the_parameters_grad(backend):
     the gradients equal the reference's, the logged rows are those where the projections
     wrote, and the native path reuses one buffer (each call's node holds it weakly: held
     strongly, the later calls of a forward had seen it held and each made a new one)."""
-    from msbp.ops.touched_rows import TRACK_ROWS, pending_rows, take_touched_rows
+    from msbp.ops.touched_rows import take_touched_rows
 
     config = SparseBackpropConfig(k=3, memory=0.8)
     _, sparse = make_pair(config)
@@ -196,8 +197,7 @@ def test_in_proj_rows_go_into_the_parameters_grad(backend):
     boxes = [[torch.zeros(E, dtype=torch.float64)] for _ in range(4)]
     options = dict(k=3, selection="unified", alpha=0.8, layout="unit")
     w = sparse.in_proj_weight
-    owner = nn.Linear(1, 1)  # any live object: the log is kept while it lives
-    w.__dict__[TRACK_ROWS] = lambda: owner
+    track_rows(w)
     kpm = torch.zeros(N, L, dtype=torch.bool)
     gen = torch.Generator().manual_seed(4)
     pointers = []
@@ -220,10 +220,8 @@ def test_in_proj_rows_go_into_the_parameters_grad(backend):
             torch.testing.assert_close(got, p.grad, **F64, msg=f"step {step}: {name}")
         del got  # (a .grad held elsewhere is not reused)
         if none:
-            logged = torch.unique(torch.cat([r for r in pending_rows(w) if r is not None]))
-            written = (w.grad.abs().sum(1) > 0).nonzero().flatten()
-            assert logged.tolist() == written.tolist(), step
-            assert logged.numel() == 9  # k rows in each of the three blocks
+            assert logged_rows(w) == written_rows(w), step
+            assert len(logged_rows(w)) == 9  # k rows in each of the three blocks
         pointers.append(w.grad.data_ptr())
     if backend == "native":  # one buffer throughout, put back by the first of the three calls
         assert len(set(pointers)) == 1

@@ -6,6 +6,7 @@ import os
 
 import pytest
 import torch
+from _helpers import logged_rows, track_rows, written_rows
 from hypothesis import given
 from hypothesis import strategies as st
 from torch.optim.adam import adam
@@ -518,7 +519,7 @@ def test_attention_in_proj_steps_only_its_kept_rows_on_both_backends(zero):
             opts[b].zero_grad(set_to_none=zero == "none")
             m(x, x, x, need_weights=False)[0].backward(g)
             w = m.in_proj_weight
-            written = (w.grad.abs().sum(1) > 0).nonzero().flatten().tolist()
+            written = written_rows(w)
             assert len(written) == 3 * k
             before = w.detach().clone()
             opts[b].step()
@@ -532,16 +533,13 @@ def test_rows_the_pytorch_path_logged_into_a_discarded_gradient_take_no_native_s
     slot memory's first batch or a random selection would) and whose gradient was then
     discarded (.grad = None, no step): the next backward on the native path logs only its own
     rows; the list had stayed, and LazyRowAdam would have stepped its rows too."""
-    from msbp.ops.touched_rows import TRACK_ROWS, pending_rows
-
     if not native.use_native():
         pytest.skip("native kernels unavailable")
     before = native._requested()
     torch.manual_seed(0)
     layer = msbp.SparseLinear(3, 12, config=msbp.SparseBackpropConfig(k=2, memory=0.8),
                               dtype=torch.float64)
-    owner = torch.nn.Linear(1, 1)  # any live object: the log is kept while it lives
-    layer.weight.__dict__[TRACK_ROWS] = lambda: owner
+    track_rows(layer.weight)
     try:
         for b in ("python", "native"):
             native.set_backend(b)
@@ -549,6 +547,5 @@ def test_rows_the_pytorch_path_logged_into_a_discarded_gradient_take_no_native_s
             layer(torch.randn(5, 3, dtype=torch.float64)).square().sum().backward()
     finally:
         native.set_backend(before)
-    logged = set(torch.cat(pending_rows(layer.weight)).tolist())
-    assert logged == set((layer.weight.grad.abs().sum(1) > 0).nonzero().flatten().tolist())
-    assert len(logged) == 2
+    assert logged_rows(layer.weight) == written_rows(layer.weight)
+    assert len(logged_rows(layer.weight)) == 2

@@ -16,12 +16,15 @@ from _helpers import (
     dtype_id,
     empty_memory_like,
     fast_step,
+    logged_rows,
     make_cfg,
     make_layer,
     randn,
     ref_step,
     rel_err,
     tol,
+    track_rows,
+    written_rows,
 )
 from torch import nn
 
@@ -1096,7 +1099,7 @@ def test_a_block_of_a_parameters_rows_adds_into_its_grad(selection, backend):
     adds them in place, into a buffer it reuses from step to step, clearing only the rows it
     wrote where nothing else did. Over steps with .grad set to None, kept, and added to by a
     dense penalty, the gradient is a SparseLinear's on a copy of the block, at the block's rows."""
-    from msbp.ops.touched_rows import TRACK_ROWS, pending_rows, take_touched_rows
+    from msbp.ops.touched_rows import take_touched_rows
 
     cfg = msbp.SparseBackpropConfig(k=2, memory=0.8, selection=selection)
     big = nn.Parameter(torch.randn(20, 5, dtype=torch.float64))
@@ -1104,8 +1107,7 @@ def test_a_block_of_a_parameters_rows_adds_into_its_grad(selection, backend):
     with torch.no_grad():
         lin.weight.copy_(big[8:14])
     memory = torch.zeros(6, dtype=torch.float64)
-    owner = nn.Linear(1, 1)  # any live object: the log is kept while it lives
-    big.__dict__[TRACK_ROWS] = lambda: owner
+    track_rows(big)
     gen = torch.Generator().manual_seed(2)
     pointers = []
     for step, (none, penalty) in enumerate([(True, 0), (False, 0), (True, 0), (False, 1),
@@ -1130,24 +1132,10 @@ def test_a_block_of_a_parameters_rows_adds_into_its_grad(selection, backend):
         torch.testing.assert_close(big.grad, want, rtol=1e-12, atol=1e-12, msg=f"step {step}")
         torch.testing.assert_close(memory, lin.memory, rtol=1e-12, atol=1e-12)
         if none:
-            logged = torch.unique(torch.cat([r for r in pending_rows(big) if r is not None]))
-            assert logged.tolist() == (big.grad.abs().sum(1) > 0).nonzero().flatten().tolist()
+            assert logged_rows(big) == written_rows(big)
         pointers.append(big.grad.data_ptr())
     if backend == "native":
         assert len(set(pointers)) == 1  # one buffer throughout
-
-
-def _logged(weight):
-    from msbp.ops.touched_rows import pending_rows
-
-    rows = pending_rows(weight)
-    if any(r is None for r in rows):  # every row
-        return list(range(weight.shape[0]))
-    return sorted(set(torch.cat(rows).tolist()))
-
-
-def _written(weight):
-    return (weight.grad.abs().sum(1) > 0).nonzero().flatten().tolist()
 
 
 @pytest.mark.parametrize("k", [0, 1, 5], ids=["k0", "k1", "k_out"])
@@ -1158,21 +1146,18 @@ def test_a_block_of_rows_logs_what_it_writes(k, backend):
     into the discarded gradient (the PyTorch path had kept them); and one that uses P whole and
     a block of it keeps both calls' rows (the whole call had dropped the block's, logged first
     in the same backward)."""
-    from msbp.ops.touched_rows import TRACK_ROWS
-
-    owner = nn.Linear(1, 1)  # any live object: the log is kept while it lives
     cfg = msbp.SparseBackpropConfig(k=k, memory=0.8)
     gen = torch.Generator().manual_seed(0)
     P = nn.Parameter(torch.randn(8, 3, dtype=torch.float64, generator=gen))
-    P.__dict__[TRACK_ROWS] = lambda: owner
+    track_rows(P)
     for _ in range(3):
         P.grad = None
         x = torch.randn(4, 3, dtype=torch.float64, generator=gen)
         g = torch.randn(4, 3, dtype=torch.float64, generator=gen)
         (sparse_linear(x, P[5:8], None, torch.zeros(3, dtype=torch.float64), config=cfg)
          * g).sum().backward()
-        assert _logged(P) == _written(P)
-        assert set(_written(P)) <= {5, 6, 7}
+        assert logged_rows(P) == written_rows(P)
+        assert set(written_rows(P)) <= {5, 6, 7}
     P.grad = None
     x = torch.randn(4, 3, dtype=torch.float64, generator=gen)
     g1 = torch.randn(4, 8, dtype=torch.float64, generator=gen)
@@ -1180,4 +1165,4 @@ def test_a_block_of_rows_logs_what_it_writes(k, backend):
     whole = sparse_linear(x, P, None, None, config=cfg)
     block = sparse_linear(x, P[0:2], None, None, config=cfg)
     ((whole * g1).sum() + (block * g2).sum()).backward()
-    assert _logged(P) == _written(P)
+    assert logged_rows(P) == written_rows(P)
