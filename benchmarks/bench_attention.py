@@ -18,7 +18,7 @@ from __future__ import annotations
 import argparse
 
 import torch
-from bench_conv import time_layers, write_table
+from bench_conv import layer_args, time_layers, write_table
 from torch import nn
 
 import msbp
@@ -55,19 +55,15 @@ def bench(embed: int, heads: int, batch: int, seq: int, rounds: int, ratio: floa
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--embed", type=int, default=768)
     parser.add_argument("--heads", type=int, default=12)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--ratio", type=float, default=0.04)
-    parser.add_argument("--out", default=None, help="write the results as JSON here (and .md)")
-    args = parser.parse_args(argv)
+    args = layer_args(parser, argv)
     if args.embed % args.heads:
         parser.error(f"--embed {args.embed} is not a multiple of --heads {args.heads}")
-    torch.set_num_threads(args.threads)
-    torch.set_flush_denormal(True)  # as `msbp train` does: see msbp.environment.denormals
     rows = bench(args.embed, args.heads, args.batch, args.seq, args.rounds, args.ratio)
     caption = (
         f"one self-attention layer, backward only (dx and every projection's dW, db), "

@@ -63,6 +63,17 @@ def time_layers(variants: dict[str, nn.Module], x: torch.Tensor, g: torch.Tensor
     return rows
 
 
+def layer_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """A layer benchmark's command line parsed, with ``--threads`` (default 1) and ``--out``
+    added, and the thread count and the denormal flush set."""
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", default=None, help="write the results as JSON here (and .md)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.set_flush_denormal(True)  # as `msbp train` does: see msbp.environment.denormals
+    return args
+
+
 def layer_names(parser: argparse.ArgumentParser, spec: str, known: dict) -> list[str]:
     """The comma-separated ``--layers`` of ``spec``, each one of ``known`` (else a usage error)."""
     layers = [s.strip() for s in spec.split(",") if s.strip()]
@@ -120,7 +131,6 @@ def bench_layer(name: str, batch: int, rounds: int, ratios: list[float],
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--layers", default="block2",
@@ -128,10 +138,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ratios", default=",".join(map(str, RATIOS)))
     parser.add_argument("--channels-last", action="store_true",
                         help="input, gradient and weight in channels-last memory format")
-    parser.add_argument("--out", default=None, help="write the results as JSON here (and .md)")
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    torch.set_flush_denormal(True)  # as `msbp train` does: see msbp.environment.denormals
+    args = layer_args(parser, argv)
     layers = layer_names(parser, args.layers, LAYERS)
     ratios = [float(r) for r in args.ratios.split(",") if r.strip()]
     rows = []

@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 
 import torch
-from bench_conv import layer_names, time_layers, write_table
+from bench_conv import layer_args, layer_names, time_layers, write_table
 from torch import nn
 
 import msbp
@@ -69,16 +69,12 @@ def bench_layer(name: str, tokens: int, rounds: int, ratio: float) -> list[dict]
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--tokens", type=int, default=512, help="rows of the input (batch x seq)")
     parser.add_argument("--ratio", type=float, default=0.04)
     parser.add_argument("--layers", default=",".join(LAYERS),
                         help=f"comma-separated, of {sorted(LAYERS)}")
-    parser.add_argument("--out", default=None, help="write the results as JSON here (and .md)")
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    torch.set_flush_denormal(True)  # as `msbp train` does: see msbp.environment.denormals
+    args = layer_args(parser, argv)
     rows = []
     for layer in layer_names(parser, args.layers, LAYERS):
         rows += bench_layer(layer, args.tokens, args.rounds, args.ratio)
