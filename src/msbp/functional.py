@@ -298,7 +298,7 @@ def _fast_args(weight, bias, memory, settings: tuple) -> tuple:
     """The arguments of ``msbp::sparse_linear_fast`` after its input, from ``_call_settings``:
     the buffer, state and row mask are those of the Parameter whose ``.grad`` gets the rows,
     the weight's own or, for a block of a Parameter's rows, the Parameter's (the owner)."""
-    block = row_block_of(weight) if weight._base is not None else None
+    block = row_block_of(weight)
     owner = weight if block is None else block[0]
     kept = kept_grad_buffer(owner)
     return (weight, bias, memory, kept[0], kept[1], rows_mask(owner), *settings,

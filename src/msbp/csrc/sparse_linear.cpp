@@ -284,7 +284,8 @@ Tensor place_rows_transposed(const Tensor& weight, const Tensor& rows, const Ten
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, v.scalar_type(), "msbp_rows_t", [&] {
     const scalar_t* vp = vc.data_ptr<scalar_t>();
     scalar_t* dp = dst_t.data_ptr<scalar_t>();
-    at::parallel_for(0, (d_in + kTile - 1) / kTile, grain(kTile * out), [&](int64_t b0, int64_t b1) {
+    const int64_t blocks = (d_in + kTile - 1) / kTile;
+    at::parallel_for(0, blocks, grain(kTile * out), [&](int64_t b0, int64_t b1) {
       scalar_t tile[kTile][kTile];
       for (int64_t b = b0; b < b1; ++b) {
         const int64_t i0 = b * kTile, ni = std::min(kTile, d_in - i0);
@@ -336,11 +337,12 @@ Tensor gather_rows_transposed(const Tensor& weight, const int64_t* rows, int64_t
 
 // Per-example top-k on a transposed weight (W^T's storage) runs its products as two GEMMs over
 // the scattered kept entries, at a dense layer's cost, up to this many rows (where more than an
-// eighth of the columns are kept: fewer are gathered for the loops or the GEMMs of width c). The loops need W's
-// rows contiguous and hand back dW in W's layout: copying W and transposing dW cost a fixed
-// 5-10 ms at 768 x 3072 (a few ns an element), which the n k in multiply-adds they save repay
-// only from a few hundred rows on (GPT-2's c_fc at 32 tokens: 0.2x of the dense Conv1D by the
-// loops, 0.9x by the GEMMs; at 512, 1.1x by the loops; benchmarks/bench_hf_conv1d.py --tokens).
+// eighth of the columns are kept: fewer are gathered for the loops or the GEMMs of width c).
+// The loops need W's rows contiguous and hand back dW in W's layout: copying W and transposing
+// dW cost a fixed 5-10 ms at 768 x 3072 (a few ns an element), which the n k in multiply-adds
+// they save repay only from a few hundred rows on (GPT-2's c_fc at 32 tokens: 0.2x of the dense
+// Conv1D by the loops, 0.9x by the GEMMs; at 512, 1.1x by the loops;
+// benchmarks/bench_hf_conv1d.py --tokens).
 constexpr int64_t kTransposedGemmRows = 128;
 
 // The rows `rows` (c,) of W (out, d_in), contiguous or W^T's storage, as a (c, d_in) tensor.

@@ -91,7 +91,7 @@ def log_touched_rows(weight: Tensor, rows: Tensor | None) -> None:
 def log_weight_rows(weight: Tensor, rows: Tensor | None) -> None:
     """``log_touched_rows`` for a layer's weight: into the Parameter it is a block of rows of
     (``row_block_of``), shifted to that block, if it is one (rows None: the whole block)."""
-    block = row_block_of(weight) if weight._base is not None else None
+    block = row_block_of(weight)
     if block is None:
         log_touched_rows(weight, rows)
         return
@@ -101,9 +101,8 @@ def log_weight_rows(weight: Tensor, rows: Tensor | None) -> None:
         # the rows logged into the discarded one go, as for a Parameter (prepare_grad_buffer)
         forget_touched_rows(param)
     if rows is None:
-        log_touched_rows(param, torch.arange(offset, offset + weight.shape[0], device=param.device))
-    else:
-        log_touched_rows(param, rows + offset if offset else rows)
+        rows = torch.arange(weight.shape[0], device=param.device)
+    log_touched_rows(param, rows + offset if offset else rows)
 
 
 def _accumulates(weight: Tensor) -> bool:
