@@ -84,16 +84,22 @@ def test_sparse_rows_match_lazy_reference(selection, memory):
     assert changed.sum() < model[0].weight.shape[0] or selection == "per_example"
 
 
-def test_zero_grad_keeps_buffer_for_in_place_rows():
+@pytest.mark.parametrize("set_to_none", [True, False])
+def test_zero_grad_keeps_buffer_for_in_place_rows(set_to_none):
+    """The sparse layer's gradient buffer survives zero_grad either way: as .grad, zeroed, or
+    (set_to_none) held by the layer, which puts it back, cleared, at the next backward."""
     model = msbp.sparsify(_mlp(), msbp.SparseBackpropConfig(k=3), exclude="2")
     opt = LazyRowAdam(model.parameters(), lr=1e-2)
     x = torch.randn(4, 6, dtype=torch.float64)
     _step(model, opt, x)
-    opt.zero_grad()
+    ptr = model[0].weight.grad.data_ptr()
+    opt.zero_grad(set_to_none=set_to_none)
     grad = model[0].weight.grad
-    assert grad is not None and not grad.any()  # kept, zeroed
-    assert model[2].weight.grad is None  # dense layer: set to None as usual
-    ptr = grad.data_ptr()
+    if set_to_none:
+        assert grad is None  # as torch's optimizers leave it
+    else:
+        assert grad is not None and not grad.any()  # kept, zeroed
+    assert model[2].weight.grad is None or not set_to_none  # dense layer: as usual
     model(x).square().sum().backward()
     assert model[0].weight.grad.data_ptr() == ptr
     assert int((model[0].weight.grad.abs().sum(1) > 0).sum()) == 3
@@ -298,6 +304,8 @@ def test_zero_grad_after_step_and_after_a_later_backward():
         model(torch.randn(4, 6, dtype=torch.float64, generator=gen)).square().sum().backward()
         ptr = w.grad.data_ptr()
         opt.zero_grad()
+        if w.grad is None:  # handed back to the layer: a backward of zeros finds it cleared
+            (model(torch.randn(4, 6, dtype=torch.float64, generator=gen)) * 0).sum().backward()
         assert w.grad.data_ptr() == ptr and not w.grad.any()
     # gradients zeroed by hand in between: zero_grad still leaves nothing behind
     opt.step()
