@@ -737,6 +737,52 @@ def test_two_calls_with_a_hook_on_the_accumulator_leave_no_stale_rows(backend, h
     torch.testing.assert_close(layer.weight.grad, want, **tol(torch.float64))
 
 
+@pytest.mark.parametrize(
+    "case", ["steady", "held", "log", "no_grad", "dtype", "view", "untracked_mask", "new_mask"]
+)
+def test_repeated_call_reads_buffer_and_mask_in_cpp_only_where_it_may(case):
+    """A SparseLinear's repeated call reads its weight's kept gradient buffer and row mask in
+    C++ (``sparse_linear_try``); wherever ``_fast_args`` would do more than read them (a buffer
+    somebody holds, a row log to drop, a mask to make) or the call would not take the C++ path,
+    that returns None and the checked path runs."""
+    from msbp import native
+    from msbp.ops.touched_rows import ROWS_LOG, ROWS_MASK
+
+    if not native.use_native():
+        pytest.skip(f"native kernels unavailable: {native.status()['error']}")
+    layer = make_layer(6, 9, make_cfg("unified", "unit", 0.8, k=2), dtype=torch.float32)
+    opt = msbp.optim.LazyRowAdam(layer.parameters(), lr=0.1)
+    x = torch.randn(4, 6)
+    for _ in range(2):
+        opt.zero_grad()
+        layer(x).square().sum().backward()
+        opt.step()
+    opt.zero_grad()
+    w, held = layer.weight, None
+    if case == "held":
+        held = w.__dict__["_msbp_kept_grad_buffer"][0]
+    elif case == "log":
+        w.__dict__[ROWS_LOG] = [torch.tensor([1])]
+    elif case == "dtype":
+        x = x.double()
+    elif case == "view":
+        w = w[:]
+    elif case == "new_mask":
+        del w.__dict__[ROWS_MASK]
+    elif case == "untracked_mask":
+        del opt  # no optimizer tracks the rows: no mask wanted, none looked up
+        del w.__dict__[ROWS_MASK]
+    try_ = native.eager_module().sparse_linear_try
+    with torch.set_grad_enabled(case != "no_grad"):
+        y = try_(x, w, layer.bias, layer.memory, layer._fast[5])
+    assert (y is not None) == (case in ("steady", "untracked_mask")), case
+    if y is not None:
+        torch.testing.assert_close(y, torch.nn.functional.linear(x, w, layer.bias))
+        y.square().sum().backward()
+        assert layer.weight.grad is w.__dict__["_msbp_kept_grad_buffer"][0]
+    del held
+
+
 @pytest.mark.parametrize("how", ["detach", "data", "numpy"])
 def test_kept_alias_of_an_old_gradient_is_not_overwritten(backend, how):
     """A .detach(), .data or NumPy view of an old .grad, kept after zero_grad(set_to_none=True),

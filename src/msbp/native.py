@@ -181,6 +181,13 @@ def eager_ops() -> Any:
     return module
 
 
+def eager_module() -> Any:
+    """The library's Python module of the loaded kernels (``csrc/bindings.cpp``), for entry
+    points that read Python objects themselves (``sparse_linear_try``). Only once
+    ``use_native()`` said so."""
+    return _state["module"]
+
+
 def on_load(fn: Callable[[], None]) -> None:
     """Run ``fn`` once the kernels are loaded (now, if they are): for Python registrations that
     need the ops to exist, such as their fake implementations."""

@@ -3,6 +3,8 @@
 #include "bindings.h"
 
 #include <ATen/Parallel.h>
+#include <c10/core/impl/TorchDispatchModeTLS.h>
+#include <torch/csrc/autograd/python_variable.h>
 #include <torch/extension.h>
 
 #if defined(__x86_64__) || defined(_M_X64)
@@ -58,12 +60,115 @@ std::vector<bool> flush_denormal_threads(std::optional<bool> on) {
 #endif
 }
 
+// What Py_REFCNT counts for a tensor's Python object that only a tuple holds (measured, as
+// msbp.ops.transient measures it for sys.getrefcount: a C++ holder of the tensor counts too).
+Py_ssize_t refs_when_alone() {
+  static const Py_ssize_t alone = [] {
+    PyObject* probe = THPVariable_Wrap(at::empty({0}));
+    PyObject* entry = PyTuple_Pack(1, probe);
+    Py_DECREF(probe);
+    const Py_ssize_t n = Py_REFCNT(PyTuple_GET_ITEM(entry, 0));
+    Py_DECREF(entry);
+    return n;
+  }();
+  return alone;
+}
+
+// `obj` as an optional tensor: None -> nullopt; false where it is neither
+bool optional_tensor(PyObject* obj, std::optional<at::Tensor>* out) {
+  if (obj == Py_None) return true;
+  if (!THPVariable_Check(obj)) return false;
+  *out = THPVariable_Unpack(obj);
+  return true;
+}
+
+// SparseLinear's repeated call (msbp.functional.sparse_linear_fast_call, after its checks of the
+// global state): msbp::sparse_linear_fast with the weight's kept gradient buffer and row mask,
+// looked up as msbp.functional._fast_args does, or None wherever that lookup would do more than
+// read them (no buffer yet, one to replace or to make, a row log to drop, a mask to make, a
+// weight that is no leaf Parameter) or the call would not take the C++ path (another device or
+// dtype, no gradient wanted, a TorchDispatchMode): the caller then takes that path. In a
+// training step these lookups cost ~35 us a layer in Python (MNIST's MLP, Xeon).
+// settings: (k, selection, alpha, slot, skip_nonfinite, csr_ratio, name, all_rows).
+pybind11::object sparse_linear_try(pybind11::handle x_obj, pybind11::handle w_obj,
+                                   pybind11::handle b_obj, pybind11::handle m_obj,
+                                   pybind11::tuple settings) {
+  static PyObject* kKept = PyUnicode_InternFromString("_msbp_kept_grad_buffer");
+  static PyObject* kLog = PyUnicode_InternFromString("_msbp_rows");
+  static PyObject* kTrack = PyUnicode_InternFromString("_msbp_track_rows");
+  static PyObject* kMask = PyUnicode_InternFromString("_msbp_row_mask");
+  pybind11::object none = pybind11::none();
+  if (!THPVariable_Check(x_obj.ptr()) || !THPVariable_Check(w_obj.ptr()) ||
+      settings.size() != 8 || c10::impl::TorchDispatchModeTLS::stack_len() > 0)
+    return none;
+  const at::Tensor& x = THPVariable_Unpack(x_obj.ptr());
+  const at::Tensor& w = THPVariable_Unpack(w_obj.ptr());
+  std::optional<at::Tensor> bias, memory;
+  if (!optional_tensor(b_obj.ptr(), &bias) || !optional_tensor(m_obj.ptr(), &memory)) return none;
+  const auto dtype = x.scalar_type();
+  if (!x.device().is_cpu() || !w.device().is_cpu() || dtype != w.scalar_type() ||
+      (dtype != at::kFloat && dtype != at::kDouble) || x.dim() < 1 || w.dim() != 2 ||
+      x.size(-1) != w.size(1))
+    return none;
+  if (!at::GradMode::is_enabled() || !w.requires_grad() || !w.is_leaf() || w.is_view())
+    return none;
+  auto dict = pybind11::reinterpret_steal<pybind11::object>(
+      PyObject_GenericGetDict(w_obj.ptr(), nullptr));
+  if (!dict) throw pybind11::error_already_set();
+  PyObject* d = dict.ptr();
+  PyObject* kept = PyDict_GetItemWithError(d, kKept);  // borrowed
+  if (kept == nullptr || !PyTuple_Check(kept) || PyTuple_GET_SIZE(kept) < 2 ||
+      !THPVariable_Check(PyTuple_GET_ITEM(kept, 0)) || !THPVariable_Check(PyTuple_GET_ITEM(kept, 1)))
+    return PyErr_Occurred() ? throw pybind11::error_already_set() : none;
+  PyObject* buf_obj = PyTuple_GET_ITEM(kept, 0);
+  if (!w.grad().defined()) {
+    // msbp.functional.kept_grad_buffer puts the buffer back as it is only where no row log
+    // is to be dropped and nobody else holds it
+    if (PyDict_GetItemWithError(d, kLog) != nullptr || PyErr_Occurred() ||
+        Py_REFCNT(buf_obj) > refs_when_alone())
+      return PyErr_Occurred() ? throw pybind11::error_already_set() : none;
+    const at::Tensor& buf = THPVariable_Unpack(buf_obj);
+    if (buf.sizes() != w.sizes() || buf.scalar_type() != w.scalar_type()) return none;
+  }
+  std::optional<at::Tensor> mask;
+  PyObject* track = PyDict_GetItemWithError(d, kTrack);
+  if (track != nullptr && track != Py_None) {  // msbp.ops.touched_rows.rows_mask
+    auto owner = pybind11::reinterpret_steal<pybind11::object>(PyObject_CallNoArgs(track));
+    if (!owner) throw pybind11::error_already_set();
+    if (!owner.is_none()) {
+      PyObject* m = PyDict_GetItemWithError(d, kMask);
+      if (m == nullptr || !THPVariable_Check(m))
+        return PyErr_Occurred() ? throw pybind11::error_already_set() : none;
+      const at::Tensor& mt = THPVariable_Unpack(m);
+      if (!mt.device().is_cpu() || mt.numel() != w.size(0)) return none;
+      mask = mt;
+    }
+  } else if (PyErr_Occurred()) {
+    throw pybind11::error_already_set();
+  }
+  if (!(x.requires_grad() || w.requires_grad() || (bias && bias->requires_grad()))) return none;
+  const int64_t k = settings[0].cast<int64_t>(), selection = settings[1].cast<int64_t>();
+  const double alpha = settings[2].cast<double>(), csr_ratio = settings[5].cast<double>();
+  const bool slot = settings[3].cast<bool>(), skip = settings[4].cast<bool>(),
+             all_rows = settings[7].cast<bool>();
+  std::string name = settings[6].cast<std::string>();
+  at::Tensor buf = THPVariable_Unpack(buf_obj), state = THPVariable_Unpack(PyTuple_GET_ITEM(kept, 1));
+  at::Tensor y;
+  {
+    pybind11::gil_scoped_release no_gil;
+    y = msbp::sparse_linear_fast(x, w, bias, memory, buf, state, mask, k, selection, alpha, slot,
+                                 skip, csr_ratio, std::move(name), all_rows, std::nullopt);
+  }
+  return pybind11::reinterpret_steal<pybind11::object>(THPVariable_Wrap(std::move(y)));
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // PyTorch's own wrapping: c10 errors and warnings become Python's (as through torch.ops:
   // ValueError for TORCH_CHECK_VALUE, no C++ backtrace), and the GIL is released in the call
   m.def("sparse_linear_fast", torch::wrap_pybind_function_no_gil(&msbp::sparse_linear_fast));
+  m.def("sparse_linear_try", torch::wrap_pybind_function(&sparse_linear_try));
   m.def("sparse_embedding_linear_fast",
         torch::wrap_pybind_function_no_gil(&msbp::sparse_embedding_linear_fast));
   m.def("place_grad_rows_", torch::wrap_pybind_function_no_gil(&msbp::place_grad_rows_));
