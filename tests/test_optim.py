@@ -105,6 +105,27 @@ def test_zero_grad_keeps_buffer_for_in_place_rows(set_to_none):
     assert int((model[0].weight.grad.abs().sum(1) > 0).sum()) == 3
 
 
+def test_discarded_rows_do_not_step_a_later_gradient_written_by_something_else(backend):
+    """backward, zero_grad() (discarded), then a gradient of the weight that the layer did not
+    write (a penalty in a step where the layer did not run): the discarded rows must not pick
+    which rows step; with no rows logged the weight takes a whole step (and a warning)."""
+    model = msbp.sparsify(_mlp(), msbp.SparseBackpropConfig(k=2), exclude="2")
+    opt = LazyRowAdam(model.parameters(), lr=1e-2)
+    gen = torch.Generator().manual_seed(4)
+    w = model[0].weight
+    for _ in range(2):
+        opt.zero_grad()
+        model(torch.randn(4, 6, dtype=torch.float64, generator=gen)).square().sum().backward()
+        opt.step()
+    model(torch.randn(4, 6, dtype=torch.float64, generator=gen)).square().sum().backward()
+    opt.zero_grad()  # discarded
+    w.square().sum().backward()  # every row of w gets a gradient, no layer ran
+    before = w.detach().clone()
+    with pytest.warns(RuntimeWarning, match="without a log of its rows"):
+        opt.step()
+    assert bool((w != before).all(1).all())
+
+
 def test_gradient_accumulation_unions_rows():
     model = msbp.sparsify(_mlp(), msbp.SparseBackpropConfig(k=2), exclude="2")
     opt = LazyRowAdam(model.parameters(), lr=1e-2)

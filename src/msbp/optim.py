@@ -736,10 +736,10 @@ class LazyRowAdam(Optimizer):
         """For ``zero_grad(set_to_none=True)``: set ``p.grad`` None where the layers' records
         list every row written into it (``grad_rows_listed``), which their next backward clears
         in the buffer it puts back; True if done. At MNIST size this took zero_grad from ~85 to
-        ~25 us a step (two layers) and cost the backward ~25. What this leaves in place goes
-        at the next backward of the layer (its marks of a discarded gradient) or step (the
-        marks of one never written again); the rows the step marked for clearing would only
-        clear more rows of a gradient being cleared, and are kept."""
+        ~25 us a step (two layers) and cost the backward ~25. The rows marked since the last
+        step go, as the gradient they were written into (a later gradient written by anything
+        but the layer must not find them); the rows the step marked for clearing are kept:
+        they would only clear more rows of a gradient being cleared."""
         grad = p.grad
         if grad is None:
             return False
@@ -747,6 +747,9 @@ class LazyRowAdam(Optimizer):
         if WEIGHT_TIED in own or own.get(ROWS_LOG) or not grad_rows_listed(p, grad):
             return False
         p.grad = None
+        mask = own.get(ROWS_MASK)
+        if mask is not None:
+            mask.zero_()
         track = self._tracks.get(id(p))
         if track is not None:
             track.rows = []
