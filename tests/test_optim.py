@@ -126,6 +126,32 @@ def test_discarded_rows_do_not_step_a_later_gradient_written_by_something_else(b
     assert bool((w != before).all(1).all())
 
 
+@pytest.mark.parametrize("how", ["load_state_dict", "fresh_optimizer"])
+def test_zero_grad_clears_rows_stepped_before_a_state_was_loaded(backend, how):
+    """step(), then the optimizer's state loaded (a checkpoint restored mid-run, or a new
+    optimizer taking over), then zero_grad(set_to_none=False): the rows the layers wrote are
+    cleared although this optimizer did not see them stepped, and the next gradient is that
+    backward's alone."""
+    model = msbp.sparsify(_mlp(), msbp.SparseBackpropConfig(k=2), exclude="2")
+    opt = LazyRowAdam(model.parameters(), lr=1e-2)
+    gen = torch.Generator().manual_seed(8)
+    model(torch.randn(4, 6, dtype=torch.float64, generator=gen)).square().sum().backward()
+    opt.step()
+    if how == "fresh_optimizer":
+        state, opt = opt.state_dict(), LazyRowAdam(model.parameters(), lr=1e-2)
+        opt.load_state_dict(state)
+    else:
+        opt.load_state_dict(opt.state_dict())
+    opt.zero_grad(set_to_none=False)
+    assert all(not p.grad.any() for p in model.parameters() if p.grad is not None)
+    twin = copy.deepcopy(model)
+    twin.zero_grad(set_to_none=True)
+    x = torch.randn(4, 6, dtype=torch.float64, generator=gen)
+    model(x).square().sum().backward()
+    twin(x).square().sum().backward()
+    assert torch.equal(model[0].weight.grad, twin[0].weight.grad)
+
+
 def test_gradient_accumulation_unions_rows():
     model = msbp.sparsify(_mlp(), msbp.SparseBackpropConfig(k=2), exclude="2")
     opt = LazyRowAdam(model.parameters(), lr=1e-2)

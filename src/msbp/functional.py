@@ -21,7 +21,7 @@ from msbp.ops.sparse_linear import (
     BackwardPlan,
     SparseLinearFunction,
     auto_keeps_sparse,
-    buffer_rows_listed,
+    buffer_listed_rows,
     record_buffer_clean,
 )
 from msbp.ops.touched_rows import drop_discarded_log, row_block_of, rows_mask
@@ -201,17 +201,33 @@ def kept_grad_buffer(weight: Tensor) -> tuple[Tensor, Tensor, np.ndarray]:
     return kept
 
 
+def _kept_if_listed(weight: Tensor, grad: Tensor) -> tuple | None:
+    # the C++ path's record of weight, where it lists all that went into grad
+    kept = weight.__dict__.get(_FAST_BUFFER)
+    if kept is not None and kept[0] is grad:
+        view = kept[2]
+        if view[0] >= 0 and view[1] == grad._version:
+            return kept
+    return None
+
+
 def grad_rows_listed(weight: Tensor, grad: Tensor) -> bool:
     """Whether all that went into ``grad`` (``weight``'s gradient) since it was last recorded
     clean were rows the sparse layers listed, by their records (either backend's): False where
     anything else may have written into it (a gradient autograd summed with the rows, an
     in-place change, a write the layers never saw) or nobody kept a record."""
-    kept = weight.__dict__.get(_FAST_BUFFER)
-    if kept is not None and kept[0] is grad:
-        view = kept[2]
-        if view[0] >= 0 and view[1] == grad._version:
-            return True
-    return buffer_rows_listed(weight, grad)
+    return _kept_if_listed(weight, grad) is not None or (
+        buffer_listed_rows(weight, grad) is not None
+    )
+
+
+def listed_grad_rows(weight: Tensor, grad: Tensor) -> Tensor | None:
+    """The rows (int64 (r,), possibly repeated) that the records of ``grad_rows_listed`` list
+    as written into ``grad`` since it was recorded clean; None where it says False."""
+    kept = _kept_if_listed(weight, grad)
+    if kept is not None:
+        return kept[1][2 : 2 + int(kept[2][0])]
+    return buffer_listed_rows(weight, grad)
 
 
 def record_grad_clean(weight: Tensor, grad: Tensor) -> None:

@@ -23,7 +23,7 @@ from torch.optim import Optimizer
 from torch.optim.adam import adam as adam_functional
 
 from msbp import native
-from msbp.functional import grad_rows_listed, record_grad_clean
+from msbp.functional import grad_rows_listed, listed_grad_rows, record_grad_clean
 from msbp.ops.touched_rows import (
     ROWS_LOG,
     ROWS_MASK,
@@ -696,8 +696,16 @@ class LazyRowAdam(Optimizer):
                     if mask is not None:
                         mask.zero_()
                     continue
-                # asked before any clearing: whether only the rows the layers listed went in
-                listed = grad_rows_listed(p, grad)
+                # asked before any clearing: whether only the rows the layers listed went in,
+                # and which: all of them are cleared, also those this optimizer does not know it
+                # stepped (a state loaded since its step, another optimizer's step)
+                rows_in = listed_grad_rows(p, grad)
+                listed = rows_in is not None
+                if listed and rows_in.numel():
+                    if mask is not None:
+                        mask.index_fill_(0, rows_in, 1)
+                    else:
+                        pending = [*pending, rows_in]
                 if mask is not None and not track.rows:
                     z_grads.append(grad)
                     z_dirty.append(track.dirty if track.marked else _NO_ROWS)

@@ -480,13 +480,16 @@ def prepare_grad_buffer(ctx, weight: Tensor, index: int) -> bool:
     return True
 
 
-def buffer_rows_listed(weight: Tensor, grad: Tensor) -> bool:
-    """Whether, by this path's record, only the rows it lists went into ``grad`` since the
-    record was clean (see ``msbp.functional.grad_rows_listed``)."""
+def buffer_listed_rows(weight: Tensor, grad: Tensor) -> Tensor | None:
+    """The rows this path's record lists as the only ones that went into ``grad`` since the
+    record was clean, or None where it does not know (see
+    ``msbp.functional.grad_rows_listed``)."""
     kept = weight.__dict__.get(_BUFFER)
-    return kept is not None and kept[0] is grad and kept[2] is not None and (
+    if kept is not None and kept[0] is grad and kept[2] is not None and (
         kept[1] == grad._version
-    )
+    ):
+        return kept[2]
+    return None
 
 
 def record_buffer_clean(weight: Tensor, buf: Tensor, *, if_recorded: bool = False) -> None:
