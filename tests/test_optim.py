@@ -152,6 +152,27 @@ def test_zero_grad_clears_rows_stepped_before_a_state_was_loaded(backend, how):
     assert torch.equal(model[0].weight.grad, twin[0].weight.grad)
 
 
+def test_empty_batch_leaves_a_sparse_weight_alone(backend):
+    """A first backward on an empty batch writes no row: the sparse layer's weight takes no step
+    (no step count, no move), on both paths alike, and the next step is as if it never ran."""
+    layer = msbp.SparseLinear(4, 3, config=msbp.SparseBackpropConfig(k=2, memory=0.0),
+                              dtype=torch.float64)
+    twin = copy.deepcopy(layer)
+    opt = LazyRowAdam(layer.parameters(), lr=1e-2, weight_decay=0.01)
+    opt_twin = LazyRowAdam(twin.parameters(), lr=1e-2, weight_decay=0.01)
+    before = layer.weight.detach().clone()
+    layer(torch.zeros(0, 4, dtype=torch.float64)).sum().backward()
+    opt.step()
+    assert torch.equal(layer.weight, before)
+    assert float(opt.state.get(layer.weight, {}).get("step", 0)) == 0
+    opt.zero_grad()
+    x = torch.ones(2, 4, dtype=torch.float64)
+    for model, optimizer in ((layer, opt), (twin, opt_twin)):
+        model(x).sum().backward()
+        optimizer.step()
+    assert torch.equal(layer.weight, twin.weight)
+
+
 def test_gradient_accumulation_unions_rows():
     model = msbp.sparsify(_mlp(), msbp.SparseBackpropConfig(k=2), exclude="2")
     opt = LazyRowAdam(model.parameters(), lr=1e-2)

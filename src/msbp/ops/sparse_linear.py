@@ -645,6 +645,9 @@ class SparseLinearFunction(torch.autograd.Function):
             dx = x.new_zeros(x_shape, dtype=ctx.x_dtype) if need_x else None
             dW = torch.zeros_like(weight) if need_w else None
             db = torch.zeros(out, dtype=ctx.bias_dtype, device=x.device) if need_b else None
+            if need_w and not torch.compiler.is_compiling():
+                # no row: a row-sparse optimizer leaves the weight alone, as after the C++ path
+                log_weight_rows(weight, torch.empty(0, dtype=torch.long, device=x.device))
             return dx, dW, db, None, None
 
         use_memory = memory is not None and plan.alpha > 0
