@@ -173,6 +173,31 @@ def test_empty_batch_leaves_a_sparse_weight_alone(backend):
     assert torch.equal(layer.weight, twin.weight)
 
 
+@pytest.mark.parametrize("hook", ["live", "removed"])
+def test_discarded_rows_do_not_step_after_a_backward_with_a_hook_on_the_weight(backend, hook):
+    """Rows written into a gradient that ``.grad = None`` discarded take no step when the next
+    backward hands dW to autograd whole (a tensor hook on the weight, or one since removed:
+    the C++ path then marks rows without a buffer of its own, the PyTorch path logs them)."""
+    layer = msbp.SparseLinear(4, 2, config=msbp.SparseBackpropConfig(k=1, memory=0.0),
+                              bias=False, dtype=torch.float64)
+    opt = LazyRowAdam(layer.parameters(), lr=0.1)
+    x = torch.tensor([[1.0, 2, 3, 4]], dtype=torch.float64)
+    unit0, unit1 = (torch.tensor(v, dtype=torch.float64) for v in ([5.0, 0.0], [0.0, 5.0]))
+    layer(x).mul(unit0).sum().backward()
+    opt.step()
+    opt.zero_grad()
+    handle = layer.weight.register_hook(lambda g: g)
+    if hook == "removed":
+        handle.remove()
+    layer(x).mul(unit0).sum().backward()  # row 0 ...
+    layer.zero_grad()  # ... discarded
+    layer(x).mul(unit1).sum().backward()  # row 1
+    before = layer.weight.detach().clone()
+    opt.step()
+    moved = (layer.weight != before).any(1)
+    assert moved.tolist() == [False, True]
+
+
 def test_gradient_accumulation_unions_rows():
     model = msbp.sparsify(_mlp(), msbp.SparseBackpropConfig(k=2), exclude="2")
     opt = LazyRowAdam(model.parameters(), lr=1e-2)

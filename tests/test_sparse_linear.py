@@ -694,6 +694,25 @@ def test_gradient_buffer_is_put_back_every_step(backend, zero_before):
     assert all(ref() is layer.weight.grad for ref in grads[1:])
 
 
+def test_a_removed_hook_leaves_the_buffer_route(backend):
+    """``register_hook(f).remove()`` leaves torch's C++ hook on the weight with nothing in it:
+    the rows still go into the buffer the layer puts back (not a fresh dense dW every step),
+    and the gradient is as without the hook."""
+    cfg = make_cfg("unified", "unit", 0.0, k=2)
+    layer = make_layer(4, 8, cfg)
+    layer.weight.register_hook(lambda g: g * 2).remove()
+    gen = torch.Generator().manual_seed(3)
+    grads = []
+    for _ in range(3):
+        x, g = randn(3, 4, gen=gen), randn(3, 8, gen=gen)
+        layer.zero_grad(set_to_none=True)
+        layer(x).backward(g)
+        grads.append(weakref.ref(layer.weight.grad))
+        want = ref_step(cfg, x, layer.weight, g, None)[1]
+        torch.testing.assert_close(layer.weight.grad, want, **tol(torch.float64))
+    assert all(ref() is layer.weight.grad for ref in grads[1:])
+
+
 def test_old_gradient_kept_after_the_forward_is_not_overwritten(backend):
     """``loss = layer(x); old = p.grad; zero_grad(set_to_none=True); loss.backward()``: the old
     .grad the caller kept must stay as it was and not become .grad again, however the layer

@@ -27,10 +27,14 @@
 #include <torch/csrc/Exceptions.h>
 #include <torch/csrc/autograd/graph_task.h>
 #include <torch/csrc/autograd/node.h>
+#include <torch/csrc/autograd/python_hook.h>
 #include <torch/csrc/autograd/variable.h>
 
 #include <algorithm>
 #include <cstring>
+#include <mutex>
+#include <typeinfo>
+#include <unordered_map>
 #include <sstream>
 #include <cmath>
 #include <vector>
@@ -850,14 +854,31 @@ std::pair<c10::intrusive_ptr<torch::autograd::Node>, bool> accumulator(const Ten
 // Where the rows of dW go: 0 a dense dW for autograd; 1 added into .grad here, nothing for
 // autograd; 2 handed to autograd as a row-sparse gradient that AccumulateGrad adds into .grad,
 // so that hooks on that node see it.
+// Whether any of a weight's tensor hooks would run: Python leaves its C++ hook in place, with
+// an empty dictionary, when the last hook registered through it is removed (`register_hook(f)
+// .remove()`, wandb.unwatch), and such a hook does nothing. torch exports no type information
+// of that class: it is told by its name (another name: a hook that runs).
+template <typename Hooks>
+bool tensor_hooks_run(const Hooks& hooks) {
+  for (const auto& hook : hooks) {
+    auto* h = hook.get();
+    if (std::strcmp(typeid(*h).name(), "N5torch8autograd23PyFunctionTensorPreHookE") != 0)
+      return true;
+    pybind11::gil_scoped_acquire gil;
+    if (PyDict_Size(static_cast<torch::autograd::PyFunctionTensorPreHook*>(h)->dict) != 0)
+      return true;
+  }
+  return false;
+}
+
 int grad_route(const Tensor& weight) {
   auto [acc, runs] = accumulator(weight);
   if (!acc || !runs) return 0;
   // the weight's own hooks (register_hook, post-accumulate hooks) get a dense gradient, as from
   // the PyTorch glue; hooks on the AccumulateGrad node get the row-sparse one
-  if (!acc->tensor_pre_hooks().empty() || !acc->retains_grad_hooks().empty() ||
+  if (tensor_hooks_run(acc->tensor_pre_hooks()) || !acc->retains_grad_hooks().empty() ||
       torch::autograd::impl::post_acc_grad_hooks(weight) != nullptr ||
-      !torch::autograd::impl::hooks(weight).empty())
+      tensor_hooks_run(torch::autograd::impl::hooks(weight)))
     return 0;
   return acc->pre_hooks().empty() && acc->post_hooks().empty() ? 1 : 2;
 }
@@ -964,6 +985,21 @@ void remember_rows(const Tensor& kept, const Tensor& state, const Tensor& grad, 
     st[0] += r;
   }
   st[1] = expect;
+}
+
+// Whether `mask` was last marked in another backward pass than this one (or never), which this
+// call now records. One entry per row mask ever marked (one per tracked weight); a dead mask's
+// entry met again by a new mask at its address can only skip clearing a mask that is clean.
+bool marked_in_other_pass(const Tensor& mask) {
+  static std::mutex mu;
+  static std::unordered_map<const void*, int> last_pass;
+  const int pass = torch::autograd::get_current_graph_task_id();
+  std::lock_guard<std::mutex> lock(mu);
+  auto [it, added] = last_pass.try_emplace(mask.unsafeGetTensorImpl(), pass);
+  if (added) return true;
+  const bool other = it->second != pass;
+  it->second = pass;
+  return other;
 }
 
 // The kept buffer as a node holds it between forward and backward: weakly. A strong reference
@@ -1122,8 +1158,10 @@ variable_list run_backward(AutogradContext* ctx, const variable_list& grad_outpu
   const bool dense = k >= out || skipped;
   if (need_w) {
     if (mask.numel() > 0 && (route != 0 || writes_grad(weight))) {  // rows for LazyRowAdam
-      // (with route 0 .grad stays None until autograd's add: another call may have marked)
-      if (discarded && route != 0) mask.zero_();
+      // a new gradient: the marks of earlier passes were rows of the one discarded, but not
+      // this pass's (with route 0 .grad stays None until autograd's add: another call of the
+      // weight may have marked first)
+      if (marked_in_other_pass(mask) && discarded) mask.zero_();
       if (dense) {
         mask.narrow(0, off, out).fill_(1);
       } else {

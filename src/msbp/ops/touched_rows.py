@@ -92,14 +92,17 @@ def log_weight_rows(weight: Tensor, rows: Tensor | None) -> None:
     """``log_touched_rows`` for a layer's weight: into the Parameter it is a block of rows of
     (``row_block_of``), shifted to that block, if it is one (rows None: the whole block)."""
     block = row_block_of(weight)
+    param, offset = (weight, 0) if block is None else block
+    if param.__dict__.get(TRACK_ROWS) is not None and param.is_leaf and param.grad is None and (
+        _accumulates(param)
+    ):
+        # this backward starts a new gradient (autograd writes .grad after the layer's calls;
+        # prepare_grad_buffer did this where it put a buffer back): the rows logged into the
+        # discarded one go
+        forget_touched_rows(param)
     if block is None:
         log_touched_rows(weight, rows)
         return
-    param, offset = block
-    if param.grad is None and _accumulates(param):
-        # this backward starts a new gradient (autograd writes .grad after the block's calls):
-        # the rows logged into the discarded one go, as for a Parameter (prepare_grad_buffer)
-        forget_touched_rows(param)
     if rows is None:
         rows = torch.arange(weight.shape[0], device=param.device)
     log_touched_rows(param, rows + offset if offset else rows)
