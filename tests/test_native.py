@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -57,6 +59,26 @@ def test_native_backend_says_why_not(tmp_path):
 def test_bad_backend_name_is_a_value_error(monkeypatch):
     with pytest.raises(ValueError, match="backend must be one of"):
         native.set_backend("fast")
+
+
+def test_a_lock_left_by_a_killed_build_does_not_block_the_next_process(tmp_path):
+    """A build killed by a signal leaves torch's lock file in the build folder; the next
+    process must not wait for it forever (it did), but build or load as if it were not there.
+    The finished build is copied (file times kept, so nothing is recompiled) and given such a
+    lock."""
+    if not native.use_native():
+        pytest.skip(f"native kernels unavailable: {native.status()['error']}")
+    built = Path(native.status()["build_dir"])
+    copy = tmp_path / "cache" / built.name
+    shutil.copytree(built, copy, ignore=shutil.ignore_patterns("lock", "msbp.lock"))
+    (copy / "lock").touch()
+    full = {**os.environ, "MSBP_CACHE_DIR": str(tmp_path / "cache"), "MSBP_BACKEND": "native"}
+    out = subprocess.run([sys.executable, "-c", SCRIPT], env=full, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["native"] is True and result["rows"] == 2
+    assert not (copy / "lock").exists()
 
 
 def test_flags_never_target_the_build_machine():

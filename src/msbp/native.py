@@ -23,12 +23,13 @@ direct bindings of the eager entry points called at every step: see ``eager_ops`
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import sys
 import threading
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -126,16 +127,38 @@ def _build() -> tuple[str, Any]:
     name = f"msbp_native_{key}"
     build_dir = cache_dir() / name
     build_dir.mkdir(parents=True, exist_ok=True)
-    module = cpp_extension.load(
-        name=name,
-        sources=[str(s) for s in srcs],
-        extra_cflags=flags + [f"-I{CSRC}"],
-        extra_ldflags=["-fopenmp"],
-        build_directory=str(build_dir),
-        is_python_module=True,
-        verbose=os.environ.get("MSBP_BUILD_VERBOSE", "") not in ("", "0"),
-    )
+    with build_lock(build_dir):
+        module = cpp_extension.load(
+            name=name,
+            sources=[str(s) for s in srcs],
+            extra_cflags=flags + [f"-I{CSRC}"],
+            extra_ldflags=["-fopenmp"],
+            build_directory=str(build_dir),
+            is_python_module=True,
+            verbose=os.environ.get("MSBP_BUILD_VERBOSE", "") not in ("", "0"),
+        )
     return str(build_dir), module
+
+
+@contextlib.contextmanager
+def build_lock(build_dir: Path) -> Iterator[None]:
+    """Hold ``build_dir`` for one build or load at a time, by an OS lock that ends with the
+    process holding it. torch's own lock is a file (``lock``) it deletes when done: a build
+    killed by a signal (``kill``, a CI timeout, a container stopped) leaves it behind, and every
+    later process waited for it forever. Under this lock such a file is stale, and goes.
+    Where there is no ``fcntl`` (Windows) torch's lock alone serves."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    with open(build_dir / "msbp.lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            (build_dir / "lock").unlink(missing_ok=True)
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _ensure_loaded(strict: bool) -> bool:
