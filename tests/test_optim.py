@@ -97,6 +97,9 @@ def test_zero_grad_keeps_buffer_for_in_place_rows(set_to_none):
     grad = model[0].weight.grad
     if set_to_none:
         assert grad is None  # as torch's optimizers leave it
+        kept = model[0].weight.__dict__.get("_msbp_kept_grad_buffer")
+        if msbp.native.use_native():  # cleared here, not in the next (timed) backward
+            assert kept[0].data_ptr() == ptr and not kept[0].any()
     else:
         assert grad is not None and not grad.any()  # kept, zeroed
     assert model[2].weight.grad is None or not set_to_none  # dense layer: as usual
@@ -196,6 +199,24 @@ def test_discarded_rows_do_not_step_after_a_backward_with_a_hook_on_the_weight(b
     opt.step()
     moved = (layer.weight != before).any(1)
     assert moved.tolist() == [False, True]
+
+
+@pytest.mark.parametrize("how", ["same", "detach"])
+def test_zero_grad_leaves_a_gradient_the_caller_holds_as_it_was(backend, how):
+    """``g = p.grad; opt.zero_grad()``: as with torch's optimizers, g keeps its values (the
+    gradient buffer handed back is cleared only where nobody else holds it)."""
+    model = msbp.sparsify(_mlp(), msbp.SparseBackpropConfig(k=2), exclude="2")
+    opt = LazyRowAdam(model.parameters(), lr=1e-2)
+    gen = torch.Generator().manual_seed(5)
+    for _ in range(2):
+        opt.zero_grad()
+        model(torch.randn(4, 6, dtype=torch.float64, generator=gen)).square().sum().backward()
+        opt.step()
+    held = model[0].weight.grad if how == "same" else model[0].weight.grad.detach()
+    before = held.clone()
+    opt.zero_grad()
+    model(torch.randn(4, 6, dtype=torch.float64, generator=gen)).square().sum().backward()
+    assert torch.equal(held, before)
 
 
 def test_gradient_accumulation_unions_rows():

@@ -201,8 +201,9 @@ def kept_grad_buffer(weight: Tensor) -> tuple[Tensor, Tensor, np.ndarray]:
     return kept
 
 
-def _kept_if_listed(weight: Tensor, grad: Tensor) -> tuple | None:
-    # the C++ path's record of weight, where it lists all that went into grad
+def kept_if_listed(weight: Tensor, grad: Tensor) -> tuple | None:
+    """The C++ path's record of ``weight`` (``kept_grad_buffer``'s tuple), where ``grad`` is its
+    buffer and its state lists every row written into it since it was clean; else None."""
     kept = weight.__dict__.get(_FAST_BUFFER)
     if kept is not None and kept[0] is grad:
         view = kept[2]
@@ -216,7 +217,7 @@ def grad_rows_listed(weight: Tensor, grad: Tensor) -> bool:
     clean were rows the sparse layers listed, by their records (either backend's): False where
     anything else may have written into it (a gradient autograd summed with the rows, an
     in-place change, a write the layers never saw) or nobody kept a record."""
-    return _kept_if_listed(weight, grad) is not None or (
+    return kept_if_listed(weight, grad) is not None or (
         buffer_listed_rows(weight, grad) is not None
     )
 
@@ -224,7 +225,7 @@ def grad_rows_listed(weight: Tensor, grad: Tensor) -> bool:
 def listed_grad_rows(weight: Tensor, grad: Tensor) -> Tensor | None:
     """The rows (int64 (r,), possibly repeated) that the records of ``grad_rows_listed`` list
     as written into ``grad`` since it was recorded clean; None where it says False."""
-    kept = _kept_if_listed(weight, grad)
+    kept = kept_if_listed(weight, grad)
     if kept is not None:
         return kept[1][2 : 2 + int(kept[2][0])]
     return buffer_listed_rows(weight, grad)

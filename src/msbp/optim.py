@@ -23,7 +23,12 @@ from torch.optim import Optimizer
 from torch.optim.adam import adam as adam_functional
 
 from msbp import native
-from msbp.functional import grad_rows_listed, listed_grad_rows, record_grad_clean
+from msbp.functional import (
+    grad_rows_listed,
+    kept_if_listed,
+    listed_grad_rows,
+    record_grad_clean,
+)
 from msbp.ops.touched_rows import (
     ROWS_LOG,
     ROWS_MASK,
@@ -33,7 +38,7 @@ from msbp.ops.touched_rows import (
     take_touched_rows,
     touched_mask,
 )
-from msbp.ops.transient import Listener
+from msbp.ops.transient import Listener, first_item_held_elsewhere
 
 # A plan for a parameter in one step: skip it (it took no part: its state and value stay), the
 # ordinary dense Adam step, or a Tensor of the rows to update.
@@ -657,10 +662,11 @@ class LazyRowAdam(Optimizer):
         # as in step(): CPU row masks go to one C++ call, the rest is done here
         masked = native.use_native()
         z_grads, z_dirty, z_pending, z_seen = [], [], [], []
+        handed: list[tuple] = []  # kept buffers of the C++ path handed back, to clear
         all_state = self.state
         for group in self.param_groups:
             for p in group["params"]:
-                if set_to_none and self._hand_back(p):
+                if set_to_none and self._hand_back(p, handed):
                     continue
                 # what was written after the last step is discarded
                 mask, pending = None, []
@@ -718,6 +724,11 @@ class LazyRowAdam(Optimizer):
                 if any(rows is None or rows.numel() for rows in pending):
                     self._mark_row_sparse(p)
                 self._zero_rows(p, grad, track, pending, listed)
+        if handed and masked and native.eager_ops() is native.eager_module():
+            # (no op of its own: under a TorchDispatchMode the next backward clears them)
+            native.eager_module().clear_kept_rows_(
+                [k[0] for k in handed], [k[1] for k in handed]
+            )
         if not z_grads:
             return
         counts = native.eager_ops().zero_masked_rows_(z_grads, z_dirty, z_pending)
@@ -740,21 +751,27 @@ class LazyRowAdam(Optimizer):
                 record_grad_clean(p, grad)
                 track.look(grad)
 
-    def _hand_back(self, p: Tensor) -> bool:
+    def _hand_back(self, p: Tensor, handed: list[tuple]) -> bool:
         """For ``zero_grad(set_to_none=True)``: set ``p.grad`` None where the layers' records
-        list every row written into it (``grad_rows_listed``), which their next backward clears
-        in the buffer it puts back; True if done. At MNIST size this took zero_grad from ~85 to
-        ~25 us a step (two layers) and cost the backward ~25. The rows marked since the last
-        step go, as the gradient they were written into (a later gradient written by anything
-        but the layer must not find them); the rows the step marked for clearing are kept:
-        they would only clear more rows of a gradient being cleared."""
+        list every row written into it (``grad_rows_listed``); True if done. The C++ path's
+        buffer goes on ``handed``, for zero_grad to clear its listed rows in one native call;
+        the layer puts it back as it is at its next backward (the PyTorch path's buffer is
+        cleared by rows there). At MNIST size this took zero_grad from ~85 to ~35 us a step
+        (two layers). The rows marked since the last step go, as the gradient they were
+        written into (a later gradient written by anything but the layer must not find them);
+        the rows the step marked for clearing are kept: they would only clear more rows of a
+        gradient being cleared."""
         grad = p.grad
         if grad is None:
             return False
         own = p.__dict__
         if WEIGHT_TIED in own or own.get(ROWS_LOG) or not grad_rows_listed(p, grad):
             return False
+        kept = kept_if_listed(p, grad)
         p.grad = None
+        del grad
+        if kept is not None and not first_item_held_elsewhere(kept):
+            handed.append(kept)  # (one the caller still holds stays as it is: torch's contract)
         mask = own.get(ROWS_MASK)
         if mask is not None:
             mask.zero_()

@@ -31,6 +31,10 @@ std::vector<int64_t> step_lists(const std::vector<at::Tensor>& params,
                                    dense_steps, lr, beta1, beta2, eps, weight_decay);
 }
 
+int64_t clear_lists(const std::vector<at::Tensor>& bufs, const std::vector<at::Tensor>& states) {
+  return msbp::clear_kept_rows_(bufs, states);
+}
+
 std::vector<int64_t> zero_lists(const std::vector<at::Tensor>& grads,
                                 const std::vector<at::Tensor>& dirty,
                                 const std::vector<at::Tensor>& pending) {
@@ -172,6 +176,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("sparse_embedding_linear_fast",
         torch::wrap_pybind_function_no_gil(&msbp::sparse_embedding_linear_fast));
   m.def("place_grad_rows_", torch::wrap_pybind_function_no_gil(&msbp::place_grad_rows_));
+  m.def("clear_kept_rows_", torch::wrap_pybind_function_no_gil(&clear_lists));
   m.def("lstm_recurrence_backward_eager",
         torch::wrap_pybind_function_no_gil(&msbp::lstm_recurrence_backward_eager));
   m.def("lazy_row_adam_step_", torch::wrap_pybind_function_no_gil(&step_lists));

@@ -28,6 +28,8 @@ at::Tensor sparse_embedding_linear_fast(
     int64_t k, int64_t selection, double alpha, bool slot, bool skip_nonfinite, double csr_ratio,
     std::string name, bool all_rows, const std::optional<at::Tensor>& owner);
 
+int64_t clear_kept_rows_(at::TensorList bufs, at::TensorList states);
+
 int64_t place_grad_rows_(const at::Tensor& weight, const at::Tensor& kept,
                          const at::Tensor& state, const at::Tensor& rows,
                          const at::Tensor& values);

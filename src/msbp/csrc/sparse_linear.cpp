@@ -1304,6 +1304,36 @@ struct SparseEmbeddingLinearFn : public torch::autograd::Function<SparseEmbeddin
 
 }  // namespace
 
+// For LazyRowAdam.zero_grad(set_to_none=True), before it sets the weights' .grad to None: the
+// rows each kept buffer's state lists as written (bufs[i] is the buffer, states[i] its state,
+// see grad_buffer) are cleared now, and the state says clean, so that the next backward puts
+// the buffer back as it is: the zeroing stays in zero_grad, where the optimizer did it before,
+// not in the timed backward. A buffer whose state does not list its rows is left to that
+// backward (it clears all of it). Returns how many buffers were cleared.
+int64_t clear_kept_rows_(at::TensorList bufs, at::TensorList states) {
+  TORCH_CHECK(bufs.size() == states.size(), "clear_kept_rows_: ", bufs.size(), " buffers, ",
+              states.size(), " states");
+  int64_t cleared = 0;
+  for (size_t i = 0; i < bufs.size(); ++i) {
+    Tensor buf = bufs[i];
+    const Tensor& state = states[i];
+    TORCH_CHECK(state.scalar_type() == at::kLong && state.is_contiguous() && state.dim() == 1 &&
+                    state.numel() >= 2,
+                "clear_kept_rows_: a state must be a contiguous int64 vector");
+    int64_t* st = state.data_ptr<int64_t>();
+    // (another tensor sharing its memory, a .detach(), .data or NumPy view of the old .grad
+    // that the caller kept, stays as it is: the backward gives the weight fresh memory)
+    if (st[0] < 0 || buf._version() != st[1] || !buf.is_contiguous() || buf.dim() != 2 ||
+        st[0] + 2 > state.numel() || buf.storage().use_count() > 1)
+      continue;
+    clear_rows(buf, st + 2, st[0]);
+    st[0] = 0;
+    st[1] = buf._version();
+    ++cleared;
+  }
+  return cleared;
+}
+
 // msbp::place_grad_rows_, for a Python autograd function (the LSTM recurrence's W_hh): the
 // ascending distinct rows `rows` (r,) of dW, values (r, in), added straight into the weight's
 // gradient buffer (see grad_buffer; kept / state as for SparseLinearFn) where nothing needs to
