@@ -84,6 +84,19 @@ def test_sparse_rows_match_lazy_reference(selection, memory):
     assert changed.sum() < model[0].weight.shape[0] or selection == "per_example"
 
 
+def _stepped(k: int, seed: int, steps: int):
+    """The test MLP sparsified with k, its LazyRowAdam and input generator, after `steps`
+    ordinary steps."""
+    model = msbp.sparsify(_mlp(), msbp.SparseBackpropConfig(k=k), exclude="2")
+    opt = LazyRowAdam(model.parameters(), lr=1e-2)
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        opt.zero_grad()
+        model(torch.randn(4, 6, dtype=torch.float64, generator=gen)).square().sum().backward()
+        opt.step()
+    return model, opt, gen
+
+
 @pytest.mark.parametrize("set_to_none", [True, False])
 def test_zero_grad_keeps_buffer_for_in_place_rows(set_to_none):
     """The sparse layer's gradient buffer survives zero_grad either way: as .grad, zeroed, or
@@ -112,14 +125,8 @@ def test_discarded_rows_do_not_step_a_later_gradient_written_by_something_else(b
     """backward, zero_grad() (discarded), then a gradient of the weight that the layer did not
     write (a penalty in a step where the layer did not run): the discarded rows must not pick
     which rows step; with no rows logged the weight takes a whole step (and a warning)."""
-    model = msbp.sparsify(_mlp(), msbp.SparseBackpropConfig(k=2), exclude="2")
-    opt = LazyRowAdam(model.parameters(), lr=1e-2)
-    gen = torch.Generator().manual_seed(4)
+    model, opt, gen = _stepped(k=2, seed=4, steps=2)
     w = model[0].weight
-    for _ in range(2):
-        opt.zero_grad()
-        model(torch.randn(4, 6, dtype=torch.float64, generator=gen)).square().sum().backward()
-        opt.step()
     model(torch.randn(4, 6, dtype=torch.float64, generator=gen)).square().sum().backward()
     opt.zero_grad()  # discarded
     w.square().sum().backward()  # every row of w gets a gradient, no layer ran
@@ -205,13 +212,7 @@ def test_discarded_rows_do_not_step_after_a_backward_with_a_hook_on_the_weight(b
 def test_zero_grad_leaves_a_gradient_the_caller_holds_as_it_was(backend, how):
     """``g = p.grad; opt.zero_grad()``: as with torch's optimizers, g keeps its values (the
     gradient buffer handed back is cleared only where nobody else holds it)."""
-    model = msbp.sparsify(_mlp(), msbp.SparseBackpropConfig(k=2), exclude="2")
-    opt = LazyRowAdam(model.parameters(), lr=1e-2)
-    gen = torch.Generator().manual_seed(5)
-    for _ in range(2):
-        opt.zero_grad()
-        model(torch.randn(4, 6, dtype=torch.float64, generator=gen)).square().sum().backward()
-        opt.step()
+    model, opt, gen = _stepped(k=2, seed=5, steps=2)
     held = model[0].weight.grad if how == "same" else model[0].weight.grad.detach()
     before = held.clone()
     opt.zero_grad()
