@@ -289,8 +289,8 @@ def sparse_linear_fast_call(
     checked, nn.Linear's 8; 10-20 us a layer less in an MNIST training step on the Xeon.)"""
     if torch._C._are_functorch_transforms_active() or not _fast_now():
         return None
-    # the common case in C++: the buffer and mask read, not made (~35 us a layer less in an
-    # MNIST training step than the lookups below)
+    # the common case in C++: the buffer and mask read, not made (the lookups below cost the
+    # MNIST loop's two sparse layers 28-31 us a step more: benchmarks/bench_train_loop.py)
     y = native.eager_module().sparse_linear_try(x, weight, bias, memory, settings)
     if y is not None:
         return y

@@ -657,8 +657,9 @@ class LazyRowAdam(Optimizer):
         as ``Optimizer.zero_grad``. Works whether or not ``step()`` ran in between.
 
         With ``set_to_none`` a sparse layer's ``.grad`` that holds only the rows its layers
-        listed becomes None, as any gradient: the layer puts the same buffer back at its next
-        backward and clears just those rows there (``msbp.functional.kept_grad_buffer``)."""
+        listed becomes None, as any gradient (``_hand_back``): those rows of the buffer are
+        cleared, here or at the layer's next backward, which puts the same buffer back
+        (``msbp.functional.kept_grad_buffer``)."""
         # as in step(): CPU row masks go to one C++ call, the rest is done here
         masked = native.use_native()
         z_grads, z_dirty, z_pending, z_seen = [], [], [], []
@@ -756,18 +757,19 @@ class LazyRowAdam(Optimizer):
         list every row written into it (``grad_rows_listed``); True if done. The C++ path's
         buffer goes on ``handed``, for zero_grad to clear its listed rows in one native call;
         the layer puts it back as it is at its next backward (the PyTorch path's buffer is
-        cleared by rows there). At MNIST size this took zero_grad from ~85 to ~35 us a step
-        (two layers). The rows marked since the last step go, as the gradient they were
-        written into (a later gradient written by anything but the layer must not find them);
-        the rows the step marked for clearing are kept: they would only clear more rows of a
-        gradient being cleared."""
+        cleared by rows there). The rows marked since the last step go, as the gradient they
+        were written into (a later gradient written by anything but the layer must not find
+        them); the rows the step marked for clearing are kept: they would only clear more rows
+        of a gradient being cleared."""
         grad = p.grad
         if grad is None:
             return False
         own = p.__dict__
-        if WEIGHT_TIED in own or own.get(ROWS_LOG) or not grad_rows_listed(p, grad):
+        if WEIGHT_TIED in own or own.get(ROWS_LOG):
             return False
-        kept = kept_if_listed(p, grad)
+        kept = kept_if_listed(p, grad)  # the C++ path's record, else the PyTorch path's
+        if kept is None and not grad_rows_listed(p, grad):
+            return False
         p.grad = None
         del grad
         if kept is not None and not first_item_held_elsewhere(kept):

@@ -64,20 +64,6 @@ std::vector<bool> flush_denormal_threads(std::optional<bool> on) {
 #endif
 }
 
-// What Py_REFCNT counts for a tensor's Python object that only a tuple holds (measured, as
-// msbp.ops.transient measures it for sys.getrefcount: a C++ holder of the tensor counts too).
-Py_ssize_t refs_when_alone() {
-  static const Py_ssize_t alone = [] {
-    PyObject* probe = THPVariable_Wrap(at::empty({0}));
-    PyObject* entry = PyTuple_Pack(1, probe);
-    Py_DECREF(probe);
-    const Py_ssize_t n = Py_REFCNT(PyTuple_GET_ITEM(entry, 0));
-    Py_DECREF(entry);
-    return n;
-  }();
-  return alone;
-}
-
 // `obj` as an optional tensor: None -> nullopt; false where it is neither
 bool optional_tensor(PyObject* obj, std::optional<at::Tensor>* out) {
   if (obj == Py_None) return true;
@@ -91,8 +77,9 @@ bool optional_tensor(PyObject* obj, std::optional<at::Tensor>* out) {
 // looked up as msbp.functional._fast_args does, or None wherever that lookup would do more than
 // read them (no buffer yet, one to replace or to make, a row log to drop, a mask to make, a
 // weight that is no leaf Parameter) or the call would not take the C++ path (another device or
-// dtype, no gradient wanted, a TorchDispatchMode): the caller then takes that path. In a
-// training step these lookups cost ~35 us a layer in Python (MNIST's MLP, Xeon).
+// dtype, no gradient wanted, a TorchDispatchMode): the caller then takes that path. (In
+// msbp train's MNIST loop the two sparse layers' forward took 28-31 us a step less this way:
+// benchmarks/bench_train_loop.py, README.)
 // settings: (k, selection, alpha, slot, skip_nonfinite, csr_ratio, name, all_rows).
 pybind11::object sparse_linear_try(pybind11::handle x_obj, pybind11::handle w_obj,
                                    pybind11::handle b_obj, pybind11::handle m_obj,
@@ -125,14 +112,15 @@ pybind11::object sparse_linear_try(pybind11::handle x_obj, pybind11::handle w_ob
       !THPVariable_Check(PyTuple_GET_ITEM(kept, 0)) || !THPVariable_Check(PyTuple_GET_ITEM(kept, 1)))
     return PyErr_Occurred() ? throw pybind11::error_already_set() : none;
   PyObject* buf_obj = PyTuple_GET_ITEM(kept, 0);
+  at::Tensor buf = THPVariable_Unpack(buf_obj);  // (one C++ holder, as held_in_python counts)
   if (!w.grad().defined()) {
     // msbp.functional.kept_grad_buffer puts the buffer back as it is only where no row log
     // is to be dropped and nobody else holds it
-    if (PyDict_GetItemWithError(d, kLog) != nullptr || PyErr_Occurred() ||
-        Py_REFCNT(buf_obj) > refs_when_alone())
+    if (PyDict_GetItemWithError(d, kLog) != nullptr || PyErr_Occurred())
       return PyErr_Occurred() ? throw pybind11::error_already_set() : none;
-    const at::Tensor& buf = THPVariable_Unpack(buf_obj);
-    if (buf.sizes() != w.sizes() || buf.scalar_type() != w.scalar_type()) return none;
+    if (msbp::kept_held_in_python(buf) || buf.sizes() != w.sizes() ||
+        buf.scalar_type() != w.scalar_type())
+      return none;
   }
   std::optional<at::Tensor> mask;
   PyObject* track = PyDict_GetItemWithError(d, kTrack);
@@ -150,13 +138,12 @@ pybind11::object sparse_linear_try(pybind11::handle x_obj, pybind11::handle w_ob
   } else if (PyErr_Occurred()) {
     throw pybind11::error_already_set();
   }
-  if (!(x.requires_grad() || w.requires_grad() || (bias && bias->requires_grad()))) return none;
   const int64_t k = settings[0].cast<int64_t>(), selection = settings[1].cast<int64_t>();
   const double alpha = settings[2].cast<double>(), csr_ratio = settings[5].cast<double>();
   const bool slot = settings[3].cast<bool>(), skip = settings[4].cast<bool>(),
              all_rows = settings[7].cast<bool>();
   std::string name = settings[6].cast<std::string>();
-  at::Tensor buf = THPVariable_Unpack(buf_obj), state = THPVariable_Unpack(PyTuple_GET_ITEM(kept, 1));
+  at::Tensor state = THPVariable_Unpack(PyTuple_GET_ITEM(kept, 1));
   at::Tensor y;
   {
     pybind11::gil_scoped_release no_gil;

@@ -30,6 +30,10 @@ at::Tensor sparse_embedding_linear_fast(
 
 int64_t clear_kept_rows_(at::TensorList bufs, at::TensorList states);
 
+// Whether Python code holds a kept gradient buffer beyond msbp's own reference (the caller holds
+// `buf` once in C++); see held_in_python in sparse_linear.cpp. Takes the GIL.
+bool kept_held_in_python(const at::Tensor& buf);
+
 int64_t place_grad_rows_(const at::Tensor& weight, const at::Tensor& kept,
                          const at::Tensor& state, const at::Tensor& rows,
                          const at::Tensor& values);

@@ -851,9 +851,6 @@ std::pair<c10::intrusive_ptr<torch::autograd::Node>, bool> accumulator(const Ten
   return {acc, it != info->end() && it->second.needed_ && !it->second.captures_};
 }
 
-// Where the rows of dW go: 0 a dense dW for autograd; 1 added into .grad here, nothing for
-// autograd; 2 handed to autograd as a row-sparse gradient that AccumulateGrad adds into .grad,
-// so that hooks on that node see it.
 // Whether any of a weight's tensor hooks would run: Python leaves its C++ hook in place, with
 // an empty dictionary, when the last hook registered through it is removed (`register_hook(f)
 // .remove()`, wandb.unwatch), and such a hook does nothing. torch exports no type information
@@ -871,6 +868,9 @@ bool tensor_hooks_run(const Hooks& hooks) {
   return false;
 }
 
+// Where the rows of dW go: 0 a dense dW for autograd; 1 added into .grad here, nothing for
+// autograd; 2 handed to autograd as a row-sparse gradient that AccumulateGrad adds into .grad,
+// so that hooks on that node see it.
 int grad_route(const Tensor& weight) {
   auto [acc, runs] = accumulator(weight);
   if (!acc || !runs) return 0;
@@ -1303,6 +1303,8 @@ struct SparseEmbeddingLinearFn : public torch::autograd::Function<SparseEmbeddin
 };
 
 }  // namespace
+
+bool kept_held_in_python(const Tensor& buf) { return held_in_python(buf, 0); }
 
 // For LazyRowAdam.zero_grad(set_to_none=True), before it sets the weights' .grad to None: the
 // rows each kept buffer's state lists as written (bufs[i] is the buffer, states[i] its state,
