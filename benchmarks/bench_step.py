@@ -2,7 +2,8 @@
 
 784-500-500-10 ReLU, k = 20 of 500 on both hidden layers, memory 0.8, unified top-k; dense uses
 PyTorch's fused Adam, MSBP ``LazyRowAdam``. Times are medians per step (microseconds) over
-interleaved rounds in one process, on random data.
+interleaved rounds in one process, on random data; each round runs the variants in another
+order (rotated by one), so that none always follows the same one.
 
     python benchmarks/bench_step.py --batch-size 10 --threads 2
     python benchmarks/bench_step.py --threads 1 --floor   # + the dense model, hidden layers frozen
@@ -93,8 +94,13 @@ def main(argv: list[str] | None = None) -> None:
     if not msbp.native.use_native():
         variants = {n: v for n, v in variants.items() if v[2] == "python"}
     samples: dict[str, list[list[float]]] = {m: [] for m in variants}
+    names = list(variants)
     for r in range(args.rounds + 1):  # round 0 warms up
-        for name, (model, opt, backend) in variants.items():
+        # each round starts one variant later: the one after dense in the order would otherwise
+        # always start on the caches dense left cold (up to 6% in bench_train_loop.py)
+        shift = r % len(names)
+        for name in names[shift:] + names[:shift]:
+            model, opt, backend = variants[name]
             msbp.native.set_backend(backend)
             times = run_round(model, opt, xs, ys)
             if r:
