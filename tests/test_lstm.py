@@ -599,6 +599,46 @@ def native_backend():
     native.set_backend(before)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=dtype_id)
+def test_native_forward_recurrence_is_the_python_loop_bit_for_bit(dtype, native_backend,
+                                                                 monkeypatch) -> None:
+    """The forward recurrence in C++ (lstm_recurrence_forward) runs the Python loop's ATen ops:
+    the same bits, both directions, with and without the bias, an empty batch included; and
+    _lstm_steps takes it where the native backend is on."""
+    module = native.eager_module()
+    calls = []
+    real = module.lstm_recurrence_forward
+
+    class Counted:
+        def __getattr__(self, name):
+            return getattr(module, name)
+
+        def lstm_recurrence_forward(self, *args):
+            calls.append(args)
+            return real(*args)
+
+    counted = Counted()
+    monkeypatch.setattr(native, "eager_module", lambda: counted)
+    monkeypatch.setattr(native, "eager_ops", lambda: counted)
+    gen = torch.Generator().manual_seed(3)
+    for steps, batch, hidden in ((4, 3, 5), (6, 0, 4), (3, 16, 40)):
+        inputs = _recurrence_inputs(gen, steps, batch, hidden)
+        gx, h0, c0, w, b = (t.detach().to(dtype) for t in inputs)
+        w = w * 0.3
+        for bias in (b, None):
+            for reverse in (False, True):
+                before = len(calls)
+                got = recurrent._lstm_steps(gx, h0, c0, w, bias, reverse)
+                assert len(calls) == before + 1
+                native.set_backend("python")
+                want = recurrent._lstm_steps(gx, h0, c0, w, bias, reverse)
+                native.set_backend("native")
+                assert len(calls) == before + 1
+                for name, a, e in zip(("act", "cells", "tanh_c", "out"), got, want, strict=True):
+                    assert a.shape == e.shape and a.dtype == e.dtype, name
+                    assert torch.equal(a, e), (name, steps, batch, hidden, bias is None, reverse)
+
+
 @pytest.mark.parametrize(("selection", "layout", "rows"), [
     ("unified", "unit", 4), ("per_example", "slot", 3), ("random", "slot", 0), ("dense", "unit", 4),
 ])

@@ -164,6 +164,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         torch::wrap_pybind_function_no_gil(&msbp::sparse_embedding_linear_fast));
   m.def("place_grad_rows_", torch::wrap_pybind_function_no_gil(&msbp::place_grad_rows_));
   m.def("clear_kept_rows_", torch::wrap_pybind_function_no_gil(&clear_lists));
+  m.def("lstm_recurrence_forward",
+        torch::wrap_pybind_function_no_gil(&msbp::lstm_recurrence_forward));
   m.def("lstm_recurrence_backward_eager",
         torch::wrap_pybind_function_no_gil(&msbp::lstm_recurrence_backward_eager));
   m.def("lazy_row_adam_step_", torch::wrap_pybind_function_no_gil(&step_lists));
