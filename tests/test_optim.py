@@ -227,6 +227,28 @@ def test_a_log_of_no_row_takes_no_step_whatever_else_wrote_the_gradient(backend,
     assert not caught  # nor the warning of a gradient written without a log of its rows
 
 
+@pytest.mark.parametrize(
+    ("selection", "written"),
+    [("unified", "penalty"), ("unified", "left_from_last_step"), ("unified", "discarded"),
+     ("per_example", "penalty")],
+)
+def test_a_backward_that_writes_no_row_takes_no_step(backend, selection, written):
+    """A backward of the C++ path that writes no row (an empty batch, per-example top-k of an
+    all-zero output gradient) marks no row, which once left nothing to tell its gradient from
+    one no sparse layer wrote: a penalty or a gradient left from the last step took a dense
+    step, where the PyTorch path, which logs an empty row set, takes none. And an empty batch
+    after ``.grad = None`` left the discarded gradient's marks, so their rows stepped."""
+    config = msbp.SparseBackpropConfig(
+        k=3 if written == "discarded" else 2, selection=selection, memory=0.0
+    )  # discarded: a dense backward (k = out) marks every row, stepped even with no gradient
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        before, after = _step_writing_no_row(config, written)
+    assert torch.equal(after[0], before[0])
+    assert after[1] == before[1]
+    assert not caught
+
+
 @pytest.mark.parametrize("hook", ["live", "removed"])
 def test_discarded_rows_do_not_step_after_a_backward_with_a_hook_on_the_weight(backend, hook):
     """Rows written into a gradient that ``.grad = None`` discarded take no step when the next
