@@ -731,7 +731,7 @@ class LazyRowAdam(Optimizer):
                 if mask is not None:  # rows listed by another path too: all go that way
                     pending = [mask.nonzero().view(-1)]
                     mask.zero_()
-                if any(rows is None or rows.numel() for rows in pending):
+                if pending:  # a log, even of no row (an empty batch), is a sparse layer's
                     self._mark_row_sparse(p)
                 self._zero_rows(p, grad, track, pending, listed)
         if handed and masked and native.eager_ops() is native.eager_module():
