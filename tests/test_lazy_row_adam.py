@@ -337,11 +337,17 @@ def test_input_gradient_only_moves_no_rows(backend, layer_kind, wrt):
         assert torch.equal(p, b)
 
 
-@pytest.mark.parametrize("layer_kind", ["linear", "linear_no_inplace", "lstm"])
-def test_discarded_first_backward_moves_nothing(backend, layer_kind):
+@pytest.mark.parametrize(
+    ("layer_kind", "rows"),
+    [("linear", 4), ("linear_no_inplace", 4), ("lstm", 4), ("linear", 0),
+     ("linear_no_inplace", 0)],
+)
+def test_discarded_first_backward_moves_nothing(backend, layer_kind, rows):
     """backward, zero_grad(), step() before any step: the log zero_grad took says these are
     sparse layers' weights, which took no part in the step (not moved by weight decay, step
-    count and moments untouched), as after any later discarded backward."""
+    count and moments untouched), as after any later discarded backward. Also where that log
+    names no row (an empty batch): the PyTorch path's zero_grad once took it for no log, and
+    the step a dense one (step count 1), where the C++ path's row mask said row-sparse."""
     torch.manual_seed(0)
     if layer_kind == "lstm":
         layer = msbp.SparseLSTM(6, 5, bias=False, config=msbp.SparseBackpropConfig(k=4, memory=0.0))
@@ -352,7 +358,7 @@ def test_discarded_first_backward_moves_nothing(backend, layer_kind):
         run = layer
     opt = LazyRowAdam(layer.parameters(), lr=0.1, weight_decay=0.01)
     sparse = layer.weight_hh_l0 if layer_kind == "lstm" else layer.weight
-    run(torch.randn(4, 6)).sum().backward()
+    run(torch.randn(rows, 6)).sum().backward()
     opt.zero_grad(set_to_none=False)  # a discarded batch: the zeroed buffer stays
     before = sparse.detach().clone()
     opt.step()

@@ -183,6 +183,72 @@ def test_empty_batch_leaves_a_sparse_weight_alone(backend):
     assert torch.equal(layer.weight, twin.weight)
 
 
+def _step_writing_no_row(config: msbp.SparseBackpropConfig, written: str):
+    """A SparseLinear's second step, whose backward writes no row of the weight (an empty batch;
+    per-example top-k of an all-zero output gradient), its gradient otherwise as ``written``
+    says: a penalty on the weight in the loss, the first step's gradient left in ``.grad``
+    (no zero_grad), or a dense backward's discarded by ``.grad = None``. Returns the weight and
+    its step count before and after."""
+    torch.manual_seed(0)
+    layer = msbp.SparseLinear(4, 3, config=config, dtype=torch.float64)
+    opt = LazyRowAdam(layer.parameters(), lr=1e-2)
+    x = torch.ones(2, 4, dtype=torch.float64)
+    layer(x).sum().backward()
+    opt.step()
+    if written != "left_from_last_step":
+        opt.zero_grad()
+    if written == "discarded":
+        layer(x).sum().backward()
+        layer.weight.grad = None
+    before = layer.weight.detach().clone(), float(opt.state[layer.weight]["step"])
+    if config.selection == "per_example":
+        loss = (layer(x) * 0).sum()
+    else:
+        loss = layer(x[:0]).sum()
+    if written == "penalty":
+        loss = loss + 0.01 * layer.weight.square().sum()
+    loss.backward()
+    opt.step()
+    return before, (layer.weight.detach().clone(), float(opt.state[layer.weight]["step"]))
+
+
+@pytest.mark.parametrize("written", ["penalty", "left_from_last_step"])
+def test_a_log_of_no_row_takes_no_step_whatever_else_wrote_the_gradient(backend, written):
+    """An empty batch through the PyTorch path (grad_inplace=False there on both backends) logs
+    an empty row set: the weight takes no step, even where its gradient changed since the last
+    step. The C++ step folds the log into the row mask, where an empty set leaves no trace: it
+    took the changed gradient for one no sparse layer wrote and stepped it whole."""
+    config = msbp.SparseBackpropConfig(k=2, memory=0.0, grad_inplace=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        before, after = _step_writing_no_row(config, written)
+    assert torch.equal(after[0], before[0])
+    assert after[1] == before[1]
+    assert not caught  # nor the warning of a gradient written without a log of its rows
+
+
+@pytest.mark.parametrize(
+    ("selection", "written"),
+    [("unified", "penalty"), ("unified", "left_from_last_step"), ("unified", "discarded"),
+     ("per_example", "penalty")],
+)
+def test_a_backward_that_writes_no_row_takes_no_step(backend, selection, written):
+    """A backward of the C++ path that writes no row (an empty batch, per-example top-k of an
+    all-zero output gradient) marks no row, which once left nothing to tell its gradient from
+    one no sparse layer wrote: a penalty or a gradient left from the last step took a dense
+    step, where the PyTorch path, which logs an empty row set, takes none. And an empty batch
+    after ``.grad = None`` left the discarded gradient's marks, so their rows stepped."""
+    config = msbp.SparseBackpropConfig(
+        k=3 if written == "discarded" else 2, selection=selection, memory=0.0
+    )  # discarded: a dense backward (k = out) marks every row, stepped even with no gradient
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        before, after = _step_writing_no_row(config, written)
+    assert torch.equal(after[0], before[0])
+    assert after[1] == before[1]
+    assert not caught
+
+
 @pytest.mark.parametrize("hook", ["live", "removed"])
 def test_discarded_rows_do_not_step_after_a_backward_with_a_hook_on_the_weight(backend, hook):
     """Rows written into a gradient that ``.grad = None`` discarded take no step when the next

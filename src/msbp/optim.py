@@ -51,6 +51,8 @@ _DIST = dist.is_available()
 _DIRTY_MAX = 8
 # "no mask" for the C++ zero_grad (a list entry cannot be None)
 _NO_ROWS = torch.empty(0, dtype=torch.uint8)
+# a log entry of no row (only read)
+_NO_LOGGED_ROWS = torch.empty(0, dtype=torch.long)
 
 
 def _row_sparse(p: Tensor, state: dict) -> bool:
@@ -564,7 +566,8 @@ class LazyRowAdam(Optimizer):
                 continue
             own = p.__dict__
             # the mask, with a log of row indices (the PyTorch backward's) folded in
-            mask = touched_mask(p) if ROWS_LOG in own else own.get(ROWS_MASK)
+            logged = ROWS_LOG in own
+            mask = touched_mask(p) if logged else own.get(ROWS_MASK)
             grad = p.grad
             if grad is None:
                 if mask is not None:
@@ -599,7 +602,7 @@ class LazyRowAdam(Optimizer):
             m_dirty.append(track.dirty if track.dirty is not None else track.dirty_mask(p))
             track.marked = True
             m_steps.append(state["step"])
-            m_seen.append((p, grad, state, track))
+            m_seen.append((p, grad, state, track, logged))
         if m_params or d_params:
             beta1, beta2 = group["betas"]
             counts = native.eager_ops().lazy_row_adam_step_(
@@ -607,18 +610,24 @@ class LazyRowAdam(Optimizer):
                 d_params, d_grads, d_avgs, d_sqs, d_steps,
                 group["lr"], beta1, beta2, group["eps"], group["weight_decay"],
             )
-            for (p, grad, state, track), count in zip(m_seen, counts, strict=True):
+            for (p, grad, state, track, logged), count in zip(m_seen, counts, strict=True):
                 if count > 0:
                     state["row_sparse"] = True
                     track.look(grad)
                     continue
-                log = []
+                # no row set, but a log taken: it named no row (a backward of the layer that
+                # wrote none: an empty batch, per-example top-k of an all-zero output gradient),
+                # so no row steps, as on the PyTorch path, whatever else went into the gradient
+                # (a penalty on the weight, an empty batch's dense zero added to the gradient of
+                # the last step); read as no log, a changed gradient took a dense step
+                log = [_NO_LOGGED_ROWS] if logged else []
                 if count < 0:  # tensors the kernel does not take: the PyTorch path
                     track.dirty_mask(p)  # one of another shape: its rows listed
                     mask = touched_mask(p)
                     rows = mask.nonzero().view(-1)
                     mask.zero_()
-                    log = [rows] if rows.numel() else []
+                    if rows.numel():
+                        log = [rows]
                 self._route(p, grad, state, self._plan_local(p, grad, state, log), rest, True)
         rest.run(group)
 
@@ -722,7 +731,7 @@ class LazyRowAdam(Optimizer):
                 if mask is not None:  # rows listed by another path too: all go that way
                     pending = [mask.nonzero().view(-1)]
                     mask.zero_()
-                if any(rows is None or rows.numel() for rows in pending):
+                if pending:  # a log, even of no row (an empty batch), is a sparse layer's
                     self._mark_row_sparse(p)
                 self._zero_rows(p, grad, track, pending, listed)
         if handed and masked and native.eager_ops() is native.eager_module():

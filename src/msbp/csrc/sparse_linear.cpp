@@ -1002,6 +1002,19 @@ bool marked_in_other_pass(const Tensor& mask) {
   return other;
 }
 
+// For a backward that wrote none of the weight's rows (an empty batch; per-example top-k of an
+// all-zero output gradient), which marks nothing in the mask: an empty entry in the Parameter's
+// row log (msbp.ops.touched_rows), as the PyTorch path logs there, so that LazyRowAdam knows that
+// the layer wrote this gradient and steps no row of it. With no trace it took the gradient for
+// one no sparse layer wrote and stepped it whole where it had changed (a penalty on the weight
+// in the loss, an empty batch's dense zero added to the gradient left from the last step), where
+// the PyTorch path steps nothing. Rare: the call into Python costs nothing that counts.
+void log_no_rows(const Tensor& weight) {
+  pybind11::gil_scoped_acquire gil;
+  pybind11::module_::import("msbp.ops.touched_rows")
+      .attr("log_touched_rows")(weight, at::empty({0}, weight.options().dtype(at::kLong)));
+}
+
 // The kept buffer as a node holds it between forward and backward: weakly. A strong reference
 // counts as a Python one (PyTorch keeps a tensor's Python object alive while C++ holds it), so
 // a weight with several calls in one forward (attention's q, k and v blocks of in_proj_weight,
@@ -1094,9 +1107,17 @@ variable_list run_backward(AutogradContext* ctx, const variable_list& grad_outpu
   const int64_t n = g.size(0);
   auto x_shape = x.sizes().vec();
   variable_list result(3);
+  // .grad None: this backward starts a new gradient, the rows logged into the one discarded go
+  const bool discarded = need_w && weight.is_leaf() && !weight.grad().defined();
   if (n == 0) {
     if (need_x) result[0] = at::zeros_like(x);
-    if (need_w) result[1] = at::zeros_like(w);
+    if (need_w) {
+      result[1] = at::zeros_like(w);  // dense: autograd accumulates it
+      if (mask.numel() > 0 && writes_grad(weight)) {  // no row, as the marks below say
+        if (marked_in_other_pass(mask) && discarded) mask.zero_();
+        log_no_rows(weight);
+      }
+    }
     if (need_b) result[2] = at::zeros({out}, w.options());
     return result;
   }
@@ -1120,8 +1141,6 @@ variable_list run_backward(AutogradContext* ctx, const variable_list& grad_outpu
   };
   int route = need_w ? grad_route(weight) : 0;
   if (block && route == 2) route = 0;  // a row-sparse dW of the block cannot pass its slice
-  // .grad None: this backward starts a new gradient, the rows logged into the one discarded go
-  const bool discarded = need_w && weight.is_leaf() && !weight.grad().defined();
   Tensor grad, grad_rows;  // grad_rows: the block of .grad that is this layer's dW
   if (route != 0) {
     grad = grad_buffer(weight, kept, state, 0);
@@ -1168,6 +1187,7 @@ variable_list run_backward(AutogradContext* ctx, const variable_list& grad_outpu
         uint8_t* mp = mask.data_ptr<uint8_t>() + off;
         const int64_t* rp = rows.data_ptr<int64_t>();
         for (int64_t i = 0; i < rows.size(0); ++i) mp[rp[i]] = 1;
+        if (rows.size(0) == 0) log_no_rows(weight);
       }
     }
     if (route == 0 || dense) {
