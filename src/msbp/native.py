@@ -196,8 +196,9 @@ def eager_ops() -> Any:
     the sparse layer at MNIST's size, 15 us an optimizer step), or ``torch.ops.msbp`` while a
     ``TorchDispatchMode`` is active, so that it sees the ops it would see through the
     dispatcher. Only once the kernels are loaded. The module also has
-    ``lstm_recurrence_backward_eager``, which is no op (it may overwrite an input): callers use
-    it only when this returns the module."""
+    ``lstm_recurrence_backward_eager`` (it may overwrite an input) and
+    ``lstm_recurrence_forward``, which are no ops: callers use them only when this returns the
+    module."""
     module = _state["module"]
     if module is None or torch._C._len_torch_dispatch_stack():
         return torch.ops.msbp
