@@ -67,18 +67,20 @@ inline A u_value(G gv, const A* mr, int64_t o, A mem_mul) {
 // into gsum when SumG; wit / nan_acc turn NaN iff some entry is inf or NaN. Each column adds its
 // rows in order (the same bits as a row at a time), but the R rows of a vector of columns are
 // added in registers before the sums are stored once: at 800 x 2000 (the tagger's gates) the
-// loads and stores of the sums per row had cost as much as reading G.
+// loads and stores of the sums per row had cost as much as reading G. g_rows (null: the
+// identity) maps row r of U to the row of g it is made from.
 template <typename G, typename A, bool WriteU, bool SumG, bool SumU, int R>
-inline void pass_rows(const G* g, A* u, int64_t r, int64_t out, int64_t o0, int64_t ov,
-                      int64_t o1, const A* mem, const uint8_t* row_on, bool slot, A mem_mul,
-                      A* score, A* usum, A* gsum, typename Vec<A>::type& wit, A& nan_acc) {
+inline void pass_rows(const G* g, const int64_t* g_rows, A* u, int64_t r, int64_t out,
+                      int64_t o0, int64_t ov, int64_t o1, const A* mem, const uint8_t* row_on,
+                      bool slot, A mem_mul, A* score, A* usum, A* gsum,
+                      typename Vec<A>::type& wit, A& nan_acc) {
   using V = typename Vec<A>::type;
   constexpr int W = Vec<A>::width;
   const G* gr[R];
   A* ur[R];
   const A* mr[R];
   for (int i = 0; i < R; ++i) {
-    gr[i] = g + (r + i) * out;
+    gr[i] = g + (g_rows != nullptr ? g_rows[r + i] : r + i) * out;
     ur[i] = WriteU ? u + (r + i) * out : nullptr;
     mr[i] = mem_row(mem, row_on, slot, r + i, out);
   }
@@ -119,9 +121,9 @@ inline void pass_rows(const G* g, A* u, int64_t r, int64_t out, int64_t o0, int6
 // k columns of U afterwards, which it recomputes, instead of writing n x out values; usum only
 // feeds a unit memory; gsum is db).
 template <typename G, typename A, bool WriteU, bool SumG, bool SumU>
-void build_u_pass(const G* g, A* u, int64_t n, int64_t out, int64_t o0, int64_t o1,
-                  const A* mem, const uint8_t* row_on, bool slot, A mem_mul, A* score, A* usum,
-                  A* gsum, A* bad) {
+void build_u_pass(const G* g, const int64_t* g_rows, A* u, int64_t n, int64_t out, int64_t o0,
+                  int64_t o1, const A* mem, const uint8_t* row_on, bool slot, A mem_mul,
+                  A* score, A* usum, A* gsum, A* bad) {
   std::fill(score + o0, score + o1, A(0));
   if constexpr (SumU) std::fill(usum + o0, usum + o1, A(0));
   if constexpr (SumG) std::fill(gsum + o0, gsum + o1, A(0));
@@ -134,21 +136,22 @@ void build_u_pass(const G* g, A* u, int64_t n, int64_t out, int64_t o0, int64_t 
   constexpr int R = 4;
   int64_t r = 0;
   for (; r + R <= n; r += R)
-    pass_rows<G, A, WriteU, SumG, SumU, R>(g, u, r, out, o0, ov, o1, mem, row_on, slot, mem_mul,
-                                           score, usum, gsum, wit, nan_acc);
+    pass_rows<G, A, WriteU, SumG, SumU, R>(g, g_rows, u, r, out, o0, ov, o1, mem, row_on, slot,
+                                           mem_mul, score, usum, gsum, wit, nan_acc);
   for (; r < n; ++r)
-    pass_rows<G, A, WriteU, SumG, SumU, 1>(g, u, r, out, o0, ov, o1, mem, row_on, slot, mem_mul,
-                                           score, usum, gsum, wit, nan_acc);
+    pass_rows<G, A, WriteU, SumG, SumU, 1>(g, g_rows, u, r, out, o0, ov, o1, mem, row_on, slot,
+                                           mem_mul, score, usum, gsum, wit, nan_acc);
   for (int l = 0; l < W; ++l) nan_acc += wit[l];
   *bad = nan_acc;
 }
 
 template <typename G, typename A>
-void build_u(const G* g, A* u, int64_t n, int64_t out, int64_t o0, int64_t o1, const A* mem,
-             const uint8_t* row_on, bool slot, A mem_mul, A* score, A* usum, A* gsum, A* bad) {
+void build_u(const G* g, const int64_t* g_rows, A* u, int64_t n, int64_t out, int64_t o0,
+             int64_t o1, const A* mem, const uint8_t* row_on, bool slot, A mem_mul, A* score,
+             A* usum, A* gsum, A* bad) {
   auto run = [&](auto write_u, auto sum_g, auto sum_u) {
     build_u_pass<G, A, decltype(write_u)::value, decltype(sum_g)::value, decltype(sum_u)::value>(
-        g, u, n, out, o0, o1, mem, row_on, slot, mem_mul, score, usum, gsum, bad);
+        g, g_rows, u, n, out, o0, o1, mem, row_on, slot, mem_mul, score, usum, gsum, bad);
   };
   auto with_sum_u = [&](auto write_u, auto sum_g) {
     usum != nullptr ? run(write_u, sum_g, std::true_type{})
@@ -363,10 +366,15 @@ Out5 backward_impl(const Tensor& grad_out, const Tensor& x, const Tensor& weight
                                   int64_t k, int64_t selection, double alpha, bool slot,
                                   bool need_x, bool need_w, bool need_b, bool compact_dw,
                                   bool skip_nonfinite, double csr_ratio, Tensor* grad_into,
-                                  const uint8_t* row_on, int64_t n_on, Tensor* u_out) {
+                                  const uint8_t* row_on, int64_t n_on, Tensor* u_out,
+                                  const Tensor* g_rows) {
   // row_on (n,) or null: only the rows that are on take the memory, spread over n_on of them
-  // (the `unit` layout with padding rows, which take part with their zero gradient)
-  const int64_t n = grad_out.size(0), out = grad_out.size(1), d_in = x.size(1);
+  // (the `unit` layout with padding rows, which take part with their zero gradient).
+  // g_rows (n,) or null: the rows of grad_out that x's n rows are (the active rows of a batch
+  // with zero rows), read where they are instead of copied out
+  const int64_t n = g_rows != nullptr ? g_rows->size(0) : grad_out.size(0);
+  const int64_t out = grad_out.size(1), d_in = x.size(1);
+  const int64_t* g_row = g_rows != nullptr ? g_rows->data_ptr<int64_t>() : nullptr;
   auto acc_opts = grad_out.options().dtype(c10::CppTypeToScalarType<A>::value);
   auto x_opts = x.options();
   auto long_opts = grad_out.options().dtype(at::kLong);
@@ -404,7 +412,7 @@ Out5 backward_impl(const Tensor& grad_out, const Tensor& x, const Tensor& weight
     at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
       for (int64_t c = c0; c < c1; ++c) {
         int64_t o0 = out * c / nchunks, o1 = out * (c + 1) / nchunks;
-        build_u<scalar_t, A>(gp, u_ptr, n, out, o0, o1, mem_ptr, row_on, slot, mem_mul,
+        build_u<scalar_t, A>(gp, g_row, u_ptr, n, out, o0, o1, mem_ptr, row_on, slot, mem_mul,
                              score.data_ptr<A>(), need_usum ? usum.data_ptr<A>() : nullptr,
                              gsum_ptr, &bad[c]);
       }
@@ -420,7 +428,7 @@ Out5 backward_impl(const Tensor& grad_out, const Tensor& x, const Tensor& weight
   if (!finite) {
     if (!skip_nonfinite) nonfinite();
     // skip: memory untouched, the raw gradient through the dense chain rule
-    Tensor gc = grad_out.to(x.scalar_type());
+    Tensor gc = (g_rows != nullptr ? g.index_select(0, *g_rows) : g).to(x.scalar_type());
     Tensor dx = need_x ? at::mm(gc, weight) : empty_x;
     Tensor dW = need_w ? at::mm(gc.t(), x) : empty_x;
     return {dx, dW, db, at::arange(out, long_opts), at::ones({}, long_opts)};
@@ -499,8 +507,9 @@ Out5 backward_impl(const Tensor& grad_out, const Tensor& x, const Tensor& weight
           const scalar_t* gp = g.data_ptr<scalar_t>();
           for (int64_t r = 0; r < n; ++r) {
             const A* mr = mem_row(mem_ptr, row_on, slot, r, out);
+            const scalar_t* gr = gp + (g_row != nullptr ? g_row[r] : r) * out;
             for (int64_t j = 0; j < kk; ++j)
-              sp[r * kk + j] = u_value(gp[r * out + ip[j]], mr, ip[j], mem_mul);
+              sp[r * kk + j] = u_value(gr[ip[j]], mr, ip[j], mem_mul);
           }
         });
       }
@@ -720,18 +729,18 @@ Out5 dispatch_backward(
     double scale_value, int64_t k, int64_t selection, double alpha, bool slot, bool need_x,
     bool need_w, bool need_b, bool compact_dw, bool skip_nonfinite, double csr_ratio,
     at::ScalarType acc, Tensor* grad_into, const uint8_t* row_on = nullptr, int64_t n_on = -1,
-    Tensor* u_out = nullptr) {
-  if (n_on < 0) n_on = grad_out.size(0);
+    Tensor* u_out = nullptr, const Tensor* g_rows = nullptr) {
+  if (n_on < 0) n_on = g_rows != nullptr ? g_rows->size(0) : grad_out.size(0);
   if (acc == at::kDouble) {
     return backward_impl<double>(grad_out, xc, wc, memory, random_cols,
                                  scale_value, k, selection, alpha, slot, need_x, need_w, need_b,
                                  compact_dw, skip_nonfinite, csr_ratio, grad_into, row_on, n_on,
-                                 u_out);
+                                 u_out, g_rows);
   }
   return backward_impl<float>(grad_out, xc, wc, memory, random_cols,
                               scale_value, k, selection, alpha, slot, need_x, need_w, need_b,
                               compact_dw, skip_nonfinite, csr_ratio, grad_into, row_on, n_on,
-                              u_out);
+                              u_out, g_rows);
 }
 
 // grad_into: a contiguous gradient buffer of the weight's shape and dtype into which the rows
@@ -793,21 +802,24 @@ Out5 backward_into(
                                csr_ratio, acc, grad_into, on.data(), n_active, u_out);
     }
     if (n_active < n) {
-      // zero rows: the backward of the active rows alone (an empty step without memory)
+      // zero rows: the backward of the active rows alone (an empty step without memory); G's
+      // active rows are read where they are, as x's would be copied (the tagger's per-example
+      // gates, ~1,100 of 2,000-wide rows a batch: the copy and a second pass for db cost
+      // 2.3 ms of its 10 ms backward); db sums the active rows in the pass, except at k = out
+      // (over all rows as torch sums them, as there without zero rows)
       Tensor idx = at::empty({n_active}, grad_out.options().dtype(at::kLong));
       std::copy(active.begin(), active.end(), idx.data_ptr<int64_t>());
       std::optional<Tensor> mem;
       if (use_memory && n_active > 0) mem = slot ? memory->index_select(0, idx) : *memory;
-      Out5 res = dispatch_backward(g.index_select(0, idx), xc.index_select(0, idx), wc, mem,
-                                   random_cols, scale_value, k, selection, alpha, slot, need_x,
-                                   need_w, false, compact_dw, skip_nonfinite, csr_ratio, acc,
-                                   grad_into);
+      Out5 res = dispatch_backward(g, xc.index_select(0, idx), wc, mem, random_cols,
+                                   scale_value, k, selection, alpha, slot, need_x, need_w,
+                                   need_b, compact_dw, skip_nonfinite, csr_ratio, acc, grad_into,
+                                   nullptr, -1, nullptr, &idx);
       if (mem.has_value() && slot) memory->index_copy_(0, idx, *mem);
       if (need_x) {
         std::get<0>(res) =
             at::zeros({n, x.size(1)}, x.options()).index_copy_(0, idx, std::get<0>(res));
       }
-      std::get<2>(res) = need_b ? at::sum(g, {0}, false, acc) : at::empty({0}, g.options().dtype(acc));
       return res;
     }
   }
