@@ -17,10 +17,7 @@ import statistics
 import time
 
 import torch
-
-import msbp
-from msbp import train as training
-from msbp.cli import TASKS, parse_args
+from _task_runs import task_runs
 
 PHASES = ("forward", "backward", "step", "total")
 
@@ -33,22 +30,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", action="store_true", help="one JSON line instead of a table")
     args_in = parser.parse_args(argv)
-    args = parse_args(["train", "--task", "pos", "--pos-data", "conll2000", "--limit-train",
-                       str(args_in.limit_train), "--threads", str(args_in.threads), "--k",
-                       str(args_in.k), "--quiet"])
-    training.setup_runtime(args)
-    torch.set_flush_denormal(True)  # as `msbp train` does (--denormals flush)
-    task = TASKS["pos"](training.task_args(args))
-    runs = {}
-    for method in ("dense", "unified", "per_example"):
-        args.selection = "unified" if method == "dense" else method
-        torch.manual_seed(0)
-        model = task.build_model()
-        kind = "dense" if method == "dense" else "msbp"
-        config = training.sparse_config(kind, args)
-        if config is not None:
-            model = msbp.sparsify(model, config, exclude=task.sparse_exclude() or None)
-        runs[method] = (model, training.make_optimizer(model, kind, args))
+    task, _, runs = task_runs("pos", [
+        "--pos-data", "conll2000", "--limit-train", str(args_in.limit_train), "--threads",
+        str(args_in.threads), "--k", str(args_in.k)])
     names = list(runs)
     batches = task.train_batches(0, torch.Generator().manual_seed(0))
     times: dict[str, dict[str, list[float]]] = {m: {p: [] for p in PHASES} for m in names}

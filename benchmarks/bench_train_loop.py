@@ -20,10 +20,7 @@ import statistics
 import time
 
 import torch
-
-import msbp
-from msbp import train as training
-from msbp.cli import TASKS, parse_args
+from _task_runs import task_runs
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -33,22 +30,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1)
     args_in = parser.parse_args(argv)
-    args = parse_args(["train", "--task", "mnist", "--limit-train", str(args_in.limit_train),
-                       "--threads", str(args_in.threads), "--batch-size",
-                       str(args_in.batch_size), "--quiet"])
-    training.setup_runtime(args)
-    torch.set_flush_denormal(True)  # as `msbp train` does (--denormals flush)
-    task = TASKS["mnist"](training.task_args(args))
-    runs = {}
-    for method in ("dense", "unified", "per_example"):
-        args.selection = "unified" if method == "dense" else method
-        torch.manual_seed(0)
-        model = task.build_model()
-        kind = "dense" if method == "dense" else "msbp"
-        config = training.sparse_config(kind, args)
-        if config is not None:
-            model = msbp.sparsify(model, config, exclude=task.sparse_exclude() or None)
-        runs[method] = (model, training.make_optimizer(model, kind, args))
+    task, _, runs = task_runs("mnist", [
+        "--limit-train", str(args_in.limit_train), "--threads", str(args_in.threads),
+        "--batch-size", str(args_in.batch_size)])
     times = {m: {"forward": [], "backward": [], "step": []} for m in runs}
     for epoch in range(args_in.epochs):
         batches = {m: iter(task.train_batches(epoch, torch.Generator().manual_seed(epoch)))
