@@ -603,7 +603,8 @@ def native_backend():
 def test_native_forward_recurrence_is_the_python_loop_bit_for_bit(dtype, native_backend,
                                                                  monkeypatch) -> None:
     """The forward recurrence in C++ (lstm_recurrence_forward) runs the Python loop's ATen ops:
-    the same bits, both directions, with and without the bias, an empty batch included; and
+    the same bits, both directions, with and without the bias, an empty batch included, with
+    W_hh packed once where both ask for it (float32, 4 steps and 8 rows on) and without; and
     _lstm_steps takes it where the native backend is on."""
     module = native.eager_module()
     calls = []
@@ -621,7 +622,9 @@ def test_native_forward_recurrence_is_the_python_loop_bit_for_bit(dtype, native_
     monkeypatch.setattr(native, "eager_module", lambda: counted)
     monkeypatch.setattr(native, "eager_ops", lambda: counted)
     gen = torch.Generator().manual_seed(3)
-    for steps, batch, hidden in ((4, 3, 5), (6, 0, 4), (3, 16, 40)):
+    packed = []
+    shapes = ((4, 3, 5), (6, 0, 4), (3, 16, 40), (5, 9, 24))
+    for steps, batch, hidden in shapes:
         inputs = _recurrence_inputs(gen, steps, batch, hidden)
         gx, h0, c0, w, b = (t.detach().to(dtype) for t in inputs)
         w = w * 0.3
@@ -630,6 +633,7 @@ def test_native_forward_recurrence_is_the_python_loop_bit_for_bit(dtype, native_
                 before = len(calls)
                 got = recurrent._lstm_steps(gx, h0, c0, w, bias, reverse)
                 assert len(calls) == before + 1
+                packed.append(calls[-1][-1])
                 native.set_backend("python")
                 want = recurrent._lstm_steps(gx, h0, c0, w, bias, reverse)
                 native.set_backend("native")
@@ -637,6 +641,9 @@ def test_native_forward_recurrence_is_the_python_loop_bit_for_bit(dtype, native_
                 for name, a, e in zip(("act", "cells", "tanh_c", "out"), got, want, strict=True):
                     assert a.shape == e.shape and a.dtype == e.dtype, name
                     assert torch.equal(a, e), (name, steps, batch, hidden, bias is None, reverse)
+    # the packed products where this torch has MKL's ops: float32 at 5 steps of 9 rows only
+    assert packed == [recurrent._MKL_LINEAR is not None and dtype == torch.float32
+                      and shape == (5, 9, 24) for shape in shapes for _ in range(4)]
 
 
 @pytest.mark.parametrize(("selection", "layout", "rows"), [

@@ -54,7 +54,7 @@ lstm_recurrence_backward_eager(
 // the forward recurrence of one LSTM layer and direction: (act, cells, tanh_c, out)
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_recurrence_forward(
     const at::Tensor& gates_x, const at::Tensor& h0, const at::Tensor& c0,
-    const at::Tensor& w_hh, const std::optional<at::Tensor>& b_hh, bool reverse);
+    const at::Tensor& w_hh, const std::optional<at::Tensor>& b_hh, bool reverse, bool packed);
 
 std::vector<int64_t> lazy_row_adam_step_(
     at::TensorList params, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,

@@ -33,6 +33,8 @@
 #include "topk.h"
 #include "vec.h"
 
+#include <ATen/core/dispatch/Dispatcher.h>
+
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -709,10 +711,11 @@ Outputs lstm_recurrence_backward(
 // The forward recurrence (msbp.ops.recurrent._lstm_steps, eager, bound in bindings.cpp): the
 // same ATen ops in the same order, bit for bit, without their Python dispatch (the Python loop
 // cost 39 us a step at hidden 8, where the kernels cost next to nothing). act (T, B, 4H) activated gates [i, f, g, o], cells, tanh_c and out
-// (T, B, H), as the backward reads them.
+// (T, B, H), as the backward reads them. packed: the steps' products on W_hh^T packed once, by
+// MKL's ops (msbp.ops.recurrent._packs_w_hh says where; _lstm_steps, bit for bit).
 std::tuple<Tensor, Tensor, Tensor, Tensor> lstm_recurrence_forward(
     const Tensor& gates_x, const Tensor& h0, const Tensor& c0, const Tensor& w_hh,
-    const std::optional<Tensor>& b_hh, bool reverse) {
+    const std::optional<Tensor>& b_hh, bool reverse, bool packed) {
   TORCH_CHECK(gates_x.dim() == 3 && gates_x.size(2) % 4 == 0,
               "lstm_recurrence_forward: gates_x must be (T, B, 4H), got ", gates_x.sizes());
   const int64_t T = gates_x.size(0), B = gates_x.size(1), H = gates_x.size(2) / 4;
@@ -727,13 +730,29 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lstm_recurrence_forward(
   Tensor tanh_c = at::empty_like(cells), out = at::empty_like(cells);
   Tensor h = h0, c = c0;
   const Tensor w_t = w_hh.t();
+  Tensor w_packed;
+  using Linear = Tensor(const Tensor&, const Tensor&, const Tensor&, const std::optional<Tensor>&,
+                        int64_t);
+  std::optional<c10::TypedOperatorHandle<Linear>> mkl_linear;
+  if (packed) {
+    auto& dispatcher = c10::Dispatcher::singleton();
+    w_packed = dispatcher.findSchemaOrThrow("mkl::_mkl_reorder_linear_weight", "")
+                   .typed<Tensor(const Tensor&, int64_t)>()
+                   .call(w_hh, B);
+    mkl_linear = dispatcher.findSchemaOrThrow("mkl::_mkl_linear", "").typed<Linear>();
+  }
   for (int64_t s = 0; s < T; ++s) {
     const int64_t t = reverse ? T - 1 - s : s;
     Tensor a = act.select(0, t), cell = cells.select(0, t), tc = tanh_c.select(0, t),
            ht = out.select(0, t);
-    if (b_hh.has_value()) at::add_out(a, gates_x.select(0, t), *b_hh);
-    else a.copy_(gates_x.select(0, t));
-    a.addmm_(h, w_t);
+    if (packed) {
+      at::add_out(a, gates_x.select(0, t),
+                  mkl_linear->call(h.contiguous(), w_packed, w_hh, b_hh, B));
+    } else {
+      if (b_hh.has_value()) at::add_out(a, gates_x.select(0, t), *b_hh);
+      else a.copy_(gates_x.select(0, t));
+      a.addmm_(h, w_t);
+    }
     a.narrow(1, 0, 2 * H).sigmoid_();
     a.narrow(1, 2 * H, H).tanh_();
     a.narrow(1, 3 * H, H).sigmoid_();
