@@ -366,6 +366,27 @@ def test_nonfinite_keeps_slot_memories_of_another_batch_shape(on_nonfinite: str,
         assert torch.equal(memory, before[tag]), tag
 
 
+@pytest.mark.parametrize("on_nonfinite", ["raise", "skip"])
+def test_nonfinite_at_full_k_keeps_empty_slot_memory_shape(on_nonfinite: str,
+                                                           backend: str) -> None:
+    """k = 4 H and an empty slot memory (no rows yet) run the dense loop: a non-finite batch
+    leaves the memory with no rows. The Python loop had spread it to the batch's rows first
+    and, keeping no copy for the dense loop, left it (3, 8) after the raise or the skip."""
+    torch.manual_seed(0)
+    cfg = make_cfg("unified", "slot", 0.8, k=0).replace(on_nonfinite=on_nonfinite)
+    lstm = SparseLSTM(1, 2, config=cfg)
+    poisoned = torch.ones(1, 3, 2)
+    poisoned[0, 0, 0] = float("inf")
+    loss = (lstm(torch.randn(1, 3, 1))[0] * poisoned).sum()
+    if on_nonfinite == "raise":
+        with pytest.raises(FloatingPointError):
+            loss.backward()
+    else:
+        loss.backward()
+    assert lstm.memory_hh_l0.shape == (0, 8)
+    assert lstm.memory_ih_l0.shape == (0, 8)
+
+
 @pytest.mark.parametrize("selection", SELECTIONS)
 def test_huge_finite_gradients_are_not_called_nonfinite(selection: str, backend: str) -> None:
     """float32 gate gradients up to about 5e37 are finite, and so is everything computed from

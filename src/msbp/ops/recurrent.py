@@ -472,9 +472,11 @@ def _backward_steps(
     unit_memory = use_memory and plan.layout == "unit"
     # memory_rows="active": zero rows of a step's gate gradient take no memory, select nothing
     track = not dense and not plan.all_rows and (use_memory or per_example)
-    if use_memory and plan.layout == "slot":
+    if use_memory and plan.layout == "slot" and not dense:
         # a new batch shape: the column sums spread evenly over all rows (as SparseLinear); the
-        # caller's copy of the memory undoes it on a non-finite gradient
+        # caller's copy of the memory undoes it on a non-finite gradient. The dense loop never
+        # reads the memory (empty, it is resized after a finite pass) and its caller keeps no
+        # copy: a spread there outlived a non-finite gradient's raise
         spread_slot_memory_(memory, batch)
     # per-step views made once: indexing inside the loop costs a dispatch each
     d_outs, to_dc, to_do, forget, gates = (
