@@ -366,6 +366,40 @@ def test_nonfinite_keeps_slot_memories_of_another_batch_shape(on_nonfinite: str,
         assert torch.equal(memory, before[tag]), tag
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("which", BACKENDS)
+def test_strided_memories_give_the_contiguous_ones_results(which: str, layout: str) -> None:
+    """Memories that are strided views (loaded with assign=True, set by hand) give what
+    contiguous ones give, and are updated in place. The native recurrence writes through the
+    memory's data pointer and raised "memory must be contiguous" in the backward."""
+    before = native._requested()
+    try:
+        native.set_backend(which)
+    except native.NativeUnavailableError:
+        pytest.skip("the native kernels could not be built here")
+    try:
+        torch.manual_seed(0)
+        cfg = make_cfg("unified", layout, 0.8, k=3)
+        lstm = SparseLSTM(3, 4, config=cfg, dtype=torch.float64)
+        twin = copy.deepcopy(lstm)
+        x = torch.randn(5, 2, 3, dtype=torch.float64)
+        for module in (lstm, twin):
+            module(x)[0].square().sum().backward()  # fills the memories
+        for tag in lstm.transform_tags():
+            memory = getattr(lstm, f"memory_{tag}")
+            strided = torch.stack((memory, memory), -1)[..., 0]
+            assert not strided.is_contiguous()
+            setattr(lstm, f"memory_{tag}", strided)
+        for module in (lstm, twin):
+            module(x)[0].square().sum().backward()
+        for tag, memory in _memories(twin).items():
+            torch.testing.assert_close(getattr(lstm, f"memory_{tag}"), memory, **F64)
+        for name, grad in _grads(twin).items():
+            torch.testing.assert_close(dict(lstm.named_parameters())[name].grad, grad, **F64)
+    finally:
+        native.set_backend(before)
+
+
 @pytest.mark.parametrize("on_nonfinite", ["raise", "skip"])
 def test_nonfinite_at_full_k_keeps_empty_slot_memory_shape(on_nonfinite: str,
                                                            backend: str) -> None:

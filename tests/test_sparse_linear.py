@@ -497,6 +497,43 @@ def test_nonfinite_keeps_slot_memory_after_another_call_resized_it(backend, on_n
     assert torch.equal(layer.memory, twin.memory)
 
 
+@pytest.mark.parametrize("how", ["functional", "embedding", "loaded"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("selection", ["unified", "per_example"])
+def test_strided_memory_is_updated_in_place_as_the_oracle_says(backend, how, layout, selection):
+    """A memory that is a strided view (a column of a larger state tensor given to the
+    functional API, or one loaded with assign=True) gets the oracle's values,
+    in place. The native op writes through the memory's data pointer and raised "memory must be
+    contiguous" in the backward, where the PyTorch path takes any strides."""
+    cfg = _cfg(selection, layout, 0.8)
+    gen = torch.Generator().manual_seed(4)
+    n = 4
+    x, g = randn(n, D_IN, gen=gen), randn(n, D_OUT, gen=gen)
+    w = randn(D_OUT, D_IN, gen=gen)
+    start = randn(D_OUT, gen=gen) if layout == "unit" else randn(n, D_OUT, gen=gen)
+    memory = torch.stack((start, start), -1)[..., 1]  # a strided view of a larger tensor
+    weight = w.clone().requires_grad_()
+    xr = x.clone().requires_grad_()
+    if how == "functional":
+        y = sparse_linear(xr, weight, None, memory, config=cfg)
+    elif how == "embedding":  # ids 0..n-1 into a table that is x itself: x as its embedding
+        xr = x.clone().requires_grad_()
+        y = msbp.functional.sparse_embedding_linear(
+            torch.arange(n).unsqueeze(1), xr, weight, None, memory, config=cfg)
+    else:
+        layer = SparseLinear(D_IN, D_OUT, bias=False, config=cfg, device="meta")
+        layer.load_state_dict({"weight": w.clone(), "memory": memory}, assign=True)
+        weight, memory = layer.weight, layer.memory
+        y = layer(xr)
+    assert not memory.is_contiguous()
+    (y * g).sum().backward()
+    dx, dW, _, new = sparse_linear_backward_ref(
+        x, w, g, start.clone(), k=3, selection=selection, alpha=0.8, layout=layout)
+    torch.testing.assert_close(memory, new)
+    torch.testing.assert_close(weight.grad, dW)
+    torch.testing.assert_close(xr.grad, dx)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 @pytest.mark.parametrize(
     "rows, shared", [(64, False), (3, False), (16, True)],

@@ -130,13 +130,16 @@ _SELECTION_CODES = {"unified": 0, "per_example": 1, "random": 2}
 
 def _native_fits(act: Tensor, memory: Tensor | None, plan: BackwardPlan) -> bool:
     """Whether ``msbp::lstm_recurrence_backward`` runs this backward: float32 / float64 on the
-    CPU, a memory of the same dtype, no probe (probes need every step's propagated gradient),
-    a non-empty batch, and the native backend on."""
+    CPU, a contiguous memory of the same dtype, no probe (probes need every step's propagated
+    gradient), a non-empty batch, and the native backend on."""
     return (
         act.dtype in _WIDE
         and act.shape[1] > 0
         and plan.probe is None
-        and (memory is None or plan.alpha == 0 or memory.dtype == act.dtype)
+        # the op writes the memory through its data pointer: a strided one takes the loop
+        and (memory is None or plan.alpha == 0 or (
+            memory.dtype == act.dtype and memory.is_contiguous()
+        ))
         and native.use_native(act.device)
     )
 

@@ -335,11 +335,19 @@ def run_backward(native_ok: bool, *args, probe=None) -> list[Tensor]:
     of the memory for the probe alone, so that measuring never changes the numbers."""
     if not native_ok:
         return sparse_linear_backward_torch(*args, probe=probe)
+    memory = args[3]
     if probe is not None:
-        memory = args[3]
         sparse_linear_backward_torch(
             *args[:3], None if memory is None else memory.clone(), *args[4:], probe=probe
         )
+    if memory is not None and not memory.is_contiguous():
+        # the op writes the memory through its data pointer: a strided view (the functional
+        # API's memory argument, a memory loaded with assign=True) goes through a copy
+        work = memory.contiguous()
+        outs = torch.ops.msbp.sparse_linear_backward(*args[:3], work, *args[4:])
+        with torch.no_grad():
+            memory.copy_(work)
+        return outs
     return torch.ops.msbp.sparse_linear_backward(*args)
 
 
