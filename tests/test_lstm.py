@@ -482,6 +482,26 @@ def test_autocast_bfloat16_runs_with_float32_memory() -> None:
     assert lstm.memory_hh_l0.dtype == torch.float32 and lstm.memory_hh_l0.any()
 
 
+@pytest.mark.parametrize("layers", [1, 2])
+def test_autocast_leaves_a_float64_lstm_alone(layers: int, backend: str) -> None:
+    """Under autocast a float64 SparseLSTM runs in float64, as nn.LSTM does (k = 4 H: the same
+    numbers). The recurrence cast its operands to bfloat16 regardless: the output came back
+    bfloat16 and a second layer raised on its float64 W_ih."""
+    torch.manual_seed(0)
+    dense = nn.LSTM(3, 4, num_layers=layers, bidirectional=True, dtype=torch.float64)
+    lstm = SparseLSTM.from_dense(copy.deepcopy(dense), make_cfg(k=16))
+    x = torch.randn(5, 2, 3, dtype=torch.float64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, (h, c) = lstm(x)
+        ref, (h_ref, c_ref) = dense(x)
+    assert out.dtype == h.dtype == c.dtype == torch.float64
+    torch.testing.assert_close(out, ref, **F64)
+    (out.square().sum() + h.sum() + c.sum()).backward()
+    (ref.square().sum() + h_ref.sum() + c_ref.sum()).backward()
+    for name, grad in _grads(dense).items():
+        torch.testing.assert_close(dict(lstm.named_parameters())[name].grad, grad, **F64)
+
+
 @pytest.mark.parametrize("k", [5, 16])
 @pytest.mark.parametrize("selection", SELECTIONS)
 def test_probes_see_true_and_propagated_gradients(selection: str, k: int) -> None:

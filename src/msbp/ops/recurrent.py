@@ -57,6 +57,7 @@ from msbp.ops.sparse_linear import (
     place_weight_rows,
     rows_product,
 )
+from msbp.ops.sparse_linear import autocast_arg as _autocast_arg
 from msbp.ops.sparse_linear import autocast_dtype as _autocast_dtype
 from msbp.ops.sparse_linear import csr_pays as _csr_pays
 from msbp.ops.touched_rows import forget_touched_rows, log_touched_rows
@@ -276,7 +277,9 @@ class SparseLSTMRecurrence(torch.autograd.Function):
     def forward(ctx, gates_x, h0, c0, w_hh, b_hh, memory, plan: BackwardPlan, reverse: bool,
                 grad_buffer: tuple[Tensor, Tensor] | None = None):
         cast = _autocast_dtype(gates_x.device.type)
-        dtype = cast if cast is not None else gates_x.dtype
+        # autocast's rule, as for the input transform: a float64 layer stays float64 (as
+        # nn.LSTM does); cast to bfloat16 its output met the next layer's float64 W_ih
+        dtype = gates_x.dtype if cast is None else _autocast_arg(gates_x, cast).dtype
         with torch.autocast(gates_x.device.type, enabled=False):
             gx, h0c, c0c, w = (_as(t, dtype) for t in (gates_x, h0, c0, w_hh))
             b = _as(b_hh, dtype) if b_hh is not None else None
