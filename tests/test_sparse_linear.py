@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 import weakref
 
 import pytest
@@ -436,6 +437,19 @@ def test_nonfinite_raises_and_keeps_memory(selection, layout, bad):
     with pytest.raises(FloatingPointError):
         layer(x).backward(g)
     assert torch.equal(layer.memory, before)
+
+
+@pytest.mark.parametrize("shape", [(D_OUT,), (4, D_OUT), (2, 3, D_OUT)], ids=len)
+def test_nonfinite_error_names_the_shape_as_a_tuple(backend, shape):
+    """The FloatingPointError names the layer and the gradient's shape as Python prints it, on
+    both backends: the C++ path had written "(shape [2, 3, 9])"."""
+    layer = SparseLinear(D_IN, D_OUT, config=_cfg())
+    layer.name = "head"
+    g = torch.ones(shape)
+    g.view(-1)[1] = float("inf")
+    want = f"non-finite output gradient in layer 'head' (shape {shape});"
+    with pytest.raises(FloatingPointError, match=re.escape(want)):
+        layer(torch.randn(*shape[:-1], D_IN)).backward(g)
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
