@@ -452,6 +452,34 @@ def test_nonfinite_error_names_the_shape_as_a_tuple(backend, shape):
         layer(torch.randn(*shape[:-1], D_IN)).backward(g)
 
 
+@pytest.mark.parametrize("how", ["layer", "block"])
+def test_nonfinite_raise_leaves_a_discarded_grad_none(backend, how):
+    """A backward that raises FloatingPointError leaves a ``.grad`` that was None as None, as
+    autograd leaves it after a failure (an optimizer then skips the weight instead of stepping
+    it on zeros). Both paths had put the kept buffer back as ``.grad`` before the op raised
+    (the PyTorch path not for a block of a Parameter's rows, the C++ one for both)."""
+    gen = torch.Generator().manual_seed(5)
+    if how == "layer":
+        layer = SparseLinear(D_IN, D_OUT, config=_cfg())
+        param, call = layer.weight, layer
+    else:
+        param = nn.Parameter(randn(2 * D_OUT, D_IN, gen=gen))
+        memory = torch.zeros(D_OUT, dtype=param.dtype)
+
+        def call(x):
+            return sparse_linear(x, param[D_OUT:], None, memory, config=_cfg())
+    x = randn(4, D_IN, gen=gen).to(param.dtype)
+    call(x).backward(randn(4, D_OUT, gen=gen).to(param.dtype))  # a buffer to put back
+    param.grad = None
+    g = randn(4, D_OUT, gen=gen).to(param.dtype)
+    g[1, 2] = float("inf")
+    with pytest.raises(FloatingPointError):
+        call(x).backward(g)
+    assert param.grad is None
+    call(x).backward(g.nan_to_num(posinf=0.0))  # the next backward still writes its rows
+    assert int((param.grad.abs().sum(1) > 0).sum()) == 3
+
+
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("selection", SELECTIONS)
 def test_nonfinite_skip_is_dense_and_keeps_memory(selection, layout):

@@ -1169,6 +1169,12 @@ variable_list run_backward(AutogradContext* ctx, const variable_list& grad_outpu
         route == 1 && grad.is_contiguous() ? &grad_rows : nullptr, u_out);
   } catch (const c10::Error& e) {
     restore_memory();
+    if (route != 0 && discarded) {
+      // the buffer put back as .grad before the op: a failed backward leaves .grad None, as
+      // autograd (and the PyTorch path) would; the kept buffer stays recorded for the next one
+      Tensor owner = weight;
+      owner.mutable_grad() = Tensor();
+    }
     const std::string what = e.what_without_backtrace();
     if (what.find("msbp-nonfinite") == std::string::npos) throw;
     const std::string name = ctx->saved_data["name"].toStringRef();

@@ -677,6 +677,7 @@ class SparseLinearFunction(torch.autograd.Function):
             except FloatingPointError:
                 restore_memory_(memory, before)
                 raise
+        fresh = need_w and weight.is_leaf and weight.grad is None
         compact = bool(need_w and plan.grad_inplace and not compiling) and (
             prepare_grad_buffer(ctx, weight, 1)
         )
@@ -688,6 +689,8 @@ class SparseLinearFunction(torch.autograd.Function):
             dx, dW, db, rows, skipped = run_backward(native_ok, *args, probe=plan.probe)
         except RuntimeError as exc:
             restore_memory_(memory, before)
+            if compact and fresh:  # .grad None again, as autograd leaves it after a failure
+                weight.grad = None
             if NONFINITE_MARK in str(exc):
                 raise nonfinite_error(plan, "output gradient", grad_out.shape) from None
             raise
@@ -697,6 +700,8 @@ class SparseLinearFunction(torch.autograd.Function):
                 skipped
             ):
                 restore_memory_(memory, before)
+                if compact and fresh:
+                    weight.grad = None
                 raise nonfinite_error(plan, "output gradient", grad_out.shape)
             skipped = 0
         elif before is not None and not compiling and bool(skipped):
