@@ -366,6 +366,61 @@ def test_nonfinite_keeps_slot_memories_of_another_batch_shape(on_nonfinite: str,
         assert torch.equal(memory, before[tag]), tag
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("which", BACKENDS)
+def test_strided_memories_give_the_contiguous_ones_results(which: str, layout: str) -> None:
+    """Memories that are strided views (loaded with assign=True, set by hand) give what
+    contiguous ones give, and are updated in place. The native recurrence writes through the
+    memory's data pointer and raised "memory must be contiguous" in the backward."""
+    before = native._requested()
+    try:
+        native.set_backend(which)
+    except native.NativeUnavailableError:
+        pytest.skip("the native kernels could not be built here")
+    try:
+        torch.manual_seed(0)
+        cfg = make_cfg("unified", layout, 0.8, k=3)
+        lstm = SparseLSTM(3, 4, config=cfg, dtype=torch.float64)
+        twin = copy.deepcopy(lstm)
+        x = torch.randn(5, 2, 3, dtype=torch.float64)
+        for module in (lstm, twin):
+            module(x)[0].square().sum().backward()  # fills the memories
+        for tag in lstm.transform_tags():
+            memory = getattr(lstm, f"memory_{tag}")
+            strided = torch.stack((memory, memory), -1)[..., 0]
+            assert not strided.is_contiguous()
+            setattr(lstm, f"memory_{tag}", strided)
+        for module in (lstm, twin):
+            module(x)[0].square().sum().backward()
+        for tag, memory in _memories(twin).items():
+            torch.testing.assert_close(getattr(lstm, f"memory_{tag}"), memory, **F64)
+        for name, grad in _grads(twin).items():
+            torch.testing.assert_close(dict(lstm.named_parameters())[name].grad, grad, **F64)
+    finally:
+        native.set_backend(before)
+
+
+@pytest.mark.parametrize("on_nonfinite", ["raise", "skip"])
+def test_nonfinite_at_full_k_keeps_empty_slot_memory_shape(on_nonfinite: str,
+                                                           backend: str) -> None:
+    """k = 4 H and an empty slot memory (no rows yet) run the dense loop: a non-finite batch
+    leaves the memory with no rows. The Python loop had spread it to the batch's rows first
+    and, keeping no copy for the dense loop, left it (3, 8) after the raise or the skip."""
+    torch.manual_seed(0)
+    cfg = make_cfg("unified", "slot", 0.8, k=0).replace(on_nonfinite=on_nonfinite)
+    lstm = SparseLSTM(1, 2, config=cfg)
+    poisoned = torch.ones(1, 3, 2)
+    poisoned[0, 0, 0] = float("inf")
+    loss = (lstm(torch.randn(1, 3, 1))[0] * poisoned).sum()
+    if on_nonfinite == "raise":
+        with pytest.raises(FloatingPointError):
+            loss.backward()
+    else:
+        loss.backward()
+    assert lstm.memory_hh_l0.shape == (0, 8)
+    assert lstm.memory_ih_l0.shape == (0, 8)
+
+
 @pytest.mark.parametrize("selection", SELECTIONS)
 def test_huge_finite_gradients_are_not_called_nonfinite(selection: str, backend: str) -> None:
     """float32 gate gradients up to about 5e37 are finite, and so is everything computed from
@@ -425,6 +480,26 @@ def test_autocast_bfloat16_runs_with_float32_memory() -> None:
     out.float().square().sum().backward()
     assert lstm.weight_hh_l0.grad.dtype == torch.float32 and lstm.weight_hh_l0.grad.isfinite().all()
     assert lstm.memory_hh_l0.dtype == torch.float32 and lstm.memory_hh_l0.any()
+
+
+@pytest.mark.parametrize("layers", [1, 2])
+def test_autocast_leaves_a_float64_lstm_alone(layers: int, backend: str) -> None:
+    """Under autocast a float64 SparseLSTM runs in float64, as nn.LSTM does (k = 4 H: the same
+    numbers). The recurrence cast its operands to bfloat16 regardless: the output came back
+    bfloat16 and a second layer raised on its float64 W_ih."""
+    torch.manual_seed(0)
+    dense = nn.LSTM(3, 4, num_layers=layers, bidirectional=True, dtype=torch.float64)
+    lstm = SparseLSTM.from_dense(copy.deepcopy(dense), make_cfg(k=16))
+    x = torch.randn(5, 2, 3, dtype=torch.float64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, (h, c) = lstm(x)
+        ref, (h_ref, c_ref) = dense(x)
+    assert out.dtype == h.dtype == c.dtype == torch.float64
+    torch.testing.assert_close(out, ref, **F64)
+    (out.square().sum() + h.sum() + c.sum()).backward()
+    (ref.square().sum() + h_ref.sum() + c_ref.sum()).backward()
+    for name, grad in _grads(dense).items():
+        torch.testing.assert_close(dict(lstm.named_parameters())[name].grad, grad, **F64)
 
 
 @pytest.mark.parametrize("k", [5, 16])

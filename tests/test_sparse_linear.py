@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 import weakref
 
 import pytest
@@ -438,6 +439,47 @@ def test_nonfinite_raises_and_keeps_memory(selection, layout, bad):
     assert torch.equal(layer.memory, before)
 
 
+@pytest.mark.parametrize("shape", [(D_OUT,), (4, D_OUT), (2, 3, D_OUT)], ids=len)
+def test_nonfinite_error_names_the_shape_as_a_tuple(backend, shape):
+    """The FloatingPointError names the layer and the gradient's shape as Python prints it, on
+    both backends: the C++ path had written "(shape [2, 3, 9])"."""
+    layer = SparseLinear(D_IN, D_OUT, config=_cfg())
+    layer.name = "head"
+    g = torch.ones(shape)
+    g.view(-1)[1] = float("inf")
+    want = f"non-finite output gradient in layer 'head' (shape {shape});"
+    with pytest.raises(FloatingPointError, match=re.escape(want)):
+        layer(torch.randn(*shape[:-1], D_IN)).backward(g)
+
+
+@pytest.mark.parametrize("how", ["layer", "block"])
+def test_nonfinite_raise_leaves_a_discarded_grad_none(backend, how):
+    """A backward that raises FloatingPointError leaves a ``.grad`` that was None as None, as
+    autograd leaves it after a failure (an optimizer then skips the weight instead of stepping
+    it on zeros). Both paths had put the kept buffer back as ``.grad`` before the op raised
+    (the PyTorch path not for a block of a Parameter's rows, the C++ one for both)."""
+    gen = torch.Generator().manual_seed(5)
+    if how == "layer":
+        layer = SparseLinear(D_IN, D_OUT, config=_cfg())
+        param, call = layer.weight, layer
+    else:
+        param = nn.Parameter(randn(2 * D_OUT, D_IN, gen=gen))
+        memory = torch.zeros(D_OUT, dtype=param.dtype)
+
+        def call(x):
+            return sparse_linear(x, param[D_OUT:], None, memory, config=_cfg())
+    x = randn(4, D_IN, gen=gen).to(param.dtype)
+    call(x).backward(randn(4, D_OUT, gen=gen).to(param.dtype))  # a buffer to put back
+    param.grad = None
+    g = randn(4, D_OUT, gen=gen).to(param.dtype)
+    g[1, 2] = float("inf")
+    with pytest.raises(FloatingPointError):
+        call(x).backward(g)
+    assert param.grad is None
+    call(x).backward(g.nan_to_num(posinf=0.0))  # the next backward still writes its rows
+    assert int((param.grad.abs().sum(1) > 0).sum()) == 3
+
+
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("selection", SELECTIONS)
 def test_nonfinite_skip_is_dense_and_keeps_memory(selection, layout):
@@ -495,6 +537,43 @@ def test_nonfinite_keeps_slot_memory_after_another_call_resized_it(backend, on_n
     else:
         loss.backward()
     assert torch.equal(layer.memory, twin.memory)
+
+
+@pytest.mark.parametrize("how", ["functional", "embedding", "loaded"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("selection", ["unified", "per_example"])
+def test_strided_memory_is_updated_in_place_as_the_oracle_says(backend, how, layout, selection):
+    """A memory that is a strided view (a column of a larger state tensor given to the
+    functional API, or one loaded with assign=True) gets the oracle's values,
+    in place. The native op writes through the memory's data pointer and raised "memory must be
+    contiguous" in the backward, where the PyTorch path takes any strides."""
+    cfg = _cfg(selection, layout, 0.8)
+    gen = torch.Generator().manual_seed(4)
+    n = 4
+    x, g = randn(n, D_IN, gen=gen), randn(n, D_OUT, gen=gen)
+    w = randn(D_OUT, D_IN, gen=gen)
+    start = randn(D_OUT, gen=gen) if layout == "unit" else randn(n, D_OUT, gen=gen)
+    memory = torch.stack((start, start), -1)[..., 1]  # a strided view of a larger tensor
+    weight = w.clone().requires_grad_()
+    xr = x.clone().requires_grad_()
+    if how == "functional":
+        y = sparse_linear(xr, weight, None, memory, config=cfg)
+    elif how == "embedding":  # ids 0..n-1 into a table that is x itself: x as its embedding
+        xr = x.clone().requires_grad_()
+        y = msbp.functional.sparse_embedding_linear(
+            torch.arange(n).unsqueeze(1), xr, weight, None, memory, config=cfg)
+    else:
+        layer = SparseLinear(D_IN, D_OUT, bias=False, config=cfg, device="meta")
+        layer.load_state_dict({"weight": w.clone(), "memory": memory}, assign=True)
+        weight, memory = layer.weight, layer.memory
+        y = layer(xr)
+    assert not memory.is_contiguous()
+    (y * g).sum().backward()
+    dx, dW, _, new = sparse_linear_backward_ref(
+        x, w, g, start.clone(), k=3, selection=selection, alpha=0.8, layout=layout)
+    torch.testing.assert_close(memory, new)
+    torch.testing.assert_close(weight.grad, dW)
+    torch.testing.assert_close(xr.grad, dx)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)

@@ -256,6 +256,8 @@ def _fast_path_ok(x: Tensor, weight: Tensor, memory: Tensor | None, config) -> b
         return False
     if config.selection == "random" or not config.grad_inplace:
         return False
+    if memory is not None and not memory.is_contiguous():
+        return False  # a strided view (functional API): the PyTorch glue copies it for the op
     if memory is not None and config.memory_layout == "slot" and (
         memory.shape[0] != x.numel() // max(x.shape[-1], 1)
     ):
@@ -387,9 +389,10 @@ def _fused_embedding_ok(ids, table, weight, bias, memory, config, probe) -> bool
         return False
     if ids.device != table.device or table.device != weight.device:
         return False
-    if memory is not None and config.memory_layout == "slot" and (
-        memory.dim() != 2 or memory.shape[0] != ids.numel() // max(ids.shape[-1], 1)
-    ):
+    if memory is not None and (not memory.is_contiguous() or (
+        config.memory_layout == "slot"
+        and (memory.dim() != 2 or memory.shape[0] != ids.numel() // max(ids.shape[-1], 1))
+    )):
         return False
     return _fast_path_ok(table, weight, None, config)
 

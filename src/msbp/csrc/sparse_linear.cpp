@@ -1064,6 +1064,16 @@ Tensor lock_kept(const c10::IValue& v, const at::TensorOptions& options) {
   return impl ? Tensor(std::move(impl)) : at::empty({0}, options);
 }
 
+// A shape as Python prints a tuple, "(3, 4)", "(9,)": the message of the PyTorch path, which
+// IntArrayRef's own "[3, 4]" made differ by backend
+std::string python_shape(at::IntArrayRef sizes) {
+  std::ostringstream out;
+  out << "(";
+  for (size_t i = 0; i < sizes.size(); ++i) out << (i ? ", " : "") << sizes[i];
+  out << (sizes.size() == 1 ? ",)" : ")");
+  return out.str();
+}
+
 [[noreturn]] void raise_floating_point_error(const std::string& msg) {
   {
     pybind11::gil_scoped_acquire gil;
@@ -1187,12 +1197,19 @@ variable_list run_backward(AutogradContext* ctx, const variable_list& grad_outpu
         route == 1 && grad.is_contiguous() ? &grad_rows : nullptr, u_out);
   } catch (const c10::Error& e) {
     restore_memory();
+    if (route != 0 && discarded) {
+      // the buffer put back as .grad before the op: a failed backward leaves .grad None, as
+      // autograd (and the PyTorch path) would; the kept buffer stays recorded for the next one
+      Tensor owner = weight;
+      owner.mutable_grad() = Tensor();
+    }
     const std::string what = e.what_without_backtrace();
     if (what.find("msbp-nonfinite") == std::string::npos) throw;
     const std::string name = ctx->saved_data["name"].toStringRef();
     std::ostringstream msg;
     msg << "non-finite output gradient" << (name.empty() ? "" : " in layer '" + name + "'")
-        << " (shape " << grad_outputs[0].sizes() << "); the memory was left unchanged. Use "
+        << " (shape " << python_shape(grad_outputs[0].sizes())
+        << "); the memory was left unchanged. Use "
         << "on_nonfinite='skip' to propagate it densely, or msbp.amp.GradScaler under mixed "
         << "precision.";
     raise_floating_point_error(msg.str());

@@ -57,6 +57,7 @@ from msbp.ops.sparse_linear import (
     place_weight_rows,
     rows_product,
 )
+from msbp.ops.sparse_linear import autocast_arg as _autocast_arg
 from msbp.ops.sparse_linear import autocast_dtype as _autocast_dtype
 from msbp.ops.sparse_linear import csr_pays as _csr_pays
 from msbp.ops.touched_rows import forget_touched_rows, log_touched_rows
@@ -158,13 +159,16 @@ _SELECTION_CODES = {"unified": 0, "per_example": 1, "random": 2}
 
 def _native_fits(act: Tensor, memory: Tensor | None, plan: BackwardPlan) -> bool:
     """Whether ``msbp::lstm_recurrence_backward`` runs this backward: float32 / float64 on the
-    CPU, a memory of the same dtype, no probe (probes need every step's propagated gradient),
-    a non-empty batch, and the native backend on."""
+    CPU, a contiguous memory of the same dtype, no probe (probes need every step's propagated
+    gradient), a non-empty batch, and the native backend on."""
     return (
         act.dtype in _WIDE
         and act.shape[1] > 0
         and plan.probe is None
-        and (memory is None or plan.alpha == 0 or memory.dtype == act.dtype)
+        # the op writes the memory through its data pointer: a strided one takes the loop
+        and (memory is None or plan.alpha == 0 or (
+            memory.dtype == act.dtype and memory.is_contiguous()
+        ))
         and native.use_native(act.device)
     )
 
@@ -301,7 +305,9 @@ class SparseLSTMRecurrence(torch.autograd.Function):
     def forward(ctx, gates_x, h0, c0, w_hh, b_hh, memory, plan: BackwardPlan, reverse: bool,
                 grad_buffer: tuple[Tensor, Tensor] | None = None):
         cast = _autocast_dtype(gates_x.device.type)
-        dtype = cast if cast is not None else gates_x.dtype
+        # autocast's rule, as for the input transform: a float64 layer stays float64 (as
+        # nn.LSTM does); cast to bfloat16 its output met the next layer's float64 W_ih
+        dtype = gates_x.dtype if cast is None else _autocast_arg(gates_x, cast).dtype
         with torch.autocast(gates_x.device.type, enabled=False):
             gx, h0c, c0c, w = (_as(t, dtype) for t in (gates_x, h0, c0, w_hh))
             b = _as(b_hh, dtype) if b_hh is not None else None
@@ -500,9 +506,11 @@ def _backward_steps(
     unit_memory = use_memory and plan.layout == "unit"
     # memory_rows="active": zero rows of a step's gate gradient take no memory, select nothing
     track = not dense and not plan.all_rows and (use_memory or per_example)
-    if use_memory and plan.layout == "slot":
+    if use_memory and plan.layout == "slot" and not dense:
         # a new batch shape: the column sums spread evenly over all rows (as SparseLinear); the
-        # caller's copy of the memory undoes it on a non-finite gradient
+        # caller's copy of the memory undoes it on a non-finite gradient. The dense loop never
+        # reads the memory (empty, it is resized after a finite pass) and its caller keeps no
+        # copy: a spread there outlived a non-finite gradient's raise
         spread_slot_memory_(memory, batch)
     # per-step views made once: indexing inside the loop costs a dispatch each
     d_outs, to_dc, to_do, forget, gates = (

@@ -335,11 +335,19 @@ def run_backward(native_ok: bool, *args, probe=None) -> list[Tensor]:
     of the memory for the probe alone, so that measuring never changes the numbers."""
     if not native_ok:
         return sparse_linear_backward_torch(*args, probe=probe)
+    memory = args[3]
     if probe is not None:
-        memory = args[3]
         sparse_linear_backward_torch(
             *args[:3], None if memory is None else memory.clone(), *args[4:], probe=probe
         )
+    if memory is not None and not memory.is_contiguous():
+        # the op writes the memory through its data pointer: a strided view (the functional
+        # API's memory argument, a memory loaded with assign=True) goes through a copy
+        work = memory.contiguous()
+        outs = torch.ops.msbp.sparse_linear_backward(*args[:3], work, *args[4:])
+        with torch.no_grad():
+            memory.copy_(work)
+        return outs
     return torch.ops.msbp.sparse_linear_backward(*args)
 
 
@@ -669,6 +677,7 @@ class SparseLinearFunction(torch.autograd.Function):
             except FloatingPointError:
                 restore_memory_(memory, before)
                 raise
+        fresh = need_w and weight.is_leaf and weight.grad is None
         compact = bool(need_w and plan.grad_inplace and not compiling) and (
             prepare_grad_buffer(ctx, weight, 1)
         )
@@ -680,6 +689,8 @@ class SparseLinearFunction(torch.autograd.Function):
             dx, dW, db, rows, skipped = run_backward(native_ok, *args, probe=plan.probe)
         except RuntimeError as exc:
             restore_memory_(memory, before)
+            if compact and fresh:  # .grad None again, as autograd leaves it after a failure
+                weight.grad = None
             if NONFINITE_MARK in str(exc):
                 raise nonfinite_error(plan, "output gradient", grad_out.shape) from None
             raise
@@ -689,6 +700,8 @@ class SparseLinearFunction(torch.autograd.Function):
                 skipped
             ):
                 restore_memory_(memory, before)
+                if compact and fresh:
+                    weight.grad = None
                 raise nonfinite_error(plan, "output gradient", grad_out.shape)
             skipped = 0
         elif before is not None and not compiling and bool(skipped):
