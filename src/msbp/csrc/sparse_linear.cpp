@@ -927,6 +927,18 @@ void clear_rows(Tensor& buf, const int64_t* rows, int64_t r) {
   buf.unsafeGetTensorImpl()->bump_version();
 }
 
+// Where `state` still describes `buf` (its version unchanged since), zero the rows it lists as
+// written and record the buffer clean: true; false (nothing done) where it does not.
+bool clear_listed_rows(Tensor& buf, const Tensor& state) {
+  int64_t* st = state.data_ptr<int64_t>();
+  if (st[0] < 0 || buf._version() != st[1]) return false;
+  if (buf.is_contiguous()) clear_rows(buf, st + 2, st[0]);
+  else if (st[0] > 0) buf.index_fill_(0, state.narrow(0, 2, st[0]), 0);
+  st[0] = 0;
+  st[1] = buf._version();
+  return true;
+}
+
 // Whether Python code holds `t` beyond msbp's own reference (the tuple in the weight's
 // __dict__, msbp.functional.kept_grad_buffer) and `arg_refs` more the caller knows of: an old
 // .grad the user kept after the forward (`loss = model(x); old = p.grad; opt.zero_grad();
@@ -971,10 +983,7 @@ Tensor grad_buffer(const Tensor& weight, const Tensor& kept, const Tensor& state
     // another tensor shares its memory (a .detach(), .data or NumPy view of an old .grad that
     // the caller kept): the buffer takes fresh memory, theirs stays as it was
     buf.set_(at::zeros(buf.sizes(), buf.options()));
-  } else if (st[0] >= 0 && kept._version() == st[1]) {
-    if (buf.is_contiguous()) clear_rows(buf, st + 2, st[0]);
-    else if (st[0] > 0) buf.index_fill_(0, state.narrow(0, 2, st[0]), 0);
-  } else {
+  } else if (!clear_listed_rows(buf, state)) {
     buf.zero_();
   }
   st[0] = 0;  // clean: no row written since, at this version
@@ -1041,6 +1050,23 @@ void log_no_rows(const Tensor& weight) {
   pybind11::gil_scoped_acquire gil;
   pybind11::module_::import("msbp.ops.touched_rows")
       .attr("log_touched_rows")(weight, at::empty({0}, weight.options().dtype(at::kLong)));
+}
+
+// For LazyRowAdam: rows[0..r) of the block [off, off + out) of `weight` (all of the block where
+// dense) marked in its row mask as written by this backward pass. A new gradient (`discarded`:
+// .grad was None) first drops the marks of other passes, which were rows of the one discarded,
+// but not this pass's (with route 0 .grad stays None until autograd's add: another call of the
+// weight may have marked first); no row written is logged as such (log_no_rows).
+void mark_written_rows(Tensor& mask, const Tensor& weight, bool discarded, int64_t off,
+                       int64_t out, const int64_t* rows, int64_t r, bool dense) {
+  if (marked_in_other_pass(mask) && discarded) mask.zero_();
+  if (dense) {
+    mask.narrow(0, off, out).fill_(1);
+    return;
+  }
+  uint8_t* mp = mask.data_ptr<uint8_t>() + off;
+  for (int64_t i = 0; i < r; ++i) mp[rows[i]] = 1;
+  if (r == 0) log_no_rows(weight);
 }
 
 // The kept buffer as a node holds it between forward and backward: weakly. A strong reference
@@ -1151,10 +1177,8 @@ variable_list run_backward(AutogradContext* ctx, const variable_list& grad_outpu
     if (need_x) result[0] = at::zeros_like(x);
     if (need_w) {
       result[1] = at::zeros_like(w);  // dense: autograd accumulates it
-      if (mask.numel() > 0 && writes_grad(weight)) {  // no row, as the marks below say
-        if (marked_in_other_pass(mask) && discarded) mask.zero_();
-        log_no_rows(weight);
-      }
+      if (mask.numel() > 0 && writes_grad(weight))  // no row written
+        mark_written_rows(mask, weight, discarded, off, out, nullptr, 0, false);
     }
     if (need_b) result[2] = at::zeros({out}, w.options());
     return result;
@@ -1221,20 +1245,10 @@ variable_list run_backward(AutogradContext* ctx, const variable_list& grad_outpu
   if (skipped) restore_memory();
   const bool dense = k >= out || skipped;
   if (need_w) {
-    if (mask.numel() > 0 && (route != 0 || writes_grad(weight))) {  // rows for LazyRowAdam
-      // a new gradient: the marks of earlier passes were rows of the one discarded, but not
-      // this pass's (with route 0 .grad stays None until autograd's add: another call of the
-      // weight may have marked first)
-      if (marked_in_other_pass(mask) && discarded) mask.zero_();
-      if (dense) {
-        mask.narrow(0, off, out).fill_(1);
-      } else {
-        uint8_t* mp = mask.data_ptr<uint8_t>() + off;
-        const int64_t* rp = rows.data_ptr<int64_t>();
-        for (int64_t i = 0; i < rows.size(0); ++i) mp[rp[i]] = 1;
-        if (rows.size(0) == 0) log_no_rows(weight);
-      }
-    }
+    if (mask.numel() > 0 && (route != 0 || writes_grad(weight)))
+      mark_written_rows(mask, weight, discarded, off, out,
+                        dense ? nullptr : rows.data_ptr<int64_t>(), dense ? 0 : rows.size(0),
+                        dense);
     if (route == 0 || dense) {
       result[1] = dW;  // dense (out, in): autograd accumulates it
     } else if (route == 1) {
@@ -1387,16 +1401,13 @@ int64_t clear_kept_rows_(at::TensorList bufs, at::TensorList states) {
     TORCH_CHECK(state.scalar_type() == at::kLong && state.is_contiguous() && state.dim() == 1 &&
                     state.numel() >= 2,
                 "clear_kept_rows_: a state must be a contiguous int64 vector");
-    int64_t* st = state.data_ptr<int64_t>();
+    const int64_t* st = state.data_ptr<int64_t>();
     // (another tensor sharing its memory, a .detach(), .data or NumPy view of the old .grad
     // that the caller kept, stays as it is: the backward gives the weight fresh memory)
-    if (st[0] < 0 || buf._version() != st[1] || !buf.is_contiguous() || buf.dim() != 2 ||
-        st[0] + 2 > state.numel() || buf.storage().use_count() > 1)
+    if (!buf.is_contiguous() || buf.dim() != 2 || st[0] + 2 > state.numel() ||
+        buf.storage().use_count() > 1)
       continue;
-    clear_rows(buf, st + 2, st[0]);
-    st[0] = 0;
-    st[1] = buf._version();
-    ++cleared;
+    if (clear_listed_rows(buf, state)) ++cleared;
   }
   return cleared;
 }

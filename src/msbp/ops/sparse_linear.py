@@ -681,6 +681,14 @@ class SparseLinearFunction(torch.autograd.Function):
         compact = bool(need_w and plan.grad_inplace and not compiling) and (
             prepare_grad_buffer(ctx, weight, 1)
         )
+
+        def undo() -> None:
+            """Before a raise: the memory as it was, and .grad None again where it was and a
+            buffer was put back, as autograd leaves it after a failure."""
+            restore_memory_(memory, before)
+            if compact and fresh:
+                weight.grad = None
+
         native_ok = native.use_native(g.device, "sparse_linear_backward")
         args = [g, x2, w, memory if use_memory else None, random_cols, scale, k,
                 SELECTION_CODES[plan.selection], plan.alpha, slot, need_x, need_w, need_b,
@@ -688,9 +696,7 @@ class SparseLinearFunction(torch.autograd.Function):
         try:
             dx, dW, db, rows, skipped = run_backward(native_ok, *args, probe=plan.probe)
         except RuntimeError as exc:
-            restore_memory_(memory, before)
-            if compact and fresh:  # .grad None again, as autograd leaves it after a failure
-                weight.grad = None
+            undo()
             if NONFINITE_MARK in str(exc):
                 raise nonfinite_error(plan, "output gradient", grad_out.shape) from None
             raise
@@ -699,9 +705,7 @@ class SparseLinearFunction(torch.autograd.Function):
             if not (skip or compiling or torch.cuda.is_current_stream_capturing()) and bool(
                 skipped
             ):
-                restore_memory_(memory, before)
-                if compact and fresh:
-                    weight.grad = None
+                undo()
                 raise nonfinite_error(plan, "output gradient", grad_out.shape)
             skipped = 0
         elif before is not None and not compiling and bool(skipped):
