@@ -263,3 +263,50 @@ def test_backend_auto_measures_a_transposed_weight_as_its_own_case(backend, monk
         layer(torch.randn(8, 20)).sum().backward()
         assert compact[:2] == [isinstance(layer, msbp.SparseLinear)] * 2  # the measured calls
     assert len(sl.auto_decisions()) == 2
+
+
+@native_only
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("alpha", [0.0, 0.8])
+def test_native_per_example_rows_fused_equal_two_passes(dtype, alpha):
+    """On one thread per-example top-k ranks each row as pass 1 makes it (U never written
+    whole); on two, at this size, pass 1 writes U by column chunks and the top-k reads it back.
+    Both must give the same bits, padding rows and the unit memory's residual sums included,
+    and the same non-finite handling (raise; skip with the memory left alone)."""
+    gen = torch.Generator().manual_seed(3)
+    n, d_in, out, k = 320, 24, 2000, 5  # active rows x out: 2 chunks of pass 1 on 2 threads
+    wide = torch.float64 if dtype == torch.float64 else torch.float32
+    x = torch.randn(n, d_in, generator=gen, dtype=wide).to(dtype)
+    w = torch.randn(out, d_in, generator=gen, dtype=wide).to(dtype)
+    g = torch.randn(n, out, generator=gen, dtype=wide).to(dtype)
+    g[::7] = 0  # padding rows: run on the active rows through the row map
+    memory = torch.randn(out, generator=gen, dtype=wide)
+    code = SELECTION_CODES["per_example"]
+
+    def run(threads, grad, skip):
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            mem = memory.clone()
+            res = _native(grad, x, w, mem, None, None, k, code, alpha, False, True, True,
+                          True, False, skip, 3.0)
+            return [*res, mem]
+        finally:
+            torch.set_num_threads(before)
+
+    for one, two in zip(run(1, g, False), run(2, g, False), strict=True):
+        assert torch.equal(one, two)
+    bad = g.clone()
+    bad[150, 1234] = float("nan")  # a row after which the fused pass only sums db
+    one, two = run(1, bad, True), run(2, bad, True)
+    for a, b in zip(one[:2], two[:2], strict=True):  # dense GEMMs: MKL's bits vary by threads
+        torch.testing.assert_close(a, b, equal_nan=True, rtol=1e-4, atol=1e-3)
+    for a, b in zip(one[2:], two[2:], strict=True):  # db, rows, skipped, memory (unchanged)
+        assert torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(), b.nan_to_num())
+    assert int(one[4]) == 1 and torch.equal(one[5], memory)
+    for threads in (1, 2):
+        mem = memory.clone()
+        with pytest.raises(RuntimeError, match="non-finite"):
+            _native(bad, x, w, mem, None, None, k, code, alpha, False, True, True, True,
+                    False, False, 3.0)
+        assert torch.equal(mem, memory)

@@ -9,7 +9,8 @@
 // One pass over G builds U, the column scores, the column sums of U, and the finiteness
 // flag; the products are ATen GEMMs of width k (unified) or blocked loops over the kept entries
 // (per-example); with unified / random selection the `unit` memory comes from those sums with
-// no second pass over U (per-example sums the residual U - U_S itself). Mirrors
+// no second pass over U (per-example sums the residual U - U_S itself; on one thread it ranks
+// each row as pass 1 makes it, U never written whole: fused_rows_topk). Mirrors
 // msbp.ops.sparse_linear.sparse_linear_backward_torch (the fallback) and
 // msbp.ops.reference.sparse_linear_backward_ref (the oracle).
 //
@@ -162,6 +163,70 @@ void build_u(const G* g, const int64_t* g_rows, A* u, int64_t n, int64_t out, in
                     : with_sum_u(write_u, std::false_type{});
   };
   u != nullptr ? with_sum_g(std::true_type{}) : with_sum_g(std::false_type{});
+}
+
+// Pass 1 of one row for per-example selection, into a scratch row u (0..out): U = G + M *
+// mem_mul, colsum G into gsum (null: not wanted); returns NaN iff some entry of U is inf or
+// NaN. The same expressions in the same order as pass_rows, so the same bits.
+template <typename G, typename A>
+A u_row(const G* gr, const A* mr, A mem_mul, A* u, A* gsum, int64_t out) {
+  using V = typename Vec<A>::type;
+  constexpr int W = Vec<A>::width;
+  int64_t o = 0;
+  V wit{};
+  A nan_acc = 0;
+  if constexpr (std::is_same_v<G, A>) {
+    const V zero = V{}, mm = V{} + mem_mul;
+    for (; o + W <= out; o += W) {
+      const V gv = load<V>(gr + o);
+      const V v = mr ? gv + load<V>(mr + o) * mm : gv;
+      store(u + o, v);
+      if (gsum != nullptr) store(gsum + o, load<V>(gsum + o) + gv);
+      wit = wit + v * zero;
+    }
+  }
+  for (; o < out; ++o) {
+    A v = u_value(gr[o], mr, o, mem_mul);
+    u[o] = v;
+    if (gsum != nullptr) gsum[o] += static_cast<A>(gr[o]);
+    nan_acc += v * A(0);
+  }
+  for (int l = 0; l < W; ++l) nan_acc += wit[l];
+  return nan_acc;
+}
+
+// Per-example selection where no row of U is kept afterwards (no memory, or the `unit`
+// layout) and the backward runs on one thread: pass 1 and each row's top-k fused, row by row
+// through a scratch row that stays in L1, instead of writing U (n, out) and reading it back
+// (the tagger's per-example input transform: ~1,100 x 2,000 a batch, 8.8 MB). Fills ip / vp
+// (n, k: each row's kept columns ascending and their values), gsum (db; null: not wanted) and
+// res_sum (colsum of the residual U - U_S; null without a memory), every column summed over
+// the rows in order, as pass 1 and the top-k loop sum them; returns false if some entry of U
+// is inf or NaN (the rows after the first such row only add into gsum).
+template <typename G, typename A>
+bool fused_rows_topk(const G* g, const int64_t* g_rows, int64_t n, int64_t out, int64_t k,
+                     const A* mem, const uint8_t* row_on, A mem_mul, A* gsum, A* res_sum,
+                     int64_t* ip, A* vp) {
+  std::vector<A> urow(out);
+  A* ur = urow.data();
+  TopkScratch<A> scratch;
+  if (gsum != nullptr) std::fill(gsum, gsum + out, A(0));
+  if (res_sum != nullptr) std::fill(res_sum, res_sum + out, A(0));
+  bool finite = true;
+  for (int64_t r = 0; r < n; ++r) {
+    const G* gr = g + (g_rows != nullptr ? g_rows[r] : r) * out;
+    const A bad = u_row<G, A>(gr, mem_row(mem, row_on, false, r, out), mem_mul, ur, gsum, out);
+    finite = finite && std::isfinite(bad);
+    if (!finite) continue;
+    int64_t* ir = ip + r * k;
+    topk_blocks(Ranked<A, true, false>{ur, nullptr, 0}, out, k, ir, scratch);
+    for (int64_t j = 0; j < k; ++j) vp[r * k + j] = ur[ir[j]];
+    if (res_sum != nullptr) {
+      for (int64_t j = 0; j < k; ++j) ur[ir[j]] = 0;
+      for (int64_t o = 0; o < out; ++o) res_sum[o] += ur[o];
+    }
+  }
+  return finite;
 }
 
 // Work below which a parallel region costs more than it saves (OpenMP start and join, measured
@@ -385,10 +450,17 @@ Out5 backward_impl(const Tensor& grad_out, const Tensor& x, const Tensor& weight
   // Pass 1: U, scores, column sums, finiteness. U itself is not stored where only k of its
   // columns are read later (unified / random selection, `unit` layout or no memory): on large
   // layers writing it (and faulting in its fresh pages) cost more than the rest of the pass.
-  const bool keep_u = dense || selection == kPerExample || (use_memory && slot);
+  const int64_t nchunks =
+      std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), (n * out) / kMinTaskWork));
+  // per-example top-k fused with pass 1 (fused_rows_topk) where no row of U is kept and the
+  // two passes would run on one thread anyway (so the same bits at any thread count)
+  const bool fused = !dense && selection == kPerExample && !(use_memory && slot) &&
+                     (at::get_num_threads() == 1 || at::in_parallel_region() ||
+                      (nchunks == 1 && n <= grain(4 * out)));
+  const bool keep_u = dense || (selection == kPerExample && !fused) || (use_memory && slot);
   Tensor u = keep_u ? at::empty({n, out}, acc_opts) : Tensor();
   A* u_ptr = keep_u ? u.data_ptr<A>() : nullptr;
-  Tensor score = at::empty({out}, acc_opts);
+  Tensor score = fused ? Tensor() : at::empty({out}, acc_opts);
   // colsum U: what a unit memory keeps of the columns unified / random selection drops
   const bool need_usum = use_memory && !slot && !dense && selection != kPerExample;
   Tensor usum = need_usum ? at::empty({out}, acc_opts) : Tensor();
@@ -404,22 +476,41 @@ Out5 backward_impl(const Tensor& grad_out, const Tensor& x, const Tensor& weight
   // layer is bit-identical to a dense one
   Tensor db = need_b && !dense ? at::empty({out}, acc_opts) : Tensor();
   A* gsum_ptr = db.defined() ? db.data_ptr<A>() : nullptr;
-  const int64_t nchunks =
-      std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), (n * out) / kMinTaskWork));
-  std::vector<A> bad(nchunks, 0);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, g.scalar_type(), "msbp_build_u", [&] {
-    const scalar_t* gp = g.data_ptr<scalar_t>();
-    at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
-      for (int64_t c = c0; c < c1; ++c) {
-        int64_t o0 = out * c / nchunks, o1 = out * (c + 1) / nchunks;
-        build_u<scalar_t, A>(gp, g_row, u_ptr, n, out, o0, o1, mem_ptr, row_on, slot, mem_mul,
-                             score.data_ptr<A>(), need_usum ? usum.data_ptr<A>() : nullptr,
-                             gsum_ptr, &bad[c]);
-      }
-    });
-  });
   bool finite = true;
-  for (A b : bad) finite = finite && std::isfinite(b);
+  // per-example selection's kept entries (n, k), and a unit memory's colsum of the residual
+  // where the top-k loop below or fused_rows_topk has summed it
+  Tensor idx_t, val_t;
+  std::vector<A> res_sum;
+  bool summed = false;
+  if (selection == kPerExample && !dense) {
+    idx_t = at::empty({n, k}, long_opts);
+    val_t = at::empty({n, k}, acc_opts);
+  }
+  if (fused) {
+    if (use_memory) res_sum.resize(out);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, g.scalar_type(), "msbp_rows_topk",
+                                    [&] {
+      finite = fused_rows_topk<scalar_t, A>(
+          g.data_ptr<scalar_t>(), g_row, n, out, k, mem_ptr, row_on, mem_mul, gsum_ptr,
+          use_memory ? res_sum.data() : nullptr, idx_t.data_ptr<int64_t>(), val_t.data_ptr<A>());
+    });
+    summed = use_memory;
+  } else {
+    std::vector<A> bad(nchunks, 0);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, g.scalar_type(), "msbp_build_u",
+                                    [&] {
+      const scalar_t* gp = g.data_ptr<scalar_t>();
+      at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
+        for (int64_t c = c0; c < c1; ++c) {
+          int64_t o0 = out * c / nchunks, o1 = out * (c + 1) / nchunks;
+          build_u<scalar_t, A>(gp, g_row, u_ptr, n, out, o0, o1, mem_ptr, row_on, slot, mem_mul,
+                               score.data_ptr<A>(), need_usum ? usum.data_ptr<A>() : nullptr,
+                               gsum_ptr, &bad[c]);
+        }
+      });
+    });
+    for (A b : bad) finite = finite && std::isfinite(b);
+  }
 
   if (!need_b) db = at::empty({0}, acc_opts);
   else if (dense) db = at::sum(g, {0}, false, acc_opts.dtype().toScalarType());
@@ -590,16 +681,12 @@ Out5 backward_impl(const Tensor& grad_out, const Tensor& x, const Tensor& weight
     rows = idx;
   } else {
     // Per example: k entries per row; c distinct columns over the batch.
-    Tensor idx_t = at::empty({n, k}, long_opts);
-    Tensor val_t = at::empty({n, k}, acc_opts);
     int64_t* ip = idx_t.data_ptr<int64_t>();
     A* vp = val_t.data_ptr<A>();
     // a unit memory's column sums of the residual, added row by row while the row is in cache,
     // where the loop runs as one chunk (rows in order: the bits of the pass below, which then
     // need not read U again; the tagger's ~1,100 x 2,000 residual a batch)
-    std::vector<A> res_sum;
-    bool summed = false;
-    at::parallel_for(0, n, grain(4 * out), [&](int64_t r0, int64_t r1) {
+    if (!fused) at::parallel_for(0, n, grain(4 * out), [&](int64_t r0, int64_t r1) {
       const bool sum_here = use_memory && !slot && r0 == 0 && r1 == n;
       if (sum_here) res_sum.assign(out, A(0));
       // by the maxima of blocks of |U| (topk.h), read in place: at the tagger's 800 rows of
