@@ -68,6 +68,8 @@ class SparseLSTM(MemoryMixin, nn.RNNBase):
     (output, (h_n, c_n)) with output (T, B, D * hidden) and h_n, c_n (D * layers, B, hidden).
     The forward pass is exact; when autograd records it, it runs as a Python loop over time steps
     (slower than ``nn.LSTM``'s fused kernel); under ``torch.no_grad()`` it is ``nn.LSTM``'s.
+    Dtypes are checked as ``nn.LSTM`` checks them, in both grad modes alike: a mismatch raises
+    ``LSTMDtypeError`` (a ``ValueError`` and a ``RuntimeError``), see ``_check_dtypes``.
 
     Example:
         >>> lstm = SparseLSTM(16, 32, batch_first=True, config=SparseBackpropConfig(k=5))
