@@ -12,6 +12,7 @@ from torch import nn
 
 from msbp import SparseBackpropConfig, SparseLSTM, densify, native, sparsify
 from msbp.functional import make_plan
+from msbp.nn.lstm import LSTMDtypeError
 from msbp.ops import recurrent
 from msbp.ops.recurrent import SparseLSTMRecurrence
 from msbp.ops.reference import lstm_recurrence_ref, sparse_linear_ref
@@ -500,6 +501,74 @@ def test_autocast_leaves_a_float64_lstm_alone(layers: int, backend: str) -> None
     (ref.square().sum() + h_ref.sum() + c_ref.sum()).backward()
     for name, grad in _grads(dense).items():
         torch.testing.assert_close(dict(lstm.named_parameters())[name].grad, grad, **F64)
+
+
+# module variants of the dtype test: (nn.LSTM / SparseLSTM kwargs, unbatched input)
+_DTYPE_VARIANTS = {
+    "one_layer": ({}, False),
+    "bi2_batch_first": ({"num_layers": 2, "bidirectional": True, "batch_first": True}, False),
+    "unbatched": ({}, True),
+}
+_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
+
+
+def _call(module: nn.Module, x: torch.Tensor, hx, grad: bool, autocast: bool):
+    """module(x, hx) in the grad mode asked for: the output dtypes, or the exception raised."""
+    try:
+        with torch.set_grad_enabled(grad), torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+            out, (h, c) = module(x, hx)
+    except Exception as err:  # nn.LSTM's exception is the oracle, whatever its type
+        return err
+    if grad:  # the sparse backward runs on what the forward accepted
+        (out.float().sum() + h.float().sum() + c.float().sum()).backward()
+    return out, h, c
+
+
+@pytest.mark.parametrize("variant", list(_DTYPE_VARIANTS))
+@pytest.mark.parametrize("autocast", [False, True], ids=["plain", "autocast"])
+@pytest.mark.parametrize("weights", [torch.float32, torch.float64], ids=dtype_id)
+def test_dtypes_as_nn_lstm_in_both_grad_modes(variant: str, autocast: bool,
+                                              weights: torch.dtype) -> None:
+    """Every input / h0 / c0 dtype (float32, float64, bfloat16, hx or none): where nn.LSTM
+    raises, SparseLSTM raises LSTMDtypeError (a ValueError naming the dtypes and shapes) with
+    grad and under no_grad alike; where nn.LSTM runs, it runs with nn.LSTM's output dtypes and
+    values. The autograd path cast a float64 hx silently (nn.LSTM's, run under no_grad, raised)
+    and met a float64 input with F.linear's 'mat1 and mat2 must have the same dtype'."""
+    kwargs, unbatched = _DTYPE_VARIANTS[variant]
+    torch.manual_seed(0)
+    dense = nn.LSTM(3, 4, dtype=weights, **kwargs)
+    lstm = SparseLSTM.from_dense(copy.deepcopy(dense), make_cfg(k=2))
+    states = 2 * dense.num_layers if dense.bidirectional else dense.num_layers
+    batch = () if unbatched else (2,)
+    cases = [(x, None, None) for x in _DTYPES]
+    cases += [(x, h, c) for x in _DTYPES for h in _DTYPES for c in _DTYPES]
+    for x_dtype, h_dtype, c_dtype in cases:
+        x = torch.randn(5, *batch, 3, dtype=x_dtype)
+        if dense.batch_first and not unbatched:
+            x = x.transpose(0, 1)
+        hx = None if h_dtype is None else (torch.randn(states, *batch, 4, dtype=h_dtype),
+                                           torch.randn(states, *batch, 4, dtype=c_dtype))
+        case = f"x {x_dtype}, hx {h_dtype}, {c_dtype}"
+        expected = [_call(dense, x, hx, grad, autocast) for grad in (True, False)]
+        for grad, ref in zip((True, False), expected, strict=True):
+            got = _call(lstm, x, hx, grad, autocast)
+            if isinstance(ref, Exception):
+                assert isinstance(got, LSTMDtypeError), (case, grad, got)
+                # a ValueError as the project's bad input, a RuntimeError as nn.LSTM's kernels'
+                assert isinstance(got, ValueError) and isinstance(got, RuntimeError)
+                # the message names the offending tensors' dtypes and shapes, as the caller
+                # passed them
+                named = [x] if str(got).startswith("input") else list(hx)
+                for t in named:
+                    assert str(t.dtype) in str(got) and str(tuple(t.shape)) in str(got), got
+                continue
+            assert not isinstance(got, Exception), (case, grad, got)
+            for a, e in zip(got, ref, strict=True):
+                assert a.dtype == e.dtype and a.shape == e.shape, (case, grad)
+                if a.dtype != torch.bfloat16:
+                    torch.testing.assert_close(a, e, **(F64 if a.dtype == torch.float64 else {}))
+        # nn.LSTM raises in both grad modes or in neither for every case here
+        assert isinstance(expected[0], Exception) == isinstance(expected[1], Exception), case
 
 
 @pytest.mark.parametrize("k", [5, 16])

@@ -40,6 +40,17 @@ from msbp.functional import (
 from msbp.nn.memory import MemoryMixin
 from msbp.ops import consensus
 from msbp.ops.recurrent import SparseLSTMRecurrence
+from msbp.ops.sparse_linear import autocast_arg, autocast_dtype
+
+
+class LSTMDtypeError(ValueError, RuntimeError):
+    """Input, hx or weights of a ``SparseLSTM`` call whose dtypes do not fit together.
+
+    A ``ValueError`` (the project's error for bad input, and what ``nn.LSTM`` raises for an
+    input whose dtype is not the weights') that is also a ``RuntimeError``, which ``nn.LSTM``
+    raises deep in its kernels for the other mismatches (hx, or any under autocast): code written
+    to catch either from ``nn.LSTM`` catches this one.
+    """
 
 
 class SparseLSTM(MemoryMixin, nn.RNNBase):
@@ -57,6 +68,8 @@ class SparseLSTM(MemoryMixin, nn.RNNBase):
     (output, (h_n, c_n)) with output (T, B, D * hidden) and h_n, c_n (D * layers, B, hidden).
     The forward pass is exact; when autograd records it, it runs as a Python loop over time steps
     (slower than ``nn.LSTM``'s fused kernel); under ``torch.no_grad()`` it is ``nn.LSTM``'s.
+    Dtypes are checked as ``nn.LSTM`` checks them, in both grad modes alike: a mismatch raises
+    ``LSTMDtypeError`` (a ``ValueError`` and a ``RuntimeError``), see ``_check_dtypes``.
 
     Example:
         >>> lstm = SparseLSTM(16, 32, batch_first=True, config=SparseBackpropConfig(k=5))
@@ -185,6 +198,40 @@ class SparseLSTM(MemoryMixin, nn.RNNBase):
         tensors = [input, *(hx or ()), *self._flat_weights]
         return any(t is not None and t.requires_grad for t in tensors)
 
+    def _check_dtypes(self, input: Tensor, hx: tuple[Tensor, Tensor] | None) -> None:
+        """Raise ``LSTMDtypeError`` where ``nn.LSTM`` raises on dtypes: outside autocast the
+        input, h0 and c0 must have the weights' dtype; under autocast each runs in autocast's
+        dtype, float64 excepted (``autocast_arg``), and those must agree. One exception, as
+        nn.LSTM's: a float64 layer takes a c0 of any floating dtype (c0 meets only elementwise
+        ops, which promote it; the recurrence casts it, the same values)."""
+        weight = self.weight_ih_l0
+        cast = autocast_dtype(input.device.type)
+
+        def runs_as(t: Tensor) -> torch.dtype:
+            return t.dtype if cast is None else autocast_arg(t, cast).dtype
+
+        want = runs_as(weight)
+        if runs_as(input) == want and (hx is None or (
+            runs_as(hx[0]) == want
+            and (runs_as(hx[1]) == want or (want == torch.float64 and hx[1].is_floating_point()))
+        )):
+            return
+        under = f" under autocast ({cast})" if cast is not None else ""
+        if runs_as(input) != want:
+            raise LSTMDtypeError(
+                f"input of shape {tuple(input.shape)} and dtype {input.dtype} does not fit "
+                f"SparseLSTM's {weight.dtype} weights{under}: convert the input "
+                f"(input.to({weight.dtype})) or the module (module.to({input.dtype}))"
+            )
+        assert hx is not None  # the input fits, so hx does not
+        h0, c0 = hx
+        expected = f"{want} each" if cast is None else f"each to run as {want}"
+        raise LSTMDtypeError(
+            f"hx of dtypes {h0.dtype}, {c0.dtype} and shapes {tuple(h0.shape)}, "
+            f"{tuple(c0.shape)} does not fit input of dtype {input.dtype} and SparseLSTM's "
+            f"{weight.dtype} weights{under}: expected {expected}"
+        )
+
     def forward(  # type: ignore[override]
         self, input: Tensor, hx: tuple[Tensor, Tensor] | None = None
     ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
@@ -222,6 +269,8 @@ class SparseLSTM(MemoryMixin, nn.RNNBase):
                 raise ValueError(
                     f"hx of shapes {tuple(h0.shape)}, {tuple(c0.shape)}: expected {want} each"
                 )
+        # before the two paths part: the autograd one cast hx silently where nn.LSTM's raised
+        self._check_dtypes(input, hx)
         if not self._needs_backward(input, hx):
             # no backward, so nothing sparse to do: nn.LSTM's fused kernel, the same function
             return nn.LSTM.forward(self, input, hx)
