@@ -136,6 +136,40 @@ def test_discarded_rows_do_not_step_a_later_gradient_written_by_something_else(b
     assert bool((w != before).all(1).all())
 
 
+@pytest.mark.parametrize("kind", ["linear", "linear_autocast", "lstm", "conv"])
+def test_a_weight_never_logged_is_known_as_a_sparse_layers_weight(backend, kind):
+    """A sparse layer ran (its output unused), its weight's gradient came from a penalty alone,
+    and the optimizer stepped twice without zero_grad: the first step is dense (with the warning
+    of a gradient written without a log of its rows), the second takes none (the gradient is
+    the one already stepped: the layer took no part). On the C++ path the forward's row mask made
+    the weight known as a sparse layer's; every other path (the PyTorch backend, autocast, the
+    LSTM's recurrent weight, convolutions) knew it only from a first log, and stepped the stale
+    gradient again."""
+    config = msbp.SparseBackpropConfig(k=2, memory=0.0)
+    torch.manual_seed(0)
+    if kind.startswith("linear"):
+        layer = msbp.SparseLinear(3, 4, config=config, bias=False)
+        weight, x = layer.weight, torch.randn(2, 3)
+    elif kind == "lstm":
+        layer = msbp.SparseLSTM(3, 4, config=config, bias=False)
+        weight, x = layer.weight_hh_l0, torch.randn(5, 2, 3)
+    else:
+        layer = msbp.SparseConv2d(2, 4, 3, config=config, bias=False)
+        weight, x = layer.weight, torch.randn(1, 2, 5, 5)
+    opt = LazyRowAdam(layer.parameters(), lr=0.1)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=kind == "linear_autocast"):
+        layer(x)  # a forward whose output is not used
+    (0.5 * weight.square().sum()).backward()  # the gradient: a penalty only
+    before = weight.detach().clone()
+    with pytest.warns(RuntimeWarning, match="without a log of its rows"):
+        opt.step()  # dense
+    assert bool((weight != before).all())
+    before = weight.detach().clone()
+    opt.step()  # nothing new written: no step
+    assert torch.equal(weight, before)
+    assert float(opt.state[weight]["step"]) == 1
+
+
 @pytest.mark.parametrize("how", ["load_state_dict", "fresh_optimizer"])
 def test_zero_grad_clears_rows_stepped_before_a_state_was_loaded(backend, how):
     """step(), then the optimizer's state loaded (a checkpoint restored mid-run, or a new

@@ -24,7 +24,12 @@ from msbp.ops.sparse_linear import (
     buffer_listed_rows,
     record_buffer_clean,
 )
-from msbp.ops.touched_rows import drop_discarded_log, row_block_of, rows_mask
+from msbp.ops.touched_rows import (
+    drop_discarded_log,
+    note_sparse_weight,
+    row_block_of,
+    rows_mask,
+)
 from msbp.ops.transient import TransientTuple, first_item_held_elsewhere
 
 
@@ -151,6 +156,8 @@ def sparse_linear_checked(
         )
         return y, settings if repeatable else None
     plan = make_plan(run, out_features, generator=generator, name=name, probe=probe)
+    if not torch.compiler.is_compiling():
+        note_sparse_weight(weight)  # the C++ path's row mask does this there
     return SparseLinearFunction.apply(x, weight, bias, memory, plan), None
 
 

@@ -32,6 +32,7 @@ from msbp.functional import (
 from msbp.ops.touched_rows import (
     ROWS_LOG,
     ROWS_MASK,
+    SPARSE_WEIGHT,
     TRACK_ROWS,
     WEIGHT_TIED,
     fold_rows,
@@ -57,10 +58,12 @@ _NO_LOGGED_ROWS = torch.empty(0, dtype=torch.long)
 
 def _row_sparse(p: Tensor, state: dict) -> bool:
     """Whether ``p`` is a sparse layer's weight, whose rows take a step only where logged: known
-    from an earlier log, or from the row mask, which only a sparse layer's backward makes (and
+    from an earlier log, from the row mask, which only a sparse layer's C++ path makes (and
     which may have no row marked yet: per-example top-k of all-zero gradient rows marks none;
-    the PyTorch path logs an empty entry then)."""
-    if not state.get("row_sparse") and ROWS_MASK in p.__dict__:
+    the PyTorch path logs an empty entry then), or from the mark the other paths' forwards set
+    (``SPARSE_WEIGHT``)."""
+    own = p.__dict__
+    if not state.get("row_sparse") and (ROWS_MASK in own or SPARSE_WEIGHT in own):
         state["row_sparse"] = True
     return bool(state.get("row_sparse"))
 
@@ -584,7 +587,7 @@ class LazyRowAdam(Optimizer):
                 self._route(p, grad, state, _DENSE, rest, True)
                 continue
             if mask is None:
-                if state.get("row_sparse") or p.is_complex():
+                if _row_sparse(p, state) or p.is_complex():
                     self._route(p, grad, state, self._plan_local(p, grad, state, []), rest, True)
                 else:
                     d_params.append(p)

@@ -41,6 +41,7 @@ from msbp.nn.memory import MemoryMixin
 from msbp.ops import consensus
 from msbp.ops.recurrent import SparseLSTMRecurrence
 from msbp.ops.sparse_linear import autocast_arg, autocast_dtype
+from msbp.ops.touched_rows import note_sparse_weight
 
 
 class LSTMDtypeError(ValueError, RuntimeError):
@@ -171,6 +172,8 @@ class SparseLSTM(MemoryMixin, nn.RNNBase):
             and native.use_native(weight.device)
         ):
             buffer = kept_grad_buffer(weight)
+        if not torch.compiler.is_compiling():
+            note_sparse_weight(weight)
         return SparseLSTMRecurrence.apply(gates_x, h, c, weight, bias, memory, plan, reverse,
                                           buffer)
 

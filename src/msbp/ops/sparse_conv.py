@@ -30,7 +30,7 @@ from msbp.ops import scaling
 from msbp.ops.memory import restore_memory_, spread_slot_memory_, store_memory_
 from msbp.ops.selection import topk_by_index
 from msbp.ops.sparse_linear import BackwardPlan, forward_and_save, nonfinite_error
-from msbp.ops.touched_rows import log_touched_rows
+from msbp.ops.touched_rows import log_touched_rows, note_sparse_weight
 
 PER_EXAMPLE_ERROR = (
     "selection='per_example' is not supported for convolutions: every row of the output "
@@ -308,4 +308,6 @@ def sparse_conv(
     if plan.selection == "per_example":
         where = f" (layer {plan.name!r})" if plan.name else ""
         raise ValueError(PER_EXAMPLE_ERROR + where)
+    if not torch.compiler.is_compiling():
+        note_sparse_weight(weight)
     return SparseConvFunction.apply(x, weight, bias, memory, plan, geo)

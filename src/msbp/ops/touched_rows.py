@@ -28,6 +28,12 @@ ROWS_TASK = "_msbp_rows_task"
 #: the C++ fast path of SparseLinear marks (it cannot append to a Python list)
 ROWS_MASK = "_msbp_row_mask"
 
+#: attribute on a Parameter: True once a sparse layer's forward ran on it for a tracking
+#: optimizer, on the paths that make no row mask (the PyTorch autograd glue, the LSTM's recurrent
+#: weight, convolutions), so that it is known as a sparse layer's weight before any row is
+#: logged, as the mask makes it known on the C++ path (see ``note_sparse_weight``)
+SPARSE_WEIGHT = "_msbp_sparse_weight"
+
 #: attribute on a Parameter: another module that logs no rows also writes its gradient (weight
 #: tying; set by ``SparseLinear`` with ``weight_tied``): a row-sparse optimizer steps it whole
 WEIGHT_TIED = "_msbp_weight_tied"
@@ -70,6 +76,18 @@ def rows_mask(weight: Tensor) -> Tensor | None:
             weight.shape[0], dtype=torch.uint8, device=weight.device
         )
     return mask
+
+
+def note_sparse_weight(weight: Tensor) -> None:
+    """Mark ``weight`` (or the Parameter it is a block of rows of) as a sparse layer's weight for
+    the optimizer that tracks its rows: one whose rows take a step only where logged, so that a
+    gradient nobody logged (a penalty only, left from an earlier step) is judged as such on every
+    path alike. Called by the layers' forwards that make no row mask; a no-op unless tracked."""
+    block = row_block_of(weight)
+    param = weight if block is None else block[0]
+    state = param.__dict__
+    if SPARSE_WEIGHT not in state and tracked(param):
+        state[SPARSE_WEIGHT] = True
 
 
 def log_touched_rows(weight: Tensor, rows: Tensor | None) -> None:
