@@ -120,6 +120,47 @@ def test_unscaled_backward_between_scale_and_update_stays_unscaled(backend):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
 
+class _RaiseInBackward(torch.autograd.Function):
+    """Identity whose backward raises (an OOM, a hook's error, a checkpoint misuse)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise RuntimeError("planted failure in the backward pass")
+
+
+def test_scaled_backward_that_raises_leaves_no_scale_behind(backend):
+    """A scaled backward that raises part-way (after the scale was published, before the pass
+    ended) must not leave its scale active: a later unscaled backward of another model keeps
+    its memory in its own units (the fuzzer found one divided by the scale, 1024)."""
+    scaled, other = _mlp(), _mlp()
+    other_ref = copy.deepcopy(other)
+    x, y = torch.randn(5, 6), torch.randint(0, 3, (5,))
+    scaler = msbp.amp.GradScaler("cpu", init_scale=1024.0)
+    nn.functional.cross_entropy(other_ref(x), y).backward()  # the reference, before
+    h = _RaiseInBackward.apply(scaled[:2](x))  # the sparse layers below it never run
+    loss = nn.functional.cross_entropy(scaled[2:](h), y)
+    with pytest.raises(RuntimeError, match="planted failure"):
+        scaler.scale(loss).backward()
+    nn.functional.cross_entropy(other(x), y).backward()
+    for a, b in zip(_memories(other), _memories(other_ref), strict=True):
+        assert b.any()
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    for pa, pb in zip(other.parameters(), other_ref.parameters(), strict=True):
+        torch.testing.assert_close(pa.grad, pb.grad, rtol=1e-6, atol=1e-7)
+    # and the scaler still works: its next scaled backward is as an unscaled one
+    plain = copy.deepcopy(scaled)
+    for model in (plain, scaled):
+        model.zero_grad(set_to_none=True)
+    nn.functional.cross_entropy(plain(x), y).backward()
+    scaler.scale(nn.functional.cross_entropy(scaled(x), y)).backward()
+    for a, b in zip(_memories(plain), _memories(scaled), strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("reentrant", [True, False], ids=["reentrant", "non-reentrant"])
 def test_scaled_backward_through_checkpointed_segments(backend, reentrant):
     """A checkpointed segment's recomputed backward (a nested backward pass when reentrant)

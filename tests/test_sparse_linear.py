@@ -812,6 +812,36 @@ def test_old_gradient_kept_after_the_forward_is_not_overwritten(backend):
     torch.testing.assert_close(layer.weight.grad, want, **tol(torch.float64))
 
 
+@pytest.mark.parametrize("between", ["forward", "autograd_grad"])
+def test_old_gradient_kept_is_not_overwritten_after_another_forward(backend, between):
+    """As above, with another forward of the layer between ``zero_grad`` and the backward (an
+    evaluation left with grad enabled, or ``torch.autograd.grad`` of the input only), which
+    found the old buffer held and recorded a new one: the backward of the first graph must
+    still take the old .grad for the caller's, not put it back as .grad and add into it (the
+    native path did: it had captured that buffer at its forward, and once the record no longer
+    held it the caller's reference looked like msbp's own)."""
+    cfg = make_cfg("unified", "unit", 0.0, k=2)
+    layer = make_layer(4, 8, cfg)
+    gen = torch.Generator().manual_seed(7)
+    x1, g1, x2, g2 = (randn(3, d, gen=gen) for d in (4, 8, 4, 8))
+    layer(x1).backward(g1)
+    y = layer(x2)  # while .grad exists
+    old = layer.weight.grad
+    before = old.clone()
+    layer.zero_grad(set_to_none=True)
+    x3 = randn(2, 4, gen=gen).requires_grad_()
+    if between == "forward":
+        layer(x3).sum()  # never backpropagated
+    else:
+        torch.autograd.grad(layer(x3).sum(), [x3])  # .grad stays None
+    assert layer.weight.grad is None
+    y.backward(g2)
+    assert torch.equal(old, before)
+    assert layer.weight.grad is not old
+    want = ref_step(cfg, x2, layer.weight, g2, None)[1]
+    torch.testing.assert_close(layer.weight.grad, want, **tol(torch.float64))
+
+
 @pytest.mark.parametrize("hook", ["prehook", "posthook"])
 def test_two_calls_with_a_hook_on_the_accumulator_leave_no_stale_rows(backend, hook):
     """A layer called twice in one graph while .grad is None, with a hook on the weight's

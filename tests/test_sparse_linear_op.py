@@ -306,7 +306,12 @@ def test_native_per_example_rows_fused_equal_two_passes(dtype, alpha):
     assert int(one[4]) == 1 and torch.equal(one[5], memory)
     for threads in (1, 2):
         mem = memory.clone()
-        with pytest.raises(RuntimeError, match="non-finite"):
-            _native(bad, x, w, mem, None, None, k, code, alpha, False, True, True, True,
-                    False, False, 3.0)
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            with pytest.raises(RuntimeError, match="non-finite"):
+                _native(bad, x, w, mem, None, None, k, code, alpha, False, True, True, True,
+                        False, False, 3.0)
+        finally:
+            torch.set_num_threads(before)
         assert torch.equal(mem, memory)

@@ -93,8 +93,15 @@ class _ScaledRoot(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor):
         scaler = ctx.scaler
-        scaling.activate(scaler)
+        # active while this pass runs: the callback deactivates it when the pass ends; if the
+        # pass raises instead, the engine drops the callback and with it `token` (scaling.py)
+        token = _PassToken()
+        scaling.activate(scaler, token)
         torch.autograd.Variable._execution_engine.queue_callback(
-            lambda: scaling.deactivate(scaler)
+            lambda: scaling.deactivate(scaler, token)
         )
         return grad, None
+
+
+class _PassToken:
+    """Lives as long as one scaled backward pass's end-of-pass callback (see ``activate``)."""

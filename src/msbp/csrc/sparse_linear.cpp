@@ -1042,11 +1042,29 @@ bool held_in_python(const Tensor& t, int64_t arg_refs) {
   return Py_REFCNT(asked.ptr()) > base + arg_refs;
 }
 
+// Whether `kept` is still the buffer the weight's record holds (its __dict__ entry, see
+// msbp.functional.kept_grad_buffer), whose reference held_in_python takes for msbp's own. A
+// forward that found the buffer held (an old .grad the caller kept) recorded a new one; a node
+// that captured the old one at an earlier forward holds it only weakly, so where it still lives,
+// what holds it is not msbp: `loss = model(x); old = p.grad; opt.zero_grad(); model(x2);
+// loss.backward()` had put `old` back as .grad and added into it.
+bool is_recorded_kept(const Tensor& weight, const Tensor& kept) {
+  pybind11::gil_scoped_acquire gil;
+  pybind11::object w = pybind11::cast(weight);
+  auto dict = pybind11::reinterpret_steal<pybind11::object>(
+      PyObject_GenericGetDict(w.ptr(), nullptr));
+  if (!dict) throw pybind11::error_already_set();
+  PyObject* entry = PyDict_GetItemString(dict.ptr(), "_msbp_kept_grad_buffer");  // borrowed
+  if (entry == nullptr || !PyTuple_Check(entry) || PyTuple_GET_SIZE(entry) < 1) return false;
+  pybind11::object mine = pybind11::cast(kept);
+  return PyTuple_GET_ITEM(entry, 0) == mine.ptr();
+}
+
 // The buffer the rows of dW are added into for a route other than 0: weight.grad, or, where
 // that is None, `kept` put back as .grad with the rows written into it last time cleared (all of
 // it if anything changed it since; fresh memory if another tensor shares its storage; a new
-// buffer if Python code holds it: see held_in_python, with `arg_refs`; state: see
-// SparseLinearFn). Undefined where neither serves
+// buffer if Python code holds it: see held_in_python, with `arg_refs`, and is_recorded_kept;
+// state: see SparseLinearFn). Undefined where neither serves
 // (a .grad of another layout, shape, dtype or strides; no buffer kept): then dW goes to autograd.
 Tensor grad_buffer(const Tensor& weight, const Tensor& kept, const Tensor& state,
                    int64_t arg_refs) {
@@ -1059,7 +1077,7 @@ Tensor grad_buffer(const Tensor& weight, const Tensor& kept, const Tensor& state
   }
   if (kept.sizes() != weight.sizes()) return Tensor();
   Tensor w = weight;
-  if (held_in_python(kept, arg_refs)) {
+  if (held_in_python(kept, arg_refs) || !is_recorded_kept(weight, kept)) {
     // theirs stays as it is; the state keeps describing it, for when they let it go
     w.mutable_grad() = at::zeros(weight.sizes(), weight.options());
     return w.grad();

@@ -13,7 +13,9 @@ import weakref
 
 from torch import Tensor
 
-_active: list = [None]  # the scaler whose scaled loss is being backpropagated, or None
+# the scaler whose scaled loss is being backpropagated, or None; with it a weak reference to a
+# token that the backward pass owns (see ``activate``), or None for "until update()"
+_active: list = [None]
 _alive: weakref.WeakSet = weakref.WeakSet()  # every msbp scaler in this process
 
 
@@ -28,24 +30,44 @@ def any_scaler() -> bool:
     return len(_alive) > 0
 
 
-def activate(scaler) -> None:
-    """Make ``scaler`` (with ``get_scale_tensor()`` and ``snapshot(memory)``) the active one."""
-    _active[0] = scaler
+def activate(scaler, token: object | None = None) -> None:
+    """Make ``scaler`` (with ``get_scale_tensor()`` and ``snapshot(memory)``) the active one.
+
+    ``token``: an object only the backward pass that activates it keeps alive (its queued
+    end-of-pass callback holds it): the scaler is active while the token lives. A pass that
+    raises never runs its callbacks, so ``deactivate`` never comes; the autograd engine then
+    drops the pass and its callbacks, the token dies, and the scale it published with it,
+    instead of applying to every later backward (unscaled ones included)."""
+    _active[0] = (scaler, None if token is None else weakref.ref(token))
 
 
-def deactivate(scaler) -> None:
-    if _active[0] is scaler:
+def deactivate(scaler, token: object | None = None) -> None:
+    """``scaler`` is no longer the active one (``token``: the one it was activated with, which
+    the caller keeps alive until now)."""
+    del token
+    if _active[0] is not None and _active[0][0] is scaler:
         _active[0] = None
+
+
+def _current():
+    entry = _active[0]
+    if entry is None:
+        return None
+    scaler, token = entry
+    if token is not None and token() is None:  # its backward pass ended without deactivate
+        _active[0] = None
+        return None
+    return scaler
 
 
 def current_scale() -> Tensor | None:
     """The active scaler's scale (a one-element float32 tensor), or None."""
-    scaler = _active[0]
+    scaler = _current()
     return None if scaler is None else scaler.get_scale_tensor()
 
 
 def snapshot(memory: Tensor) -> None:
     """Let the active scaler keep ``memory``'s value before this backward changes it."""
-    scaler = _active[0]
+    scaler = _current()
     if scaler is not None:
         scaler.snapshot(memory)
