@@ -164,6 +164,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         torch::wrap_pybind_function_no_gil(&msbp::sparse_embedding_linear_fast));
   m.def("place_grad_rows_", torch::wrap_pybind_function_no_gil(&msbp::place_grad_rows_));
   m.def("clear_kept_rows_", torch::wrap_pybind_function_no_gil(&clear_lists));
+  m.def("mask_marked_in_this_pass",
+        torch::wrap_pybind_function_no_gil(&msbp::mask_marked_in_this_pass));
   m.def("lstm_recurrence_forward",
         torch::wrap_pybind_function_no_gil(&msbp::lstm_recurrence_forward));
   m.def("lstm_recurrence_backward_eager",

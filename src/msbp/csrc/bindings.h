@@ -35,6 +35,11 @@ int64_t clear_kept_rows_(at::TensorList bufs, at::TensorList states);
 // `buf` once in C++); see held_in_python in sparse_linear.cpp. Takes the GIL.
 bool kept_held_in_python(const at::Tensor& buf);
 
+// Whether the C++ path marked rows in a weight's row mask during the backward pass running in
+// this thread (msbp.ops.touched_rows.forget_touched_rows: such marks are no discarded gradient's,
+// though .grad is still None until autograd writes it at the end of the pass).
+bool mask_marked_in_this_pass(const at::Tensor& mask);
+
 int64_t place_grad_rows_(const at::Tensor& weight, const at::Tensor& kept,
                          const at::Tensor& state, const at::Tensor& rows,
                          const at::Tensor& values);

@@ -1132,12 +1132,16 @@ void remember_rows(const Tensor& kept, const Tensor& state, const Tensor& grad, 
 // Whether `mask` was last marked in another backward pass than this one (or never), which this
 // call now records. One entry per row mask ever marked (one per tracked weight); a dead mask's
 // entry met again by a new mask at its address can only skip clearing a mask that is clean.
-bool marked_in_other_pass(const Tensor& mask) {
-  static std::mutex mu;
+std::mutex mark_pass_mu;
+std::unordered_map<const void*, int>& mark_pass() {
   static std::unordered_map<const void*, int> last_pass;
+  return last_pass;
+}
+
+bool marked_in_other_pass(const Tensor& mask) {
   const int pass = torch::autograd::get_current_graph_task_id();
-  std::lock_guard<std::mutex> lock(mu);
-  auto [it, added] = last_pass.try_emplace(mask.unsafeGetTensorImpl(), pass);
+  std::lock_guard<std::mutex> lock(mark_pass_mu);
+  auto [it, added] = mark_pass().try_emplace(mask.unsafeGetTensorImpl(), pass);
   if (added) return true;
   const bool other = it->second != pass;
   it->second = pass;
@@ -1489,6 +1493,14 @@ struct SparseEmbeddingLinearFn : public torch::autograd::Function<SparseEmbeddin
 }  // namespace
 
 bool kept_held_in_python(const Tensor& buf) { return held_in_python(buf, 0); }
+
+bool mask_marked_in_this_pass(const Tensor& mask) {
+  const int pass = torch::autograd::get_current_graph_task_id();
+  if (pass < 0) return false;
+  std::lock_guard<std::mutex> lock(mark_pass_mu);
+  auto it = mark_pass().find(mask.unsafeGetTensorImpl());
+  return it != mark_pass().end() && it->second == pass;
+}
 
 // For LazyRowAdam.zero_grad(set_to_none=True), before it sets the weights' .grad to None: the
 // rows each kept buffer's state lists as written (bufs[i] is the buffer, states[i] its state,

@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from msbp import native
 from msbp.ops.transient import TransientTuple
 
 #: attribute on a Parameter: a weak reference to the optimizer that wants the touched rows
@@ -188,10 +189,21 @@ def forget_touched_rows(weight: Tensor) -> None:
     state = weight.__dict__
     if _logged_in_this_pass(state):
         return
-    state.pop(ROWS_LOG, None)
     mask = state.get(ROWS_MASK)
+    if mask is not None and _marked_in_this_pass(mask):
+        # the C++ path of another call marked its rows in this pass, and handed its dW to
+        # autograd (a hook on the weight): .grad is None until autograd writes the sum
+        return
+    state.pop(ROWS_LOG, None)
     if mask is not None:
         mask.zero_()
+
+
+def _marked_in_this_pass(mask: Tensor) -> bool:
+    """Whether the C++ path marked ``mask`` in the backward pass running now (it keeps that
+    record itself)."""
+    module = native.eager_module() if native.use_native() else None
+    return module is not None and bool(module.mask_marked_in_this_pass(mask))
 
 
 def drop_discarded_log(weight: Tensor) -> None:
