@@ -792,34 +792,16 @@ def test_a_removed_hook_leaves_the_buffer_route(backend):
     assert all(ref() is layer.weight.grad for ref in grads[1:])
 
 
-def test_old_gradient_kept_after_the_forward_is_not_overwritten(backend):
+@pytest.mark.parametrize("between", ["nothing", "forward", "autograd_grad"])
+def test_old_gradient_kept_after_the_forward_is_not_overwritten(backend, between):
     """``loss = layer(x); old = p.grad; zero_grad(set_to_none=True); loss.backward()``: the old
     .grad the caller kept must stay as it was and not become .grad again, however the layer
-    chose its buffer at the forward."""
-    cfg = make_cfg("unified", "unit", 0.0, k=2)
-    layer = make_layer(4, 8, cfg)
-    gen = torch.Generator().manual_seed(5)
-    x1, g1, x2, g2 = (randn(3, d, gen=gen) for d in (4, 8, 4, 8))
-    layer(x1).backward(g1)
-    y = layer(x2)  # while .grad exists
-    old = layer.weight.grad
-    before = old.clone()
-    layer.zero_grad(set_to_none=True)
-    y.backward(g2)
-    assert torch.equal(old, before)
-    assert layer.weight.grad is not old
-    want = ref_step(cfg, x2, layer.weight, g2, None)[1]
-    torch.testing.assert_close(layer.weight.grad, want, **tol(torch.float64))
-
-
-@pytest.mark.parametrize("between", ["forward", "autograd_grad"])
-def test_old_gradient_kept_is_not_overwritten_after_another_forward(backend, between):
-    """As above, with another forward of the layer between ``zero_grad`` and the backward (an
-    evaluation left with grad enabled, or ``torch.autograd.grad`` of the input only), which
-    found the old buffer held and recorded a new one: the backward of the first graph must
-    still take the old .grad for the caller's, not put it back as .grad and add into it (the
-    native path did: it had captured that buffer at its forward, and once the record no longer
-    held it the caller's reference looked like msbp's own)."""
+    chose its buffer at the forward; also with another forward of the layer between
+    ``zero_grad`` and the backward (an evaluation left with grad enabled, or
+    ``torch.autograd.grad`` of the input only), which found the old buffer held and recorded a
+    new one (the native path had put it back as .grad and added into it: it had captured that
+    buffer at its forward, and once the record no longer held it the caller's reference looked
+    like msbp's own)."""
     cfg = make_cfg("unified", "unit", 0.0, k=2)
     layer = make_layer(4, 8, cfg)
     gen = torch.Generator().manual_seed(7)
@@ -832,7 +814,7 @@ def test_old_gradient_kept_is_not_overwritten_after_another_forward(backend, bet
     x3 = randn(2, 4, gen=gen).requires_grad_()
     if between == "forward":
         layer(x3).sum()  # never backpropagated
-    else:
+    elif between == "autograd_grad":
         torch.autograd.grad(layer(x3).sum(), [x3])  # .grad stays None
     assert layer.weight.grad is None
     y.backward(g2)
