@@ -7,6 +7,8 @@
 #include <torch/csrc/autograd/python_variable.h>
 #include <torch/extension.h>
 
+#include <cstring>
+
 #if defined(__x86_64__) || defined(_M_X64)
 #include <xmmintrin.h>
 #endif
@@ -137,6 +139,14 @@ pybind11::object sparse_linear_try(pybind11::handle x_obj, pybind11::handle w_ob
     }
   } else if (PyErr_Occurred()) {
     throw pybind11::error_already_set();
+  }
+  // .grad None: the rows marked into a gradient since discarded take no step, also where no
+  // backward of the layer comes to forget them (msbp.ops.touched_rows.forget_discarded_rows)
+  if (mask.has_value() && !w.grad().defined() && !msbp::mask_marked_in_this_pass(*mask)) {
+    if (mask->is_contiguous() && mask->scalar_type() == at::kByte)
+      std::memset(mask->data_ptr(), 0, mask->numel());
+    else
+      mask->zero_();
   }
   const int64_t k = settings[0].cast<int64_t>(), selection = settings[1].cast<int64_t>();
   const double alpha = settings[2].cast<double>(), csr_ratio = settings[5].cast<double>();

@@ -80,15 +80,22 @@ def rows_mask(weight: Tensor) -> Tensor | None:
 
 
 def note_sparse_weight(weight: Tensor) -> None:
-    """Mark ``weight`` (or the Parameter it is a block of rows of) as a sparse layer's weight for
-    the optimizer that tracks its rows: one whose rows take a step only where logged, so that a
-    gradient nobody logged (a penalty only, left from an earlier step) is judged as such on every
-    path alike. Called by the layers' forwards that make no row mask; a no-op unless tracked."""
+    """For the forwards of the sparse layers that make no row mask (the PyTorch glue, the LSTM's
+    recurrent weight, convolutions), where an optimizer tracks the rows of ``weight`` (or of the
+    Parameter it is a block of rows of): mark it as a sparse layer's weight, whose rows take a
+    step only where logged, so that a gradient nobody logged (a penalty only, left from an
+    earlier step) is judged as such on every path alike (the C++ path's row mask says the same);
+    and, where its ``.grad`` is None, forget the rows of a discarded gradient
+    (``forget_discarded_rows``), as the C++ path's forward does."""
     block = row_block_of(weight)
     param = weight if block is None else block[0]
+    if not tracked(param):
+        return
     state = param.__dict__
-    if SPARSE_WEIGHT not in state and tracked(param):
+    if SPARSE_WEIGHT not in state:
         state[SPARSE_WEIGHT] = True
+    if param.grad is None:
+        forget_discarded_rows(param)
 
 
 def log_touched_rows(weight: Tensor, rows: Tensor | None) -> None:
@@ -206,15 +213,20 @@ def _marked_in_this_pass(mask: Tensor) -> bool:
     return module is not None and bool(module.mask_marked_in_this_pass(mask))
 
 
-def drop_discarded_log(weight: Tensor) -> None:
-    """For a call of the C++ path that finds ``weight.grad`` None: the rows the PyTorch path
-    logged into a gradient since discarded (``.grad`` set to None with no optimizer step in
-    between) take no step. Only the list: the C++ path clears its own mask when its backward
-    finds ``.grad`` None; and what the running backward pass logged stays (a forward run inside
-    one, as activation checkpointing does)."""
+def forget_discarded_rows(weight: Tensor) -> None:
+    """For a sparse layer's forward that finds ``weight.grad`` None (``weight``: the Parameter
+    whose ``.grad`` gets the rows): the rows logged or marked into a gradient since discarded
+    (``.grad`` set to None by ``model.zero_grad()`` or by hand, with no optimizer step in
+    between) take no step, also where no backward of the layer comes to forget them (a loss on
+    the weight alone, whose gradient took the step of the discarded one's rows). What the running
+    backward pass logged or marked stays (a forward run inside one, as activation checkpointing
+    does)."""
     state = weight.__dict__
     if ROWS_LOG in state and not _logged_in_this_pass(state):
         del state[ROWS_LOG]
+    mask = state.get(ROWS_MASK)
+    if mask is not None and not _marked_in_this_pass(mask):
+        mask.zero_()
 
 
 def take_touched_rows(weight: Tensor) -> list[Tensor | None]:
