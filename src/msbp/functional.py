@@ -25,7 +25,7 @@ from msbp.ops.sparse_linear import (
     record_buffer_clean,
 )
 from msbp.ops.touched_rows import (
-    forget_discarded_rows,
+    forget_touched_rows,
     note_sparse_weight,
     row_block_of,
     rows_mask,
@@ -190,7 +190,7 @@ def kept_grad_buffer(weight: Tensor) -> tuple[Tensor, Tensor, np.ndarray]:
         return TransientTuple((weight.new_empty(0), *state()))
     kept = weight.__dict__.get(_FAST_BUFFER)
     if weight.grad is None:
-        forget_discarded_rows(weight)
+        forget_touched_rows(weight)
         # put back last step's buffer if nobody else holds it, else a new one
         if kept is None or first_item_held_elsewhere(kept) or kept[0].shape != weight.shape or (
             kept[0].dtype != weight.dtype

@@ -141,7 +141,7 @@ pybind11::object sparse_linear_try(pybind11::handle x_obj, pybind11::handle w_ob
     throw pybind11::error_already_set();
   }
   // .grad None: the rows marked into a gradient since discarded take no step, also where no
-  // backward of the layer comes to forget them (msbp.ops.touched_rows.forget_discarded_rows)
+  // backward of the layer comes to forget them (msbp.ops.touched_rows.forget_touched_rows)
   if (mask.has_value() && !w.grad().defined() && !msbp::mask_marked_in_this_pass(*mask)) {
     if (mask->is_contiguous() && mask->scalar_type() == at::kByte)
       std::memset(mask->data_ptr(), 0, mask->numel());

@@ -86,7 +86,7 @@ def note_sparse_weight(weight: Tensor) -> None:
     step only where logged, so that a gradient nobody logged (a penalty only, left from an
     earlier step) is judged as such on every path alike (the C++ path's row mask says the same);
     and, where its ``.grad`` is None, forget the rows of a discarded gradient
-    (``forget_discarded_rows``), as the C++ path's forward does."""
+    (``forget_touched_rows``), as the C++ path's forward does."""
     block = row_block_of(weight)
     param = weight if block is None else block[0]
     if not tracked(param):
@@ -95,7 +95,7 @@ def note_sparse_weight(weight: Tensor) -> None:
     if SPARSE_WEIGHT not in state:
         state[SPARSE_WEIGHT] = True
     if param.grad is None:
-        forget_discarded_rows(param)
+        forget_touched_rows(param)
 
 
 def log_touched_rows(weight: Tensor, rows: Tensor | None) -> None:
@@ -189,20 +189,20 @@ def pending_rows(weight: Tensor) -> list[Tensor | None]:
 
 
 def forget_touched_rows(weight: Tensor) -> None:
-    """Drop ``weight``'s log: a backward found its ``.grad`` None (set so by ``zero_grad`` or by
-    hand) and starts a new gradient, so the rows written into the one discarded take no step.
-    What this backward pass logged stays: another call of the weight (or of another block of
-    its rows) ran first, and autograd writes ``.grad`` only after all of them."""
+    """Forget the rows logged or marked into a gradient of ``weight`` since discarded: a
+    backward or a forward of a sparse layer found its ``.grad`` None (set so by ``zero_grad`` of
+    the model or the optimizer, or by hand, with no optimizer step in between), so those rows
+    take no step, also where no backward of the layer comes later (a forward whose loss is a
+    penalty on the weight alone). What the running backward pass logged (the list) or marked
+    (the C++ path's mask) stays, each judged by itself: another call of the weight (or of
+    another block of its rows) ran first in this pass, and autograd writes ``.grad`` only after
+    all of them (the C++ call handed its dW to autograd: a hook on the weight); or a forward
+    runs inside the pass (activation checkpointing)."""
     state = weight.__dict__
-    if _logged_in_this_pass(state):
-        return
+    if ROWS_LOG in state and not _logged_in_this_pass(state):
+        del state[ROWS_LOG]
     mask = state.get(ROWS_MASK)
-    if mask is not None and _marked_in_this_pass(mask):
-        # the C++ path of another call marked its rows in this pass, and handed its dW to
-        # autograd (a hook on the weight): .grad is None until autograd writes the sum
-        return
-    state.pop(ROWS_LOG, None)
-    if mask is not None:
+    if mask is not None and not _marked_in_this_pass(mask):
         mask.zero_()
 
 
@@ -211,22 +211,6 @@ def _marked_in_this_pass(mask: Tensor) -> bool:
     record itself)."""
     module = native.eager_module() if native.use_native() else None
     return module is not None and bool(module.mask_marked_in_this_pass(mask))
-
-
-def forget_discarded_rows(weight: Tensor) -> None:
-    """For a sparse layer's forward that finds ``weight.grad`` None (``weight``: the Parameter
-    whose ``.grad`` gets the rows): the rows logged or marked into a gradient since discarded
-    (``.grad`` set to None by ``model.zero_grad()`` or by hand, with no optimizer step in
-    between) take no step, also where no backward of the layer comes to forget them (a loss on
-    the weight alone, whose gradient took the step of the discarded one's rows). What the running
-    backward pass logged or marked stays (a forward run inside one, as activation checkpointing
-    does)."""
-    state = weight.__dict__
-    if ROWS_LOG in state and not _logged_in_this_pass(state):
-        del state[ROWS_LOG]
-    mask = state.get(ROWS_MASK)
-    if mask is not None and not _marked_in_this_pass(mask):
-        mask.zero_()
 
 
 def take_touched_rows(weight: Tensor) -> list[Tensor | None]:
