@@ -710,9 +710,10 @@ Outputs lstm_recurrence_backward(
 
 // The forward recurrence (msbp.ops.recurrent._lstm_steps, eager, bound in bindings.cpp): the
 // same ATen ops in the same order, bit for bit, without their Python dispatch (the Python loop
-// cost 39 us a step at hidden 8, where the kernels cost next to nothing). act (T, B, 4H) activated gates [i, f, g, o], cells, tanh_c and out
-// (T, B, H), as the backward reads them. packed: the steps' products on W_hh^T packed once, by
-// MKL's ops (msbp.ops.recurrent._packs_w_hh says where; _lstm_steps, bit for bit).
+// cost 39 us a step at hidden 8, where the kernels cost next to nothing). act (T, B, 4H)
+// activated gates [i, f, g, o], cells, tanh_c and out (T, B, H), as the backward reads them.
+// packed: the steps' products on W_hh^T packed once, by MKL's ops
+// (msbp.ops.recurrent._packs_w_hh says where; _lstm_steps, bit for bit).
 std::tuple<Tensor, Tensor, Tensor, Tensor> lstm_recurrence_forward(
     const Tensor& gates_x, const Tensor& h0, const Tensor& c0, const Tensor& w_hh,
     const std::optional<Tensor>& b_hh, bool reverse, bool packed) {

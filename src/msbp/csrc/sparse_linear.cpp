@@ -64,13 +64,13 @@ inline A u_value(G gv, const A* mr, int64_t o, A mem_mul) {
 }
 
 // Pass 1 on rows [r, r + R) and columns [o0, o1) (vectors on [o0, ov), scalars after): U = G +
-// madd, written to u when WriteU; colsum |U| into score; colsum U into usum when SumU; colsum G
-// into gsum when SumG; wit / nan_acc turn NaN iff some entry is inf or NaN. Each column adds its
-// rows in order (the same bits as a row at a time), but the R rows of a vector of columns are
-// added in registers before the sums are stored once: at 800 x 2000 (the tagger's gates) the
-// loads and stores of the sums per row had cost as much as reading G. g_rows (null: the
-// identity) maps row r of U to the row of g it is made from.
-template <typename G, typename A, bool WriteU, bool SumG, bool SumU, int R>
+// madd, written to u when WriteU; colsum |U| into score when Score; colsum U into usum when
+// SumU; colsum G into gsum when SumG; wit / nan_acc turn NaN iff some entry is inf or NaN. Each
+// column adds its rows in order (the same bits as a row at a time), but the R rows of a vector
+// of columns are added in registers before the sums are stored once: at 800 x 2000 (the
+// tagger's gates) the loads and stores of the sums per row had cost as much as reading G. g_rows
+// (null: the identity) maps row r of U to the row of g it is made from.
+template <typename G, typename A, bool WriteU, bool SumG, bool SumU, int R, bool Score = true>
 inline void pass_rows(const G* g, const int64_t* g_rows, A* u, int64_t r, int64_t out,
                       int64_t o0, int64_t ov, int64_t o1, const A* mem, const uint8_t* row_on,
                       bool slot, A mem_mul, A* score, A* usum, A* gsum,
@@ -88,7 +88,8 @@ inline void pass_rows(const G* g, const int64_t* g_rows, A* u, int64_t r, int64_
   if constexpr (std::is_same_v<G, A>) {
     const V zero = V{}, mm = V{} + mem_mul;
     for (int64_t o = o0; o < ov; o += W) {
-      V sc = load<V>(score + o), us = V{}, gs = V{};
+      V sc = V{}, us = V{}, gs = V{};
+      if constexpr (Score) sc = load<V>(score + o);
       if constexpr (SumU) us = load<V>(usum + o);
       if constexpr (SumG) gs = load<V>(gsum + o);
       for (int i = 0; i < R; ++i) {
@@ -97,10 +98,10 @@ inline void pass_rows(const G* g, const int64_t* g_rows, A* u, int64_t r, int64_
         if constexpr (WriteU) store(ur[i] + o, v);
         if constexpr (SumG) gs = gs + gv;
         if constexpr (SumU) us = us + v;
-        sc = sc + vabs(v);
+        if constexpr (Score) sc = sc + vabs(v);
         wit = wit + v * zero;
       }
-      store(score + o, sc);
+      if constexpr (Score) store(score + o, sc);
       if constexpr (SumU) store(usum + o, us);
       if constexpr (SumG) store(gsum + o, gs);
     }
@@ -111,7 +112,7 @@ inline void pass_rows(const G* g, const int64_t* g_rows, A* u, int64_t r, int64_
       if constexpr (WriteU) ur[i][o] = v;
       if constexpr (SumG) gsum[o] += static_cast<A>(gr[i][o]);
       if constexpr (SumU) usum[o] += v;
-      score[o] += std::abs(v);
+      if constexpr (Score) score[o] += std::abs(v);
       nan_acc += v * A(0);  // NaN iff some v is inf or NaN; never overflows
     }
   }
@@ -165,32 +166,20 @@ void build_u(const G* g, const int64_t* g_rows, A* u, int64_t n, int64_t out, in
   u != nullptr ? with_sum_g(std::true_type{}) : with_sum_g(std::false_type{});
 }
 
-// Pass 1 of one row for per-example selection, into a scratch row u (0..out): U = G + M *
-// mem_mul, colsum G into gsum (null: not wanted); returns NaN iff some entry of U is inf or
-// NaN. The same expressions in the same order as pass_rows, so the same bits.
-template <typename G, typename A>
-A u_row(const G* gr, const A* mr, A mem_mul, A* u, A* gsum, int64_t out) {
-  using V = typename Vec<A>::type;
+// Pass 1 of row r for per-example selection (pass_rows on that one row, without scores): U =
+// G + M * mem_mul into a scratch row u (0..out), colsum G into gsum when SumG; returns NaN iff
+// some entry of U is inf or NaN.
+template <typename G, typename A, bool SumG>
+A u_row(const G* g, const int64_t* g_rows, int64_t r, int64_t out, const A* mem,
+        const uint8_t* row_on, A mem_mul, A* u, A* gsum) {
   constexpr int W = Vec<A>::width;
-  int64_t o = 0;
-  V wit{};
+  const int64_t ov = std::is_same_v<G, A> ? out / W * W : 0;
+  typename Vec<A>::type wit{};
   A nan_acc = 0;
-  if constexpr (std::is_same_v<G, A>) {
-    const V zero = V{}, mm = V{} + mem_mul;
-    for (; o + W <= out; o += W) {
-      const V gv = load<V>(gr + o);
-      const V v = mr ? gv + load<V>(mr + o) * mm : gv;
-      store(u + o, v);
-      if (gsum != nullptr) store(gsum + o, load<V>(gsum + o) + gv);
-      wit = wit + v * zero;
-    }
-  }
-  for (; o < out; ++o) {
-    A v = u_value(gr[o], mr, o, mem_mul);
-    u[o] = v;
-    if (gsum != nullptr) gsum[o] += static_cast<A>(gr[o]);
-    nan_acc += v * A(0);
-  }
+  const G* gr = g + (g_rows != nullptr ? g_rows[r] : r) * out;
+  pass_rows<G, A, true, SumG, false, 1, false>(gr, nullptr, u, 0, out, 0, ov, out, mem,
+                                               row_on != nullptr ? row_on + r : nullptr, false,
+                                               mem_mul, nullptr, nullptr, gsum, wit, nan_acc);
   for (int l = 0; l < W; ++l) nan_acc += wit[l];
   return nan_acc;
 }
@@ -214,8 +203,9 @@ bool fused_rows_topk(const G* g, const int64_t* g_rows, int64_t n, int64_t out, 
   if (res_sum != nullptr) std::fill(res_sum, res_sum + out, A(0));
   bool finite = true;
   for (int64_t r = 0; r < n; ++r) {
-    const G* gr = g + (g_rows != nullptr ? g_rows[r] : r) * out;
-    const A bad = u_row<G, A>(gr, mem_row(mem, row_on, false, r, out), mem_mul, ur, gsum, out);
+    const A bad = gsum != nullptr
+                      ? u_row<G, A, true>(g, g_rows, r, out, mem, row_on, mem_mul, ur, gsum)
+                      : u_row<G, A, false>(g, g_rows, r, out, mem, row_on, mem_mul, ur, gsum);
     finite = finite && std::isfinite(bad);
     if (!finite) continue;
     int64_t* ir = ip + r * k;
