@@ -156,8 +156,7 @@ def sparse_linear_checked(
         )
         return y, settings if repeatable else None
     plan = make_plan(run, out_features, generator=generator, name=name, probe=probe)
-    if not torch.compiler.is_compiling():
-        note_sparse_weight(weight)  # the C++ path's row mask does this there
+    note_sparse_weight(weight)  # the C++ path's row mask does this there
     return SparseLinearFunction.apply(x, weight, bias, memory, plan), None
 
 

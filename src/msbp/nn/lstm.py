@@ -172,8 +172,7 @@ class SparseLSTM(MemoryMixin, nn.RNNBase):
             and native.use_native(weight.device)
         ):
             buffer = kept_grad_buffer(weight)
-        if not torch.compiler.is_compiling():
-            note_sparse_weight(weight)
+        note_sparse_weight(weight)
         return SparseLSTMRecurrence.apply(gates_x, h, c, weight, bias, memory, plan, reverse,
                                           buffer)
 

@@ -308,6 +308,5 @@ def sparse_conv(
     if plan.selection == "per_example":
         where = f" (layer {plan.name!r})" if plan.name else ""
         raise ValueError(PER_EXAMPLE_ERROR + where)
-    if not torch.compiler.is_compiling():
-        note_sparse_weight(weight)
+    note_sparse_weight(weight)
     return SparseConvFunction.apply(x, weight, bias, memory, plan, geo)

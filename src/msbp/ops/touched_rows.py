@@ -86,7 +86,9 @@ def note_sparse_weight(weight: Tensor) -> None:
     step only where logged, so that a gradient nobody logged (a penalty only, left from an
     earlier step) is judged as such on every path alike (the C++ path's row mask says the same);
     and, where its ``.grad`` is None, forget the rows of a discarded gradient
-    (``forget_touched_rows``), as the C++ path's forward does."""
+    (``forget_touched_rows``), as the C++ path's forward does. Nothing under ``torch.compile``."""
+    if torch.compiler.is_compiling():
+        return
     block = row_block_of(weight)
     param = weight if block is None else block[0]
     if not tracked(param):
