@@ -10,6 +10,7 @@ from _helpers import logged_rows, track_rows, written_rows
 from hypothesis import given
 from hypothesis import strategies as st
 from torch.optim.adam import adam
+from torch.optim.adamw import adamw
 
 import msbp
 from msbp import native
@@ -38,13 +39,18 @@ def _tensors(out, width, dtype, seed):
     return p, torch.zeros_like(p), torch.zeros_like(p)
 
 
-def _op(p, m, v, g, rows, step, lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
-    torch.ops.msbp.lazy_row_adam_([p], [m], [v], [g], [rows], [step], lr, *betas, eps, weight_decay)
+def _op(p, m, v, g, rows, step, lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
+        decoupled=False):
+    torch.ops.msbp.lazy_row_adam_([p], [m], [v], [g], [rows], [step], lr, *betas, eps,
+                                  weight_decay, decoupled)
 
 
-def _torch_adam(p, m, v, g, step, lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
-    adam([p], [g], [m], [v], [], [step], fused=True, amsgrad=False, beta1=betas[0],
-         beta2=betas[1], lr=lr, weight_decay=weight_decay, eps=eps, maximize=False)
+def _torch_adam(p, m, v, g, step, lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
+                decoupled=False):
+    (adamw if decoupled else adam)(
+        [p], [g], [m], [v], [], [step], fused=True, amsgrad=False, beta1=betas[0],
+        beta2=betas[1], lr=lr, weight_decay=weight_decay, eps=eps, maximize=False,
+    )
 
 
 def _close(a, b, dtype):
@@ -54,7 +60,8 @@ def _close(a, b, dtype):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("width", [13, 500])
 @pytest.mark.parametrize("weight_decay", [0.0, 0.05])
-def test_all_rows_equal_torch_fused_adam(dtype, width, weight_decay):
+@pytest.mark.parametrize("decoupled", [False, True], ids=["adam", "adamw"])
+def test_all_rows_equal_torch_fused_adam(dtype, width, weight_decay, decoupled):
     p, m, v = _tensors(37, width, dtype, seed=0)
     q, mq, vq = p.clone(), m.clone(), v.clone()
     s, sq = torch.zeros((), dtype=torch.float32), torch.zeros((), dtype=torch.float32)
@@ -62,8 +69,8 @@ def test_all_rows_equal_torch_fused_adam(dtype, width, weight_decay):
     rows = torch.arange(37)
     for _ in range(4):
         g = torch.randn(37, width, generator=gen).to(dtype)
-        _op(p, m, v, g, rows, s, weight_decay=weight_decay)
-        _torch_adam(q, mq, vq, g, sq, weight_decay=weight_decay)
+        _op(p, m, v, g, rows, s, weight_decay=weight_decay, decoupled=decoupled)
+        _torch_adam(q, mq, vq, g, sq, weight_decay=weight_decay, decoupled=decoupled)
     assert s.item() == sq.item() == 4.0
     for a, b in ((p, q), (m, mq), (v, vq)):
         _close(a, b, dtype)
@@ -141,7 +148,8 @@ def test_bad_inputs_leave_everything_unchanged():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("selection", ["unified", "per_example"])
-def test_native_path_equals_pytorch_path(dtype, selection):
+@pytest.mark.parametrize("decoupled", [False, True], ids=["adam", "adamw"])
+def test_native_path_equals_pytorch_path(dtype, selection, decoupled):
     torch.manual_seed(0)
     net = torch.nn.Sequential(
         torch.nn.Linear(12, 40), torch.nn.ReLU(), torch.nn.Linear(40, 40), torch.nn.ReLU(),
@@ -149,7 +157,11 @@ def test_native_path_equals_pytorch_path(dtype, selection):
     ).to(dtype)
     cfg = msbp.SparseBackpropConfig(k=4, memory=0.5, selection=selection)
     models = {b: msbp.sparsify(copy.deepcopy(net), cfg, exclude="4") for b in ("native", "python")}
-    opts = {b: LazyRowAdam(m.parameters(), lr=1e-2, weight_decay=0.01) for b, m in models.items()}
+    opts = {
+        b: LazyRowAdam(m.parameters(), lr=1e-2, weight_decay=0.01,
+                       decoupled_weight_decay=decoupled)
+        for b, m in models.items()
+    }
     gen = torch.Generator().manual_seed(1)
     for _ in range(6):
         x = torch.randn(8, 12, generator=gen).to(dtype)
@@ -173,10 +185,10 @@ def test_native_path_equals_pytorch_path(dtype, selection):
 
 
 def _step_op(params, avgs, sqs, grads, masks, dirty, steps, dense=((), (), (), (), ()), lr=1e-2,
-             betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
+             betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, decoupled=False):
     return torch.ops.msbp.lazy_row_adam_step_(
         params, avgs, sqs, grads, masks, dirty, steps, *[list(d) for d in dense], lr, *betas, eps,
-        weight_decay,
+        weight_decay, decoupled,
     )
 
 
@@ -187,7 +199,8 @@ def _mask(out, rows):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_step_op_equals_row_op_and_consumes_the_mask(dtype):
+@pytest.mark.parametrize("decoupled", [False, True], ids=["adam", "adamw"])
+def test_step_op_equals_row_op_and_consumes_the_mask(dtype, decoupled):
     # two parameters: one with rows marked, one with none (no step, step count unchanged)
     p, m, v = _tensors(30, 19, dtype, seed=7)
     q, mq, vq = p.clone(), m.clone(), v.clone()
@@ -201,8 +214,9 @@ def test_step_op_equals_row_op_and_consumes_the_mask(dtype):
         g = torch.randn(30, 19, generator=gen).to(dtype)
         mask, mask_idle = _mask(30, rows), torch.zeros(8, dtype=torch.uint8)
         counts = _step_op([p, idle], [m, idle_m], [v, idle_v], [g, torch.ones_like(idle)],
-                          [mask, mask_idle], [dirty, dirty_idle], [s, s_idle], weight_decay=0.02)
-        _op(q, mq, vq, g, torch.tensor(sorted(rows)), sq, weight_decay=0.02)
+                          [mask, mask_idle], [dirty, dirty_idle], [s, s_idle], weight_decay=0.02,
+                          decoupled=decoupled)
+        _op(q, mq, vq, g, torch.tensor(sorted(rows)), sq, weight_decay=0.02, decoupled=decoupled)
         assert counts == [len(rows), 0]
         assert not mask.any()  # consumed
         marked[rows] = True
@@ -214,7 +228,8 @@ def test_step_op_equals_row_op_and_consumes_the_mask(dtype):
 
 
 @pytest.mark.parametrize("weight_decay", [0.0, 0.1])
-def test_step_op_dense_params_take_torch_fused_adam(weight_decay):
+@pytest.mark.parametrize("decoupled", [False, True], ids=["adam", "adamw"])
+def test_step_op_dense_params_take_torch_fused_adam(weight_decay, decoupled):
     gen = torch.Generator().manual_seed(10)
     shapes = [(7,), (3, 5), ()]
     dense = [[torch.randn(sh, generator=gen) for sh in shapes]]
@@ -226,10 +241,12 @@ def test_step_op_dense_params_take_torch_fused_adam(weight_decay):
     for _ in range(3):
         counts = _step_op([p], [m], [v], [torch.ones_like(p)], [_mask(6, [1])],
                           [torch.zeros(6, dtype=torch.uint8)], [torch.zeros(())], dense=dense,
-                          weight_decay=weight_decay)
+                          weight_decay=weight_decay, decoupled=decoupled)
         assert counts == [1]
-        adam(ref[0], ref[1], ref[2], ref[3], [], ref[4], fused=True, amsgrad=False, beta1=0.9,
-             beta2=0.999, lr=1e-2, weight_decay=weight_decay, eps=1e-8, maximize=False)
+        (adamw if decoupled else adam)(
+            ref[0], ref[1], ref[2], ref[3], [], ref[4], fused=True, amsgrad=False, beta1=0.9,
+            beta2=0.999, lr=1e-2, weight_decay=weight_decay, eps=1e-8, maximize=False,
+        )
     for ours, theirs in zip(dense, ref, strict=True):
         for a, b in zip(ours, theirs, strict=True):
             assert torch.equal(a, b)  # PyTorch's own kernel

@@ -12,7 +12,7 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 import msbp
 from msbp.ops.touched_rows import log_touched_rows, pending_rows
-from msbp.optim import LazyRowAdam
+from msbp.optim import LazyRowAdam, LazyRowAdamW
 
 
 @pytest.fixture(autouse=True)
@@ -32,10 +32,15 @@ def _step(model, opt, x):
     opt.step()
 
 
-def test_k_equal_out_matches_torch_adam():
+@pytest.mark.parametrize("adamw", [False, True], ids=["adam", "adamw"])
+def test_k_equal_out_matches_torch_adam(adamw):
     a = msbp.sparsify(_mlp(), msbp.SparseBackpropConfig(k=10), exclude="2")
     b = _mlp()
-    oa, ob = LazyRowAdam(a.parameters(), lr=1e-2), torch.optim.Adam(b.parameters(), lr=1e-2)
+    if adamw:
+        oa = LazyRowAdamW(a.parameters(), lr=1e-2, weight_decay=0.1)
+        ob = torch.optim.AdamW(b.parameters(), lr=1e-2, weight_decay=0.1)
+    else:
+        oa, ob = LazyRowAdam(a.parameters(), lr=1e-2), torch.optim.Adam(b.parameters(), lr=1e-2)
     gen = torch.Generator().manual_seed(1)
     for _ in range(5):
         x = torch.randn(4, 6, dtype=torch.float64, generator=gen)
@@ -431,6 +436,21 @@ def test_state_dict_round_trip():
         torch.testing.assert_close(p, q, rtol=0, atol=0)
 
 
+def test_decoupled_weight_decay_is_saved_and_an_older_state_loads_as_l2():
+    model = msbp.sparsify(_mlp(), msbp.SparseBackpropConfig(k=3), exclude="2")
+    opt = LazyRowAdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    _step(model, opt, torch.randn(4, 6, dtype=torch.float64))
+    saved = copy.deepcopy(opt.state_dict())
+    assert saved["param_groups"][0]["decoupled_weight_decay"] is True
+    fresh = LazyRowAdam(model.parameters(), lr=1e-2, weight_decay=0.1)
+    fresh.load_state_dict(copy.deepcopy(saved))
+    assert fresh.param_groups[0]["decoupled_weight_decay"] is True  # the saved setting wins
+    del saved["param_groups"][0]["decoupled_weight_decay"]  # as saved before the option
+    fresh.load_state_dict(saved)
+    assert fresh.param_groups[0]["decoupled_weight_decay"] is False
+    _step(model, fresh, torch.randn(4, 6, dtype=torch.float64))
+
+
 # -- the contract: the log, skipped layers, step counts ----------------------------------------
 
 
@@ -795,14 +815,15 @@ def test_add_param_group_tracks_rows():
 
 
 @pytest.mark.parametrize("contiguous", [True, False])
-def test_rows_logged_by_hand_match_reference_with_weight_decay(contiguous):
+@pytest.mark.parametrize("decoupled", [False, True], ids=["l2", "decoupled"])
+def test_rows_logged_by_hand_match_reference_with_weight_decay(contiguous, decoupled):
     # not contiguous (e.g. a channels-last weight): the native step leaves it to the PyTorch path
     torch.manual_seed(3)
     data = torch.randn(5, 9, dtype=torch.float64).t()
     w = nn.Parameter(data.contiguous() if contiguous else data)
     assert w.is_contiguous() == contiguous
     ref = w.detach().clone()
-    opt = LazyRowAdam([w], lr=1e-2, weight_decay=0.1)
+    opt = LazyRowAdam([w], lr=1e-2, weight_decay=0.1, decoupled_weight_decay=decoupled)
     m, v = torch.zeros_like(ref), torch.zeros_like(ref)
     gen = torch.Generator().manual_seed(4)
     for t, rows in enumerate([[0, 3], [3, 8], [1, 2, 3, 4, 5, 6, 7, 8, 0], [8]], start=1):
@@ -811,7 +832,11 @@ def test_rows_logged_by_hand_match_reference_with_weight_decay(contiguous):
         w.grad[rows] = torch.randn(len(rows), 5, dtype=torch.float64, generator=gen)
         log_touched_rows(w, rows)
         opt.step()
-        g = w.grad[rows] + 0.1 * ref[rows]
+        if decoupled:  # AdamW: only the rows stepped decay, by 1 - lr * weight_decay
+            ref[rows] *= 1 - 1e-2 * 0.1
+            g = w.grad[rows]
+        else:
+            g = w.grad[rows] + 0.1 * ref[rows]
         m[rows] = 0.9 * m[rows] + 0.1 * g
         v[rows] = 0.999 * v[rows] + 0.001 * g**2
         ref[rows] -= 1e-2 * (m[rows] / (1 - 0.9**t)) / ((v[rows] / (1 - 0.999**t)).sqrt() + 1e-8)

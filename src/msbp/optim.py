@@ -4,7 +4,8 @@ With sparse backprop only k rows of a layer's ``dW`` are non-zero, but ``torch.o
 reads and writes every weight, moment and gradient entry: on small models that is most of a
 training step. ``LazyRowAdam`` updates only the rows a sparse layer touched (meProp's sparse
 update; the "lazy" Adam of ``torch.optim.SparseAdam``): untouched rows keep their parameters and
-moments, instead of drifting on stale momentum.
+moments, instead of drifting on stale momentum. ``LazyRowAdamW`` is the same with decoupled weight
+decay (``torch.optim.AdamW``'s).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch.optim.optimizer as torch_optimizer
 from torch import Tensor
 from torch.optim import Optimizer
 from torch.optim.adam import adam as adam_functional
+from torch.optim.adamw import adamw as adamw_functional
 
 from msbp import native
 from msbp.functional import (
@@ -113,6 +115,7 @@ def _adam(group: dict, params, grads, exp_avgs, exp_avg_sqs, steps) -> None:
     ~10 us of checks), else the functional form, fused where it can be."""
     beta1, beta2 = group["betas"]
     lr, eps, weight_decay = group["lr"], group["eps"], group["weight_decay"]
+    decoupled = group["decoupled_weight_decay"]
     # the fused kernels read a gradient as if laid out like its parameter (torch's own
     # Adam(fused=True) updates wrongly from a transposed one): such a gradient is copied
     grads = [
@@ -133,13 +136,15 @@ def _adam(group: dict, params, grads, exp_avgs, exp_avg_sqs, steps) -> None:
         )
     ):
         torch._foreach_add_(steps, 1)
-        torch._fused_adam_(
+        fused = torch._fused_adamw_ if decoupled else torch._fused_adam_
+        fused(
             params, grads, exp_avgs, exp_avg_sqs, [], steps, amsgrad=False, lr=lr,
             beta1=beta1, beta2=beta2, weight_decay=weight_decay, eps=eps, maximize=False,
             grad_scale=None, found_inf=None,
         )
         return
-    adam_functional(
+    # (torch >= 2.6 has decoupled_weight_decay in adam; adamw is in every torch msbp supports)
+    (adamw_functional if decoupled else adam_functional)(
         params, grads, exp_avgs, exp_avg_sqs, [], steps,
         fused=_fused_ok(params), amsgrad=False, beta1=beta1, beta2=beta2, lr=lr,
         weight_decay=weight_decay, eps=eps, maximize=False,
@@ -292,8 +297,9 @@ class LazyRowAdam(Optimizer):
     PyTorch ops elsewhere or with ``MSBP_BACKEND=python``).
     Every other parameter (biases, dense layers, a step in which a sparse layer ran dense) gets
     PyTorch's ordinary (fused where possible) Adam step. The math is ``torch.optim.Adam``'s:
-    weight decay is L2 added to the gradient (not AdamW), so with every row touched at every
-    step the two agree to rounding.
+    weight decay is L2 added to the gradient, or with ``decoupled_weight_decay=True``
+    (``LazyRowAdamW``) ``torch.optim.AdamW``'s decay of the parameter, so with every row touched
+    at every step the two agree to rounding.
 
     The contract:
 
@@ -338,6 +344,9 @@ class LazyRowAdam(Optimizer):
     Args:
         params: parameters or parameter groups, as for ``torch.optim.Adam``.
         lr, betas, eps, weight_decay: as ``torch.optim.Adam``.
+        decoupled_weight_decay: decay the parameter by ``1 - lr * weight_decay`` before the
+            update instead of adding L2 to the gradient (AdamW; as ``torch.optim.Adam``'s
+            argument of that name); only the rows stepped decay.
         sync_rows: take the union of touched rows over processes when ``torch.distributed`` is
             initialised with more than one process.
         process_group: the group gradients are averaged over (default: the world).
@@ -356,6 +365,7 @@ class LazyRowAdam(Optimizer):
         eps: float = 1e-8,
         weight_decay: float = 0.0,
         *,
+        decoupled_weight_decay: bool = False,
         sync_rows: bool = True,
         process_group: Any = None,
     ) -> None:
@@ -367,7 +377,10 @@ class LazyRowAdam(Optimizer):
             raise ValueError(f"eps must be >= 0, got eps={eps}")
         if weight_decay < 0:
             raise ValueError(f"weight_decay must be >= 0, got weight_decay={weight_decay}")
-        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+        super().__init__(params, dict(
+            lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+            decoupled_weight_decay=bool(decoupled_weight_decay),
+        ))
         native.prepare()  # build or load the row step now, not inside the first step()
         self.sync_rows = sync_rows
         self.process_group = process_group
@@ -398,6 +411,11 @@ class LazyRowAdam(Optimizer):
         if track is None:
             track = self._tracks[id(p)] = _Track()
         return track
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:  # a state saved before the option existed
+            group.setdefault("decoupled_weight_decay", False)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
@@ -612,6 +630,7 @@ class LazyRowAdam(Optimizer):
                 m_params, m_avgs, m_sqs, m_grads, m_masks, m_dirty, m_steps,
                 d_params, d_grads, d_avgs, d_sqs, d_steps,
                 group["lr"], beta1, beta2, group["eps"], group["weight_decay"],
+                group["decoupled_weight_decay"],
             )
             for (p, grad, state, track, logged), count in zip(m_seen, counts, strict=True):
                 if count > 0:
@@ -866,6 +885,7 @@ class _StepLists:
             torch.ops.msbp.lazy_row_adam_(
                 self.r_params, self.r_avgs, self.r_sqs, self.r_grads, self.r_rows,
                 self.r_steps, group["lr"], beta1, beta2, group["eps"], group["weight_decay"],
+                group["decoupled_weight_decay"],
             )
         if self.d_params:
             _adam(group, self.d_params, self.d_grads, self.d_avgs, self.d_sqs, self.d_steps)
@@ -873,3 +893,29 @@ class _StepLists:
             p.index_copy_(0, rows, p_r)
             state["exp_avg"].index_copy_(0, rows, m_r)
             state["exp_avg_sq"].index_copy_(0, rows, v_r)
+
+
+class LazyRowAdamW(LazyRowAdam):
+    """``LazyRowAdam`` with decoupled weight decay: ``torch.optim.AdamW``'s math (and its default
+    ``weight_decay=1e-2``) on the rows sparse backprop touched, the ordinary fused AdamW step on
+    every other parameter. Only the rows stepped decay.
+
+    Example:
+        >>> opt = LazyRowAdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        *,
+        sync_rows: bool = True,
+        process_group: Any = None,
+    ) -> None:
+        super().__init__(
+            params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+            decoupled_weight_decay=True, sync_rows=sync_rows, process_group=process_group,
+        )

@@ -27,10 +27,12 @@ std::vector<int64_t> step_lists(const std::vector<at::Tensor>& params,
                                 const std::vector<at::Tensor>& dense_exp_avgs,
                                 const std::vector<at::Tensor>& dense_exp_avg_sqs,
                                 const std::vector<at::Tensor>& dense_steps, double lr,
-                                double beta1, double beta2, double eps, double weight_decay) {
+                                double beta1, double beta2, double eps, double weight_decay,
+                                bool decoupled_weight_decay) {
   return msbp::lazy_row_adam_step_(params, exp_avgs, exp_avg_sqs, grads, masks, dirty, steps,
                                    dense_params, dense_grads, dense_exp_avgs, dense_exp_avg_sqs,
-                                   dense_steps, lr, beta1, beta2, eps, weight_decay);
+                                   dense_steps, lr, beta1, beta2, eps, weight_decay,
+                                   decoupled_weight_decay);
 }
 
 int64_t clear_lists(const std::vector<at::Tensor>& bufs, const std::vector<at::Tensor>& states) {

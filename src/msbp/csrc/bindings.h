@@ -66,7 +66,7 @@ std::vector<int64_t> lazy_row_adam_step_(
     at::TensorList grads, at::TensorList masks, at::TensorList dirty, at::TensorList steps,
     at::TensorList dense_params, at::TensorList dense_grads, at::TensorList dense_exp_avgs,
     at::TensorList dense_exp_avg_sqs, at::TensorList dense_steps, double lr, double beta1,
-    double beta2, double eps, double weight_decay);
+    double beta2, double eps, double weight_decay, bool decoupled_weight_decay);
 
 std::vector<int64_t> zero_masked_rows_(at::TensorList grads, at::TensorList dirty,
                                        at::TensorList pending);

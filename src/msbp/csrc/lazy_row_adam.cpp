@@ -1,21 +1,23 @@
 // Row-sparse ("lazy") Adam: the Adam step of torch.optim.Adam, applied only to given rows.
 //
 // msbp::lazy_row_adam_(params, exp_avgs, exp_avg_sqs, grads, rows, steps, lr, beta1, beta2,
-//                      eps, weight_decay)
+//                      eps, weight_decay, decoupled_weight_decay)
 //
 // One call takes every row-sparse parameter of a parameter group, to pay the dispatcher once.
 // For each parameter i: the rows r in rows[i] (distinct indices into dim 0) whose gradient row
 // is not all zero are stepped (every row where rows[i] names them all, as a dense step; none:
 // the parameter takes no step); steps[i] += 1, then the elements of each such row get the math
 // of PyTorch's fused CPU Adam
-// (aten/src/ATen/native/cpu/FusedAdamKernel.cpp, ADAM_MODE::ORIGINAL, no amsgrad), in the same
-// order of operations: weight decay as L2 added to the gradient, exp_avg by lerp, bias
-// corrections in double from the step count. 16-bit parameters and moments are computed in
-// float, as PyTorch does.
+// (aten/src/ATen/native/cpu/FusedAdamKernel.cpp, no amsgrad), in the same order of operations:
+// weight decay as L2 added to the gradient (ADAM_MODE::ORIGINAL), or with
+// decoupled_weight_decay the parameter scaled by 1 - lr weight_decay first (ADAM_MODE::ADAMW,
+// torch.optim.AdamW), exp_avg by lerp, bias corrections in double from the step count. 16-bit
+// parameters and moments are computed in float, as PyTorch does.
 //
 // msbp::lazy_row_adam_step_(params, exp_avgs, exp_avg_sqs, grads, masks, dirty, steps,
 //                           dense_params, dense_grads, dense_exp_avgs, dense_exp_avg_sqs,
-//                           dense_steps, lr, beta1, beta2, eps, weight_decay) -> counts
+//                           dense_steps, lr, beta1, beta2, eps, weight_decay,
+//                           decoupled_weight_decay) -> counts
 // msbp::zero_masked_rows_(grads, dirty, pending) -> counts
 //
 // A parameter group's whole step: the same row step with each parameter's rows given as the
@@ -56,6 +58,8 @@ struct AdamCoefficients {
   double neg_step_size;  // -lr / (1 - beta1^t)
   double bc2_sqrt;       // sqrt(1 - beta2^t)
   double beta2, sq_coeff, eps, weight_decay;
+  bool decoupled;  // AdamW: the parameter times decay_factor instead of L2 in the gradient
+  double decay_factor;  // 1 - lr * weight_decay
   double lerp_coeff;  // exp_avg.lerp_(grad, 1 - beta1) as fmadd(coeff, grad - exp_avg, base)
   bool lerp_from_exp_avg;  // base: exp_avg when 1 - beta1 < 0.5, else grad
 };
@@ -68,7 +72,11 @@ inline void adam_vec(scalar_t* p, scalar_t* m, scalar_t* v, const scalar_t* g,
   Vec p_v = Vec::loadu(p);
   Vec g_v = Vec::loadu(g);
   if (c.weight_decay != 0) {
-    g_v += p_v * Vec(static_cast<scalar_t>(c.weight_decay));
+    if (c.decoupled) {
+      p_v = p_v * Vec(static_cast<scalar_t>(c.decay_factor));
+    } else {
+      g_v += p_v * Vec(static_cast<scalar_t>(c.weight_decay));
+    }
   }
   Vec m_v = Vec::loadu(m);
   m_v = at::vec::fmadd(Vec(static_cast<scalar_t>(c.lerp_coeff)), g_v - m_v,
@@ -92,8 +100,13 @@ inline void adam_vec_16bit(scalar_t* p, scalar_t* m, scalar_t* v, const scalar_t
   auto [p1, p2] = at::vec::convert_to_float<scalar_t>(lpVec::loadu(p));
   auto [g1, g2] = at::vec::convert_to_float<scalar_t>(lpVec::loadu(g));
   if (c.weight_decay != 0) {
-    g1 += p1 * fVec(static_cast<float>(c.weight_decay));
-    g2 += p2 * fVec(static_cast<float>(c.weight_decay));
+    if (c.decoupled) {
+      p1 = p1 * fVec(static_cast<float>(c.decay_factor));
+      p2 = p2 * fVec(static_cast<float>(c.decay_factor));
+    } else {
+      g1 += p1 * fVec(static_cast<float>(c.weight_decay));
+      g2 += p2 * fVec(static_cast<float>(c.weight_decay));
+    }
   }
   auto [m1, m2] = at::vec::convert_to_float<scalar_t>(lpVec::loadu(m));
   const fVec coeff(static_cast<float>(c.lerp_coeff));
@@ -171,7 +184,7 @@ template <typename scalar_t>
 void row_adam_one(const at::Tensor& param, const at::Tensor& exp_avg,
                   const at::Tensor& exp_avg_sq, const at::Tensor& grad, const int64_t* row_data,
                   int64_t n_rows, double step, double lr, double beta1, double beta2, double eps,
-                  double weight_decay) {
+                  double weight_decay, bool decoupled) {
   if (n_rows == 0 || param.numel() == 0) {
     return;
   }
@@ -186,6 +199,8 @@ void row_adam_one(const at::Tensor& param, const at::Tensor& exp_avg,
   c.sq_coeff = 1 - beta2;
   c.eps = eps;
   c.weight_decay = weight_decay;
+  c.decoupled = decoupled;
+  c.decay_factor = 1 - lr * weight_decay;
   const double w = 1 - beta1;
   c.lerp_from_exp_avg = std::abs(w) < 0.5;
   c.lerp_coeff = c.lerp_from_exp_avg ? w : w - 1;
@@ -283,7 +298,8 @@ bool row_is_zero(const at::Tensor& grad, int64_t r) {
 
 void lazy_row_adam_(at::TensorList params, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
                     at::TensorList grads, at::TensorList rows, at::TensorList steps, double lr,
-                    double beta1, double beta2, double eps, double weight_decay) {
+                    double beta1, double beta2, double eps, double weight_decay,
+                    bool decoupled_weight_decay) {
   const size_t n = params.size();
   TORCH_CHECK(exp_avgs.size() == n && exp_avg_sqs.size() == n && grads.size() == n &&
                   rows.size() == n && steps.size() == n,
@@ -304,7 +320,7 @@ void lazy_row_adam_(at::TensorList params, at::TensorList exp_avgs, at::TensorLi
         at::kBFloat16, at::kHalf, params[i].scalar_type(), "lazy_row_adam_", [&] {
           row_adam_one<scalar_t>(params[i], exp_avgs[i], exp_avg_sqs[i], grads[i], live.data(),
                                  static_cast<int64_t>(live.size()), step, lr, beta1, beta2, eps,
-                                 weight_decay);
+                                 weight_decay, decoupled_weight_decay);
         });
     bump_versions(params[i], exp_avgs[i], exp_avg_sqs[i], steps[i]);
   }
@@ -394,8 +410,9 @@ namespace msbp {
 //   zero (all rows where all are set), the mask is cleared in the same pass and the rows
 //   stepped are marked in dirty[i] (those zero_grad must clear); a parameter with no such row
 //   takes no step (its step count stays);
-// - the dense parameters (dense_*) by PyTorch's own fused Adam (at::_fused_adam_, after their
-//   step counts move by one), exactly as torch.optim.Adam(fused=True) steps them.
+// - the dense parameters (dense_*) by PyTorch's own fused Adam (at::_fused_adam_, or
+//   at::_fused_adamw_ with decoupled_weight_decay, after their step counts move by one),
+//   exactly as torch.optim.Adam(fused=True) (or AdamW) steps them.
 // Returns, per row-sparse parameter, the number of rows its mask had set (those of zero gradient
 // among them took no step; 0: the parameter took no part), or -1 where it cannot take the
 // tensors (not CPU, not contiguous, another dtype or shape...): that parameter is left entirely
@@ -405,7 +422,7 @@ std::vector<int64_t> lazy_row_adam_step_(
     at::TensorList grads, at::TensorList masks, at::TensorList dirty, at::TensorList steps,
     at::TensorList dense_params, at::TensorList dense_grads, at::TensorList dense_exp_avgs,
     at::TensorList dense_exp_avg_sqs, at::TensorList dense_steps, double lr, double beta1,
-    double beta2, double eps, double weight_decay) {
+    double beta2, double eps, double weight_decay, bool decoupled_weight_decay) {
   const size_t n = params.size();
   TORCH_CHECK(exp_avgs.size() == n && exp_avg_sqs.size() == n && grads.size() == n &&
                   masks.size() == n && dirty.size() == n && steps.size() == n,
@@ -433,7 +450,7 @@ std::vector<int64_t> lazy_row_adam_step_(
         at::kBFloat16, at::kHalf, params[i].scalar_type(), "lazy_row_adam_step_", [&] {
           row_adam_one<scalar_t>(params[i], exp_avgs[i], exp_avg_sqs[i], grads[i], rows.data(),
                                  static_cast<int64_t>(rows.size()), step, lr, beta1, beta2, eps,
-                                 weight_decay);
+                                 weight_decay, decoupled_weight_decay);
         });
     bump_versions(params[i], exp_avgs[i], exp_avg_sqs[i], steps[i]);
   }
@@ -455,9 +472,15 @@ std::vector<int64_t> lazy_row_adam_step_(
         grads_like[i] = at::empty_strided(param.sizes(), param.strides(), param.options())
                             .copy_(grads_like[i]);
     }
-    at::_fused_adam_(dense_params, grads_like, dense_exp_avgs, dense_exp_avg_sqs, {},
-                     dense_steps, lr, beta1, beta2, weight_decay, eps, /*amsgrad=*/false,
-                     /*maximize=*/false, std::nullopt, std::nullopt);
+    if (decoupled_weight_decay) {
+      at::_fused_adamw_(dense_params, grads_like, dense_exp_avgs, dense_exp_avg_sqs, {},
+                        dense_steps, lr, beta1, beta2, weight_decay, eps, /*amsgrad=*/false,
+                        /*maximize=*/false, std::nullopt, std::nullopt);
+    } else {
+      at::_fused_adam_(dense_params, grads_like, dense_exp_avgs, dense_exp_avg_sqs, {},
+                       dense_steps, lr, beta1, beta2, weight_decay, eps, /*amsgrad=*/false,
+                       /*maximize=*/false, std::nullopt, std::nullopt);
+    }
   }
   return counts;
 }
@@ -513,13 +536,14 @@ TORCH_LIBRARY_FRAGMENT(msbp, m) {
   m.def(
       "lazy_row_adam_(Tensor(a!)[] params, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
       "Tensor[] grads, Tensor[] rows, Tensor(d!)[] steps, float lr, float beta1, float beta2, "
-      "float eps, float weight_decay) -> ()");
+      "float eps, float weight_decay, bool decoupled_weight_decay=False) -> ()");
   m.def(
       "lazy_row_adam_step_(Tensor(a!)[] params, Tensor(b!)[] exp_avgs, "
       "Tensor(c!)[] exp_avg_sqs, Tensor[] grads, Tensor(e!)[] masks, Tensor(f!)[] dirty, "
       "Tensor(d!)[] steps, Tensor(g!)[] dense_params, Tensor[] dense_grads, "
       "Tensor(h!)[] dense_exp_avgs, Tensor(i!)[] dense_exp_avg_sqs, Tensor(j!)[] dense_steps, "
-      "float lr, float beta1, float beta2, float eps, float weight_decay) -> int[]");
+      "float lr, float beta1, float beta2, float eps, float weight_decay, "
+      "bool decoupled_weight_decay=False) -> int[]");
   m.def(
       "zero_masked_rows_(Tensor(a!)[] grads, Tensor(b!)[] dirty, Tensor(c!)[] pending) "
       "-> int[]");
