@@ -287,3 +287,94 @@ def test_hook_state_counters_reset():
     state = RowSparseState(bytes=5, dense_bytes=6, sparse_bytes=1, sparse_dense_bytes=2, calls=3)
     state.reset()
     assert (state.bytes, state.dense_bytes, state.sparse_bytes, state.calls) == (0, 0, 0, 0)
+
+
+# -- a tied embedding and attention's in_proj_weight blocks under the row-sparse hook ------------
+
+E = 8  # embed dim of the attention model, vocabulary of the tied one
+
+
+class _TiedLM(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb, self.head = nn.Embedding(E, 4), nn.Linear(4, E, bias=False)
+        self.head.weight = self.emb.weight  # GPT-2's tie: sparsify marks head weight_tied
+
+    def forward(self, ids):
+        return self.head(torch.tanh(self.emb(ids)))
+
+
+class _Attention(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.mha, self.head = nn.MultiheadAttention(E, 2, batch_first=True), nn.Linear(E, 3)
+
+    def forward(self, x):
+        return self.head(self.mha(x, x, x, need_weights=False)[0])
+
+
+def _shared_model(kind: str) -> nn.Module:
+    torch.manual_seed(0)
+    model = (_TiedLM() if kind == "tied" else _Attention()).double()
+    msbp.sparsify(model, msbp.SparseBackpropConfig(k=2, memory=0.8, consensus=True),
+                  exclude="head" if kind == "attention" else None)
+    return model
+
+
+def _shared_batch(kind: str, step: int, rank: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Step ``step``'s batch of 2 x 2 examples: rank r's half, or (rank None) all of it."""
+    gen = torch.Generator().manual_seed(step)
+    if kind == "tied":
+        x = torch.randint(0, E, (4, 3), generator=gen)
+        y = torch.randint(0, E, (4, 3), generator=gen)
+    else:
+        x = torch.randn(4, 3, E, generator=gen, dtype=torch.float64)
+        y = torch.randint(0, 3, (4, 3), generator=gen)
+    return (x, y) if rank is None else (x[2 * rank : 2 * rank + 2], y[2 * rank : 2 * rank + 2])
+
+
+def _run_shared(kind: str, rank: int | None) -> dict:
+    model = _shared_model(kind)
+    net = model if rank is None else wrap_ddp(model)
+    opt = torch.optim.SGD(net.parameters(), lr=0.3)
+    params = []
+    for step in range(3):
+        opt.zero_grad()
+        x, y = _shared_batch(kind, step, rank)
+        out = net(x)
+        nn.functional.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1)).backward()
+        opt.step()
+        params.append({n: p.detach().clone() for n, p in model.named_parameters()})
+    state = getattr(net, "msbp_comm_state", None)
+    return {"params": params, "sparse_bytes": state and state.sparse_bytes,
+            "sparse_dense_bytes": state and state.sparse_dense_bytes}
+
+
+def _shared_worker(rank: int, world: int, out_dir: str) -> None:
+    init_group(rank, world, out_dir)
+    try:
+        results = {kind: _run_shared(kind, rank) for kind in ("tied", "attention")}
+        torch.save(results, os.path.join(out_dir, f"shared{rank}.pt"))
+        all_done()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_tied_weight_and_attention_blocks_under_the_row_sparse_hook(tmp_path):
+    """A sparse layer tied to an embedding has gradient rows outside the k it kept, different
+    on every rank: the hook sends that weight whole (the replicas stayed apart when it sent k
+    rows). Attention's q, k and v are row blocks of ``in_proj_weight``: the hook sends their
+    3 k rows (it sent the whole Parameter, finding no rows recorded on it)."""
+    mp.spawn(_shared_worker, args=(2, str(tmp_path)), nprocs=2, join=True)
+    results = [torch.load(tmp_path / f"shared{r}.pt") for r in range(2)]
+    for kind in ("tied", "attention"):
+        single = _run_shared(kind, None)
+        for rank, got in enumerate(results):
+            for step, want in enumerate(single["params"]):
+                for name, p in want.items():
+                    _close(got[kind]["params"][step][name], p, f"{kind} rank {rank} {name}")
+    tied = results[0]["tied"]
+    assert tied["sparse_bytes"] == tied["sparse_dense_bytes"] == 0  # sent whole, as dense
+    for got in results:  # q, k, v: 3 k of 3 E rows; out_proj: k of E rows; 3 steps
+        assert got["attention"]["sparse_bytes"] == 3 * (3 * 2 + 2) * E * 8
+        assert got["attention"]["sparse_dense_bytes"] == 3 * (3 * E + E) * E * 8

@@ -38,6 +38,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from msbp.ops.memory import active_rows, add_memory_, store_memory_
+from msbp.ops.touched_rows import WEIGHT_TIED, row_block_of
 
 #: attribute on a weight: the list of row tensors (or None: every row) its consensus backwards
 #: kept since the communication hook last took them
@@ -80,10 +81,21 @@ def refuse(enabled: bool, what: str) -> None:
 
 def record_rows(weight: Tensor, rows: Tensor | None) -> None:
     """Note that a backward kept ``rows`` (k,) of ``weight``'s gradient (None: all rows), for the
-    communication hook; a no-op unless a hook asked for it (``WANTED``)."""
-    if not weight.__dict__.get(WANTED):
+    communication hook; a no-op unless a hook asked for it (``WANTED``).
+
+    A weight that is a block of rows of a Parameter (attention's q, k and v slices of
+    ``in_proj_weight``) records its rows in that Parameter, shifted to the block. A weight tied
+    to a module that is not a sparse layer (``weight_tied``: a tied embedding) records every
+    row: the other module's gradient rows differ from rank to rank and are in no log."""
+    block = row_block_of(weight)
+    param, offset = (weight, 0) if block is None else block
+    if not param.__dict__.get(WANTED):
         return
-    log = weight.__dict__.setdefault(ROWS, [])
+    if rows is not None and param.__dict__.get(WEIGHT_TIED):
+        rows = None
+    elif rows is not None and offset:
+        rows = rows + offset
+    log = param.__dict__.setdefault(ROWS, [])
     log.append(rows)
     if len(log) >= _FOLD_AT:  # many backwards between two exchanges (no_sync): keep it bounded
         log[:] = [None if any(r is None for r in log) else torch.unique(torch.cat(log))]
