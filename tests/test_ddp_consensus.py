@@ -5,6 +5,7 @@ row-sparse exchange sends only the kept rows of the sparse layers' weight gradie
 from __future__ import annotations
 
 import contextlib
+import datetime
 import os
 
 import pytest
@@ -135,8 +136,10 @@ def _refusals() -> dict[str, str]:
 def _nonfinite(rank: int, group) -> dict[str, str]:
     """A non-finite gradient on rank 1 alone: both ranks raise, or both go dense (``skip``)."""
     got = {}
-    for mode in ("raise", "skip"):
-        model = _model(MSBP.replace(on_nonfinite=mode))
+    for mode in ("raise", "skip", "raise_k_out"):
+        # k_out: k = out (nothing to select) still agrees on finiteness: a hang before
+        cfg = MSBP.replace(on_nonfinite=mode[:5]) if mode != "raise_k_out" else MSBP.replace(k=0)
+        model = _model(cfg)
         net = wrap_ddp(model, process_group=group)
         x, y = _batch(0, 2)
         x, y = x[rank * ROWS : (rank + 1) * ROWS], y[rank * ROWS : (rank + 1) * ROWS]
@@ -156,7 +159,8 @@ def _worker(rank: int, world: int, out_dir: str, variants: list[str], variants_2
     init_group(rank, world, out_dir)
     try:
         results = {(world, v): _run(v, world, rank) for v in variants}
-        pair = dist.new_group([0, 1])  # every rank must take part in creating it
+        # every rank must take part in creating it; a hang fails (raises) within 2 minutes
+        pair = dist.new_group([0, 1], timeout=datetime.timedelta(seconds=120))
         if rank < 2:
             results.update({(2, v): _run(v, 2, rank, pair) for v in variants_2})
         if rank < 2:
@@ -240,6 +244,7 @@ def test_two_and_three_ranks_equal_one_process_and_send_k_rows(tmp_path):
 
     for got in (r0, r1):  # both ranks take the same way, whichever rank saw the inf
         assert "non-finite output gradient" in got["nonfinite"]["raise"]
+        assert "non-finite output gradient" in got["nonfinite"]["raise_k_out"]
         assert got["nonfinite"]["skip"] == "dense, memory untouched: True"
 
     refusals = r0["refusals"]

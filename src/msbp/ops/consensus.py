@@ -135,7 +135,8 @@ def backward(
     place (None: no memory); random_cols: (k,) this rank's random draw, or None for unified
     top-k; scale: a GradScaler's scale or None. Returns ``(dx (n, in), dW (out, in) dense, db
     (out,), rows)``: rows (k,) ascending, the rows of dW that may be non-zero, the same on every
-    rank, or None when a non-finite gradient (on any rank) went through densely. Raises
+    rank, or None when every row may be (k = out, or a non-finite gradient on any rank went
+    through densely). Raises
     ``RuntimeError`` marked ``msbp-nonfinite`` on every rank when one has a non-finite gradient
     and ``skip_nonfinite`` is off.
     """
@@ -177,7 +178,10 @@ def backward(
         dW = gc.t() @ x if need_w else None
         return dx, dW, db, None
 
-    idx = torch.topk(picks, k, sorted=False).indices.sort().values  # (k,), same everywhere
+    if k >= out:  # every unit kept: nothing to choose (the all-reduce agreed on finiteness)
+        idx = torch.arange(out, device=g.device)
+    else:
+        idx = torch.topk(picks, k, sorted=False).indices.sort().values  # (k,), same everywhere
     u_sel = u.index_select(1, idx)  # (n, k)
     if probe is not None:
         probe(g, x, torch.zeros_like(u).index_copy_(1, idx, u_sel))
@@ -194,4 +198,4 @@ def backward(
                 memory.index_fill_(0, idx, 0)
         else:
             store_memory_(memory, u.index_fill_(1, idx, 0), "slot", alpha, scale, active)
-    return dx, dW, db, idx
+    return dx, dW, db, idx if k < out else None

@@ -647,8 +647,9 @@ class SparseLinearFunction(torch.autograd.Function):
         k = min(plan.k, out)
         weight = ctx.weight
 
-        # a collective: a rank with an empty batch still takes part (and gets the shared memory)
-        agree = plan.consensus and k < out and consensus.active()
+        # a collective: a rank with an empty batch still takes part (and gets the shared memory);
+        # k = out too, so that a non-finite gradient on one rank makes every rank raise
+        agree = plan.consensus and consensus.active()
         if n == 0 and not agree:  # an empty batch propagates nothing, leaves the memory as is
             dx = x.new_zeros(x_shape, dtype=ctx.x_dtype) if need_x else None
             dW = torch.zeros_like(weight) if need_w else None
