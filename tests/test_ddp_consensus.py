@@ -136,18 +136,28 @@ def _refusals() -> dict[str, str]:
 def _nonfinite(rank: int, group) -> dict[str, str]:
     """A non-finite gradient on rank 1 alone: both ranks raise, or both go dense (``skip``)."""
     got = {}
-    for mode in ("raise", "skip", "raise_k_out"):
+    for mode in ("raise", "skip", "raise_k_out", "skip_slot_resized"):
         # k_out: k = out (nothing to select) still agrees on finiteness: a hang before
-        cfg = MSBP.replace(on_nonfinite=mode[:5]) if mode != "raise_k_out" else MSBP.replace(k=0)
+        cfg = MSBP.replace(on_nonfinite=mode.split("_")[0])
+        if mode == "raise_k_out":
+            cfg = cfg.replace(k=0)
+        elif mode == "skip_slot_resized":
+            cfg = cfg.replace(memory_layout="slot")
         model = _model(cfg)
         net = wrap_ddp(model, process_group=group)
         x, y = _batch(0, 2)
         x, y = x[rank * ROWS : (rank + 1) * ROWS], y[rank * ROWS : (rank + 1) * ROWS]
+        if mode == "skip_slot_resized":  # a finite step first; the skipped one has 1 row fewer
+            nn.functional.cross_entropy(net(x), y).backward()
+            x, y = x[1:], y[1:]
+        before = msbp.memory_state_dict(model)
         scale = float("inf") if rank == 1 else 1.0  # rank 1's output gradients: inf and nan
         try:
             (scale * nn.functional.cross_entropy(net(x), y)).backward()
-            memory_zero = all(not m.any() for m in msbp.memory_state_dict(model).values())
-            got[mode] = f"dense, memory untouched: {memory_zero}"
+            after = msbp.memory_state_dict(model)
+            # (the slot memory's spread to the new batch size stayed before)
+            same = all(torch.equal(before[key], after[key]) for key in before)
+            got[mode] = f"dense, memory untouched: {same}"
         except FloatingPointError as exc:
             got[mode] = str(exc)
     return got
@@ -246,6 +256,7 @@ def test_two_and_three_ranks_equal_one_process_and_send_k_rows(tmp_path):
         assert "non-finite output gradient" in got["nonfinite"]["raise"]
         assert "non-finite output gradient" in got["nonfinite"]["raise_k_out"]
         assert got["nonfinite"]["skip"] == "dense, memory untouched: True"
+        assert got["nonfinite"]["skip_slot_resized"] == "dense, memory untouched: True"
 
     refusals = r0["refusals"]
     assert "not by SparseConv1d" in refusals["conv"]

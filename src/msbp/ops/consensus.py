@@ -128,15 +128,15 @@ def backward(
     skip_nonfinite: bool,
     probe: Callable[[Tensor, Tensor, Tensor], None] | None = None,
     all_rows: bool = False,
-) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
+) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None, bool]:
     """The consensus backward of ``y = x W^T + b`` (a collective over ``get_group()``).
 
     g: (n, out); x: (n, in); weight: (out, in); memory: (out,) or, ``slot``, (n, out), updated in
     place (None: no memory); random_cols: (k,) this rank's random draw, or None for unified
     top-k; scale: a GradScaler's scale or None. Returns ``(dx (n, in), dW (out, in) dense, db
-    (out,), rows)``: rows (k,) ascending, the rows of dW that may be non-zero, the same on every
-    rank, or None when every row may be (k = out, or a non-finite gradient on any rank went
-    through densely). Raises
+    (out,), rows, skipped)``: rows (k,) ascending, the rows of dW that may be non-zero, the same
+    on every rank, or None when every row may be (k = out, or a non-finite gradient on any rank
+    went through densely: then skipped is True and the memory was not touched). Raises
     ``RuntimeError`` marked ``msbp-nonfinite`` on every rank when one has a non-finite gradient
     and ``skip_nonfinite`` is off.
     """
@@ -176,7 +176,7 @@ def backward(
         gc = g.to(x.dtype)
         dx = gc @ weight if need_x else None
         dW = gc.t() @ x if need_w else None
-        return dx, dW, db, None
+        return dx, dW, db, None, True
 
     if k >= out:  # every unit kept: nothing to choose (the all-reduce agreed on finiteness)
         idx = torch.arange(out, device=g.device)
@@ -198,4 +198,4 @@ def backward(
                 memory.index_fill_(0, idx, 0)
         else:
             store_memory_(memory, u.index_fill_(1, idx, 0), "slot", alpha, scale, active)
-    return dx, dW, db, idx if k < out else None
+    return dx, dW, db, idx if k < out else None, False
