@@ -5,6 +5,7 @@ row-sparse exchange sends only the kept rows of the sparse layers' weight gradie
 from __future__ import annotations
 
 import contextlib
+import datetime
 import os
 
 import pytest
@@ -135,16 +136,28 @@ def _refusals() -> dict[str, str]:
 def _nonfinite(rank: int, group) -> dict[str, str]:
     """A non-finite gradient on rank 1 alone: both ranks raise, or both go dense (``skip``)."""
     got = {}
-    for mode in ("raise", "skip"):
-        model = _model(MSBP.replace(on_nonfinite=mode))
+    for mode in ("raise", "skip", "raise_k_out", "skip_slot_resized"):
+        # k_out: k = out (nothing to select) still agrees on finiteness: a hang before
+        cfg = MSBP.replace(on_nonfinite=mode.split("_")[0])
+        if mode == "raise_k_out":
+            cfg = cfg.replace(k=0)
+        elif mode == "skip_slot_resized":
+            cfg = cfg.replace(memory_layout="slot")
+        model = _model(cfg)
         net = wrap_ddp(model, process_group=group)
         x, y = _batch(0, 2)
         x, y = x[rank * ROWS : (rank + 1) * ROWS], y[rank * ROWS : (rank + 1) * ROWS]
+        if mode == "skip_slot_resized":  # a finite step first; the skipped one has 1 row fewer
+            nn.functional.cross_entropy(net(x), y).backward()
+            x, y = x[1:], y[1:]
+        before = msbp.memory_state_dict(model)
         scale = float("inf") if rank == 1 else 1.0  # rank 1's output gradients: inf and nan
         try:
             (scale * nn.functional.cross_entropy(net(x), y)).backward()
-            memory_zero = all(not m.any() for m in msbp.memory_state_dict(model).values())
-            got[mode] = f"dense, memory untouched: {memory_zero}"
+            after = msbp.memory_state_dict(model)
+            # (the slot memory's spread to the new batch size stayed before)
+            same = all(torch.equal(before[key], after[key]) for key in before)
+            got[mode] = f"dense, memory untouched: {same}"
         except FloatingPointError as exc:
             got[mode] = str(exc)
     return got
@@ -156,7 +169,8 @@ def _worker(rank: int, world: int, out_dir: str, variants: list[str], variants_2
     init_group(rank, world, out_dir)
     try:
         results = {(world, v): _run(v, world, rank) for v in variants}
-        pair = dist.new_group([0, 1])  # every rank must take part in creating it
+        # every rank must take part in creating it; a hang fails (raises) within 2 minutes
+        pair = dist.new_group([0, 1], timeout=datetime.timedelta(seconds=120))
         if rank < 2:
             results.update({(2, v): _run(v, 2, rank, pair) for v in variants_2})
         if rank < 2:
@@ -240,7 +254,9 @@ def test_two_and_three_ranks_equal_one_process_and_send_k_rows(tmp_path):
 
     for got in (r0, r1):  # both ranks take the same way, whichever rank saw the inf
         assert "non-finite output gradient" in got["nonfinite"]["raise"]
+        assert "non-finite output gradient" in got["nonfinite"]["raise_k_out"]
         assert got["nonfinite"]["skip"] == "dense, memory untouched: True"
+        assert got["nonfinite"]["skip_slot_resized"] == "dense, memory untouched: True"
 
     refusals = r0["refusals"]
     assert "not by SparseConv1d" in refusals["conv"]
@@ -287,3 +303,94 @@ def test_hook_state_counters_reset():
     state = RowSparseState(bytes=5, dense_bytes=6, sparse_bytes=1, sparse_dense_bytes=2, calls=3)
     state.reset()
     assert (state.bytes, state.dense_bytes, state.sparse_bytes, state.calls) == (0, 0, 0, 0)
+
+
+# -- a tied embedding and attention's in_proj_weight blocks under the row-sparse hook ------------
+
+E = 8  # embed dim of the attention model, vocabulary of the tied one
+
+
+class _TiedLM(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb, self.head = nn.Embedding(E, 4), nn.Linear(4, E, bias=False)
+        self.head.weight = self.emb.weight  # GPT-2's tie: sparsify marks head weight_tied
+
+    def forward(self, ids):
+        return self.head(torch.tanh(self.emb(ids)))
+
+
+class _Attention(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.mha, self.head = nn.MultiheadAttention(E, 2, batch_first=True), nn.Linear(E, 3)
+
+    def forward(self, x):
+        return self.head(self.mha(x, x, x, need_weights=False)[0])
+
+
+def _shared_model(kind: str) -> nn.Module:
+    torch.manual_seed(0)
+    model = (_TiedLM() if kind == "tied" else _Attention()).double()
+    msbp.sparsify(model, msbp.SparseBackpropConfig(k=2, memory=0.8, consensus=True),
+                  exclude="head" if kind == "attention" else None)
+    return model
+
+
+def _shared_batch(kind: str, step: int, rank: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Step ``step``'s batch of 2 x 2 examples: rank r's half, or (rank None) all of it."""
+    gen = torch.Generator().manual_seed(step)
+    if kind == "tied":
+        x = torch.randint(0, E, (4, 3), generator=gen)
+        y = torch.randint(0, E, (4, 3), generator=gen)
+    else:
+        x = torch.randn(4, 3, E, generator=gen, dtype=torch.float64)
+        y = torch.randint(0, 3, (4, 3), generator=gen)
+    return (x, y) if rank is None else (x[2 * rank : 2 * rank + 2], y[2 * rank : 2 * rank + 2])
+
+
+def _run_shared(kind: str, rank: int | None) -> dict:
+    model = _shared_model(kind)
+    net = model if rank is None else wrap_ddp(model)
+    opt = torch.optim.SGD(net.parameters(), lr=0.3)
+    params = []
+    for step in range(3):
+        opt.zero_grad()
+        x, y = _shared_batch(kind, step, rank)
+        out = net(x)
+        nn.functional.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1)).backward()
+        opt.step()
+        params.append({n: p.detach().clone() for n, p in model.named_parameters()})
+    state = getattr(net, "msbp_comm_state", None)
+    return {"params": params, "sparse_bytes": state and state.sparse_bytes,
+            "sparse_dense_bytes": state and state.sparse_dense_bytes}
+
+
+def _shared_worker(rank: int, world: int, out_dir: str) -> None:
+    init_group(rank, world, out_dir)
+    try:
+        results = {kind: _run_shared(kind, rank) for kind in ("tied", "attention")}
+        torch.save(results, os.path.join(out_dir, f"shared{rank}.pt"))
+        all_done()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_tied_weight_and_attention_blocks_under_the_row_sparse_hook(tmp_path):
+    """A sparse layer tied to an embedding has gradient rows outside the k it kept, different
+    on every rank: the hook sends that weight whole (the replicas stayed apart when it sent k
+    rows). Attention's q, k and v are row blocks of ``in_proj_weight``: the hook sends their
+    3 k rows (it sent the whole Parameter, finding no rows recorded on it)."""
+    mp.spawn(_shared_worker, args=(2, str(tmp_path)), nprocs=2, join=True)
+    results = [torch.load(tmp_path / f"shared{r}.pt") for r in range(2)]
+    for kind in ("tied", "attention"):
+        single = _run_shared(kind, None)
+        for rank, got in enumerate(results):
+            for step, want in enumerate(single["params"]):
+                for name, p in want.items():
+                    _close(got[kind]["params"][step][name], p, f"{kind} rank {rank} {name}")
+    tied = results[0]["tied"]
+    assert tied["sparse_bytes"] == tied["sparse_dense_bytes"] == 0  # sent whole, as dense
+    for got in results:  # q, k, v: 3 k of 3 E rows; out_proj: k of E rows; 3 steps
+        assert got["attention"]["sparse_bytes"] == 3 * (3 * 2 + 2) * E * 8
+        assert got["attention"]["sparse_dense_bytes"] == 3 * (3 * E + E) * E * 8

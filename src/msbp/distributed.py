@@ -77,8 +77,9 @@ def row_sparse_allreduce_hook(
     are the only non-zero ones that differ between ranks (what consensus guarantees).
 
     The rows come from the layers (``msbp.ops.consensus.record_rows``); a parameter with none
-    recorded is sent whole. One all-reduce per bucket on a compact tensor; no host
-    synchronisation (works with NCCL as with gloo). Rows outside the kept ones are left as they
+    recorded, or tied to a module that is not a sparse layer (``weight_tied``), is sent whole.
+    One all-reduce per bucket on a compact tensor; no host synchronisation (works with NCCL as
+    with gloo). Rows outside the kept ones are left as they
     are: zero in this step's gradient on every rank, or, when gradients accumulate over steps
     without ``zero_grad``, what earlier exchanges made equal on every rank.
     """

@@ -38,6 +38,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from msbp.ops.memory import active_rows, add_memory_, store_memory_
+from msbp.ops.touched_rows import WEIGHT_TIED, row_block_of
 
 #: attribute on a weight: the list of row tensors (or None: every row) its consensus backwards
 #: kept since the communication hook last took them
@@ -80,10 +81,21 @@ def refuse(enabled: bool, what: str) -> None:
 
 def record_rows(weight: Tensor, rows: Tensor | None) -> None:
     """Note that a backward kept ``rows`` (k,) of ``weight``'s gradient (None: all rows), for the
-    communication hook; a no-op unless a hook asked for it (``WANTED``)."""
-    if not weight.__dict__.get(WANTED):
+    communication hook; a no-op unless a hook asked for it (``WANTED``).
+
+    A weight that is a block of rows of a Parameter (attention's q, k and v slices of
+    ``in_proj_weight``) records its rows in that Parameter, shifted to the block. A weight tied
+    to a module that is not a sparse layer (``weight_tied``: a tied embedding) records every
+    row: the other module's gradient rows differ from rank to rank and are in no log."""
+    block = row_block_of(weight)
+    param, offset = (weight, 0) if block is None else block
+    if not param.__dict__.get(WANTED):
         return
-    log = weight.__dict__.setdefault(ROWS, [])
+    if rows is not None and param.__dict__.get(WEIGHT_TIED):
+        rows = None
+    elif rows is not None and offset:
+        rows = rows + offset
+    log = param.__dict__.setdefault(ROWS, [])
     log.append(rows)
     if len(log) >= _FOLD_AT:  # many backwards between two exchanges (no_sync): keep it bounded
         log[:] = [None if any(r is None for r in log) else torch.unique(torch.cat(log))]
@@ -116,14 +128,15 @@ def backward(
     skip_nonfinite: bool,
     probe: Callable[[Tensor, Tensor, Tensor], None] | None = None,
     all_rows: bool = False,
-) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
+) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None, bool]:
     """The consensus backward of ``y = x W^T + b`` (a collective over ``get_group()``).
 
     g: (n, out); x: (n, in); weight: (out, in); memory: (out,) or, ``slot``, (n, out), updated in
     place (None: no memory); random_cols: (k,) this rank's random draw, or None for unified
     top-k; scale: a GradScaler's scale or None. Returns ``(dx (n, in), dW (out, in) dense, db
-    (out,), rows)``: rows (k,) ascending, the rows of dW that may be non-zero, the same on every
-    rank, or None when a non-finite gradient (on any rank) went through densely. Raises
+    (out,), rows, skipped)``: rows (k,) ascending, the rows of dW that may be non-zero, the same
+    on every rank, or None when every row may be (k = out, or a non-finite gradient on any rank
+    went through densely: then skipped is True and the memory was not touched). Raises
     ``RuntimeError`` marked ``msbp-nonfinite`` on every rank when one has a non-finite gradient
     and ``skip_nonfinite`` is off.
     """
@@ -163,9 +176,12 @@ def backward(
         gc = g.to(x.dtype)
         dx = gc @ weight if need_x else None
         dW = gc.t() @ x if need_w else None
-        return dx, dW, db, None
+        return dx, dW, db, None, True
 
-    idx = torch.topk(picks, k, sorted=False).indices.sort().values  # (k,), same everywhere
+    if k >= out:  # every unit kept: nothing to choose (the all-reduce agreed on finiteness)
+        idx = torch.arange(out, device=g.device)
+    else:
+        idx = torch.topk(picks, k, sorted=False).indices.sort().values  # (k,), same everywhere
     u_sel = u.index_select(1, idx)  # (n, k)
     if probe is not None:
         probe(g, x, torch.zeros_like(u).index_copy_(1, idx, u_sel))
@@ -182,4 +198,4 @@ def backward(
                 memory.index_fill_(0, idx, 0)
         else:
             store_memory_(memory, u.index_fill_(1, idx, 0), "slot", alpha, scale, active)
-    return dx, dW, db, idx
+    return dx, dW, db, idx if k < out else None, False

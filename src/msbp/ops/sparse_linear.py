@@ -647,8 +647,9 @@ class SparseLinearFunction(torch.autograd.Function):
         k = min(plan.k, out)
         weight = ctx.weight
 
-        # a collective: a rank with an empty batch still takes part (and gets the shared memory)
-        agree = plan.consensus and k < out and consensus.active()
+        # a collective: a rank with an empty batch still takes part (and gets the shared memory);
+        # k = out too, so that a non-finite gradient on one rank makes every rank raise
+        agree = plan.consensus and consensus.active()
         if n == 0 and not agree:  # an empty batch propagates nothing, leaves the memory as is
             dx = x.new_zeros(x_shape, dtype=ctx.x_dtype) if need_x else None
             dW = torch.zeros_like(weight) if need_w else None
@@ -672,11 +673,14 @@ class SparseLinearFunction(torch.autograd.Function):
             random_cols = torch.randperm(out, generator=plan.generator, device=g.device)[:k]
         if agree:
             try:
-                return _consensus_backward(ctx, g, x2, w, memory if use_memory else None,
-                                           random_cols, scale, k, slot, skip, x_shape)
+                grads, skipped = _consensus_backward(ctx, g, x2, w, memory if use_memory else None,
+                                                     random_cols, scale, k, slot, skip, x_shape)
             except FloatingPointError:
                 restore_memory_(memory, before)
                 raise
+            if skipped:  # went through densely on every rank: the memory as it was
+                restore_memory_(memory, before)
+            return grads
         fresh = need_w and weight.is_leaf and weight.grad is None
         compact = bool(need_w and plan.grad_inplace and not compiling) and (
             prepare_grad_buffer(ctx, weight, 1)
@@ -728,12 +732,13 @@ class SparseLinearFunction(torch.autograd.Function):
 
 
 def _consensus_backward(ctx, g, x2, w, memory, random_cols, scale, k, slot, skip, x_shape):
-    """``SparseLinearFunction.backward`` with the ranks agreeing on the k units (see
-    ``msbp.ops.consensus``); dW goes to autograd dense, as DDP's reducer needs."""
+    """``SparseLinearFunction.backward``'s gradients with the ranks agreeing on the k units
+    (see ``msbp.ops.consensus``), and whether a non-finite gradient (on some rank) made them
+    go through densely; dW goes to autograd dense, as DDP's reducer needs."""
     plan: BackwardPlan = ctx.plan
     need_x, need_w, need_b = ctx.needs_input_grad[:3]
     try:
-        dx, dW, db, rows = consensus.backward(
+        dx, dW, db, rows, skipped = consensus.backward(
             g, x2, w, memory, random_cols, scale, k, plan.alpha, slot, need_x, need_w, need_b,
             skip, probe=plan.probe, all_rows=plan.all_rows,
         )
@@ -748,7 +753,7 @@ def _consensus_backward(ctx, g, x2, w, memory, random_cols, scale, k, slot, skip
         dW = _as(dW, weight.dtype)
     dx = _as(dx.reshape(x_shape), ctx.x_dtype) if need_x else None
     db = _as(db, ctx.bias_dtype) if need_b else None
-    return dx, dW, db, None, None
+    return (dx, dW, db, None, None), skipped
 
 
 def place_weight_rows(
