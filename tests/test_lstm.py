@@ -888,6 +888,36 @@ def test_compiled_sparsified_tagger_matches_eager(bidirectional: bool) -> None:
         torch.testing.assert_close(compiled(ids), eager(ids), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.filterwarnings("ignore")
+@pytest.mark.parametrize("k", [2, 100], ids=["sparse", "k_out"])
+def test_compiled_slot_memory_of_a_new_batch_shape_matches_eager(k: int, native_backend) -> None:
+    """torch.compile (aot_eager, no fullgraph) of a SparseLSTM with a slot memory that changes
+    shape inside the compiled call (its first step, then a new batch size): the layer breaks
+    the graph there and trains as eager, bit for bit. The native op resized the memory in
+    place, which the traced graph then copied back into its old shape: at k = 4H the compiled
+    backward raised a size mismatch (fuzz of torch.compile against eager). (Not the ``backend``
+    fixture: its counting wrapper of ``_native_backward`` is a graph break of its own, which
+    hid the bug; the PyTorch loop spreads the memory in Python and breaks the graph there.)"""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.LSTM(3, 4))
+    sparsify(model, SparseBackpropConfig(k=k, memory=0.8, memory_layout="slot"))
+    eager = copy.deepcopy(model)
+    compiled = torch.compile(model, backend="aot_eager")
+    gen = torch.Generator().manual_seed(1)
+    for batch in (2, 2, 5):
+        x = torch.randn(3, batch, 3, generator=gen)
+        for m in (model, eager):
+            m.zero_grad(set_to_none=True)
+        eager(x)[0].square().sum().backward()
+        compiled(x)[0].square().sum().backward()
+        for (name, a), b in zip(model.named_parameters(), eager.parameters(), strict=True):
+            assert torch.equal(a.grad, b.grad), name
+        for (name, a), (_, b) in zip(model[0].named_memories(), eager[0].named_memories(),
+                                     strict=True):
+            assert a.shape == (3 * batch if name.startswith("memory_ih") else batch, 16), name
+            assert torch.equal(a, b), name
+
+
 def test_recurrent_weight_rows_go_into_grad_like_autograd(native_backend) -> None:
     """The native backward adds W_hh's rows straight into .grad (its kept buffer put back under
     set_to_none): over steps zeroed either way, with a second backward accumulating, W_hh.grad

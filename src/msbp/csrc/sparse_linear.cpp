@@ -927,9 +927,18 @@ Out5 sparse_linear_backward(
     const std::optional<Tensor>& scale, int64_t k, int64_t selection, double alpha, bool slot,
     bool need_x, bool need_w, bool need_b, bool compact_dw, bool skip_nonfinite,
     double csr_ratio, bool all_rows) {
-  return backward_into(grad_out, x, weight, memory, random_cols, scale, k, selection, alpha,
-                       slot, need_x, need_w, need_b, compact_dw, skip_nonfinite, csr_ratio,
-                       all_rows, nullptr);
+  Out5 res = backward_into(grad_out, x, weight, memory, random_cols, scale, k, selection, alpha,
+                           slot, need_x, need_w, need_b, compact_dw, skip_nonfinite, csr_ratio,
+                           all_rows, nullptr);
+  // a dense dW in the weight's layout whatever route made it, as the fake implementation says
+  // (inductor checks the strides): for a transposed weight (SparseHFConv1D's W^T) the loops
+  // with most rows kept and a skipped non-finite gradient make a contiguous one, a transposing
+  // copy here that AccumulateGrad's add into .grad (W^T's layout too) then saves
+  Tensor& dW = std::get<1>(res);
+  if (need_w && !compact_dw && dW.defined() && dW.dim() == 2 && dW.strides() != weight.strides()) {
+    dW = at::empty_strided(weight.sizes(), weight.strides(), dW.options()).copy_(dW);
+  }
+  return res;
 }
 
 

@@ -342,6 +342,15 @@ class SparseLSTMRecurrence(torch.autograd.Function):
         buffer, ctx.grad_buffer = ctx.grad_buffer, None
         # under msbp.amp.GradScaler: the memory kept unscaled (the Python loop scales it)
         ctx.scale = None if torch.compiler.is_compiling() else scaling.current_scale()
+        if (
+            torch.compiler.is_compiling() and memory is not None and plan.alpha > 0
+            and plan.layout == "slot" and memory.shape[0] != act.shape[1]
+        ):
+            # a slot memory of another batch shape (its first step, a new batch size): the
+            # native op resizes it in place, which a traced graph cannot write back (it copied
+            # the op's result into the memory's old shape and raised). The spread here breaks
+            # the graph as SparseLinear's does, so that this layer's backward runs eagerly
+            spread_slot_memory_(memory, act.shape[1])
         if ctx.scale is None and _native_fits(act, memory, plan):
             return _native_backward(ctx, saved, d_out, d_hn, d_cn, buffer)
         if ctx.scale is not None and memory is not None and plan.alpha > 0:

@@ -320,7 +320,11 @@ def _register_fake() -> None:
         rows = grad_out.new_empty(r, dtype=torch.long)
         dW = x.new_empty(0)
         if need_w:
-            dW = weight.new_empty((r, weight.shape[1]) if compact_dw else weight.shape)
+            # dense: in the weight's layout, as the op returns it (W^T's storage for a
+            # transposed weight, SparseHFConv1D's: inductor checks the strides)
+            dW = weight.new_empty((r, weight.shape[1])) if compact_dw else (
+                torch.empty_like(weight)
+            )
         return dx, dW, db, rows, grad_out.new_empty((), dtype=torch.long)
 
     _fake_registered = True
