@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 
 import pytest
 import torch
@@ -34,6 +35,19 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    """Each test compiles from scratch. Dynamo's caches live as long as the process: a code
+    object that earlier tests compiled for their models (nn.Sequential.forward) reaches its
+    recompile limit (8), after which torch.compile fails with fullgraph=True and silently runs
+    the model eagerly without it, so that a compiled-against-eager test compares eager with
+    eager. (Not imported here: most tests never compile.)"""
+    dynamo = sys.modules.get("torch._dynamo")
+    if dynamo is not None:
+        dynamo.reset()
+    yield
 
 
 @pytest.fixture(params=["native", "python"])
