@@ -260,6 +260,48 @@ def test_assign_load_into_meta_model(layout):
     dst.check_memory()
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("kind", ["mlp", "lstm"])
+def test_to_empty_of_a_meta_model_starts_with_an_empty_memory(backend, kind, layout):
+    """Built on the meta device, sparsified, ``to_empty()`` and initialised parameter by
+    parameter (no state dict, so nothing resets the memory): it trains as the same model built
+    on the CPU. The memory used to come out as the new storage's contents (NaN here, where
+    PyTorch fills uninitialised memory; anything in general), summed into the next gradient."""
+    cfg = SparseBackpropConfig(k=2, memory=0.5, memory_layout=layout)
+
+    def build():
+        if kind == "mlp":
+            return sparsify(nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)), cfg,
+                            exclude="2").double()
+        return sparsify(nn.LSTM(6, 4), cfg).double()
+
+    torch.manual_seed(0)
+    ref = build()
+    with torch.device("meta"):
+        model = build()
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)  # and torch.empty fills with NaN
+    try:
+        model.to_empty(device="cpu")
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
+    with torch.no_grad():
+        for p, q in zip(model.parameters(), ref.parameters(), strict=True):
+            p.copy_(q)
+    x = randn(3, 2, 6, gen=torch.Generator().manual_seed(1))
+    for step in range(2):
+        for m in (model, ref):
+            m.zero_grad()
+            out = m(x)
+            (out[0] if kind == "lstm" else out).pow(2).sum().backward()
+        for (name, p), q in zip(model.named_parameters(), ref.parameters(), strict=True):
+            assert torch.equal(p.grad, q.grad), (step, name)
+    for a, b in zip(model.modules(), ref.modules(), strict=True):
+        if hasattr(a, "named_memories"):
+            for (name, mem), (_, want) in zip(a.named_memories(), b.named_memories(), strict=True):
+                assert torch.equal(mem, want), name
+
+
 @pytest.mark.parametrize("kind", ["mlp", "lstm"])
 def test_whole_model_pickles_without_msbp_bookkeeping(backend, kind):
     """``torch.save(model)`` after training with LazyRowAdam: works (a weak reference to the

@@ -100,7 +100,12 @@ class MemoryMixin:
             old = getattr(self, mem)
             new = fn(old)
             want = memory_dtype(getattr(self, weight).dtype)
-            if new.dtype != want:
+            if old.is_meta and not new.is_meta:
+                # to_empty() of a model built on the meta device: a meta memory holds nothing, so
+                # it starts empty, not as whatever the new storage held (weights get initialised
+                # or loaded by the user; nobody initialises the memory, which is msbp's)
+                new = torch.zeros(new.shape, dtype=want, device=new.device)
+            elif new.dtype != want:
                 new = old.to(device=new.device, dtype=want)
             setattr(self, mem, new)
         return self
