@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import warnings
 
 import pytest
 import torch
@@ -315,7 +316,34 @@ class Heads(nn.Module):
 )
 def test_pattern_kind_is_explicit(kwargs, dense):
     model = Heads()
-    sparsify(model, CFG, **kwargs)
+    if dense:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            sparsify(model, CFG, **kwargs)
+    else:  # the pattern matched no layer: said, not silent
+        with pytest.warns(UserWarning, match="exclude pattern .* matched no layer"):
+            sparsify(model, CFG, **kwargs)
     linears = {"head.0", "headless", "out", "oXut"}
     assert _dense_names(model) == dense
     assert _sparse_names(model) == linears - dense
+
+
+def test_a_pattern_that_matches_no_layer_is_named_in_a_warning():
+    """A typo, or a container's name (patterns match a layer's whole name), would leave the
+    layers the caller meant converted or dense with no sign; each such pattern is named, the
+    container with the glob that reaches inside it."""
+    model = Heads()
+    with pytest.warns(UserWarning) as record:
+        sparsify(model, CFG, exclude=(p for p in ["head", "ouput", re.compile("out"), "oXut"]))
+    texts = [str(w.message) for w in record]
+    assert len(texts) == 2, texts
+    assert "exclude pattern 'head' matched no layer (it names 'head'" in texts[0]
+    assert "'head.*' matches those" in texts[0] and "'headless'" in texts[0]
+    assert "exclude pattern 'ouput' matched no layer;" in texts[1]
+    # the generator was read once for matching and once for the check
+    assert _dense_names(model) == {"out", "oXut"}
+    assert _sparse_names(model) == {"head.0", "headless"}
+    model = _net()
+    with pytest.warns(UserWarning, match=r"include pattern 'nothing\.\*' matched no layer"):
+        sparsify(model, CFG, include=["*fc1", "nothing.*"])
+    assert _sparse_names(model) == {"blocks.0.fc1", "blocks.1.fc1"}

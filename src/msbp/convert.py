@@ -61,6 +61,41 @@ def _matcher(patterns: Filter, what: str) -> Callable[[str, nn.Module], bool] | 
     return match
 
 
+def _listed(patterns: Filter) -> Filter:
+    """``patterns`` with an iterable of patterns (a generator, say) made a list."""
+    if patterns is None or isinstance(patterns, str | re.Pattern) or callable(patterns):
+        return patterns
+    return list(patterns)
+
+
+def _warn_unmatched(model: nn.Module, patterns: Filter, what: str, names: list[str]) -> None:
+    """Warn about each glob or regex of ``include`` / ``exclude`` that matched none of ``names``
+    (the layers'): a typo, or a container's name (``exclude="head"`` for the ``head.0`` and
+    ``head.1`` inside it) would otherwise leave the layers it meant converted, or dense, silently.
+    """
+    if patterns is None or (callable(patterns) and not isinstance(patterns, re.Pattern)):
+        return
+    for pattern in [patterns] if isinstance(patterns, str | re.Pattern) else patterns:
+        matches = _matcher(pattern, what)
+        if any(matches(name, None) for name in names):
+            continue
+        container = next((n for n, _ in model.named_modules() if matches(n, None)), None)
+        hint = ""
+        if container is not None:
+            hint = f" (it names {container!r}, which holds layers but is not one"
+            hint += f": {container + '.*'!r} matches those)" if container else ")"
+        shown = ", ".join(repr(n) for n in names[:8]) + (", ..." if len(names) > 8 else "")
+        warnings.warn(
+            f"sparsify: {what} pattern {_pattern_text(pattern)} matched no layer{hint}; "
+            f"patterns match a layer's whole qualified name, and the layers are: {shown or 'none'}",
+            UserWarning, stacklevel=4,
+        )
+
+
+def _pattern_text(pattern: str | re.Pattern) -> str:
+    return repr(pattern) if isinstance(pattern, str) else f"re.compile({pattern.pattern!r})"
+
+
 def _swap(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
@@ -345,10 +380,13 @@ def _sparsify(
     if config_fn is None:
         default = config if config is not None else SparseBackpropConfig()
         config_fn = lambda name, module: default  # noqa: E731
+    include, exclude = _listed(include), _listed(exclude)  # read twice: matched, then checked
     keep = _matcher(include, "include")
     drop = _matcher(exclude, "exclude")
+    layer_names: list[str] = []  # every name include / exclude was tried on
 
     def filtered(name: str, module: nn.Module) -> str | None:
+        layer_names.append(name)
         if keep is not None and not keep(name, module):
             return NOT_INCLUDED
         if drop is not None and drop(name, module):
@@ -421,6 +459,8 @@ def _sparsify(
                if (convs := _names_of(model, (nn.Conv1d, nn.Conv2d))) else "")
             + "\n" + str(report)
         )
+    for patterns, what in ((include, "include"), (exclude, "exclude")):
+        _warn_unmatched(model, patterns, what, layer_names)
     owner = _hf_owner(model)
     hf_config = owner[1].config if owner is not None else None
     if owner is not None and not restoring:
