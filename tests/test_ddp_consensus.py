@@ -17,6 +17,7 @@ from torch import nn
 
 import msbp
 from msbp.distributed import RowSparseState, register_row_sparse_hook, wrap_ddp
+from msbp.nn.hf_conv1d import SparseHFConv1D
 from msbp.ops import consensus
 from msbp.optim import LazyRowAdam
 
@@ -307,7 +308,8 @@ def test_hook_state_counters_reset():
 
 # -- a tied embedding and attention's in_proj_weight blocks under the row-sparse hook ------------
 
-E = 8  # embed dim of the attention model, vocabulary of the tied one
+E = 8  # embed dim of the attention model, vocabulary of the tied one, Conv1D's outputs
+SHARED_KINDS = ("tied", "attention", "conv1d")
 
 
 class _TiedLM(nn.Module):
@@ -329,11 +331,24 @@ class _Attention(nn.Module):
         return self.head(self.mha(x, x, x, need_weights=False)[0])
 
 
+class _Conv1DNet(nn.Module):
+    """transformers' Conv1D (GPT-2's layer, weight (in, out)) as msbp converts it."""
+
+    def __init__(self, cfg: msbp.SparseBackpropConfig) -> None:
+        super().__init__()
+        self.proj, self.head = SparseHFConv1D(E, 4, config=cfg), nn.Linear(E, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.proj(x)))
+
+
 def _shared_model(kind: str) -> nn.Module:
     torch.manual_seed(0)
+    cfg = msbp.SparseBackpropConfig(k=2, memory=0.8, consensus=True)
+    if kind == "conv1d":
+        return _Conv1DNet(cfg).double()
     model = (_TiedLM() if kind == "tied" else _Attention()).double()
-    msbp.sparsify(model, msbp.SparseBackpropConfig(k=2, memory=0.8, consensus=True),
-                  exclude="head" if kind == "attention" else None)
+    msbp.sparsify(model, cfg, exclude="head" if kind == "attention" else None)
     return model
 
 
@@ -343,6 +358,9 @@ def _shared_batch(kind: str, step: int, rank: int | None) -> tuple[torch.Tensor,
     if kind == "tied":
         x = torch.randint(0, E, (4, 3), generator=gen)
         y = torch.randint(0, E, (4, 3), generator=gen)
+    elif kind == "conv1d":
+        x = torch.randn(4, 3, 4, generator=gen, dtype=torch.float64)
+        y = torch.randint(0, 3, (4, 3), generator=gen)
     else:
         x = torch.randn(4, 3, E, generator=gen, dtype=torch.float64)
         y = torch.randint(0, 3, (4, 3), generator=gen)
@@ -369,7 +387,7 @@ def _run_shared(kind: str, rank: int | None) -> dict:
 def _shared_worker(rank: int, world: int, out_dir: str) -> None:
     init_group(rank, world, out_dir)
     try:
-        results = {kind: _run_shared(kind, rank) for kind in ("tied", "attention")}
+        results = {kind: _run_shared(kind, rank) for kind in SHARED_KINDS}
         torch.save(results, os.path.join(out_dir, f"shared{rank}.pt"))
         all_done()
     finally:
@@ -380,10 +398,11 @@ def test_tied_weight_and_attention_blocks_under_the_row_sparse_hook(tmp_path):
     """A sparse layer tied to an embedding has gradient rows outside the k it kept, different
     on every rank: the hook sends that weight whole (the replicas stayed apart when it sent k
     rows). Attention's q, k and v are row blocks of ``in_proj_weight``: the hook sends their
-    3 k rows (it sent the whole Parameter, finding no rows recorded on it)."""
+    3 k rows (it sent the whole Parameter, finding no rows recorded on it). transformers'
+    Conv1D keeps its weight transposed: the hook sends the k columns (it sent it whole)."""
     mp.spawn(_shared_worker, args=(2, str(tmp_path)), nprocs=2, join=True)
     results = [torch.load(tmp_path / f"shared{r}.pt") for r in range(2)]
-    for kind in ("tied", "attention"):
+    for kind in SHARED_KINDS:
         single = _run_shared(kind, None)
         for rank, got in enumerate(results):
             for step, want in enumerate(single["params"]):
@@ -394,3 +413,6 @@ def test_tied_weight_and_attention_blocks_under_the_row_sparse_hook(tmp_path):
     for got in results:  # q, k, v: 3 k of 3 E rows; out_proj: k of E rows; 3 steps
         assert got["attention"]["sparse_bytes"] == 3 * (3 * 2 + 2) * E * 8
         assert got["attention"]["sparse_dense_bytes"] == 3 * (3 * E + E) * E * 8
+        # 2 of E columns of the (4, E) weight, 3 steps
+        assert got["conv1d"]["sparse_bytes"] == 3 * 4 * 2 * 8
+        assert got["conv1d"]["sparse_dense_bytes"] == 3 * 4 * E * 8

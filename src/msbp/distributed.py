@@ -76,7 +76,8 @@ def row_sparse_allreduce_hook(
     kept in this step, everything else whole; exactly DDP's default all-reduce when those rows
     are the only non-zero ones that differ between ranks (what consensus guarantees).
 
-    The rows come from the layers (``msbp.ops.consensus.record_rows``); a parameter with none
+    The rows come from the layers (``msbp.ops.consensus.record_rows``; for a weight stored
+    transposed, transformers' ``Conv1D``, its columns); a parameter with none
     recorded, or tied to a module that is not a sparse layer (``weight_tied``), is sent whole.
     One all-reduce per bucket on a compact tensor; no host synchronisation (works with NCCL as
     with gloo). Rows outside the kept ones are left as they
@@ -96,12 +97,14 @@ def row_sparse_allreduce_hook(
         rows = consensus.take_rows(param)
         if rows is None:
             pieces.append(flat)
-            places.append((flat, None))
+            places.append((flat, None, 0))
         else:
-            grad2 = flat.view(param.shape[0], -1)  # (out, in)
-            kept = grad2.index_select(0, rows)
+            # (out, in), or (in, out) with the units as columns: transformers' Conv1D
+            dim = 1 if param.__dict__.get(consensus.COLUMNS) else 0
+            grad2 = flat.view(param.shape[0], -1)
+            kept = grad2.index_select(dim, rows)
             pieces.append(kept.reshape(-1))
-            places.append((grad2, rows))
+            places.append((grad2, rows, dim))
             sparse_bytes += kept.numel() * kept.element_size()
             sparse_dense += flat.numel() * flat.element_size()
     state.calls += 1
@@ -119,13 +122,16 @@ def row_sparse_allreduce_hook(
     def scatter(fut: torch.futures.Future) -> Tensor:
         reduced = fut.value()[0]
         at = 0
-        for target, rows in places:
+        for target, rows, dim in places:
             if rows is None:
                 size = target.numel()
                 target.copy_(reduced[at : at + size])
             else:
-                size = rows.numel() * target.shape[1]
-                target.index_copy_(0, rows, reduced[at : at + size].view(-1, target.shape[1]))
+                other = target.shape[1 - dim]
+                size = rows.numel() * other
+                part = reduced[at : at + size]
+                target.index_copy_(dim, rows, part.view(-1, other) if dim == 0 else
+                                   part.view(other, -1))
             at += size
         return buffer
 

@@ -43,6 +43,9 @@ from msbp.ops.touched_rows import WEIGHT_TIED, row_block_of
 #: attribute on a weight: the list of row tensors (or None: every row) its consensus backwards
 #: kept since the communication hook last took them
 ROWS = "_msbp_consensus_rows"
+#: attribute on a weight stored transposed, (in, out) (transformers' ``Conv1D``): the kept
+#: units are its columns, and the hook exchanges those (set by ``record_rows``)
+COLUMNS = "_msbp_consensus_columns"
 #: attribute on a weight: set (True) by ``msbp.distributed`` when a hook will take the rows;
 #: without it nothing is recorded (a list nobody takes would grow for ever)
 WANTED = "_msbp_consensus_wanted"
@@ -86,9 +89,15 @@ def record_rows(weight: Tensor, rows: Tensor | None) -> None:
     A weight that is a block of rows of a Parameter (attention's q, k and v slices of
     ``in_proj_weight``) records its rows in that Parameter, shifted to the block. A weight tied
     to a module that is not a sparse layer (``weight_tied``: a tied embedding) records every
-    row: the other module's gradient rows differ from rank to rank and are in no log."""
+    row: the other module's gradient rows differ from rank to rank and are in no log.
+    A weight that is the transpose of a Parameter (``SparseHFConv1D``'s) records its rows as
+    that Parameter's columns (``COLUMNS``)."""
     block = row_block_of(weight)
     param, offset = (weight, 0) if block is None else block
+    if block is None and _is_transpose_of_leaf(weight):
+        param = weight._base
+        if param.__dict__.get(WANTED):
+            param.__dict__[COLUMNS] = True
     if not param.__dict__.get(WANTED):
         return
     if rows is not None and param.__dict__.get(WEIGHT_TIED):
@@ -99,6 +108,16 @@ def record_rows(weight: Tensor, rows: Tensor | None) -> None:
     log.append(rows)
     if len(log) >= _FOLD_AT:  # many backwards between two exchanges (no_sync): keep it bounded
         log[:] = [None if any(r is None for r in log) else torch.unique(torch.cat(log))]
+
+
+def _is_transpose_of_leaf(weight: Tensor) -> bool:
+    base = weight._base
+    return (
+        base is not None and base.is_leaf and base.requires_grad and base.dim() == 2
+        and weight.dim() == 2 and weight.shape == base.shape[::-1]
+        and weight.stride() == base.stride()[::-1]
+        and weight.storage_offset() == base.storage_offset()
+    )
 
 
 def take_rows(weight: Tensor) -> Tensor | None:
