@@ -315,3 +315,39 @@ def test_native_per_example_rows_fused_equal_two_passes(dtype, alpha):
         finally:
             torch.set_num_threads(before)
         assert torch.equal(mem, memory)
+
+
+@pytest.mark.parametrize("kind", ["linear", "lstm"])
+def test_flop_counter_counts_the_k_wide_products(backend, kind):
+    """Under ``FlopCounterMode`` (which Lightning's ``measure_flops`` builds on) a sparse layer's
+    backward counts as its k-wide products: 2 n k in for dx and as many for dW's rows, the same
+    under both backends. The C++ path computed below the dispatcher, where a mode sees nothing:
+    the sparse layers' backward counted 0 (and the native op had no formula)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    torch.manual_seed(0)
+    n, k = 6, 3
+    if kind == "linear":
+        model = msbp.sparsify(
+            torch.nn.Sequential(torch.nn.Linear(7, 10), torch.nn.Tanh(), torch.nn.Linear(10, 9),
+                                torch.nn.Tanh(), torch.nn.Linear(9, 4)),
+            msbp.SparseBackpropConfig(k=k), exclude="4",
+        )
+        x = torch.randn(n, 7)
+        forward = 2 * n * (7 * 10 + 10 * 9 + 9 * 4)
+        # the head: dx and dW; hidden 2: dx and k rows of dW; hidden 1: k rows of dW only
+        want = forward + 2 * 2 * n * 9 * 4 + 2 * 2 * n * k * 10 + 2 * n * k * 7
+    else:
+        steps, hidden = 4, 5
+        model = msbp.sparsify(torch.nn.LSTM(3, hidden), msbp.SparseBackpropConfig(k=k))
+        x = torch.randn(steps, n, 3)
+        # the input transform (4H units) and each step's recurrent one: k-wide dx and dW rows
+        # (torch's own LSTM kernels, the forward recurrence's among them, have no formula)
+        want = 2 * steps * n * 3 * 4 * hidden + 2 * steps * n * k * 3 + (
+            2 * 2 * steps * n * k * hidden
+        )
+    for _ in range(2):  # the first call builds what the second reuses
+        with FlopCounterMode(display=False) as counter:
+            out = model(x)
+            (out[0] if kind == "lstm" else out).sum().backward()
+    assert counter.get_total_flops() == want, counter.get_flop_counts()["Global"]

@@ -278,8 +278,12 @@ def _cpu_wide(x: Tensor, weight: Tensor) -> bool:
 
 def _fast_now() -> bool:
     """The conditions of the C++ path that are no tensor's: eager, no autocast, no gradient
-    scaler, no torch.distributed, the kernels loaded."""
+    scaler, no torch.distributed, no TorchDispatchMode, the kernels loaded."""
     if torch.compiler.is_compiling() or torch.is_autocast_enabled("cpu"):
+        return False
+    if torch._C._len_torch_dispatch_stack():
+        # a mode (FlopCounterMode, a memory tracker, FakeTensorMode) must see the products: the
+        # C++ autograd function computes below the dispatcher, the PyTorch glue through it
         return False
     if scaling.any_scaler() or (_DIST and dist.is_initialized()):
         return False

@@ -212,6 +212,19 @@ def eager_module() -> Any:
     return _state["module"]
 
 
+def register_flop_formula(op: str, formula: Callable[..., int]) -> None:
+    """Give ``torch.ops.msbp.<op>`` a formula for ``torch.utils.flop_counter`` (called with its
+    inputs' shapes, as the formulas of aten ops are), once; nothing on a torch without one."""
+    try:
+        from torch.utils.flop_counter import flop_registry
+        from torch.utils.flop_counter import register_flop_formula as register
+    except ImportError:
+        return
+    packet = getattr(torch.ops.msbp, op)
+    if packet not in flop_registry:
+        register(packet)(formula)
+
+
 def on_load(fn: Callable[[], None]) -> None:
     """Run ``fn`` once the kernels are loaded (now, if they are): for Python registrations that
     need the ops to exist, such as their fake implementations."""

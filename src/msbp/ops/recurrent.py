@@ -293,6 +293,17 @@ def _lstm_recurrence_backward_fake(
 native.on_load(_register_fake)
 
 
+def _flops(act, cells, tanh_c, out, h0, c0, w_hh, d_out, d_hn, d_cn, memory, random_cols, k,
+           selection, alpha, slot, reverse, need_w, *args, out_shape=None, **kwargs) -> int:
+    """The op's products for ``FlopCounterMode``, from its inputs' shapes: each of T steps
+    2 B min(k, 4H) H for the recurrent input gradient and as many for W_hh's kept rows."""
+    steps, batch, four_h = act
+    return 2 * steps * batch * min(k, four_h) * w_hh[1] * (1 + int(need_w))
+
+
+native.on_load(lambda: native.register_flop_formula("lstm_recurrence_backward", _flops))
+
+
 class SparseLSTMRecurrence(torch.autograd.Function):
     """All steps of one LSTM layer and direction; MSBP backward on the recurrent transform.
 

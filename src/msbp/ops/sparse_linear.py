@@ -333,6 +333,18 @@ def _register_fake() -> None:
 native.on_load(_register_fake)
 
 
+def _flops(grad_out, x, weight, memory, random_cols, scale, k, selection, alpha, slot, need_x,
+           need_w, *args, out_shape=None, **kwargs) -> int:
+    """The op's products for ``FlopCounterMode`` (and what builds on it, such as Lightning's
+    ``measure_flops``), from its inputs' shapes: 2 n min(k, out) in for dx and as many for dW's
+    kept rows, as ``aten.mm`` counts a dense layer's (selection and memory, O(n out), not)."""
+    n, out = grad_out
+    return 2 * n * min(k, out) * x[1] * (int(need_x) + int(need_w))
+
+
+native.on_load(lambda: native.register_flop_formula("sparse_linear_backward", _flops))
+
+
 def run_backward(native_ok: bool, *args, probe=None) -> list[Tensor]:
     """``sparse_linear_backward`` through the native op when ``native_ok``, else through the
     PyTorch twin. A ``probe`` is fed by the twin; on the native path the twin then runs on a copy
