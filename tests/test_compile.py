@@ -71,3 +71,32 @@ def test_inductor_hf_conv1d_matches_eager(selection: str, k: int, backend) -> No
     for (name, a), b in zip(model.named_parameters(), eager.parameters(), strict=True):
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-6, msg=name)
     torch.testing.assert_close(model[0].memory, eager[0].memory, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.filterwarnings("ignore")
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_many_layers_with_graph_breaks_compile_once_for_all(backend, kind):
+    """A slot memory (its rows follow the batch: spread in Python) or a convolution (its backward
+    is PyTorch code) breaks the graph inside the layer, so dynamo compiles the layer's forward as
+    a frame of its own. The layer's name, read by traced code, made one entry per layer: past
+    the recompile limit (8) the remaining layers ran eagerly with a warning. Now the entries do
+    not grow with the number of layers (here: raised if they reach the limit)."""
+    torch.manual_seed(0)
+    layers: list[nn.Module] = []
+    for _ in range(10):
+        layers += [nn.Linear(6, 6) if kind == "linear" else nn.Conv1d(6, 6, 1), nn.Tanh()]
+    model = nn.Sequential(*layers)
+    layout = "slot" if kind == "linear" else "unit"
+    msbp.sparsify(model, msbp.SparseBackpropConfig(k=2, memory=0.5, memory_layout=layout))
+    eager = copy.deepcopy(model)
+    compiled = torch.compile(model, backend="aot_eager")
+    gen = torch.Generator().manual_seed(1)
+    with torch._dynamo.config.patch(recompile_limit=4, fail_on_recompile_limit_hit=True):
+        for _ in range(2):
+            x = torch.randn(3, 6, 4, generator=gen) if kind == "conv" else torch.randn(
+                3, 6, generator=gen)
+            compiled(x).square().sum().backward()
+            eager(x).square().sum().backward()
+    for (name, p), q in zip(model.named_parameters(), eager.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, msg=name)
+    torch.testing.assert_close(model[0].memory, eager[0].memory)

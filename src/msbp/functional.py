@@ -68,13 +68,17 @@ def check_bias(bias: Tensor | None, weight: Tensor) -> None:
         )
 
 
-def check_no_functorch(what: str) -> None:
+def check_no_functorch(unnamed: str, name: str = "", kind: str = "sparse layer") -> None:
     """Raise ``RuntimeError`` inside a ``torch.func`` transform (grad, vmap, jacrev,
     functional_call under grad, ...): the memory is state updated in place by the backward
-    pass, which a functional transform can neither see nor replay."""
+    pass, which a functional transform can neither see nor replay. The message names the layer
+    ``f"{kind} {name!r}"``, or ``unnamed`` without a name: made only when it raises, since a
+    name read by traced code is a guard (torch.compile recompiled a layer's forward for each
+    layer name, and past 8 ran the rest eagerly)."""
     if torch.compiler.is_compiling():  # dynamo traces through; functorch is not in play there
         return
     if torch._C._are_functorch_transforms_active():
+        what = f"{kind} {name!r}" if name else unnamed
         raise RuntimeError(
             f"msbp: {what} does not support torch.func transforms (grad, vmap, jacrev, "
             "functional_call under grad, ...): its backward updates the layer memory in place. "
@@ -139,7 +143,7 @@ def sparse_linear_checked(
         check_memory(memory, out_features, config.memory_layout, weight)
     if not (torch.is_grad_enabled() and _wants_grad(x, weight, bias)):
         return F.linear(x, weight, bias), None
-    check_no_functorch(f"sparse layer {name!r}" if name else "sparse_linear")
+    check_no_functorch("sparse_linear", name)
     run = config
     if config.backend == "auto" and probe is None and not torch.compiler.is_compiling():
         if not auto_keeps_sparse(x, weight, memory, config):
@@ -379,7 +383,7 @@ def sparse_embedding_linear(
         check_bias(bias, weight)
         if memory is not None:
             check_memory(memory, weight.shape[0], config.memory_layout, weight)
-        check_no_functorch(f"sparse layer {name!r}" if name else "sparse_embedding_linear")
+        check_no_functorch("sparse_embedding_linear", name)
         return native.eager_ops().sparse_embedding_linear_fast(
             ids.long(), table,
             *_fast_args(weight, bias, memory, _call_settings(config, weight.shape[0], name)),
@@ -417,7 +421,9 @@ def make_plan(
 ) -> BackwardPlan:
     """What the backward of a transform with ``out_features`` outputs does under ``config``."""
     if torch.compiler.is_compiling():  # traced once per graph; dynamo warns on lru_cache
-        return _plan.__wrapped__(config, out_features, generator, name, probe)
+        # without the name (it only labels errors): a name in the plan is a guard, and dynamo
+        # compiled a layer's forward again for each layer, running those past 8 eagerly
+        return _plan.__wrapped__(config, out_features, generator, "", probe)
     return _plan(config, out_features, generator, name, probe)
 
 

@@ -88,8 +88,9 @@ class _SparseConvNd(MemoryMixin):
                 f"{self._spatial + 2}-D input, got shape {tuple(x.shape)}"
             )
         self._check_config(self.config)
-        consensus.refuse(self.config.consensus, f"{type(self).__name__} {self.name!r}")
-        check_no_functorch(f"sparse layer {self.name!r}" if self.name else type(self).__name__)
+        if self.config.consensus:  # (the name read only then: traced code guards on it)
+            consensus.refuse(True, f"{type(self).__name__} {self.name!r}")
+        check_no_functorch(type(self).__name__, self.name)
         unbatched = x.dim() == self._spatial + 1
         if unbatched:
             x = x.unsqueeze(0)

@@ -154,7 +154,8 @@ class SparseLSTM(MemoryMixin, nn.RNNBase):
             generator=self.generator, name=name, probe=self.probes.get(f"ih_{tag}"),
         ).reshape(steps, batch, weight.shape[0])  # (T, B, 4H)
         weight, bias, memory, name = self._parts(f"hh_{tag}")
-        consensus.refuse(self.config.consensus, f"SparseLSTM's recurrent transform {name!r}")
+        if self.config.consensus:  # (the name read only then: traced code guards on it)
+            consensus.refuse(True, f"SparseLSTM's recurrent transform {name!r}")
         if memory is not None:
             check_memory(memory, 4 * self.hidden_size, self.config.memory_layout, weight)
         plan = make_plan(
@@ -244,7 +245,7 @@ class SparseLSTM(MemoryMixin, nn.RNNBase):
             )
         if self.proj_size:
             raise ValueError(f"SparseLSTM does not support proj_size={self.proj_size}")
-        check_no_functorch(f"SparseLSTM {self.name!r}" if self.name else "SparseLSTM")
+        check_no_functorch("SparseLSTM", self.name, "SparseLSTM")
         unbatched = input.dim() == 2
         if input.dim() not in (2, 3) or input.shape[-1] != self.input_size:
             raise ValueError(
