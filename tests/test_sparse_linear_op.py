@@ -351,3 +351,27 @@ def test_flop_counter_counts_the_k_wide_products(backend, kind):
             out = model(x)
             (out[0] if kind == "lstm" else out).sum().backward()
     assert counter.get_total_flops() == want, counter.get_flop_counts()["Global"]
+
+
+def test_flop_counter_on_the_meta_device_counts_as_on_the_cpu():
+    """Lightning's ``measure_flops`` builds the model on the meta device: there the backward has
+    no values to select by and used to fail at its first host read; it runs the k-wide products
+    of shapes alone and counts what the CPU run counts (the memory stays as it was)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counts = {}
+    for device in ("cpu", "meta"):
+        with torch.device(device):
+            torch.manual_seed(0)
+            model = msbp.sparsify(
+                torch.nn.Sequential(torch.nn.Linear(7, 10), torch.nn.Tanh(),
+                                    torch.nn.Linear(10, 9), torch.nn.Tanh(),
+                                    torch.nn.Linear(9, 4)),
+                msbp.SparseBackpropConfig(k=3, memory=0.5), exclude="4",
+            )
+            x = torch.randn(6, 7)
+        with FlopCounterMode(display=False) as counter:
+            model(x).sum().backward()
+        counts[device] = counter.get_total_flops()
+        assert model[0].weight.grad.shape == (10, 7) and model[2].weight.grad.device.type == device
+    assert counts["meta"] == counts["cpu"] > 0

@@ -674,6 +674,8 @@ class SparseLinearFunction(torch.autograd.Function):
                 # no row: a row-sparse optimizer leaves the weight alone, as after the C++ path
                 log_weight_rows(weight, torch.empty(0, dtype=torch.long, device=x.device))
             return dx, dW, db, None, None
+        if g.is_meta:
+            return _meta_backward(ctx, g, x2, w, k, x_shape)
 
         use_memory = memory is not None and plan.alpha > 0
         slot = plan.layout == "slot"
@@ -770,6 +772,21 @@ def _consensus_backward(ctx, g, x2, w, memory, random_cols, scale, k, slot, skip
     dx = _as(dx.reshape(x_shape), ctx.x_dtype) if need_x else None
     db = _as(db, ctx.bias_dtype) if need_b else None
     return (dx, dW, db, None, None), skipped
+
+
+def _meta_backward(ctx, g: Tensor, x2: Tensor, w: Tensor, k: int, x_shape) -> tuple:
+    """The backward on the meta device, where there are shapes but no values to select by (what
+    Lightning's ``measure_flops`` runs under ``FlopCounterMode``): the k-wide products of the
+    first k units, as the op's FLOP formula counts them; the memory is untouched."""
+    need_x, need_w, need_b = ctx.needs_input_grad[:3]
+    g_k = g[:, :k].to(x2.dtype)  # (n, k)
+    dx = (g_k @ w[:k]).reshape(x_shape).to(ctx.x_dtype) if need_x else None
+    dW = None
+    if need_w:
+        dW = torch.zeros_like(ctx.weight)
+        dW[:k] = (g_k.t() @ x2).to(dW.dtype)
+    db = g.sum(0).to(ctx.bias_dtype) if need_b else None
+    return dx, dW, db, None, None
 
 
 def place_weight_rows(
