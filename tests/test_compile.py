@@ -100,3 +100,48 @@ def test_many_layers_with_graph_breaks_compile_once_for_all(backend, kind):
     for (name, p), q in zip(model.named_parameters(), eager.parameters(), strict=True):
         torch.testing.assert_close(p.grad, q.grad, msg=name)
     torch.testing.assert_close(model[0].memory, eager[0].memory)
+
+
+class _Attention(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.mha = nn.MultiheadAttention(8, 2, batch_first=True)
+
+    def forward(self, x):
+        return self.mha(x, x, x, need_weights=False)[0]
+
+
+class _LSTM(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lstm = nn.LSTM(8, 6)
+
+    def forward(self, x):
+        return self.lstm(x)[0]
+
+
+@pytest.mark.filterwarnings("ignore")
+@pytest.mark.parametrize("kind", ["linear", "conv", "attention", "lstm"])
+def test_jit_trace_and_export_record_the_exact_forward(backend, kind):
+    """``torch.jit.trace`` (parameters requiring grad, grad mode on) records the layer's plain
+    forward, the one ``no_grad`` runs, since a traced graph cannot hold msbp's autograd
+    functions (it recorded the C++ path differently on its two check calls and failed), and so
+    does ``torch.export`` (an exported LSTM held the PyTorch recurrence and failed when called
+    with grad)."""
+    torch.manual_seed(0)
+    model, x = {
+        "linear": (lambda: nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)),
+                   torch.randn(3, 8)),
+        "conv": (lambda: nn.Sequential(nn.Conv1d(8, 16, 3), nn.ReLU(), nn.Conv1d(16, 4, 1)),
+                 torch.randn(2, 8, 5)),
+        "attention": (_Attention, torch.randn(2, 3, 8)),
+        "lstm": (_LSTM, torch.randn(4, 2, 8)),
+    }[kind]
+    model = msbp.sparsify(model(), msbp.SparseBackpropConfig(k=2, memory=0.5))
+    model(x).sum().backward()  # a first step, so that the C++ path's short call is armed
+    with torch.no_grad():
+        want = model(x)
+    traced = torch.jit.trace(model, x)
+    assert torch.equal(traced(x), want)
+    exported = torch.export.export(model, (x,)).module()
+    torch.testing.assert_close(exported(x), want)  # parameters requiring grad, grad mode on

@@ -68,6 +68,18 @@ def check_bias(bias: Tensor | None, weight: Tensor) -> None:
         )
 
 
+def backward_recorded() -> bool:
+    """Whether autograd records what runs now, so that a sparse backward may follow: grad mode
+    on, and not under ``torch.jit.trace`` or ``torch.export``, whose graphs cannot hold msbp's
+    backward and its memory (a trace recorded the C++ path differently from one call to the
+    next and failed its check; an exported LSTM held the PyTorch recurrence instead of
+    ``aten.lstm``, and failed when called with grad); the forward is exact either way."""
+    return torch.is_grad_enabled() and not (torch.jit.is_tracing() or _exporting())
+
+
+_exporting = getattr(torch.compiler, "is_exporting", lambda: False)
+
+
 def check_no_functorch(unnamed: str, name: str = "", kind: str = "sparse layer") -> None:
     """Raise ``RuntimeError`` inside a ``torch.func`` transform (grad, vmap, jacrev,
     functional_call under grad, ...): the memory is state updated in place by the backward
@@ -141,7 +153,7 @@ def sparse_linear_checked(
     check_bias(bias, weight)
     if memory is not None:
         check_memory(memory, out_features, config.memory_layout, weight)
-    if not (torch.is_grad_enabled() and _wants_grad(x, weight, bias)):
+    if not (backward_recorded() and _wants_grad(x, weight, bias)):
         return F.linear(x, weight, bias), None
     check_no_functorch("sparse_linear", name)
     run = config
@@ -285,9 +297,10 @@ def _fast_now() -> bool:
     scaler, no torch.distributed, no TorchDispatchMode, the kernels loaded."""
     if torch.compiler.is_compiling() or torch.is_autocast_enabled("cpu"):
         return False
-    if torch._C._len_torch_dispatch_stack():
+    if torch._C._len_torch_dispatch_stack() or torch._C._is_tracing():
         # a mode (FlopCounterMode, a memory tracker, FakeTensorMode) must see the products: the
-        # C++ autograd function computes below the dispatcher, the PyTorch glue through it
+        # C++ autograd function computes below the dispatcher, the PyTorch glue through it;
+        # torch.jit.trace records the plain forward (backward_recorded)
         return False
     if scaling.any_scaler() or (_DIST and dist.is_initialized()):
         return False
@@ -312,7 +325,7 @@ def sparse_linear_fast_call(
         return y
     if not _cpu_wide(x, weight) or x.dim() < 1 or x.shape[-1] != weight.shape[1]:
         return None
-    if not (torch.is_grad_enabled() and _wants_grad(x, weight, bias)):
+    if not (backward_recorded() and _wants_grad(x, weight, bias)):
         return None
     return native.eager_ops().sparse_linear_fast(x, *_fast_args(weight, bias, memory, settings))
 
@@ -395,7 +408,7 @@ def sparse_embedding_linear(
 
 
 def _fused_embedding_ok(ids, table, weight, bias, memory, config, probe) -> bool:
-    if probe is not None or config.backend != "sparse" or not torch.is_grad_enabled():
+    if probe is not None or config.backend != "sparse" or not backward_recorded():
         return False
     if not (table.requires_grad or weight.requires_grad or (
         bias is not None and bias.requires_grad

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from msbp.config import SparseBackpropConfig
-from msbp.functional import sparse_linear
+from msbp.functional import backward_recorded, sparse_linear
 from msbp.nn.linear import SparseLinear
 from msbp.nn.memory import MemoryMixin
 
@@ -118,7 +118,7 @@ class SparseMultiheadAttention(MemoryMixin, nn.MultiheadAttention):
         """As ``nn.MultiheadAttention.forward``; returns (attn_output, attn_weights or None)."""
         params_need_grad = any(p.requires_grad for p in self.parameters())
         inputs_need_grad = query.requires_grad or key.requires_grad or value.requires_grad
-        if self.dense_mode or not (torch.is_grad_enabled() and (
+        if self.dense_mode or not (backward_recorded() and (
             params_need_grad or inputs_need_grad
         )):
             return nn.MultiheadAttention.forward(

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from msbp.config import SparseBackpropConfig
-from msbp.functional import check_memory, check_no_functorch, make_plan
+from msbp.functional import backward_recorded, check_memory, check_no_functorch, make_plan
 from msbp.nn.memory import MemoryMixin
 from msbp.ops import consensus
 from msbp.ops.sparse_conv import PER_EXAMPLE_ERROR, ConvGeometry, group_k, sparse_conv
@@ -80,7 +80,7 @@ class _SparseConvNd(MemoryMixin):
         needs_grad = x.requires_grad or self.weight.requires_grad or (
             self.bias is not None and self.bias.requires_grad
         )
-        if self.dense_mode or not (torch.is_grad_enabled() and needs_grad):
+        if self.dense_mode or not (backward_recorded() and needs_grad):
             return self._dense.forward(self, x)
         if x.dim() not in (self._spatial + 1, self._spatial + 2):
             raise ValueError(

@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from msbp import native
 from msbp.config import SparseBackpropConfig
 from msbp.functional import (
+    backward_recorded,
     check_memory,
     check_no_functorch,
     kept_grad_buffer,
@@ -196,7 +197,7 @@ class SparseLSTM(MemoryMixin, nn.RNNBase):
 
     def _needs_backward(self, input: Tensor, hx: tuple[Tensor, Tensor] | None) -> bool:
         """Whether autograd will record this call; if not, it runs as a plain ``nn.LSTM``."""
-        if not torch.is_grad_enabled():
+        if not backward_recorded():
             return False
         tensors = [input, *(hx or ()), *self._flat_weights]
         return any(t is not None and t.requires_grad for t in tensors)
