@@ -179,3 +179,19 @@ def test_direct_bindings_compute_what_the_dispatched_ops_do():
     assert direct.keys() == dispatched.keys()
     for name, value in direct.items():
         assert torch.equal(value, dispatched[name]), name
+
+
+@pytest.mark.skipif(not native.use_native(), reason="the native kernels are unavailable")
+def test_profilers_see_the_sparse_layer_node_by_its_name():
+    """The C++ autograd function's node is named ``CppNode<msbp::SparseLinearFn>`` in profiles
+    and in ``grad_fn`` (in the anonymous namespace it read ``msbp::(anonymous namespace)::...``,
+    cut short by the profiler's table)."""
+    import torch
+    from torch import nn
+
+    import msbp
+
+    model = msbp.sparsify(nn.Sequential(nn.Linear(6, 8)), msbp.SparseBackpropConfig(k=2))
+    x = torch.randn(3, 6)
+    model(x).sum().backward()  # the first call checks everything, later ones take the C++ call
+    assert model(x).grad_fn.name() == "torch::autograd::CppNode<msbp::SparseLinearFn>"

@@ -1382,6 +1382,10 @@ variable_list run_backward(AutogradContext* ctx, const variable_list& grad_outpu
   return result;
 }
 
+}  // namespace
+
+// Outside the anonymous namespace, as SparseEmbeddingLinearFn: a profiler or an autograd graph
+// names the node torch::autograd::CppNode<msbp::SparseLinearFn>, not "msbp::(anonymous ..."
 struct SparseLinearFn : public torch::autograd::Function<SparseLinearFn> {
   // kept: the gradient buffer this layer hands over when .grad is None; state (out + 2,) int64:
   // [rows written into kept last time (-1: unknown), kept's version after that, the rows...];
@@ -1403,6 +1407,8 @@ struct SparseLinearFn : public torch::autograd::Function<SparseLinearFn> {
     return r;
   }
 };
+
+namespace {
 
 // Function::apply wants defined tensors: an empty one stands for "none" (made only then: at
 // MNIST's sizes the forward's whole overhead is a few microseconds)
@@ -1439,6 +1445,8 @@ void embedding_grad_factored(const int64_t* ids, int64_t n, int64_t nf, const T*
     });
   }
 }
+
+}  // namespace
 
 // y = flatten(T[ids]) W^T + b: a sparse linear layer whose input is nf rows of an embedding
 // table side by side (Chen & Manning's parser). Its backward is the layer's, except that the
@@ -1488,8 +1496,6 @@ struct SparseEmbeddingLinearFn : public torch::autograd::Function<SparseEmbeddin
     return result;
   }
 };
-
-}  // namespace
 
 bool kept_held_in_python(const Tensor& buf) { return held_in_python(buf, 0); }
 
