@@ -152,8 +152,17 @@ class MemoryMixin:
                 f"fit memory_layout={self.config.memory_layout!r} with {units} output units"
             )
         buf = getattr(self, mem)
+        weight = getattr(self, dict(self._memory_names())[mem])
+        if self.config.memory == 0:
+            # a layer with memory=0 never reads its memory, but saves it: a loaded one would be
+            # carried along into later checkpoints and come back stale in a model that turns the
+            # memory on (reconfigure clears it for memory=0 for the same reason)
+            if assign or buf.is_meta:
+                setattr(self, mem, self._empty_memory(weight))
+            else:
+                self._reset_memory_tensor(mem)
+            return None
         if assign or buf.is_meta:
-            weight = getattr(self, dict(self._memory_names())[mem])
             device = saved.device if weight.is_meta else weight.device
             setattr(self, mem, _resizable(saved.detach().to(device, memory_dtype(weight.dtype))))
             return None
