@@ -195,6 +195,37 @@ def test_memory_loaded_into_a_layer_without_memory_stays_empty(backend, how, lay
         torch.testing.assert_close(g, want[name], rtol=0, atol=0, msg=name)
 
 
+def test_partial_load_keeps_the_memory_of_layers_it_does_not_hold(backend):
+    """``load_state_dict(part, strict=False)`` with the weights of some layers only (peft's
+    adapter loading, one shard of a checkpoint) leaves the other layers' memories as they are,
+    as it leaves their parameters; a layer whose weights it holds without a memory (a dense
+    checkpoint of that layer) starts with an empty one. Every memory used to be cleared,
+    silently: no key was reported missing."""
+    model = _trained_sparse()
+    before = msbp.memory_state_dict(model)
+    part = {k: v.clone() for k, v in dense_state_dict(model).items() if k.startswith("head.")}
+    result = model.load_state_dict(part, strict=False)
+    assert "conv.weight" in result.missing_keys and not result.unexpected_keys
+    for key, memory in msbp.memory_state_dict(model).items():
+        if key == "head.memory":
+            assert not memory.any()
+        else:
+            assert torch.equal(memory, before[key]), key
+    # the attention's projections: in_proj_weight holds q, k and v; out_proj is its own layer
+    part = {k: v for k, v in dense_state_dict(model).items() if k == "attn.out_proj.weight"}
+    model.load_state_dict(part, strict=False)
+    after = msbp.memory_state_dict(model)
+    assert not after["attn.out_proj.memory"].any()
+    assert all(torch.equal(after[f"attn.memory_{p}"], before[f"attn.memory_{p}"]) for p in "qkv")
+    # and training goes on as in a model that was never partly loaded
+    twin = _trained_sparse()
+    for name in ("head", "attn.out_proj"):
+        twin.get_submodule(name).reset_memory()
+    want = _step(twin, seed=1)
+    for name, g in _step(model, seed=1).items():
+        torch.testing.assert_close(g, want[name], rtol=0, atol=0, msg=name)
+
+
 def test_reconfigure_to_an_impossible_config_changes_nothing():
     model = _trained_sparse()
     before = model.conv.config

@@ -119,7 +119,7 @@ class MemoryMixin:
     def _load_from_state_dict(
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
     ):
-        keys = {prefix + mem: mem for mem, _ in self._memory_names()}
+        keys = {prefix + mem: (mem, prefix + weight) for mem, weight in self._memory_names()}
         # the rest without the memory keys, which nn.Module would report as unexpected
         rest = {key: value for key, value in state_dict.items() if key not in keys}
         super()._load_from_state_dict(
@@ -127,14 +127,17 @@ class MemoryMixin:
         )
         # load_state_dict(assign=True), e.g. into a model built on the meta device
         assign = local_metadata.get("assign_to_params_buffers", False)
-        for key, mem in keys.items():
+        for key, (mem, weight) in keys.items():
             if key in state_dict:
                 error = self._load_memory(mem, state_dict[key], assign=assign)
                 if error:
                     error_msgs.append(f"size mismatch for {key}: {error}")
-            else:
+            elif weight in state_dict:
                 # a checkpoint of the dense model: start with an empty memory rather than fail
                 self._reset_memory_tensor(mem)
+            # else the transform is not in this state dict at all (a partial load with
+            # strict=False: peft's adapter weights, one shard of a checkpoint): its memory stays,
+            # as its parameters do
 
     @torch.no_grad()
     def _load_memory(self, mem: str, saved: Tensor, assign: bool = False) -> str | None:
