@@ -10,6 +10,7 @@ import torch
 from _helpers import LAYOUTS, fast_step, make_layer, memory_colsum, randn, ref_step, tol
 from torch import nn
 
+import msbp
 from msbp import SparseBackpropConfig, SparseLinear, SparseLSTM, sparsify
 
 
@@ -258,6 +259,49 @@ def test_assign_load_into_meta_model(layout):
     assert dst.weight.device.type == "cpu" and dst.memory.device.type == "cpu"
     assert dst.memory.dtype == torch.float64 and torch.equal(dst.memory, src.memory)
     dst.check_memory()
+
+
+class _Mixed(nn.Module):
+    """A linear layer, a convolution, an LSTM and an attention module."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(3, 8, 1)
+        self.lstm = nn.LSTM(8, 8, batch_first=True)
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):  # (N, 3, T)
+        h = self.lstm(self.conv(x).transpose(1, 2))[0]
+        return self.head(self.attn(h, h, h, need_weights=False)[0])
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_memory_of_a_model_built_on_meta_materialises_empty(backend, layout):
+    """``to_empty()`` of a model sparsified on the meta device (the usual way to build a large
+    model, then initialise or load it) gives parameters uninitialised storage, to be filled by
+    their init; the memory, which held nothing on the meta device, starts empty. It used to
+    get uninitialised storage too, and whatever the allocator left there went into the first
+    backward's gradients. Found while fuzzing save/convert paths."""
+    cfg = SparseBackpropConfig(k=2, memory=0.8, memory_layout=layout)
+    torch.manual_seed(0)
+    ref = sparsify(_Mixed(), cfg)
+    with torch.device("meta"):
+        model = sparsify(_Mixed(), cfg)
+    for _ in range(4):  # leave non-zero bytes in the allocator's free blocks
+        junk = torch.full((256,), 1e30)
+        del junk
+    model.to_empty(device="cpu")
+    with torch.no_grad():  # an init by hand, not a state dict (which would set the memory)
+        for p, q in zip(model.parameters(), ref.parameters(), strict=True):
+            p.copy_(q)
+    for name, memory in msbp.memory_state_dict(model).items():
+        assert not memory.any(), name
+    x = torch.randn(2, 3, 5, generator=torch.Generator().manual_seed(1))
+    for m in (model, ref):
+        m(x).square().sum().backward()
+    for (name, p), q in zip(model.named_parameters(), ref.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=0, msg=name)
 
 
 @pytest.mark.parametrize("kind", ["mlp", "lstm"])

@@ -102,6 +102,12 @@ class MemoryMixin:
             want = memory_dtype(getattr(self, weight).dtype)
             if new.dtype != want:
                 new = old.to(device=new.device, dtype=want)
+            if old.is_meta and not new.is_meta:
+                # to_empty() of a model built on the meta device hands back uninitialised
+                # storage, which parameters get from their init or a checkpoint; a memory on
+                # the meta device never held anything, so it materialises empty, not as the
+                # garbage that would be added into the first backward
+                new.zero_()
             setattr(self, mem, new)
         return self
 
