@@ -304,6 +304,34 @@ def test_memory_of_a_model_built_on_meta_materialises_empty(backend, layout):
         torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=0, msg=name)
 
 
+def test_slot_memory_whose_storage_cannot_grow_still_takes_a_larger_batch(backend):
+    """``Tensor.numpy()`` of a state dict (``np.savez``, a checksum; the CLI's checkpoint digest
+    did it) leaves a slot memory's storage unable to grow: the next
+    larger batch raised "Trying to resize storage that is not resizable", and the memory was
+    left claiming rows it had no storage for, so that the next call crashed the process
+    (segmentation fault). The layer now takes a copy that can grow; the run equals a copy of
+    the model that was never touched. Found by a resume fuzz of the command line."""
+    cfg = SparseBackpropConfig(k=2, memory=0.8, memory_layout="slot")
+    torch.manual_seed(0)
+    model = sparsify(_Mixed(), cfg)
+    gen = torch.Generator().manual_seed(1)
+    model(torch.randn(2, 3, 4, generator=gen)).square().sum().backward()
+    twin = copy.deepcopy(model)
+    for value in model.state_dict().values():
+        value.numpy()
+    assert not model.head.memory.untyped_storage().resizable()
+    x = torch.randn(3, 3, 5, generator=gen)  # more rows: every slot memory grows
+    for _ in range(2):
+        for m in (model, twin):
+            m.zero_grad(set_to_none=True)
+            m(x).square().sum().backward()
+        for (name, p), q in zip(model.named_parameters(), twin.parameters(), strict=True):
+            torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=0, msg=name)
+        for (key, a), b in zip(msbp.memory_state_dict(model).items(),
+                               msbp.memory_state_dict(twin).values(), strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=0, msg=key)
+
+
 @pytest.mark.parametrize("kind", ["mlp", "lstm"])
 def test_whole_model_pickles_without_msbp_bookkeeping(backend, kind):
     """``torch.save(model)`` after training with LazyRowAdam: works (a weak reference to the

@@ -63,6 +63,19 @@ class MemoryMixin:
             # a plain attribute (nn.Module.__setattr__ keeps unregistered tensors in __dict__)
             setattr(self, mem, self._empty_memory(getattr(self, weight)))
 
+    def _slot_memory(self, mem: str) -> Tensor:
+        """Slot memory ``mem`` for a call of the layer. A slot memory grows in place with the
+        batch, so its storage must be able to: one that cannot (``Tensor.numpy()`` of a state
+        dict, which shares it, as ``np.savez`` or a digest does; ``torch.from_numpy``) made the
+        next larger batch raise "Trying to resize storage that is not resizable" and left the
+        memory claiming rows it has no storage for (a later call read past it: a segmentation
+        fault). Such a memory is replaced by a copy that can grow."""
+        memory = getattr(self, mem)
+        if not torch.compiler.is_compiling() and not memory.untyped_storage().resizable():
+            memory = memory.clone()
+            setattr(self, mem, memory)
+        return memory
+
     def reset_memory(self) -> None:
         """Forget everything remembered (zeros; for ``slot``, no rows), in place."""
         for mem, _ in self._memory_names():
