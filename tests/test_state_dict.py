@@ -330,6 +330,15 @@ def test_slot_memory_whose_storage_cannot_grow_still_takes_a_larger_batch(backen
         for (key, a), b in zip(msbp.memory_state_dict(model).items(),
                                msbp.memory_state_dict(twin).values(), strict=True):
             torch.testing.assert_close(a, b, rtol=0, atol=0, msg=key)
+    # loading a state dict with more rows into such a memory
+    small = sparsify(_Mixed(), cfg)
+    small(torch.randn(1, 3, 2, generator=gen)).square().sum().backward()
+    for value in small.state_dict().values():
+        value.numpy()
+    small.load_state_dict(model.state_dict())
+    for (key, a), b in zip(msbp.memory_state_dict(small).items(),
+                           msbp.memory_state_dict(model).values(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=key)
 
 
 @pytest.mark.parametrize("kind", ["mlp", "lstm"])

@@ -188,6 +188,9 @@ class MemoryMixin:
             device = saved.device if weight.is_meta else weight.device
             setattr(self, mem, _resizable(saved.detach().to(device, memory_dtype(weight.dtype))))
             return None
+        if buf.shape != saved.shape and not buf.untyped_storage().resizable():
+            buf = _resizable(buf)  # see _slot_memory
+            setattr(self, mem, buf)
         buf.resize_(saved.shape)  # a slot memory has the rows of the batch it was saved at
         buf.copy_(saved)
         return None
