@@ -458,6 +458,11 @@ def test_optimizer_copied_whole_with_its_model_resumes_exactly(how):
         buf.seek(0)
         model2, opt2 = torch.load(buf, weights_only=False)
     assert opt2.sync_rows is False
+    group = object()  # load_state_dict (which calls __setstate__) keeps a live optimizer's group
+    opt.process_group = group
+    opt.load_state_dict(opt.state_dict())
+    assert opt.process_group is group and opt.sync_rows is False
+    opt.process_group = None
     params = opt2.param_groups[0]["params"]
     assert all(p is q for p, q in zip(model2.parameters(), params, strict=True))
     for x in xs[3:]:

@@ -423,10 +423,11 @@ class LazyRowAdam(Optimizer):
             group.setdefault("decoupled_weight_decay", False)
         # a copy (copy.deepcopy, torch.save of the optimizer) had lost what __init__ sets beside
         # the state, and its parameters' tags pickle as listeners to nobody, so that the sparse
-        # layers logged no rows for it: its first step raised AttributeError on _tracks
+        # layers logged no rows for it: its first step raised AttributeError on _tracks.
+        # (Optimizer.load_state_dict calls this too, on a live optimizer: what it has stays.)
         self.__dict__.setdefault("sync_rows", True)
-        self.process_group = None
-        self._tracks = {}
+        self.__dict__.setdefault("process_group", None)
+        self.__dict__.setdefault("_tracks", {})
         self._tag(p for group in self.param_groups for p in group["params"])
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
