@@ -45,6 +45,53 @@ def test_memory_is_unscaled_under_grad_scaler(backend, selection, layout):
         scaler.update(new_scale=s / 2 if step % 2 else s * 4)  # a changing scale
 
 
+@pytest.mark.parametrize("how", ["deepcopy", "torch_save"])
+def test_scaler_copied_with_its_model_keeps_the_memory_unscaled(backend, how):
+    """A copy of ``msbp.amp.GradScaler`` (``copy.deepcopy`` or ``torch.save`` of the training
+    objects, the original then dropped) was not registered as a scaler: the layers took the
+    path that cannot scale and stored the scaled gradient in the memory. Found by a save/resume
+    fuzz (model, optimizer and scaler pickled whole)."""
+    import gc
+    import io
+
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = msbp.amp.GradScaler("cpu", init_scale=2.0**10)
+    gen = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(5, 6, generator=gen), torch.randint(0, 3, (5,), generator=gen))
+               for _ in range(4)]
+
+    def step(m, o, s, x, y):
+        o.zero_grad()
+        s.scale(nn.functional.cross_entropy(m(x), y)).backward()
+        s.step(o)
+        s.update()
+
+    step(model, opt, scaler, *batches[0])
+    twin = copy.deepcopy((model, opt))  # never saved: its scaler is a fresh one of that scale
+    scale = scaler.get_scale()
+    if how == "deepcopy":
+        copied = copy.deepcopy((model, opt, scaler))
+    else:
+        buf = io.BytesIO()
+        torch.save((model, opt, scaler), buf)
+        buf.seek(0)
+        copied = torch.load(buf, weights_only=False)
+    del model, opt, scaler
+    gc.collect()  # the copy is the only scaler left
+    got = []
+    for x, y in batches[1:]:
+        step(*copied, x, y)
+        got.append(_memories(copied[0]))
+    del copied
+    gc.collect()
+    twin_scaler = msbp.amp.GradScaler("cpu", init_scale=scale)
+    for (x, y), memories in zip(batches[1:], got, strict=True):
+        step(*twin, twin_scaler, x, y)
+        for a, b in zip(memories, _memories(twin[0]), strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 def test_skipped_step_leaves_every_memory_unchanged(backend):
     """When some layer overflows, the scaler skips the step and no memory advances."""
     model = _mlp()

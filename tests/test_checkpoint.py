@@ -161,6 +161,71 @@ def test_reconfigure_converts_or_clears_the_memory():
     assert model.head.memory.any()
 
 
+@pytest.mark.parametrize("how", ["load_state_dict", "assign", "load_memory_state"])
+@pytest.mark.parametrize("layout", ["unit", "slot"])
+def test_memory_loaded_into_a_layer_without_memory_stays_empty(backend, how, layout):
+    """A checkpoint with a memory loaded into a model with ``memory=0`` leaves the memory empty,
+    as reconfiguring that model to ``memory=0`` in place does: it used to be copied in, unused,
+    carried along into the next checkpoint and loaded from there, stale, into a model with the
+    memory on. Found by a save/resume fuzz (load under another config against ``sparsify``
+    in place)."""
+    saved = _save_load(_trained_sparse().state_dict())
+    off = CFG.replace(memory=0.0, memory_layout=layout)
+    in_place = sparsify(Mixed(), CFG)
+    in_place.load_state_dict(saved)
+    sparsify(in_place, off)
+    model = sparsify(Mixed(), off)
+    if how == "load_memory_state":
+        model.load_state_dict(dense_state_dict(saved))
+        msbp.load_memory_state(model, [{k: saved[k] for k in msbp.memory_state_dict(model)}])
+    else:
+        model.load_state_dict(saved, assign=how == "assign")
+    for key, memory in msbp.memory_state_dict(model).items():
+        want = msbp.memory_state_dict(in_place)[key]
+        assert memory.shape == want.shape and not memory.any(), key
+    on = sparsify(Mixed(), CFG)  # its next checkpoint brings no memory to a model with one
+    on.load_state_dict(_save_load(model.state_dict()))
+    assert not any(m.any() for m in msbp.memory_state_dict(on).values())
+    # a memory that does not fit is still a load error
+    bad = dict(saved, **{"head.memory": torch.zeros(5)})
+    with pytest.raises(RuntimeError, match="head.memory"):
+        sparsify(Mixed(), off).load_state_dict(bad)
+    want = _step(in_place, seed=1)
+    for name, g in _step(model, seed=1).items():
+        torch.testing.assert_close(g, want[name], rtol=0, atol=0, msg=name)
+
+
+def test_partial_load_keeps_the_memory_of_layers_it_does_not_hold(backend):
+    """``load_state_dict(part, strict=False)`` with the weights of some layers only (peft's
+    adapter loading, one shard of a checkpoint) leaves the other layers' memories as they are,
+    as it leaves their parameters; a layer whose weights it holds without a memory (a dense
+    checkpoint of that layer) starts with an empty one. Every memory used to be cleared,
+    silently: no key was reported missing."""
+    model = _trained_sparse()
+    before = msbp.memory_state_dict(model)
+    part = {k: v.clone() for k, v in dense_state_dict(model).items() if k.startswith("head.")}
+    result = model.load_state_dict(part, strict=False)
+    assert "conv.weight" in result.missing_keys and not result.unexpected_keys
+    for key, memory in msbp.memory_state_dict(model).items():
+        if key == "head.memory":
+            assert not memory.any()
+        else:
+            assert torch.equal(memory, before[key]), key
+    # the attention's projections: in_proj_weight holds q, k and v; out_proj is its own layer
+    part = {k: v for k, v in dense_state_dict(model).items() if k == "attn.out_proj.weight"}
+    model.load_state_dict(part, strict=False)
+    after = msbp.memory_state_dict(model)
+    assert not after["attn.out_proj.memory"].any()
+    assert all(torch.equal(after[f"attn.memory_{p}"], before[f"attn.memory_{p}"]) for p in "qkv")
+    # and training goes on as in a model that was never partly loaded
+    twin = _trained_sparse()
+    for name in ("head", "attn.out_proj"):
+        twin.get_submodule(name).reset_memory()
+    want = _step(twin, seed=1)
+    for name, g in _step(model, seed=1).items():
+        torch.testing.assert_close(g, want[name], rtol=0, atol=0, msg=name)
+
+
 def test_reconfigure_to_an_impossible_config_changes_nothing():
     model = _trained_sparse()
     before = model.conv.config

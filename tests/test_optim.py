@@ -436,6 +436,45 @@ def test_state_dict_round_trip():
         torch.testing.assert_close(p, q, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("how", ["deepcopy", "torch_save"])
+def test_optimizer_copied_whole_with_its_model_resumes_exactly(how):
+    """``copy.deepcopy`` / ``torch.save`` of the model and the optimizer objects together (not
+    their state dicts): the copy's first step raised ``AttributeError`` (``_tracks``), since
+    ``Optimizer`` pickles only its state and groups, and its parameters' row logs pointed at
+    nobody. Found by a save/resume fuzz."""
+    import io
+
+    model = msbp.sparsify(_mlp(), msbp.SparseBackpropConfig(k=3, memory=0.8), exclude="2")
+    opt = LazyRowAdamW(model.parameters(), lr=1e-2, weight_decay=0.1, sync_rows=False)
+    gen = torch.Generator().manual_seed(4)
+    xs = [torch.randn(4, 6, dtype=torch.float64, generator=gen) for _ in range(6)]
+    for x in xs[:3]:
+        _step(model, opt, x)
+    if how == "deepcopy":
+        model2, opt2 = copy.deepcopy((model, opt))
+    else:
+        buf = io.BytesIO()
+        torch.save((model, opt), buf)
+        buf.seek(0)
+        model2, opt2 = torch.load(buf, weights_only=False)
+    assert opt2.sync_rows is False
+    group = object()  # load_state_dict (which calls __setstate__) keeps a live optimizer's group
+    opt.process_group = group
+    opt.load_state_dict(opt.state_dict())
+    assert opt.process_group is group and opt.sync_rows is False
+    opt.process_group = None
+    params = opt2.param_groups[0]["params"]
+    assert all(p is q for p, q in zip(model2.parameters(), params, strict=True))
+    for x in xs[3:]:
+        _step(model, opt, x)
+        _step(model2, opt2, x)
+    for p, q in zip(model.parameters(), model2.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
+    for a, b in zip(opt.state.values(), opt2.state.values(), strict=True):
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
+
+
 def test_decoupled_weight_decay_is_saved_and_an_older_state_loads_as_l2():
     model = msbp.sparsify(_mlp(), msbp.SparseBackpropConfig(k=3), exclude="2")
     opt = LazyRowAdamW(model.parameters(), lr=1e-2, weight_decay=0.1)

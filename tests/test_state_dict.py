@@ -10,6 +10,7 @@ import torch
 from _helpers import LAYOUTS, fast_step, make_layer, memory_colsum, randn, ref_step, tol
 from torch import nn
 
+import msbp
 from msbp import SparseBackpropConfig, SparseLinear, SparseLSTM, sparsify
 
 
@@ -260,46 +261,86 @@ def test_assign_load_into_meta_model(layout):
     dst.check_memory()
 
 
+class _Mixed(nn.Module):
+    """A linear layer, a convolution, an LSTM and an attention module."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(3, 8, 1)
+        self.lstm = nn.LSTM(8, 8, batch_first=True)
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):  # (N, 3, T)
+        h = self.lstm(self.conv(x).transpose(1, 2))[0]
+        return self.head(self.attn(h, h, h, need_weights=False)[0])
+
+
 @pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("kind", ["mlp", "lstm"])
-def test_to_empty_of_a_meta_model_starts_with_an_empty_memory(backend, kind, layout):
-    """Built on the meta device, sparsified, ``to_empty()`` and initialised parameter by
-    parameter (no state dict, so nothing resets the memory): it trains as the same model built
-    on the CPU. The memory used to come out as the new storage's contents (NaN here, where
-    PyTorch fills uninitialised memory; anything in general), summed into the next gradient."""
-    cfg = SparseBackpropConfig(k=2, memory=0.5, memory_layout=layout)
-
-    def build():
-        if kind == "mlp":
-            return sparsify(nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)), cfg,
-                            exclude="2").double()
-        return sparsify(nn.LSTM(6, 4), cfg).double()
-
+def test_memory_of_a_model_built_on_meta_materialises_empty(backend, layout):
+    """``to_empty()`` of a model sparsified on the meta device (the usual way to build a large
+    model, then initialise or load it) gives parameters uninitialised storage, to be filled by
+    their init; the memory, which held nothing on the meta device, starts empty. It used to
+    get uninitialised storage too, and whatever the allocator left there went into the first
+    backward's gradients. Found while fuzzing save/convert paths."""
+    cfg = SparseBackpropConfig(k=2, memory=0.8, memory_layout=layout)
     torch.manual_seed(0)
-    ref = build()
+    ref = sparsify(_Mixed(), cfg)
     with torch.device("meta"):
-        model = build()
+        model = sparsify(_Mixed(), cfg)
     deterministic = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)  # and torch.empty fills with NaN
+    torch.use_deterministic_algorithms(True)  # and torch.empty fills with NaN: never zeros
     try:
         model.to_empty(device="cpu")
     finally:
         torch.use_deterministic_algorithms(deterministic)
-    with torch.no_grad():
+    with torch.no_grad():  # an init by hand, not a state dict (which would set the memory)
         for p, q in zip(model.parameters(), ref.parameters(), strict=True):
             p.copy_(q)
-    x = randn(3, 2, 6, gen=torch.Generator().manual_seed(1))
-    for step in range(2):
-        for m in (model, ref):
-            m.zero_grad()
-            out = m(x)
-            (out[0] if kind == "lstm" else out).pow(2).sum().backward()
-        for (name, p), q in zip(model.named_parameters(), ref.parameters(), strict=True):
-            assert torch.equal(p.grad, q.grad), (step, name)
-    for a, b in zip(model.modules(), ref.modules(), strict=True):
-        if hasattr(a, "named_memories"):
-            for (name, mem), (_, want) in zip(a.named_memories(), b.named_memories(), strict=True):
-                assert torch.equal(mem, want), name
+    for name, memory in msbp.memory_state_dict(model).items():
+        assert not memory.any(), name
+    x = torch.randn(2, 3, 5, generator=torch.Generator().manual_seed(1))
+    for m in (model, ref):
+        m(x).square().sum().backward()
+    for (name, p), q in zip(model.named_parameters(), ref.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=0, msg=name)
+
+
+def test_slot_memory_whose_storage_cannot_grow_still_takes_a_larger_batch(backend):
+    """``Tensor.numpy()`` of a state dict (``np.savez``, a checksum; the CLI's checkpoint digest
+    did it) leaves a slot memory's storage unable to grow: the next
+    larger batch raised "Trying to resize storage that is not resizable", and the memory was
+    left claiming rows it had no storage for, so that the next call crashed the process
+    (segmentation fault). The layer now takes a copy that can grow; the run equals a copy of
+    the model that was never touched. Found by a resume fuzz of the command line."""
+    cfg = SparseBackpropConfig(k=2, memory=0.8, memory_layout="slot")
+    torch.manual_seed(0)
+    model = sparsify(_Mixed(), cfg)
+    gen = torch.Generator().manual_seed(1)
+    model(torch.randn(2, 3, 4, generator=gen)).square().sum().backward()
+    twin = copy.deepcopy(model)
+    for value in model.state_dict().values():
+        value.numpy()
+    assert not model.head.memory.untyped_storage().resizable()
+    x = torch.randn(3, 3, 5, generator=gen)  # more rows: every slot memory grows
+    for _ in range(2):
+        for m in (model, twin):
+            m.zero_grad(set_to_none=True)
+            m(x).square().sum().backward()
+        for (name, p), q in zip(model.named_parameters(), twin.parameters(), strict=True):
+            torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=0, msg=name)
+        for (key, a), b in zip(msbp.memory_state_dict(model).items(),
+                               msbp.memory_state_dict(twin).values(), strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=0, msg=key)
+    # loading a state dict with more rows into such a memory
+    small = sparsify(_Mixed(), cfg)
+    small(torch.randn(1, 3, 2, generator=gen)).square().sum().backward()
+    for value in small.state_dict().values():
+        value.numpy()
+    small.load_state_dict(model.state_dict())
+    for (key, a), b in zip(msbp.memory_state_dict(small).items(),
+                           msbp.memory_state_dict(model).values(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=key)
 
 
 @pytest.mark.parametrize("kind", ["mlp", "lstm"])

@@ -38,6 +38,14 @@ class GradScaler(torch.amp.GradScaler):
         self._msbp_snapshots: dict[int, tuple[Tensor, Tensor]] = {}
         scaling.register(self)
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # a copy (copy.deepcopy, torch.save of the training objects) is a scaler too: without
+        # registering it, once the original was gone the layers took the path that cannot
+        # scale and kept the scaled gradient in the memory (1/scale-fold too large)
+        super().__setstate__(state)
+        self._msbp_snapshots = {}
+        scaling.register(self)
+
     def scale(self, outputs):  # type: ignore[override]
         scaled = super().scale(outputs)
         if not self._enabled:

@@ -412,10 +412,23 @@ class LazyRowAdam(Optimizer):
             track = self._tracks[id(p)] = _Track()
         return track
 
+    def __getstate__(self) -> dict[str, Any]:
+        # Optimizer pickles its defaults, state and param_groups only; sync_rows is an option
+        # too (a process group does not pickle: a copy takes the default one)
+        return {**super().__getstate__(), "sync_rows": self.sync_rows}
+
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         for group in self.param_groups:  # a state saved before the option existed
             group.setdefault("decoupled_weight_decay", False)
+        # a copy (copy.deepcopy, torch.save of the optimizer) had lost what __init__ sets beside
+        # the state, and its parameters' tags pickle as listeners to nobody, so that the sparse
+        # layers logged no rows for it: its first step raised AttributeError on _tracks.
+        # (Optimizer.load_state_dict calls this too, on a live optimizer: what it has stays.)
+        self.__dict__.setdefault("sync_rows", True)
+        self.__dict__.setdefault("process_group", None)
+        self.__dict__.setdefault("_tracks", {})
+        self._tag(p for group in self.param_groups for p in group["params"])
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)

@@ -98,6 +98,8 @@ class _SparseConvNd(MemoryMixin):
         memory = None
         if self.config.memory > 0:
             memory = self.memory
+            if self.config.memory_layout == "slot":
+                memory = self._slot_memory("memory")
             check_memory(memory, self.out_channels, self.config.memory_layout, self.weight)
         plan = make_plan(self.config, self.out_channels, generator=self.generator, name=self.name)
         y = sparse_conv(x, self.weight, self.bias, memory, plan, geo)

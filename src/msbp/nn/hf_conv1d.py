@@ -70,6 +70,8 @@ class SparseHFConv1D(MemoryMixin, nn.Module):
         if self.dense_mode:
             return nn.functional.linear(x, weight, self.bias)
         memory = self.memory if self.config.memory > 0 else None
+        if memory is not None and self.config.memory_layout == "slot":
+            memory = self._slot_memory("memory")
         return sparse_linear(
             x, weight, self.bias, memory, config=self.config,
             generator=self.generator, name=self.name, probe=self.probe,

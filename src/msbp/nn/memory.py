@@ -63,6 +63,19 @@ class MemoryMixin:
             # a plain attribute (nn.Module.__setattr__ keeps unregistered tensors in __dict__)
             setattr(self, mem, self._empty_memory(getattr(self, weight)))
 
+    def _slot_memory(self, mem: str) -> Tensor:
+        """Slot memory ``mem`` for a call of the layer. A slot memory grows in place with the
+        batch, so its storage must be able to: one that cannot (``Tensor.numpy()`` of a state
+        dict, which shares it, as ``np.savez`` or a digest does; ``torch.from_numpy``) made the
+        next larger batch raise "Trying to resize storage that is not resizable" and left the
+        memory claiming rows it has no storage for (a later call read past it: a segmentation
+        fault). Such a memory is replaced by a copy that can grow."""
+        memory = getattr(self, mem)
+        if not torch.compiler.is_compiling() and not memory.untyped_storage().resizable():
+            memory = memory.clone()
+            setattr(self, mem, memory)
+        return memory
+
     def reset_memory(self) -> None:
         """Forget everything remembered (zeros; for ``slot``, no rows), in place."""
         for mem, _ in self._memory_names():
@@ -124,7 +137,7 @@ class MemoryMixin:
     def _load_from_state_dict(
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
     ):
-        keys = {prefix + mem: mem for mem, _ in self._memory_names()}
+        keys = {prefix + mem: (mem, prefix + weight) for mem, weight in self._memory_names()}
         # the rest without the memory keys, which nn.Module would report as unexpected
         rest = {key: value for key, value in state_dict.items() if key not in keys}
         super()._load_from_state_dict(
@@ -132,14 +145,17 @@ class MemoryMixin:
         )
         # load_state_dict(assign=True), e.g. into a model built on the meta device
         assign = local_metadata.get("assign_to_params_buffers", False)
-        for key, mem in keys.items():
+        for key, (mem, weight) in keys.items():
             if key in state_dict:
                 error = self._load_memory(mem, state_dict[key], assign=assign)
                 if error:
                     error_msgs.append(f"size mismatch for {key}: {error}")
-            else:
+            elif weight in state_dict:
                 # a checkpoint of the dense model: start with an empty memory rather than fail
                 self._reset_memory_tensor(mem)
+            # else the transform is not in this state dict at all (a partial load with
+            # strict=False: peft's adapter weights, one shard of a checkpoint): its memory stays,
+            # as its parameters do
 
     @torch.no_grad()
     def _load_memory(self, mem: str, saved: Tensor, assign: bool = False) -> str | None:
@@ -157,11 +173,23 @@ class MemoryMixin:
                 f"fit memory_layout={self.config.memory_layout!r} with {units} output units"
             )
         buf = getattr(self, mem)
+        weight = getattr(self, dict(self._memory_names())[mem])
+        if self.config.memory == 0:
+            # a layer with memory=0 never reads its memory, but saves it: a loaded one would be
+            # carried along into later checkpoints and come back stale in a model that turns the
+            # memory on (reconfigure clears it for memory=0 for the same reason)
+            if assign or buf.is_meta:
+                setattr(self, mem, self._empty_memory(weight))
+            else:
+                self._reset_memory_tensor(mem)
+            return None
         if assign or buf.is_meta:
-            weight = getattr(self, dict(self._memory_names())[mem])
             device = saved.device if weight.is_meta else weight.device
             setattr(self, mem, _resizable(saved.detach().to(device, memory_dtype(weight.dtype))))
             return None
+        if buf.shape != saved.shape and not buf.untyped_storage().resizable():
+            buf = _resizable(buf)  # see _slot_memory
+            setattr(self, mem, buf)
         buf.resize_(saved.shape)  # a slot memory has the rows of the batch it was saved at
         buf.copy_(saved)
         return None

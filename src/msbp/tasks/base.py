@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import ctypes
 import hashlib
 import math
 from abc import ABC, abstractmethod
@@ -54,6 +55,17 @@ def check_limit(args: argparse.Namespace, name: str) -> None:
     check_option(args, name, low=1, hint=f"; leave out --{name.replace('_', '-')} to use all")
 
 
+def _bytes_of(t: Tensor) -> memoryview:
+    """The bytes of contiguous CPU tensor ``t``, read in place. Not through ``t.numpy()``, which
+    makes the storage it shares with ``t`` unable to grow: a checkpoint's digest of
+    ``model.state_dict()`` (whose memories are the layers' own tensors) then made the next batch
+    with more rows than any before fail to resize a ``slot`` memory ("Trying to resize storage
+    that is not resizable"), e.g. the first sparse step after ``--dense-warmup``."""
+    if t.numel() == 0:
+        return memoryview(b"")
+    return memoryview((ctypes.c_ubyte * (t.numel() * t.element_size())).from_address(t.data_ptr()))
+
+
 def content_digest(*objects: Any) -> str:
     """SHA-256 (hex) of nested dicts, lists, tuples, tensors and scalars, by content.
 
@@ -66,7 +78,7 @@ def content_digest(*objects: Any) -> str:
         if isinstance(obj, Tensor):
             t = obj.detach().to("cpu").contiguous().reshape(-1)
             h.update(f"T{t.dtype}{tuple(obj.shape)}:".encode())
-            h.update(t.view(torch.uint8).numpy().data)
+            h.update(_bytes_of(t))
         elif isinstance(obj, dict):
             h.update(b"{%d:" % len(obj))
             for key, value in obj.items():
