@@ -190,6 +190,33 @@ def test_head_model_saved_base_model_loaded(tmp_path):
         assert torch.equal(memory, saved["bert." + key]), key
 
 
+def test_head_model_saved_another_head_loaded(tmp_path):
+    """A sparsified sequence classifier saved, a token classifier on the same base model loaded
+    (as a language model fine-tuned for classification is): the layers it has come back sparse
+    with their memories (its head too: transformers loads the weights of a head of the same
+    name and shape); the pooler, which a token classifier lacks, is dropped with a warning
+    naming it, as transformers drops its weights (it raised a ValueError naming it)."""
+    from transformers import BertForSequenceClassification, BertForTokenClassification
+
+    torch.manual_seed(0)
+    model = msbp.sparsify(BertForSequenceClassification(_bert().config), CFG)
+    model(input_ids=_batch(1)).logits.sum().backward()
+    _quiet(msbp.save_pretrained, model, tmp_path)
+    transformers.logging.set_verbosity_error()
+    try:
+        with pytest.warns(UserWarning, match=r"has not the layers \['bert.pooler.dense'\]"):
+            other = msbp.from_pretrained(BertForTokenClassification, tmp_path)
+    finally:
+        transformers.logging.set_verbosity_warning()
+    assert len(other.sparsify_report.converted) == 13
+    saved = msbp.memory_state_dict(model)
+    loaded = msbp.memory_state_dict(other)
+    assert set(loaded) == set(saved) - {"bert.pooler.dense.memory"}
+    for key, memory in loaded.items():
+        assert torch.equal(memory, saved[key]), key
+    other(input_ids=_batch(2)).logits.sum().backward()  # and trains
+
+
 @pytest.mark.parametrize("writer", ["msbp", "plain"])
 def test_round_trip_of_a_model_whose_keys_transformers_renames(tmp_path, writer):
     """transformers 5 saves ViT under its older key names, the memory keys of the renamed

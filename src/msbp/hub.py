@@ -17,6 +17,7 @@ import contextlib
 import json
 import os
 import sys
+import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -87,7 +88,8 @@ def from_pretrained(model_cls: Any, path: str | os.PathLike, *args: Any, **kwarg
     ``save_pretrained`` of a sparsified model). The next training step then computes what it
     would have computed had the model never been saved. Raises ``ValueError`` if ``path`` holds
     no msbp record, or the record's layers or memories do not fit the model (for another head
-    on the same base model the base model prefix is added or removed, as transformers does).
+    on the same base model the base model prefix is added or removed, and the saved head's
+    layers dropped, as transformers does with their weights).
 
     Example::
 
@@ -114,6 +116,15 @@ def from_pretrained(model_cls: Any, path: str | os.PathLike, *args: Any, **kwarg
             f"the msbp record of {os.fspath(path)!r} names layers that "
             f"{type(model).__name__} does not have: {missing[:5]}"
             + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        )
+    if isinstance(rename, _KeepPresent):
+        dropped = [name for name in record["layers"] if rename(name) is None]
+        warnings.warn(
+            f"msbp.from_pretrained: {type(model).__name__} has not the layers {dropped[:5]}"
+            + (f" and {len(dropped) - 5} more" if len(dropped) > 5 else "")
+            + f" that {os.fspath(path)!r} recorded as sparse (another head?): they are left "
+            "out with their memories, the rest is sparsified as saved",
+            UserWarning, stacklevel=2,
         )
     layers = {
         new: configs[i] for name, i in record["layers"].items()
@@ -161,7 +172,8 @@ def _renamer(
 ) -> Callable[[str], str | None] | None:
     """Map the record's layer names onto the model's: as they are, or with the base model
     prefix removed (a head model saved, its base model loaded: the head's layers are dropped,
-    None) or added (the base model saved, a head model loaded); each also without peft's
+    None) or added (the base model saved, a head model loaded), or the base model's as they
+    are and the head's dropped (a model with another head loaded); each also without peft's
     ``base_layer`` parts (a model sparsified inside a ``PeftModel``, then merged: peft put the
     base layers where their LoRA wrappers were)."""
     candidates: list[Callable[[str], str | None]] = [lambda n: n]
@@ -182,7 +194,22 @@ def _renamer(
         kept = [n for n in mapped if n is not None]
         if kept and all(n in names for n in kept):
             return rename
+    # another head on the same base model (a language model fine-tuned for classification; a
+    # token classifier, which has no pooler): the layers the model has, the rest dropped as
+    # transformers drops their weights (the caller warns), the new head dense
+    if any(n in names for n in saved):
+        return _KeepPresent(names)
     return None
+
+
+class _KeepPresent:
+    """A renamer (called as the lambdas of ``_renamer`` are): the model's own names, else None."""
+
+    def __init__(self, names: dict[str, nn.Module]) -> None:
+        self.names = names
+
+    def __call__(self, name: str) -> str | None:
+        return name if name in self.names else None
 
 
 def _load_memories(
