@@ -1259,7 +1259,10 @@ Tensor layer_forward(AutogradContext* ctx, const Tensor& x, const Tensor& weight
 variable_list run_backward(AutogradContext* ctx, const variable_list& grad_outputs, bool need_x,
                            int w_at, Tensor* u_out = nullptr, Tensor* rows_out = nullptr) {
   TORCH_CHECK(!at::GradMode::is_enabled(),
-              "msbp: the sparse backward is not differentiable (create_graph=True)");
+              "msbp: the sparse backward is not differentiable (create_graph=True): its memory "
+              "update is not a function autograd can differentiate; for higher-order gradients "
+              "run the layers dense (inside msbp.dense_backward(model), or after "
+              "msbp.densify(model))");
   auto saved = ctx->get_saved_variables();
   Tensor x = saved[0], w = saved[1];
   // the Parameter whose .grad the rows go into: the weight, or the one whose rows
