@@ -489,6 +489,11 @@ def prepare_grad_buffer(ctx, weight: Tensor, index: int) -> bool:
     """
     if not _engine_will_accumulate(ctx, weight, index):
         return False
+    if weight.dtype == torch.float16 and weight.device.type == "cpu":
+        # autograd sums the gradients of a weight used twice in one graph (a shared layer)
+        # before its one AccumulateGrad, and PyTorch's CPU kernel for adding two sparse tensors
+        # has no float16 ("cadd_sparse" not implemented for 'Half'): a dense dW there
+        return False
     grad = weight.grad
     if grad is not None:
         return grad.layout == torch.strided and grad.shape == weight.shape and (
