@@ -77,11 +77,16 @@ class _SparseConvNd(MemoryMixin):
         return x, geo
 
     def forward(self, x: Tensor) -> Tensor:
-        needs_grad = x.requires_grad or self.weight.requires_grad or (
-            self.bias is not None and self.bias.requires_grad
-        )
-        if self.dense_mode or not (torch.is_grad_enabled() and needs_grad):
+        if self.dense_mode or not torch.is_grad_enabled():
             return self._dense.forward(self, x)
+        # read once: a parametrized weight is computed at every read, and spectral_norm's
+        # computation advances its power iteration (three reads made three steps of it per
+        # call, where nn.Conv2d makes one)
+        weight, bias = self.weight, self.bias
+        if not (x.requires_grad or weight.requires_grad or (
+            bias is not None and bias.requires_grad
+        )):
+            return self._conv_forward(x, weight, bias)
         if x.dim() not in (self._spatial + 1, self._spatial + 2):
             raise ValueError(
                 f"{type(self).__name__} expects a {self._spatial + 1}-D or "
@@ -97,9 +102,9 @@ class _SparseConvNd(MemoryMixin):
         memory = None
         if self.config.memory > 0:
             memory = self.memory
-            check_memory(memory, self.out_channels, self.config.memory_layout, self.weight)
+            check_memory(memory, self.out_channels, self.config.memory_layout, weight)
         plan = make_plan(self.config, self.out_channels, generator=self.generator, name=self.name)
-        y = sparse_conv(x, self.weight, self.bias, memory, plan, geo)
+        y = sparse_conv(x, weight, bias, memory, plan, geo)
         return y.squeeze(0) if unbatched else y
 
     @classmethod
