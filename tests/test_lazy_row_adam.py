@@ -328,6 +328,37 @@ def test_dense_step_takes_a_gradient_laid_out_unlike_its_parameter(backend):
         torch.testing.assert_close(p1, p2, rtol=1e-12, atol=1e-12, msg=f"step {step}")
 
 
+@pytest.mark.parametrize("sparse", [True, False], ids=["sparse-k=out", "dense-layer"])
+def test_parameter_laid_out_anew_after_its_moments_were_made(backend, sparse):
+    """A weight given column-major strides after the first step (``p.data =
+    p.data.t().contiguous().t()``) keeps row-major moments: the fused kernel read all four
+    tensors in the parameter's layout and mixed the moments of other elements into each
+    update (the PyTorch path at k = out, and any dense parameter on both backends). Found by
+    the API-combination fuzz (LazyRowAdam at k = out against torch.optim.Adam)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Tanh(), torch.nn.Linear(6, 3))
+    model = model.double()
+    twin = copy.deepcopy(model)
+    if sparse:
+        msbp.sparsify(model, msbp.SparseBackpropConfig(k=0))
+    opt = LazyRowAdam(model.parameters(), lr=0.01)
+    ref = torch.optim.Adam(twin.parameters(), lr=0.01, foreach=False)
+    gen = torch.Generator().manual_seed(1)
+    for step in range(3):
+        if step == 1:
+            with torch.no_grad():
+                for p in (*model.parameters(), *twin.parameters()):
+                    if p.dim() == 2:
+                        p.data = p.data.t().contiguous().t()
+        x = torch.randn(5, 4, generator=gen, dtype=torch.float64)
+        for m, o in ((model, opt), (twin, ref)):
+            o.zero_grad()
+            m(x).square().sum().backward()
+            o.step()
+        for (name, p), q in zip(model.named_parameters(), twin.parameters(), strict=True):
+            torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-12, msg=f"{name}, step {step}")
+
+
 @pytest.mark.parametrize("wrt", ["x", "weight"])
 @pytest.mark.parametrize("layer_kind", ["linear", "linear_no_inplace", "lstm"])
 def test_input_gradient_only_moves_no_rows(backend, layer_kind, wrt):
