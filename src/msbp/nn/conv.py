@@ -11,6 +11,7 @@ from msbp.functional import check_memory, check_no_functorch, make_plan
 from msbp.nn.memory import MemoryMixin
 from msbp.ops import consensus
 from msbp.ops.sparse_conv import PER_EXAMPLE_ERROR, ConvGeometry, group_k, sparse_conv
+from msbp.ops.touched_rows import note_dense_call
 
 
 class _SparseConvNd(MemoryMixin):
@@ -78,6 +79,8 @@ class _SparseConvNd(MemoryMixin):
 
     def forward(self, x: Tensor) -> Tensor:
         if self.dense_mode or not torch.is_grad_enabled():
+            if self.dense_mode:
+                note_dense_call(self._parameters.get("weight"))
             return self._dense.forward(self, x)
         # read once: a parametrized weight is computed at every read, and spectral_norm's
         # computation advances its power iteration (three reads made three steps of it per
