@@ -327,6 +327,33 @@ def test_two_calls_in_one_step_accumulate_then_clear(backend):
         torch.testing.assert_close(layer.weight.grad, want)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_layer_called_twice_in_16_bit_on_the_cpu(backend, dtype):
+    """A float16 layer called twice in one graph failed in backward with PyTorch's
+    '"cadd_sparse" not implemented for 'Half'': autograd adds the two calls' row-sparse dW
+    before the weight's AccumulateGrad, and the CPU has no float16 sparse add. Found by the
+    API-combination fuzz (a shared layer after model.half()). Its gradient must be the float64
+    layer's, to 16-bit rounding, step after step (the kept buffer reused)."""
+    torch.manual_seed(0)
+    wide = msbp.SparseLinear(6, 6, config=msbp.SparseBackpropConfig(k=6)).double()
+    layer = copy.deepcopy(wide).to(dtype)
+    layer.config = msbp.SparseBackpropConfig(k=2, selection="per_example")
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(2):
+        layer.zero_grad(set_to_none=True)
+        x = torch.randn(3, 6, generator=gen, dtype=torch.float64)
+        layer(layer(x.to(dtype))).float().square().sum().backward()
+        assert layer.weight.grad.dtype == dtype and layer.weight.grad.layout == torch.strided
+        assert torch.isfinite(layer.weight.grad).all()
+    # k = out: the dense gradient of the two calls
+    layer.config = msbp.SparseBackpropConfig(k=6)
+    wide.load_state_dict({k: v.double() for k, v in layer.state_dict().items()})
+    layer.zero_grad(set_to_none=True)
+    layer(layer(x.to(dtype))).float().square().sum().backward()
+    wide(wide(x.to(dtype).double())).square().sum().backward()
+    torch.testing.assert_close(layer.weight.grad.double(), wide.weight.grad, rtol=0.05, atol=0.05)
+
+
 def test_compile_fullgraph_inductor():
     """torch.compile(fullgraph=True, inductor) of a sparsified MLP: no graph break, eager's
     gradients and memory."""

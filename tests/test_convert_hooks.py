@@ -208,3 +208,42 @@ def test_a_failed_conversion_leaves_the_model_as_it_was(monkeypatch):
     monkeypatch.undo()
     msbp.sparsify(model, SparseBackpropConfig(k=4))
     assert [m.k for m in model if isinstance(m, SparseLinear)] == [4, 4, 4]
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv2d", "conv1d"])
+def test_spectral_norm_added_after_sparsify_steps_as_the_dense_layers(kind, backend):
+    """spectral_norm's parametrization advances its power iteration each time the weight is
+    computed. A SparseConv read its weight three times per call (three steps where nn.Conv2d
+    takes one) and every sparse layer's ``.to()`` computed it once more to find its dtype: at
+    k = out the outputs and gradients parted from the dense model's (1e-6 in float64 after one
+    call). Found by the API-combination fuzz (spectral_norm, then model.to(torch.float64))."""
+    def build():
+        torch.manual_seed(0)
+        return {
+            "linear": lambda: nn.Linear(5, 4),
+            "conv2d": lambda: nn.Conv2d(2, 4, 3),
+            "conv1d": lambda: nn.Conv1d(2, 4, 3),
+        }[kind]().to(DT)
+
+    x = {"linear": (3, 5), "conv2d": (2, 2, 5, 5), "conv1d": (2, 2, 6)}[kind]
+    dense = build()
+    layer = sparsify(nn.Sequential(build()), SparseBackpropConfig(k=0, memory=0.8))[0]
+    for module in (dense, layer):
+        torch.manual_seed(1)
+        nn.utils.parametrizations.spectral_norm(module)
+    gen = torch.Generator().manual_seed(2)
+    for step in range(3):
+        if step == 1:
+            dense.to(DT)
+            layer.to(DT)
+        inp = torch.randn(x, generator=gen, dtype=DT)
+        outs = [m(inp) for m in (dense, layer)]
+        for m, y in zip((dense, layer), outs, strict=True):
+            m.zero_grad()
+            y.square().sum().backward()
+        torch.testing.assert_close(outs[1], outs[0], rtol=1e-12, atol=1e-12)
+        grads = [m.parametrizations.weight.original.grad for m in (dense, layer)]
+        torch.testing.assert_close(grads[1], grads[0], rtol=1e-12, atol=1e-12)
+        us = [m.parametrizations.weight[0]._u for m in (dense, layer)]
+        torch.testing.assert_close(us[1], us[0], rtol=1e-12, atol=1e-12)
+    assert not layer.memory.any()

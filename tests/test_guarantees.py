@@ -10,6 +10,7 @@ import torch
 from _helpers import LAYOUTS, make_cfg, make_layer, randn, ref_step, tol
 from torch import nn
 
+import msbp
 from msbp import SparseBackpropConfig, SparseLinear, SparseLSTM, sparsify
 from msbp.functional import sparse_linear
 from msbp.ops.reference import sparse_linear_ref
@@ -169,3 +170,64 @@ def test_torch_func_functional_form_raises_and_no_grad_vmap_runs():
     with torch.no_grad():  # no backward, no memory: the exact forward is fine under vmap
         y = torch.func.vmap(layer)(x)
     torch.testing.assert_close(y, nn.functional.linear(x, layer.weight, layer.bias))
+
+
+# -- create_graph=True: refused with one clear error on every path -------------------------------
+
+
+class _Attn(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(4, 2)
+
+    def forward(self, x):
+        return self.attn(x, x, x)[0]
+
+
+class _Lstm(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lstm = nn.LSTM(3, 4)
+
+    def forward(self, x):
+        return self.lstm(x)[0]
+
+
+_CREATE_GRAPH_CASES = {
+    "linear": (lambda: nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)), (5, 4)),
+    "linear-autocast": (lambda: nn.Sequential(nn.Linear(4, 6)), (5, 4)),
+    "conv2d": (lambda: nn.Sequential(nn.Conv2d(2, 4, 3)), (2, 2, 5, 5)),
+    "lstm": (_Lstm, (3, 2, 3)),
+    "attention": (_Attn, (3, 2, 4)),
+}
+
+
+@pytest.mark.parametrize("case", list(_CREATE_GRAPH_CASES))
+def test_create_graph_raises_clearly_and_dense_backward_allows_it(case, backend):
+    """create_graph=True met a sparse backward that cannot be differentiated: the C++ linear
+    layer raised at once, but the PyTorch path (and on both backends convolutions, LSTMs and
+    layers under autocast) ran it, updating the memory, and failed only at the second-order
+    backward with PyTorch's "differentiate twice ... once_differentiable". Found by a
+    differential fuzz of native against MSBP_BACKEND=python."""
+    build, shape = _CREATE_GRAPH_CASES[case]
+    torch.manual_seed(0)
+    model = sparsify(build(), SparseBackpropConfig(k=2, memory=0.8))
+    mems = [m.clone() for layer in model.modules() if hasattr(layer, "named_memories")
+            for _, m in layer.named_memories()]
+    x = torch.randn(shape)
+    autocast = torch.autocast("cpu", torch.bfloat16, enabled=case == "linear-autocast")
+    with autocast:
+        loss = model(x).float().square().sum()
+    with pytest.raises(RuntimeError, match=r"msbp: the sparse backward is not differentiable "
+                                           r"\(create_graph=True\).*msbp\.dense_backward"):
+        torch.autograd.grad(loss, list(model.parameters()), create_graph=True)
+    after = [m for layer in model.modules() if hasattr(layer, "named_memories")
+             for _, m in layer.named_memories()]
+    for a, b in zip(mems, after, strict=True):
+        assert torch.equal(a, b)
+    # the way to higher-order gradients: the layers run dense
+    with msbp.dense_backward(model), autocast:
+        loss = model(x).float().square().sum()
+        grads = torch.autograd.grad(loss, list(model.parameters()), create_graph=True)
+    sum(g.square().sum() for g in grads).backward()
+    assert all(p.grad is not None for p in model.parameters())

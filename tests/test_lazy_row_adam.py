@@ -3,6 +3,7 @@ LazyRowAdam's native path against its PyTorch path."""
 
 import copy
 import os
+import warnings
 
 import pytest
 import torch
@@ -328,6 +329,37 @@ def test_dense_step_takes_a_gradient_laid_out_unlike_its_parameter(backend):
         torch.testing.assert_close(p1, p2, rtol=1e-12, atol=1e-12, msg=f"step {step}")
 
 
+@pytest.mark.parametrize("sparse", [True, False], ids=["sparse-k=out", "dense-layer"])
+def test_parameter_laid_out_anew_after_its_moments_were_made(backend, sparse):
+    """A weight given column-major strides after the first step (``p.data =
+    p.data.t().contiguous().t()``) keeps row-major moments: the fused kernel read all four
+    tensors in the parameter's layout and mixed the moments of other elements into each
+    update (the PyTorch path at k = out, and any dense parameter on both backends). Found by
+    the API-combination fuzz (LazyRowAdam at k = out against torch.optim.Adam)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Tanh(), torch.nn.Linear(6, 3))
+    model = model.double()
+    twin = copy.deepcopy(model)
+    if sparse:
+        msbp.sparsify(model, msbp.SparseBackpropConfig(k=0))
+    opt = LazyRowAdam(model.parameters(), lr=0.01)
+    ref = torch.optim.Adam(twin.parameters(), lr=0.01, foreach=False)
+    gen = torch.Generator().manual_seed(1)
+    for step in range(3):
+        if step == 1:
+            with torch.no_grad():
+                for p in (*model.parameters(), *twin.parameters()):
+                    if p.dim() == 2:
+                        p.data = p.data.t().contiguous().t()
+        x = torch.randn(5, 4, generator=gen, dtype=torch.float64)
+        for m, o in ((model, opt), (twin, ref)):
+            o.zero_grad()
+            m(x).square().sum().backward()
+            o.step()
+        for (name, p), q in zip(model.named_parameters(), twin.parameters(), strict=True):
+            torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-12, msg=f"{name}, step {step}")
+
+
 @pytest.mark.parametrize("wrt", ["x", "weight"])
 @pytest.mark.parametrize("layer_kind", ["linear", "linear_no_inplace", "lstm"])
 def test_input_gradient_only_moves_no_rows(backend, layer_kind, wrt):
@@ -381,6 +413,69 @@ def test_discarded_first_backward_moves_nothing(backend, layer_kind, rows):
     opt.step()
     assert torch.equal(sparse, before)
     assert float(opt.state[sparse].get("step", 0)) == 0
+
+
+class _Attn(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.attn = torch.nn.MultiheadAttention(4, 2)
+
+    def forward(self, x):
+        return self.attn(x, x, x)[0]
+
+
+class _Lstm(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lstm = torch.nn.LSTM(4, 3)
+
+    def forward(self, x):
+        return self.lstm(x)[0]
+
+
+_DENSE_PASS_MODELS = {
+    "linear": (lambda: torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Tanh(),
+                                           torch.nn.Linear(6, 3)), (5, 4)),
+    "conv": (lambda: torch.nn.Sequential(torch.nn.Conv1d(4, 6, 3)), (2, 4, 5)),
+    "lstm": (_Lstm, (3, 2, 4)),
+    "attention": (_Attn, (3, 2, 4)),
+}
+
+
+@pytest.mark.parametrize("discarded_rows", [0, 2])
+@pytest.mark.parametrize("set_to_none", [True, False])
+@pytest.mark.parametrize("kind", list(_DENSE_PASS_MODELS))
+def test_dense_backward_step_after_a_discarded_sparse_backward(backend, kind, set_to_none,
+                                                               discarded_rows):
+    """A sparse backward whose gradient model.zero_grad() discards, then a training step inside
+    msbp.dense_backward (which logs no rows): the stale log of the discarded backward stood for
+    the dense gradient, and LazyRowAdam stepped only its rows (none after an empty batch).
+    Found by the API-combination fuzz (LazyRowAdam at k = out against torch.optim.Adam: an
+    empty batch, model.zero_grad(), a dense_backward step). The step must be the one of a twin
+    that never ran the discarded backward."""
+    build, shape = _DENSE_PASS_MODELS[kind]
+    torch.manual_seed(0)
+    base = build().double()
+    twins = [msbp.sparsify(copy.deepcopy(base), msbp.SparseBackpropConfig(k=2, memory=0.0))
+             for _ in range(2)]
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(shape, generator=gen, dtype=torch.float64)
+    cut = [slice(None)] * len(shape)
+    cut[1 if kind in ("lstm", "attention") else 0] = slice(0, discarded_rows)
+    for i, model in enumerate(twins):
+        opt = LazyRowAdam(model.parameters(), lr=0.01)
+        model(x).square().sum().backward()
+        opt.step()
+        if i == 0:
+            model.zero_grad(set_to_none=set_to_none)
+            model(x[tuple(cut)]).square().sum().backward()
+        model.zero_grad(set_to_none=set_to_none)
+        with msbp.dense_backward(model), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # "written without a log"
+            model(x).square().sum().backward()
+            opt.step()
+    for (name, p), q in zip(twins[0].named_parameters(), twins[1].parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-12, msg=name)
 
 
 @pytest.mark.parametrize("layer_kind", ["linear", "lstm"])

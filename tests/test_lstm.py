@@ -1112,3 +1112,31 @@ def test_gradient_buffer_is_put_back_every_step(backend):
         lstm(torch.randn(3, 2, 4, dtype=torch.float64))[0].sin().sum().backward()
         grads.append(weakref.ref(lstm.weight_hh_l0.grad))  # no reference that would stop the reuse
     assert all(ref() is lstm.weight_hh_l0.grad for ref in grads[1:])
+
+
+@pytest.mark.parametrize("set_to_none", [True, False])
+def test_non_contiguous_recurrent_weight_gets_the_contiguous_ones_gradient(backend, set_to_none):
+    """A W_hh with column-major strides (``p.data = p.data.t().contiguous().t()``): the native
+    backward put back a gradient buffer made with the weight's strides and wrote its rows into
+    it as if it were row-major, a silently scrambled dW_hh (k < 4 H). Found by the
+    API-combination fuzz (native against MSBP_BACKEND=python after such a .data swap)."""
+    cfg = SparseBackpropConfig(ratio=None, k=3, memory=0.5)
+    gen = torch.Generator().manual_seed(0)
+    xs = [torch.randn(3, 2, 4, generator=gen, dtype=torch.float64) for _ in range(3)]
+    twins = []
+    for strided in (False, True):
+        torch.manual_seed(0)
+        lstm = SparseLSTM(4, 3, config=cfg, dtype=torch.float64)
+        if strided:
+            with torch.no_grad():
+                for p in (lstm.weight_hh_l0, lstm.weight_ih_l0):
+                    p.data = p.data.t().contiguous().t()
+        grads = []
+        for x in xs:  # the buffer is made, then put back, then put back after rows were written
+            lstm.zero_grad(set_to_none=set_to_none)
+            lstm(x)[0].sin().sum().backward()
+            grads.append({n: p.grad.clone() for n, p in lstm.named_parameters()})
+        twins.append(grads)
+    for plain, strided in zip(*twins, strict=True):
+        for name in plain:
+            torch.testing.assert_close(strided[name], plain[name], **F64, msg=name)

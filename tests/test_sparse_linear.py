@@ -1322,3 +1322,29 @@ def test_a_block_of_rows_logs_what_it_writes(k, backend):
     block = sparse_linear(x, P[0:2], None, None, config=cfg)
     ((whole * g1).sum() + (block * g2).sum()).backward()
     assert logged_rows(P) == written_rows(P)
+
+
+def test_kept_buffer_of_an_old_dtype_is_not_put_back_after_to(backend):
+    """The C++ path keeps the gradient buffer it handed over as .grad. When .grad was another
+    tensor at a .to(float32) (a gradient autograd made: here through functional_call with
+    computed parameters), .to() converted that one and the float64 buffer stayed kept; a
+    forward that found .grad set, then zero_grad() before the backward, put the float64 buffer
+    back: backward failed ("expected scalar type Float but found Double"). Found by the
+    API-combination fuzz (a float64 .grad of a float32 weight after such a sequence)."""
+    torch.manual_seed(0)
+    layer = SparseLinear(4, 6, config=msbp.SparseBackpropConfig(k=2, memory=0.0)).double()
+    x = torch.randn(5, 4, dtype=torch.float64)
+    layer(x).square().sum().backward()  # .grad is the kept buffer
+    layer.zero_grad()
+    params = {k: v * 1.0 for k, v in layer.named_parameters()}
+    torch.func.functional_call(layer, params, (x,)).square().sum().backward()  # a fresh .grad
+    layer.to(torch.float32)
+    loss = layer(x.float()).square().sum()  # .grad is set at this forward
+    layer.zero_grad()
+    loss.backward()
+    assert layer.weight.grad.dtype == torch.float32
+    want = sparse_linear_backward_ref(
+        x.float(), layer.weight.detach(), 2 * (x.float() @ layer.weight.detach().t()
+                                               + layer.bias.detach()), None, k=2
+    )[1]
+    torch.testing.assert_close(layer.weight.grad, want)

@@ -204,6 +204,14 @@ def kept_grad_buffer(weight: Tensor) -> tuple[Tensor, Tensor, np.ndarray]:
         # comes here as that Parameter, see _fast_args): autograd gets dW
         return TransientTuple((weight.new_empty(0), *state()))
     kept = weight.__dict__.get(_FAST_BUFFER)
+    if kept is not None and kept[0].numel() and (
+        kept[0].dtype != weight.dtype or kept[0].device != weight.device
+    ):
+        # kept from before a .to() that converted .grad, a tensor other than this buffer at
+        # the time (a gradient autograd made: a functional_call, a hook on the weight): the
+        # C++ path put it back as .grad of the converted weight, which failed in backward
+        # ("expected scalar type Float but found Double") or left a float64 .grad
+        kept = weight.__dict__[_FAST_BUFFER] = TransientTuple((weight.new_empty(0), *kept[1:]))
     if weight.grad is None:
         forget_touched_rows(weight)
         # put back last step's buffer if nobody else holds it, else a new one

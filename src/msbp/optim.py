@@ -124,9 +124,17 @@ def _adam(group: dict, params, grads, exp_avgs, exp_avg_sqs, steps) -> None:
         ).copy_(g)
         for p, g in zip(params, grads, strict=True)
     ]
+    # nor the moments, which keep the layout their parameter had when they were made: a
+    # parameter given other strides since (``p.data = p.data.t().contiguous().t()``) took
+    # steps mixed across its elements; the unfused Adam indexes each tensor by its own strides
+    laid_alike = all(
+        m.stride() == p.stride() and v.stride() == p.stride()
+        for p, m, v in zip(params, exp_avgs, exp_avg_sqs, strict=True)
+    )
     first = params[0]
     if (
-        first.device.type in ("cpu", "cuda")
+        laid_alike
+        and first.device.type in ("cpu", "cuda")
         and first.is_floating_point()
         and not isinstance(lr, Tensor)
         and all(
@@ -146,7 +154,7 @@ def _adam(group: dict, params, grads, exp_avgs, exp_avg_sqs, steps) -> None:
     # (torch >= 2.6 has decoupled_weight_decay in adam; adamw is in every torch msbp supports)
     (adamw_functional if decoupled else adam_functional)(
         params, grads, exp_avgs, exp_avg_sqs, [], steps,
-        fused=_fused_ok(params), amsgrad=False, beta1=beta1, beta2=beta2, lr=lr,
+        fused=laid_alike and _fused_ok(params), amsgrad=False, beta1=beta1, beta2=beta2, lr=lr,
         weight_decay=weight_decay, eps=eps, maximize=False,
         has_complex=any(torch.is_complex(p) for p in params),
     )
@@ -620,6 +628,11 @@ class LazyRowAdam(Optimizer):
             if mask is None:
                 if _row_sparse(p, state) or p.is_complex():
                     self._route(p, grad, state, self._plan_local(p, grad, state, []), rest, True)
+                elif state["exp_avg"].stride() != p.stride() or (
+                    state["exp_avg_sq"].stride() != p.stride()
+                ):
+                    # moments laid out unlike the parameter: not for the fused kernel (_adam)
+                    self._route(p, grad, state, _DENSE, rest, True)
                 else:
                     d_params.append(p)
                     d_grads.append(grad)

@@ -1259,7 +1259,10 @@ Tensor layer_forward(AutogradContext* ctx, const Tensor& x, const Tensor& weight
 variable_list run_backward(AutogradContext* ctx, const variable_list& grad_outputs, bool need_x,
                            int w_at, Tensor* u_out = nullptr, Tensor* rows_out = nullptr) {
   TORCH_CHECK(!at::GradMode::is_enabled(),
-              "msbp: the sparse backward is not differentiable (create_graph=True)");
+              "msbp: the sparse backward is not differentiable (create_graph=True): its memory "
+              "update is not a function autograd can differentiate; for higher-order gradients "
+              "run the layers dense (inside msbp.dense_backward(model), or after "
+              "msbp.densify(model))");
   auto saved = ctx->get_saved_variables();
   Tensor x = saved[0], w = saved[1];
   // the Parameter whose .grad the rows go into: the weight, or the one whose rows
@@ -1555,16 +1558,22 @@ int64_t place_grad_rows_(const Tensor& weight, const Tensor& kept, const Tensor&
   Tensor v = values.contiguous(), rw = rows.contiguous();
   const int64_t r = rw.size(0), d = weight.size(1);
   const int64_t* rp = rw.data_ptr<int64_t>();
-  AT_DISPATCH_FLOATING_TYPES(grad.scalar_type(), "msbp_place_grad_rows", [&] {
-    scalar_t* gp = grad.data_ptr<scalar_t>();
-    const scalar_t* vp = v.data_ptr<scalar_t>();
-    for (int64_t q = 0; q < r; ++q) {
-      scalar_t* dst = gp + rp[q] * d;
-      const scalar_t* src = vp + q * d;
-      for (int64_t i = 0; i < d; ++i) dst[i] += src[i];
-    }
-  });
-  grad.unsafeGetTensorImpl()->bump_version();  // as index_add_ would
+  if (!grad.is_contiguous()) {
+    // a buffer put back with the strides of a non-contiguous weight (zeros_like of a
+    // transposed one): the loop below would write its rows as if it were row-major
+    grad.index_add_(0, rw, v);
+  } else {
+    AT_DISPATCH_FLOATING_TYPES(grad.scalar_type(), "msbp_place_grad_rows", [&] {
+      scalar_t* gp = grad.data_ptr<scalar_t>();
+      const scalar_t* vp = v.data_ptr<scalar_t>();
+      for (int64_t q = 0; q < r; ++q) {
+        scalar_t* dst = gp + rp[q] * d;
+        const scalar_t* src = vp + q * d;
+        for (int64_t i = 0; i < d; ++i) dst[i] += src[i];
+      }
+    });
+    grad.unsafeGetTensorImpl()->bump_version();  // as index_add_ would
+  }
   remember_rows(kept, state, grad, 1, rp, r, false, version_before);
   return 1;
 }

@@ -19,6 +19,7 @@ from msbp.config import SparseBackpropConfig
 from msbp.functional import backward_recorded, sparse_linear
 from msbp.nn.linear import SparseLinear
 from msbp.nn.memory import MemoryMixin
+from msbp.ops.touched_rows import note_dense_call
 
 _PROJECTIONS = ("q", "k", "v")
 
@@ -123,6 +124,9 @@ class SparseMultiheadAttention(MemoryMixin, nn.MultiheadAttention):
         if self.dense_mode or not (backward_recorded() and (
             params_need_grad or inputs_need_grad
         )):
+            if self.dense_mode:
+                note_dense_call(*(self._parameters.get(w) for _, w in self._memory_names()),
+                                self.out_proj._parameters.get("weight"))
             return nn.MultiheadAttention.forward(
                 self, query, key, value, key_padding_mask=key_padding_mask,
                 need_weights=need_weights, attn_mask=attn_mask,

@@ -11,6 +11,7 @@ from msbp.functional import backward_recorded, check_memory, check_no_functorch,
 from msbp.nn.memory import MemoryMixin
 from msbp.ops import consensus
 from msbp.ops.sparse_conv import PER_EXAMPLE_ERROR, ConvGeometry, group_k, sparse_conv
+from msbp.ops.touched_rows import note_dense_call
 
 
 class _SparseConvNd(MemoryMixin):
@@ -77,11 +78,18 @@ class _SparseConvNd(MemoryMixin):
         return x, geo
 
     def forward(self, x: Tensor) -> Tensor:
-        needs_grad = x.requires_grad or self.weight.requires_grad or (
-            self.bias is not None and self.bias.requires_grad
-        )
-        if self.dense_mode or not (backward_recorded() and needs_grad):
+        if self.dense_mode or not backward_recorded():
+            if self.dense_mode:
+                note_dense_call(self._parameters.get("weight"))
             return self._dense.forward(self, x)
+        # read once: a parametrized weight is computed at every read, and spectral_norm's
+        # computation advances its power iteration (three reads made three steps of it per
+        # call, where nn.Conv2d makes one)
+        weight, bias = self.weight, self.bias
+        if not (x.requires_grad or weight.requires_grad or (
+            bias is not None and bias.requires_grad
+        )):
+            return self._conv_forward(x, weight, bias)
         if x.dim() not in (self._spatial + 1, self._spatial + 2):
             raise ValueError(
                 f"{type(self).__name__} expects a {self._spatial + 1}-D or "
@@ -100,9 +108,9 @@ class _SparseConvNd(MemoryMixin):
             memory = self.memory
             if self.config.memory_layout == "slot":
                 memory = self._slot_memory("memory")
-            check_memory(memory, self.out_channels, self.config.memory_layout, self.weight)
+            check_memory(memory, self.out_channels, self.config.memory_layout, weight)
         plan = make_plan(self.config, self.out_channels, generator=self.generator, name=self.name)
-        y = sparse_conv(x, self.weight, self.bias, memory, plan, geo)
+        y = sparse_conv(x, weight, bias, memory, plan, geo)
         return y.squeeze(0) if unbatched else y
 
     @classmethod

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from msbp.config import SparseBackpropConfig
 from msbp.functional import sparse_linear
 from msbp.nn.memory import MemoryMixin
+from msbp.ops.touched_rows import note_dense_call
 
 
 def is_hf_conv1d(module: nn.Module) -> bool:
@@ -68,6 +69,7 @@ class SparseHFConv1D(MemoryMixin, nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         weight = self.weight.t()  # (nf, nx): the nn.Linear orientation
         if self.dense_mode:
+            note_dense_call(self.weight)
             return nn.functional.linear(x, weight, self.bias)
         memory = self.memory if self.config.memory > 0 else None
         if memory is not None and self.config.memory_layout == "slot":

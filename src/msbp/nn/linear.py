@@ -15,7 +15,7 @@ from msbp.functional import (
     sparse_linear_fast_call,
 )
 from msbp.nn.memory import MemoryMixin
-from msbp.ops.touched_rows import WEIGHT_TIED
+from msbp.ops.touched_rows import WEIGHT_TIED, note_dense_call
 from msbp.ops.transient import TransientTuple
 
 
@@ -93,7 +93,9 @@ class SparseLinear(MemoryMixin, nn.Linear):
 
     def forward(self, x: Tensor) -> Tensor:
         if self.dense_mode:
-            return F.linear(x, self.weight, self.bias)
+            weight = self.weight
+            note_dense_call(weight)
+            return F.linear(x, weight, self.bias)
         if self.weight_tied:
             self._mark_tied()
         params = self._parameters

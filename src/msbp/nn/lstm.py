@@ -42,7 +42,7 @@ from msbp.nn.memory import MemoryMixin
 from msbp.ops import consensus
 from msbp.ops.recurrent import SparseLSTMRecurrence
 from msbp.ops.sparse_linear import autocast_arg, autocast_dtype
-from msbp.ops.touched_rows import note_sparse_weight
+from msbp.ops.touched_rows import note_dense_call, note_sparse_weight
 
 
 class LSTMDtypeError(ValueError, RuntimeError):
@@ -186,6 +186,7 @@ class SparseLSTM(MemoryMixin, nn.RNNBase):
         """``_direction`` in plain autograd ops: the dense gradient; no memory, probe or log."""
         w_ih, b_ih = getattr(self, f"weight_ih_{tag}"), getattr(self, f"bias_ih_{tag}", None)
         w_hh, b_hh = getattr(self, f"weight_hh_{tag}"), getattr(self, f"bias_hh_{tag}", None)
+        note_dense_call(w_ih, w_hh)
         gates_x = F.linear(x, w_ih, b_ih if self.bias else None)  # (T, B, 4H)
         steps = x.shape[0]
         outs: list[Tensor] = [x] * steps  # placeholders, each overwritten below

@@ -52,6 +52,17 @@ class MemoryMixin:
         for mem, _ in self._memory_names():
             yield mem, getattr(self, mem)
 
+    def _weight(self, name: str) -> Tensor:
+        """The weight a memory belongs to, for its dtype, device and shape, without computing a
+        parametrized one: spectral_norm's parametrization advances its power iteration at
+        every computation (``.to()`` on a sparse layer moved it where the dense layer's did
+        not)."""
+        parametrizations = self.__dict__["_modules"].get("parametrizations")
+        if parametrizations is not None and name in parametrizations:
+            plist = parametrizations[name]
+            return plist.original if hasattr(plist, "original") else plist.original0
+        return getattr(self, name)
+
     def _empty_memory(self, weight: Tensor) -> Tensor:
         units = self._memory_units()
         shape = (units,) if self.config.memory_layout == "unit" else (0, units)
@@ -61,7 +72,7 @@ class MemoryMixin:
         native.prepare()  # build or load the kernels now, never inside a compiled region
         for mem, weight in self._memory_names():
             # a plain attribute (nn.Module.__setattr__ keeps unregistered tensors in __dict__)
-            setattr(self, mem, self._empty_memory(getattr(self, weight)))
+            setattr(self, mem, self._empty_memory(self._weight(weight)))
 
     def _slot_memory(self, mem: str) -> Tensor:
         """Slot memory ``mem`` for a call of the layer. A slot memory grows in place with the
@@ -93,7 +104,7 @@ class MemoryMixin:
         for mem, weight in self._memory_names():
             check_memory(
                 getattr(self, mem), self._memory_units(), self.config.memory_layout,
-                getattr(self, weight),
+                self._weight(weight),
             )
 
     def _config_repr(self) -> str:
@@ -112,7 +123,7 @@ class MemoryMixin:
         for mem, weight in self._memory_names():
             old = getattr(self, mem)
             new = fn(old)
-            want = memory_dtype(getattr(self, weight).dtype)
+            want = memory_dtype(self._weight(weight).dtype)
             if old.is_meta and not new.is_meta:
                 # to_empty() of a model built on the meta device: a meta memory holds nothing, so
                 # it starts empty, not as whatever the new storage held (weights get initialised
@@ -173,7 +184,7 @@ class MemoryMixin:
                 f"fit memory_layout={self.config.memory_layout!r} with {units} output units"
             )
         buf = getattr(self, mem)
-        weight = getattr(self, dict(self._memory_names())[mem])
+        weight = self._weight(dict(self._memory_names())[mem])
         if self.config.memory == 0:
             # a layer with memory=0 never reads its memory, but saves it: a loaded one would be
             # carried along into later checkpoints and come back stale in a model that turns the
@@ -221,7 +232,7 @@ class MemoryMixin:
         self.config = config
         if config.memory == 0 or old.memory == 0:
             for mem, weight in self._memory_names():  # new tensors: the layout may change
-                setattr(self, mem, self._empty_memory(getattr(self, weight)))
+                setattr(self, mem, self._empty_memory(self._weight(weight)))
             if config.memory == 0:
                 return "memory cleared (memory=0)" if old.memory > 0 else "no memory (memory=0)"
             return "memory starts empty (it was off)"

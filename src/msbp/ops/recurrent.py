@@ -37,7 +37,6 @@ import math
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from msbp import native
 from msbp.ops import scaling
@@ -56,6 +55,7 @@ from msbp.ops.sparse_linear import (
     nonfinite_error,
     place_weight_rows,
     rows_product,
+    sparse_backward,
 )
 from msbp.ops.sparse_linear import autocast_arg as _autocast_arg
 from msbp.ops.sparse_linear import autocast_dtype as _autocast_dtype
@@ -336,7 +336,7 @@ class SparseLSTMRecurrence(torch.autograd.Function):
         return out, out[last].clone(), cells[last].clone()
 
     @staticmethod
-    @once_differentiable
+    @sparse_backward
     def backward(ctx, d_out, d_hn, d_cn):
         if getattr(ctx, "act_overwritten", False):  # a backward that failed, run again
             raise RuntimeError(

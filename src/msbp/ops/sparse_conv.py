@@ -23,13 +23,17 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from msbp import native
 from msbp.ops import scaling
 from msbp.ops.memory import restore_memory_, spread_slot_memory_, store_memory_
 from msbp.ops.selection import topk_by_index
-from msbp.ops.sparse_linear import BackwardPlan, forward_and_save, nonfinite_error
+from msbp.ops.sparse_linear import (
+    BackwardPlan,
+    forward_and_save,
+    nonfinite_error,
+    sparse_backward,
+)
 from msbp.ops.touched_rows import log_touched_rows, note_sparse_weight
 
 PER_EXAMPLE_ERROR = (
@@ -182,7 +186,7 @@ class SparseConvFunction(torch.autograd.Function):
         )
 
     @staticmethod
-    @once_differentiable
+    @sparse_backward
     def backward(ctx, grad_out):
         x, w = ctx.saved_tensors
         plan: BackwardPlan = ctx.plan

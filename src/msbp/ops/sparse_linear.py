@@ -49,6 +49,29 @@ from msbp.ops.touched_rows import (
 from msbp.ops.transient import TransientList, TransientTuple, first_item_held_elsewhere
 
 SELECTION_CODES = {"unified": 0, "per_example": 1, "random": 2}
+NOT_DIFFERENTIABLE = "msbp: the sparse backward is not differentiable (create_graph=True)"
+
+
+def sparse_backward(fn):
+    """``once_differentiable`` for the backward of a sparse layer's autograd Function, raising
+    the native op's error under ``create_graph=True``. ``once_differentiable`` alone let such a
+    backward run (updating the memory) and failed only at a second-order backward, with
+    PyTorch's generic message, while the C++ autograd function raised at once: the two backends
+    parted, and convolutions, LSTMs and autocast, which always come here, never raised."""
+    inner = once_differentiable(fn)
+
+    @functools.wraps(fn)
+    def backward(ctx, *grads):
+        # the engine runs a backward with grad mode on exactly when create_graph=True
+        if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            raise RuntimeError(
+                f"{NOT_DIFFERENTIABLE}: its memory update is not a function autograd can "
+                "differentiate; for higher-order gradients run the layers dense (inside "
+                "msbp.dense_backward(model), or after msbp.densify(model))"
+            )
+        return inner(ctx, *grads)
+
+    return backward
 NONFINITE_MARK = "msbp-nonfinite"
 
 # Per-example products on the CPU: the sparse form costs n k in multiply-adds, the dense GEMM over
@@ -478,6 +501,11 @@ def prepare_grad_buffer(ctx, weight: Tensor, index: int) -> bool:
     """
     if not _engine_will_accumulate(ctx, weight, index):
         return False
+    if weight.dtype == torch.float16 and weight.device.type == "cpu":
+        # autograd sums the gradients of a weight used twice in one graph (a shared layer)
+        # before its one AccumulateGrad, and PyTorch's CPU kernel for adding two sparse tensors
+        # has no float16 ("cadd_sparse" not implemented for 'Half'): a dense dW there
+        return False
     grad = weight.grad
     if grad is not None:
         return grad.layout == torch.strided and grad.shape == weight.shape and (
@@ -649,7 +677,7 @@ class SparseLinearFunction(torch.autograd.Function):
         return forward_and_save(ctx, F.linear, x, weight, bias, memory, plan)
 
     @staticmethod
-    @once_differentiable
+    @sparse_backward
     def backward(ctx, grad_out):
         x, w = ctx.saved_tensors
         plan: BackwardPlan = ctx.plan

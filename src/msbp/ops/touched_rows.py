@@ -100,6 +100,31 @@ def note_sparse_weight(weight: Tensor) -> None:
         forget_touched_rows(param)
 
 
+def note_dense_call(*weights: Tensor | None) -> None:
+    """For the forward of a sparse layer that computes densely (inside ``msbp.dense_backward``),
+    whose backward logs no rows: forget the rows logged into a discarded gradient of each
+    weight, where its ``.grad`` is None or all zero (``zero_grad`` of the model, either way),
+    as the layer's sparse forward and backward do. A stale log (the rows of a backward whose
+    gradient ``model.zero_grad()`` threw away; no rows at all after an empty batch) otherwise
+    stood for the dense gradient at the next ``LazyRowAdam`` step, which then stepped those
+    rows only, or none."""
+    if torch.compiler.is_compiling() or not torch.is_grad_enabled():
+        return
+    for weight in weights:
+        if weight is None or not weight.requires_grad:
+            continue
+        block = row_block_of(weight)
+        param = weight if block is None else block[0]
+        if not tracked(param):
+            continue
+        state = param.__dict__
+        if ROWS_LOG not in state and ROWS_MASK not in state:
+            continue
+        grad = param.grad
+        if grad is None or (grad.layout == torch.strided and not bool(grad.any())):
+            forget_touched_rows(param)
+
+
 def log_touched_rows(weight: Tensor, rows: Tensor | None) -> None:
     """Record that a backward pass wrote ``rows`` (r,) of ``weight.grad`` (None: every row).
 
