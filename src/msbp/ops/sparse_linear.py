@@ -72,6 +72,8 @@ def sparse_backward(fn):
         return inner(ctx, *grads)
 
     return backward
+
+
 NONFINITE_MARK = "msbp-nonfinite"
 
 # Per-example products on the CPU: the sparse form costs n k in multiply-adds, the dense GEMM over
