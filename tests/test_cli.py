@@ -152,23 +152,13 @@ def test_measuring_info_loss_leaves_training_bit_identical(data_dir, tmp_path, c
 
 
 def test_resume_equals_uninterrupted(data_dir, tmp_path, capsys):
-    whole, part = tmp_path / "whole.pt", tmp_path / "part.pt"
     args = ["train", "--method", "msbp", *base_args(data_dir, "--k", "3"), "--memory-layout",
             "slot", "--selection", "random"]
-    assert cli.main([*args, "--checkpoint", str(whole), "--out", str(tmp_path / "w.json")]) == 0
-    assert cli.main([*args, "--epochs", "1", "--checkpoint", str(part)]) == 0
-    assert cli.main([*args, "--checkpoint", str(part), "--resume",
-                     "--out", str(tmp_path / "p.json")]) == 0
-    capsys.readouterr()
-    a, b = torch.load(whole, weights_only=False), torch.load(part, weights_only=False)
+    a, b = _whole_and_resumed(args, tmp_path, capsys)
     assert a["epoch"] == b["epoch"] == 2 and a["step"] == b["step"]
-    for key, value in a["model"].items():
-        torch.testing.assert_close(b["model"][key], value, rtol=0, atol=0, msg=key)
     assert a["model"]["hidden.0.memory"].abs().sum() > 0  # the memory was saved and restored
-    run_a = json.loads((tmp_path / "w.json").read_text())["runs"][0]
-    run_b = json.loads((tmp_path / "p.json").read_text())["runs"][0]
-    assert without_timings(run_a) == without_timings(run_b)
     # a checkpoint made with other options is refused
+    part = tmp_path / "part.pt"
     rc, _, err = run_cli([*args, "--k", "5", "--checkpoint", str(part), "--resume"], capsys)
     assert rc == 2 and "differs in ['k']" in err
 
@@ -180,21 +170,28 @@ def test_checkpoint_after_a_dense_warmup_with_a_slot_memory(data_dir, tmp_path, 
     makes a storage unable to grow: the slot memories, empty through the dense warm-up epoch,
     could then not take their first batch ("Trying to resize storage that is not resizable").
     Found by a resume fuzz of the command line. The run also resumes exactly."""
-    whole, part = tmp_path / "whole.pt", tmp_path / "part.pt"
     args = ["train", "--method", "msbp", *base_args(data_dir, "--k", "3"), "--memory-layout",
             "slot", "--selection", selection, "--dense-warmup", "1", "--batch-size", "10"]
+    a, _ = _whole_and_resumed(args, tmp_path, capsys)
+    assert a["model"]["hidden.0.memory"].shape[0] > 0
+
+
+def _whole_and_resumed(args: list[str], tmp_path, capsys) -> tuple[dict, dict]:
+    """``msbp train *args`` for its epochs, and for one epoch then ``--resume``d: both final
+    checkpoints, after checking that their models and results (timings aside) are equal."""
+    whole, part = tmp_path / "whole.pt", tmp_path / "part.pt"
     assert cli.main([*args, "--checkpoint", str(whole), "--out", str(tmp_path / "w.json")]) == 0
     assert cli.main([*args, "--epochs", "1", "--checkpoint", str(part)]) == 0
     assert cli.main([*args, "--checkpoint", str(part), "--resume",
                      "--out", str(tmp_path / "p.json")]) == 0
     capsys.readouterr()
     a, b = torch.load(whole, weights_only=False), torch.load(part, weights_only=False)
-    assert a["model"]["hidden.0.memory"].shape[0] > 0
     for key, value in a["model"].items():
         torch.testing.assert_close(b["model"][key], value, rtol=0, atol=0, msg=key)
     run_a = json.loads((tmp_path / "w.json").read_text())["runs"][0]
     run_b = json.loads((tmp_path / "p.json").read_text())["runs"][0]
     assert without_timings(run_a) == without_timings(run_b)
+    return a, b
 
 
 def _flush_supported() -> bool:

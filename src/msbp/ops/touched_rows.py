@@ -89,15 +89,22 @@ def note_sparse_weight(weight: Tensor) -> None:
     (``forget_touched_rows``), as the C++ path's forward does. Nothing under ``torch.compile``."""
     if torch.compiler.is_compiling():
         return
-    block = row_block_of(weight)
-    param = weight if block is None else block[0]
-    if not tracked(param):
+    param = _tracked_owner(weight)
+    if param is None:
         return
     state = param.__dict__
     if SPARSE_WEIGHT not in state:
         state[SPARSE_WEIGHT] = True
     if param.grad is None:
         forget_touched_rows(param)
+
+
+def _tracked_owner(weight: Tensor) -> Tensor | None:
+    """The Parameter whose rows ``weight``'s backward logs (itself, or the one it is a block of
+    rows of), where a row-sparse optimizer tracks it; else None."""
+    block = row_block_of(weight)
+    param = weight if block is None else block[0]
+    return param if tracked(param) else None
 
 
 def note_dense_call(*weights: Tensor | None) -> None:
@@ -113,9 +120,8 @@ def note_dense_call(*weights: Tensor | None) -> None:
     for weight in weights:
         if weight is None or not weight.requires_grad:
             continue
-        block = row_block_of(weight)
-        param = weight if block is None else block[0]
-        if not tracked(param):
+        param = _tracked_owner(weight)
+        if param is None:
             continue
         state = param.__dict__
         if ROWS_LOG not in state and ROWS_MASK not in state:
