@@ -100,9 +100,7 @@ class SparseMultiheadAttention(MemoryMixin, nn.MultiheadAttention):
 
     def _project(self, x: Tensor, which: str) -> Tensor:
         weight, bias = self._projection(which)
-        memory = getattr(self, f"memory_{which}") if self.config.memory > 0 else None
-        if memory is not None and self.config.memory_layout == "slot":
-            memory = self._slot_memory(f"memory_{which}")
+        memory = self._call_memory(f"memory_{which}")
         name = f"{self.name}.{which}_proj" if self.name else f"{which}_proj"
         return sparse_linear(x, weight, bias, memory, config=self.config,
                              generator=self.generator, name=name)

@@ -103,11 +103,8 @@ class _SparseConvNd(MemoryMixin):
         if unbatched:
             x = x.unsqueeze(0)
         x, geo = self._geometry(x)
-        memory = None
-        if self.config.memory > 0:
-            memory = self.memory
-            if self.config.memory_layout == "slot":
-                memory = self._slot_memory("memory")
+        memory = self._call_memory("memory")
+        if memory is not None:
             check_memory(memory, self.out_channels, self.config.memory_layout, weight)
         plan = make_plan(self.config, self.out_channels, generator=self.generator, name=self.name)
         y = sparse_conv(x, weight, bias, memory, plan, geo)

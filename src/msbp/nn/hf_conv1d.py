@@ -71,9 +71,7 @@ class SparseHFConv1D(MemoryMixin, nn.Module):
         if self.dense_mode:
             note_dense_call(self.weight)
             return nn.functional.linear(x, weight, self.bias)
-        memory = self.memory if self.config.memory > 0 else None
-        if memory is not None and self.config.memory_layout == "slot":
-            memory = self._slot_memory("memory")
+        memory = self._call_memory("memory")
         return sparse_linear(
             x, weight, self.bias, memory, config=self.config,
             generator=self.generator, name=self.name, probe=self.probe,

@@ -100,9 +100,7 @@ class SparseLinear(MemoryMixin, nn.Linear):
             self._mark_tied()
         params = self._parameters
         config, name, probe = self.config, self.name, self.probe
-        memory = self.memory if config.memory > 0 else None
-        if memory is not None and config.memory_layout == "slot":
-            memory = self._slot_memory("memory")
+        memory = self._call_memory("memory")
         # not for a parametrized weight (weight_norm: each forward makes it anew) nor traced
         repeatable = "weight" in params and "bias" in params and (
             not torch.compiler.is_compiling()
@@ -139,9 +137,7 @@ class SparseLinear(MemoryMixin, nn.Linear):
             return self(F.embedding(ids, table).flatten(-2))
         if self.weight_tied:
             self._mark_tied()
-        memory = self.memory if self.config.memory > 0 else None
-        if memory is not None and self.config.memory_layout == "slot":
-            memory = self._slot_memory("memory")
+        memory = self._call_memory("memory")
         return sparse_embedding_linear(
             ids, table, self.weight, self.bias, memory, config=self.config,
             generator=self.generator, name=self.name, probe=self.probe,

@@ -139,9 +139,7 @@ class SparseLSTM(MemoryMixin, nn.RNNBase):
         """Weight, bias, memory (None without memory) and error-message name of a transform."""
         weight = getattr(self, f"weight_{tag}")
         bias = getattr(self, f"bias_{tag}") if self.bias else None
-        memory = getattr(self, f"memory_{tag}") if self.config.memory > 0 else None
-        if memory is not None and self.config.memory_layout == "slot":
-            memory = self._slot_memory(f"memory_{tag}")
+        memory = self._call_memory(f"memory_{tag}")
         return weight, bias, memory, f"{self.name}.{tag}" if self.name else tag
 
     def _direction(

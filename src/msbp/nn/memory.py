@@ -74,17 +74,22 @@ class MemoryMixin:
             # a plain attribute (nn.Module.__setattr__ keeps unregistered tensors in __dict__)
             setattr(self, mem, self._empty_memory(self._weight(weight)))
 
-    def _slot_memory(self, mem: str) -> Tensor:
-        """Slot memory ``mem`` for a call of the layer. A slot memory grows in place with the
-        batch, so its storage must be able to: one that cannot (``Tensor.numpy()`` of a state
-        dict, which shares it, as ``np.savez`` or a digest does; ``torch.from_numpy``) made the
-        next larger batch raise "Trying to resize storage that is not resizable" and left the
-        memory claiming rows it has no storage for (a later call read past it: a segmentation
-        fault). Such a memory is replaced by a copy that can grow."""
+    def _call_memory(self, mem: str) -> Tensor | None:
+        """Memory ``mem`` as a call of the layer hands it to its backward: None with
+        ``memory=0``. A slot memory grows in place with the batch, so its storage must be able
+        to: one that cannot (``Tensor.numpy()`` of a state dict, which shares it, as
+        ``np.savez`` or a digest does; ``torch.from_numpy``) made the next larger batch raise
+        "Trying to resize storage that is not resizable" and left the memory claiming rows it
+        has no storage for (a later call read past it: a segmentation fault). Such a memory is
+        replaced by a copy that can grow (``_resizable``)."""
+        if self.config.memory == 0:
+            return None
         memory = getattr(self, mem)
-        if not torch.compiler.is_compiling() and not memory.untyped_storage().resizable():
-            memory = memory.clone()
-            setattr(self, mem, memory)
+        if self.config.memory_layout == "slot" and not torch.compiler.is_compiling():
+            grown = _resizable(memory)
+            if grown is not memory:
+                setattr(self, mem, grown)
+            return grown
         return memory
 
     def reset_memory(self) -> None:
@@ -199,7 +204,7 @@ class MemoryMixin:
             setattr(self, mem, _resizable(saved.detach().to(device, memory_dtype(weight.dtype))))
             return None
         if buf.shape != saved.shape and not buf.untyped_storage().resizable():
-            buf = _resizable(buf)  # see _slot_memory
+            buf = _resizable(buf)  # see _call_memory
             setattr(self, mem, buf)
         buf.resize_(saved.shape)  # a slot memory has the rows of the batch it was saved at
         buf.copy_(saved)
