@@ -133,3 +133,73 @@ def test_ddp_first_step_with_no_row_selected_moves_nothing(tmp_path, both):
     mp.spawn(_empty_first_worker, args=(2, str(tmp_path), both), nprocs=2, join=True)
     for rank in range(2):
         assert torch.load(tmp_path / f"empty{rank}.pt") == {"moved": False, "step": 0.0}
+
+
+def _zero_worker(rank: int, world: int, out_dir: str) -> None:
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    init_group(rank, world, out_dir)
+    try:
+        model = _TwoBranch()
+        ddp = nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
+        opt = ZeroRedundancyOptimizer(
+            ddp.parameters(), optimizer_class=LazyRowAdam, lr=1e-2, weight_decay=0.01
+        )
+        for step in range(STEPS):
+            _zero(step, model, opt)
+            ddp(_batch(rank, step), BRANCHES[rank][step]).square().sum().backward()
+            opt.step()
+        opt.consolidate_state_dict(to=0)
+        steps = None
+        if rank == 0:
+            state = opt.state_dict()["state"]
+            steps = [int(state[i]["step"]) for i in range(len(list(model.parameters())))]
+        torch.save({"params": [p.detach() for p in model.parameters()], "steps": steps},
+                   os.path.join(out_dir, f"zero{rank}.pt"))
+        all_done()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_zero_redundancy_optimizer_of_lazy_row_adam_equals_single_process(tmp_path):
+    """torch's ZeroRedundancyOptimizer with LazyRowAdam as each process's optimizer of its
+    shard: the processes step different parameters, so no union of rows over them can be taken
+    (gloo aborted on the mismatched collective); each steps its weights' rows of non-zero
+    averaged gradient, which is the union, and replicas equal one process."""
+    mp.spawn(_zero_worker, args=(2, str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = (torch.load(tmp_path / f"zero{r}.pt") for r in (0, 1))
+    params, steps = _single_process()
+    for p0, p1, p in zip(r0["params"], r1["params"], params, strict=True):
+        assert torch.equal(p0, p1)
+        torch.testing.assert_close(p0, p, rtol=1e-12, atol=1e-14)
+    assert r0["steps"] == [int(s) for s in steps]
+
+
+def _mismatch_worker(rank: int, world: int, out_dir: str) -> None:
+    init_group(rank, world, out_dir)
+    try:
+        model = _TwoBranch()
+        params = list(model.parameters())
+        opt = LazyRowAdam(params if rank == 0 else params[:2], lr=1e-2)
+        for p in params:
+            p.grad = torch.ones_like(p)
+        try:
+            opt.step()
+            message = None
+        except RuntimeError as err:
+            message = str(err)
+        torch.save(message, os.path.join(out_dir, f"mismatch{rank}.pt"))
+        all_done()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_processes_stepping_different_parameters_get_a_clear_error(tmp_path):
+    """A LazyRowAdam over other parameters on each process (pipeline stages in one group)
+    raises on every process, naming the fix, instead of gloo aborting (NCCL hanging) on a
+    collective of another size."""
+    mp.spawn(_mismatch_worker, args=(2, str(tmp_path)), nprocs=2, join=True)
+    for rank in range(2):
+        message = torch.load(tmp_path / f"mismatch{rank}.pt")
+        assert message is not None and "step different parameters" in message
+        assert "[6, 2]" in message and "sync_rows=False" in message

@@ -11,6 +11,7 @@ decay (``torch.optim.AdamW``'s).
 from __future__ import annotations
 
 import functools
+import sys
 import warnings
 import weakref
 from collections.abc import Callable, Iterable, Iterator
@@ -263,6 +264,23 @@ class _Track:
             self.rows.append(rows)
 
 
+def _built_by_zero() -> bool:
+    """Whether torch's ``ZeroRedundancyOptimizer`` is making this optimizer (a few frames up:
+    this ``__init__``, a subclass's, ZeRO's ``_init_local_optimizer``): its local optimizer
+    of one process's shard of the parameters."""
+    module = sys.modules.get("torch.distributed.optim.zero_redundancy_optimizer")
+    if module is None:
+        return False
+    frame = sys._getframe(2)
+    for _ in range(6):
+        if frame is None:
+            return False
+        if isinstance(frame.f_locals.get("self"), module.ZeroRedundancyOptimizer):
+            return True
+        frame = frame.f_back
+    return False
+
+
 def _taken_log(p: Tensor) -> list[Tensor | None]:
     """``p``'s log of touched rows, taken; all rows for a weight another module also writes."""
     log = take_touched_rows(p)
@@ -335,6 +353,9 @@ class LazyRowAdam(Optimizer):
       process) the rows to update are the union over processes, taken with one all-reduce of a
       row mask per step, so that every replica makes the same update of the averaged gradient.
       Set ``sync_rows=False`` if gradients are not all-reduced (independent models per process).
+      As the optimizer of one process's shard under ``ZeroRedundancyOptimizer`` (its
+      ``optimizer_class``), whose other processes log rows of other parameters, a sparse
+      layer's weight steps its rows of non-zero (averaged) gradient instead: the same union.
     - ``zero_grad`` zeroes only the rows written since the last ``zero_grad`` and keeps the
       gradient buffers of sparse layers, so the next backward adds its k rows in place; all of
       such a gradient where the layers' records show that something else went into it too (a
@@ -392,6 +413,8 @@ class LazyRowAdam(Optimizer):
         native.prepare()  # build or load the row step now, not inside the first step()
         self.sync_rows = sync_rows
         self.process_group = process_group
+        self._shard_of_zero = _built_by_zero()
+        self._synced_shapes: tuple | None = None  # the parameters checked alike on every process
         self._tracks: dict[int, _Track] = {}  # by id() of a sparse layer's weight
         self._tag(p for group in self.param_groups for p in group["params"])
 
@@ -436,6 +459,8 @@ class LazyRowAdam(Optimizer):
         self.__dict__.setdefault("sync_rows", True)
         self.__dict__.setdefault("process_group", None)
         self.__dict__.setdefault("_tracks", {})
+        self.__dict__.setdefault("_shard_of_zero", False)
+        self.__dict__.setdefault("_synced_shapes", None)
         self._tag(p for group in self.param_groups for p in group["params"])
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -497,6 +522,7 @@ class LazyRowAdam(Optimizer):
         device = torch.device("cpu")
         if "nccl" in str(dist.get_backend(group)).lower():
             device = torch.device("cuda", torch.cuda.current_device())
+        self._check_same_parameters(params, group)
         sizes = [p.shape[0] if p.dim() >= 1 else 0 for p in params]
         # the rows of every parameter, then a flag each: whether some process knows it as a
         # sparse layer's weight (a log, even of no row, or its mask), so that every process
@@ -537,6 +563,51 @@ class LazyRowAdam(Optimizer):
                 plans.append(_DENSE)
         return plans
 
+    def _check_same_parameters(self, params: list[Tensor], group: Any) -> None:
+        """Raise where the processes of ``group`` step different parameters (the union of rows
+        pairs them by position: another collective than the other processes', which gloo
+        aborts on and NCCL hangs on). Checked once per list of shapes."""
+        shapes = tuple(tuple(p.shape) for p in params)
+        if shapes == self._synced_shapes:
+            return
+        every: list[Any] = [None] * dist.get_world_size(group)
+        dist.all_gather_object(every, shapes, group=group)
+        if any(other != shapes for other in every):
+            counts = [len(other) for other in every]
+            raise RuntimeError(
+                "LazyRowAdam: the processes step different parameters (per process "
+                f"{counts} parameters, shapes differ), so the touched rows cannot be united "
+                "over them; pass sync_rows=False where each process steps parameters of its "
+                "own, or process_group= the data-parallel group (torch's "
+                "ZeroRedundancyOptimizer(optimizer_class=LazyRowAdam) is recognised as such)"
+            )
+        self._synced_shapes = shapes
+
+    def _plan_shard(self, params: list[Tensor], logs: list[list]) -> list:
+        """Each parameter's plan where this optimizer steps this process's shard of a
+        ``ZeroRedundancyOptimizer``: it steps its parameters alone and broadcasts them, on
+        gradients DDP averaged, and the rows the other processes' layers wrote are in no log
+        here, so a sparse layer's weight steps its rows of non-zero gradient."""
+        plans: list[str | Tensor] = []
+        for p, log in zip(params, logs, strict=True):
+            grad = p.grad
+            if grad is None:
+                plans.append(_SKIP)
+                continue
+            state = self._state(p)
+            if WEIGHT_TIED in p.__dict__ or p.dim() == 0 or not (log or _row_sparse(p, state)):
+                plans.append(_DENSE)
+                continue
+            state["row_sparse"] = True
+            if grad.numel() == 0:
+                plans.append(_SKIP)
+                continue
+            rows = (grad.reshape(grad.shape[0], -1).abs().amax(1) != 0).nonzero().view(-1)
+            plans.append(
+                _DENSE if rows.numel() == p.shape[0] else rows if rows.numel() else _SKIP
+            )
+        return plans
+
     # -- the step ----------------------------------------------------------------------------
 
     @_hooks_when_listened
@@ -554,7 +625,10 @@ class LazyRowAdam(Optimizer):
             if sync is not None:
                 params = [p for group in self.param_groups for p in group["params"]]
                 logs = [_taken_log(p) for p in params]
-                plans = iter(self._plan_synced(params, logs, sync))
+                if self._shard_of_zero:
+                    plans = iter(self._plan_shard(params, logs))
+                else:
+                    plans = iter(self._plan_synced(params, logs, sync))
             native_cpu = native.use_native()
             for group in self.param_groups:
                 if native_cpu and plans is None and not isinstance(group["lr"], Tensor):
