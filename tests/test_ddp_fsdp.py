@@ -124,3 +124,59 @@ def test_fsdp_matches_ddp_and_checkpoints_every_rank_memory(tmp_path):
     assert not torch.equal(*per_rank)  # without consensus the ranks' memories differ
     shared = [r["consensus"]["at_save"]["0.memory"] for r in results]
     assert torch.equal(*shared)  # with consensus the unit memory is shared
+
+
+def _legacy_worker(rank: int, out_dir: str) -> None:
+    import warnings
+
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    init_group(rank, WORLD, out_dir)
+    try:
+        cfg = CONFIGS["per_rank"]
+        plain = _model(cfg)
+        ddp = nn.parallel.DistributedDataParallel(plain)
+        _fit(ddp, torch.optim.SGD(ddp.parameters(), lr=0.3), rank, range(4))
+        results = {"ddp": _full(plain), "ddp_memory": msbp.memory_state_dict(plain)}
+        for orig in (False, True):
+            model = _model(cfg)
+            wrapped = FullyShardedDataParallel(
+                model, device_id=torch.device("cpu"), use_orig_params=orig
+            )
+            _fit(wrapped, torch.optim.SGD(wrapped.parameters(), lr=0.3), rank, range(4))
+            with FullyShardedDataParallel.summon_full_params(wrapped):
+                results[f"orig={orig}"] = _full(model)
+            results[f"orig={orig}_memory"] = msbp.memory_state_dict(model)
+        for name in ("adam", "lazy"):
+            model = _sharded(cfg)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                opt = (torch.optim.Adam if name == "adam" else msbp.optim.LazyRowAdam)(
+                    model.parameters(), lr=0.01
+                )
+            results[f"{name}_warned"] = any("sharded by FSDP" in str(w.message) for w in caught)
+            _fit(model, opt, rank, range(4))
+            results[name] = _full(model)
+        torch.save(results, os.path.join(out_dir, f"legacy{rank}.pt"))
+        all_done()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_legacy_fsdp_wrapper_matches_ddp_and_lazy_row_adam_under_fully_shard(tmp_path):
+    """torch's FullyShardedDataParallel wrapper, flat or with use_orig_params=True (which sets
+    each weight to a 1-D view of the shard between iterations: SparseLinear took that for a
+    resize and refitted its memory to the shard, and the next forward raised), runs the DDP
+    steps; LazyRowAdam over fully_shard's DTensors warns and steps as torch.optim.Adam."""
+    mp.spawn(_legacy_worker, args=(str(tmp_path),), nprocs=WORLD, join=True)
+    for rank in range(WORLD):
+        got = torch.load(tmp_path / f"legacy{rank}.pt", weights_only=False)
+        for orig in (False, True):
+            for key, p in got["ddp"].items():
+                torch.testing.assert_close(got[f"orig={orig}"][key], p, rtol=1e-12, atol=1e-12)
+            for key, m in got["ddp_memory"].items():
+                torch.testing.assert_close(got[f"orig={orig}_memory"][key], m, rtol=1e-12,
+                                           atol=1e-12)
+        assert got["lazy_warned"] and not got["adam_warned"]
+        for key, p in got["adam"].items():
+            torch.testing.assert_close(got["lazy"][key], p, rtol=1e-12, atol=1e-14)

@@ -281,6 +281,21 @@ def _built_by_zero() -> bool:
     return False
 
 
+def _warn_if_sharded(params: Iterable[Tensor]) -> None:
+    """Say that parameters FSDP sharded (``fully_shard``: DTensors) take dense steps."""
+    module = sys.modules.get("torch.distributed.tensor")
+    if module is None or not any(isinstance(p, module.DTensor) for p in params):
+        return
+    warnings.warn(
+        "LazyRowAdam: parameters sharded by FSDP (DTensor) take dense Adam steps, as by "
+        "torch.optim.Adam: the sparse layers write the rows of FSDP's unsharded copies, which "
+        "the optimizer of the shards does not see; DistributedDataParallel or "
+        "ZeroRedundancyOptimizer keep the row-sparse step",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+
+
 def _taken_log(p: Tensor) -> list[Tensor | None]:
     """``p``'s log of touched rows, taken; all rows for a weight another module also writes."""
     log = take_touched_rows(p)
@@ -414,6 +429,7 @@ class LazyRowAdam(Optimizer):
         self.sync_rows = sync_rows
         self.process_group = process_group
         self._shard_of_zero = _built_by_zero()
+        _warn_if_sharded(p for group in self.param_groups for p in group["params"])
         self._synced_shapes: tuple | None = None  # the parameters checked alike on every process
         self._tracks: dict[int, _Track] = {}  # by id() of a sparse layer's weight
         self._tag(p for group in self.param_groups for p in group["params"])
@@ -428,6 +444,7 @@ class LazyRowAdam(Optimizer):
         super().add_param_group(param_group)
         if hasattr(self, "_tracks"):  # called after __init__: tag the new parameters too
             self._tag(self.param_groups[-1]["params"])
+            _warn_if_sharded(self.param_groups[-1]["params"])
 
     def _state(self, p: Tensor) -> dict:
         state = self.state[p]
@@ -578,7 +595,8 @@ class LazyRowAdam(Optimizer):
                 "LazyRowAdam: the processes step different parameters (per process "
                 f"{counts} parameters, shapes differ), so the touched rows cannot be united "
                 "over them; pass sync_rows=False where each process steps parameters of its "
-                "own, or process_group= the data-parallel group (torch's "
+                "own (FSDP's flattened shards, which then take dense steps), or "
+                "process_group= the data-parallel group (torch's "
                 "ZeroRedundancyOptimizer(optimizer_class=LazyRowAdam) is recognised as such)"
             )
         self._synced_shapes = shapes

@@ -73,11 +73,13 @@ class SparseLinear(MemoryMixin, nn.Linear):
     def register_parameter(self, name: str, param: nn.Parameter | None) -> None:
         """As ``nn.Module``'s; a new ``weight`` with another number of rows (transformers'
         ``resize_token_embeddings`` on a sparsified language model's head) refits the memory:
-        the units it keeps by index keep what they remembered, new ones start empty."""
+        the units it keeps by index keep what they remembered, new ones start empty. A weight
+        that is not (out, in) is left alone: FSDP's (``use_orig_params=True``) 1-D view of this
+        process's shard, set between iterations, is no resize."""
         super().register_parameter(name, param)
         memory = self.__dict__.get("memory")
         if name != "weight" or param is None or memory is None or param.is_meta or (
-            memory.shape[-1] == param.shape[0]
+            param.dim() != 2 or memory.shape[-1] == param.shape[0]
         ):
             return
         units = param.shape[0]
