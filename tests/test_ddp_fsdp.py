@@ -180,3 +180,58 @@ def test_legacy_fsdp_wrapper_matches_ddp_and_lazy_row_adam_under_fully_shard(tmp
         assert got["lazy_warned"] and not got["adam_warned"]
         for key, p in got["adam"].items():
             torch.testing.assert_close(got["lazy"][key], p, rtol=1e-12, atol=1e-14)
+
+
+def _dsd_worker(rank: int, out_dir: str) -> None:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    init_group(rank, WORLD, out_dir)
+    try:
+        results = {}
+        for kind in ("ddp", "fully_shard"):
+            def build(seed: int = 0, kind: str = kind):
+                if kind == "fully_shard":
+                    model = _sharded(CONFIGS["per_rank"], seed)
+                    return model, model
+                model = _model(CONFIGS["per_rank"], seed)
+                return nn.parallel.DistributedDataParallel(model), model
+
+            net, model = build()
+            opt = msbp.optim.LazyRowAdam(net.parameters(), lr=0.01)
+            _fit(net, opt, rank, range(3))
+            weights, optim = get_state_dict(model, opt)  # the model inside DDP: see the README
+            path = os.path.join(out_dir, f"dsd_{kind}")
+            dcp.save({"model": weights, "optim": optim, "memory": memory_dcp_state(model)},
+                     checkpoint_id=path)
+            _fit(net, opt, rank, range(3, 6))
+
+            net2, model2 = build(seed=7)
+            opt2 = msbp.optim.LazyRowAdam(net2.parameters(), lr=0.01)
+            weights2, optim2 = get_state_dict(model2, opt2)
+            state = {"model": weights2, "optim": optim2, "memory": memory_dcp_state(model2)}
+            dcp.load(state, checkpoint_id=path)
+            set_state_dict(model2, opt2, model_state_dict=state["model"],
+                           optim_state_dict=state["optim"])
+            load_memory_dcp_state(model2, state["memory"])
+            _fit(net2, opt2, rank, range(3, 6))
+            results[kind] = (_full(model), _full(model2), msbp.memory_state_dict(model),
+                             msbp.memory_state_dict(model2))
+        torch.save(results, os.path.join(out_dir, f"dsd{rank}.pt"))
+        all_done()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_distributed_state_dict_resumes_lazy_row_adam_bit_for_bit(tmp_path):
+    """torch.distributed.checkpoint.state_dict's get_state_dict / set_state_dict with
+    LazyRowAdam, the memories through memory_dcp_state, under DDP and fully_shard: the resumed
+    run ends where the straight one does."""
+    mp.spawn(_dsd_worker, args=(str(tmp_path),), nprocs=WORLD, join=True)
+    for rank in range(WORLD):
+        got = torch.load(tmp_path / f"dsd{rank}.pt", weights_only=False)
+        for kind, (straight, resumed, memory, memory2) in got.items():
+            for key, p in straight.items():
+                assert torch.equal(resumed[key], p), (kind, rank, key)
+            for key, m in memory.items():
+                assert torch.equal(memory2[key], m), (kind, rank, key)
