@@ -235,3 +235,66 @@ def test_distributed_state_dict_resumes_lazy_row_adam_bit_for_bit(tmp_path):
                 assert torch.equal(resumed[key], p), (kind, rank, key)
             for key, m in memory.items():
                 assert torch.equal(memory2[key], m), (kind, rank, key)
+
+
+def _tensor_parallel_worker(rank: int, out_dir: str) -> None:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor.parallel import (
+        ColwiseParallel,
+        RowwiseParallel,
+        parallelize_module,
+    )
+
+    init_group(rank, WORLD, out_dir)
+    try:
+        mesh = init_device_mesh("cpu", (WORLD,))
+        x = torch.randn(4, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+        errors = []
+        for cfg in CONFIGS.values():
+            for sparse in (True, False):
+                torch.manual_seed(0)
+                model = nn.Sequential(
+                    nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 12), nn.Tanh(), nn.Linear(12, 3)
+                ).double()
+                if sparse:
+                    msbp.sparsify(model, cfg, exclude="4")
+                parallelize_module(model, mesh, {"0": ColwiseParallel(), "2": RowwiseParallel()})
+                try:
+                    model(x).sum().backward()
+                    errors.append(None)
+                except ValueError as err:
+                    errors.append(str(err))
+        from torch.distributed.tensor import Replicate, distribute_tensor
+
+        cfg = msbp.SparseBackpropConfig(k=2)
+        for layer, inp in ((msbp.SparseConv1d(2, 4, 3, config=cfg), torch.randn(1, 2, 5)),
+                           (msbp.SparseLSTM(3, 4, config=cfg), torch.randn(5, 1, 3))):
+            layer.name = "net.layer"
+            weight = layer.weight if isinstance(layer, nn.Conv1d) else layer.weight_hh_l0
+            placed = nn.Parameter(distribute_tensor(weight.detach(), mesh, [Replicate()]))
+            setattr(layer, "weight" if isinstance(layer, nn.Conv1d) else "weight_hh_l0", placed)
+            try:
+                layer(distribute_tensor(inp, mesh, [Replicate()]))
+                errors.append(None)
+            except ValueError as err:
+                errors.append(str(err))
+        torch.save(errors, os.path.join(out_dir, f"tp{rank}.pt"))
+        all_done()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_tensor_parallel_sparse_layer_is_refused_at_its_forward(tmp_path):
+    """parallelize_module over sparse layers raised inside the backward ("does not have a
+    sharding strategy registered"); now the layer's forward says what to do. Tensor-parallel
+    layers left dense train."""
+    mp.spawn(_tensor_parallel_worker, args=(str(tmp_path),), nprocs=WORLD, join=True)
+    for rank in range(WORLD):
+        errors = torch.load(tmp_path / f"tp{rank}.pt")
+        assert errors[1:4:2] == [None, None]
+        for message in errors[0:4:2]:
+            assert message is not None and "tensor parallelism" in message
+            assert "sparse layer '0'" in message
+        conv, lstm = errors[4:]
+        assert "sparse layer 'net.layer' got a DTensor of shape (1, 2, 5)" in conv
+        assert "SparseLSTM 'net.layer' got a DTensor" in lstm

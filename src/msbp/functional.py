@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import sys
 from collections.abc import Callable
 
 import numpy as np
@@ -99,6 +100,28 @@ def check_no_functorch(unnamed: str, name: str = "", kind: str = "sparse layer")
         )
 
 
+def check_not_distributed_tensor(
+    tensors: tuple[Tensor | None, ...], unnamed: str, name: str = "", kind: str = "sparse layer"
+) -> None:
+    """Raise ``ValueError`` for a ``DTensor`` among ``tensors`` (tensor parallelism:
+    ``parallelize_module``), which the sparse backward ops have no sharding rule for: it failed
+    inside the backward with "Operator msbp.sparse_linear_backward.default does not have a
+    sharding strategy registered". (FSDP's forward sees plain, unsharded tensors.)"""
+    module = sys.modules.get("torch.distributed.tensor")
+    if module is None:
+        return
+    for t in tensors:
+        if isinstance(t, module.DTensor):
+            what = f"{kind} {name!r}" if name else unnamed
+            raise ValueError(
+                f"msbp: {what} got a DTensor of shape {tuple(t.shape)} placed "
+                f"{tuple(t.placements)}: tensor parallelism (parallelize_module) is not "
+                "supported by sparse layers (top-k over a sharded output dimension). Leave "
+                "such layers out of sparsify (exclude=...) or msbp.densify them; FSDP "
+                "(fully_shard) and DDP work"
+            )
+
+
 def sparse_linear(
     x: Tensor,
     weight: Tensor,
@@ -156,6 +179,7 @@ def sparse_linear_checked(
     if not (backward_recorded() and _wants_grad(x, weight, bias)):
         return F.linear(x, weight, bias), None
     check_no_functorch("sparse_linear", name)
+    check_not_distributed_tensor((x, weight), "sparse_linear", name)
     run = config
     if config.backend == "auto" and probe is None and not torch.compiler.is_compiling():
         if not auto_keeps_sparse(x, weight, memory, config):
@@ -405,6 +429,7 @@ def sparse_embedding_linear(
         if memory is not None:
             check_memory(memory, weight.shape[0], config.memory_layout, weight)
         check_no_functorch("sparse_embedding_linear", name)
+        check_not_distributed_tensor((table, weight), "sparse_embedding_linear", name)
         return native.eager_ops().sparse_embedding_linear_fast(
             ids.long(), table,
             *_fast_args(weight, bias, memory, _call_settings(config, weight.shape[0], name)),

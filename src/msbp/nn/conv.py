@@ -7,7 +7,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from msbp.config import SparseBackpropConfig
-from msbp.functional import backward_recorded, check_memory, check_no_functorch, make_plan
+from msbp.functional import (
+    backward_recorded,
+    check_memory,
+    check_no_functorch,
+    check_not_distributed_tensor,
+    make_plan,
+)
 from msbp.nn.memory import MemoryMixin
 from msbp.ops import consensus
 from msbp.ops.sparse_conv import PER_EXAMPLE_ERROR, ConvGeometry, group_k, sparse_conv
@@ -99,6 +105,7 @@ class _SparseConvNd(MemoryMixin):
         if self.config.consensus:  # (the name read only then: traced code guards on it)
             consensus.refuse(True, f"{type(self).__name__} {self.name!r}")
         check_no_functorch(type(self).__name__, self.name)
+        check_not_distributed_tensor((x, weight), type(self).__name__, self.name)
         unbatched = x.dim() == self._spatial + 1
         if unbatched:
             x = x.unsqueeze(0)

@@ -34,6 +34,7 @@ from msbp.functional import (
     backward_recorded,
     check_memory,
     check_no_functorch,
+    check_not_distributed_tensor,
     kept_grad_buffer,
     make_plan,
     sparse_linear,
@@ -279,6 +280,8 @@ class SparseLSTM(MemoryMixin, nn.RNNBase):
         if not self._needs_backward(input, hx):
             # no backward, so nothing sparse to do: nn.LSTM's fused kernel, the same function
             return nn.LSTM.forward(self, input, hx)
+        check_not_distributed_tensor((input, *self._flat_weights), "SparseLSTM", self.name,
+                                     "SparseLSTM")
         h_n: list[Tensor] = []
         c_n: list[Tensor] = []
         for layer in range(self.num_layers):
