@@ -584,7 +584,7 @@ class LazyRowAdam(Optimizer):
         """Raise where the processes of ``group`` step different parameters (the union of rows
         pairs them by position: another collective than the other processes', which gloo
         aborts on and NCCL hangs on). Checked once per list of shapes."""
-        shapes = tuple(tuple(p.shape) for p in params)
+        shapes = tuple(p.shape for p in params)
         if shapes == self._synced_shapes:
             return
         every: list[Any] = [None] * dist.get_world_size(group)
