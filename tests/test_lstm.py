@@ -1140,3 +1140,32 @@ def test_non_contiguous_recurrent_weight_gets_the_contiguous_ones_gradient(backe
     for plain, strided in zip(*twins, strict=True):
         for name in plain:
             torch.testing.assert_close(strided[name], plain[name], **F64, msg=name)
+
+
+@pytest.mark.parametrize("selection, bidirectional", [("unified", False), ("per_example", True)])
+def test_flop_counter_on_the_meta_device_counts_as_on_the_cpu(backend, selection, bidirectional):
+    """Lightning's ``measure_flops`` builds the model on the meta device: the recurrence's
+    backward failed there (autocast has no meta device; then a host read); it now runs each
+    step's k-wide products from shapes alone and counts what a CPU run counts."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counts = {}
+    for device in ("cpu", "meta"):
+        with torch.device(device):
+            torch.manual_seed(0)
+            model = sparsify(
+                nn.LSTM(5, 8, num_layers=2, batch_first=True, bidirectional=bidirectional),
+                SparseBackpropConfig(k=3, memory=0.5, selection=selection),
+            )
+            x = torch.randn(2, 6, 5)
+        with FlopCounterMode(display=False) as counter:
+            model(x)[0].sum().backward()
+        counts[device] = counter.get_total_flops()
+        assert model.weight_hh_l1.grad.shape == (32, 8)
+        assert model.weight_hh_l1.grad.device.type == device
+    if selection == "per_example" and backend == "python":
+        # the PyTorch loop multiplies dW_hh's rows for the union of the batch's kept columns
+        # (more than k), which the native op's formula and the meta run count as k
+        assert 0 < counts["meta"] < counts["cpu"]
+    else:
+        assert counts["meta"] == counts["cpu"] > 0

@@ -363,3 +363,30 @@ def test_native_all_positions_active_equals_torch(channels_last, dtype):
             case = case.contiguous(memory_format=torch.channels_last)
         want = bool((case != 0).any(1).all())
         assert torch.ops.msbp.conv_all_positions_active(case) is want
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_flop_counter_on_the_meta_device_counts_as_on_the_cpu(groups, backend):
+    """Lightning's ``measure_flops`` builds the model on the meta device: the sparse
+    convolution's backward failed there at its first host read ("Tensor.item() cannot be called
+    on meta tensors"); it now runs the convolutions of k channels per group from shapes alone
+    and counts what a CPU run counts, the memory untouched."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counts = {}
+    for device in ("cpu", "meta"):
+        with torch.device(device):
+            torch.manual_seed(0)
+            model = msbp.sparsify(
+                nn.Sequential(nn.Conv2d(4, 8, 3, groups=groups), nn.Tanh(),
+                              nn.Conv2d(8, 6, 3), nn.Flatten(), nn.Linear(6 * 4 * 4, 5)),
+                SparseBackpropConfig(k=4, memory=0.5), exclude="4",
+            )
+            x = torch.randn(3, 4, 8, 8)
+        with FlopCounterMode(display=False) as counter:
+            model(x).sum().backward()
+        counts[device] = counter.get_total_flops()
+        assert model[0].weight.grad.shape == (8, 4 // groups, 3, 3)
+        assert model[0].weight.grad.device.type == device
+        assert model[0].memory.device.type == device
+    assert counts["meta"] == counts["cpu"] > 0

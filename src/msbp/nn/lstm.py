@@ -171,7 +171,7 @@ class SparseLSTM(MemoryMixin, nn.RNNBase):
             self.config.grad_inplace and plan.probe is None
             and weight.dtype in (torch.float32, torch.float64)
             and not torch.compiler.is_compiling()
-            and not torch.is_autocast_enabled(weight.device.type)
+            and autocast_dtype(weight.device.type) is None
             and native.use_native(weight.device)
         ):
             buffer = kept_grad_buffer(weight)

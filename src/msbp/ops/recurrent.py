@@ -34,6 +34,7 @@ Python loop below (``_backward_steps``), used elsewhere (autocast's 16-bit types
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 
 import torch
 from torch import Tensor
@@ -267,6 +268,34 @@ def _native_backward(ctx, saved: tuple[Tensor, ...], d_out: Tensor | None, d_hn:
     )
 
 
+def _meta_backward(ctx, saved: tuple[Tensor, ...]) -> tuple:
+    """The backward on the meta device, where there are shapes but no values to select by (what
+    Lightning's ``measure_flops`` runs under ``FlopCounterMode``): each step's products of the
+    first min(k, 4H) gate columns, the shapes a CPU run gives them (its FLOP count); the memory
+    is untouched."""
+    act, _, _, out, h0, _, w = saved
+    gx_dtype, h0_dtype, c0_dtype, b_dtype = ctx.dtypes
+    need_gx, need_h0, need_c0, need_w, need_b = ctx.needs_input_grad[:5]
+    steps, batch, four_h = act.shape
+    k = min(ctx.plan.k, four_h)
+    dgates = act.new_empty(steps, batch, four_h)
+    h_prev = _shifted(out, h0, ctx.reverse)
+    dh = h0.new_empty(h0.shape)
+    dw = w.new_zeros(four_h, w.shape[1])
+    for t in range(steps):
+        dh = dgates[t, :, :k] @ w[:k]  # (B, H)
+        if need_w:
+            dw[:k] += dgates[t, :, :k].t() @ h_prev[t]
+    return (
+        _as(dgates, gx_dtype) if need_gx else None,
+        _as(dh, h0_dtype) if need_h0 else None,
+        act.new_empty(h0.shape, dtype=c0_dtype) if need_c0 else None,
+        _as(dw, ctx.weight.dtype) if need_w else None,
+        act.new_empty(four_h, dtype=b_dtype) if need_b else None,
+        None, None, None, None,
+    )
+
+
 def _lstm_recurrence_backward_fake(
     act, cells, tanh_c, out, h0, c0, w_hh, d_out, d_hn, d_cn, memory, random_cols, k,
     selection, alpha, slot, reverse, need_w, skip_nonfinite, all_rows=False,
@@ -319,7 +348,8 @@ class SparseLSTMRecurrence(torch.autograd.Function):
         # autocast's rule, as for the input transform: a float64 layer stays float64 (as
         # nn.LSTM does); cast to bfloat16 its output met the next layer's float64 W_ih
         dtype = gates_x.dtype if cast is None else _autocast_arg(gates_x, cast).dtype
-        with torch.autocast(gates_x.device.type, enabled=False):
+        # (autocast off here only where it is on: the meta device has none to turn off)
+        with torch.autocast(gates_x.device.type, enabled=False) if cast else nullcontext():
             gx, h0c, c0c, w = (_as(t, dtype) for t in (gates_x, h0, c0, w_hh))
             b = _as(b_hh, dtype) if b_hh is not None else None
             act, cells, tanh_c, out = _lstm_steps(gx, h0c, c0c, w, b, reverse)
@@ -362,6 +392,8 @@ class SparseLSTMRecurrence(torch.autograd.Function):
             # the op's result into the memory's old shape and raised). The spread here breaks
             # the graph as SparseLinear's does, so that this layer's backward runs eagerly
             spread_slot_memory_(memory, act.shape[1])
+        if act.is_meta:
+            return _meta_backward(ctx, saved)
         if ctx.scale is None and _native_fits(act, memory, plan):
             return _native_backward(ctx, saved, d_out, d_hn, d_cn, buffer)
         if ctx.scale is not None and memory is not None and plan.alpha > 0:

@@ -206,6 +206,8 @@ class SparseConvFunction(torch.autograd.Function):
 
         kg = group_k(plan.k, c, geo.groups)
         dense = kg * geo.groups >= c
+        if grad_out.is_meta:
+            return _meta_backward(ctx, grad_out, x, w, geo, None if dense else kg)
         use_memory = memory is not None and plan.alpha > 0
         slot = plan.layout == "slot"
         scale = scaling.current_scale() if not torch.compiler.is_compiling() else None
@@ -296,6 +298,30 @@ class SparseConvFunction(torch.autograd.Function):
             db.to(ctx.bias_dtype) if need_b else None,
             None, None, None,
         )
+
+
+def _meta_backward(ctx, grad_out: Tensor, x: Tensor, w: Tensor, geo: ConvGeometry,
+                   kg: int | None) -> tuple:
+    """The backward on the meta device, where there are shapes but no values to select by (what
+    Lightning's ``measure_flops`` runs under ``FlopCounterMode``): the convolutions of the
+    first ``kg`` channels of each group (None: all), the shapes a CPU run gives them; the memory
+    is untouched."""
+    need_x, need_w, need_b = ctx.needs_input_grad[:3]
+    weight = ctx.weight
+    idx = None
+    u_k, w_k = grad_out.to(x.dtype), w
+    if kg is not None:
+        per = w.shape[0] // geo.groups
+        starts = torch.arange(geo.groups, device=w.device) * per
+        idx = (starts[:, None] + torch.arange(kg, device=w.device)).flatten()
+        u_k, w_k = u_k.index_select(1, idx), w.index_select(0, idx)
+    dx, dW_k = _conv_backward(u_k, x, w_k, geo, need_x, need_w)
+    dW = None
+    if need_w:
+        dW_k = dW_k.to(weight.dtype)
+        dW = dW_k if idx is None else torch.zeros_like(weight).index_copy_(0, idx, dW_k)
+    db = grad_out.sum([0, *range(2, grad_out.dim())]).to(ctx.bias_dtype) if need_b else None
+    return dx.to(ctx.x_dtype) if need_x else None, dW, db, None, None, None
 
 
 def sparse_conv(
