@@ -1348,3 +1348,27 @@ def test_kept_buffer_of_an_old_dtype_is_not_put_back_after_to(backend):
                                                + layer.bias.detach()), None, k=2
     )[1]
     torch.testing.assert_close(layer.weight.grad, want)
+
+
+@pytest.mark.parametrize("selection", ["unified", "per_example"])
+@pytest.mark.parametrize("shape", [(6, 7), (2, 3, 7)])
+def test_a_layer_with_no_input_features_backpropagates_as_nn_linear(backend, selection, shape):
+    """``SparseLinear(0, out)`` (an x of shape (*, 0)): nn.Linear gives dx of shape (*, 0), an
+    empty dW and db. Its backward reshaped x with reshape(-1, 0), which is ambiguous (both
+    backends raised "cannot reshape tensor of 0 elements" in backward), and the native kernels
+    divided by the column block width, 0 (SIGFPE: the process died). Found by the
+    malformed-input fuzz (a 6 x 0 input)."""
+    torch.manual_seed(0)
+    cfg = msbp.SparseBackpropConfig(k=3, memory=0.5, selection=selection)
+    layer = SparseLinear(0, 10, config=cfg)
+    dense = nn.Linear(0, 10)
+    dense.load_state_dict({k: v for k, v in layer.state_dict().items() if k != "memory"})
+    x = torch.randn(*shape[:-1], 0, requires_grad=True)
+    xd = x.detach().clone().requires_grad_()
+    g = torch.randn(*shape[:-1], 10)
+    layer(x).backward(g)
+    dense(xd).backward(g)
+    assert x.grad.shape == x.shape
+    assert layer.weight.grad.shape == (10, 0)
+    torch.testing.assert_close(layer.bias.grad, dense.bias.grad)
+    assert torch.isfinite(layer.memory).all()

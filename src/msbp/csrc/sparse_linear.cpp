@@ -242,7 +242,8 @@ template <typename T>
 int64_t column_block(int64_t operand_rows, int64_t d_in) {
   constexpr int64_t B = Vec<T>::width * kBlockVecs;
   int64_t blocks = (512 * 1024) / (std::max<int64_t>(operand_rows, 1) * B * sizeof(T));
-  return std::min<int64_t>(std::max<int64_t>(blocks, 1) * B, d_in);
+  // at least 1: callers divide by it, and d_in may be 0 (a layer with no input features)
+  return std::max<int64_t>(std::min<int64_t>(std::max<int64_t>(blocks, 1) * B, d_in), 1);
 }
 
 // Operands from this size on are gathered from a packed copy of each column block: rows of a
@@ -1277,9 +1278,12 @@ variable_list run_backward(AutogradContext* ctx, const variable_list& grad_outpu
   const int64_t out = w.size(0), d_in = w.size(1);
   const bool need_w = ctx->needs_input_grad(w_at), need_b =
       ctx->saved_data["has_bias"].toBool() && ctx->needs_input_grad(w_at + 1);
-  Tensor g = grad_outputs[0].reshape({-1, out});
-  Tensor x2 = x.reshape({-1, d_in});
-  const int64_t n = g.size(0);
+  // n from the leading dimensions: reshape({-1, 0}) of a layer with no input features is
+  // ambiguous (and raised there in backward)
+  const int64_t n = c10::multiply_integers(grad_outputs[0].sizes().slice(
+      0, std::max<int64_t>(grad_outputs[0].dim() - 1, 0)));
+  Tensor g = grad_outputs[0].reshape({n, out});
+  Tensor x2 = x.reshape({n, d_in});
   auto x_shape = x.sizes().vec();
   variable_list result(3);
   // .grad None: this backward starts a new gradient, the rows logged into the one discarded go
@@ -1431,7 +1435,8 @@ void embedding_grad_factored(const int64_t* ids, int64_t n, int64_t nf, const T*
                              const int64_t* w_rows, const T* w, int64_t out, int64_t d, T* dt,
                              int64_t rows) {
   const int64_t width = nf * d;
-  const int64_t block = std::clamp<int64_t>((1 << 20) / (width * sizeof(T)), 1, n);
+  const int64_t block =
+      std::clamp<int64_t>((1 << 20) / (std::max<int64_t>(width, 1) * sizeof(T)), 1, n);
   std::vector<T> buf(block * width);
   const std::vector<int64_t> row_cols = same_cols(w_rows, kk, block);
   const bool split = n * nf * d >= kMinTaskWork;
