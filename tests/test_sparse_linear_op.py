@@ -393,3 +393,20 @@ def test_native_op_takes_zero_input_features(selection):
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b)
     torch.testing.assert_close(mem_n, mem_t)
+
+
+@native_only
+@pytest.mark.parametrize("slot", [False, True])
+@pytest.mark.parametrize("cols", [[1, 2, 10], [1, 2, -1], [1, 2, 1 << 40], [[1, 2, 3]]])
+def test_native_op_rejects_random_cols_out_of_range(slot, cols):
+    """``random_cols`` outside [0, out) (or not 1-D): the kernels read U and wrote the memory at
+    those columns unchecked (heap corruption: "free(): invalid pointer", a segfault), and a
+    (1, k) tensor silently kept one column. Now a clear error, the memory untouched. Found by
+    the malformed-input fuzz."""
+    g, x, w = torch.randn(6, 10), torch.randn(6, 7), torch.randn(10, 7)
+    memory = torch.randn(6, 10) if slot else torch.randn(10)
+    before = memory.clone()
+    with pytest.raises(RuntimeError, match="random_cols"):
+        _native(g, x, w, memory, torch.tensor(cols), None, 3, SELECTION_CODES["random"], 0.5,
+                slot, True, True, True, False, False, 3.0)
+    torch.testing.assert_close(memory, before)

@@ -856,6 +856,18 @@ Out5 backward_into(
   TORCH_CHECK(k >= 1, "sparse_linear_backward: k must be >= 1, got ", k);
   TORCH_CHECK(selection != kRandom || k >= grad_out.size(1) || random_cols.has_value(),
               "sparse_linear_backward: random selection needs random_cols");
+  if (selection == kRandom && k < grad_out.size(1)) {
+    // the kernels read and write U, dW and the memory at these columns unchecked
+    const Tensor& rc = *random_cols;
+    TORCH_CHECK(rc.dim() == 1 && rc.scalar_type() == at::kLong && rc.device().is_cpu(),
+                "sparse_linear_backward: random_cols must be a 1-D int64 CPU tensor, got shape ",
+                rc.sizes(), ", ", rc.scalar_type(), " on ", rc.device());
+    const Tensor rcc = rc.contiguous();
+    const int64_t* rp = rcc.data_ptr<int64_t>();
+    for (int64_t j = 0; j < rcc.numel(); ++j)
+      TORCH_CHECK(rp[j] >= 0 && rp[j] < grad_out.size(1), "sparse_linear_backward: random_cols ",
+                  "holds column ", rp[j], ", out of range for ", grad_out.size(1), " output units");
+  }
   const bool use_memory = memory.has_value() && alpha > 0;
   if (use_memory) {
     TORCH_CHECK(memory->is_contiguous(), "sparse_linear_backward: memory must be contiguous");
