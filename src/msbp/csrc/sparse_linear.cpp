@@ -1022,6 +1022,9 @@ void clear_rows(Tensor& buf, const int64_t* rows, int64_t r) {
   if (r <= 0) return;
   const int64_t row_bytes = buf.size(1) * buf.element_size();
   auto* base = static_cast<char*>(buf.data_ptr());
+  for (int64_t i = 0; i < r; ++i)  // a state's rows (clear_kept_rows_ takes any state)
+    TORCH_CHECK(rows[i] >= 0 && rows[i] < buf.size(0), "msbp: a kept buffer's state lists row ",
+                rows[i], ", out of range for a buffer of shape ", buf.sizes());
   for (int64_t i = 0; i < r; ++i) std::memset(base + rows[i] * row_bytes, 0, row_bytes);
   buf.unsafeGetTensorImpl()->bump_version();
 }
@@ -1030,7 +1033,7 @@ void clear_rows(Tensor& buf, const int64_t* rows, int64_t r) {
 // written and record the buffer clean: true; false (nothing done) where it does not.
 bool clear_listed_rows(Tensor& buf, const Tensor& state) {
   int64_t* st = state.data_ptr<int64_t>();
-  if (st[0] < 0 || buf._version() != st[1]) return false;
+  if (st[0] < 0 || st[0] + 2 > state.numel() || buf._version() != st[1]) return false;
   if (buf.is_contiguous()) clear_rows(buf, st + 2, st[0]);
   else if (st[0] > 0) buf.index_fill_(0, state.narrow(0, 2, st[0]), 0);
   st[0] = 0;
@@ -1554,6 +1557,22 @@ int64_t clear_kept_rows_(at::TensorList bufs, at::TensorList states) {
   return cleared;
 }
 
+// The kept buffer's state (rows + 2,) int64 and the row mask (rows,) uint8 of a Parameter of
+// `rows` rows, as msbp.functional.kept_grad_buffer and msbp.ops.touched_rows.rows_mask make
+// them: the C++ path reads and writes both through raw pointers, at row indices.
+void check_state_mask(const Tensor& state, const std::optional<Tensor>& mask, int64_t rows,
+                      const char* op) {
+  TORCH_CHECK(state.scalar_type() == at::kLong && state.dim() == 1 && state.is_contiguous() &&
+                  state.device().is_cpu() && state.size(0) == rows + 2,
+              op, ": state must be a contiguous int64 CPU tensor of shape (", rows + 2,
+              ",), got shape ", state.sizes(), ", ", state.scalar_type());
+  if (!mask.has_value() || !mask->defined() || mask->numel() == 0) return;
+  TORCH_CHECK(mask->scalar_type() == at::kByte && mask->dim() == 1 && mask->is_contiguous() &&
+                  mask->device().is_cpu() && mask->size(0) == rows,
+              op, ": mask must be a contiguous uint8 CPU tensor of shape (", rows,
+              ",), got shape ", mask->sizes(), ", ", mask->scalar_type());
+}
+
 // msbp::place_grad_rows_, for a Python autograd function (the LSTM recurrence's W_hh): the
 // ascending distinct rows `rows` (r,) of dW, values (r, in), added straight into the weight's
 // gradient buffer (see grad_buffer; kept / state as for SparseLinearFn) where nothing needs to
@@ -1569,12 +1588,16 @@ int64_t place_grad_rows_(const Tensor& weight, const Tensor& kept, const Tensor&
                   values.scalar_type() == weight.scalar_type(),
               "place_grad_rows_: rows ", rows.sizes(), " and values ", values.sizes(),
               " do not fit the weight ", weight.sizes());
-  Tensor grad = grad_buffer(weight, kept, state, 1);  // + the call's argument
-  if (!grad.defined()) return 0;
-  const int64_t version_before = kept.numel() > 0 ? kept._version() : -1;
+  check_state_mask(state, std::nullopt, weight.size(0), "place_grad_rows_");
   Tensor v = values.contiguous(), rw = rows.contiguous();
   const int64_t r = rw.size(0), d = weight.size(1);
   const int64_t* rp = rw.data_ptr<int64_t>();
+  for (int64_t q = 0; q < r; ++q)  // written through raw pointers below: checked first
+    TORCH_CHECK(rp[q] >= 0 && rp[q] < weight.size(0), "place_grad_rows_: row ", rp[q],
+                " out of range for a weight of shape ", weight.sizes());
+  Tensor grad = grad_buffer(weight, kept, state, 1);  // + the call's argument
+  if (!grad.defined()) return 0;
+  const int64_t version_before = kept.numel() > 0 ? kept._version() : -1;
   if (!grad.is_contiguous()) {
     // a buffer put back with the strides of a non-contiguous weight (zeros_like of a
     // transposed one): the loop below would write its rows as if it were row-major
@@ -1622,7 +1645,11 @@ Tensor sparse_embedding_linear_fast(
     const std::optional<Tensor>& owner) {
   TORCH_CHECK(ids.dim() >= 1 && ids.scalar_type() == at::kLong && table.dim() == 2,
               "sparse_embedding_linear: ids must be int64 (*, features), table (rows, dim)");
+  TORCH_CHECK_VALUE(weight.dim() == 2, "weight must be 2-D (out, in), got shape ",
+                    weight.sizes());
   auto [param, offset] = owner_rows(weight, owner);
+  check_state_mask(state, mask, param.isTensor() ? param.toTensor().size(0) : weight.size(0),
+                   "sparse_embedding_linear_fast");
   return SparseEmbeddingLinearFn::apply(
       ids, table, weight, or_empty(bias, weight.options()), or_empty(memory, weight.options()),
       kept, state, or_empty(mask, weight.options().dtype(at::kByte)), k, selection, alpha, slot,
@@ -1651,6 +1678,8 @@ Tensor sparse_linear_fast(const Tensor& x, const Tensor& weight, const std::opti
       slot ? "slot" : "unit", "' with out_features=", out, ": expected (",
       slot ? "rows, " : "", out, slot ? ")" : ",)");
   auto [param, offset] = owner_rows(weight, owner);
+  check_state_mask(state, mask, param.isTensor() ? param.toTensor().size(0) : out,
+                   "sparse_linear_fast");
   return SparseLinearFn::apply(x, weight, or_empty(bias, x.options()),
                                or_empty(memory, x.options()), kept, state,
                                or_empty(mask, x.options().dtype(at::kByte)), k, selection, alpha,
