@@ -1161,3 +1161,14 @@ def test_native_op_rejects_random_cols_out_of_range(bad: int, native_backend) ->
             act, cells, tanh_c, out, h0, c0, w, d_out, None, None, memory, random_cols, k,
             recurrent._SELECTION_CODES["random"], 0.8, False, False, True, False)
     assert bool((memory == 1).all())
+
+
+@pytest.mark.parametrize("kind", ["ih", "hh"])
+def test_a_memory_sharing_its_own_storage_is_refused_at_the_call(kind: str) -> None:
+    """An expand()ed memory of the input or recurrent transform failed only in backward ("more
+    than one element of the written-to tensor refers to a single memory location"); now a
+    ValueError at the call, before either backend runs. Found by the malformed-input fuzz."""
+    lstm = SparseLSTM(4, 5, config=SparseBackpropConfig(k=3, memory=0.5))
+    setattr(lstm, f"memory_{kind}_l0", torch.zeros(1).expand(20))
+    with pytest.raises(ValueError, match="share storage"):
+        lstm(torch.randn(3, 2, 4, requires_grad=True))

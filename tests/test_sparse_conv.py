@@ -363,3 +363,13 @@ def test_native_all_positions_active_equals_torch(channels_last, dtype):
             case = case.contiguous(memory_format=torch.channels_last)
         want = bool((case != 0).any(1).all())
         assert torch.ops.msbp.conv_all_positions_active(case) is want
+
+
+def test_a_memory_sharing_its_own_storage_is_refused_at_the_call(backend):
+    """An expand()ed memory failed only in backward ("more than one element of the written-to
+    tensor refers to a single memory location"); now a ValueError at the call. Found by the
+    malformed-input fuzz."""
+    conv = SparseConv2d(3, 8, 3, config=SparseBackpropConfig(k=2, memory=0.5))
+    conv.memory = torch.zeros(1).expand(8)
+    with pytest.raises(ValueError, match="share storage"):
+        conv(torch.randn(2, 3, 5, 5, requires_grad=True))

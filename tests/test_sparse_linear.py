@@ -1372,3 +1372,26 @@ def test_a_layer_with_no_input_features_backpropagates_as_nn_linear(backend, sel
     assert layer.weight.grad.shape == (10, 0)
     torch.testing.assert_close(layer.bias.grad, dense.bias.grad)
     assert torch.isfinite(layer.memory).all()
+
+
+@pytest.mark.parametrize("how", ["expand", "as_strided"])
+@pytest.mark.parametrize("layout", ["unit", "slot"])
+@pytest.mark.parametrize("via", ["functional", "layer"])
+def test_a_memory_sharing_its_own_storage_is_refused_at_the_call(backend, how, layout, via):
+    """A memory whose elements share storage cannot be updated in place: an expand()ed one
+    passed the call and the backward failed with PyTorch's "more than one element of the
+    written-to tensor refers to a single memory location"; an as_strided one over itself
+    (strides (1, 1)) was written over itself without an error. Now a ValueError at the call
+    naming the shape and strides. Found by the malformed-input fuzz."""
+    cfg = msbp.SparseBackpropConfig(k=3, memory=0.5, memory_layout=layout)
+    shape = (10,) if layout == "unit" else (6, 10)
+    memory = (torch.zeros(1).expand(shape) if how == "expand"
+              else torch.zeros(16).as_strided(shape, (0,) if layout == "unit" else (1, 1)))
+    x = torch.randn(6, 7, requires_grad=True)
+    with pytest.raises(ValueError, match=r"memory of shape .* strides .* share storage"):
+        if via == "functional":
+            sparse_linear(x, torch.randn(10, 7, requires_grad=True), None, memory, config=cfg)
+        else:
+            layer = SparseLinear(7, 10, config=cfg)
+            layer.memory = memory
+            layer(x)

@@ -390,7 +390,7 @@ def test_native_op_takes_zero_input_features(selection):
     mem_n, mem_t = torch.zeros(10), torch.zeros(10)
     got = _native(g, x, w, mem_n, cols, None, *args)
     want = sparse_linear_backward_torch(g, x, w, mem_t, cols, None, *args)
-    for a, b in zip(got, want):
+    for a, b in zip(got, want, strict=True):
         torch.testing.assert_close(a, b)
     torch.testing.assert_close(mem_n, mem_t)
 

@@ -57,6 +57,32 @@ def check_memory(memory: Tensor, out_features: int, layout: str, weight: Tensor)
         raise ValueError(f"memory is on {memory.device} but weight is on {weight.device}")
     if memory.requires_grad:
         raise ValueError("memory must not require grad")
+    if not (memory.is_contiguous() or torch.compiler.is_compiling()) and _self_overlapping(
+        memory
+    ):
+        # an expand()ed memory failed only in backward, at the in-place update ("more than one
+        # element of the written-to tensor refers to a single memory location"), and one
+        # as_strided over itself (strides (1, 1)) was written over itself without an error
+        raise ValueError(
+            f"memory of shape {tuple(memory.shape)} and strides {memory.stride()} has elements "
+            "that share storage (an expand() or as_strided view), but the backward updates it "
+            "in place: pass a tensor of its own (memory.clone())"
+        )
+
+
+def _self_overlapping(t: Tensor) -> bool:
+    """Whether elements of ``t`` may share storage, from its sizes and strides: dimensions by
+    ascending stride, each stride must pass the largest offset the smaller ones reach (so a
+    transposed or sliced view is not; an expand()ed one, stride 0, is)."""
+    if t.numel() == 0:
+        return False
+    extent = 0
+    dims = sorted((s, n) for s, n in zip(t.stride(), t.shape, strict=True) if n > 1)
+    for stride, size in dims:
+        if stride <= extent:
+            return True
+        extent += stride * (size - 1)
+    return False
 
 
 def check_bias(bias: Tensor | None, weight: Tensor) -> None:
