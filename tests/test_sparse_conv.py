@@ -373,3 +373,27 @@ def test_a_memory_sharing_its_own_storage_is_refused_at_the_call(backend):
     conv.memory = torch.zeros(1).expand(8)
     with pytest.raises(ValueError, match="share storage"):
         conv(torch.randn(2, 3, 5, 5, requires_grad=True))
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+@pytest.mark.parametrize("cls", [SparseConv1d, SparseConv2d])
+def test_flop_counter_on_the_meta_device_counts_as_on_the_cpu(backend, cls, groups):
+    """A sparse convolution built on the meta device (Lightning's ``measure_flops``): its
+    backward selected channels by their values and failed ("Tensor.item() cannot be called on
+    meta tensors"), where the linear layer runs the k-wide products of shapes alone. Now the
+    convolution does too, and counts what the CPU run counts. Found by the malformed-input
+    fuzz (a meta input)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counts = {}
+    for device in ("cpu", "meta"):
+        with torch.device(device):
+            torch.manual_seed(0)
+            conv = cls(4, 8, 3, groups=groups, config=SparseBackpropConfig(k=4, memory=0.5))
+            x = torch.randn(2, 4, *((9,) if cls is SparseConv1d else (5, 5)))
+        with FlopCounterMode(display=False) as counter:
+            conv(x).sum().backward()
+        counts[device] = counter.get_total_flops()
+        assert conv.weight.grad.shape == conv.weight.shape
+        assert conv.weight.grad.device.type == device
+    assert counts["meta"] == counts["cpu"] > 0

@@ -205,6 +205,8 @@ class SparseConvFunction(torch.autograd.Function):
             return dx, dW, db, None, None, None
 
         kg = group_k(plan.k, c, geo.groups)
+        if grad_out.is_meta:
+            return _meta_backward(ctx, grad_out, x, w, kg)
         dense = kg * geo.groups >= c
         use_memory = memory is not None and plan.alpha > 0
         slot = plan.layout == "slot"
@@ -296,6 +298,26 @@ class SparseConvFunction(torch.autograd.Function):
             db.to(ctx.bias_dtype) if need_b else None,
             None, None, None,
         )
+
+
+def _meta_backward(ctx, grad_out: Tensor, x: Tensor, w: Tensor, kg: int) -> tuple:
+    """The backward on the meta device, where there are shapes but no values to select by (what
+    Lightning's ``measure_flops`` runs under ``FlopCounterMode``; the selection read values and
+    failed there: "Tensor.item() cannot be called on meta tensors"): the k-wide convolutions of
+    the first kg channels of each group, as the linear layer's meta backward; the memory is
+    untouched."""
+    geo: ConvGeometry = ctx.geo
+    need_x, need_w, need_b = ctx.needs_input_grad[:3]
+    per = w.shape[0] // geo.groups
+    idx = (torch.arange(kg).unsqueeze(0) + torch.arange(geo.groups).unsqueeze(1) * per).reshape(-1)
+    idx = idx.to(grad_out.device)
+    dx, dW_k = _conv_backward(grad_out.index_select(1, idx).to(x.dtype), x, w.index_select(0, idx),
+                              geo, need_x, need_w)
+    dW = torch.zeros_like(ctx.weight).index_copy(0, idx, dW_k.to(ctx.weight.dtype)) if (
+        need_w
+    ) else None
+    db = grad_out.sum([0, *range(2, grad_out.dim())]).to(ctx.bias_dtype) if need_b else None
+    return dx.to(ctx.x_dtype) if need_x else None, dW, db, None, None, None
 
 
 def sparse_conv(
