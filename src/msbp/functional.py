@@ -39,7 +39,10 @@ def memory_dtype(param_dtype: torch.dtype) -> torch.dtype:
 
 
 def check_memory(memory: Tensor, out_features: int, layout: str, weight: Tensor) -> None:
-    """Raise ``ValueError`` unless ``memory`` fits a layer with ``weight`` and ``layout``."""
+    """Raise ``ValueError`` unless ``memory`` fits a layer with ``weight`` and ``layout``
+    (``TypeError`` unless it is a tensor)."""
+    if not isinstance(memory, Tensor):
+        raise TypeError(f"memory must be a Tensor or None, got {type(memory).__name__}")
     if layout == "unit":
         ok_shape = tuple(memory.shape) == (out_features,)
         want = f"({out_features},)"
