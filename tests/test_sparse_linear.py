@@ -1395,3 +1395,17 @@ def test_a_memory_sharing_its_own_storage_is_refused_at_the_call(backend, how, l
             layer = SparseLinear(7, 10, config=cfg)
             layer.memory = memory
             layer(x)
+
+
+@pytest.mark.parametrize("generator", [3, "seed", [1]])
+def test_a_generator_of_another_type_is_refused_at_the_call(backend, generator):
+    """``selection="random"`` reads the generator in backward only: an int passed the call and
+    failed there with randperm's TypeError (an unhashable one with lru_cache's). Now a TypeError
+    at the call naming the type. Found by the malformed-input fuzz."""
+    cfg = msbp.SparseBackpropConfig(k=3, selection="random")
+    layer = SparseLinear(7, 10, config=cfg)
+    layer.generator = generator
+    with pytest.raises(TypeError, match="generator must be a torch.Generator or None"):
+        layer(torch.randn(6, 7))
+    with pytest.raises(TypeError, match="generator must be a torch.Generator or None"):
+        sparse_linear(torch.randn(6, 7), layer.weight, None, None, config=cfg, generator=generator)

@@ -474,6 +474,11 @@ def make_plan(
         # without the name (it only labels errors): a name in the plan is a guard, and dynamo
         # compiled a layer's forward again for each layer, running those past 8 eagerly
         return _plan.__wrapped__(config, out_features, generator, "", probe)
+    if generator is not None and not isinstance(generator, torch.Generator):
+        # (read only by selection="random", in backward: randperm's TypeError came there)
+        raise TypeError(
+            f"generator must be a torch.Generator or None, got {type(generator).__name__}"
+        )
     return _plan(config, out_features, generator, name, probe)
 
 
