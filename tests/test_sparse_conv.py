@@ -397,3 +397,13 @@ def test_flop_counter_on_the_meta_device_counts_as_on_the_cpu(backend, cls, grou
         assert conv.weight.grad.shape == conv.weight.shape
         assert conv.weight.grad.device.type == device
     assert counts["meta"] == counts["cpu"] > 0
+
+
+def test_an_input_on_another_device_than_the_weight_is_refused_at_the_call(backend):
+    """torch.convolution takes a meta input with a CPU weight (nn.Conv2d's forward runs); the
+    sparse backward then failed ("index_copy(): self, index and source expected to be in the
+    same device"). Now a ValueError at the call naming both devices. Found by the
+    malformed-input fuzz."""
+    conv = SparseConv2d(3, 8, 3, config=SparseBackpropConfig(k=2, memory=0.5))
+    with pytest.raises(ValueError, match="is on meta but the weight is on cpu"):
+        conv(torch.randn(2, 3, 5, 5, device="meta", requires_grad=True))
