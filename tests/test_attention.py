@@ -225,3 +225,50 @@ def test_in_proj_rows_go_into_the_parameters_grad(backend):
         pointers.append(w.grad.data_ptr())
     if backend == "native":  # one buffer throughout, put back by the first of the three calls
         assert len(set(pointers)) == 1
+
+
+@pytest.mark.parametrize("batch_first", [False, True])
+@pytest.mark.parametrize("case", ["key_value_lengths", "batch_sizes", "attn_mask_2d",
+                                  "attn_mask_3d", "ranks"])
+def test_mismatched_shapes_are_value_errors_naming_them(backend, case, batch_first):
+    """Shapes nn.MultiheadAttention refuses with its own checks: the sparse layer ran its
+    projections and failed deep inside ("shape '[4, 4, 4]' is invalid for input of size 96",
+    "The size of tensor a (4) must match the size of tensor b (3) at non-singleton dimension
+    2", or bmm's batch2 message). Now a ValueError naming the arguments and their shapes, before
+    anything runs. Found by the malformed-input fuzz."""
+    torch.manual_seed(0)
+    mha = SparseMultiheadAttention.from_dense(nn.MultiheadAttention(8, 2, batch_first=batch_first),
+                                              SparseBackpropConfig(k=3))
+
+    def batched(*shape):  # (L, N, E) given; (N, L, E) under batch_first
+        t = torch.randn(*shape)
+        return t.transpose(0, 1).contiguous() if batch_first else t
+
+    q, kv = batched(4, 2, 8), batched(5, 2, 8)
+    args = {
+        "key_value_lengths": (q, kv, batched(6, 2, 8), None, "key of shape"),
+        "batch_sizes": (q, batched(5, 3, 8), batched(5, 3, 8), None, "batch sizes"),
+        "attn_mask_2d": (q, kv, kv, torch.zeros(3, 3), "attn_mask of shape"),
+        "attn_mask_3d": (q, kv, kv, torch.zeros(3, 4, 5), "attn_mask of shape"),
+        "ranks": (torch.randn(4, 8), kv, kv, None, "all be 3-D"),
+    }[case]
+    query, key, value, mask, words = args
+    with pytest.raises(ValueError, match=words):
+        mha(query.requires_grad_(), key, value, attn_mask=mask)
+
+
+@pytest.mark.parametrize("mask_shape", [(4, 5), (2 * 2, 4, 5)])
+def test_valid_attn_masks_still_pass_the_shape_checks(backend, mask_shape):
+    """The shape checks above take the masks nn.MultiheadAttention takes: (L, S) and
+    (N heads, L, S) batched, (heads, L, S) unbatched; the results are nn's."""
+    torch.manual_seed(0)
+    dense = nn.MultiheadAttention(8, 2)
+    mha = SparseMultiheadAttention.from_dense(nn.MultiheadAttention(8, 2),
+                                              SparseBackpropConfig(k=8))
+    mha.load_state_dict(dense.state_dict(), strict=False)
+    mask = torch.randn(*mask_shape)
+    for q, kv, m in ((torch.randn(4, 2, 8), torch.randn(5, 2, 8), mask),
+                     (torch.randn(4, 8), torch.randn(5, 8), mask[:2] if mask.dim() == 3 else mask)):
+        got = mha(q.requires_grad_(), kv, kv, attn_mask=m)[0]
+        want = dense(q, kv, kv, attn_mask=m)[0]
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)

@@ -1169,3 +1169,35 @@ def test_flop_counter_on_the_meta_device_counts_as_on_the_cpu(backend, selection
         assert 0 < counts["meta"] < counts["cpu"]
     else:
         assert counts["meta"] == counts["cpu"] > 0
+
+
+@pytest.mark.parametrize("bad", [4 * 4, -1, 1 << 40])
+def test_native_op_rejects_random_cols_out_of_range(bad: int, native_backend) -> None:
+    """``random_cols`` holding a column outside [0, 4H): the recurrence indexed G, W_hh and the
+    memory by it unchecked (heap corruption, a segfault). Now a clear error, the memory
+    untouched. Found by the malformed-input fuzz."""
+    gen = torch.Generator().manual_seed(0)
+    steps, batch, hidden, k = 3, 3, 4, 3
+    gx, h0, c0, w, b = (t.detach() for t in _recurrence_inputs(gen, steps, batch, hidden))
+    act, cells, tanh_c, out = recurrent._lstm_steps(gx, h0, c0, w, b, False)
+    d_out = torch.randn(steps, batch, hidden, generator=gen, dtype=torch.float64)
+    memory = torch.ones(4 * hidden, dtype=torch.float64)
+    random_cols = torch.stack([torch.randperm(4 * hidden, generator=gen)[:k]
+                               for _ in range(steps)])
+    random_cols[1, 2] = bad
+    with pytest.raises(RuntimeError, match="random_cols"):
+        torch.ops.msbp.lstm_recurrence_backward(
+            act, cells, tanh_c, out, h0, c0, w, d_out, None, None, memory, random_cols, k,
+            recurrent._SELECTION_CODES["random"], 0.8, False, False, True, False)
+    assert bool((memory == 1).all())
+
+
+@pytest.mark.parametrize("kind", ["ih", "hh"])
+def test_a_memory_sharing_its_own_storage_is_refused_at_the_call(kind: str) -> None:
+    """An expand()ed memory of the input or recurrent transform failed only in backward ("more
+    than one element of the written-to tensor refers to a single memory location"); now a
+    ValueError at the call, before either backend runs. Found by the malformed-input fuzz."""
+    lstm = SparseLSTM(4, 5, config=SparseBackpropConfig(k=3, memory=0.5))
+    setattr(lstm, f"memory_{kind}_l0", torch.zeros(1).expand(20))
+    with pytest.raises(ValueError, match="share storage"):
+        lstm(torch.randn(3, 2, 4, requires_grad=True))

@@ -408,3 +408,25 @@ def test_deepcopy_is_independent(layout):
     for u, v in zip(a, b, strict=True):
         torch.testing.assert_close(u, v, rtol=0, atol=0)
     torch.testing.assert_close(twin.memory, layer.memory, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("layout", ["unit", "slot"])
+@pytest.mark.parametrize("value", [None, [0.0] * 10, 3.0])
+def test_a_memory_set_to_a_non_tensor_is_refused_by_name(backend, layout, value):
+    """``layer.memory = None`` means no memory (as the functional API's ``memory=None``) with
+    either layout; a ``slot`` layer failed with "'NoneType' object has no attribute
+    'untyped_storage'" (the check that its storage can grow). Any other non-tensor failed with
+    an AttributeError from deep inside; now a TypeError naming the type. Found by the
+    malformed-input fuzz."""
+    import msbp
+
+    layer = msbp.SparseLinear(7, 10, config=msbp.SparseBackpropConfig(k=3, memory_layout=layout))
+    layer.memory = value
+    x = torch.randn(6, 7)
+    if value is None:
+        layer(x).sum().backward()
+        assert int((layer.weight.grad.abs().sum(1) > 0).sum()) == 3
+    else:
+        want = f"memory must be a Tensor or None, got {type(value).__name__}"
+        with pytest.raises(TypeError, match=want):
+            layer(x)

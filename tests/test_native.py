@@ -195,3 +195,75 @@ def test_profilers_see_the_sparse_layer_node_by_its_name():
     x = torch.randn(3, 6)
     model(x).sum().backward()  # the first call checks everything, later ones take the C++ call
     assert model(x).grad_fn.name() == "torch::autograd::CppNode<msbp::SparseLinearFn>"
+
+
+@pytest.mark.skipif(not native.use_native(), reason="the native kernels are unavailable")
+@pytest.mark.parametrize("rows", [[1, 4, 8], [-1, 4, 6], [1, 4, 1 << 40]])
+def test_place_grad_rows_rejects_rows_out_of_range(rows):
+    """``msbp::place_grad_rows_`` added the values into .grad at the rows given, unchecked: a
+    row outside [0, out) wrote past the buffer (heap corruption, "free(): invalid size", a
+    segfault). Now a clear error, .grad untouched. Found by the malformed-input fuzz."""
+    import torch
+
+    w = torch.randn(8, 5, requires_grad=True)
+    w.grad = torch.zeros(8, 5)
+    keep = w * 1  # noqa: F841  (the weight's AccumulateGrad node exists: route 1)
+    state = torch.full((10,), -1, dtype=torch.long)
+    with pytest.raises(RuntimeError, match="out of range"):
+        torch.ops.msbp.place_grad_rows_(w, torch.zeros(8, 5), state, torch.tensor(rows),
+                                        torch.randn(3, 5))
+    assert bool((w.grad == 0).all())
+
+
+@pytest.mark.skipif(not native.use_native(), reason="the native kernels are unavailable")
+@pytest.mark.parametrize("what", ["state_empty", "state_short", "state_int32", "mask_short",
+                                  "mask_bool"])
+@pytest.mark.parametrize("op", ["place_grad_rows_", "sparse_linear_fast", "bound_fast"])
+def test_native_entry_points_check_state_and_mask(what, op):
+    """The kept buffer's state ((out + 2,) int64) and the row mask ((out,) uint8) are read and
+    written through raw pointers; an empty or short one, passed to the raw ops, read and wrote
+    past it (an empty state crashed the process). Now a RuntimeError naming the shape wanted.
+    Found by the malformed-input fuzz."""
+    import torch
+
+    if op == "place_grad_rows_" and what.startswith("mask"):
+        pytest.skip("place_grad_rows_ takes no mask")
+    out, d = 8, 5
+    w = torch.randn(out, d, requires_grad=True)
+    state = torch.full((out + 2,), -1, dtype=torch.long)
+    mask = torch.zeros(out, dtype=torch.uint8)
+    bad = {
+        "state_empty": torch.empty(0, dtype=torch.long),
+        "state_short": torch.full((3,), -1, dtype=torch.long),
+        "state_int32": torch.full((out + 2,), -1, dtype=torch.int32),
+        "mask_short": torch.zeros(3, dtype=torch.uint8),
+        "mask_bool": torch.zeros(out, dtype=torch.bool),
+    }[what]
+    if what.startswith("state"):
+        state = bad
+    else:
+        mask = bad
+    with pytest.raises(RuntimeError, match="state|mask"):
+        if op == "place_grad_rows_":
+            keep = w * 1  # noqa: F841
+            torch.ops.msbp.place_grad_rows_(w, torch.zeros(out, d), state,
+                                            torch.tensor([1, 4]), torch.randn(2, d))
+        else:
+            fast = (torch.ops.msbp.sparse_linear_fast if op == "sparse_linear_fast"
+                    else native.eager_module().sparse_linear_fast)
+            y = fast(torch.randn(4, d), w, None, torch.zeros(out), torch.zeros(out, d), state,
+                     mask, 2, 0, 0.5, False, False, 3.0, "fz", False, None)
+            y.square().sum().backward()
+
+
+@pytest.mark.skipif(not native.use_native(), reason="the native kernels are unavailable")
+@pytest.mark.parametrize("row", [6, -5])
+def test_clear_kept_rows_rejects_a_state_listing_rows_out_of_range(row):
+    """``clear_kept_rows_`` zeroed the rows a state lists, unchecked: a listed row outside the
+    buffer wrote past it. Now a clear error. Found by the malformed-input fuzz."""
+    import torch
+
+    buf = torch.ones(6, 4)
+    state = torch.tensor([2, buf._version, 1, row, -1, -1, -1, -1])
+    with pytest.raises(RuntimeError, match="out of range"):
+        native.eager_module().clear_kept_rows_([buf], [state])

@@ -419,6 +419,15 @@ def test_bad_arguments(kwargs):
         LazyRowAdam(_mlp().parameters(), **kwargs)
 
 
+@pytest.mark.parametrize("name", ["lr", "eps", "weight_decay"])
+@pytest.mark.parametrize("cls", [LazyRowAdam, LazyRowAdamW])
+def test_nan_arguments_are_refused_as_adam_refuses_them(cls, name):
+    """lr, eps or weight_decay NaN passed the ``x < 0`` checks (torch.optim.Adam raises) and
+    the first step made every stepped row NaN. Found by the malformed-input fuzz."""
+    with pytest.raises(ValueError, match=f"{name} must be >= 0, got {name}=nan"):
+        cls(_mlp().parameters(), **{name: float("nan")})
+
+
 def test_state_dict_round_trip():
     model = msbp.sparsify(_mlp(), msbp.SparseBackpropConfig(k=3, memory=0.8), exclude="2")
     opt = LazyRowAdam(model.parameters(), lr=1e-2)

@@ -365,6 +365,16 @@ def test_native_all_positions_active_equals_torch(channels_last, dtype):
         assert torch.ops.msbp.conv_all_positions_active(case) is want
 
 
+def test_a_memory_sharing_its_own_storage_is_refused_at_the_call(backend):
+    """An expand()ed memory failed only in backward ("more than one element of the written-to
+    tensor refers to a single memory location"); now a ValueError at the call. Found by the
+    malformed-input fuzz."""
+    conv = SparseConv2d(3, 8, 3, config=SparseBackpropConfig(k=2, memory=0.5))
+    conv.memory = torch.zeros(1).expand(8)
+    with pytest.raises(ValueError, match="share storage"):
+        conv(torch.randn(2, 3, 5, 5, requires_grad=True))
+
+
 @pytest.mark.parametrize("groups", [1, 2])
 def test_flop_counter_on_the_meta_device_counts_as_on_the_cpu(groups, backend):
     """Lightning's ``measure_flops`` builds the model on the meta device: the sparse
@@ -390,3 +400,13 @@ def test_flop_counter_on_the_meta_device_counts_as_on_the_cpu(groups, backend):
         assert model[0].weight.grad.device.type == device
         assert model[0].memory.device.type == device
     assert counts["meta"] == counts["cpu"] > 0
+
+
+def test_an_input_on_another_device_than_the_weight_is_refused_at_the_call(backend):
+    """torch.convolution takes a meta input with a CPU weight (nn.Conv2d's forward runs); the
+    sparse backward then failed ("index_copy(): self, index and source expected to be in the
+    same device"). Now a ValueError at the call naming both devices. Found by the
+    malformed-input fuzz."""
+    conv = SparseConv2d(3, 8, 3, config=SparseBackpropConfig(k=2, memory=0.5))
+    with pytest.raises(ValueError, match="is on meta but the weight is on cpu"):
+        conv(torch.randn(2, 3, 5, 5, device="meta", requires_grad=True))

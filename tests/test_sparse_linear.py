@@ -1348,3 +1348,64 @@ def test_kept_buffer_of_an_old_dtype_is_not_put_back_after_to(backend):
                                                + layer.bias.detach()), None, k=2
     )[1]
     torch.testing.assert_close(layer.weight.grad, want)
+
+
+@pytest.mark.parametrize("selection", ["unified", "per_example"])
+@pytest.mark.parametrize("shape", [(6, 7), (2, 3, 7)])
+def test_a_layer_with_no_input_features_backpropagates_as_nn_linear(backend, selection, shape):
+    """``SparseLinear(0, out)`` (an x of shape (*, 0)): nn.Linear gives dx of shape (*, 0), an
+    empty dW and db. Its backward reshaped x with reshape(-1, 0), which is ambiguous (both
+    backends raised "cannot reshape tensor of 0 elements" in backward), and the native kernels
+    divided by the column block width, 0 (SIGFPE: the process died). Found by the
+    malformed-input fuzz (a 6 x 0 input)."""
+    torch.manual_seed(0)
+    cfg = msbp.SparseBackpropConfig(k=3, memory=0.5, selection=selection)
+    layer = SparseLinear(0, 10, config=cfg)
+    dense = nn.Linear(0, 10)
+    dense.load_state_dict({k: v for k, v in layer.state_dict().items() if k != "memory"})
+    x = torch.randn(*shape[:-1], 0, requires_grad=True)
+    xd = x.detach().clone().requires_grad_()
+    g = torch.randn(*shape[:-1], 10)
+    layer(x).backward(g)
+    dense(xd).backward(g)
+    assert x.grad.shape == x.shape
+    assert layer.weight.grad.shape == (10, 0)
+    torch.testing.assert_close(layer.bias.grad, dense.bias.grad)
+    assert torch.isfinite(layer.memory).all()
+
+
+@pytest.mark.parametrize("how", ["expand", "as_strided"])
+@pytest.mark.parametrize("layout", ["unit", "slot"])
+@pytest.mark.parametrize("via", ["functional", "layer"])
+def test_a_memory_sharing_its_own_storage_is_refused_at_the_call(backend, how, layout, via):
+    """A memory whose elements share storage cannot be updated in place: an expand()ed one
+    passed the call and the backward failed with PyTorch's "more than one element of the
+    written-to tensor refers to a single memory location"; an as_strided one over itself
+    (strides (1, 1)) was written over itself without an error. Now a ValueError at the call
+    naming the shape and strides. Found by the malformed-input fuzz."""
+    cfg = msbp.SparseBackpropConfig(k=3, memory=0.5, memory_layout=layout)
+    shape = (10,) if layout == "unit" else (6, 10)
+    memory = (torch.zeros(1).expand(shape) if how == "expand"
+              else torch.zeros(16).as_strided(shape, (0,) if layout == "unit" else (1, 1)))
+    x = torch.randn(6, 7, requires_grad=True)
+    with pytest.raises(ValueError, match=r"memory of shape .* strides .* share storage"):
+        if via == "functional":
+            sparse_linear(x, torch.randn(10, 7, requires_grad=True), None, memory, config=cfg)
+        else:
+            layer = SparseLinear(7, 10, config=cfg)
+            layer.memory = memory
+            layer(x)
+
+
+@pytest.mark.parametrize("generator", [3, "seed", [1]])
+def test_a_generator_of_another_type_is_refused_at_the_call(backend, generator):
+    """``selection="random"`` reads the generator in backward only: an int passed the call and
+    failed there with randperm's TypeError (an unhashable one with lru_cache's). Now a TypeError
+    at the call naming the type. Found by the malformed-input fuzz."""
+    cfg = msbp.SparseBackpropConfig(k=3, selection="random")
+    layer = SparseLinear(7, 10, config=cfg)
+    layer.generator = generator
+    with pytest.raises(TypeError, match="generator must be a torch.Generator or None"):
+        layer(torch.randn(6, 7))
+    with pytest.raises(TypeError, match="generator must be a torch.Generator or None"):
+        sparse_linear(torch.randn(6, 7), layer.weight, None, None, config=cfg, generator=generator)

@@ -375,3 +375,38 @@ def test_flop_counter_on_the_meta_device_counts_as_on_the_cpu():
         counts[device] = counter.get_total_flops()
         assert model[0].weight.grad.shape == (10, 7) and model[2].weight.grad.device.type == device
     assert counts["meta"] == counts["cpu"] > 0
+
+
+@native_only
+@pytest.mark.parametrize("selection", sorted(SELECTION_CODES))
+def test_native_op_takes_zero_input_features(selection):
+    """A 6 x 0 input (a layer with no input features): the column blocks of the native
+    products were min(..., d_in) = 0 wide and the block count divided by it (SIGFPE: the
+    process died). Found by the malformed-input fuzz."""
+    torch.manual_seed(0)
+    g, x, w = torch.randn(6, 10), torch.randn(6, 0), torch.randn(10, 0)
+    cols = torch.randperm(10)[:3]
+    args = (3, SELECTION_CODES[selection], 0.5, False, True, True, True, False, False, 3.0)
+    mem_n, mem_t = torch.zeros(10), torch.zeros(10)
+    got = _native(g, x, w, mem_n, cols, None, *args)
+    want = sparse_linear_backward_torch(g, x, w, mem_t, cols, None, *args)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b)
+    torch.testing.assert_close(mem_n, mem_t)
+
+
+@native_only
+@pytest.mark.parametrize("slot", [False, True])
+@pytest.mark.parametrize("cols", [[1, 2, 10], [1, 2, -1], [1, 2, 1 << 40], [[1, 2, 3]]])
+def test_native_op_rejects_random_cols_out_of_range(slot, cols):
+    """``random_cols`` outside [0, out) (or not 1-D): the kernels read U and wrote the memory at
+    those columns unchecked (heap corruption: "free(): invalid pointer", a segfault), and a
+    (1, k) tensor silently kept one column. Now a clear error, the memory untouched. Found by
+    the malformed-input fuzz."""
+    g, x, w = torch.randn(6, 10), torch.randn(6, 7), torch.randn(10, 7)
+    memory = torch.randn(6, 10) if slot else torch.randn(10)
+    before = memory.clone()
+    with pytest.raises(RuntimeError, match="random_cols"):
+        _native(g, x, w, memory, torch.tensor(cols), None, 3, SELECTION_CODES["random"], 0.5,
+                slot, True, True, True, False, False, 3.0)
+    torch.testing.assert_close(memory, before)

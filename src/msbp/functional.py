@@ -40,7 +40,10 @@ def memory_dtype(param_dtype: torch.dtype) -> torch.dtype:
 
 
 def check_memory(memory: Tensor, out_features: int, layout: str, weight: Tensor) -> None:
-    """Raise ``ValueError`` unless ``memory`` fits a layer with ``weight`` and ``layout``."""
+    """Raise ``ValueError`` unless ``memory`` fits a layer with ``weight`` and ``layout``
+    (``TypeError`` unless it is a tensor)."""
+    if not isinstance(memory, Tensor):
+        raise TypeError(f"memory must be a Tensor or None, got {type(memory).__name__}")
     if layout == "unit":
         ok_shape = tuple(memory.shape) == (out_features,)
         want = f"({out_features},)"
@@ -58,6 +61,32 @@ def check_memory(memory: Tensor, out_features: int, layout: str, weight: Tensor)
         raise ValueError(f"memory is on {memory.device} but weight is on {weight.device}")
     if memory.requires_grad:
         raise ValueError("memory must not require grad")
+    if not (memory.is_contiguous() or torch.compiler.is_compiling()) and _self_overlapping(
+        memory
+    ):
+        # an expand()ed memory failed only in backward, at the in-place update ("more than one
+        # element of the written-to tensor refers to a single memory location"), and one
+        # as_strided over itself (strides (1, 1)) was written over itself without an error
+        raise ValueError(
+            f"memory of shape {tuple(memory.shape)} and strides {memory.stride()} has elements "
+            "that share storage (an expand() or as_strided view), but the backward updates it "
+            "in place: pass a tensor of its own (memory.clone())"
+        )
+
+
+def _self_overlapping(t: Tensor) -> bool:
+    """Whether elements of ``t`` may share storage, from its sizes and strides: dimensions by
+    ascending stride, each stride must pass the largest offset the smaller ones reach (so a
+    transposed or sliced view is not; an expand()ed one, stride 0, is)."""
+    if t.numel() == 0:
+        return False
+    extent = 0
+    dims = sorted((s, n) for s, n in zip(t.stride(), t.shape, strict=True) if n > 1)
+    for stride, size in dims:
+        if stride <= extent:
+            return True
+        extent += stride * (size - 1)
+    return False
 
 
 def check_bias(bias: Tensor | None, weight: Tensor) -> None:
@@ -470,6 +499,11 @@ def make_plan(
         # without the name (it only labels errors): a name in the plan is a guard, and dynamo
         # compiled a layer's forward again for each layer, running those past 8 eagerly
         return _plan.__wrapped__(config, out_features, generator, "", probe)
+    if generator is not None and not isinstance(generator, torch.Generator):
+        # (read only by selection="random", in backward: randperm's TypeError came there)
+        raise TypeError(
+            f"generator must be a torch.Generator or None, got {type(generator).__name__}"
+        )
     return _plan(config, out_features, generator, name, probe)
 
 

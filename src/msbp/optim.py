@@ -413,13 +413,15 @@ class LazyRowAdam(Optimizer):
         sync_rows: bool = True,
         process_group: Any = None,
     ) -> None:
-        if lr < 0:
+        # `not x >= 0`, not `x < 0`: NaN is rejected too (as torch.optim.Adam rejects it; it
+        # was taken, and the first step made every stepped row NaN)
+        if not lr >= 0:
             raise ValueError(f"lr must be >= 0, got lr={lr}")
         if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
             raise ValueError(f"betas must be in [0, 1), got betas={betas}")
-        if eps < 0:
+        if not eps >= 0:
             raise ValueError(f"eps must be >= 0, got eps={eps}")
-        if weight_decay < 0:
+        if not weight_decay >= 0:
             raise ValueError(f"weight_decay must be >= 0, got weight_decay={weight_decay}")
         super().__init__(params, dict(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,

@@ -679,6 +679,10 @@ Outputs lstm_recurrence_backward_eager(
     TORCH_CHECK(random_cols.has_value() && random_cols->sizes() == at::IntArrayRef({T, k}) &&
                     random_cols->scalar_type() == at::kLong && random_cols->is_contiguous(),
                 "lstm_recurrence_backward: random selection needs random_cols (T, k) int64");
+    const int64_t* rp = random_cols->data_ptr<int64_t>();
+    for (int64_t j = 0; j < T * k; ++j)  // the loops index G, W_hh and the memory by them
+      TORCH_CHECK(rp[j] >= 0 && rp[j] < G4, "lstm_recurrence_backward: random_cols holds ",
+                  rp[j], ", out of range for ", G4, " gate units");
   }
   Options opt{k, selection, alpha, slot, reverse, need_w, all_rows};
   // (a copy of a non-contiguous act takes G just as well)

@@ -242,7 +242,8 @@ template <typename T>
 int64_t column_block(int64_t operand_rows, int64_t d_in) {
   constexpr int64_t B = Vec<T>::width * kBlockVecs;
   int64_t blocks = (512 * 1024) / (std::max<int64_t>(operand_rows, 1) * B * sizeof(T));
-  return std::min<int64_t>(std::max<int64_t>(blocks, 1) * B, d_in);
+  // at least 1: callers divide by it, and d_in may be 0 (a layer with no input features)
+  return std::max<int64_t>(std::min<int64_t>(std::max<int64_t>(blocks, 1) * B, d_in), 1);
 }
 
 // Operands from this size on are gathered from a packed copy of each column block: rows of a
@@ -855,6 +856,18 @@ Out5 backward_into(
   TORCH_CHECK(k >= 1, "sparse_linear_backward: k must be >= 1, got ", k);
   TORCH_CHECK(selection != kRandom || k >= grad_out.size(1) || random_cols.has_value(),
               "sparse_linear_backward: random selection needs random_cols");
+  if (selection == kRandom && k < grad_out.size(1)) {
+    // the kernels read and write U, dW and the memory at these columns unchecked
+    const Tensor& rc = *random_cols;
+    TORCH_CHECK(rc.dim() == 1 && rc.scalar_type() == at::kLong && rc.device().is_cpu(),
+                "sparse_linear_backward: random_cols must be a 1-D int64 CPU tensor, got shape ",
+                rc.sizes(), ", ", rc.scalar_type(), " on ", rc.device());
+    const Tensor rcc = rc.contiguous();
+    const int64_t* rp = rcc.data_ptr<int64_t>();
+    for (int64_t j = 0; j < rcc.numel(); ++j)
+      TORCH_CHECK(rp[j] >= 0 && rp[j] < grad_out.size(1), "sparse_linear_backward: random_cols ",
+                  "holds column ", rp[j], ", out of range for ", grad_out.size(1), " output units");
+  }
   const bool use_memory = memory.has_value() && alpha > 0;
   if (use_memory) {
     TORCH_CHECK(memory->is_contiguous(), "sparse_linear_backward: memory must be contiguous");
@@ -1009,6 +1022,9 @@ void clear_rows(Tensor& buf, const int64_t* rows, int64_t r) {
   if (r <= 0) return;
   const int64_t row_bytes = buf.size(1) * buf.element_size();
   auto* base = static_cast<char*>(buf.data_ptr());
+  for (int64_t i = 0; i < r; ++i)  // a state's rows (clear_kept_rows_ takes any state)
+    TORCH_CHECK(rows[i] >= 0 && rows[i] < buf.size(0), "msbp: a kept buffer's state lists row ",
+                rows[i], ", out of range for a buffer of shape ", buf.sizes());
   for (int64_t i = 0; i < r; ++i) std::memset(base + rows[i] * row_bytes, 0, row_bytes);
   buf.unsafeGetTensorImpl()->bump_version();
 }
@@ -1017,7 +1033,7 @@ void clear_rows(Tensor& buf, const int64_t* rows, int64_t r) {
 // written and record the buffer clean: true; false (nothing done) where it does not.
 bool clear_listed_rows(Tensor& buf, const Tensor& state) {
   int64_t* st = state.data_ptr<int64_t>();
-  if (st[0] < 0 || buf._version() != st[1]) return false;
+  if (st[0] < 0 || st[0] + 2 > state.numel() || buf._version() != st[1]) return false;
   if (buf.is_contiguous()) clear_rows(buf, st + 2, st[0]);
   else if (st[0] > 0) buf.index_fill_(0, state.narrow(0, 2, st[0]), 0);
   st[0] = 0;
@@ -1277,9 +1293,12 @@ variable_list run_backward(AutogradContext* ctx, const variable_list& grad_outpu
   const int64_t out = w.size(0), d_in = w.size(1);
   const bool need_w = ctx->needs_input_grad(w_at), need_b =
       ctx->saved_data["has_bias"].toBool() && ctx->needs_input_grad(w_at + 1);
-  Tensor g = grad_outputs[0].reshape({-1, out});
-  Tensor x2 = x.reshape({-1, d_in});
-  const int64_t n = g.size(0);
+  // n from the leading dimensions: reshape({-1, 0}) of a layer with no input features is
+  // ambiguous (and raised there in backward)
+  const int64_t n = c10::multiply_integers(grad_outputs[0].sizes().slice(
+      0, std::max<int64_t>(grad_outputs[0].dim() - 1, 0)));
+  Tensor g = grad_outputs[0].reshape({n, out});
+  Tensor x2 = x.reshape({n, d_in});
   auto x_shape = x.sizes().vec();
   variable_list result(3);
   // .grad None: this backward starts a new gradient, the rows logged into the one discarded go
@@ -1431,7 +1450,8 @@ void embedding_grad_factored(const int64_t* ids, int64_t n, int64_t nf, const T*
                              const int64_t* w_rows, const T* w, int64_t out, int64_t d, T* dt,
                              int64_t rows) {
   const int64_t width = nf * d;
-  const int64_t block = std::clamp<int64_t>((1 << 20) / (width * sizeof(T)), 1, n);
+  const int64_t block =
+      std::clamp<int64_t>((1 << 20) / (std::max<int64_t>(width, 1) * sizeof(T)), 1, n);
   std::vector<T> buf(block * width);
   const std::vector<int64_t> row_cols = same_cols(w_rows, kk, block);
   const bool split = n * nf * d >= kMinTaskWork;
@@ -1537,6 +1557,22 @@ int64_t clear_kept_rows_(at::TensorList bufs, at::TensorList states) {
   return cleared;
 }
 
+// The kept buffer's state (rows + 2,) int64 and the row mask (rows,) uint8 of a Parameter of
+// `rows` rows, as msbp.functional.kept_grad_buffer and msbp.ops.touched_rows.rows_mask make
+// them: the C++ path reads and writes both through raw pointers, at row indices.
+void check_state_mask(const Tensor& state, const std::optional<Tensor>& mask, int64_t rows,
+                      const char* op) {
+  TORCH_CHECK(state.scalar_type() == at::kLong && state.dim() == 1 && state.is_contiguous() &&
+                  state.device().is_cpu() && state.size(0) == rows + 2,
+              op, ": state must be a contiguous int64 CPU tensor of shape (", rows + 2,
+              ",), got shape ", state.sizes(), ", ", state.scalar_type());
+  if (!mask.has_value() || !mask->defined() || mask->numel() == 0) return;
+  TORCH_CHECK(mask->scalar_type() == at::kByte && mask->dim() == 1 && mask->is_contiguous() &&
+                  mask->device().is_cpu() && mask->size(0) == rows,
+              op, ": mask must be a contiguous uint8 CPU tensor of shape (", rows,
+              ",), got shape ", mask->sizes(), ", ", mask->scalar_type());
+}
+
 // msbp::place_grad_rows_, for a Python autograd function (the LSTM recurrence's W_hh): the
 // ascending distinct rows `rows` (r,) of dW, values (r, in), added straight into the weight's
 // gradient buffer (see grad_buffer; kept / state as for SparseLinearFn) where nothing needs to
@@ -1552,12 +1588,16 @@ int64_t place_grad_rows_(const Tensor& weight, const Tensor& kept, const Tensor&
                   values.scalar_type() == weight.scalar_type(),
               "place_grad_rows_: rows ", rows.sizes(), " and values ", values.sizes(),
               " do not fit the weight ", weight.sizes());
-  Tensor grad = grad_buffer(weight, kept, state, 1);  // + the call's argument
-  if (!grad.defined()) return 0;
-  const int64_t version_before = kept.numel() > 0 ? kept._version() : -1;
+  check_state_mask(state, std::nullopt, weight.size(0), "place_grad_rows_");
   Tensor v = values.contiguous(), rw = rows.contiguous();
   const int64_t r = rw.size(0), d = weight.size(1);
   const int64_t* rp = rw.data_ptr<int64_t>();
+  for (int64_t q = 0; q < r; ++q)  // written through raw pointers below: checked first
+    TORCH_CHECK(rp[q] >= 0 && rp[q] < weight.size(0), "place_grad_rows_: row ", rp[q],
+                " out of range for a weight of shape ", weight.sizes());
+  Tensor grad = grad_buffer(weight, kept, state, 1);  // + the call's argument
+  if (!grad.defined()) return 0;
+  const int64_t version_before = kept.numel() > 0 ? kept._version() : -1;
   if (!grad.is_contiguous()) {
     // a buffer put back with the strides of a non-contiguous weight (zeros_like of a
     // transposed one): the loop below would write its rows as if it were row-major
@@ -1605,7 +1645,11 @@ Tensor sparse_embedding_linear_fast(
     const std::optional<Tensor>& owner) {
   TORCH_CHECK(ids.dim() >= 1 && ids.scalar_type() == at::kLong && table.dim() == 2,
               "sparse_embedding_linear: ids must be int64 (*, features), table (rows, dim)");
+  TORCH_CHECK_VALUE(weight.dim() == 2, "weight must be 2-D (out, in), got shape ",
+                    weight.sizes());
   auto [param, offset] = owner_rows(weight, owner);
+  check_state_mask(state, mask, param.isTensor() ? param.toTensor().size(0) : weight.size(0),
+                   "sparse_embedding_linear_fast");
   return SparseEmbeddingLinearFn::apply(
       ids, table, weight, or_empty(bias, weight.options()), or_empty(memory, weight.options()),
       kept, state, or_empty(mask, weight.options().dtype(at::kByte)), k, selection, alpha, slot,
@@ -1634,6 +1678,8 @@ Tensor sparse_linear_fast(const Tensor& x, const Tensor& weight, const std::opti
       slot ? "slot" : "unit", "' with out_features=", out, ": expected (",
       slot ? "rows, " : "", out, slot ? ")" : ",)");
   auto [param, offset] = owner_rows(weight, owner);
+  check_state_mask(state, mask, param.isTensor() ? param.toTensor().size(0) : out,
+                   "sparse_linear_fast");
   return SparseLinearFn::apply(x, weight, or_empty(bias, x.options()),
                                or_empty(memory, x.options()), kept, state,
                                or_empty(mask, x.options().dtype(at::kByte)), k, selection, alpha,

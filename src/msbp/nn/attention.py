@@ -33,6 +33,42 @@ def _float_mask(mask: Tensor | None, dtype: torch.dtype) -> Tensor | None:
     return mask.to(dtype)
 
 
+def _check_shapes(query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | None,
+                  heads: int, batch_first: bool) -> None:
+    """Raise ``ValueError`` where ``nn.MultiheadAttention`` refuses the shapes of query, key,
+    value and attn_mask: the layer's own reshapes failed deep inside with messages that named
+    neither argument ("shape '[4, 4, 4]' is invalid for input of size 96", "The size of tensor
+    a (4) must match the size of tensor b (3)"), after the projections ran."""
+    names = "query, key and value"
+    if query.dim() not in (2, 3) or key.dim() != query.dim() or value.dim() != query.dim():
+        raise ValueError(
+            f"{names} must all be 3-D (batched) or all 2-D (unbatched), got shapes "
+            f"{tuple(query.shape)}, {tuple(key.shape)} and {tuple(value.shape)}"
+        )
+    if key.shape[:-1] != value.shape[:-1]:
+        raise ValueError(
+            f"key of shape {tuple(key.shape)} does not match value of shape "
+            f"{tuple(value.shape)}: all but their last dimension must agree"
+        )
+    batched = query.dim() == 3
+    b = 0 if batch_first else 1
+    if batched and query.shape[b] != key.shape[b]:
+        raise ValueError(
+            f"query of shape {tuple(query.shape)} and key of shape {tuple(key.shape)} have "
+            f"different batch sizes (dimension {b}{', batch_first' if batch_first else ''})"
+        )
+    if attn_mask is not None:
+        t = 1 - b if batched else 0
+        tgt, src = query.shape[t], key.shape[t]
+        want = [(tgt, src), ((query.shape[b] if batched else 1) * heads, tgt, src)]
+        if tuple(attn_mask.shape) not in want:
+            raise ValueError(
+                f"attn_mask of shape {tuple(attn_mask.shape)} does not fit query of shape "
+                f"{tuple(query.shape)} and key of shape {tuple(key.shape)}: expected "
+                f"{' or '.join(str(w) for w in want)}"
+            )
+
+
 def _copy_module_state(src: nn.Module, dst: nn.Module, skip: frozenset | set = frozenset()) -> None:
     """Initialise ``dst`` as a fresh ``nn.Module`` holding ``src``'s attributes, Parameter
     objects and submodules (shared, not copied), but not its hooks."""
@@ -134,6 +170,7 @@ class SparseMultiheadAttention(MemoryMixin, nn.MultiheadAttention):
             raise ValueError("is_causal=True needs the causal attn_mask too, as in "
                              "nn.MultiheadAttention")
         batched = query.dim() == 3
+        _check_shapes(query, key, value, attn_mask, self.num_heads, self.batch_first)
         if self.batch_first and batched:
             query, key, value = (t.transpose(0, 1) for t in (query, key, value))
         if not batched:

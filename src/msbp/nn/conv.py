@@ -101,6 +101,12 @@ class _SparseConvNd(MemoryMixin):
                 f"{type(self).__name__} expects a {self._spatial + 1}-D or "
                 f"{self._spatial + 2}-D input, got shape {tuple(x.shape)}"
             )
+        if x.device != weight.device:
+            # (torch.convolution takes a meta input with a CPU weight; the backward failed)
+            raise ValueError(
+                f"{type(self).__name__}: input of shape {tuple(x.shape)} is on {x.device} but "
+                f"the weight is on {weight.device}"
+            )
         self._check_config(self.config)
         if self.config.consensus:  # (the name read only then: traced code guards on it)
             consensus.refuse(True, f"{type(self).__name__} {self.name!r}")

@@ -266,6 +266,8 @@ class MemoryMixin:
 def _resizable(memory: Tensor) -> Tensor:
     """``memory``, or a copy where its storage cannot grow (a tensor ``torch.load`` made, which a
     slot memory would be resized in place from at the next batch size)."""
+    if not isinstance(memory, Tensor):  # None (no memory) or a wrong type, which the call
+        return memory  # refuses by name (msbp.functional.check_memory)
     return memory if memory.untyped_storage().resizable() else memory.clone()
 
 

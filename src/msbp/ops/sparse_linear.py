@@ -686,9 +686,11 @@ class SparseLinearFunction(torch.autograd.Function):
         memory: Tensor | None = ctx.memory
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         out, d_in = w.shape
-        g = grad_out.reshape(-1, out)  # (n, out)
-        x2 = x.reshape(-1, d_in)  # (n, in)
-        n = g.shape[0]
+        # n from the leading dimensions: reshape(-1, 0) of a layer with no input (or output)
+        # features is ambiguous, and raised there in backward
+        n = grad_out.shape[:-1].numel()
+        g = grad_out.reshape(n, out)  # (n, out)
+        x2 = x.reshape(n, d_in)  # (n, in)
         x_shape = (*grad_out.shape[:-1], d_in)
         k = min(plan.k, out)
         weight = ctx.weight
