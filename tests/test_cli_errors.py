@@ -93,7 +93,9 @@ def assert_one_line(rc: int, err: str, status: int = 2) -> None:
         ("mnist", ["--momentum", "nan"], "--momentum must be finite and >= 0, got nan"),
         ("mnist", ["--limit-train", "-5"], "got -5; leave out --limit-train to use all"),
         ("mnist", ["--limit-train", "0"], "got 0; leave out --limit-train to use all"),
-        ("mnist", ["--threads", "0"], "--threads must be >= 1, got 0"),
+        ("mnist", ["--threads", "0"], "--threads must be in [1, 1024], got 0"),
+        # found by a fuzz of the command line: torch.set_num_threads overflowed (a traceback)
+        ("mnist", ["--threads", "99999999999"], "--threads must be in [1, 1024], got 99999999999"),
         ("parse", ["--hidden-size", "0"], "--hidden-size must be >= 1, got 0"),
         ("parse", ["--embedding-dim", "0"], "--embedding-dim must be >= 1, got 0"),
         ("parse", ["--dropout", "1.5"], "--dropout must be in [0, 1), got 1.5"),

@@ -60,6 +60,9 @@ DISTRIBUTED_TIMING = (
 #: what ``torch.manual_seed`` and ``torch.Generator.manual_seed`` take, with room for the
 #: per-layer seeds ``seed + 1 + i`` of random selection
 MAX_SEED = 2**63 - 1
+#: the most ``--threads`` taken (``torch.set_num_threads`` takes a C int; a larger count would
+#: overflow it, and OpenMP would start that many threads)
+MAX_THREADS = 1024
 CHECKPOINT_FORMAT = "msbp-checkpoint"
 CHECKPOINT_VERSION = 2  # 1: before the checksum and the data fingerprint (never resumed)
 #: on a GPU, the loss sum is read (a device sync) every CHECK_EVERY steps to spot divergence
@@ -133,8 +136,8 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     run = parser.add_argument_group("run")
     run.add_argument(
         "--threads", type=_threads, default="auto",
-        help="torch threads; auto (default): 2, or 1 where another job keeps a core busy, and "
-        "each process's share under torchrun",
+        help="torch threads, at most 1024; auto (default): 2, or 1 where another job keeps a core "
+        "busy, and each process's share under torchrun",
     )
     run.add_argument(
         "--denormals", choices=DENORMAL_MODES, default="flush",
@@ -299,7 +302,7 @@ def check_args(args: argparse.Namespace) -> None:
     for name in ("epochs", "batch_size", "info_every", "info_window"):
         check_option(args, name, low=1)
     if args.threads != "auto":
-        check_option(args, "threads", low=1)
+        check_option(args, "threads", low=1, high=MAX_THREADS)
     check_option(args, "lr", low=0, low_open=True)
     check_option(args, "momentum", low=0)
     check_option(args, "seed", low=0, high=MAX_SEED)
