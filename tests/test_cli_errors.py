@@ -174,6 +174,34 @@ def test_compare_checkpoint_of_one_method_is_a_directory(data_dir, tmp_path, no_
     assert "ck.sbp.pt is a directory" in err
 
 
+@pytest.mark.parametrize(
+    ("command", "extra", "message"),
+    [
+        ("train", ["--out", "{d}/same", "--checkpoint", "{d}/same"],
+         "--checkpoint {d}/same: {d}/same is also written by --out"),
+        # the checkpoint is written through PATH.tmp, then renamed over PATH
+        ("train", ["--out", "{d}/ck.pt.tmp", "--checkpoint", "{d}/ck.pt"],
+         "{d}/ck.pt.tmp is also written by --out"),
+        ("compare", ["--out", "{d}/ck.sbp.pt", "--checkpoint", "{d}/ck.pt"],
+         "{d}/ck.sbp.pt is also written by --out"),
+        ("compare", ["--out", "{d}/r.json", "--plots", "{d}/r.json"],
+         "--plots {d}/r.json: is also a file written by --out"),
+        ("compare", ["--checkpoint", "{d}/ck.pt", "--plots", "{d}/ck.msbp.pt"],
+         "--plots {d}/ck.msbp.pt: is also a file written by --checkpoint"),
+    ],
+)
+def test_one_path_for_two_outputs(data_dir, tmp_path, no_training, capsys, command, extra,
+                                  message):
+    """Found by a fuzz of the command line: ``--out`` equal to ``--checkpoint`` replaced the
+    checkpoint with the results JSON at the end (exit 0; the next ``--resume`` failed), and
+    ``--plots`` naming a file written by ``--out`` or ``--checkpoint`` ended in a traceback after
+    training. Both are refused before any training."""
+    argv = [a.format(d=tmp_path) for a in extra]
+    rc, _, err = run_cli(mnist_argv(data_dir, *argv, command=command), capsys)
+    assert_one_line(rc, err)
+    assert message.format(d=tmp_path) in err
+
+
 @pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0,
                     reason="root writes into read-only directories")
 def test_read_only_directory(data_dir, tmp_path, no_training, capsys):

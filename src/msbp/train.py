@@ -369,6 +369,23 @@ def check_paths(args: argparse.Namespace, checkpoints: list[str]) -> None:
         _check_can_create_in("--plots", plots, Path(plots))
     for path in checkpoints:
         _check_file_target("--checkpoint", args.checkpoint, Path(path))
+    # one file for two things: the results JSON would replace a checkpoint (or the checkpoint's
+    # atomic write, through PATH.tmp, the JSON), or --plots could not make its folder
+    written: dict[Path, str] = {}
+    targets = [("--out", args.out, [args.out] if getattr(args, "out", None) else [])]
+    targets.append(("--checkpoint", args.checkpoint, checkpoints))
+    for option, value, files in targets:
+        for file in files:
+            for target in (Path(file), Path(f"{file}.tmp")):
+                key = target.resolve()
+                other = written.get(key)
+                if other is not None and other != option:
+                    raise UsageError(f"{option} {value}: {target} is also written by {other}; "
+                                     "give them different paths")
+                written[key] = option
+    if plots and Path(plots).resolve() in written:
+        raise UsageError(f"--plots {plots}: is also a file written by "
+                         f"{written[Path(plots).resolve()]}; give a folder of its own")
     if checkpoints and getattr(args, "resume", False):
         if not any(Path(f).is_file() for f in checkpoints):
             raise UsageError(f"--resume: no checkpoint at {' or '.join(checkpoints)}; leave out "
