@@ -307,6 +307,29 @@ def test_resume_without_checkpoint(data_dir, tmp_path, no_training, capsys):
     assert "nothing.dense.pt or " in err and "nothing.msbp.pt" in err
 
 
+def test_resume_with_fewer_epochs_than_done(data_dir, tmp_path, capsys, monkeypatch):
+    """Found by a fuzz of the command line: ``--resume`` with ``--epochs`` below the epochs the
+    checkpoint had trained exited 0 with results of more epochs than asked (and the JSON's
+    ``config`` saying the fewer). Refused, with the checkpoint left as it was (compare: before
+    any method trains)."""
+    ckpt = tmp_path / "ck.pt"
+    assert cli.main(mnist_argv(data_dir, "--epochs", "2", "--checkpoint", str(ckpt))) == 0
+    assert cli.main(mnist_argv(data_dir, "--methods", "msbp", "--epochs", "2", "--checkpoint",
+                               str(tmp_path / "c.pt"), command="compare")) == 0
+    capsys.readouterr()
+    saved = ckpt.read_bytes()
+    rc, _, err = run_cli(mnist_argv(data_dir, "--checkpoint", str(ckpt), "--resume",
+                                    "--out", str(tmp_path / "r.json")), capsys)
+    assert_one_line(rc, err)
+    assert f"checkpoint {ckpt} has trained 2 epochs, more than --epochs 1" in err
+    assert ckpt.read_bytes() == saved and not (tmp_path / "r.json").exists()
+    monkeypatch.setattr("msbp.train.train_run", lambda *a, **k: pytest.fail("training started"))
+    rc, _, err = run_cli(mnist_argv(data_dir, "--checkpoint", str(tmp_path / "c.pt"), "--resume",
+                                    command="compare"), capsys)
+    assert_one_line(rc, err)
+    assert "c.msbp.pt has trained 2 epochs, more than --epochs 1" in err
+
+
 def test_compare_checks_every_checkpoint_before_training(
     data_dir, good_checkpoint, tmp_path, capsys, monkeypatch
 ):

@@ -481,6 +481,12 @@ def load_checkpoint(
             f"checkpoint {path} was made with other options ({state.get('method')}; differs "
             f"in {diff or 'method'}); {afresh}"
         )
+    done = state.get("epoch")
+    if isinstance(done, int) and done > args.epochs:
+        raise UsageError(
+            f"checkpoint {path} has trained {done} epochs, more than --epochs {args.epochs}; "
+            f"resume it with --epochs {done} or more, or {afresh}"
+        )
     theirs, ours = state.get("data", {}), task.fingerprint()
     if theirs != ours:
         diff = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
