@@ -474,6 +474,25 @@ def test_task_specific_defaults():
         "per_example")
 
 
+def test_the_task_argparse_reads_gets_its_options(capsys):
+    """Found by a fuzz of the command line: the options were those of the task named by the first
+    exact ``--task``, while argparse trains the one it reads, an abbreviation (``--tas parse``) or
+    the last of two ``--task``; ``msbp train --tas parse`` trained the parser with MNIST's options
+    (its own flags refused, ``--dev-size`` taken and ignored), exit 0."""
+    from msbp.cli import parse_args
+
+    args = parse_args(["train", "--tas", "parse", "--hidden-size", "8"])
+    assert (args.task, args.hidden_size) == ("parse", 8) and not hasattr(args, "dev_size")
+    args = parse_args(["train", "--task", "parse", "--task", "mnist", "--hidden", "4"])
+    assert (args.task, args.hidden) == ("mnist", 4) and not hasattr(args, "hidden_size")
+    with pytest.raises(SystemExit) as exc:  # --ta: --task or parse's --tag-column
+        parse_args(["train", "--ta", "parse"])
+    assert exc.value.code == 2 and "ambiguous option: --ta" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        parse_args(["compare", "--tas", "pos", "--help"])
+    assert exc.value.code == 0 and "--word-dim" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize(
     ("free", "processes", "want"),
     [(2.0, 1, 2), (1.4, 1, 1), (0.2, 1, 1), (None, 1, 2), (2.0, 2, 1), (7.6, 1, 2)],

@@ -72,8 +72,18 @@ def build_parser(task: str = DEFAULT_TASK) -> argparse.ArgumentParser:
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
-    """Parse ``argv`` (without the program name) as ``msbp`` would."""
-    return build_parser(_task_from_argv(argv)).parse_args(list(argv))
+    """Parse ``argv`` (without the program name) as ``msbp`` would.
+
+    The options depend on the task, so the task is read first; where argparse reads another one
+    than ``_task_from_argv`` (an abbreviation such as ``--ta parse``, or ``--task`` given twice:
+    the last wins), the command line is parsed again with that task's options, so that a task
+    never trains with another task's options silently dropped or taken."""
+    argv = list(argv)
+    task = _task_from_argv(argv)
+    first = [a for a in argv if a not in ("-h", "--help")]  # the help of the task chosen
+    chosen, _ = build_parser(task).parse_known_args(first)
+    chosen_task = getattr(chosen, "task", task)
+    return build_parser(chosen_task if chosen_task in TASKS else task).parse_args(argv)
 
 
 def _print_info(as_json: bool) -> None:
