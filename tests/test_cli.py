@@ -493,6 +493,18 @@ def test_the_task_argparse_reads_gets_its_options(capsys):
     assert exc.value.code == 0 and "--word-dim" in capsys.readouterr().out
 
 
+def test_ctrl_c_before_training_is_one_line(monkeypatch, capsys):
+    """Found by a fuzz of the command line: Ctrl-C while the options were read (which imports
+    the training loop) gave a traceback; now "msbp: interrupted" and status 130."""
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "build_parser", interrupted)
+    rc, out, err = run_cli(["train", "--quiet"], capsys)
+    assert rc == 130 and err == "msbp: interrupted\n" and out == ""
+
+
 @pytest.mark.parametrize(
     ("free", "processes", "want"),
     [(2.0, 1, 2), (1.4, 1, 1), (0.2, 1, 1), (None, 1, 2), (2.0, 2, 1), (7.6, 1, 2)],

@@ -238,6 +238,32 @@ def test_writable_new_folders_are_made(data_dir, tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.rglob("*") if p.is_file()) == ["ck.pt", "r.json"]
 
 
+@pytest.mark.parametrize("command", [["info"], None])
+def test_backend_name_not_known(data_dir, no_training, monkeypatch, capsys, command):
+    """Found by a fuzz of the command line: ``MSBP_BACKEND=bogus`` ended ``msbp info`` and every
+    run in a traceback; now one line naming the variable, status 2."""
+    from msbp import native
+
+    monkeypatch.setenv("MSBP_BACKEND", "bogus")
+    monkeypatch.setitem(native._state, "backend", None)  # read from the environment again
+    rc, _, err = run_cli(command or mnist_argv(data_dir), capsys)
+    assert_one_line(rc, err)
+    assert "MSBP_BACKEND='bogus': expected one of ('auto', 'native', 'python')" in err
+
+
+def test_native_backend_without_a_compiler(data_dir, tmp_path):
+    """Found by a fuzz of the command line: ``MSBP_BACKEND=native`` where the kernels cannot be
+    built ended in a traceback with the compiler's output; now one line, status 2."""
+    env = {**os.environ, "MSBP_CACHE_DIR": str(tmp_path / "cache"), "CXX": "/nonexistent/c++",
+           "MSBP_BACKEND": "native"}
+    out = subprocess.run([sys.executable, "-m", "msbp", *mnist_argv(data_dir)], env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-2000:]
+    assert out.stderr.splitlines()[-1] == (
+        "msbp: error: MSBP_BACKEND=native, but the native kernels could not be built (`msbp "
+        "info` says why); set MSBP_BACKEND=auto or python for the PyTorch path")
+
+
 # ----------------------------------------------------------------------------- checkpoints
 
 

@@ -110,8 +110,35 @@ def _stdout_closed() -> int:
     return 0
 
 
+def _one_line(err: BaseException, limit: int = 300) -> str:
+    text = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``msbp`` console script; returns the exit status."""
+    """Entry point of the ``msbp`` console script; returns the exit status.
+
+    Ctrl-C anywhere (parsing, loading data, building the kernels) ends with one line and status
+    130; an ``MSBP_BACKEND`` that names no backend, or ``native`` where the kernels cannot be
+    built, with one line and status 2 (not the compiler's output)."""
+    from msbp import native
+
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        print("msbp: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except native.BackendNameError as err:
+        print(f"msbp: error: {_one_line(err)}", file=sys.stderr)
+        return EXIT_USAGE
+    except native.NativeUnavailableError:
+        print(f"msbp: error: {native.BACKEND_ENV}=native, but the native kernels could not be "
+              f"built (`msbp info` says why); set {native.BACKEND_ENV}=auto or python for the "
+              "PyTorch path", file=sys.stderr)
+        return EXIT_USAGE
+
+
+def _main(argv: Sequence[str] | None) -> int:
     from msbp.data.errors import DataError
 
     argv = list(sys.argv[1:] if argv is None else argv)
