@@ -163,6 +163,25 @@ def test_resume_equals_uninterrupted(data_dir, tmp_path, capsys):
     assert rc == 2 and "differs in ['k']" in err
 
 
+def test_train_and_compare_resume_each_others_checkpoints(data_dir, tmp_path, capsys):
+    """Found by a fuzz of the command line: a checkpoint of ``msbp train --method sbp`` was
+    refused by ``msbp compare --resume`` (and the other way round) as "made with other options
+    (sbp; differs in ['method'])", naming a method that was the same: only ``train`` has the
+    option. The method is compared on its own; both train a method alike."""
+    args = [*base_args(data_dir, "--k", "3"), "--epochs", "1"]
+    assert cli.main(["train", "--method", "sbp", *args, "--checkpoint",
+                     str(tmp_path / "c.sbp.pt")]) == 0
+    assert cli.main(["compare", "--methods", "sbp", *args, "--epochs", "2", "--checkpoint",
+                     str(tmp_path / "c.pt"), "--resume", "--out", str(tmp_path / "a.json")]) == 0
+    assert cli.main(["train", "--method", "sbp", *args, "--epochs", "3", "--checkpoint",
+                     str(tmp_path / "c.sbp.pt"), "--resume", "--out", str(tmp_path / "b.json")
+                     ]) == 0
+    assert len(json.loads((tmp_path / "b.json").read_text())["runs"][0]["epochs"]) == 3
+    rc, _, err = run_cli(["train", "--method", "msbp", *args, "--epochs", "3", "--checkpoint",
+                          str(tmp_path / "c.sbp.pt"), "--resume"], capsys)
+    assert rc == 2 and "made with other options (sbp; differs in method)" in err
+
+
 @pytest.mark.parametrize("selection", ["unified", "random"])
 def test_checkpoint_after_a_dense_warmup_with_a_slot_memory(data_dir, tmp_path, capsys,
                                                             selection):

@@ -475,6 +475,10 @@ def load_checkpoint(
         )
     # checkpoints from before --denormals kept them
     theirs, ours = {"denormals": "keep", **state.get("args", {})}, _args_fingerprint(args)
+    # the method is compared on its own (`msbp train --method M` has the option, `msbp compare`
+    # not; both train M alike, so a checkpoint of one resumes under the other)
+    theirs.pop("method", None)
+    ours.pop("method", None)
     if state.get("method") != method or theirs != ours:
         diff = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
         raise UsageError(
