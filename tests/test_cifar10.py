@@ -262,6 +262,31 @@ def test_cli_bad_layer_ratios_exit_2(archive_dir, capsys, value, message, monkey
     assert err == f"msbp: error: {message}\n"
 
 
+def test_measure_info_loss_without_a_sparse_linear_layer_exit_2(archive_dir, tmp_path, capsys,
+                                                                 monkeypatch):
+    """Found by a fuzz of the command line: ``--measure-info-loss`` was silently ignored where
+    no sparse layer is a linear or LSTM one (cifar10's convolutions): exit 0, ``info_loss``
+    null. Refused before training; the head, sparse with ``--sparse-layers all``, is measured."""
+    rc = cli.main(_argv(archive_dir, "--measure-info-loss", command="compare"))
+    err = capsys.readouterr().err
+    assert rc == 2 and err == (
+        "msbp: error: --measure-info-loss measures sparse linear and LSTM layers; this model's "
+        "sparse layers are convolutions (only the head, with --sparse-layers all, would be "
+        "measured)\n")
+    out = tmp_path / "r.json"
+    assert cli.main(_argv(archive_dir, "--measure-info-loss", "--sparse-layers", "all",
+                          "--info-every", "1", "--info-window", "1", "--out", str(out))) == 0
+    assert list(json.loads(out.read_text())["runs"][0]["info_loss"]["layers"]) == ["head"]
+    # a task that does not say so: the training loop refuses, naming the task and method
+    from msbp.tasks.cifar10 import Cifar10Task
+
+    monkeypatch.setattr(Cifar10Task, "check_args", staticmethod(lambda args: None))
+    rc = cli.main(_argv(archive_dir, "--measure-info-loss", "--selection", "unified"))
+    assert rc == 2 and capsys.readouterr().err.endswith(
+        "--measure-info-loss measures sparse linear and LSTM layers; the cifar10 model has none "
+        "under msbp\n")
+
+
 def test_dense_warmup_trains_as_dense(archive_dir, tmp_path, capsys):
     """--dense-warmup 1: msbp's first epoch is dense backprop, step for step (the same losses
     as the dense run of the same process); without it the losses differ."""

@@ -570,6 +570,9 @@ def train_run(task: Task, method: str, args: argparse.Namespace) -> dict[str, An
     optimizer = make_optimizer(model, method, args)
     data_order = torch.Generator().manual_seed(args.seed)  # same batches for every method
     meter = None
+    if args.measure_info_loss and config is not None and not sparse_layers:
+        raise UsageError(f"--measure-info-loss measures sparse linear and LSTM layers; the "
+                         f"{task.name} model has none under {method}")
     if args.measure_info_loss and sparse_layers:
         meter = InfoLossMeter(model, every=args.info_every, window=args.info_window)
 

@@ -194,6 +194,12 @@ class Cifar10Task(Task):
             raise UsageError(f"--layer-ratios {args.layer_ratios}: every sparse layer is left "
                              f"dense ({', '.join(every)}), so sbp and msbp would train no sparse "
                              "layer; leave one sparse, or train --method dense")
+        head_sparse = (getattr(args, "sparse_layers", "blocks") == "all"
+                       and ratios.get("head", 1.0) is not None)
+        if getattr(args, "measure_info_loss", False) and trains_sparse(args) and not head_sparse:
+            raise UsageError("--measure-info-loss measures sparse linear and LSTM layers; this "
+                             "model's sparse layers are convolutions (only the head, with "
+                             "--sparse-layers all, would be measured)")
         if getattr(args, "selection", "unified") == "per_example":
             raise UsageError(
                 "--selection per_example is not supported for convolutions (each position "
