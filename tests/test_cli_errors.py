@@ -264,6 +264,23 @@ def test_native_backend_without_a_compiler(data_dir, tmp_path):
         "info` says why); set MSBP_BACKEND=auto or python for the PyTorch path")
 
 
+def test_out_of_memory_is_one_line(data_dir, monkeypatch, capsys):
+    """Found by a fuzz of the command line: ``--hidden 1000000000`` ended in the CPU allocator's
+    RuntimeError traceback; an allocation that fails is one line, status 4 (simulated here: a
+    real one may not fail at once where memory is overcommitted). Other errors still raise."""
+    def alloc_fails(*args, **kwargs):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: "
+                           "can't allocate memory: you tried to allocate 3136000000000 bytes.")
+
+    monkeypatch.setattr("msbp.train.train_run", alloc_fails)
+    rc, _, err = run_cli(mnist_argv(data_dir), capsys)
+    assert_one_line(rc, err, status=4)
+    assert "out of memory ([enforce fail" in err and "try smaller sizes" in err
+    monkeypatch.setattr("msbp.train.train_run", lambda *a, **k: torch.empty(-1))
+    with pytest.raises(RuntimeError, match="negative dimension"):
+        cli.main(mnist_argv(data_dir))
+
+
 # ----------------------------------------------------------------------------- checkpoints
 
 

@@ -20,6 +20,8 @@ DEFAULT_TASK = "mnist"
 #: exit statuses: bad options, paths, data or checkpoint (one line on stderr, nothing trained);
 #: a run whose loss or gradients became non-finite; Ctrl-C
 EXIT_USAGE, EXIT_DIVERGED, EXIT_INTERRUPTED = 2, 3, 130
+#: the model, data or a batch did not fit in memory (one line on stderr)
+EXIT_MEMORY = 4
 
 
 class _Parser(argparse.ArgumentParser):
@@ -110,6 +112,15 @@ def _stdout_closed() -> int:
     return 0
 
 
+def _out_of_memory(err: BaseException) -> bool:
+    """An allocation that failed: Python's MemoryError, torch's OutOfMemoryError (a GPU), or the
+    CPU allocator's RuntimeError ("DefaultCPUAllocator: can't allocate memory")."""
+    import torch
+
+    return (isinstance(err, MemoryError | torch.OutOfMemoryError)
+            or "can't allocate memory" in str(err))
+
+
 def _one_line(err: BaseException, limit: int = 300) -> str:
     text = (str(err).strip().splitlines() or [type(err).__name__])[0]
     return text if len(text) <= limit else text[: limit - 3] + "..."
@@ -172,6 +183,12 @@ def _main(argv: Sequence[str] | None) -> int:
     except TrainingDiverged as err:
         print(f"msbp: error{where}: {err}", file=sys.stderr)
         return EXIT_DIVERGED
+    except (MemoryError, RuntimeError) as err:
+        if not _out_of_memory(err):
+            raise
+        print(f"msbp: error{where}: out of memory ({_one_line(err, 200)}); try smaller sizes "
+              "(hidden units, width, --batch-size, --limit-train)", file=sys.stderr)
+        return EXIT_MEMORY
     except KeyboardInterrupt:
         if main:
             print("msbp: interrupted", file=sys.stderr)
