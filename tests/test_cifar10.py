@@ -246,13 +246,45 @@ def test_layer_ratios_reach_the_layers(archive_dir):
     [
         ("block1=2", "--layer-ratios: block1=2: the ratio must be a number in (0, 1] or 'dense'"),
         ("stem=0.5", "--layer-ratios names stem, which stay dense unless --sparse-layers all"),
+        # found by a fuzz of the command line: every sparse layer left dense ended, after the
+        # dense run of compare, in sparsify's ValueError traceback ("matched no layer")
+        ("block1=dense,block2=dense,block3=dense",
+         "--layer-ratios block1=dense,block2=dense,block3=dense: every sparse layer is left dense "
+         "(block1, block2, block3), so sbp and msbp would train no sparse layer; leave one "
+         "sparse, or train --method dense"),
     ],
 )
-def test_cli_bad_layer_ratios_exit_2(archive_dir, capsys, value, message):
-    rc = cli.main(_argv(archive_dir, "--layer-ratios", value))
+def test_cli_bad_layer_ratios_exit_2(archive_dir, capsys, value, message, monkeypatch):
+    monkeypatch.setattr("msbp.train.train_run", lambda *a, **k: pytest.fail("training started"))
+    rc = cli.main(_argv(archive_dir, "--layer-ratios", value, command="compare"))
     err = capsys.readouterr().err
     assert rc == 2
     assert err == f"msbp: error: {message}\n"
+
+
+def test_measure_info_loss_without_a_sparse_linear_layer_exit_2(archive_dir, tmp_path, capsys,
+                                                                 monkeypatch):
+    """Found by a fuzz of the command line: ``--measure-info-loss`` was silently ignored where
+    no sparse layer is a linear or LSTM one (cifar10's convolutions): exit 0, ``info_loss``
+    null. Refused before training; the head, sparse with ``--sparse-layers all``, is measured."""
+    rc = cli.main(_argv(archive_dir, "--measure-info-loss", command="compare"))
+    err = capsys.readouterr().err
+    assert rc == 2 and err == (
+        "msbp: error: --measure-info-loss measures sparse linear and LSTM layers; this model's "
+        "sparse layers are convolutions (only the head, with --sparse-layers all, would be "
+        "measured)\n")
+    out = tmp_path / "r.json"
+    assert cli.main(_argv(archive_dir, "--measure-info-loss", "--sparse-layers", "all",
+                          "--info-every", "1", "--info-window", "1", "--out", str(out))) == 0
+    assert list(json.loads(out.read_text())["runs"][0]["info_loss"]["layers"]) == ["head"]
+    # a task that does not say so: the training loop refuses, naming the task and method
+    from msbp.tasks.cifar10 import Cifar10Task
+
+    monkeypatch.setattr(Cifar10Task, "check_args", staticmethod(lambda args: None))
+    rc = cli.main(_argv(archive_dir, "--measure-info-loss", "--selection", "unified"))
+    assert rc == 2 and capsys.readouterr().err.endswith(
+        "--measure-info-loss measures sparse linear and LSTM layers; the cifar10 model has none "
+        "under msbp\n")
 
 
 def test_dense_warmup_trains_as_dense(archive_dir, tmp_path, capsys):

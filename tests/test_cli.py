@@ -163,6 +163,25 @@ def test_resume_equals_uninterrupted(data_dir, tmp_path, capsys):
     assert rc == 2 and "differs in ['k']" in err
 
 
+def test_train_and_compare_resume_each_others_checkpoints(data_dir, tmp_path, capsys):
+    """Found by a fuzz of the command line: a checkpoint of ``msbp train --method sbp`` was
+    refused by ``msbp compare --resume`` (and the other way round) as "made with other options
+    (sbp; differs in ['method'])", naming a method that was the same: only ``train`` has the
+    option. The method is compared on its own; both train a method alike."""
+    args = [*base_args(data_dir, "--k", "3"), "--epochs", "1"]
+    assert cli.main(["train", "--method", "sbp", *args, "--checkpoint",
+                     str(tmp_path / "c.sbp.pt")]) == 0
+    assert cli.main(["compare", "--methods", "sbp", *args, "--epochs", "2", "--checkpoint",
+                     str(tmp_path / "c.pt"), "--resume", "--out", str(tmp_path / "a.json")]) == 0
+    assert cli.main(["train", "--method", "sbp", *args, "--epochs", "3", "--checkpoint",
+                     str(tmp_path / "c.sbp.pt"), "--resume", "--out", str(tmp_path / "b.json")
+                     ]) == 0
+    assert len(json.loads((tmp_path / "b.json").read_text())["runs"][0]["epochs"]) == 3
+    rc, _, err = run_cli(["train", "--method", "msbp", *args, "--epochs", "3", "--checkpoint",
+                          str(tmp_path / "c.sbp.pt"), "--resume"], capsys)
+    assert rc == 2 and "made with other options (sbp; differs in method)" in err
+
+
 @pytest.mark.parametrize("selection", ["unified", "random"])
 def test_checkpoint_after_a_dense_warmup_with_a_slot_memory(data_dir, tmp_path, capsys,
                                                             selection):
@@ -472,6 +491,37 @@ def test_task_specific_defaults():
     assert (mnist.selection, mnist.batch_size) == ("per_example", 10)
     assert parse_args(["train", "--task", "parse", "--selection", "per_example"]).selection == (
         "per_example")
+
+
+def test_the_task_argparse_reads_gets_its_options(capsys):
+    """Found by a fuzz of the command line: the options were those of the task named by the first
+    exact ``--task``, while argparse trains the one it reads, an abbreviation (``--tas parse``) or
+    the last of two ``--task``; ``msbp train --tas parse`` trained the parser with MNIST's options
+    (its own flags refused, ``--dev-size`` taken and ignored), exit 0."""
+    from msbp.cli import parse_args
+
+    args = parse_args(["train", "--tas", "parse", "--hidden-size", "8"])
+    assert (args.task, args.hidden_size) == ("parse", 8) and not hasattr(args, "dev_size")
+    args = parse_args(["train", "--task", "parse", "--task", "mnist", "--hidden", "4"])
+    assert (args.task, args.hidden) == ("mnist", 4) and not hasattr(args, "hidden_size")
+    with pytest.raises(SystemExit) as exc:  # --ta: --task or parse's --tag-column
+        parse_args(["train", "--ta", "parse"])
+    assert exc.value.code == 2 and "ambiguous option: --ta" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        parse_args(["compare", "--tas", "pos", "--help"])
+    assert exc.value.code == 0 and "--word-dim" in capsys.readouterr().out
+
+
+def test_ctrl_c_before_training_is_one_line(monkeypatch, capsys):
+    """Found by a fuzz of the command line: Ctrl-C while the options were read (which imports
+    the training loop) gave a traceback; now "msbp: interrupted" and status 130."""
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "build_parser", interrupted)
+    rc, out, err = run_cli(["train", "--quiet"], capsys)
+    assert rc == 130 and err == "msbp: interrupted\n" and out == ""
 
 
 @pytest.mark.parametrize(

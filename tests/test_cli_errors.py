@@ -93,7 +93,9 @@ def assert_one_line(rc: int, err: str, status: int = 2) -> None:
         ("mnist", ["--momentum", "nan"], "--momentum must be finite and >= 0, got nan"),
         ("mnist", ["--limit-train", "-5"], "got -5; leave out --limit-train to use all"),
         ("mnist", ["--limit-train", "0"], "got 0; leave out --limit-train to use all"),
-        ("mnist", ["--threads", "0"], "--threads must be >= 1, got 0"),
+        ("mnist", ["--threads", "0"], "--threads must be in [1, 1024], got 0"),
+        # found by a fuzz of the command line: torch.set_num_threads overflowed (a traceback)
+        ("mnist", ["--threads", "99999999999"], "--threads must be in [1, 1024], got 99999999999"),
         ("parse", ["--hidden-size", "0"], "--hidden-size must be >= 1, got 0"),
         ("parse", ["--embedding-dim", "0"], "--embedding-dim must be >= 1, got 0"),
         ("parse", ["--dropout", "1.5"], "--dropout must be in [0, 1), got 1.5"),
@@ -172,6 +174,34 @@ def test_compare_checkpoint_of_one_method_is_a_directory(data_dir, tmp_path, no_
     assert "ck.sbp.pt is a directory" in err
 
 
+@pytest.mark.parametrize(
+    ("command", "extra", "message"),
+    [
+        ("train", ["--out", "{d}/same", "--checkpoint", "{d}/same"],
+         "--checkpoint {d}/same: {d}/same is also written by --out"),
+        # the checkpoint is written through PATH.tmp, then renamed over PATH
+        ("train", ["--out", "{d}/ck.pt.tmp", "--checkpoint", "{d}/ck.pt"],
+         "{d}/ck.pt.tmp is also written by --out"),
+        ("compare", ["--out", "{d}/ck.sbp.pt", "--checkpoint", "{d}/ck.pt"],
+         "{d}/ck.sbp.pt is also written by --out"),
+        ("compare", ["--out", "{d}/r.json", "--plots", "{d}/r.json"],
+         "--plots {d}/r.json: is also a file written by --out"),
+        ("compare", ["--checkpoint", "{d}/ck.pt", "--plots", "{d}/ck.msbp.pt"],
+         "--plots {d}/ck.msbp.pt: is also a file written by --checkpoint"),
+    ],
+)
+def test_one_path_for_two_outputs(data_dir, tmp_path, no_training, capsys, command, extra,
+                                  message):
+    """Found by a fuzz of the command line: ``--out`` equal to ``--checkpoint`` replaced the
+    checkpoint with the results JSON at the end (exit 0; the next ``--resume`` failed), and
+    ``--plots`` naming a file written by ``--out`` or ``--checkpoint`` ended in a traceback after
+    training. Both are refused before any training."""
+    argv = [a.format(d=tmp_path) for a in extra]
+    rc, _, err = run_cli(mnist_argv(data_dir, *argv, command=command), capsys)
+    assert_one_line(rc, err)
+    assert message.format(d=tmp_path) in err
+
+
 @pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0,
                     reason="root writes into read-only directories")
 def test_read_only_directory(data_dir, tmp_path, no_training, capsys):
@@ -206,6 +236,49 @@ def test_writable_new_folders_are_made(data_dir, tmp_path, capsys):
     assert rc == 0, err
     assert json.loads(out.read_text())["runs"] and ckpt.is_file()
     assert sorted(p.name for p in tmp_path.rglob("*") if p.is_file()) == ["ck.pt", "r.json"]
+
+
+@pytest.mark.parametrize("command", [["info"], None])
+def test_backend_name_not_known(data_dir, no_training, monkeypatch, capsys, command):
+    """Found by a fuzz of the command line: ``MSBP_BACKEND=bogus`` ended ``msbp info`` and every
+    run in a traceback; now one line naming the variable, status 2."""
+    from msbp import native
+
+    monkeypatch.setenv("MSBP_BACKEND", "bogus")
+    monkeypatch.setitem(native._state, "backend", None)  # read from the environment again
+    rc, _, err = run_cli(command or mnist_argv(data_dir), capsys)
+    assert_one_line(rc, err)
+    assert "MSBP_BACKEND='bogus': expected one of ('auto', 'native', 'python')" in err
+
+
+def test_native_backend_without_a_compiler(data_dir, tmp_path):
+    """Found by a fuzz of the command line: ``MSBP_BACKEND=native`` where the kernels cannot be
+    built ended in a traceback with the compiler's output; now one line, status 2."""
+    env = {**os.environ, "MSBP_CACHE_DIR": str(tmp_path / "cache"), "CXX": "/nonexistent/c++",
+           "MSBP_BACKEND": "native"}
+    out = subprocess.run([sys.executable, "-m", "msbp", *mnist_argv(data_dir)], env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-2000:]
+    assert out.stderr.splitlines()[-1] == (
+        "msbp: error: MSBP_BACKEND=native, but the native kernels could not be built (`msbp "
+        "info` says why); set MSBP_BACKEND=auto or python for the PyTorch path")
+
+
+def test_out_of_memory_is_one_line(data_dir, monkeypatch, capsys):
+    """Found by a fuzz of the command line: ``--hidden 1000000000`` ended in the CPU allocator's
+    RuntimeError traceback; an allocation that fails is one line, status 4 (simulated here: a
+    real one may not fail at once where memory is overcommitted). Other errors still raise."""
+    def alloc_fails(*args, **kwargs):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: "
+                           "can't allocate memory: you tried to allocate 3136000000000 bytes.")
+
+    monkeypatch.setattr("msbp.train.train_run", alloc_fails)
+    rc, _, err = run_cli(mnist_argv(data_dir), capsys)
+    assert_one_line(rc, err, status=4)
+    assert "out of memory ([enforce fail" in err and "try smaller sizes" in err
+    monkeypatch.setattr("msbp.train.train_run", lambda *a, **k: torch.empty(-1))
+    with pytest.raises(RuntimeError, match="negative dimension"):
+        cli.main(mnist_argv(data_dir))
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -275,6 +348,29 @@ def test_resume_without_checkpoint(data_dir, tmp_path, no_training, capsys):
                                     command="compare"), capsys)
     assert_one_line(rc, err)
     assert "nothing.dense.pt or " in err and "nothing.msbp.pt" in err
+
+
+def test_resume_with_fewer_epochs_than_done(data_dir, tmp_path, capsys, monkeypatch):
+    """Found by a fuzz of the command line: ``--resume`` with ``--epochs`` below the epochs the
+    checkpoint had trained exited 0 with results of more epochs than asked (and the JSON's
+    ``config`` saying the fewer). Refused, with the checkpoint left as it was (compare: before
+    any method trains)."""
+    ckpt = tmp_path / "ck.pt"
+    assert cli.main(mnist_argv(data_dir, "--epochs", "2", "--checkpoint", str(ckpt))) == 0
+    assert cli.main(mnist_argv(data_dir, "--methods", "msbp", "--epochs", "2", "--checkpoint",
+                               str(tmp_path / "c.pt"), command="compare")) == 0
+    capsys.readouterr()
+    saved = ckpt.read_bytes()
+    rc, _, err = run_cli(mnist_argv(data_dir, "--checkpoint", str(ckpt), "--resume",
+                                    "--out", str(tmp_path / "r.json")), capsys)
+    assert_one_line(rc, err)
+    assert f"checkpoint {ckpt} has trained 2 epochs, more than --epochs 1" in err
+    assert ckpt.read_bytes() == saved and not (tmp_path / "r.json").exists()
+    monkeypatch.setattr("msbp.train.train_run", lambda *a, **k: pytest.fail("training started"))
+    rc, _, err = run_cli(mnist_argv(data_dir, "--checkpoint", str(tmp_path / "c.pt"), "--resume",
+                                    command="compare"), capsys)
+    assert_one_line(rc, err)
+    assert "c.msbp.pt has trained 2 epochs, more than --epochs 1" in err
 
 
 def test_compare_checks_every_checkpoint_before_training(

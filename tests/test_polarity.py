@@ -106,6 +106,30 @@ def test_malformed_zip_exits_2_with_one_line(tmp_path: Path, tiny_model_dir: Pat
     assert len(err) == 1 and "not a readable zip" in err[0]
 
 
+@pytest.mark.parametrize(
+    ("command", "dense", "message"),
+    [
+        (["train"], "2", "--dense-layers 2: the model has 2 encoder blocks, 0-1"),
+        (["compare", "--methods", "dense"], "1,5", "--dense-layers 1,5: the model has 2 encoder"),
+        (["compare"], "0-1", "--dense-layers 0-1 leaves every encoder block dense, so sbp and "
+         "msbp would train no sparse layer; leave one sparse, or train --method dense"),
+        (["train", "--method", "msbp"], "0,1", "--dense-layers 0,1 leaves every encoder block"),
+    ],
+)
+def test_dense_layers_the_model_lacks_or_all_exit_2(
+    tmp_path: Path, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str], command: list[str], dense: str, message: str,
+) -> None:
+    """Found by a fuzz of the command line: ``--dense-layers`` naming a block the model lacks was
+    silently ignored (exit 0), and one naming every block ended, after compare's dense run, in
+    sparsify's ValueError traceback. Both are one line, status 2, before training."""
+    write_zip(tmp_path)
+    monkeypatch.setattr("msbp.train.train_run", lambda *a, **k: pytest.fail("training started"))
+    assert main([*command, *_argv(tmp_path, tiny_model_dir, "--dense-layers", dense)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"msbp: error: {message}")
+
+
 def test_without_the_extra_exits_2_naming_the_pip_command(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -20,6 +20,8 @@ DEFAULT_TASK = "mnist"
 #: exit statuses: bad options, paths, data or checkpoint (one line on stderr, nothing trained);
 #: a run whose loss or gradients became non-finite; Ctrl-C
 EXIT_USAGE, EXIT_DIVERGED, EXIT_INTERRUPTED = 2, 3, 130
+#: the model, data or a batch did not fit in memory (one line on stderr)
+EXIT_MEMORY = 4
 
 
 class _Parser(argparse.ArgumentParser):
@@ -72,8 +74,18 @@ def build_parser(task: str = DEFAULT_TASK) -> argparse.ArgumentParser:
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
-    """Parse ``argv`` (without the program name) as ``msbp`` would."""
-    return build_parser(_task_from_argv(argv)).parse_args(list(argv))
+    """Parse ``argv`` (without the program name) as ``msbp`` would.
+
+    The options depend on the task, so the task is read first; where argparse reads another one
+    than ``_task_from_argv`` (an abbreviation such as ``--ta parse``, or ``--task`` given twice:
+    the last wins), the command line is parsed again with that task's options, so that a task
+    never trains with another task's options silently dropped or taken."""
+    argv = list(argv)
+    task = _task_from_argv(argv)
+    first = [a for a in argv if a not in ("-h", "--help")]  # the help of the task chosen
+    chosen, _ = build_parser(task).parse_known_args(first)
+    chosen_task = getattr(chosen, "task", task)
+    return build_parser(chosen_task if chosen_task in TASKS else task).parse_args(argv)
 
 
 def _print_info(as_json: bool) -> None:
@@ -100,8 +112,44 @@ def _stdout_closed() -> int:
     return 0
 
 
+def _out_of_memory(err: BaseException) -> bool:
+    """An allocation that failed: Python's MemoryError, torch's OutOfMemoryError (a GPU), or the
+    CPU allocator's RuntimeError ("DefaultCPUAllocator: can't allocate memory")."""
+    import torch
+
+    return (isinstance(err, MemoryError | torch.OutOfMemoryError)
+            or "can't allocate memory" in str(err))
+
+
+def _one_line(err: BaseException, limit: int = 300) -> str:
+    text = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``msbp`` console script; returns the exit status."""
+    """Entry point of the ``msbp`` console script; returns the exit status.
+
+    Ctrl-C anywhere (parsing, loading data, building the kernels) ends with one line and status
+    130; an ``MSBP_BACKEND`` that names no backend, or ``native`` where the kernels cannot be
+    built, with one line and status 2 (not the compiler's output)."""
+    from msbp import native
+
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        print("msbp: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except native.BackendNameError as err:
+        print(f"msbp: error: {_one_line(err)}", file=sys.stderr)
+        return EXIT_USAGE
+    except native.NativeUnavailableError:
+        print(f"msbp: error: {native.BACKEND_ENV}=native, but the native kernels could not be "
+              f"built (`msbp info` says why); set {native.BACKEND_ENV}=auto or python for the "
+              "PyTorch path", file=sys.stderr)
+        return EXIT_USAGE
+
+
+def _main(argv: Sequence[str] | None) -> int:
     from msbp.data.errors import DataError
 
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -135,6 +183,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except TrainingDiverged as err:
         print(f"msbp: error{where}: {err}", file=sys.stderr)
         return EXIT_DIVERGED
+    except (MemoryError, RuntimeError) as err:
+        if not _out_of_memory(err):
+            raise
+        print(f"msbp: error{where}: out of memory ({_one_line(err, 200)}); try smaller sizes "
+              "(hidden units, width, --batch-size, --limit-train)", file=sys.stderr)
+        return EXIT_MEMORY
     except KeyboardInterrupt:
         if main:
             print("msbp: interrupted", file=sys.stderr)

@@ -52,11 +52,15 @@ class NativeUnavailableError(RuntimeError):
     """``MSBP_BACKEND=native`` was asked for, but the native kernels could not be built."""
 
 
+class BackendNameError(ValueError):
+    """``MSBP_BACKEND`` names no backend (``auto``, ``native``, ``python``)."""
+
+
 def _requested() -> str:
     if _state["backend"] is None:
         want = os.environ.get(BACKEND_ENV, "auto").strip().lower() or "auto"
         if want not in BACKENDS:
-            raise ValueError(f"{BACKEND_ENV}={want!r}: expected one of {BACKENDS}")
+            raise BackendNameError(f"{BACKEND_ENV}={want!r}: expected one of {BACKENDS}")
         _state["backend"] = want
     return _state["backend"]
 

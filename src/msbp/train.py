@@ -60,6 +60,9 @@ DISTRIBUTED_TIMING = (
 #: what ``torch.manual_seed`` and ``torch.Generator.manual_seed`` take, with room for the
 #: per-layer seeds ``seed + 1 + i`` of random selection
 MAX_SEED = 2**63 - 1
+#: the most ``--threads`` taken (``torch.set_num_threads`` takes a C int; a larger count would
+#: overflow it, and OpenMP would start that many threads)
+MAX_THREADS = 1024
 CHECKPOINT_FORMAT = "msbp-checkpoint"
 CHECKPOINT_VERSION = 2  # 1: before the checksum and the data fingerprint (never resumed)
 #: on a GPU, the loss sum is read (a device sync) every CHECK_EVERY steps to spot divergence
@@ -133,8 +136,8 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     run = parser.add_argument_group("run")
     run.add_argument(
         "--threads", type=_threads, default="auto",
-        help="torch threads; auto (default): 2, or 1 where another job keeps a core busy, and "
-        "each process's share under torchrun",
+        help="torch threads, at most 1024; auto (default): 2, or 1 where another job keeps a core "
+        "busy, and each process's share under torchrun",
     )
     run.add_argument(
         "--denormals", choices=DENORMAL_MODES, default="flush",
@@ -299,7 +302,7 @@ def check_args(args: argparse.Namespace) -> None:
     for name in ("epochs", "batch_size", "info_every", "info_window"):
         check_option(args, name, low=1)
     if args.threads != "auto":
-        check_option(args, "threads", low=1)
+        check_option(args, "threads", low=1, high=MAX_THREADS)
     check_option(args, "lr", low=0, low_open=True)
     check_option(args, "momentum", low=0)
     check_option(args, "seed", low=0, high=MAX_SEED)
@@ -366,6 +369,23 @@ def check_paths(args: argparse.Namespace, checkpoints: list[str]) -> None:
         _check_can_create_in("--plots", plots, Path(plots))
     for path in checkpoints:
         _check_file_target("--checkpoint", args.checkpoint, Path(path))
+    # one file for two things: the results JSON would replace a checkpoint (or the checkpoint's
+    # atomic write, through PATH.tmp, the JSON), or --plots could not make its folder
+    written: dict[Path, str] = {}
+    targets = [("--out", args.out, [args.out] if getattr(args, "out", None) else [])]
+    targets.append(("--checkpoint", args.checkpoint, checkpoints))
+    for option, value, files in targets:
+        for file in files:
+            for target in (Path(file), Path(f"{file}.tmp")):
+                key = target.resolve()
+                other = written.get(key)
+                if other is not None and other != option:
+                    raise UsageError(f"{option} {value}: {target} is also written by {other}; "
+                                     "give them different paths")
+                written[key] = option
+    if plots and Path(plots).resolve() in written:
+        raise UsageError(f"--plots {plots}: is also a file written by "
+                         f"{written[Path(plots).resolve()]}; give a folder of its own")
     if checkpoints and getattr(args, "resume", False):
         if not any(Path(f).is_file() for f in checkpoints):
             raise UsageError(f"--resume: no checkpoint at {' or '.join(checkpoints)}; leave out "
@@ -455,11 +475,21 @@ def load_checkpoint(
         )
     # checkpoints from before --denormals kept them
     theirs, ours = {"denormals": "keep", **state.get("args", {})}, _args_fingerprint(args)
+    # the method is compared on its own (`msbp train --method M` has the option, `msbp compare`
+    # not; both train M alike, so a checkpoint of one resumes under the other)
+    theirs.pop("method", None)
+    ours.pop("method", None)
     if state.get("method") != method or theirs != ours:
         diff = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
         raise UsageError(
             f"checkpoint {path} was made with other options ({state.get('method')}; differs "
             f"in {diff or 'method'}); {afresh}"
+        )
+    done = state.get("epoch")
+    if isinstance(done, int) and done > args.epochs:
+        raise UsageError(
+            f"checkpoint {path} has trained {done} epochs, more than --epochs {args.epochs}; "
+            f"resume it with --epochs {done} or more, or {afresh}"
         )
     theirs, ours = state.get("data", {}), task.fingerprint()
     if theirs != ours:
@@ -540,6 +570,9 @@ def train_run(task: Task, method: str, args: argparse.Namespace) -> dict[str, An
     optimizer = make_optimizer(model, method, args)
     data_order = torch.Generator().manual_seed(args.seed)  # same batches for every method
     meter = None
+    if args.measure_info_loss and config is not None and not sparse_layers:
+        raise UsageError(f"--measure-info-loss measures sparse linear and LSTM layers; the "
+                         f"{task.name} model has none under {method}")
     if args.measure_info_loss and sparse_layers:
         meter = InfoLossMeter(model, every=args.info_every, window=args.info_window)
 

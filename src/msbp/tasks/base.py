@@ -50,6 +50,12 @@ def check_option(
     raise UsageError(f"--{name.replace('_', '-')} must be {bounds}, got {value}{hint}")
 
 
+def trains_sparse(args: argparse.Namespace) -> bool:
+    """Whether the command trains sbp or msbp (``train --method``, ``compare --methods``)."""
+    methods = [getattr(args, "method", None), *(getattr(args, "methods", None) or [])]
+    return any(m in ("sbp", "msbp") for m in methods)
+
+
 def check_limit(args: argparse.Namespace, name: str) -> None:
     """``--limit-train`` / ``--limit-eval``: absent (all data) or >= 1; 0 is an error, not 'all'."""
     check_option(args, name, low=1, hint=f"; leave out --{name.replace('_', '-')} to use all")

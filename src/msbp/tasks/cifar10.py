@@ -29,6 +29,7 @@ from msbp.tasks.base import (
     check_option,
     content_digest,
     set_task_default,
+    trains_sparse,
 )
 
 DEV_SIZE = 5000
@@ -187,6 +188,18 @@ class Cifar10Task(Task):
         if excluded and getattr(args, "sparse_layers", "blocks") != "all":
             raise UsageError(f"--layer-ratios names {', '.join(excluded)}, which stay dense "
                              "unless --sparse-layers all")
+        every = [n for n in LAYERS if n.startswith("block")
+                 or getattr(args, "sparse_layers", "blocks") == "all"]
+        if trains_sparse(args) and all(n in ratios and ratios[n] is None for n in every):
+            raise UsageError(f"--layer-ratios {args.layer_ratios}: every sparse layer is left "
+                             f"dense ({', '.join(every)}), so sbp and msbp would train no sparse "
+                             "layer; leave one sparse, or train --method dense")
+        head_sparse = (getattr(args, "sparse_layers", "blocks") == "all"
+                       and ratios.get("head", 1.0) is not None)
+        if getattr(args, "measure_info_loss", False) and trains_sparse(args) and not head_sparse:
+            raise UsageError("--measure-info-loss measures sparse linear and LSTM layers; this "
+                             "model's sparse layers are convolutions (only the head, with "
+                             "--sparse-layers all, would be measured)")
         if getattr(args, "selection", "unified") == "per_example":
             raise UsageError(
                 "--selection per_example is not supported for convolutions (each position "

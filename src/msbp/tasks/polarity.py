@@ -38,6 +38,7 @@ from msbp.tasks.base import (
     check_option,
     content_digest,
     set_task_default,
+    trains_sparse,
 )
 from msbp.tasks.parse import find_data_dir
 
@@ -194,6 +195,7 @@ class PolarityTask(Task):
         if not (self.model_dir / "config.json").is_file():
             raise DataError(f"{self.model_dir}: no config.json; --model-dir must be a "
                             "transformers model folder (config, weights, tokenizer)")
+        self._check_dense_layers(args)
         data_dir = opt("data_dir")
         folder = Path(data_dir) if data_dir else find_data_dir("nltk")
         splits = read_polarity(folder / "sentence_polarity.zip")
@@ -218,6 +220,29 @@ class PolarityTask(Task):
         log.info(summary)
         if not opt("quiet", False):
             print(summary, file=sys.stderr, flush=True)
+
+    def _check_dense_layers(self, args: argparse.Namespace) -> None:
+        """``--dense-layers`` must name blocks the model has, and leave one sparse where sbp or
+        msbp train (else ``sparsify`` finds no layer, after a dense run of ``compare``)."""
+        text = getattr(args, "dense_layers", None)
+        dense = parse_layers(text)
+        if not dense:
+            return
+        try:
+            config = _transformers().AutoConfig.from_pretrained(str(self.model_dir),
+                                                                local_files_only=True)
+        except (OSError, ValueError):  # build_model says what is wrong with the folder
+            return
+        blocks = getattr(config, "num_hidden_layers", None)
+        if not isinstance(blocks, int):
+            return
+        if max(dense) >= blocks:
+            raise UsageError(f"--dense-layers {text}: the model has {blocks} encoder blocks, "
+                             f"0-{blocks - 1}")
+        if trains_sparse(args) and len(dense) == blocks:
+            raise UsageError(f"--dense-layers {text} leaves every encoder block dense, so sbp "
+                             "and msbp would train no sparse layer; leave one sparse, or train "
+                             "--method dense")
 
     @staticmethod
     def _limit(
