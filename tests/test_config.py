@@ -157,3 +157,20 @@ def test_k_for_examples(kwargs, out, want):
 def test_k_for_rejects_nonpositive_out():
     with pytest.raises(ValueError, match="0"):
         SparseBackpropConfig().k_for(0)
+
+
+def test_numpy_numbers_are_taken_as_python_numbers():
+    """k, align, ratio and memory from numpy (a sweep over np.arange, a value read from an
+    array) were refused ("k must be an int or None, got np.int64(3)"); they are taken, stored as
+    Python numbers (the config is hashed, compared and written to JSON), and numpy's bool and
+    a float k are still refused."""
+    import numpy as np
+
+    cfg = SparseBackpropConfig(k=np.int64(3), memory=np.float32(0.5), align=np.int32(2))
+    assert cfg == SparseBackpropConfig(k=3, memory=0.5, align=2)
+    assert (type(cfg.k), type(cfg.memory), type(cfg.align)) == (int, float, int)
+    assert json.loads(json.dumps(cfg.to_dict()))["k"] == 3
+    assert SparseBackpropConfig(ratio=np.float64(0.25)).ratio == 0.25
+    for bad in (np.bool_(True), np.float64(3.0)):
+        with pytest.raises(ValueError, match="k must be an int"):
+            SparseBackpropConfig(k=bad)

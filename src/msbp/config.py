@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Any
 
@@ -81,6 +82,13 @@ class SparseBackpropConfig:
     consensus: bool = False
 
     def __post_init__(self) -> None:
+        # numpy's numbers (a sweep over np.arange, a value read from an array) as Python's: the
+        # config is hashed, compared and written to JSON, which a np.int64 k is not
+        for name, kind, cast in (("k", numbers.Integral, int), ("align", numbers.Integral, int),
+                                 ("ratio", numbers.Real, float), ("memory", numbers.Real, float)):
+            value = getattr(self, name)
+            if isinstance(value, kind) and type(value) not in (bool, int, float):
+                object.__setattr__(self, name, cast(value))
         if self.k is not None:
             if isinstance(self.k, bool) or not isinstance(self.k, int):
                 raise ValueError(f"k must be an int or None, got {self.k!r}")
