@@ -110,6 +110,11 @@ def backward_recorded() -> bool:
 _exporting = getattr(torch.compiler, "is_exporting", lambda: False)
 
 
+def _label(unnamed: str, name: str, kind: str) -> str:
+    """A layer as an error message names it: ``f"{kind} {name!r}"``, or ``unnamed``."""
+    return f"{kind} {name!r}" if name else unnamed
+
+
 def check_no_functorch(unnamed: str, name: str = "", kind: str = "sparse layer") -> None:
     """Raise ``RuntimeError`` inside a ``torch.func`` transform (grad, vmap, jacrev,
     functional_call under grad, ...): the memory is state updated in place by the backward
@@ -120,12 +125,11 @@ def check_no_functorch(unnamed: str, name: str = "", kind: str = "sparse layer")
     if torch.compiler.is_compiling():  # dynamo traces through; functorch is not in play there
         return
     if torch._C._are_functorch_transforms_active():
-        what = f"{kind} {name!r}" if name else unnamed
         raise RuntimeError(
-            f"msbp: {what} does not support torch.func transforms (grad, vmap, jacrev, "
-            "functional_call under grad, ...): its backward updates the layer memory in place. "
-            "Use ordinary autograd (loss.backward() or torch.autograd.grad), or msbp.densify() "
-            "the model first for torch.func"
+            f"msbp: {_label(unnamed, name, kind)} does not support torch.func transforms (grad, "
+            "vmap, jacrev, functional_call under grad, ...): its backward updates the layer "
+            "memory in place. Use ordinary autograd (loss.backward() or torch.autograd.grad), "
+            "or msbp.densify() the model first for torch.func"
         )
 
 
@@ -141,10 +145,9 @@ def check_not_distributed_tensor(
         return
     for t in tensors:
         if isinstance(t, module.DTensor):
-            what = f"{kind} {name!r}" if name else unnamed
             raise ValueError(
-                f"msbp: {what} got a DTensor of shape {tuple(t.shape)} placed "
-                f"{tuple(t.placements)}: tensor parallelism (parallelize_module) is not "
+                f"msbp: {_label(unnamed, name, kind)} got a DTensor of shape {tuple(t.shape)} "
+                f"placed {tuple(t.placements)}: tensor parallelism (parallelize_module) is not "
                 "supported by sparse layers (top-k over a sharded output dimension). Leave "
                 "such layers out of sparsify (exclude=...) or msbp.densify them; FSDP "
                 "(fully_shard) and DDP work"

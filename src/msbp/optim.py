@@ -302,6 +302,14 @@ def _taken_log(p: Tensor) -> list[Tensor | None]:
     return [None] if WEIGHT_TIED in p.__dict__ else log
 
 
+def _live_rows(grad: Tensor) -> Tensor:
+    """(r,) bool: which rows of ``grad`` (r, ...) hold a non-zero entry (NaN counts; rows of
+    width 0 do not)."""
+    if not grad.numel():
+        return torch.zeros(grad.shape[0], dtype=torch.bool, device=grad.device)
+    return grad.reshape(grad.shape[0], -1).abs().amax(1) != 0  # (~30x faster than any here)
+
+
 def _rows_with_gradient(p: Tensor, grad: Tensor, rows: Tensor) -> tuple[Tensor, Tensor]:
     """``rows`` (r,) of ``p`` and their gradient ``grad[rows]``, less the rows whose gradient is
     all zero, as the native step leaves them out: on the CPU, unless ``rows`` is every row (a
@@ -309,9 +317,7 @@ def _rows_with_gradient(p: Tensor, grad: Tensor, rows: Tensor) -> tuple[Tensor, 
     grad_rows = grad.index_select(0, rows)  # (r, ...)
     if not p.is_cpu or rows.numel() == p.shape[0]:
         return rows, grad_rows
-    live = torch.zeros(rows.numel(), dtype=torch.bool)  # rows of width 0
-    if grad_rows.numel():  # (amax: ~30x faster here than any or aminmax)
-        live = grad_rows.reshape(rows.numel(), -1).abs().amax(1) != 0  # NaN is live
+    live = _live_rows(grad_rows)
     if bool(live.all()):
         return rows, grad_rows
     return rows[live], grad_rows[live]
@@ -619,12 +625,9 @@ class LazyRowAdam(Optimizer):
                 plans.append(_DENSE)
                 continue
             state["row_sparse"] = True
-            if grad.numel() == 0:
-                plans.append(_SKIP)
-                continue
-            rows = (grad.reshape(grad.shape[0], -1).abs().amax(1) != 0).nonzero().view(-1)
+            rows = _live_rows(grad).nonzero().view(-1)
             plans.append(
-                _DENSE if rows.numel() == p.shape[0] else rows if rows.numel() else _SKIP
+                _SKIP if not rows.numel() else _DENSE if rows.numel() == p.shape[0] else rows
             )
         return plans
 
